@@ -1,0 +1,36 @@
+"""LTX-Video (``LTXVideoTransformer3DModel``): self-attention with RoPE, cross-attention, FFN.
+
+Tokens arrive packed (B, S, C) with the latent grid passed as ``num_frames``, ``height``,
+``width``; RoPE is (cos, sin), each (B, S, inner_dim). Tokens before the last T*H*W (conditioning
+latents) pass through unmerged.
+"""
+
+from __future__ import annotations
+
+from ..hooks import MergeSite, gather_rotary
+from .base import Adapter
+
+SITES = (
+    MergeSite("self_attn", "attn1", transforms=(("image_rotary_emb", gather_rotary(token_dim=1, batched=True)),)),
+    MergeSite("cross_attn", "attn2"),
+    MergeSite("ffn", "ff"),
+)
+
+
+def _grid(model, call):
+    sizes = (call.get("num_frames"), call.get("height"), call.get("width"))
+    if any(size is None for size in sizes):
+        raise ValueError(
+            "vdtome: LTX-Video token merging needs the latent grid (num_frames, height, width) in the transformer "
+            "call, as LTXPipeline and LTXImageToVideoPipeline pass it; this call passed video_coords only"
+        )
+    return tuple(int(size) for size in sizes), None
+
+
+ADAPTER = Adapter(
+    name="ltx",
+    model_classes=("LTXVideoTransformer3DModel",),
+    blocks=lambda model: list(model.transformer_blocks),
+    sites=lambda block: SITES,
+    read_grid=_grid,
+)

@@ -1,0 +1,168 @@
+"""``apply_tome`` / ``remove_tome``: patch a pipeline's denoiser(s) and undo it exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import find_adapter
+from .config import ToMeConfig
+from .hooks import BlockMatcher, DenoiserHook, MergeSiteHook, SiteStats, is_registered, register, unregister
+
+# Pipeline attributes that hold denoisers (Wan 2.2 A14B has two experts).
+DENOISER_ATTRIBUTES = ("transformer", "transformer_2", "unet")
+
+
+@dataclass(frozen=True)
+class ToMeStats:
+    """Token counts seen by the patched sub-layers since the last ``reset``."""
+
+    requested_ratio: float
+    effective_ratio: float  # 1 - tokens out / tokens in over every patched sub-layer call
+    blocks_patched: int
+    blocks_total: int
+    sites: tuple[SiteStats, ...]
+
+    def as_dict(self) -> dict:
+        return {
+            "requested_ratio": self.requested_ratio,
+            "effective_ratio": self.effective_ratio,
+            "blocks_patched": self.blocks_patched,
+            "blocks_total": self.blocks_total,
+            "sites": [vars(site).copy() for site in self.sites],
+        }
+
+
+@dataclass
+class _Patched:
+    model: torch.nn.Module
+    denoiser: DenoiserHook
+    matchers: list[BlockMatcher]
+    sites: list[SiteStats]
+    blocks_total: int
+
+
+@dataclass
+class ToMeHandle:
+    """What ``apply_tome`` patched; use it to read stats, reset between runs, or undo."""
+
+    config: ToMeConfig
+    patched: list[_Patched] = field(default_factory=list)
+    unavailable_targets: frozenset[str] = frozenset()
+    active: bool = True
+
+    @property
+    def models(self) -> list[torch.nn.Module]:
+        return [p.model for p in self.patched]
+
+    def stats(self) -> ToMeStats:
+        sites = tuple(site for p in self.patched for site in p.sites)
+        total_in = sum(site.total_in for site in sites)
+        total_out = sum(site.total_out for site in sites)
+        return ToMeStats(
+            requested_ratio=self.config.ratio,
+            effective_ratio=(1.0 - total_out / total_in) if total_in else 0.0,
+            blocks_patched=sum(len(p.matchers) for p in self.patched),
+            blocks_total=sum(p.blocks_total for p in self.patched),
+            sites=sites,
+        )
+
+    def reset(self) -> None:
+        """Forget step counts, cached matchings and stats (the next call starts a new run)."""
+        for p in self.patched:
+            p.denoiser.reset_state(p.model)
+            for matcher in p.matchers:
+                matcher.clear()
+            for site in p.sites:
+                site.calls = site.tokens_in = site.tokens_out = site.total_in = site.total_out = 0
+
+    def remove(self) -> None:
+        if self.active:
+            for p in self.patched:
+                unregister(p.model)
+            self.active = False
+
+    def __enter__(self) -> "ToMeHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def denoisers_of(pipe_or_model) -> list[torch.nn.Module]:
+    """The denoiser modules of a pipeline (or the module itself)."""
+    if isinstance(pipe_or_model, torch.nn.Module):
+        return [pipe_or_model]
+    found = [getattr(pipe_or_model, name, None) for name in DENOISER_ATTRIBUTES]
+    found = [module for module in found if isinstance(module, torch.nn.Module)]
+    if not found:
+        raise TypeError(
+            f"vdtome: {type(pipe_or_model).__name__} has no denoiser ({', '.join(DENOISER_ATTRIBUTES)}) to patch"
+        )
+    return found
+
+
+def apply_tome(pipe_or_model, config: ToMeConfig | None = None) -> ToMeHandle:
+    """Patch every denoiser of ``pipe_or_model`` so its chosen sub-layers run on merged tokens.
+
+    Raises ``TypeError`` for an unsupported model (naming the supported ones) and ``ValueError``
+    when the config cannot work on this model; nothing is patched in either case.
+    """
+    config = config or ToMeConfig()
+    models = denoisers_of(pipe_or_model)
+    plans = []
+    for model in models:
+        if is_registered(model):
+            raise RuntimeError(f"vdtome: token merging is already applied to {type(model).__name__}; remove it first")
+        adapter = find_adapter(model)
+        reason = adapter.shared_only(model)
+        if config.matching == "per_sample" and reason:
+            raise ValueError(f"vdtome: {type(model).__name__} needs matching='shared': {reason}")
+        blocks = adapter.blocks(model)
+        if not isinstance(config.blocks, str) and config.blocks[-1] >= len(blocks):
+            raise ValueError(
+                f"vdtome: block index {config.blocks[-1]} out of range; {type(model).__name__} has {len(blocks)} blocks"
+            )
+        plans.append((model, adapter, blocks))
+
+    handle = ToMeHandle(config)
+    available: set[str] = set()
+    track_steps = config.random_destinations or config.reuse_steps > 1
+    for model, adapter, blocks in plans:
+        denoiser = DenoiserHook(adapter.read_grid, track_steps)
+        patched = _Patched(model, denoiser, [], [], len(blocks))
+        for index, block in enumerate(blocks):
+            if not config.selects_block(index):
+                continue
+            sites = adapter.sites(block)
+            available.update(site.target for site in sites)
+            chosen = [site for site in sites if site.target in config.targets]
+            if not chosen:
+                continue
+            matcher = BlockMatcher(index, config, denoiser, adapter.token_grid)
+            patched.matchers.append(matcher)
+            for site in chosen:
+                stats = SiteStats(block=index, target=site.target, module=site.module)
+                register(block.get_submodule(site.module), MergeSiteHook(site, matcher, stats))
+                patched.sites.append(stats)
+        register(model, denoiser)
+        handle.patched.append(patched)
+    handle.unavailable_targets = frozenset(config.targets - available)
+    if not any(p.sites for p in handle.patched):
+        handle.remove()
+        names = ", ".join(type(m).__name__ for m in models)
+        raise ValueError(
+            f"vdtome: nothing to patch in {names} for targets {sorted(config.targets)} and blocks {config.blocks!r}; "
+            f"available targets: {sorted(available)}"
+        )
+    return handle
+
+
+def remove_tome(target) -> None:
+    """Undo ``apply_tome``: accepts the handle, the pipeline, or a patched model."""
+    if isinstance(target, ToMeHandle):
+        target.remove()
+        return
+    for model in denoisers_of(target):
+        unregister(model)

@@ -1,0 +1,376 @@
+"""Reversible hooks that run chosen sub-layers of a video transformer on merged tokens.
+
+Three pieces, all registered through diffusers' ``HookRegistry`` so that removing them restores
+the original ``forward`` of every module:
+
+* a :class:`DenoiserHook` on the transformer (or UNet) reads the token grid from the latent of
+  each call, tracks denoising steps and the pipeline's cache context ("cond" / "uncond");
+* a :class:`BlockMatcher` per patched block computes (or reuses) one matching per call;
+* a :class:`MergeSiteHook` on each patched sub-layer merges its video tokens (and gathers the
+  rotary tables / masks that go with them), runs the sub-layer, and unmerges its output.
+
+The block's own normalisation, adaLN modulation, gates and residuals run at full size, so nothing
+outside the patched sub-layers sees a change of sequence length.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import StateManager
+
+from ..merge import Grid, Merge, attnbin_matching, bipartite_soft_matching_3d, merge_count
+from .config import ToMeConfig
+
+HOOK_NAME = "vdtome_tome"
+
+# An argument rewrite: (value, merge, number of tokens before the video tokens) -> new value.
+ArgTransform = Callable[[Any, Merge, int], Any]
+
+
+@dataclass(frozen=True)
+class MergeSite:
+    """Where a block's sub-layer gets merged tokens, as an adapter describes it.
+
+    The video tokens are the last N tokens of the ``tokens`` argument (N from the grid); any
+    tokens before them (text in a joint FFN, conditioning latents) pass through unmerged.
+    """
+
+    target: str  # "self_attn" | "cross_attn" | "ffn"
+    module: str  # attribute path of the sub-layer inside the block, e.g. "attn1"
+    tokens: str = "hidden_states"
+    output_index: int | None = None  # the sub-layer returns a tuple; unmerge this element
+    transforms: tuple[tuple[str, ArgTransform], ...] = ()
+
+
+@dataclass
+class SiteStats:
+    block: int
+    target: str
+    module: str
+    calls: int = 0
+    tokens_in: int = 0  # video tokens at the last call
+    tokens_out: int = 0  # video tokens that reached the sub-layer at the last call
+    total_in: int = 0
+    total_out: int = 0
+
+
+class _LenientStateManager(StateManager):
+    """Receives diffusers' cache context like the built-in cache hooks, but works without one."""
+
+    def __init__(self) -> None:
+        super().__init__(_NoState)
+
+    @property
+    def context_name(self) -> str:
+        return "default" if self._context is None else self._context.name
+
+
+class _NoState:
+    def reset(self) -> None:
+        pass
+
+
+@dataclass
+class DenoiserState:
+    """What one denoiser call tells the blocks: grid, step, call and context."""
+
+    grid: Grid | None = None
+    latent_size: Grid | None = None
+    call_index: int = -1
+    step: int = -1
+    run: int = 0
+    last_timestep: float | None = None
+    context: str = "default"
+
+
+class DenoiserHook(ModelHook):
+    """Reads the grid and the denoising step at every call of the transformer / UNet."""
+
+    _is_stateful = True
+
+    def __init__(self, read_grid: Callable[[torch.nn.Module, dict], tuple[Grid, Grid]], track_steps: bool) -> None:
+        super().__init__()
+        self.state = DenoiserState()
+        self.context = _LenientStateManager()
+        self._read_grid = read_grid
+        self._track_steps = track_steps
+        self._signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._signature = inspect.signature(type(module).forward)
+        return module
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        call = self._signature.bind(module, *args, **kwargs)
+        call.apply_defaults()
+        state = self.state
+        state.grid, state.latent_size = self._read_grid(module, call.arguments)
+        state.call_index += 1
+        state.context = self.context.context_name
+        if self._track_steps:
+            self._advance_step(call.arguments.get("timestep"))
+        return args, kwargs
+
+    def _advance_step(self, timestep: Any) -> None:
+        """A new timestep is a new step; a larger one than the last starts a new run.
+
+        Reading the value syncs once per call on CUDA; pipelines that call the model twice per
+        step (cond, then uncond) thus still count one step.
+        """
+        if timestep is None:
+            value = None
+        elif isinstance(timestep, torch.Tensor):
+            value = float(timestep.detach().max())
+        else:
+            value = float(timestep)
+        state = self.state
+        if value is None or state.last_timestep is None:
+            state.step += 1
+        elif value > state.last_timestep:
+            self.reset_state(None)
+            state.step = 0
+        elif value < state.last_timestep:
+            state.step += 1
+        state.last_timestep = value
+
+    def reset_state(self, module: torch.nn.Module | None):
+        run = self.state.run + 1
+        self.state = DenoiserState(run=run)
+        return module
+
+
+@dataclass
+class _CachedMerge:
+    merge: Merge
+    run: int
+    call_index: int
+    step: int
+
+
+class BlockMatcher:
+    """Computes one matching per block call (or per ``reuse_steps`` steps) and shares it."""
+
+    def __init__(
+        self,
+        block_index: int,
+        config: ToMeConfig,
+        denoiser: DenoiserHook,
+        token_grid: Callable[[DenoiserState, int], Grid],
+    ) -> None:
+        self.block_index = block_index
+        self.config = config
+        self.denoiser = denoiser
+        self.token_grid = token_grid
+        self._cache: dict[tuple, _CachedMerge] = {}
+
+    def grid_for(self, num_tokens: int) -> Grid:
+        return self.token_grid(self.denoiser.state, num_tokens)
+
+    def matching(self, video: torch.Tensor, grid: Grid) -> Merge:
+        state = self.denoiser.state
+        key = (state.context, video.shape[0], grid, video.device)
+        cached = self._cache.get(key)
+        if cached is not None and cached.run == state.run:
+            same_call = cached.call_index == state.call_index
+            if same_call or (self.config.reuse_steps > 1 and state.step - cached.step < self.config.reuse_steps):
+                return cached.merge
+        merge = self._compute(video, grid, state.step)
+        self._cache[key] = _CachedMerge(merge, state.run, state.call_index, state.step)
+        return merge
+
+    def _compute(self, video: torch.Tensor, grid: Grid, step: int) -> Merge:
+        config = self.config
+        generator = None
+        if config.random_destinations:
+            generator = torch.Generator(device="cpu").manual_seed(_mix_seed(config.seed, self.block_index, step))
+        r = merge_count(video.shape[1], config.ratio)
+        per_sample = config.matching == "per_sample"
+        if config.strategy == "attnbin":
+            return attnbin_matching(
+                video,
+                math.prod(config.stride),
+                r,
+                generator=generator,
+                per_sample=per_sample,
+                max_score_elements=config.max_score_elements,
+            )
+        return bipartite_soft_matching_3d(
+            video,
+            grid,
+            config.stride,
+            r,
+            generator=generator,
+            per_sample=per_sample,
+            window=config.match_window,
+            max_score_elements=config.max_score_elements,
+        )
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def _mix_seed(seed: int, block: int, step: int) -> int:
+    """Deterministic, well-spread seed for one (block, step) draw."""
+    return (seed * 0x9E3779B97F4A7C15 + block * 0xBF58476D1CE4E5B9 + max(step, 0) * 0x94D049BB133111EB) % (1 << 63)
+
+
+class MergeSiteHook(ModelHook):
+    """Runs one sub-layer on merged video tokens and restores the full sequence after it."""
+
+    def __init__(self, site: MergeSite, matcher: BlockMatcher, stats: SiteStats) -> None:
+        super().__init__()
+        self.site = site
+        self.matcher = matcher
+        self.stats = stats
+        self._signature: inspect.Signature | None = None
+
+    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._signature = inspect.signature(type(module).forward)
+        return module
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        call = _Call(self._signature.bind(module, *args, **kwargs))
+        site = self.site
+        tokens = call.get(site.tokens)
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+            raise ValueError(
+                f"vdtome: {type(module).__name__} ({site.module}) expected 3D tokens in {site.tokens!r}, "
+                f"got {type(tokens).__name__}"
+            )
+        grid = self.matcher.grid_for(tokens.shape[1])
+        num_video = math.prod(grid)
+        prefix = tokens.shape[1] - num_video
+        if prefix < 0:
+            raise ValueError(
+                f"vdtome: block {self.stats.block} {site.module} received {tokens.shape[1]} tokens but the latent grid "
+                f"{grid} has {num_video}; the model's token layout does not match its adapter"
+            )
+        merge = self.matcher.matching(tokens[:, prefix:], grid)
+        self._record(num_video, merge.num_kept)
+        if merge.num_merged == 0:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        call.set(site.tokens, _merge_after(tokens, prefix, merge))
+        for name, transform in site.transforms:
+            value = call.get(name)
+            if value is not None:
+                call.set(name, transform(value, merge, prefix))
+        output = self.fn_ref.original_forward(*call.args, **call.kwargs)
+        if site.output_index is None:
+            return _unmerge_after(output, prefix, merge)
+        output = list(output)
+        output[site.output_index] = _unmerge_after(output[site.output_index], prefix, merge)
+        return tuple(output)
+
+    def _record(self, tokens_in: int, tokens_out: int) -> None:
+        stats = self.stats
+        stats.calls += 1
+        stats.tokens_in, stats.tokens_out = tokens_in, tokens_out
+        stats.total_in += tokens_in
+        stats.total_out += tokens_out
+
+
+def _merge_after(tokens: torch.Tensor, prefix: int, merge: Merge) -> torch.Tensor:
+    if prefix == 0:
+        return merge.merge(tokens)
+    return torch.cat([tokens[:, :prefix], merge.merge(tokens[:, prefix:])], dim=1)
+
+
+def _unmerge_after(tokens: torch.Tensor, prefix: int, merge: Merge) -> torch.Tensor:
+    if prefix == 0:
+        return merge.unmerge(tokens)
+    return torch.cat([tokens[:, :prefix], merge.unmerge(tokens[:, prefix:])], dim=1)
+
+
+class _Call:
+    """Bound call arguments that can be read and rewritten by name, **kwargs included."""
+
+    def __init__(self, bound: inspect.BoundArguments) -> None:
+        self._bound = bound
+        self._var_keyword = next(
+            (p.name for p in bound.signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
+        )
+
+    def get(self, name: str) -> Any:
+        arguments = self._bound.arguments
+        if name in arguments:
+            return arguments[name]
+        if self._var_keyword is not None:
+            return arguments.get(self._var_keyword, {}).get(name)
+        return None
+
+    def set(self, name: str, value: Any) -> None:
+        arguments = self._bound.arguments
+        if name in arguments or name in self._bound.signature.parameters:
+            arguments[name] = value
+        else:
+            arguments.setdefault(self._var_keyword, {})[name] = value
+
+    @property
+    def args(self) -> tuple:
+        return self._bound.args[1:]  # drop the module itself
+
+    @property
+    def kwargs(self) -> dict:
+        return self._bound.kwargs
+
+
+# ---- argument transforms shared by adapters ---------------------------------------------------
+
+
+def gather_rotary(token_dim: int, batched: bool) -> ArgTransform:
+    """Gather a (cos, sin) pair (or one tensor) at the kept tokens' positions.
+
+    ``token_dim`` is the token axis of each table; ``batched`` says whether dim 0 is the batch.
+    Unbatched tables get a batch axis only for a per-sample matching.
+    """
+
+    def transform(tables: Any, merge: Merge, prefix: int) -> Any:
+        if isinstance(tables, (tuple, list)):
+            return type(tables)(transform(t, merge, prefix) for t in tables)
+        dim = token_dim % tables.dim()
+        if not batched and not merge.shared:
+            tables, dim = tables.unsqueeze(0), dim + 1
+        if prefix == 0:
+            return merge.gather(tables, dim)
+        head, video = tables.split([prefix, tables.shape[dim] - prefix], dim=dim)
+        return torch.cat([head, merge.gather(video, dim)], dim=dim)
+
+    return transform
+
+
+def gather_mask_head(dim: int = -1) -> ArgTransform:
+    """Gather the leading video part of a mask laid out [video, text] along ``dim``."""
+
+    def transform(mask: torch.Tensor, merge: Merge, prefix: int) -> torch.Tensor:
+        axis = dim % mask.dim()
+        video, rest = mask.split([merge.num_tokens, mask.shape[axis] - merge.num_tokens], dim=axis)
+        if merge.shared:
+            video = merge.gather(video, axis)
+        else:
+            video = merge.gather(video.expand(merge.kept.shape[0], *video.shape[1:]), axis)
+            rest = rest.expand(video.shape[0], *rest.shape[1:])
+        return torch.cat([video, rest], dim=axis)
+
+    return transform
+
+
+def register(module: torch.nn.Module, hook: ModelHook) -> None:
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+
+
+def is_registered(module: torch.nn.Module) -> bool:
+    registry = getattr(module, "_diffusers_hook", None)
+    return registry is not None and registry.get_hook(HOOK_NAME) is not None
+
+
+def unregister(module: torch.nn.Module) -> None:
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is not None:
+        registry.remove_hook(HOOK_NAME, recurse=True)
+        registry.invalidate_child_registries_cache()
