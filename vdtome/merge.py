@@ -201,16 +201,23 @@ def _best_destination_global(
     score_metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, max_elements: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Max cosine and argmax destination for every source, in row chunks of bounded size."""
+    rows_total = score_metric.shape[0]
+    num_src, num_dst = src.shape[1], dst.shape[1]
     dst_metric = _take_rows(score_metric, dst).transpose(1, 2)
-    rows = max(1, max_elements // (score_metric.shape[0] * dst.shape[1]))
-    best, index = [], []
-    for start in range(0, src.shape[1], rows):
-        scores = _take_rows(score_metric, src[:, start : start + rows]) @ dst_metric
+    rows = max(1, min(num_src, max_elements // (rows_total * num_dst)))
+    # One reused buffer: fresh multi-MiB blocks per chunk fragment glibc's heap on CPU (the peak
+    # grew by the size of the whole score matrix in our tests).
+    buffer = score_metric.new_empty(rows_total * rows * num_dst)
+    best = score_metric.new_empty(rows_total, num_src)
+    index = torch.empty(rows_total, num_src, dtype=torch.int64, device=score_metric.device)
+    for start in range(0, num_src, rows):
+        chunk = _take_rows(score_metric, src[:, start : start + rows])
+        scores = buffer[: rows_total * chunk.shape[1] * num_dst].view(rows_total, chunk.shape[1], num_dst)
+        torch.matmul(chunk, dst_metric, out=scores)
         value, arg = scores.max(dim=-1)
-        best.append(value)
-        index.append(arg)
-        del scores
-    return torch.cat(best, dim=1), torch.cat(index, dim=1)
+        best[:, start : start + rows] = value
+        index[:, start : start + rows] = arg
+    return best, index
 
 
 class _Windows(NamedTuple):
@@ -285,13 +292,18 @@ def _best_destination_windowed(
     width = num_tokens + num_spare
     best = score_metric.new_empty(rows, width)
     index = torch.empty(rows, width, dtype=torch.int64, device=score_metric.device)
-    step = max(1, max_elements // (rows * t_max * max(c_max, channels)))
+    step = max(1, min(n_win, max_elements // (rows * t_max * max(c_max, channels))))
+    # Reused buffers, as in the global path: no fresh large blocks per chunk.
+    token_buffer = score_metric.new_empty(rows * step * t_max * channels)
+    score_buffer = score_metric.new_empty(rows * step * t_max * c_max)
     for start in range(0, n_win, step):
         tok, cel = gather_tokens[start : start + step], cells[start : start + step]
-        tok_metric = score_metric.index_select(1, tok.flatten()).view(rows, *tok.shape, channels)
-        dst_pos = dst_by_cell[cel.flatten()]
-        dst_metric = score_metric.index_select(1, dst_pos).view(rows, *cel.shape, channels)
-        scores = tok_metric @ dst_metric.transpose(-1, -2)  # (S, windows, Tmax, Cmax)
+        count = tok.shape[0]
+        tok_metric = token_buffer[: rows * count * t_max * channels].view(rows, count * t_max, channels)
+        torch.index_select(score_metric, 1, tok.flatten(), out=tok_metric)
+        dst_metric = score_metric.index_select(1, dst_by_cell[cel.flatten()]).view(rows, count, c_max, channels)
+        scores = score_buffer[: rows * count * t_max * c_max].view(rows, count, t_max, c_max)
+        torch.matmul(tok_metric.view(rows, count, t_max, channels), dst_metric.transpose(-1, -2), out=scores)
         scores.masked_fill_(cell_padding[start : start + step].unsqueeze(1), float("-inf"))
         value, arg = scores.max(dim=-1)
         cell_index = cel.unsqueeze(0).expand(rows, -1, -1).gather(2, arg)
