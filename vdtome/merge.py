@@ -191,9 +191,12 @@ def _destination_positions(
 
 
 def _complement(num_tokens: int, taken: torch.Tensor) -> torch.Tensor:
-    """Ascending positions not in ``taken`` (P, K) -> (P, N - K), without a host sync."""
+    """Ascending positions not in ``taken`` (P, K) -> (P, N - K)."""
     mask = torch.zeros(taken.shape[0], num_tokens, dtype=torch.int8, device=taken.device)
     mask.scatter_(1, taken, 1)
+    if mask.device.type == "cpu":
+        return (mask == 0).nonzero()[:, 1].view(taken.shape[0], num_tokens - taken.shape[1])
+    # nonzero would wait for the device to learn the output size; a stable sort does not.
     return mask.argsort(dim=1, stable=True)[:, : num_tokens - taken.shape[1]]
 
 
@@ -225,7 +228,7 @@ class _Windows(NamedTuple):
     scatter_tokens: torch.Tensor  # same; padding writes to distinct spare slots N, N + 1, ...
     num_spare: int
     cells: torch.Tensor  # (W, Cmax) cell indices per window; padding reads cell 0
-    cell_padding: torch.Tensor  # (W, Cmax) True where ``cells`` is padding
+    cell_padding: torch.Tensor | None  # (W, Cmax) True where ``cells`` is padding; None if none is
 
 
 @functools.lru_cache(maxsize=64)
@@ -254,7 +257,7 @@ def _window_tables(
         torch.where(padding, spare, tokens).to(device),
         int(padding.sum()),
         cell_table.clamp_min(0).to(device),
-        (cell_table < 0).to(device),
+        (cell_table < 0).to(device) if bool((cell_table < 0).any()) else None,
     )
 
 
@@ -304,7 +307,8 @@ def _best_destination_windowed(
         dst_metric = score_metric.index_select(1, dst_by_cell[cel.flatten()]).view(rows, count, c_max, channels)
         scores = score_buffer[: rows * count * t_max * c_max].view(rows, count, t_max, c_max)
         torch.matmul(tok_metric.view(rows, count, t_max, channels), dst_metric.transpose(-1, -2), out=scores)
-        scores.masked_fill_(cell_padding[start : start + step].unsqueeze(1), float("-inf"))
+        if cell_padding is not None:
+            scores.masked_fill_(cell_padding[start : start + step].unsqueeze(1), float("-inf"))
         value, arg = scores.max(dim=-1)
         cell_index = cel.unsqueeze(0).expand(rows, -1, -1).gather(2, arg)
         target = scatter_tokens[start : start + step].flatten()
@@ -323,11 +327,10 @@ def _assemble(
     """
     rows = best.shape[0]
     src, dst = src.expand(rows, -1), dst.expand(rows, -1)
-    order = best.argsort(dim=-1, descending=True, stable=True)
-    merged_rank, unmerged_rank = order[:, :r], order[:, r:]
+    merged_rank = best.topk(r, dim=-1, sorted=False).indices
     merged = src.gather(1, merged_rank)
     merged_into = dst.gather(1, best_dst.gather(1, merged_rank))
-    kept = torch.cat([src.gather(1, unmerged_rank), dst], dim=1).sort(dim=1).values
+    kept = _complement(num_tokens, merged)  # unmerged sources and all destinations, ascending
     slot_of = torch.empty(rows, num_tokens, dtype=torch.int64, device=src.device)
     slot_of.scatter_(1, kept, torch.arange(kept.shape[1], device=src.device).expand(rows, -1))
     src_slot = slot_of.gather(1, merged_into)

@@ -9,6 +9,9 @@ the original ``forward`` of every module:
 * a :class:`MergeSiteHook` on each patched sub-layer merges its video tokens (and gathers the
   rotary tables / masks that go with them), runs the sub-layer, and unmerges its output.
 
+Matching, merging and unmerging run under ``torch.profiler.record_function`` ranges named
+``vdtome.match``, ``vdtome.merge`` and ``vdtome.unmerge`` so their cost shows in any profile.
+
 The block's own normalisation, adaLN modulation, gates and residuals run at full size, so nothing
 outside the patched sub-layers sees a change of sequence length.
 """
@@ -23,6 +26,7 @@ from typing import Any, Callable
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
+from torch.profiler import record_function
 
 from ..merge import Grid, Merge, attnbin_matching, bipartite_soft_matching_3d, merge_count
 from .config import ToMeConfig
@@ -109,12 +113,13 @@ class DenoiserHook(ModelHook):
     def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
         call = self._signature.bind(module, *args, **kwargs)
         call.apply_defaults()
+        grid, latent_size = self._read_grid(module, call.arguments)
+        if self._track_steps:
+            self._advance_step(call.arguments.get("timestep"))  # may start a new run (fresh state)
         state = self.state
-        state.grid, state.latent_size = self._read_grid(module, call.arguments)
+        state.grid, state.latent_size = grid, latent_size
         state.call_index += 1
         state.context = self.context.context_name
-        if self._track_steps:
-            self._advance_step(call.arguments.get("timestep"))
         return args, kwargs
 
     def _advance_step(self, timestep: Any) -> None:
@@ -129,13 +134,10 @@ class DenoiserHook(ModelHook):
             value = float(timestep.detach().max())
         else:
             value = float(timestep)
-        state = self.state
-        if value is None or state.last_timestep is None:
-            state.step += 1
-        elif value > state.last_timestep:
+        if value is not None and self.state.last_timestep is not None and value > self.state.last_timestep:
             self.reset_state(None)
-            state.step = 0
-        elif value < state.last_timestep:
+        state = self.state
+        if value is None or state.last_timestep is None or value < state.last_timestep:
             state.step += 1
         state.last_timestep = value
 
@@ -251,21 +253,24 @@ class MergeSiteHook(ModelHook):
                 f"vdtome: block {self.stats.block} {site.module} received {tokens.shape[1]} tokens but the latent grid "
                 f"{grid} has {num_video}; the model's token layout does not match its adapter"
             )
-        merge = self.matcher.matching(tokens[:, prefix:], grid)
+        with record_function("vdtome.match"):
+            merge = self.matcher.matching(tokens[:, prefix:], grid)
         self._record(num_video, merge.num_kept)
         if merge.num_merged == 0:
             return self.fn_ref.original_forward(*args, **kwargs)
-        call.set(site.tokens, _merge_after(tokens, prefix, merge))
-        for name, transform in site.transforms:
-            value = call.get(name)
-            if value is not None:
-                call.set(name, transform(value, merge, prefix))
+        with record_function("vdtome.merge"):
+            call.set(site.tokens, _merge_after(tokens, prefix, merge))
+            for name, transform in site.transforms:
+                value = call.get(name)
+                if value is not None:
+                    call.set(name, transform(value, merge, prefix))
         output = self.fn_ref.original_forward(*call.args, **call.kwargs)
-        if site.output_index is None:
-            return _unmerge_after(output, prefix, merge)
-        output = list(output)
-        output[site.output_index] = _unmerge_after(output[site.output_index], prefix, merge)
-        return tuple(output)
+        with record_function("vdtome.unmerge"):
+            if site.output_index is None:
+                return _unmerge_after(output, prefix, merge)
+            output = list(output)
+            output[site.output_index] = _unmerge_after(output[site.output_index], prefix, merge)
+            return tuple(output)
 
     def _record(self, tokens_in: int, tokens_out: int) -> None:
         stats = self.stats

@@ -1,0 +1,205 @@
+"""Speed of a Wan transformer forward with and without video token merging.
+
+Prints, for each token count: median forward times, the measured speedup, the ideal speedup of a
+FLOP model of the same merge, efficiency = measured / ideal, and the share of the patched forward
+spent in matching + merge + unmerge (from the ``vdtome.*`` profiler ranges).
+
+FLOP model: analytic multiply-adds of every linear / conv layer and of attention
+(QK^T and AV: 2 * Nq * Nk * C), matching excluded; the linear part is cross-checked against
+``torch.utils.flop_counter`` on the baseline (the counter cannot see CPU flash attention).
+
+    python benchmarks/tome_speed.py                 # CPU, 4096 and 8192 tokens
+    python benchmarks/tome_speed.py --device cuda --dtype bfloat16 --tokens 16384 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusers import WanTransformer3DModel  # noqa: E402
+
+from vdtome.tome import ToMeConfig, apply_tome  # noqa: E402
+
+TEXT_TOKENS = 64
+GRIDS = {4096: (4, 32, 32), 8192: (8, 32, 32), 16384: (16, 32, 32), 32768: (8, 64, 64)}
+
+
+@dataclass(frozen=True)
+class Shape:
+    heads: int
+    head_dim: int
+    layers: int
+    ffn_mult: int
+
+    @property
+    def dim(self) -> int:
+        return self.heads * self.head_dim
+
+
+def build(shape: Shape, device: str, dtype: torch.dtype) -> WanTransformer3DModel:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=shape.heads,
+            attention_head_dim=shape.head_dim,
+            in_channels=16,
+            out_channels=16,
+            text_dim=shape.dim,
+            freq_dim=64,
+            ffn_dim=shape.ffn_mult * shape.dim,
+            num_layers=shape.layers,
+            rope_max_seq_len=128,
+        )
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def inputs(grid, shape: Shape, device: str, dtype: torch.dtype, batch: int):
+    generator = torch.Generator().manual_seed(0)
+    t, h, w = grid
+    latent = torch.randn(batch, 16, t, 2 * h, 2 * w, generator=generator)
+    text = torch.randn(batch, TEXT_TOKENS, shape.dim, generator=generator)
+    timestep = torch.full((batch,), 500.0)
+    return latent.to(device, dtype), timestep.to(device), text.to(device, dtype)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(model, args, device: str, warmup: int, repeat: int) -> float:
+    """Median seconds per forward; CUDA events on GPU, perf_counter on CPU."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(*args)
+        synchronize(device)
+        times = []
+        for _ in range(repeat):
+            if device.startswith("cuda"):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(*args)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                begin = time.perf_counter()
+                model(*args)
+                times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def model_macs(shape: Shape, batch: int, tokens: int, self_tokens: int, cross_tokens: int, ffn_tokens: int) -> float:
+    """Multiply-adds of one forward; ``*_tokens`` are the video tokens entering each sub-layer."""
+    c, f, l = shape.dim, shape.ffn_mult * shape.dim, TEXT_TOKENS
+    per_block = (
+        4 * self_tokens * c * c + 2 * self_tokens * self_tokens * c  # self-attention
+        + 2 * cross_tokens * c * c + 2 * l * c * c + 2 * cross_tokens * l * c  # cross-attention
+        + 2 * ffn_tokens * c * f  # feed-forward
+    )
+    outside = tokens * c * 16 * 4 + tokens * c * 16 * 4 + 2 * l * c * c  # patchify, proj_out, text
+    return batch * (shape.layers * per_block + outside)
+
+
+def linear_macs_counted(model, args) -> float:
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(*args)
+    return counter.get_total_flops() / 2
+
+
+def overhead_share(model, args, device: str, repeat: int = 3) -> tuple[float, dict[str, float]]:
+    """Share of the patched forward spent inside the vdtome.* profiler ranges."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.inference_mode():
+        model(*args)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(repeat):
+                with torch.profiler.record_function("vdtome.forward"):
+                    model(*args)
+                synchronize(device)
+    use_device = device.startswith("cuda")
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.key.startswith("vdtome."):
+            totals[event.key] = event.device_time_total if use_device else event.cpu_time_total
+    forward = totals.pop("vdtome.forward")
+    parts = {key.removeprefix("vdtome."): value / forward for key, value in totals.items()}
+    return sum(parts.values()), parts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192], choices=sorted(GRIDS))
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--ffn-mult", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--windows", default="auto,global", help="comma list: auto, global, or t:y:x (cells)")
+    args = parser.parse_args()
+
+    dtype = getattr(torch, args.dtype)
+    shape = Shape(args.heads, args.head_dim, args.layers, args.ffn_mult)
+    model = build(shape, args.device, dtype)
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
+    print(f"device: {name} | torch {torch.__version__} | dtype {args.dtype} | batch {args.batch}")
+    print(f"Wan transformer: {shape.layers} layers, {shape.heads} heads x {shape.head_dim}, ffn x{shape.ffn_mult}, "
+          f"{TEXT_TOKENS} text tokens; ToMe ratio {args.ratio}, stride (1, 2, 2), self-attention merged in every block")
+    print("FLOP model: analytic MACs (linears + attention), matching excluded\n")
+
+    windows = {"auto": "auto", "global": None}
+    header = (f"{'tokens':>7} {'matching':>10} {'base ms':>9} {'tome ms':>9} {'speedup':>8} {'ideal':>6} "
+              f"{'effic.':>7} {'overhead':>9}  (match / merge / unmerge)")
+    print(header)
+    print("-" * len(header))
+    for tokens in args.tokens:
+        grid = GRIDS[tokens]
+        call = inputs(grid, shape, args.device, dtype, args.batch)
+        base = median_time(model, call, args.device, args.warmup, args.repeat)
+        counted = linear_macs_counted(model, call)
+        analytic_linear = model_macs(shape, args.batch, tokens, tokens, tokens, tokens) - \
+            args.batch * shape.layers * (2 * tokens * tokens * shape.dim + 2 * tokens * TEXT_TOKENS * shape.dim)
+        for label in args.windows.split(","):
+            window = windows.get(label) if label in windows else tuple(int(v) for v in label.split(":"))
+            config = ToMeConfig(ratio=args.ratio, stride=(1, 2, 2), match_window=window)
+            handle = apply_tome(model, config)
+            try:
+                tome = median_time(model, call, args.device, args.warmup, args.repeat)
+                share, parts = overhead_share(model, call, args.device)
+                kept = handle.stats().sites[0].tokens_out
+            finally:
+                handle.remove()
+            ideal = model_macs(shape, args.batch, tokens, tokens, tokens, tokens) / model_macs(
+                shape, args.batch, tokens, kept, tokens, tokens
+            )
+            speedup = base / tome
+            detail = " / ".join(f"{100 * parts.get(key, 0.0):.1f}%" for key in ("match", "merge", "unmerge"))
+            window_name = "global" if config.match_window is None else "x".join(map(str, config.match_window))
+            print(f"{tokens:>7} {window_name:>10} {base * 1e3:>9.1f} {tome * 1e3:>9.1f} {speedup:>7.2f}x "
+                  f"{ideal:>5.2f}x {speedup / ideal:>7.2f} {100 * share:>8.1f}%  ({detail})")
+        print(f"{'':>7} linear MACs: flop_counter {counted / 1e9:.3f} G vs model {analytic_linear / 1e9:.3f} G")
+    print("\nspeedup = base / tome (medians); ideal = FLOP-model speedup; efficiency = speedup / ideal;"
+          "\noverhead = time in vdtome.match + vdtome.merge + vdtome.unmerge over the patched forward (profiler).")
+
+
+if __name__ == "__main__":
+    main()
