@@ -79,26 +79,40 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(model, args, device: str, warmup: int, repeat: int) -> float:
-    """Median seconds per forward; CUDA events on GPU, perf_counter on CPU."""
+def timed_forward(model, args, device: str) -> float:
+    """Seconds of one forward; CUDA events on GPU, perf_counter on CPU."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(*args)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    begin = time.perf_counter()
+    model(*args)
+    return time.perf_counter() - begin
+
+
+def median_times(model, args, config: ToMeConfig, device: str, warmup: int, repeat: int):
+    """Median seconds of the baseline and the ToMe forward, measured alternately.
+
+    Alternating the two (patch, run, unpatch, run) inside one loop cancels the drift of clock
+    speed and background load that separate loops would fold into the ratio.
+    """
+    base, tome, handle = [], [], None
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(*args)
-        synchronize(device)
-        times = []
-        for _ in range(repeat):
-            if device.startswith("cuda"):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                model(*args)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                begin = time.perf_counter()
-                model(*args)
-                times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+        for index in range(warmup + repeat):
+            for merged in (False, True):
+                if merged:
+                    handle = apply_tome(model, config)
+                synchronize(device)
+                elapsed = timed_forward(model, args, device)
+                if index >= warmup:
+                    (tome if merged else base).append(elapsed)
+                if merged:
+                    kept = handle.stats().sites[0].tokens_out
+                    handle.remove()
+    return statistics.median(base), statistics.median(tome), kept
 
 
 def model_macs(shape: Shape, batch: int, tokens: int, self_tokens: int, cross_tokens: int, ffn_tokens: int) -> float:
@@ -153,7 +167,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--windows", default="auto,global", help="comma list: auto, global, or t:y:x (cells)")
     args = parser.parse_args()
 
@@ -174,18 +188,16 @@ def main() -> None:
     for tokens in args.tokens:
         grid = GRIDS[tokens]
         call = inputs(grid, shape, args.device, dtype, args.batch)
-        base = median_time(model, call, args.device, args.warmup, args.repeat)
         counted = linear_macs_counted(model, call)
         analytic_linear = model_macs(shape, args.batch, tokens, tokens, tokens, tokens) - \
             args.batch * shape.layers * (2 * tokens * tokens * shape.dim + 2 * tokens * TEXT_TOKENS * shape.dim)
         for label in args.windows.split(","):
             window = windows.get(label) if label in windows else tuple(int(v) for v in label.split(":"))
             config = ToMeConfig(ratio=args.ratio, stride=(1, 2, 2), match_window=window)
+            base, tome, kept = median_times(model, call, config, args.device, args.warmup, args.repeat)
             handle = apply_tome(model, config)
             try:
-                tome = median_time(model, call, args.device, args.warmup, args.repeat)
                 share, parts = overhead_share(model, call, args.device)
-                kept = handle.stats().sites[0].tokens_out
             finally:
                 handle.remove()
             ideal = model_macs(shape, args.batch, tokens, tokens, tokens, tokens) / model_macs(
@@ -197,7 +209,7 @@ def main() -> None:
             print(f"{tokens:>7} {window_name:>10} {base * 1e3:>9.1f} {tome * 1e3:>9.1f} {speedup:>7.2f}x "
                   f"{ideal:>5.2f}x {speedup / ideal:>7.2f} {100 * share:>8.1f}%  ({detail})")
         print(f"{'':>7} linear MACs: flop_counter {counted / 1e9:.3f} G vs model {analytic_linear / 1e9:.3f} G")
-    print("\nspeedup = base / tome (medians); ideal = FLOP-model speedup; efficiency = speedup / ideal;"
+    print("\nbase / tome: medians of alternating runs; speedup = base / tome; ideal = FLOP-model speedup; efficiency = speedup / ideal;"
           "\noverhead = time in vdtome.match + vdtome.merge + vdtome.unmerge over the patched forward (profiler).")
 
 

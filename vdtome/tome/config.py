@@ -12,8 +12,8 @@ Matching = Literal["shared", "per_sample"]
 BlockSelection = Literal["all", "every_other"]
 
 # Local matching window (in cells) used when ``match_window="auto"`` and the strategy is
-# bipartite: with stride (1, 2, 2) a source meets the destinations of 2 frames x 16 x 16 tokens.
-DEFAULT_MATCH_WINDOW = (2, 8, 8)
+# bipartite: with stride (1, 2, 2) a source meets the 32 destinations of 2 frames x 8 x 8 tokens.
+DEFAULT_MATCH_WINDOW = (2, 4, 4)
 
 
 @dataclass(frozen=True)
