@@ -233,8 +233,10 @@ def test_low_precision_inputs(dtype):
     x = tokens(2, 4 * 8 * 8, dtype=dtype)
     merge = bipartite_soft_matching_3d(x, (4, 8, 8), (1, 2, 2), 128, generator=torch.Generator().manual_seed(0))
     merged = merge.merge(x)
-    assert merged.dtype == dtype and torch.isfinite(merged).all()
-    assert merge.unmerge(merged).shape == x.shape
+    assert merged.dtype == dtype
+    # Group means are summed in float32 and rounded once: exactly the float32 mean, cast.
+    assert torch.equal(merged, merge.merge(x.float()).to(dtype))
+    assert torch.equal(merge.unmerge(merged), merge.unmerge(merge.merge(x.float())).to(dtype))
 
 
 def test_chunked_scores_bound_peak_memory():

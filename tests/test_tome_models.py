@@ -15,7 +15,7 @@ import torch
 
 from vdtome import tiny
 from vdtome.tome import SUPPORTED_MODELS, ToMeConfig, apply_tome, remove_tome
-from vdtome.tome.hooks import BlockMatcher
+from vdtome.tome.hooks import BlockMatcher, DenoiserHook
 
 TEXT = 6  # text tokens in direct transformer calls
 
@@ -26,6 +26,7 @@ class AttentionCall:
     queries: int
     keys: int
     mask: tuple | None
+    mask_value: torch.Tensor | None = None
 
 
 @pytest.fixture
@@ -35,7 +36,8 @@ def attention_calls(monkeypatch):
 
     def recording(query, key, value, attn_mask=None, *args, **kwargs):
         mask = None if attn_mask is None else tuple(attn_mask.shape)
-        calls.append(AttentionCall(query.shape[0], query.shape[-2], key.shape[-2], mask))
+        mask_value = None if attn_mask is None else attn_mask.detach().clone()
+        calls.append(AttentionCall(query.shape[0], query.shape[-2], key.shape[-2], mask, mask_value))
         return sdpa(query, key, value, attn_mask, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
@@ -204,17 +206,33 @@ def test_merging_reduces_the_tokens_that_reach_attention(name, attention_calls):
     assert not torch.allclose(merged_out, baseline, atol=1e-4)
 
 
+def run_steps(case: Case, timesteps) -> list[torch.Tensor]:
+    """One output per denoising step, the timestep varied as a sampler would."""
+    outputs = []
+    for t in timesteps:
+        timestep = case.kwargs["timestep"]
+        case.kwargs["timestep"] = torch.full_like(timestep, t)
+        try:
+            outputs.append(case.run())
+        finally:
+            case.kwargs["timestep"] = timestep
+    return outputs
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_same_seed_gives_bitwise_identical_outputs(name):
     case = make_case(name)
+    steps = (900, 600, 300)
     with apply_tome(case.model, ToMeConfig(ratio=0.5, seed=3)) as handle:
-        first = case.run()
+        first = run_steps(case, steps)
+        second = run_steps(case, steps)  # a new run is detected from the timesteps turning back
         handle.reset()
-        second = case.run()
-    assert torch.equal(first, second)
+        third = run_steps(case, steps)
+    for a, b, c in zip(first, second, third):
+        assert torch.equal(a, b) and torch.equal(a, c)
     with apply_tome(case.model, ToMeConfig(ratio=0.5, seed=4)):
-        other_seed = case.run()
-    assert not torch.equal(first, other_seed)
+        other_seed = run_steps(case, steps)
+    assert not torch.equal(first[0], other_seed[0])
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -242,6 +260,11 @@ def test_hunyuan_attention_mask_is_rebuilt_for_the_reduced_sequence(attention_ca
     reduced = n - n // 2 + case.text_tokens
     masked = [c for c in attention_calls if c.mask is not None and c.queries > case.text_tokens]  # not the text refiner
     assert masked and all(c.queries == reduced and c.mask[-1] == reduced for c in masked)
+    # Sample 0's prompt has 2 padding tokens: exactly those keys stay masked, every video key is kept.
+    padded = torch.tensor([True] * (reduced - 2) + [False] * 2)
+    for call in masked:
+        keys = call.mask_value.reshape(call.mask_value.shape[0], -1)[:, -reduced:].bool()
+        assert torch.equal(keys[0], padded) and bool(keys[1].all())
 
 
 def test_every_other_block_and_explicit_blocks(attention_calls):
@@ -281,13 +304,27 @@ def test_cross_attention_and_ffn_targets(attention_calls):
     assert seen_by_ffn == [n - n // 2]
 
 
-def test_per_sample_matching_where_supported(attention_calls):
+@pytest.mark.parametrize("strategy", ["bipartite", "attnbin"])
+def test_per_sample_matching_where_supported(strategy):
+    config = ToMeConfig(ratio=0.5, matching="per_sample", strategy=strategy)
     for name in ("wan", "ltx", "mochi"):
         case = make_case(name)
-        with apply_tome(case.model, ToMeConfig(ratio=0.5, matching="per_sample")) as handle:
+        with apply_tome(case.model, config) as handle:
             out = case.run()
             kept = {site.tokens_out for site in handle.stats().sites}
         assert torch.isfinite(out).all() and kept == {case.video_tokens - case.video_tokens // 2}
+        # Each sample is matched on its own tokens: it comes out as it would alone in the batch.
+        for index in range(out.shape[0]):
+            alone = make_case(name, batch=1)
+            alone.kwargs = {
+                key: value[index : index + 1] if isinstance(value, torch.Tensor) and value.dim() else value
+                for key, value in case.kwargs.items()
+            }
+            with apply_tome(alone.model, config):
+                torch.testing.assert_close(alone.run(), out[index : index + 1], rtol=1e-4, atol=1e-5)
+        shared = make_case(name)
+        with apply_tome(shared.model, ToMeConfig(ratio=0.5, strategy=strategy)):
+            assert not torch.allclose(shared.run(), out, atol=1e-4)
     for name in ("cogvideox_rotary", "hunyuan_video"):
         case = make_case(name)
         with pytest.raises(ValueError, match="matching='shared'"):
@@ -420,3 +457,88 @@ def test_reuse_steps_recomputes_matching_every_k_steps(monkeypatch):
     assert sorted({step for _, step in computed}) == [0, 2]
     assert len(computed) == 2 * 2 * blocks
     assert torch.isfinite(reused).all()
+
+
+def _track(timesteps) -> list[tuple[int, int, int]]:
+    """(run, step, call in step) the denoiser hook assigns to a sequence of calls."""
+    hook = DenoiserHook(read_grid=lambda model, call: ((1, 1, 1), None), track_steps=True)
+    seen = []
+    for t in timesteps:
+        hook._advance_step(torch.tensor([t, t]))
+        seen.append((hook.state.run, hook.state.step, hook.state.call_in_step))
+    return seen
+
+
+def test_step_tracking_follows_timesteps_in_either_direction():
+    # Falling timesteps with CFG as two calls per step, then the same schedule again: a new run.
+    assert _track([900, 900, 500, 500, 100, 100, 900, 900]) == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1), (0, 2, 0), (0, 2, 1), (1, 0, 0), (1, 0, 1),
+    ]
+    # Mochi's timesteps rise; a rerun turns back to the first value.
+    assert _track([100, 400, 700, 100, 400]) == [(0, 0, 0), (0, 1, 0), (0, 2, 0), (1, 0, 0), (1, 1, 0)]
+    # A shorter rerun that starts mid-schedule still turns against the direction of travel.
+    assert _track([900, 600, 300, 600]) == [(0, 0, 0), (0, 1, 0), (0, 2, 0), (1, 0, 0)]
+
+
+def test_reuse_steps_with_rising_timesteps(monkeypatch):
+    """Mochi's sampler feeds rising timesteps: reuse must still count steps, not restart each call."""
+    computed = []
+    original = BlockMatcher._compute
+
+    def counting(self, video, grid, step):
+        computed.append(step)
+        return original(self, video, grid, step)
+
+    monkeypatch.setattr(BlockMatcher, "_compute", counting)
+    case = make_case("mochi")
+    with apply_tome(case.model, ToMeConfig(ratio=0.5, reuse_steps=2)):
+        run_steps(case, (100, 300, 500, 700))
+        run_steps(case, (100, 300))
+    blocks = len(case.model.transformer_blocks)
+    assert computed == [0] * blocks + [2] * blocks + [0] * blocks
+
+
+def test_model_cpu_offload_keeps_tome_until_removed(attention_calls):
+    """accelerate re-installs ``forward`` after every offloaded pipeline call; ToMe must survive it."""
+    build, size = PIPELINES["wan"]
+    reference = build()
+    with apply_tome(reference, ToMeConfig(ratio=0.5)):
+        expected, _ = run_pipeline(reference, size, steps=2)
+    baseline, _ = run_pipeline(reference, size, steps=2)
+    pipe = build()
+    pipe.enable_model_cpu_offload(device="cpu")
+    handle = apply_tome(pipe, ToMeConfig(ratio=0.5))
+    for _ in range(2):
+        attention_calls.clear()
+        out, _ = run_pipeline(pipe, size, steps=2)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+        site = handle.stats().sites[0]
+        assert site.tokens_out < site.tokens_in
+        # Transformer self-attention (the VAE's attention has other lengths) saw merged tokens only.
+        video = {c.queries for c in attention_calls if c.queries == c.keys} & {site.tokens_in, site.tokens_out}
+        assert video == {site.tokens_out}
+    handle.remove()
+    torch.testing.assert_close(run_pipeline(pipe, size, steps=2)[0], baseline, rtol=0, atol=1e-6)
+
+
+def test_torch_compile_keeps_matching_eager():
+    case = make_case("wan")
+    with apply_tome(case.model, ToMeConfig(ratio=0.5)):
+        eager = case.run()
+    compiled = torch.compile(case.model, backend="eager", fullgraph=False)
+    with apply_tome(compiled, ToMeConfig(ratio=0.5)) as handle:
+        with torch.no_grad():
+            out = compiled(**case.kwargs, return_dict=False)[0]
+        assert handle.models == [case.model]
+        assert all(site.tokens_out < site.tokens_in for site in handle.stats().sites)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_ltx_explicit_video_coords_are_refused():
+    case = make_case("ltx")
+    batch, tokens = case.kwargs["hidden_states"].shape[:2]
+    case.kwargs["video_coords"] = torch.zeros(batch, 3, tokens)
+    with apply_tome(case.model, ToMeConfig(ratio=0.5)):
+        with pytest.raises(ValueError, match="video_coords"):
+            case.run()

@@ -79,14 +79,17 @@ class Merge:
         self._check(x, self.num_tokens, "merge")
         if self.num_merged == 0:
             return x
-        out = _take_rows(x, self.kept)
-        src = _take_rows(x, self.src)
+        # Half-precision sums of many members lose digits: accumulate in float32, cast back once.
+        accumulate = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        out = _take_rows(x, self.kept).to(accumulate)
+        src = _take_rows(x, self.src).to(accumulate)
         # index_add + divide is several times faster than scatter_reduce("mean") on CPU and GPU.
+        # On CUDA both add atomically, so the summation order (and the last bit) may vary run to run.
         if self.shared:
             out.index_add_(1, self.src_slot[0], src)
         else:
             out.scatter_add_(1, self.src_slot.unsqueeze(-1).expand(-1, -1, x.shape[-1]), src)
-        return out.div_(self.group_size)
+        return out.div_(self.group_size).to(x.dtype)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """(B, N - r, C) -> (B, N, C): every member of a group receives the group's value."""
@@ -182,12 +185,20 @@ def _destination_positions(
     else:
         # (cells..., 1) mirrors ToMe for SD's draw so T = 1 reproduces its destinations.
         offset = torch.randint(st * sy * sx, size=(*cells, 1), generator=generator, device=generator.device)
-        offset = offset.to(device).squeeze(-1)
+        offset = _to_device(offset, device).squeeze(-1)
     ot, oy, ox = offset // (sy * sx), offset // sx % sy, offset % sx
     ct = torch.arange(cells[0], device=device).view(-1, 1, 1) * st + ot
     cy = torch.arange(cells[1], device=device).view(1, -1, 1) * sy + oy
     cx = torch.arange(cells[2], device=device).view(1, 1, -1) * sx + ox
     return ((ct * h + cy) * w + cx).flatten()
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU tensor to ``device`` without making the host wait for the GPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _complement(num_tokens: int, taken: torch.Tensor) -> torch.Tensor:
@@ -410,7 +421,7 @@ def attnbin_matching(
             offset = torch.zeros(num_bins, dtype=torch.int64, device=metric.device)
         else:
             offset = torch.randint(bin_size, (num_bins,), generator=generator, device=generator.device)
-            offset = offset.to(metric.device)
+            offset = _to_device(offset, metric.device)
         slots = torch.arange(num_bins, device=metric.device) * bin_size + offset
         dst = by_norm[:, slots]
         src = _complement(num_tokens, dst)

@@ -6,9 +6,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import find_adapter
+from .adapters import find_adapter, unwrap
 from .config import ToMeConfig
-from .hooks import BlockMatcher, DenoiserHook, MergeSiteHook, SiteStats, is_registered, register, unregister
+from .hooks import (
+    BlockMatcher,
+    DenoiserHook,
+    MergeSiteHook,
+    SiteStats,
+    invalidate_registry_caches,
+    is_registered,
+    register,
+    unregister,
+)
 
 # Pipeline attributes that hold denoisers (Wan 2.2 A14B has two experts).
 DENOISER_ATTRIBUTES = ("transformer", "transformer_2", "unet")
@@ -71,7 +80,7 @@ class ToMeHandle:
     def reset(self) -> None:
         """Forget step counts, cached matchings and stats (the next call starts a new run)."""
         for p in self.patched:
-            p.denoiser.reset_state(p.model)
+            p.denoiser.reset_state()
             for matcher in p.matchers:
                 matcher.clear()
             for site in p.sites:
@@ -91,16 +100,16 @@ class ToMeHandle:
 
 
 def denoisers_of(pipe_or_model) -> list[torch.nn.Module]:
-    """The denoiser modules of a pipeline (or the module itself)."""
+    """The denoiser modules of a pipeline (or the module itself), unwrapped from ``torch.compile``."""
     if isinstance(pipe_or_model, torch.nn.Module):
-        return [pipe_or_model]
+        return [unwrap(pipe_or_model)]
     found = [getattr(pipe_or_model, name, None) for name in DENOISER_ATTRIBUTES]
     found = [module for module in found if isinstance(module, torch.nn.Module)]
     if not found:
         raise TypeError(
             f"vdtome: {type(pipe_or_model).__name__} has no denoiser ({', '.join(DENOISER_ATTRIBUTES)}) to patch"
         )
-    return found
+    return [unwrap(module) for module in found]
 
 
 def apply_tome(pipe_or_model, config: ToMeConfig | None = None) -> ToMeHandle:
@@ -108,6 +117,10 @@ def apply_tome(pipe_or_model, config: ToMeConfig | None = None) -> ToMeHandle:
 
     Raises ``TypeError`` for an unsupported model (naming the supported ones) and ``ValueError``
     when the config cannot work on this model; nothing is patched in either case.
+
+    Works with ``torch.compile`` (matching stays eager), model CPU offloading and diffusers' cache
+    hooks. Made for inference: with gradient checkpointing, run backward after every forward, as
+    the recomputation reuses the matching of the latest call.
     """
     config = config or ToMeConfig()
     models = denoisers_of(pipe_or_model)
@@ -146,7 +159,8 @@ def apply_tome(pipe_or_model, config: ToMeConfig | None = None) -> ToMeHandle:
                 stats = SiteStats(block=index, target=site.target, module=site.module)
                 register(block.get_submodule(site.module), MergeSiteHook(site, matcher, stats))
                 patched.sites.append(stats)
-        register(model, denoiser)
+        denoiser.attach(model)
+        invalidate_registry_caches(model)
         handle.patched.append(patched)
     handle.unavailable_targets = frozenset(config.targets - available)
     if not any(p.sites for p in handle.patched):

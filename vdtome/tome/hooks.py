@@ -1,12 +1,12 @@
 """Reversible hooks that run chosen sub-layers of a video transformer on merged tokens.
 
-Three pieces, all registered through diffusers' ``HookRegistry`` so that removing them restores
-the original ``forward`` of every module:
+Three pieces, all reversible: removing them restores the original ``forward`` of every module:
 
-* a :class:`DenoiserHook` on the transformer (or UNet) reads the token grid from the latent of
-  each call, tracks denoising steps and the pipeline's cache context ("cond" / "uncond");
+* a :class:`DenoiserHook` (a torch forward pre-hook) on the transformer (or UNet) reads the
+  token grid from the latent of each call and tracks denoising steps and the calls in a step
+  ("cond" / "uncond");
 * a :class:`BlockMatcher` per patched block computes (or reuses) one matching per call;
-* a :class:`MergeSiteHook` on each patched sub-layer merges its video tokens (and gathers the
+* a :class:`MergeSiteHook` (a diffusers ``ModelHook``) on each patched sub-layer merges its video tokens (and gathers the
   rotary tables / masks that go with them), runs the sub-layer, and unmerges its output.
 
 Matching, merging and unmerging run under ``torch.profiler.record_function`` ranges named
@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import StateManager
 from torch.profiler import record_function
 
 from ..merge import Grid, Merge, attnbin_matching, bipartite_soft_matching_3d, merge_count
@@ -64,69 +63,69 @@ class SiteStats:
     total_out: int = 0
 
 
-class _LenientStateManager(StateManager):
-    """Receives diffusers' cache context like the built-in cache hooks, but works without one."""
-
-    def __init__(self) -> None:
-        super().__init__(_NoState)
-
-    @property
-    def context_name(self) -> str:
-        return "default" if self._context is None else self._context.name
-
-
-class _NoState:
-    def reset(self) -> None:
-        pass
-
-
 @dataclass
 class DenoiserState:
-    """What one denoiser call tells the blocks: grid, step, call and context."""
+    """What one denoiser call tells the blocks: grid, step and position of the call in its step."""
 
     grid: Grid | None = None
     latent_size: Grid | None = None
-    call_index: int = -1
+    call_index: int = -1  # calls since the run began
     step: int = -1
+    call_in_step: int = -1  # 0 for a step's first call (e.g. cond), 1 for the next (uncond), ...
     run: int = 0
+    first_timestep: float | None = None
     last_timestep: float | None = None
-    context: str = "default"
+    direction: int = 0  # +1 / -1 once the timesteps have moved (Mochi's rise, the others fall)
 
 
-class DenoiserHook(ModelHook):
-    """Reads the grid and the denoising step at every call of the transformer / UNet."""
+class DenoiserHook:
+    """Reads the grid and the denoising step at every call of the transformer / UNet.
 
-    _is_stateful = True
+    A plain torch forward pre-hook rather than a diffusers ``ModelHook``: accelerate's model
+    offloading re-installs ``module.forward`` after every pipeline call, which would silently drop
+    a hook that replaces ``forward``, but it leaves ``_forward_pre_hooks`` alone.
+    """
 
     def __init__(self, read_grid: Callable[[torch.nn.Module, dict], tuple[Grid, Grid]], track_steps: bool) -> None:
-        super().__init__()
         self.state = DenoiserState()
-        self.context = _LenientStateManager()
         self._read_grid = read_grid
         self._track_steps = track_steps
         self._signature: inspect.Signature | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
 
-    def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
+    def attach(self, module: torch.nn.Module) -> None:
         self._signature = inspect.signature(type(module).forward)
-        return module
+        self._handle = module.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
 
-    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    @torch.compiler.disable
+    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         call = self._signature.bind(module, *args, **kwargs)
         call.apply_defaults()
         grid, latent_size = self._read_grid(module, call.arguments)
         if self._track_steps:
             self._advance_step(call.arguments.get("timestep"))  # may start a new run (fresh state)
+        else:
+            self.state.call_in_step = 0
         state = self.state
         state.grid, state.latent_size = grid, latent_size
         state.call_index += 1
-        state.context = self.context.context_name
-        return args, kwargs
 
     def _advance_step(self, timestep: Any) -> None:
-        """A new timestep is a new step; a larger one than the last starts a new run.
+        """A new timestep value is a new step; a turn back (to the run's first value, or against
+        the direction the timesteps have been moving) starts a new run.
 
-        Reading the value syncs once per call on CUDA; pipelines that call the model twice per
-        step (cond, then uncond) thus still count one step.
+        Pipelines that call the model twice per step (cond, then uncond) thus count one step, and
+        Mochi's rising timesteps work like everyone else's falling ones. Reading the value waits
+        for the device once per call: a few microseconds against a video transformer's forward.
         """
         if timestep is None:
             value = None
@@ -134,17 +133,25 @@ class DenoiserHook(ModelHook):
             value = float(timestep.detach().max())
         else:
             value = float(timestep)
-        if value is not None and self.state.last_timestep is not None and value > self.state.last_timestep:
-            self.reset_state(None)
         state = self.state
-        if value is None or state.last_timestep is None or value < state.last_timestep:
+        if value is not None and state.last_timestep is not None and value != state.last_timestep:
+            direction = 1 if value > state.last_timestep else -1
+            if value == state.first_timestep or (state.direction and direction != state.direction):
+                self.reset_state()
+                state = self.state
+            else:
+                state.direction = direction
+        if value is None or state.last_timestep is None or value != state.last_timestep:
             state.step += 1
+            state.call_in_step = 0
+            if state.first_timestep is None:
+                state.first_timestep = value
+        else:
+            state.call_in_step += 1
         state.last_timestep = value
 
-    def reset_state(self, module: torch.nn.Module | None):
-        run = self.state.run + 1
-        self.state = DenoiserState(run=run)
-        return module
+    def reset_state(self) -> None:
+        self.state = DenoiserState(run=self.state.run + 1)
 
 
 @dataclass
@@ -176,7 +183,7 @@ class BlockMatcher:
 
     def matching(self, video: torch.Tensor, grid: Grid) -> Merge:
         state = self.denoiser.state
-        key = (state.context, video.shape[0], grid, video.device)
+        key = (state.call_in_step, video.shape[0], grid, video.device)
         cached = self._cache.get(key)
         if cached is not None and cached.run == state.run:
             same_call = cached.call_index == state.call_index
@@ -254,7 +261,7 @@ class MergeSiteHook(ModelHook):
                 f"{grid} has {num_video}; the model's token layout does not match its adapter"
             )
         with record_function("vdtome.match"):
-            merge = self.matcher.matching(tokens[:, prefix:], grid)
+            merge = _matching_eager(self.matcher, tokens[:, prefix:], grid)
         self._record(num_video, merge.num_kept)
         if merge.num_merged == 0:
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -278,6 +285,12 @@ class MergeSiteHook(ModelHook):
         stats.tokens_in, stats.tokens_out = tokens_in, tokens_out
         stats.total_in += tokens_in
         stats.total_out += tokens_out
+
+
+@torch.compiler.disable
+def _matching_eager(matcher: BlockMatcher, video: torch.Tensor, grid: Grid) -> Merge:
+    """Matching keeps Python state (caches, step counts): never trace it into a compiled graph."""
+    return matcher.matching(video, grid)
 
 
 def _merge_after(tokens: torch.Tensor, prefix: int, merge: Merge) -> torch.Tensor:
@@ -369,13 +382,34 @@ def register(module: torch.nn.Module, hook: ModelHook) -> None:
     HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
 
 
-def is_registered(module: torch.nn.Module) -> bool:
-    registry = getattr(module, "_diffusers_hook", None)
-    return registry is not None and registry.get_hook(HOOK_NAME) is not None
+def denoiser_hooks(model: torch.nn.Module) -> list[DenoiserHook]:
+    return [
+        hook.__self__
+        for hook in model._forward_pre_hooks.values()
+        if isinstance(getattr(hook, "__self__", None), DenoiserHook)
+    ]
 
 
-def unregister(module: torch.nn.Module) -> None:
-    registry = getattr(module, "_diffusers_hook", None)
+def _site_registries(model: torch.nn.Module) -> list[HookRegistry]:
+    registries = (getattr(module, "_diffusers_hook", None) for module in model.modules())
+    return [r for r in registries if r is not None and r.get_hook(HOOK_NAME) is not None]
+
+
+def is_registered(model: torch.nn.Module) -> bool:
+    return bool(denoiser_hooks(model) or _site_registries(model))
+
+
+def unregister(model: torch.nn.Module) -> None:
+    """Remove every vdtome hook under ``model``; other hooks (caches, offloading) stay."""
+    for registry in _site_registries(model):
+        registry.remove_hook(HOOK_NAME, recurse=False)
+    for hook in denoiser_hooks(model):
+        hook.detach()
+    invalidate_registry_caches(model)
+
+
+def invalidate_registry_caches(model: torch.nn.Module) -> None:
+    """Diffusers caches which sub-modules carry hooks; adding or removing ours stales that list."""
+    registry = getattr(model, "_diffusers_hook", None)
     if registry is not None:
-        registry.remove_hook(HOOK_NAME, recurse=True)
         registry.invalidate_child_registries_cache()

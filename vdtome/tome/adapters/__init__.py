@@ -19,7 +19,13 @@ ADAPTERS: tuple[Adapter, ...] = (
 SUPPORTED_MODELS: tuple[str, ...] = tuple(name for adapter in ADAPTERS for name in adapter.model_classes)
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module ``torch.compile`` wrapped, or the module itself."""
+    return getattr(model, "_orig_mod", model)
+
+
 def find_adapter(model: torch.nn.Module) -> Adapter:
+    model = unwrap(model)
     for adapter in ADAPTERS:
         if adapter.handles(model):
             return adapter
@@ -28,4 +34,4 @@ def find_adapter(model: torch.nn.Module) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "SUPPORTED_MODELS", "find_adapter"]
+__all__ = ["ADAPTERS", "Adapter", "SUPPORTED_MODELS", "find_adapter", "unwrap"]

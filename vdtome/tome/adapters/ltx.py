@@ -18,6 +18,13 @@ SITES = (
 
 
 def _grid(model, call):
+    if call.get("video_coords") is not None:
+        # Callers that pass explicit token coordinates (e.g. long multi-prompt image-to-video) give a
+        # dummy grid; merging by it would silently touch only the last tokens.
+        raise ValueError(
+            "vdtome: LTX-Video token merging reads the latent grid from num_frames / height / width; calls that "
+            "pass video_coords (explicit token coordinates) are not supported"
+        )
     sizes = (call.get("num_frames"), call.get("height"), call.get("width"))
     if any(size is None for size in sizes):
         raise ValueError(
