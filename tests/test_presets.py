@@ -1,0 +1,240 @@
+"""vdtome.presets: model presets and prompt sets from presets/ (no network, nothing downloaded)."""
+
+from __future__ import annotations
+
+import json
+
+import diffusers
+import pytest
+
+from vdtome import tiny
+from vdtome.presets import (
+    PRESETS_DIR,
+    Constraints,
+    ModelPreset,
+    PresetError,
+    UnknownPresetError,
+    get_preset,
+    load_presets,
+    load_prompts,
+    prompt_sets,
+)
+
+EXPECTED = {
+    "tiny-wan",
+    "tiny-cogvideox",
+    "tiny-ltx",
+    "cogvideox-2b",
+    "cogvideox-5b",
+    "wan2.1-t2v-1.3b",
+    "ltx-video",
+    "hunyuanvideo",
+    "animatediff",
+}
+HUB_IDS = {
+    "cogvideox-2b": "THUDM/CogVideoX-2b",
+    "cogvideox-5b": "THUDM/CogVideoX-5b",
+    "wan2.1-t2v-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    "ltx-video": "Lightricks/LTX-Video",
+    "hunyuanvideo": "hunyuanvideo-community/HunyuanVideo",
+}
+
+
+@pytest.fixture(scope="module")
+def presets():
+    return load_presets()
+
+
+def test_all_presets_load(presets):
+    assert EXPECTED <= set(presets)
+    for name, preset in presets.items():
+        assert isinstance(preset, ModelPreset) and preset.name == name
+        assert preset.label and preset.hardware
+        assert preset.dtype in {"float32", "float16", "bfloat16"}
+        assert not preset.constraints.check(preset.num_frames, preset.height, preset.width), name
+        json.dumps(preset.to_dict())
+
+
+def test_pipeline_classes_exist_in_diffusers(presets):
+    for preset in presets.values():
+        assert isinstance(getattr(diffusers, preset.pipeline_class), type), preset.pipeline_class
+
+
+def test_tiny_presets_name_real_builders(presets):
+    tiny_presets = [p for p in presets.values() if p.is_builtin]
+    assert {"tiny-wan", "tiny-cogvideox", "tiny-ltx"} <= {p.name for p in tiny_presets}
+    for preset in tiny_presets:
+        assert callable(getattr(tiny, preset.builtin)), preset.builtin
+        assert preset.builtin in tiny.__all__
+        assert preset.hub_id is None and not preset.requires_gpu
+        assert "random weights, built in code" in preset.label
+
+
+def test_tiny_preset_builds_the_declared_pipeline_class(presets):
+    preset = presets["tiny-cogvideox-rotary"]
+    pipe = preset.build_tiny()
+    assert type(pipe).__name__ == preset.pipeline_class
+    assert pipe.transformer.config.use_rotary_positional_embeddings
+    with pytest.raises(ValueError, match="hub"):
+        presets["cogvideox-2b"].build_tiny()
+
+
+def test_hub_presets(presets):
+    hub = [p for p in presets.values() if not p.is_builtin]
+    for preset in hub:
+        assert preset.hub_id and "/" in preset.hub_id and preset.builtin is None
+        assert preset.requires_gpu
+        assert "GB" in preset.hardware
+    for name, hub_id in HUB_IDS.items():
+        assert presets[name].hub_id == hub_id
+    animatediff = presets["animatediff"]
+    assert animatediff.motion_adapter == "guoyww/animatediff-motion-adapter-v1-5-2"
+    assert animatediff.hub_id == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert animatediff.source["motion_adapter"] == animatediff.motion_adapter
+
+
+def test_model_specific_facts(presets):
+    assert presets["cogvideox-2b"].dtype == "float16"
+    assert presets["cogvideox-5b"].dtype == "bfloat16"
+    assert presets["animatediff"].dtype == "float16"
+    for name in ("wan2.1-t2v-1.3b", "hunyuanvideo", "ltx-video"):
+        assert presets[name].dtype == "bfloat16"
+    rules = {name: presets[name].constraints.frames_rule for name in presets}
+    assert rules["wan2.1-t2v-1.3b"] == rules["hunyuanvideo"] == rules["tiny-wan"] == "4k+1"
+    assert rules["cogvideox-2b"] == rules["ltx-video"] == rules["tiny-cogvideox"] == "8k+1"
+    assert presets["cogvideox-2b"].num_frames == 49
+    assert (presets["cogvideox-2b"].height, presets["cogvideox-2b"].width) == (480, 720)
+    assert presets["ltx-video"].constraints.side_multiple == 32
+    assert presets["animatediff"].constraints.side_multiple == 8
+    assert presets["tiny-cogvideox"].extras["max_sequence_length"] == 226
+
+
+def test_tiny_defaults_match_tiny_constraints(presets):
+    families = {"tiny-wan": "wan", "tiny-cogvideox": "cogvideox", "tiny-ltx": "ltx", "tiny-animatediff": "animatediff"}
+    for name, family in families.items():
+        preset, spec = presets[name], tiny.TINY_CONSTRAINTS[family]
+        call = spec["call"]
+        assert (preset.num_frames, preset.height, preset.width) == (call["num_frames"], call["height"], call["width"])
+        assert preset.constraints.side_multiple == spec["side_multiple"]
+
+
+def test_snap_wan(presets):
+    wan = presets["wan2.1-t2v-1.3b"].constraints
+    frames, height, width, notes = wan.snap(18, 480, 832)
+    assert (frames, height, width) == (17, 480, 832)
+    assert notes == ["frames 18 -> 17 (frames must be 4k+1)"]
+
+    tiny_wan = presets["tiny-wan"].constraints
+    frames, height, width, notes = tiny_wan.snap(18, 70, 64)
+    assert (frames, height, width) == (17, 64, 64)
+    assert len(notes) == 2 and "multiple of 16" in notes[1] and notes[1].startswith("height 70 -> 64")
+
+    assert tiny_wan.snap(9, 64, 64) == (9, 64, 64, [])
+    assert wan.snap(200, 4000, 16)[:3] == (81, 832, 256)  # clamped into [min, max]
+    assert wan.snap(19, 480, 480)[0] == 17  # tie between 17 and 21 goes to the smaller
+
+
+def test_snap_results_are_valid_for_every_preset(presets):
+    for preset in presets.values():
+        c = preset.constraints
+        for frames in (1, 2, 18, 50, 97, 1000):
+            for side in (1, 70, 333, 5000):
+                f, h, w, _ = c.snap(frames, side, side)
+                assert c.check(f, h, w) == [], (preset.name, frames, side)
+
+
+def test_check_messages_name_the_rule(presets):
+    wan = presets["wan2.1-t2v-1.3b"].constraints
+    assert wan.check(17, 480, 832) == []
+    problems = wan.check(18, 470, 832)
+    assert "frames must be 4k+1 (got 18; nearest valid 17)" in problems
+    assert "height must be a multiple of 16 (got 470; nearest valid 464)" in problems
+    assert any("at most 81" in p for p in wan.check(85, 480, 832))
+    assert any("width must be at least 256" in p for p in wan.check(17, 480, 128))
+
+
+def test_constraints_any_frames():
+    c = Constraints(frames_multiple=1, frames_offset=0, min_frames=8, max_frames=32, side_multiple=8, min_side=256, max_side=768)
+    assert c.frames_rule == "any"
+    assert c.snap(5, 512, 515)[:3] == (8, 512, 512)
+    assert c.describe() == "frames any in [8, 32]; sides multiple of 8 in [256, 768]"
+
+
+def test_unknown_preset_lists_names(presets):
+    with pytest.raises(ValueError) as info:
+        get_preset("no-such-model", presets)
+    message = str(info.value)
+    assert "no-such-model" in message and "tiny-wan" in message and "cogvideox-2b" in message
+    with pytest.raises(KeyError):
+        get_preset("no-such-model")
+    assert isinstance(info.value, UnknownPresetError)
+    assert get_preset("tiny-wan").name == "tiny-wan"
+
+
+def test_prompts():
+    prompts = load_prompts()
+    assert len(prompts) >= 30
+    assert len(set(prompts)) == len(prompts)
+    for prompt in prompts:
+        assert prompt and not prompt.startswith("#")
+        assert 10 <= len(prompt.split()) <= 30, prompt
+    assert "default" in prompt_sets()
+    with pytest.raises(ValueError, match="default"):
+        load_prompts("no-such-set")
+    with pytest.raises(ValueError):
+        load_prompts("../models")
+
+
+def test_prompt_file_skips_comments_and_blanks(tmp_path):
+    (tmp_path / "mini.txt").write_text("# header\n\n  first prompt  \n#second\nthird prompt\n", encoding="utf-8")
+    assert load_prompts("mini", tmp_path) == ["first prompt", "third prompt"]
+
+
+def _write(tmp_path, presets):
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"presets": presets}), encoding="utf-8")
+    return path
+
+
+def _valid_entry():
+    raw = json.loads((PRESETS_DIR / "models.json").read_text(encoding="utf-8"))
+    return next(p for p in raw["presets"] if p["name"] == "tiny-wan")
+
+
+def test_validation_errors_name_file_and_field(tmp_path):
+    entry = _valid_entry()
+    assert "tiny-wan" in load_presets(_write(tmp_path, [entry]))
+
+    bad = json.loads(json.dumps(entry))
+    bad["constraints"]["side_multiple"] = "16"
+    with pytest.raises(PresetError) as info:
+        load_presets(_write(tmp_path, [bad]))
+    assert "models.json" in str(info.value) and "constraints.side_multiple" in str(info.value)
+    assert "(tiny-wan)" in str(info.value)
+
+    bad = json.loads(json.dumps(entry))
+    del bad["label"]
+    with pytest.raises(PresetError, match=r"presets\[0\] \(tiny-wan\)\.label: missing required field"):
+        load_presets(_write(tmp_path, [bad]))
+
+    bad = json.loads(json.dumps(entry))
+    bad["defaults"]["num_frames"] = 10
+    with pytest.raises(PresetError, match=r"defaults.*frames must be 4k\+1"):
+        load_presets(_write(tmp_path, [bad]))
+
+    bad = json.loads(json.dumps(entry))
+    bad["source"] = {"builtin": "tiny_wan_pipeline", "hub_id": "a/b"}
+    with pytest.raises(PresetError, match="exactly one of"):
+        load_presets(_write(tmp_path, [bad]))
+
+    bad = json.loads(json.dumps(entry))
+    bad["dtype"] = "float8"
+    with pytest.raises(PresetError, match="dtype"):
+        load_presets(_write(tmp_path, [bad]))
+
+    with pytest.raises(PresetError, match="duplicate"):
+        load_presets(_write(tmp_path, [entry, entry]))
+
+    (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(PresetError, match="broken.json: invalid JSON"):
+        load_presets(tmp_path / "broken.json")
