@@ -162,11 +162,17 @@ def _scoring_metric(metric: torch.Tensor, per_sample: bool) -> torch.Tensor:
     Folding makes one dot product the sum of the per-sample cosines, so a shared matching ranks
     pairs by their mean similarity over the batch (e.g. cond and uncond) at per-sample cost.
     """
-    metric = _normalise(metric)
     if per_sample or metric.shape[0] == 1:
-        return metric
+        return _normalise(metric)
     batch, tokens, channels = metric.shape
-    return metric.transpose(0, 1).reshape(1, tokens, batch * channels)
+    norm = metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+    folded = metric.new_empty(tokens, batch, channels)  # normalise straight into the folded copy
+    torch.div(metric.transpose(0, 1), norm.transpose(0, 1), out=folded)
+    return folded.view(1, tokens, batch * channels)
+
+
+def _inverse_norm(metric: torch.Tensor) -> torch.Tensor:
+    return metric.norm(dim=-1).clamp_min(torch.finfo(metric.dtype).tiny).reciprocal()
 
 
 def _destination_positions(
@@ -285,6 +291,7 @@ def _group_by(group: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 def _best_destination_windowed(
     score_metric: torch.Tensor,
+    inverse_norm: torch.Tensor | None,
     dst_by_cell: torch.Tensor,
     grid: Grid,
     stride: tuple[int, int, int],
@@ -315,7 +322,12 @@ def _best_destination_windowed(
         count = tok.shape[0]
         tok_metric = token_buffer[: rows * count * t_max * channels].view(rows, count * t_max, channels)
         torch.index_select(score_metric, 1, tok.flatten(), out=tok_metric)
-        dst_metric = score_metric.index_select(1, dst_by_cell[cel.flatten()]).view(rows, count, c_max, channels)
+        dst_positions = dst_by_cell[cel.flatten()]
+        dst_metric = score_metric.index_select(1, dst_positions)
+        if inverse_norm is not None:  # cosine from raw tokens: scale the gathered copies
+            tok_metric.mul_(inverse_norm.index_select(1, tok.flatten()).unsqueeze(-1))
+            dst_metric.mul_(inverse_norm.index_select(1, dst_positions).unsqueeze(-1))
+        dst_metric = dst_metric.view(rows, count, c_max, channels)
         scores = score_buffer[: rows * count * t_max * c_max].view(rows, count, t_max, c_max)
         torch.matmul(tok_metric.view(rows, count, t_max, channels), dst_metric.transpose(-1, -2), out=scores)
         if cell_padding is not None:
@@ -378,14 +390,21 @@ def bipartite_soft_matching_3d(
     if r <= 0:
         return Merge(num_tokens)
     with torch.no_grad():
-        score_metric = _scoring_metric(metric, per_sample)
         budget = max(max_score_elements, metric.numel())
         dst = dst_by_cell.unsqueeze(0)
         src = _complement(num_tokens, dst)
         if window is None:
-            best, best_dst = _best_destination_global(score_metric, src, dst, budget)
+            best, best_dst = _best_destination_global(_scoring_metric(metric, per_sample), src, dst, budget)
         else:
-            best, best_dst = _best_destination_windowed(score_metric, dst_by_cell, grid, stride, window, budget)
+            if per_sample or batch == 1:
+                # The windowed path gathers copies of the tokens anyway: normalise those copies
+                # instead of allocating a normalised metric (fresh large CPU blocks page-fault).
+                score_metric, inverse_norm = metric, _inverse_norm(metric)
+            else:
+                score_metric, inverse_norm = _scoring_metric(metric, per_sample), None
+            best, best_dst = _best_destination_windowed(
+                score_metric, inverse_norm, dst_by_cell, grid, stride, window, budget
+            )
             at_src = src.expand(best.shape[0], -1)
             best, best_dst = best.gather(1, at_src), best_dst.gather(1, at_src)
         return _assemble(num_tokens, src, dst, best, best_dst, r)
