@@ -1,152 +1,379 @@
-"""vdtome demo: baseline vs token-merged video generation on the built-in tiny Wan model.
+"""vdtome web app: the same prompt and seed through the baseline and the accelerated pipeline.
 
-A first, minimal UI: one tiny random-weight Wan 2.1 pipeline (built in code, runs offline on a
-CPU), the same prompt and seed run without and with ToMe, both videos side by side with their
-latency, the effective merge ratio and the PSNR of the accelerated video against the baseline.
+Widgets only: requests are checked and run by :mod:`vdtome.compare` (through the helpers in
+:mod:`vdtome.ui`). Runs offline on the built-in tiny models; on a GPU (or a ZeroGPU Space) the
+real presets load from the Hugging Face cache or hub.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # never phone home
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # the app never phones home
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import math
-import shutil
-import tempfile
+# ZeroGPU: `spaces` must be imported before anything touches CUDA (torch included).
+try:
+    import spaces
+except ImportError:
+    spaces = None
+
+import dataclasses
 import threading
-import time
-from pathlib import Path
 
 import gradio as gr
-import numpy as np
+import pandas as pd
 import torch
-from diffusers.utils import export_to_video
 
-from vdtome.tiny import tiny_wan_pipeline
-from vdtome.tome import ToMeConfig, apply_tome
+from vdtome.compare import Cancelled, ComparisonEngine, ComparisonRequest, RequestError
+from vdtome.metrics import PSNR_CAP_DB
+from vdtome.pipelines import ALLOW_CUSTOM_MODEL_ENV, ModelUnavailableError, custom_models_allowed
+from vdtome.presets import get_preset, load_presets, load_prompts
+from vdtome.report import COLUMNS
+from vdtome.ui import (
+    BLOCK_CHOICES,
+    HISTORY_COLUMNS,
+    MAX_REUSE_STEPS,
+    MAX_STRIDE,
+    RATIO_STEP,
+    TARGETS,
+    ComparisonView,
+    comparison_view,
+    estimate_gpu_seconds,
+    parse_ratios,
+    preset_choice_label,
+    preset_info,
+    stride_ratio_cap,
+    tome_config,
+)
 
-MAX_PROMPT_CHARS = 400
-FRAMES, HEIGHT, WIDTH, FPS = 17, 64, 64, 8
-OUTPUT_ROOT = Path(tempfile.gettempdir()) / "vdtome-outputs"
-KEEP_RUNS = 16
+DEFAULT_PRESET = os.environ.get("VDTOME_DEFAULT_PRESET", "tiny-wan")
+DEFAULT_PROMPT = "A red fox trots across a snowy meadow at dawn, the camera tracking sideways."
+QUEUE_SIZE = int(os.environ.get("VDTOME_QUEUE_SIZE", "16"))
+KEEP_OUTPUTS = 24  # comparison folders kept on disk (a sweep writes up to 8)
+GPU_QUEUE = "gpu"  # every generation event shares one queue: two runs on one GPU would time each other
 
-_pipe = None
-_pipe_lock = threading.Lock()
+PRESETS = load_presets()
+PROMPTS = load_prompts()
+HAS_GPU = torch.cuda.is_available() if spaces is None else True  # ZeroGPU attaches a GPU per call
 
-
-def pipeline():
-    """The tiny pipeline, built once and warmed up (first calls pay one-off costs)."""
-    global _pipe
-    with _pipe_lock:
-        if _pipe is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            pipe = tiny_wan_pipeline().to(device)
-            _generate(pipe, "warm up", 0, 2)
-            _pipe = pipe
-    return _pipe
-
-
-def _generate(pipe, prompt: str, seed: int, steps: int) -> np.ndarray:
-    return pipe(
-        prompt=prompt,
-        negative_prompt="",
-        num_frames=FRAMES,
-        height=HEIGHT,
-        width=WIDTH,
-        num_inference_steps=steps,
-        guidance_scale=5.0,
-        generator=torch.Generator().manual_seed(seed),
-        output_type="np",
-    ).frames[0]
+_engine: ComparisonEngine | None = None
+_engine_lock = threading.Lock()
+_cancel_events: dict[str, threading.Event] = {}
 
 
-def _timed(pipe, prompt: str, seed: int, steps: int) -> tuple[np.ndarray, float]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    frames = _generate(pipe, prompt, seed, steps)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return frames, time.perf_counter() - start
+def engine() -> ComparisonEngine:
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = ComparisonEngine(keep_outputs=KEEP_OUTPUTS)
+        return _engine
 
 
-def _psnr(reference: np.ndarray, other: np.ndarray) -> float:
-    mse = float(np.mean((reference.astype(np.float64) - other.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+def _cancel_event(session: str) -> threading.Event:
+    return _cancel_events.setdefault(session, threading.Event())
 
 
-def _run_dir() -> Path:
-    """A fresh output folder; only the newest KEEP_RUNS folders are kept."""
-    OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
-    runs = sorted(OUTPUT_ROOT.iterdir(), key=lambda p: p.stat().st_mtime)
-    for old in runs[: max(0, len(runs) - KEEP_RUNS + 1)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(dir=OUTPUT_ROOT))
+# ---- the GPU part (one function, so ZeroGPU can wrap it) ------------------------------------------
 
 
-def compare(prompt: str, seed: float, ratio: float, steps: float):
-    """Run baseline and ToMe on the same prompt and seed; return both videos and a summary."""
-    prompt = (prompt or "").strip()
-    if not prompt:
-        raise gr.Error("Prompt is empty: type a description of the video.")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise gr.Error(f"Prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}.")
-    if not 0.0 <= ratio < 1.0:
-        raise gr.Error(f"Merge ratio must be in [0, 1), got {ratio}.")
-    if int(steps) < 1:
-        raise gr.Error(f"Steps must be at least 1, got {steps}.")
-    pipe = pipeline()
-    seed, steps = int(seed), int(steps)
-    with _pipe_lock:
-        # Untimed warm-up in this worker thread: its first torch call pays one-off costs
-        # (e.g. starting the thread's OpenMP team) that would otherwise land on the baseline.
-        _generate(pipe, prompt, seed, 1)
-        baseline, base_s = _timed(pipe, prompt, seed, steps)
-        handle = apply_tome(pipe, ToMeConfig(ratio=ratio))
-        try:
-            merged, tome_s = _timed(pipe, prompt, seed, steps)
-            stats = handle.stats()
-        finally:
-            handle.remove()
-    folder = _run_dir()
-    base_path, tome_path = str(folder / "baseline.mp4"), str(folder / "tome.mp4")
-    export_to_video(list(baseline), base_path, fps=FPS)
-    export_to_video(list(merged), tome_path, fps=FPS)
-    psnr = _psnr(baseline, merged)
-    summary = (
-        f"| | baseline | ToMe |\n|---|---|---|\n"
-        f"| end-to-end latency | {base_s:.3f} s | {tome_s:.3f} s |\n"
-        f"| speedup | | {base_s / tome_s:.2f}x |\n"
-        f"| merge ratio (requested / effective) | | {stats.requested_ratio:.2f} / {stats.effective_ratio:.2f} |\n"
-        f"| PSNR vs baseline | | {'identical' if math.isinf(psnr) else f'{psnr:.1f} dB'} |\n\n"
-        f"Tiny random-weight Wan model on {next(pipe.transformer.parameters()).device}: the videos are noise-like "
-        "patterns and latencies are dominated by fixed costs; it shows the mechanics, not real-model speedups."
+def run_requests(requests: list[ComparisonRequest], source: str | None, session: str,
+                 progress=gr.Progress()) -> list[ComparisonView]:
+    """Run one comparison per request on the shared engine; stops early when cancelled."""
+    cancel = _cancel_event(session)
+    views: list[ComparisonView] = []
+    for index, request in enumerate(requests):
+        label = f"ratio {request.acceleration.ratio:g} ({index + 1}/{len(requests)}) " if len(requests) > 1 else ""
+
+        def report(stage: str, done: int, total: int, index=index, label=label) -> None:
+            runs_done = 2 * index + (stage == "accelerated")
+            progress((runs_done * total + done, 2 * len(requests) * total), desc=f"{label}{stage}: step {done}/{total}")
+
+        progress(0, desc=f"{label}loading {request.preset}")
+        result = engine().run(request, progress=report, cancel=cancel, source=source)
+        views.append(comparison_view(result))
+        if not result.ok:
+            break
+    return views
+
+
+def _gpu_duration(requests: list[ComparisonRequest], source: str | None, session: str, progress=None) -> int:
+    first = requests[0]
+    return estimate_gpu_seconds(get_preset(first.preset), first.steps, first.frames, first.height, first.width,
+                                runs=len(requests))
+
+
+if spaces is not None:
+    run_requests = spaces.GPU(duration=_gpu_duration)(run_requests)
+
+
+# ---- event handlers ------------------------------------------------------------------------------
+
+
+def _requests(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
+              ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
+              random_destinations, local_window, ratios=None) -> list[ComparisonRequest]:
+    """Requests from the form (one, or one per sweep ratio); raises RequestError on bad input."""
+    if preset not in PRESETS:
+        raise RequestError(f"unknown model preset {preset!r}; choose one from the list")
+    if PRESETS[preset].requires_gpu and not HAS_GPU:
+        raise RequestError(f"{PRESETS[preset].label} needs a GPU and this machine has none; pick a tiny preset")
+    stride = (stride_t, stride_y, stride_x)
+    config = tome_config(ratio, stride, strategy, blocks, targets, reuse_steps, matching,
+                         random_destinations, local_window)
+    base = ComparisonRequest(
+        preset=preset,
+        prompt=prompt or "",
+        negative_prompt=negative_prompt or "",
+        seed=_number(seed, "seed"),
+        frames=_number(frames, "frames"),
+        height=_number(height, "height"),
+        width=_number(width, "width"),
+        steps=_number(steps, "steps"),
+        guidance=guidance,
+        acceleration=config,
+        snap=False,  # the page says what is wrong instead of silently running another size
     )
-    return base_path, tome_path, summary
+    if ratios is None:
+        return [base]
+    cap = stride_ratio_cap(config.stride)
+    return [dataclasses.replace(base, acceleration=dataclasses.replace(config, ratio=r)) for r in parse_ratios(ratios, cap)]
+
+
+def _number(value, name: str):
+    if value is None or value == "":
+        raise RequestError(f"{name} is empty: enter a number")
+    return value
+
+
+def _source(custom_model: str | None) -> str | None:
+    custom_model = (custom_model or "").strip()
+    if not custom_model:
+        return None
+    if not custom_models_allowed():
+        raise RequestError(f"custom model ids are switched off; the operator can allow them with {ALLOW_CUSTOM_MODEL_ENV}=1")
+    return custom_model
+
+
+def _execute(requests: list[ComparisonRequest], custom_model: str | None, request: gr.Request, progress):
+    session = request.session_hash if request is not None else "local"
+    _cancel_event(session).clear()
+    try:
+        return run_requests(requests, _source(custom_model), session, progress=progress)
+    except (RequestError, ModelUnavailableError, ValueError, TypeError) as error:
+        raise gr.Error(str(error), title="Cannot run this comparison") from None
+    except Cancelled:
+        raise gr.Error("The comparison was cancelled.", title="Cancelled") from None
+
+
+def _history_outputs(history: list[dict]):
+    table = pd.DataFrame([entry["row"] for entry in history], columns=list(HISTORY_COLUMNS))
+    points = table[table["PSNR dB"].notna() & (table["PSNR dB"] < PSNR_CAP_DB)].copy()
+    points["settings"] = points["model"] + " · " + points["strategy"] + " · stride " + points["stride"]
+    points = points.rename(columns={"PSNR dB": "PSNR vs baseline (dB)", "speedup": "end-to-end speedup"})
+    return table, points
+
+
+def _record(history: list[dict], views: list[ComparisonView]) -> list[dict]:
+    history = list(history or [])
+    for view in views:
+        if view.entry is not None:
+            entry = dataclasses.replace(view.entry, run=len(history) + 1)
+            history.append({"row": entry.row()})
+    return history
+
+
+def _show(view: ComparisonView):
+    files = view.files
+    notes = [f"- {note}" for note in view.notes]
+    if view.error:
+        gr.Warning(view.error)
+        notes.insert(0, f"**Error:** {view.error}")
+    return (
+        files.get("side_by_side"),
+        files.get("baseline"),
+        files.get("accelerated"),
+        files.get("difference"),
+        files.get("json"),
+        pd.DataFrame(view.rows, columns=list(COLUMNS)),
+        f"<small>{view.environment}</small>",
+        "\n".join(notes),
+    )
+
+
+def compare(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
+            ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
+            random_destinations, local_window, custom_model, history,
+            request: gr.Request, progress=gr.Progress()):
+    """Baseline vs token merging on one prompt and seed: videos, metrics, updated history."""
+    try:
+        requests = _requests(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, ratio,
+                             stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
+                             random_destinations, local_window)
+    except (RequestError, ValueError) as error:
+        raise gr.Error(str(error), title="Invalid input") from None
+    views = _execute(requests, custom_model, request, progress)
+    history = _record(history, views)
+    return (*_show(views[-1]), history, *_history_outputs(history))
+
+
+def sweep(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
+          ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
+          random_destinations, local_window, custom_model, ratios, history,
+          request: gr.Request, progress=gr.Progress()):
+    """One comparison per ratio (the baseline runs once and is reused): the speedup/fidelity curve."""
+    try:
+        requests = _requests(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, ratio,
+                             stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
+                             random_destinations, local_window, ratios=ratios)
+    except (RequestError, ValueError) as error:
+        raise gr.Error(str(error), title="Invalid input") from None
+    views = _execute(requests, custom_model, request, progress)
+    history = _record(history, views)
+    return (*_show(views[-1]), history, *_history_outputs(history))
+
+
+def cancel(request: gr.Request):
+    if request is not None:
+        _cancel_event(request.session_hash).set()
+
+
+def clear_history():
+    return [], *_history_outputs([])
+
+
+def on_preset(name: str):
+    preset = PRESETS[name]
+    rules = preset.constraints
+    return (
+        preset_info(preset, HAS_GPU),
+        gr.Number(value=preset.num_frames, info=f"{rules.frames_rule}, {rules.valid_frame_range[0]}-{rules.valid_frame_range[1]}"),
+        gr.Number(value=preset.height, info=f"multiple of {rules.side_multiple}, {rules.valid_side_range[0]}-{rules.valid_side_range[1]}"),
+        gr.Number(value=preset.width, info=f"multiple of {rules.side_multiple}, {rules.valid_side_range[0]}-{rules.valid_side_range[1]}"),
+        gr.Number(value=preset.num_inference_steps),
+        gr.Number(value=preset.guidance_scale),
+    )
+
+
+def on_stride(ratio: float, stride_t: int, stride_y: int, stride_x: int):
+    try:
+        cap = stride_ratio_cap((int(stride_t), int(stride_y), int(stride_x)))
+    except (TypeError, ValueError):
+        return gr.Slider()
+    return gr.Slider(maximum=max(cap, RATIO_STEP), value=min(ratio or 0.0, cap),
+                     info=f"share of video tokens merged before each patched sub-layer; at most {cap:.2f} for this stride")
+
+
+# ---- layout --------------------------------------------------------------------------------------
+
+CSS = """
+#vdtome-title h1 { margin-bottom: 0.2em; }
+#metrics-table { font-variant-numeric: tabular-nums; }
+"""
 
 
 def build_demo() -> gr.Blocks:
-    with gr.Blocks(title="vdtome: token merging for video diffusion") as demo:
+    preset = PRESETS[DEFAULT_PRESET]
+    rules = preset.constraints
+    cap = stride_ratio_cap((1, 2, 2))
+    with gr.Blocks(title="vdtome: token merging for video diffusion", delete_cache=(900, 3600)) as demo:
         gr.Markdown(
-            "# vdtome\nToken merging (ToMe) for video diffusion transformers: the same prompt and seed, "
-            "without and with merging. Built-in tiny Wan model (random weights, runs offline)."
+            "# vdtome\nTraining-free token merging (ToMe) for video diffusion transformers. The same prompt and seed "
+            "run through the baseline and the accelerated pipeline; both videos play side by side with latency, "
+            "peak memory, merge ratio and fidelity to the baseline.",
+            elem_id="vdtome-title",
         )
+        history = gr.State([])
         with gr.Row():
-            prompt = gr.Textbox(label="Prompt", value="a red fox runs through fresh snow at dawn", scale=3)
-            seed = gr.Number(label="Seed", value=0, precision=0)
+            with gr.Column(scale=2):
+                model = gr.Dropdown(
+                    [(preset_choice_label(p, HAS_GPU), p.name) for p in PRESETS.values()],
+                    value=preset.name, label="Model preset",
+                )
+                model_info = gr.Markdown(preset_info(preset, HAS_GPU))
+                custom_model = gr.Textbox(
+                    label="Custom weights (hub id or local folder, loaded with the preset's pipeline class)",
+                    value="", visible=custom_models_allowed(), max_lines=1,
+                )
+                prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2, max_lines=6, elem_id="prompt")
+                gr.Examples([[p] for p in PROMPTS], inputs=[prompt], label="Example prompts", examples_per_page=6)
+                negative = gr.Textbox(label="Negative prompt", value="", max_lines=2)
+                with gr.Row():
+                    seed = gr.Number(label="Seed", value=0, precision=0)
+                    frames = gr.Number(label="Frames", value=preset.num_frames, precision=0,
+                                       info=f"{rules.frames_rule}, {rules.valid_frame_range[0]}-{rules.valid_frame_range[1]}")
+                    height = gr.Number(label="Height", value=preset.height, precision=0,
+                                       info=f"multiple of {rules.side_multiple}")
+                    width = gr.Number(label="Width", value=preset.width, precision=0,
+                                      info=f"multiple of {rules.side_multiple}")
+                with gr.Row():
+                    steps = gr.Number(label="Steps", value=preset.num_inference_steps, precision=0)
+                    guidance = gr.Number(label="Guidance", value=preset.guidance_scale)
+            with gr.Column(scale=1):
+                gr.Markdown("### Token merging")
+                ratio = gr.Slider(0.0, cap, value=0.5, step=RATIO_STEP, label="Merge ratio", elem_id="ratio",
+                                  info=f"share of video tokens merged before each patched sub-layer; at most {cap:.2f} for this stride")
+                with gr.Row():
+                    stride_t = gr.Slider(1, MAX_STRIDE, value=1, step=1, label="stride t")
+                    stride_y = gr.Slider(1, MAX_STRIDE, value=2, step=1, label="stride y")
+                    stride_x = gr.Slider(1, MAX_STRIDE, value=2, step=1, label="stride x")
+                strategy = gr.Radio(["bipartite", "attnbin"], value="bipartite", label="Strategy",
+                                    info="bipartite: destinations spread over space-time cells; attnbin: chosen in token-norm order")
+                blocks = gr.Radio(list(BLOCK_CHOICES), value="all blocks", label="Blocks")
+                targets = gr.CheckboxGroup(list(TARGETS), value=["self-attention"], label="Merge before",
+                                           info="text tokens are never merged")
+                reuse_steps = gr.Slider(1, MAX_REUSE_STEPS, value=1, step=1, label="Reuse a matching for k steps")
+                with gr.Accordion("More matching options", open=False):
+                    matching = gr.Radio(["shared", "per_sample"], value="shared", label="Matching across the CFG batch")
+                    random_destinations = gr.Checkbox(value=True, label="Random destination per cell (seeded)")
+                    local_window = gr.Checkbox(value=True, label="Local matching window (linear cost; off = global ToMe)")
         with gr.Row():
-            ratio = gr.Slider(0.0, 0.7, value=0.5, step=0.05, label="Merge ratio")
-            steps = gr.Slider(1, 20, value=4, step=1, label="Denoising steps")
-        run = gr.Button("Run comparison", variant="primary")
+            run = gr.Button("Run comparison", variant="primary", elem_id="run")
+            stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
+        gr.Markdown("### Result")
+        side_by_side = gr.Video(label="baseline | accelerated (one player: play, pause and seek move both)",
+                                autoplay=True, loop=True, buttons=["download"], elem_id="side-by-side", height=420)
         with gr.Row():
-            base_video = gr.Video(label="baseline", autoplay=True, loop=True)
-            tome_video = gr.Video(label="accelerated (ToMe)", autoplay=True, loop=True)
-        summary = gr.Markdown()
-        run.click(compare, [prompt, seed, ratio, steps], [base_video, tome_video, summary], concurrency_id="gpu")
-    demo.queue(default_concurrency_limit=1, max_size=16)
+            baseline_video = gr.Video(label="baseline", loop=True, buttons=["download"], elem_id="baseline-video", height=240)
+            accelerated_video = gr.Video(label="accelerated", loop=True, buttons=["download"], elem_id="accelerated-video", height=240)
+            difference_video = gr.Video(label="|difference| x4", loop=True, buttons=["download"], elem_id="difference-video", height=240)
+        metrics = gr.Dataframe(headers=list(COLUMNS), label="Metrics", interactive=False, elem_id="metrics-table",
+                               column_count=len(COLUMNS))
+        environment = gr.Markdown(elem_id="environment", label="environment")
+        notes = gr.Markdown(elem_id="notes", label="notes")
+        result_json = gr.File(label="All figures (JSON)", elem_id="result-json")
+        with gr.Tab("Session history"):
+            history_table = gr.Dataframe(headers=list(HISTORY_COLUMNS), label="Runs this session", interactive=False, elem_id="history-table",
+                                         column_count=len(HISTORY_COLUMNS))
+            history_plot = gr.ScatterPlot(
+                x="PSNR vs baseline (dB)", y="end-to-end speedup", color="settings",
+                label="Speedup against fidelity (identical ratio-0 runs are off the chart)", elem_id="history-plot",
+            )
+            with gr.Row():
+                sweep_ratios = gr.Textbox(label="Sweep ratios", value="0.1, 0.3, 0.5, 0.7", max_lines=1, scale=3,
+                                          elem_id="sweep-ratios")
+                sweep_button = gr.Button("Run sweep", scale=1, elem_id="sweep")
+                clear_button = gr.Button("Clear history", scale=1)
+
+        form = [model, prompt, negative, seed, frames, height, width, steps, guidance, ratio, stride_t, stride_y,
+                stride_x, strategy, blocks, targets, reuse_steps, matching, random_destinations, local_window,
+                custom_model]
+        shown = [side_by_side, baseline_video, accelerated_video, difference_video, result_json, metrics,
+                 environment, notes, history, history_table, history_plot]
+        run_event = run.click(compare, [*form, history], shown, api_name="compare",
+                              concurrency_id=GPU_QUEUE, concurrency_limit=1)
+        sweep_event = sweep_button.click(sweep, [*form, sweep_ratios, history], shown, api_name="sweep",
+                                         concurrency_id=GPU_QUEUE, concurrency_limit=1)
+        stop.click(cancel, None, None, cancels=[run_event, sweep_event], queue=False, api_visibility="private")
+        clear_button.click(clear_history, None, [history, history_table, history_plot], api_visibility="private")
+        model.change(on_preset, model, [model_info, frames, height, width, steps, guidance], api_visibility="private")
+        for control in (stride_t, stride_y, stride_x):
+            control.change(on_stride, [ratio, stride_t, stride_y, stride_x], ratio, api_visibility="private")
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return demo
 
 
+demo = build_demo()
+
 if __name__ == "__main__":
-    build_demo().launch()
+    demo.launch(css=CSS, theme=gr.themes.Soft(), footer_links=["api", "gradio"])

@@ -1,0 +1,90 @@
+"""The app as an API: a real server on a loopback port, called with gradio_client."""
+
+import json
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from vdtome.video_io import probe
+
+PROMPT = "A paper boat drifts down a rain-filled gutter past glowing shop windows."
+
+
+@pytest.fixture(scope="module")
+def client(app_server):
+    return Client(app_server, verbose=False)
+
+
+def rows(table):
+    return {row[0]: row[1:] for row in table["data"]}
+
+
+def test_compare_returns_playable_videos_and_metrics(client):
+    outputs = client.predict(prompt=PROMPT, seed=7, ratio=0.5, api_name="/compare")
+    side_by_side, baseline, accelerated, difference, result_json, metrics, environment, notes, history, _plot = outputs
+    for path in (baseline, accelerated, difference):
+        info = probe(path)
+        assert (info["codec"], info["pix_fmt"], info["frames"]) == ("h264", "yuv420p", 9)
+        assert (info["width"], info["height"]) == (64, 64)
+        assert info["faststart"]
+    composite = probe(side_by_side)
+    assert composite["frames"] == 9 and composite["width"] > 2 * 64  # both videos in one player
+
+    figures = rows(metrics)
+    assert figures["merge ratio (requested / effective)"][1] == "0.50 / 0.50"
+    assert figures["end-to-end latency"][0].endswith(" s") and figures["end-to-end latency"][2].endswith("speedup")
+    assert figures["PSNR vs baseline"][1].endswith("dB")
+    assert 0.0 < float(figures["SSIM vs baseline"][1]) < 1.0
+    assert "torch" in environment and "float32" in environment
+
+    result = json.loads(open(result_json).read())
+    assert result["settings"]["seed"] == 7 and result["settings"]["prompt"] == PROMPT
+    assert result["merge"]["effective_ratio"] == pytest.approx(0.5, abs=0.01)
+    assert history["data"][-1][1] == "tiny-wan"
+
+
+def test_ratio_zero_is_identical_and_the_baseline_is_reused(client):
+    client.predict(prompt=PROMPT, seed=3, ratio=0.3, api_name="/compare")
+    outputs = client.predict(prompt=PROMPT, seed=3, ratio=0.0, api_name="/compare")
+    figures = rows(outputs[5])
+    assert figures["PSNR vs baseline"][1] == "identical"
+    assert float(figures["SSIM vs baseline"][1]) == 1.0
+    assert figures["baseline from cache"][0] == "yes"  # only the ratio changed
+    assert "baseline reused" in outputs[7]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(prompt="   "), "prompt is empty"),
+        (dict(prompt="x" * 1200), "limit is 1000"),
+        (dict(frames=10), "frames must be 4k+1 (got 10; nearest valid 9)"),
+        (dict(height=70), "height must be a multiple of 16"),
+        (dict(ratio=0.9), "greater than maximum value 0.75"),  # the slider's own bound
+        (dict(ratio=0.6, stride_y=1), "merge ratio must be between 0 and 0.50 for stride (1, 1, 2)"),
+        (dict(stride_t=1, stride_y=1, stride_x=1), "nothing can merge"),
+        (dict(targets=[]), "at least one merge target"),
+        (dict(steps=0), "steps must be between 1"),
+        (dict(preset="cogvideox-2b"), "needs a GPU"),
+        (dict(custom_model="someone/some-model"), "VDTOME_ALLOW_CUSTOM_MODEL=1"),
+    ],
+)
+def test_bad_input_gets_a_message_naming_the_rule_and_the_app_keeps_serving(client, overrides, message):
+    with pytest.raises(AppError) as error:
+        client.predict(**({"prompt": PROMPT} | overrides), api_name="/compare")
+    assert message in str(error.value)
+    outputs = client.predict(prompt=PROMPT, seed=1, ratio=0.25, api_name="/compare")
+    assert rows(outputs[5])["merge ratio (requested / effective)"][1] == "0.25 / 0.25"
+
+
+def test_sweep_runs_each_ratio_once_on_one_baseline(client):
+    outputs = client.predict(prompt=PROMPT, seed=11, ratios="0.5, 0.1 0.3", api_name="/sweep")
+    history = outputs[8]["data"]
+    swept = history[-3:]
+    assert [row[2] for row in swept] == [0.1, 0.3, 0.5]  # sorted
+    assert [row[-1] for row in swept] == ["no", "yes", "yes"]  # one baseline for the whole curve
+    plot = outputs[9]
+    assert len(plot["data"]) >= 3  # every non-identical run is a point on the speedup/fidelity chart
+    with pytest.raises(AppError, match="outside"):
+        client.predict(prompt=PROMPT, ratios="0.2, 0.8", api_name="/sweep")

@@ -1,0 +1,251 @@
+"""The web app's logic that does not need Gradio: form values to configs, session history, sweeps.
+
+``app.py`` stays a thin layer of widgets over these functions, so what a user can type is checked
+here (and tested) with messages that name the rule that was broken.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .compare import ComparisonResult, RequestError
+from .metrics import PSNR_CAP_DB
+from .presets import ModelPreset
+from .report import environment_line, metric_rows
+from .tome import ToMeConfig
+
+RATIO_STEP = 0.05
+MAX_SWEEP_POINTS = 8
+MAX_REUSE_STEPS = 10
+MAX_STRIDE = 4
+
+# Labels of the merge-target checkboxes and the config field each one sets.
+TARGETS = {
+    "self-attention": "merge_self_attn",
+    "cross-attention queries": "merge_cross_attn",
+    "feed-forward": "merge_ffn",
+}
+BLOCK_CHOICES = {"all blocks": "all", "every other block": "every_other"}
+
+HISTORY_COLUMNS = (
+    "run",
+    "model",
+    "ratio",
+    "effective",
+    "stride",
+    "strategy",
+    "blocks",
+    "speedup",
+    "denoise speedup",
+    "PSNR dB",
+    "SSIM",
+    "peak mem change MiB",
+    "baseline cached",
+)
+
+
+def stride_ratio_cap(stride: tuple[int, int, int]) -> float:
+    """Largest ratio a stride allows, rounded down to the slider step: 1 - 1 / (st * sy * sx).
+
+    Only non-destination tokens can merge; one token per cell is the destination.
+    """
+    cells = math.prod(stride)
+    return math.floor((1.0 - 1.0 / cells) / RATIO_STEP + 1e-9) * RATIO_STEP
+
+
+def _whole(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise RequestError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def tome_config(
+    ratio: float,
+    stride: tuple[Any, Any, Any],
+    strategy: str = "bipartite",
+    blocks: str = "all blocks",
+    targets: list[str] | tuple[str, ...] = ("self-attention",),
+    reuse_steps: Any = 1,
+    matching: str = "shared",
+    random_destinations: bool = True,
+    local_window: bool = True,
+) -> ToMeConfig:
+    """A :class:`ToMeConfig` from the app's controls; bad values raise :class:`RequestError`."""
+    st, sy, sx = (_whole(f"stride {axis}", v, 1, MAX_STRIDE) for axis, v in zip(("t", "y", "x"), stride))
+    cap = stride_ratio_cap((st, sy, sx))
+    if cap <= 0:
+        raise RequestError(f"stride ({st}, {sy}, {sx}) makes every token a destination: nothing can merge")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+        raise RequestError(f"merge ratio must be a number, got {ratio!r}")
+    if not 0.0 <= ratio <= cap + 1e-9:
+        raise RequestError(
+            f"merge ratio must be between 0 and {cap:.2f} for stride ({st}, {sy}, {sx}) "
+            f"(one token in every {st * sy * sx} is a destination and cannot merge), got {ratio:g}"
+        )
+    if strategy not in ("bipartite", "attnbin"):
+        raise RequestError(f"strategy must be 'bipartite' or 'attnbin', got {strategy!r}")
+    if blocks not in BLOCK_CHOICES:
+        raise RequestError(f"blocks must be one of {', '.join(BLOCK_CHOICES)}, got {blocks!r}")
+    chosen = list(targets or [])
+    unknown = [t for t in chosen if t not in TARGETS]
+    if unknown:
+        raise RequestError(f"unknown merge target {unknown[0]!r}; choose from {', '.join(TARGETS)}")
+    if not chosen:
+        raise RequestError("choose at least one merge target (self-attention, cross-attention queries, feed-forward)")
+    if matching not in ("shared", "per_sample"):
+        raise RequestError(f"matching must be 'shared' or 'per_sample', got {matching!r}")
+    return ToMeConfig(
+        ratio=float(ratio),
+        stride=(st, sy, sx),
+        strategy=strategy,
+        blocks=BLOCK_CHOICES[blocks],
+        reuse_steps=_whole("matching reuse (steps)", reuse_steps, 1, MAX_REUSE_STEPS),
+        matching=matching,
+        random_destinations=bool(random_destinations),
+        match_window="auto" if local_window else None,
+        **{field: label in chosen for label, field in TARGETS.items()},
+    )
+
+
+def parse_ratios(text: str, cap: float) -> tuple[float, ...]:
+    """Sweep ratios from "0, 0.25, 0.5" (commas or spaces), sorted, without repeats."""
+    parts = [p for p in re.split(r"[,\s;]+", (text or "").strip()) if p]
+    if not parts:
+        raise RequestError("sweep ratios are empty: list ratios such as 0, 0.25, 0.5")
+    ratios = set()
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            raise RequestError(f"sweep ratio {part!r} is not a number") from None
+        if not 0.0 <= value <= cap + 1e-9:
+            raise RequestError(f"sweep ratio {value:g} is outside [0, {cap:.2f}] (the cap of the chosen stride)")
+        ratios.add(round(value, 4))
+    if len(ratios) > MAX_SWEEP_POINTS:
+        raise RequestError(f"a sweep takes at most {MAX_SWEEP_POINTS} ratios, got {len(ratios)}")
+    return tuple(sorted(ratios))
+
+
+def preset_choice_label(preset: ModelPreset, has_gpu: bool) -> str:
+    if preset.requires_gpu and not has_gpu:
+        return f"{preset.label} (unavailable: needs a GPU)"
+    return preset.label
+
+
+def preset_info(preset: ModelPreset, has_gpu: bool) -> str:
+    """Markdown shown under the model picker: hardware note and the model's input rules."""
+    lines = [f"**{preset.label}**", f"Hardware: {preset.hardware}", f"Inputs: {preset.constraints.describe()}."]
+    if preset.requires_gpu and not has_gpu:
+        lines.insert(1, "**Unavailable here: this machine has no GPU.**")
+    if not preset.is_builtin:
+        lines.append(f"Weights: `{preset.hub_id}` (loaded from the local Hugging Face cache or the hub).")
+    return "\n\n".join(lines)
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One finished comparison, as the session's history table and plot show it."""
+
+    run: int
+    model: str
+    ratio: float
+    effective: float | None
+    stride: str
+    strategy: str
+    blocks: str
+    speedup: float | None
+    denoise_speedup: float | None
+    psnr_db: float | None
+    ssim: float | None
+    memory_change_mib: float | None
+    baseline_cached: bool
+
+    def row(self) -> list[Any]:
+        def rounded(value: float | None, digits: int) -> Any:
+            return None if value is None else round(value, digits)
+
+        return [
+            self.run,
+            self.model,
+            self.ratio,
+            rounded(self.effective, 3),
+            self.stride,
+            self.strategy,
+            self.blocks,
+            rounded(self.speedup, 3),
+            rounded(self.denoise_speedup, 3),
+            rounded(self.psnr_db, 2),
+            rounded(self.ssim, 4),
+            rounded(self.memory_change_mib, 1),
+            "yes" if self.baseline_cached else "no",
+        ]
+
+
+def history_entry(result: ComparisonResult, run: int) -> HistoryEntry:
+    config = result.acceleration
+    report = result.method_report
+    fid = result.fidelity
+    # Identical videos have infinite PSNR: plot them at the cap so the point stays on the chart.
+    psnr = None if fid is None else min(fid.psnr_mean, PSNR_CAP_DB)
+    change = result.memory_change_bytes
+    return HistoryEntry(
+        run=run,
+        model=result.settings.preset,
+        ratio=float(config.get("ratio", 0.0)),
+        effective=report.get("effective_ratio"),
+        stride="x".join(str(s) for s in config.get("stride", ())),
+        strategy=str(config.get("strategy", "")),
+        blocks=str(config.get("blocks", "")),
+        speedup=result.speedup("end_to_end"),
+        denoise_speedup=result.speedup("denoising"),
+        psnr_db=psnr,
+        ssim=None if fid is None else fid.ssim_mean,
+        memory_change_mib=None if change is None else change / 2**20,
+        baseline_cached=result.baseline_reused,
+    )
+
+
+def estimate_gpu_seconds(preset: ModelPreset, steps: int | None, frames: int | None, height: int | None,
+                         width: int | None, runs: int = 1) -> int:
+    """Seconds of GPU time to ask ZeroGPU for: ``runs`` comparisons (baseline + accelerated, each
+    with a short warm-up), scaled from the preset's defaults and its ``gpu_seconds_per_step``."""
+    steps = steps or preset.num_inference_steps
+    volume = (frames or preset.num_frames) * (height or preset.height) * (width or preset.width)
+    default_volume = preset.num_frames * preset.height * preset.width
+    per_step = float(preset.extras.get("gpu_seconds_per_step", 0.5)) * max(volume / default_volume, 0.1)
+    # Attention grows with the square of the token count; be generous rather than cut a run off.
+    per_step *= max(1.0, volume / default_volume)
+    load = float(preset.extras.get("gpu_load_seconds", 30))
+    seconds = load + runs * 2.2 * (steps + 2) * per_step
+    return int(min(max(seconds, 30), 1800))
+
+
+@dataclass(frozen=True)
+class ComparisonView:
+    """What the page shows of one comparison: small and picklable (no frames), so it can cross
+    the process boundary of a ZeroGPU worker."""
+
+    files: dict[str, str]
+    rows: list[tuple[str, str, str, str]]
+    environment: str
+    notes: tuple[str, ...]
+    error: str | None
+    entry: HistoryEntry | None  # None when the comparison failed
+
+
+def comparison_view(result: ComparisonResult) -> ComparisonView:
+    return ComparisonView(
+        files=dict(result.files),
+        rows=metric_rows(result),
+        environment=environment_line(result),
+        notes=result.notes,
+        error=result.error,
+        entry=history_entry(result, run=0) if result.ok else None,
+    )
