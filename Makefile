@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CHROMIUM ?= /usr/bin/chromium
 
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install run test bench clean
+.PHONY: install browser run test bench screenshot clean
 
 install: $(STAMP)
 
@@ -17,14 +18,32 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	touch $(STAMP)
 
+# The browser test drives Debian's Chromium (never a downloaded one). Installed when missing and
+# this user can; otherwise the browser test fails and says how to install it.
+browser:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing Debian's chromium for the browser test"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+			sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "warning: $(CHROMIUM) is missing and cannot be installed here; the browser test will fail"; \
+		fi; \
+	fi
+
 run: $(STAMP)
 	$(PY) app.py
 
-test: $(STAMP)
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: $(STAMP)
 	$(PY) benchmarks/tome_speed.py
+
+# Re-make the README's screenshot with the browser test.
+screenshot: $(STAMP) browser
+	HF_HUB_OFFLINE=1 VDTOME_SCREENSHOT=assets/screenshot.png $(PY) -m pytest -q tests/test_app_browser.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -214,16 +214,19 @@ def history_entry(result: ComparisonResult, run: int) -> HistoryEntry:
 
 def estimate_gpu_seconds(preset: ModelPreset, steps: int | None, frames: int | None, height: int | None,
                          width: int | None, runs: int = 1) -> int:
-    """Seconds of GPU time to ask ZeroGPU for: ``runs`` comparisons (baseline + accelerated, each
-    with a short warm-up), scaled from the preset's defaults and its ``gpu_seconds_per_step``."""
+    """Seconds of GPU time to ask ZeroGPU for: loading plus ``runs`` comparisons (baseline and
+    accelerated, each after a 2-step warm-up), from the preset's ``gpu_seconds_per_step``.
+
+    Scaled by the video volume against the preset's defaults, quadratically above them (attention
+    grows with the square of the token count): asking for too much costs queue priority, too little
+    kills the run.
+    """
     steps = steps or preset.num_inference_steps
     volume = (frames or preset.num_frames) * (height or preset.height) * (width or preset.width)
-    default_volume = preset.num_frames * preset.height * preset.width
-    per_step = float(preset.extras.get("gpu_seconds_per_step", 0.5)) * max(volume / default_volume, 0.1)
-    # Attention grows with the square of the token count; be generous rather than cut a run off.
-    per_step *= max(1.0, volume / default_volume)
+    scale = volume / (preset.num_frames * preset.height * preset.width)
+    per_step = float(preset.extras.get("gpu_seconds_per_step", 0.5)) * (scale**2 if scale > 1 else max(scale, 0.1))
     load = float(preset.extras.get("gpu_load_seconds", 30))
-    seconds = load + runs * 2.2 * (steps + 2) * per_step
+    seconds = load + runs * 2 * (steps + 2) * per_step * 1.2
     return int(min(max(seconds, 30), 1800))
 
 
