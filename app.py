@@ -238,6 +238,11 @@ def cancel(request: gr.Request):
         _cancel_event(request.session_hash).set()
 
 
+def forget_session(request: gr.Request):
+    if request is not None:
+        _cancel_events.pop(request.session_hash, None)
+
+
 def clear_history():
     return [], *_history_outputs([])
 
@@ -311,7 +316,10 @@ def build_demo() -> gr.Blocks:
                     guidance = gr.Number(label="Guidance", value=preset.guidance_scale)
             with gr.Column(scale=1):
                 gr.Markdown("### Token merging")
-                ratio = gr.Slider(0.0, cap, value=0.5, step=RATIO_STEP, label="Merge ratio", elem_id="ratio",
+                # The widest cap here (API calls may pick any stride); the page narrows it to the
+                # chosen stride's cap on load and on every stride change.
+                ratio = gr.Slider(0.0, stride_ratio_cap((MAX_STRIDE,) * 3), value=0.5, step=RATIO_STEP,
+                                  label="Merge ratio", elem_id="ratio",
                                   info=f"share of video tokens merged before each patched sub-layer; at most {cap:.2f} for this stride")
                 with gr.Row():
                     stride_t = gr.Slider(1, MAX_STRIDE, value=1, step=1, label="stride t")
@@ -369,6 +377,8 @@ def build_demo() -> gr.Blocks:
         model.change(on_preset, model, [model_info, frames, height, width, steps, guidance], api_visibility="private")
         for control in (stride_t, stride_y, stride_x):
             control.change(on_stride, [ratio, stride_t, stride_y, stride_x], ratio, api_visibility="private")
+        demo.load(on_stride, [ratio, stride_t, stride_y, stride_x], ratio, api_visibility="private")
+        demo.unload(forget_session)
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
     return demo
 

@@ -63,6 +63,8 @@ def set_ratio(page, value: str) -> None:
 
 
 def test_compare_in_the_browser_then_bad_input_then_again(page, tmp_path):
+    # The ratio slider is capped by the stride: 1 - 1/4 for the default (1, 2, 2) cells.
+    page.wait_for_function("() => document.querySelector('#ratio input[type=range]')?.max === '0.75'")
     page.locator("#prompt textarea").fill("A heron lifts off a misty lake at sunrise, wings beating slowly.")
     set_ratio(page, "0.3")
     page.locator("#run").click()
@@ -84,6 +86,8 @@ def test_compare_in_the_browser_then_bad_input_then_again(page, tmp_path):
     error = page.get_by_text("frames must be 4k+1 (got 10; nearest valid 9)")
     error.first.wait_for(state="visible")
     assert page.evaluate(HISTORY_ROWS) == 1
+    for close in page.locator(".toast-close").all():
+        close.click()
 
     # Corrected, the next run succeeds in the same page.
     frames.fill("13")

@@ -243,12 +243,25 @@ class ComparisonView:
     entry: HistoryEntry | None  # None when the comparison failed
 
 
+# Below this many video tokens per block, attention is a small share of a forward and the cost of
+# matching can outweigh what merging saves (see benchmarks/tome_speed.py for where it pays off).
+FEW_TOKENS = 1024
+
+
 def comparison_view(result: ComparisonResult) -> ComparisonView:
+    notes = list(result.notes)
+    sites = result.method_report.get("tokens_per_block") or []
+    tokens = max((site["tokens_in"] for site in sites), default=0)
+    if 0 < tokens < FEW_TOKENS:
+        notes.append(
+            f"only {tokens} video tokens per block: attention is a small part of this model's work, so merging "
+            "can cost more than it saves; speedups show on real models at real sizes (thousands of tokens)"
+        )
     return ComparisonView(
         files=dict(result.files),
         rows=metric_rows(result),
         environment=environment_line(result),
-        notes=result.notes,
+        notes=tuple(notes),
         error=result.error,
         entry=history_entry(result, run=0) if result.ok else None,
     )
