@@ -130,7 +130,7 @@ def _requests(preset, prompt, negative_prompt, seed, frames, height, width, step
         height=_number(height, "height"),
         width=_number(width, "width"),
         steps=_number(steps, "steps"),
-        guidance=guidance,
+        guidance=_number(guidance, "guidance"),
         acceleration=config,
         snap=False,  # the page says what is wrong instead of silently running another size
     )

@@ -205,18 +205,18 @@ def resolve(request: ComparisonRequest, preset: ModelPreset) -> tuple[ResolvedSe
     negative = (request.negative_prompt or "").strip()
     if len(negative) > MAX_PROMPT_CHARS:
         raise RequestError(f"negative prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}")
-    seed = _integer("seed", request.seed, 0, 2**63 - 1)
-    steps = _integer("steps", preset.num_inference_steps if request.steps is None else request.steps, 1, MAX_STEPS)
-    warmup = _integer("warm-up steps", request.warmup_steps, 0, MAX_STEPS)
+    seed = whole_number("seed", request.seed, 0, 2**63 - 1)
+    steps = whole_number("steps", preset.num_inference_steps if request.steps is None else request.steps, 1, MAX_STEPS)
+    warmup = whole_number("warm-up steps", request.warmup_steps, 0, MAX_STEPS)
     guidance = preset.guidance_scale if request.guidance is None else request.guidance
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
         raise RequestError(f"guidance must be a finite number, got {guidance!r}")
     if not 0.0 <= guidance <= MAX_GUIDANCE:
         raise RequestError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance:g}")
     method_of(request.acceleration)  # unknown method types fail here, before any work
-    frames = _integer("frames", preset.num_frames if request.frames is None else request.frames, 1, 10_000)
-    height = _integer("height", preset.height if request.height is None else request.height, 1, 10_000)
-    width = _integer("width", preset.width if request.width is None else request.width, 1, 10_000)
+    frames = whole_number("frames", preset.num_frames if request.frames is None else request.frames, 1, 10_000)
+    height = whole_number("height", preset.height if request.height is None else request.height, 1, 10_000)
+    width = whole_number("width", preset.width if request.width is None else request.width, 1, 10_000)
     notes: list[str] = []
     problems = preset.constraints.check(frames, height, width)
     if problems:
@@ -240,7 +240,8 @@ def resolve(request: ComparisonRequest, preset: ModelPreset) -> tuple[ResolvedSe
     return settings, notes
 
 
-def _integer(name: str, value: Any, low: int, high: int) -> int:
+def whole_number(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as an int in [low, high] (integral floats accepted); else a RequestError naming it."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):

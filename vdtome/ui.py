@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .compare import ComparisonResult, RequestError
+from .compare import ComparisonResult, RequestError, whole_number
 from .metrics import PSNR_CAP_DB
 from .presets import ModelPreset
 from .report import environment_line, metric_rows
@@ -56,16 +56,6 @@ def stride_ratio_cap(stride: tuple[int, int, int]) -> float:
     return math.floor((1.0 - 1.0 / cells) / RATIO_STEP + 1e-9) * RATIO_STEP
 
 
-def _whole(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"{name} must be a whole number, got {value!r}")
-    if not low <= value <= high:
-        raise RequestError(f"{name} must be between {low} and {high}, got {value}")
-    return value
-
-
 def tome_config(
     ratio: float,
     stride: tuple[Any, Any, Any],
@@ -78,7 +68,7 @@ def tome_config(
     local_window: bool = True,
 ) -> ToMeConfig:
     """A :class:`ToMeConfig` from the app's controls; bad values raise :class:`RequestError`."""
-    st, sy, sx = (_whole(f"stride {axis}", v, 1, MAX_STRIDE) for axis, v in zip(("t", "y", "x"), stride))
+    st, sy, sx = (whole_number(f"stride {axis}", v, 1, MAX_STRIDE) for axis, v in zip(("t", "y", "x"), stride))
     cap = stride_ratio_cap((st, sy, sx))
     if cap <= 0:
         raise RequestError(f"stride ({st}, {sy}, {sx}) makes every token a destination: nothing can merge")
@@ -106,7 +96,7 @@ def tome_config(
         stride=(st, sy, sx),
         strategy=strategy,
         blocks=BLOCK_CHOICES[blocks],
-        reuse_steps=_whole("matching reuse (steps)", reuse_steps, 1, MAX_REUSE_STEPS),
+        reuse_steps=whole_number("matching reuse (steps)", reuse_steps, 1, MAX_REUSE_STEPS),
         matching=matching,
         random_destinations=bool(random_destinations),
         match_window="auto" if local_window else None,
