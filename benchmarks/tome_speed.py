@@ -15,6 +15,7 @@ FLOP model: analytic multiply-adds of every linear / conv layer and of attention
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import sys
@@ -94,25 +95,59 @@ def timed_forward(model, args, device: str) -> float:
 
 
 def median_times(model, args, config: ToMeConfig, device: str, warmup: int, repeat: int):
-    """Median seconds of the baseline and the ToMe forward, measured alternately.
+    """Median seconds of the baseline, the ToMe and the oracle forward, measured alternately.
 
-    Alternating the two (patch, run, unpatch, run) inside one loop cancels the drift of clock
-    speed and background load that separate loops would fold into the ratio.
+    Alternating the three (run, patch, run, unpatch, slice, run) inside one loop cancels the drift
+    of clock speed and background load that separate loops would fold into the ratios.
     """
-    base, tome, handle = [], [], None
+    with apply_tome(model, config) as handle, torch.inference_mode():
+        model(*args)
+        kept = handle.stats().sites[0].tokens_out
+    variants = {
+        "base": contextlib.nullcontext,
+        "tome": lambda: apply_tome(model, config),
+        "oracle": lambda: sliced_self_attention(model, kept),
+    }
+    times = {name: [] for name in variants}
     with torch.inference_mode():
         for index in range(warmup + repeat):
-            for merged in (False, True):
-                if merged:
-                    handle = apply_tome(model, config)
-                synchronize(device)
-                elapsed = timed_forward(model, args, device)
+            for name, patch in variants.items():
+                with patch():
+                    synchronize(device)
+                    elapsed = timed_forward(model, args, device)
                 if index >= warmup:
-                    (tome if merged else base).append(elapsed)
-                if merged:
-                    kept = handle.stats().sites[0].tokens_out
-                    handle.remove()
-    return statistics.median(base), statistics.median(tome), kept
+                    times[name].append(elapsed)
+    return {name: statistics.median(values) for name, values in times.items()}, kept
+
+
+@contextlib.contextmanager
+def sliced_self_attention(model, keep: int):
+    """The best any token reduction can do with these kernels: every attn1 runs on its first
+    ``keep`` video tokens (a free slice, RoPE sliced alike) and the output is padded back with one
+    copy. No matching, no gathers: the gap to ToMe is ToMe's own overhead."""
+    full = {}
+
+    def shrink(module, args, kwargs):
+        hidden, *rest = args
+        full["tokens"] = hidden.shape[1]
+        if len(rest) >= 3:
+            rest[2] = tuple(t[:, :keep] for t in rest[2])
+        else:
+            kwargs = kwargs | {"rotary_emb": tuple(t[:, :keep] for t in kwargs["rotary_emb"])}
+        return (hidden[:, :keep], *rest), kwargs
+
+    def restore(module, args, kwargs, output):
+        return torch.cat([output, output[:, : full["tokens"] - keep]], dim=1)
+
+    handles = []
+    for block in model.blocks:
+        handles.append(block.attn1.register_forward_pre_hook(shrink, with_kwargs=True))
+        handles.append(block.attn1.register_forward_hook(restore, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def model_macs(shape: Shape, batch: int, tokens: int, self_tokens: int, cross_tokens: int, ffn_tokens: int) -> float:
@@ -182,7 +217,7 @@ def main() -> None:
 
     windows = {"auto": "auto", "global": None}
     header = (f"{'tokens':>7} {'matching':>10} {'base ms':>9} {'tome ms':>9} {'speedup':>8} {'ideal':>6} "
-              f"{'effic.':>7} {'overhead':>9}  (match / merge / unmerge)")
+              f"{'effic.':>7} {'oracle':>7} {'vs oracle':>9} {'overhead':>9}  (match / merge / unmerge)")
     print(header)
     print("-" * len(header))
     for tokens in args.tokens:
@@ -194,7 +229,8 @@ def main() -> None:
         for label in args.windows.split(","):
             window = windows.get(label) if label in windows else tuple(int(v) for v in label.split(":"))
             config = ToMeConfig(ratio=args.ratio, stride=(1, 2, 2), match_window=window)
-            base, tome, kept = median_times(model, call, config, args.device, args.warmup, args.repeat)
+            medians, kept = median_times(model, call, config, args.device, args.warmup, args.repeat)
+            base, tome = medians["base"], medians["tome"]
             handle = apply_tome(model, config)
             try:
                 share, parts = overhead_share(model, call, args.device)
@@ -204,12 +240,16 @@ def main() -> None:
                 shape, args.batch, tokens, kept, tokens, tokens
             )
             speedup = base / tome
+            oracle = base / medians["oracle"]
             detail = " / ".join(f"{100 * parts.get(key, 0.0):.1f}%" for key in ("match", "merge", "unmerge"))
             window_name = "global" if config.match_window is None else "x".join(map(str, config.match_window))
             print(f"{tokens:>7} {window_name:>10} {base * 1e3:>9.1f} {tome * 1e3:>9.1f} {speedup:>7.2f}x "
-                  f"{ideal:>5.2f}x {speedup / ideal:>7.2f} {100 * share:>8.1f}%  ({detail})")
+                  f"{ideal:>5.2f}x {speedup / ideal:>7.2f} {oracle:>6.2f}x {speedup / oracle:>9.2f} "
+                  f"{100 * share:>8.1f}%  ({detail})")
         print(f"{'':>7} linear MACs: flop_counter {counted / 1e9:.3f} G vs model {analytic_linear / 1e9:.3f} G")
-    print("\nbase / tome: medians of alternating runs; speedup = base / tome; ideal = FLOP-model speedup; efficiency = speedup / ideal;"
+    print("\nbase / tome / oracle: medians of alternating runs; speedup = base / tome; ideal = FLOP-model speedup; efficiency = speedup / ideal;"
+          "\noracle = speedup when every attn1 simply runs on its first N - r tokens (same kernels, no matching, one copy back):"
+          "\nthe most any token reduction can gain here; vs oracle = speedup / oracle, i.e. how much of that ToMe keeps;"
           "\noverhead = time in vdtome.match + vdtome.merge + vdtome.unmerge over the patched forward (profiler).")
 
 
