@@ -28,7 +28,7 @@ import torch
 from vdtome.compare import Cancelled, ComparisonEngine, ComparisonRequest, RequestError
 from vdtome.metrics import PSNR_CAP_DB
 from vdtome.pipelines import ALLOW_CUSTOM_MODEL_ENV, ModelUnavailableError, custom_models_allowed
-from vdtome.presets import get_preset, load_presets, load_prompts
+from vdtome.presets import load_presets, load_prompts
 from vdtome.report import COLUMNS
 from vdtome.ui import (
     BLOCK_CHOICES,
@@ -99,7 +99,7 @@ def run_requests(requests: list[ComparisonRequest], source: str | None, session:
 
 def _gpu_duration(requests: list[ComparisonRequest], source: str | None, session: str, progress=None) -> int:
     first = requests[0]
-    return estimate_gpu_seconds(get_preset(first.preset), first.steps, first.frames, first.height, first.width,
+    return estimate_gpu_seconds(PRESETS[first.preset], first.steps, first.frames, first.height, first.width,
                                 runs=len(requests))
 
 
@@ -201,20 +201,25 @@ def _show(view: ComparisonView):
     )
 
 
-def compare(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
-            ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
-            random_destinations, local_window, custom_model, history,
-            request: gr.Request, progress=gr.Progress()):
-    """Baseline vs token merging on one prompt and seed: videos, metrics, updated history."""
+def _run_form(form: tuple, ratios: str | None, custom_model, history, request, progress):
+    """Shared body of Run and Run sweep: form -> requests -> runs -> page outputs and history."""
     try:
-        requests = _requests(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, ratio,
-                             stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
-                             random_destinations, local_window)
+        requests = _requests(*form, ratios=ratios)
     except (RequestError, ValueError) as error:
         raise gr.Error(str(error), title="Invalid input") from None
     views = _execute(requests, custom_model, request, progress)
     history = _record(history, views)
     return (*_show(views[-1]), history, *_history_outputs(history))
+
+
+def compare(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
+            ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
+            random_destinations, local_window, custom_model, history,
+            request: gr.Request, progress=gr.Progress()):
+    """Baseline vs token merging on one prompt and seed: videos, metrics, updated history."""
+    form = (preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, ratio, stride_t,
+            stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching, random_destinations, local_window)
+    return _run_form(form, None, custom_model, history, request, progress)
 
 
 def sweep(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
@@ -222,15 +227,9 @@ def sweep(preset, prompt, negative_prompt, seed, frames, height, width, steps, g
           random_destinations, local_window, custom_model, ratios, history,
           request: gr.Request, progress=gr.Progress()):
     """One comparison per ratio (the baseline runs once and is reused): the speedup/fidelity curve."""
-    try:
-        requests = _requests(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, ratio,
-                             stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
-                             random_destinations, local_window, ratios=ratios)
-    except (RequestError, ValueError) as error:
-        raise gr.Error(str(error), title="Invalid input") from None
-    views = _execute(requests, custom_model, request, progress)
-    history = _record(history, views)
-    return (*_show(views[-1]), history, *_history_outputs(history))
+    form = (preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, ratio, stride_t,
+            stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching, random_destinations, local_window)
+    return _run_form(form, ratios, custom_model, history, request, progress)
 
 
 def cancel(request: gr.Request):
@@ -247,14 +246,26 @@ def clear_history():
     return [], *_history_outputs([])
 
 
+def _frames_info(rules) -> str:
+    return f"{rules.frames_rule}, {rules.valid_frame_range[0]}-{rules.valid_frame_range[1]}"
+
+
+def _side_info(rules) -> str:
+    return f"multiple of {rules.side_multiple}, {rules.valid_side_range[0]}-{rules.valid_side_range[1]}"
+
+
+def _ratio_info(cap: float) -> str:
+    return f"share of video tokens merged before each patched sub-layer; at most {cap:.2f} for this stride"
+
+
 def on_preset(name: str):
     preset = PRESETS[name]
     rules = preset.constraints
     return (
         preset_info(preset, HAS_GPU),
-        gr.Number(value=preset.num_frames, info=f"{rules.frames_rule}, {rules.valid_frame_range[0]}-{rules.valid_frame_range[1]}"),
-        gr.Number(value=preset.height, info=f"multiple of {rules.side_multiple}, {rules.valid_side_range[0]}-{rules.valid_side_range[1]}"),
-        gr.Number(value=preset.width, info=f"multiple of {rules.side_multiple}, {rules.valid_side_range[0]}-{rules.valid_side_range[1]}"),
+        gr.Number(value=preset.num_frames, info=_frames_info(rules)),
+        gr.Number(value=preset.height, info=_side_info(rules)),
+        gr.Number(value=preset.width, info=_side_info(rules)),
         gr.Number(value=preset.num_inference_steps),
         gr.Number(value=preset.guidance_scale),
     )
@@ -266,7 +277,7 @@ def on_stride(ratio: float, stride_t: int, stride_y: int, stride_x: int):
     except (TypeError, ValueError):
         return gr.Slider()
     return gr.Slider(maximum=max(cap, RATIO_STEP), value=min(ratio or 0.0, cap),
-                     info=f"share of video tokens merged before each patched sub-layer; at most {cap:.2f} for this stride")
+                     info=_ratio_info(cap))
 
 
 # ---- layout --------------------------------------------------------------------------------------
@@ -306,11 +317,11 @@ def build_demo() -> gr.Blocks:
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0)
                     frames = gr.Number(label="Frames", value=preset.num_frames, precision=0,
-                                       info=f"{rules.frames_rule}, {rules.valid_frame_range[0]}-{rules.valid_frame_range[1]}")
+                                       info=_frames_info(rules))
                     height = gr.Number(label="Height", value=preset.height, precision=0,
-                                       info=f"multiple of {rules.side_multiple}")
+                                       info=_side_info(rules))
                     width = gr.Number(label="Width", value=preset.width, precision=0,
-                                      info=f"multiple of {rules.side_multiple}")
+                                      info=_side_info(rules))
                 with gr.Row():
                     steps = gr.Number(label="Steps", value=preset.num_inference_steps, precision=0)
                     guidance = gr.Number(label="Guidance", value=preset.guidance_scale)
@@ -320,7 +331,7 @@ def build_demo() -> gr.Blocks:
                 # chosen stride's cap on load and on every stride change.
                 ratio = gr.Slider(0.0, stride_ratio_cap((MAX_STRIDE,) * 3), value=0.5, step=RATIO_STEP,
                                   label="Merge ratio", elem_id="ratio",
-                                  info=f"share of video tokens merged before each patched sub-layer; at most {cap:.2f} for this stride")
+                                  info=_ratio_info(cap))
                 with gr.Row():
                     stride_t = gr.Slider(1, MAX_STRIDE, value=1, step=1, label="stride t")
                     stride_y = gr.Slider(1, MAX_STRIDE, value=2, step=1, label="stride y")

@@ -182,7 +182,8 @@ def history_entry(result: ComparisonResult, run: int) -> HistoryEntry:
     config = result.acceleration
     report = result.method_report
     fid = result.fidelity
-    # Identical videos have infinite PSNR: plot them at the cap so the point stays on the chart.
+    # Identical videos have infinite PSNR: the table shows them at the cap (its cells must be JSON);
+    # the speedup/fidelity chart leaves them out.
     psnr = None if fid is None else min(fid.psnr_mean, PSNR_CAP_DB)
     change = result.memory_change_bytes
     return HistoryEntry(
