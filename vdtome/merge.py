@@ -151,9 +151,13 @@ def max_merge_ratio(grid: Grid, stride: tuple[int, int, int]) -> float:
     return 1.0 - cells / math.prod(grid)
 
 
+def _norm(metric: torch.Tensor, keepdim: bool = True) -> torch.Tensor:
+    """L2 norm over channels, never zero (a zero token gets cosine 0, not NaN)."""
+    return metric.norm(dim=-1, keepdim=keepdim).clamp_min(torch.finfo(metric.dtype).tiny)
+
+
 def _normalise(metric: torch.Tensor) -> torch.Tensor:
-    norm = metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
-    return metric / norm
+    return metric / _norm(metric)
 
 
 def _scoring_metric(metric: torch.Tensor, per_sample: bool) -> torch.Tensor:
@@ -165,14 +169,14 @@ def _scoring_metric(metric: torch.Tensor, per_sample: bool) -> torch.Tensor:
     if per_sample or metric.shape[0] == 1:
         return _normalise(metric)
     batch, tokens, channels = metric.shape
-    norm = metric.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(metric.dtype).tiny)
+    norm = _norm(metric)
     folded = metric.new_empty(tokens, batch, channels)  # normalise straight into the folded copy
     torch.div(metric.transpose(0, 1), norm.transpose(0, 1), out=folded)
     return folded.view(1, tokens, batch * channels)
 
 
 def _inverse_norm(metric: torch.Tensor) -> torch.Tensor:
-    return metric.norm(dim=-1).clamp_min(torch.finfo(metric.dtype).tiny).reciprocal()
+    return _norm(metric, keepdim=False).reciprocal()
 
 
 def _destination_positions(
