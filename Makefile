@@ -22,13 +22,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 # this user can; otherwise the browser test fails and says how to install it.
 browser:
 	@if [ ! -x "$(CHROMIUM)" ]; then \
-		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-			echo "installing Debian's chromium for the browser test"; \
-			apt-get update -qq || true; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || echo "warning: could not install chromium; the browser test will fail"; \
-		elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
-			sudo apt-get update -qq || true; sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || echo "warning: could not install chromium; the browser test will fail"; \
-		else \
+		if [ "$$(id -u)" = 0 ]; then sudo=; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo=sudo; else sudo=none; fi; \
+		if [ "$$sudo" = none ] || ! command -v apt-get >/dev/null; then \
 			echo "warning: $(CHROMIUM) is missing and cannot be installed here; the browser test will fail"; \
+		else \
+			echo "installing Debian's chromium for the browser test"; \
+			$$sudo apt-get update -qq || true; \
+			$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+				|| echo "warning: could not install chromium; the browser test will fail"; \
 		fi; \
 	fi
 
