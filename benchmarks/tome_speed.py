@@ -8,6 +8,11 @@ FLOP model: analytic multiply-adds of every linear / conv layer and of attention
 (QK^T and AV: 2 * Nq * Nk * C), matching excluded; the linear part is cross-checked against
 ``torch.utils.flop_counter`` on the baseline (the counter cannot see CPU flash attention).
 
+On CPU the script first tells glibc to keep freed blocks (``vdtome.measure.retain_freed_host_memory``):
+by default every forward page-faults its activations in afresh, tens of thousands of faults whose
+cost varies from run to run, which a GPU's caching allocator never pays. ``--system-malloc``
+measures without it; the faults per forward are printed either way.
+
     python benchmarks/tome_speed.py                 # CPU, 4096 and 8192 tokens
     python benchmarks/tome_speed.py --device cuda --dtype bfloat16 --tokens 16384 32768
 """
@@ -30,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers import WanTransformer3DModel  # noqa: E402
 
+from vdtome.measure import retain_freed_host_memory  # noqa: E402
 from vdtome.tome import ToMeConfig, apply_tome  # noqa: E402
 
 TEXT_TOKENS = 64
@@ -94,8 +100,32 @@ def timed_forward(model, args, device: str) -> float:
     return time.perf_counter() - begin
 
 
-def median_times(model, args, config: ToMeConfig, device: str, warmup: int, repeat: int):
-    """Median seconds of the baseline, the ToMe and the oracle forward, measured alternately.
+@dataclass(frozen=True)
+class Timings:
+    """Seconds of every measured forward per variant, in the order they ran (index i of each list
+    comes from the same round), and minor page faults per forward (None off Linux / on CUDA)."""
+
+    seconds: dict[str, list[float]]
+    faults: dict[str, float | None]
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.seconds[name])
+
+    def paired_speedups(self, name: str) -> list[float]:
+        """base / variant within each round: drift between rounds cancels out of each ratio."""
+        return [b / v for b, v in zip(self.seconds["base"], self.seconds[name])]
+
+
+def _minor_faults() -> int | None:
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def alternated_times(model, args, config: ToMeConfig, device: str, warmup: int, repeat: int):
+    """The baseline, ToMe and oracle forwards, measured alternately in rounds.
 
     Alternating the three (run, patch, run, unpatch, slice, run) inside one loop cancels the drift
     of clock speed and background load that separate loops would fold into the ratios.
@@ -108,16 +138,22 @@ def median_times(model, args, config: ToMeConfig, device: str, warmup: int, repe
         "tome": lambda: apply_tome(model, config),
         "oracle": lambda: sliced_self_attention(model, kept),
     }
-    times = {name: [] for name in variants}
+    seconds = {name: [] for name in variants}
+    faults = {name: 0 for name in variants}
+    count_faults = not device.startswith("cuda") and _minor_faults() is not None
     with torch.inference_mode():
         for index in range(warmup + repeat):
             for name, patch in variants.items():
                 with patch():
                     synchronize(device)
+                    before = _minor_faults() if count_faults else 0
                     elapsed = timed_forward(model, args, device)
+                    after = _minor_faults() if count_faults else 0
                 if index >= warmup:
-                    times[name].append(elapsed)
-    return {name: statistics.median(values) for name, values in times.items()}, kept
+                    seconds[name].append(elapsed)
+                    faults[name] += after - before
+    per_forward = {name: (total / repeat if count_faults else None) for name, total in faults.items()}
+    return Timings(seconds, per_forward), kept
 
 
 @contextlib.contextmanager
@@ -202,22 +238,30 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--windows", default="auto,global", help="comma list: auto, global, or t:y:x (cells)")
+    parser.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="CPU: keep glibc's default of unmapping freed large blocks (every forward page-faults its activations again)",
+    )
     args = parser.parse_args()
 
+    malloc = "n/a (CUDA caching allocator)" if args.device.startswith("cuda") else "system default"
+    if not args.device.startswith("cuda") and not args.system_malloc:
+        malloc = retain_freed_host_memory() or "system default (not glibc)"
     dtype = getattr(torch, args.dtype)
     shape = Shape(args.heads, args.head_dim, args.layers, args.ffn_mult)
     model = build(shape, args.device, dtype)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU x{torch.get_num_threads()} threads"
-    print(f"device: {name} | torch {torch.__version__} | dtype {args.dtype} | batch {args.batch}")
+    print(f"device: {name} | torch {torch.__version__} | dtype {args.dtype} | batch {args.batch} | {malloc}")
     print(f"Wan transformer: {shape.layers} layers, {shape.heads} heads x {shape.head_dim}, ffn x{shape.ffn_mult}, "
           f"{TEXT_TOKENS} text tokens; ToMe ratio {args.ratio}, stride (1, 2, 2), self-attention merged in every block")
     print("FLOP model: analytic MACs (linears + attention), matching excluded\n")
 
     windows = {"auto": "auto", "global": None}
-    header = (f"{'tokens':>7} {'matching':>10} {'base ms':>9} {'tome ms':>9} {'speedup':>8} {'ideal':>6} "
-              f"{'effic.':>7} {'oracle':>7} {'vs oracle':>9} {'overhead':>9}  (match / merge / unmerge)")
+    header = (f"{'tokens':>7} {'matching':>10} {'base ms':>9} {'tome ms':>9} {'speedup':>8} {'IQR':>11} {'ideal':>6} "
+              f"{'effic.':>7} {'oracle':>7} {'vs oracle':>9} {'overhead':>9}  (match / merge / unmerge)  faults/fwd base / tome")
     print(header)
     print("-" * len(header))
     for tokens in args.tokens:
@@ -229,8 +273,8 @@ def main() -> None:
         for label in args.windows.split(","):
             window = windows.get(label) if label in windows else tuple(int(v) for v in label.split(":"))
             config = ToMeConfig(ratio=args.ratio, stride=(1, 2, 2), match_window=window)
-            medians, kept = median_times(model, call, config, args.device, args.warmup, args.repeat)
-            base, tome = medians["base"], medians["tome"]
+            timings, kept = alternated_times(model, call, config, args.device, args.warmup, args.repeat)
+            base, tome = timings.median("base"), timings.median("tome")
             handle = apply_tome(model, config)
             try:
                 share, parts = overhead_share(model, call, args.device)
@@ -239,18 +283,23 @@ def main() -> None:
             ideal = model_macs(shape, args.batch, tokens, tokens, tokens, tokens) / model_macs(
                 shape, args.batch, tokens, kept, tokens, tokens
             )
-            speedup = base / tome
-            oracle = base / medians["oracle"]
+            paired = timings.paired_speedups("tome")
+            speedup = statistics.median(paired)
+            low, _, high = statistics.quantiles(paired, n=4)
+            oracle = statistics.median(timings.paired_speedups("oracle"))
             detail = " / ".join(f"{100 * parts.get(key, 0.0):.1f}%" for key in ("match", "merge", "unmerge"))
             window_name = "global" if config.match_window is None else "x".join(map(str, config.match_window))
+            faults = " / ".join("-" if timings.faults[v] is None else f"{timings.faults[v]:.0f}" for v in ("base", "tome"))
             print(f"{tokens:>7} {window_name:>10} {base * 1e3:>9.1f} {tome * 1e3:>9.1f} {speedup:>7.2f}x "
-                  f"{ideal:>5.2f}x {speedup / ideal:>7.2f} {oracle:>6.2f}x {speedup / oracle:>9.2f} "
-                  f"{100 * share:>8.1f}%  ({detail})")
+                  f"{low:>5.2f}-{high:.2f} {ideal:>5.2f}x {speedup / ideal:>7.2f} {oracle:>6.2f}x {speedup / oracle:>9.2f} "
+                  f"{100 * share:>8.1f}%  ({detail})  {faults}")
         print(f"{'':>7} linear MACs: flop_counter {counted / 1e9:.3f} G vs model {analytic_linear / 1e9:.3f} G")
-    print("\nbase / tome / oracle: medians of alternating runs; speedup = base / tome; ideal = FLOP-model speedup; efficiency = speedup / ideal;"
+    print("\nbase / tome ms: medians over the rounds; speedup = median over rounds of base / tome within the round, IQR its"
+          "\ninterquartile range; ideal = FLOP-model speedup; efficiency = speedup / ideal;"
           "\noracle = speedup when every attn1 simply runs on its first N - r tokens (same kernels, no matching, one copy back):"
           "\nthe most any token reduction can gain here; vs oracle = speedup / oracle, i.e. how much of that ToMe keeps;"
-          "\noverhead = time in vdtome.match + vdtome.merge + vdtome.unmerge over the patched forward (profiler).")
+          "\noverhead = time in vdtome.match + vdtome.merge + vdtome.unmerge over the patched forward (profiler, which"
+          "\nadds its own per-op cost to these many small ops); faults/fwd = minor page faults per forward.")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ separate test checks that a CPU measurement never touches ``torch.cuda`` at all.
 from __future__ import annotations
 
 import json
+import platform
 import sys
 import time
 import types
@@ -449,3 +450,33 @@ def test_environment_is_json_and_names_versions(pipe):
     assert env["attention"]["processors"]["transformer"]
     assert env["unavailable_reason"]["driver_version"]
     assert environment("cpu", torch.float16)["dtype"] == "float16"
+
+
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from vdtome.measure import retain_freed_host_memory
+if sys.argv[1] == "retain":
+    assert retain_freed_host_memory() is not None, "glibc refused the settings"
+def churn():  # a forward's pattern: several activations live at once, all freed by the end
+    for _ in range(10):
+        live = [torch.ones((4 << 20) - 1000) for _ in range(4)]  # 4 x ~16 MiB, touched
+        del live
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_retain_freed_host_memory_stops_page_fault_churn():
+    """Fresh processes: the same allocation loop faults every page in again by default, not after."""
+    import subprocess
+
+    def faults(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True)
+        return int(done.stdout.strip())
+
+    pages = (64 << 20) // 4096  # one round's worth
+    assert faults("system") >= 5 * pages  # rounds keep mapping fresh pages
+    assert faults("retain") < pages // 4  # freed blocks are reused
