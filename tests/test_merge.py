@@ -146,6 +146,20 @@ def test_global_matching_is_independent_of_the_score_budget():
     assert torch.equal(whole.slot_of, chunked.slot_of)
 
 
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_windowed_matching_is_independent_of_the_score_budget(per_sample):
+    """Uneven windows (padded tables) scored in one chunk or one window at a time agree."""
+    grid = (5, 7, 9)
+    x = tokens(2, math.prod(grid))
+    kwargs = dict(per_sample=per_sample, window=(2, 2, 2))
+    whole = bipartite_soft_matching_3d(x, grid, (1, 2, 2), 150, generator=torch.Generator().manual_seed(4), **kwargs)
+    chunked = bipartite_soft_matching_3d(
+        x, grid, (1, 2, 2), 150, generator=torch.Generator().manual_seed(4), max_score_elements=1, **kwargs
+    )
+    assert whole.num_merged == 150
+    assert torch.equal(whole.slot_of, chunked.slot_of)
+
+
 def test_window_covering_the_grid_equals_global_matching():
     grid = (5, 7, 9)
     x = tokens(2, math.prod(grid))

@@ -187,19 +187,26 @@ def _destination_positions(
     Offsets are drawn on the generator's device (CPU for a CPU generator) so the diffusion RNG is
     never touched and the same seed picks the same destinations on every device.
     """
+    origins = _cell_origins(grid, stride, device)
+    if generator is None:
+        return origins
+    _, h, w = grid
+    st, sy, sx = stride
+    # (cells..., 1) mirrors ToMe for SD's draw so T = 1 reproduces its destinations.
+    cells = tuple(n // s for n, s in zip(grid, stride))
+    offset = torch.randint(st * sy * sx, size=(*cells, 1), generator=generator, device=generator.device)
+    offset = _to_device(offset, device).flatten()
+    return origins + (offset // (sy * sx) * h + offset // sx % sy) * w + offset % sx
+
+
+@functools.lru_cache(maxsize=64)
+def _cell_origins(grid: Grid, stride: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """Position of the first token of every full cell, (cells,). Cached: shapes only; read-only."""
     t, h, w = grid
     st, sy, sx = stride
-    cells = (t // st, h // sy, w // sx)
-    if generator is None:
-        offset = torch.zeros(cells, dtype=torch.int64, device=device)
-    else:
-        # (cells..., 1) mirrors ToMe for SD's draw so T = 1 reproduces its destinations.
-        offset = torch.randint(st * sy * sx, size=(*cells, 1), generator=generator, device=generator.device)
-        offset = _to_device(offset, device).squeeze(-1)
-    ot, oy, ox = offset // (sy * sx), offset // sx % sy, offset % sx
-    ct = torch.arange(cells[0], device=device).view(-1, 1, 1) * st + ot
-    cy = torch.arange(cells[1], device=device).view(1, -1, 1) * sy + oy
-    cx = torch.arange(cells[2], device=device).view(1, 1, -1) * sx + ox
+    ct = torch.arange(t // st, device=device).view(-1, 1, 1) * st
+    cy = torch.arange(h // sy, device=device).view(1, -1, 1) * sy
+    cx = torch.arange(w // sx, device=device).view(1, 1, -1) * sx
     return ((ct * h + cy) * w + cx).flatten()
 
 
@@ -245,9 +252,8 @@ def _best_destination_global(
 
 
 class _Windows(NamedTuple):
-    gather_tokens: torch.Tensor  # (W, Tmax) token positions per window; padding reads position 0
-    scatter_tokens: torch.Tensor  # same; padding writes to distinct spare slots N, N + 1, ...
-    num_spare: int
+    tokens: torch.Tensor  # (W, Tmax) token positions per window; padding reads position 0
+    padding: torch.Tensor | None  # (W, Tmax) True where ``tokens`` is padding; None if none is
     cells: torch.Tensor  # (W, Cmax) cell indices per window; padding reads cell 0
     cell_padding: torch.Tensor | None  # (W, Cmax) True where ``cells`` is padding; None if none is
 
@@ -268,18 +274,13 @@ def _window_tables(
     def window_index(t: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return ((t.view(-1, 1, 1) * n_win[1] + h.view(1, -1, 1)) * n_win[2] + w.view(1, 1, -1)).flatten()
 
+    def padding_mask(table: torch.Tensor) -> torch.Tensor | None:
+        return (table < 0).to(device) if bool((table < 0).any()) else None
+
     cell_of_token = [torch.clamp(torch.arange(n) // s, max=c - 1) for n, s, c in zip(grid, stride, cells)]
     tokens = _group_by(window_index(*(c // w for c, w in zip(cell_of_token, win))), math.prod(n_win))
     cell_table = _group_by(window_index(*(torch.arange(c) // w for c, w in zip(cells, win))), math.prod(n_win))
-    padding = tokens < 0
-    spare = math.prod(grid) + torch.cumsum(padding.flatten(), 0).view_as(tokens) - 1
-    return _Windows(
-        tokens.clamp_min(0).to(device),
-        torch.where(padding, spare, tokens).to(device),
-        int(padding.sum()),
-        cell_table.clamp_min(0).to(device),
-        (cell_table < 0).to(device) if bool((cell_table < 0).any()) else None,
-    )
+    return _Windows(tokens.clamp_min(0).to(device), padding_mask(tokens), cell_table.clamp_min(0).to(device), padding_mask(cell_table))
 
 
 def _group_by(group: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -301,35 +302,40 @@ def _best_destination_windowed(
     stride: tuple[int, int, int],
     window: tuple[int, int, int],
     max_elements: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max cosine and argmax cell for every token, comparing only within its window.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every token's max cosine and argmax cell, comparing only within its window.
 
     Cost is linear in N (each token meets one window of destinations) and every window is one
-    small dense matmul. Returns (S, N + spare) tensors indexed by position; entries at
-    destinations and spare slots are meaningless.
+    small dense matmul. Returns (candidates (1, M), best (S, M), best cell (S, M)) in window order,
+    M = windows x their largest token count: the candidates are token positions, and destinations
+    and padding score -inf, so a top-r (r <= number of sources) only ever picks sources. Keeping
+    window order spares the scatter back to position order and the gather of the sources.
     """
-    gather_tokens, scatter_tokens, num_spare, cells, cell_padding = _window_tables(
-        grid, stride, window, score_metric.device
-    )
-    n_win, t_max = gather_tokens.shape
+    tokens, padding, cells, cell_padding = _window_tables(grid, stride, window, score_metric.device)
+    n_win, t_max = tokens.shape
     c_max = cells.shape[1]
     rows, num_tokens, channels = score_metric.shape
-    width = num_tokens + num_spare
-    best = score_metric.new_empty(rows, width)
-    index = torch.empty(rows, width, dtype=torch.int64, device=score_metric.device)
+    not_source = torch.zeros(num_tokens, dtype=torch.bool, device=score_metric.device)
+    not_source[dst_by_cell] = True
+    not_source = not_source[tokens]
+    if padding is not None:
+        not_source |= padding
+    best = score_metric.new_empty(rows, n_win * t_max)
+    best_cell = torch.empty(rows, n_win * t_max, dtype=torch.int64, device=score_metric.device)
     step = max(1, min(n_win, max_elements // (rows * t_max * max(c_max, channels))))
     # Reused buffers, as in the global path: no fresh large blocks per chunk.
     token_buffer = score_metric.new_empty(rows * step * t_max * channels)
     score_buffer = score_metric.new_empty(rows * step * t_max * c_max)
     for start in range(0, n_win, step):
-        tok, cel = gather_tokens[start : start + step], cells[start : start + step]
-        count = tok.shape[0]
+        tok, cel = tokens[start : start + step].flatten(), cells[start : start + step]
+        count = cel.shape[0]
+        span = slice(start * t_max, (start + count) * t_max)
         tok_metric = token_buffer[: rows * count * t_max * channels].view(rows, count * t_max, channels)
-        torch.index_select(score_metric, 1, tok.flatten(), out=tok_metric)
+        torch.index_select(score_metric, 1, tok, out=tok_metric)
         dst_positions = dst_by_cell[cel.flatten()]
         dst_metric = score_metric.index_select(1, dst_positions)
         if inverse_norm is not None:  # cosine from raw tokens: scale the gathered copies
-            tok_metric.mul_(inverse_norm.index_select(1, tok.flatten()).unsqueeze(-1))
+            tok_metric.mul_(inverse_norm.index_select(1, tok).unsqueeze(-1))
             dst_metric.mul_(inverse_norm.index_select(1, dst_positions).unsqueeze(-1))
         dst_metric = dst_metric.view(rows, count, c_max, channels)
         scores = score_buffer[: rows * count * t_max * c_max].view(rows, count, t_max, c_max)
@@ -337,11 +343,9 @@ def _best_destination_windowed(
         if cell_padding is not None:
             scores.masked_fill_(cell_padding[start : start + step].unsqueeze(1), float("-inf"))
         value, arg = scores.max(dim=-1)
-        cell_index = cel.unsqueeze(0).expand(rows, -1, -1).gather(2, arg)
-        target = scatter_tokens[start : start + step].flatten()
-        best.index_copy_(1, target, value.flatten(1))
-        index.index_copy_(1, target, cell_index.flatten(1))
-    return best, index
+        best[:, span] = value.flatten(1).masked_fill_(not_source[start : start + step].flatten(), float("-inf"))
+        best_cell[:, span] = cel.unsqueeze(0).expand(rows, -1, -1).gather(2, arg).flatten(1)
+    return tokens.view(1, -1), best, best_cell
 
 
 def _assemble(
@@ -350,7 +354,8 @@ def _assemble(
     """Pick the r most similar sources and build the index tensors of the merge.
 
     ``src`` (P, Ns) and ``dst`` (P, Nd) are positions; ``best``/``best_dst`` (S, Ns) are every
-    source's best score and destination index into ``dst``. P is 1 or S.
+    source's best score and destination index into ``dst``. P is 1 or S. Candidates scoring -inf
+    (destinations, padding) are never picked: callers cap r at the number of real sources.
     """
     rows = best.shape[0]
     src, dst = src.expand(rows, -1), dst.expand(rows, -1)
@@ -396,8 +401,8 @@ def bipartite_soft_matching_3d(
     with torch.no_grad():
         budget = max(max_score_elements, metric.numel())
         dst = dst_by_cell.unsqueeze(0)
-        src = _complement(num_tokens, dst)
         if window is None:
+            src = _complement(num_tokens, dst)
             best, best_dst = _best_destination_global(_scoring_metric(metric, per_sample), src, dst, budget)
         else:
             if per_sample or batch == 1:
@@ -406,11 +411,9 @@ def bipartite_soft_matching_3d(
                 score_metric, inverse_norm = metric, _inverse_norm(metric)
             else:
                 score_metric, inverse_norm = _scoring_metric(metric, per_sample), None
-            best, best_dst = _best_destination_windowed(
+            src, best, best_dst = _best_destination_windowed(
                 score_metric, inverse_norm, dst_by_cell, grid, stride, window, budget
             )
-            at_src = src.expand(best.shape[0], -1)
-            best, best_dst = best.gather(1, at_src), best_dst.gather(1, at_src)
         return _assemble(num_tokens, src, dst, best, best_dst, r)
 
 
