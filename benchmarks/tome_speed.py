@@ -128,7 +128,9 @@ def alternated_times(model, args, config: ToMeConfig, device: str, warmup: int, 
     """The baseline, ToMe and oracle forwards, measured alternately in rounds.
 
     Alternating the three (run, patch, run, unpatch, slice, run) inside one loop cancels the drift
-    of clock speed and background load that separate loops would fold into the ratios.
+    of clock speed and background load that separate loops would fold into the ratios; rotating
+    their order from round to round cancels what running first or after another leaves behind
+    (caches, sleeping threads).
     """
     with apply_tome(model, config) as handle, torch.inference_mode():
         model(*args)
@@ -142,9 +144,10 @@ def alternated_times(model, args, config: ToMeConfig, device: str, warmup: int, 
     faults = {name: 0 for name in variants}
     count_faults = not device.startswith("cuda") and _minor_faults() is not None
     with torch.inference_mode():
+        names = list(variants)
         for index in range(warmup + repeat):
-            for name, patch in variants.items():
-                with patch():
+            for name in names[index % 3 :] + names[: index % 3]:
+                with variants[name]():
                     synchronize(device)
                     before = _minor_faults() if count_faults else 0
                     elapsed = timed_forward(model, args, device)
@@ -238,7 +241,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--repeat", type=int, default=21, help="measured rounds (each runs all three variants)")
     parser.add_argument("--windows", default="auto,global", help="comma list: auto, global, or t:y:x (cells)")
     parser.add_argument(
         "--system-malloc",
