@@ -256,6 +256,8 @@ class _Windows(NamedTuple):
     padding: torch.Tensor | None  # (W, Tmax) True where ``tokens`` is padding; None if none is
     cells: torch.Tensor  # (W, Cmax) cell indices per window; padding reads cell 0
     cell_padding: torch.Tensor | None  # (W, Cmax) True where ``cells`` is padding; None if none is
+    slot_of_position: torch.Tensor  # (N,) where each token stands in the flattened (W * Tmax) layout
+    boxes: tuple[int, ...] | None  # (nt, wt, nh, wh, nw, ww) when windows tile the grid exactly
 
 
 @functools.lru_cache(maxsize=64)
@@ -280,7 +282,21 @@ def _window_tables(
     cell_of_token = [torch.clamp(torch.arange(n) // s, max=c - 1) for n, s, c in zip(grid, stride, cells)]
     tokens = _group_by(window_index(*(c // w for c, w in zip(cell_of_token, win))), math.prod(n_win))
     cell_table = _group_by(window_index(*(torch.arange(c) // w for c, w in zip(cells, win))), math.prod(n_win))
-    return _Windows(tokens.clamp_min(0).to(device), padding_mask(tokens), cell_table.clamp_min(0).to(device), padding_mask(cell_table))
+    slot_of_position = torch.empty(math.prod(grid), dtype=torch.int64)
+    real = tokens.flatten() >= 0
+    slot_of_position[tokens.flatten()[real]] = torch.arange(tokens.numel())[real]
+    # Windows that tile the grid exactly hold boxes of tokens in raster order: a view, no table.
+    extents = [w * s for w, s in zip(win, stride)]
+    tiles = all(n % e == 0 for n, e in zip(grid, extents))
+    boxes = tuple(v for n, e in zip(grid, extents) for v in (n // e, e)) if tiles else None
+    return _Windows(
+        tokens.clamp_min(0).to(device),
+        padding_mask(tokens),
+        cell_table.clamp_min(0).to(device),
+        padding_mask(cell_table),
+        slot_of_position.to(device),
+        boxes,
+    )
 
 
 def _group_by(group: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -292,6 +308,34 @@ def _group_by(group: torch.Tensor, num_groups: int) -> torch.Tensor:
     table = torch.full((num_groups, int(counts.max())), -1, dtype=torch.int64)
     table[group[order], rank] = order
     return table
+
+
+def _window_layout(x: torch.Tensor, boxes: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
+    """(S, N, C) in grid order -> (S, N, C) in window order, as one strided copy (into ``out``)."""
+    rows, _, channels = x.shape
+    nt, wt, nh, wh, nw, ww = boxes
+    view = x.view(rows, nt, wt, nh, wh, nw, ww, channels).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    if out is None:
+        return view.reshape(rows, -1, channels)
+    out.view(rows, nt, nh, nw, wt, wh, ww, channels).copy_(view)
+    return out
+
+
+def _normalised_windows(
+    metric: torch.Tensor, inverse_norm: torch.Tensor | None, tables: _Windows, windows: slice, out: torch.Tensor
+) -> torch.Tensor:
+    """The tokens of ``windows`` in window order, scaled to unit norm where ``inverse_norm`` is given."""
+    rows, _, channels = metric.shape
+    if tables.boxes is not None and windows == slice(0, tables.tokens.shape[0]):
+        _window_layout(metric, tables.boxes, out)
+        if inverse_norm is not None:
+            out.mul_(_window_layout(inverse_norm.unsqueeze(-1), tables.boxes))
+        return out
+    tok = tables.tokens[windows].flatten()
+    torch.index_select(metric, 1, tok, out=out)
+    if inverse_norm is not None:
+        out.mul_(inverse_norm.index_select(1, tok).unsqueeze(-1))
+    return out
 
 
 def _best_destination_windowed(
@@ -311,15 +355,21 @@ def _best_destination_windowed(
     and padding score -inf, so a top-r (r <= number of sources) only ever picks sources. Keeping
     window order spares the scatter back to position order and the gather of the sources.
     """
-    tokens, padding, cells, cell_padding = _window_tables(grid, stride, window, score_metric.device)
-    n_win, t_max = tokens.shape
-    c_max = cells.shape[1]
+    tables = _window_tables(grid, stride, window, score_metric.device)
+    n_win, t_max = tables.tokens.shape
+    c_max = tables.cells.shape[1]
     rows, num_tokens, channels = score_metric.shape
-    not_source = torch.zeros(num_tokens, dtype=torch.bool, device=score_metric.device)
-    not_source[dst_by_cell] = True
-    not_source = not_source[tokens]
-    if padding is not None:
-        not_source |= padding
+    dst_slot_by_cell = tables.slot_of_position[dst_by_cell]
+    not_source = torch.zeros(n_win * t_max, dtype=torch.bool, device=score_metric.device)
+    not_source[dst_slot_by_cell] = True
+    # Each window's destinations in the window-order layout; padded cells read the window's first
+    # token (a slot inside the window: chunks hold whole windows) and are masked out below.
+    dst_slots = dst_slot_by_cell[tables.cells]
+    if tables.cell_padding is not None:
+        first = torch.arange(n_win, device=dst_slots.device).unsqueeze(1) * t_max
+        dst_slots = torch.where(tables.cell_padding, first, dst_slots)
+    if tables.padding is not None:
+        not_source |= tables.padding.flatten()
     best = score_metric.new_empty(rows, n_win * t_max)
     best_cell = torch.empty(rows, n_win * t_max, dtype=torch.int64, device=score_metric.device)
     step = max(1, min(n_win, max_elements // (rows * t_max * max(c_max, channels))))
@@ -327,25 +377,23 @@ def _best_destination_windowed(
     token_buffer = score_metric.new_empty(rows * step * t_max * channels)
     score_buffer = score_metric.new_empty(rows * step * t_max * c_max)
     for start in range(0, n_win, step):
-        tok, cel = tokens[start : start + step].flatten(), cells[start : start + step]
+        windows = slice(start, min(start + step, n_win))
+        cel = tables.cells[windows]
         count = cel.shape[0]
         span = slice(start * t_max, (start + count) * t_max)
         tok_metric = token_buffer[: rows * count * t_max * channels].view(rows, count * t_max, channels)
-        torch.index_select(score_metric, 1, tok, out=tok_metric)
-        dst_positions = dst_by_cell[cel.flatten()]
-        dst_metric = score_metric.index_select(1, dst_positions)
-        if inverse_norm is not None:  # cosine from raw tokens: scale the gathered copies
-            tok_metric.mul_(inverse_norm.index_select(1, tok).unsqueeze(-1))
-            dst_metric.mul_(inverse_norm.index_select(1, dst_positions).unsqueeze(-1))
+        _normalised_windows(score_metric, inverse_norm, tables, windows, tok_metric)
+        # A window's destinations are among its own tokens: take them from the normalised copy.
+        dst_metric = tok_metric.index_select(1, dst_slots[windows].flatten() - start * t_max)
         dst_metric = dst_metric.view(rows, count, c_max, channels)
         scores = score_buffer[: rows * count * t_max * c_max].view(rows, count, t_max, c_max)
         torch.matmul(tok_metric.view(rows, count, t_max, channels), dst_metric.transpose(-1, -2), out=scores)
-        if cell_padding is not None:
-            scores.masked_fill_(cell_padding[start : start + step].unsqueeze(1), float("-inf"))
+        if tables.cell_padding is not None:
+            scores.masked_fill_(tables.cell_padding[windows].unsqueeze(1), float("-inf"))
         value, arg = scores.max(dim=-1)
-        best[:, span] = value.flatten(1).masked_fill_(not_source[start : start + step].flatten(), float("-inf"))
+        best[:, span] = value.flatten(1).masked_fill_(not_source[span], float("-inf"))
         best_cell[:, span] = cel.unsqueeze(0).expand(rows, -1, -1).gather(2, arg).flatten(1)
-    return tokens.view(1, -1), best, best_cell
+    return tables.tokens.view(1, -1), best, best_cell
 
 
 def _assemble(
