@@ -8,6 +8,7 @@ import textwrap
 import pytest
 import torch
 
+import vdtome.merge as merge_module
 from vdtome.merge import (
     Merge,
     attnbin_matching,
@@ -147,21 +148,28 @@ def test_global_matching_is_independent_of_the_score_budget():
 
 
 @pytest.mark.parametrize("per_sample", [True, False])
-def test_windowed_matching_is_independent_of_the_score_budget(per_sample):
-    """Uneven windows (padded tables) scored in one chunk or one window at a time agree."""
-    grid = (5, 7, 9)
-    x = tokens(2, math.prod(grid))
+@pytest.mark.parametrize("grid", [(5, 7, 9), (4, 8, 8)])
+def test_windowed_matching_is_independent_of_the_score_budget(grid, per_sample, monkeypatch):
+    """Scored in one chunk or a few windows at a time, the matching is the same: with uneven
+    windows (padded tables, (5, 7, 9)) and with windows tiling the grid ((4, 8, 8): one chunk
+    takes the strided-copy path, small chunks the gather path)."""
+    chunks = []
+    gather = merge_module._normalised_windows
+    monkeypatch.setattr(merge_module, "_normalised_windows", lambda *a: chunks.append(a[3]) or gather(*a))
+    x = tokens(2, math.prod(grid), channels=2)  # fewer channels than cells per window: small chunks
     kwargs = dict(per_sample=per_sample, window=(2, 2, 2))
     whole = bipartite_soft_matching_3d(x, grid, (1, 2, 2), 150, generator=torch.Generator().manual_seed(4), **kwargs)
+    assert len(chunks) == 1
     chunked = bipartite_soft_matching_3d(
         x, grid, (1, 2, 2), 150, generator=torch.Generator().manual_seed(4), max_score_elements=1, **kwargs
     )
+    assert len(chunks) > 2
     assert whole.num_merged == 150
     assert torch.equal(whole.slot_of, chunked.slot_of)
 
 
-def test_window_covering_the_grid_equals_global_matching():
-    grid = (5, 7, 9)
+@pytest.mark.parametrize("grid", [(5, 7, 9), (4, 8, 8)])  # padded tables; one window tiling the grid
+def test_window_covering_the_grid_equals_global_matching(grid):
     x = tokens(2, math.prod(grid))
     for per_sample in (True, False):
         kwargs = dict(generator=torch.Generator().manual_seed(1), per_sample=per_sample)
