@@ -251,9 +251,13 @@ def test_zero_merges_return_the_input_untouched():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_low_precision_inputs(dtype):
+@pytest.mark.parametrize("window", [None, (2, 2, 2)])
+def test_low_precision_inputs(dtype, window):
     x = tokens(2, 4 * 8 * 8, dtype=dtype)
-    merge = bipartite_soft_matching_3d(x, (4, 8, 8), (1, 2, 2), 128, generator=torch.Generator().manual_seed(0))
+    merge = bipartite_soft_matching_3d(
+        x, (4, 8, 8), (1, 2, 2), 128, generator=torch.Generator().manual_seed(0), window=window
+    )
+    assert merge.num_merged == 128
     merged = merge.merge(x)
     assert merged.dtype == dtype
     # Group means are summed in float32 and rounded once: exactly the float32 mean, cast.
