@@ -325,7 +325,6 @@ def _normalised_windows(
     metric: torch.Tensor, inverse_norm: torch.Tensor | None, tables: _Windows, windows: slice, out: torch.Tensor
 ) -> torch.Tensor:
     """The tokens of ``windows`` in window order, scaled to unit norm where ``inverse_norm`` is given."""
-    rows, _, channels = metric.shape
     if tables.boxes is not None and windows == slice(0, tables.tokens.shape[0]):
         _window_layout(metric, tables.boxes, out)
         if inverse_norm is not None:
@@ -362,14 +361,14 @@ def _best_destination_windowed(
     dst_slot_by_cell = tables.slot_of_position[dst_by_cell]
     not_source = torch.zeros(n_win * t_max, dtype=torch.bool, device=score_metric.device)
     not_source[dst_slot_by_cell] = True
+    if tables.padding is not None:
+        not_source |= tables.padding.flatten()
     # Each window's destinations in the window-order layout; padded cells read the window's first
     # token (a slot inside the window: chunks hold whole windows) and are masked out below.
     dst_slots = dst_slot_by_cell[tables.cells]
     if tables.cell_padding is not None:
         first = torch.arange(n_win, device=dst_slots.device).unsqueeze(1) * t_max
         dst_slots = torch.where(tables.cell_padding, first, dst_slots)
-    if tables.padding is not None:
-        not_source |= tables.padding.flatten()
     best = score_metric.new_empty(rows, n_win * t_max)
     best_cell = torch.empty(rows, n_win * t_max, dtype=torch.int64, device=score_metric.device)
     step = max(1, min(n_win, max_elements // (rows * t_max * max(c_max, channels))))
