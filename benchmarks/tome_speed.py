@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=21, help="measured rounds (each runs all three variants)")
+    parser.add_argument("--repeat", type=int, default=21, help="measured rounds (each runs all three variants), >= 1")
     parser.add_argument("--windows", default="auto,global", help="comma list: auto, global, or t:y:x (cells)")
     parser.add_argument(
         "--system-malloc",
@@ -288,7 +288,7 @@ def main() -> None:
             )
             paired = timings.paired_speedups("tome")
             speedup = statistics.median(paired)
-            low, _, high = statistics.quantiles(paired, n=4)
+            low, _, high = statistics.quantiles(paired, n=4) if len(paired) > 1 else (speedup,) * 3
             oracle = statistics.median(timings.paired_speedups("oracle"))
             detail = " / ".join(f"{100 * parts.get(key, 0.0):.1f}%" for key in ("match", "merge", "unmerge"))
             window_name = "global" if config.match_window is None else "x".join(map(str, config.match_window))
