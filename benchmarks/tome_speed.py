@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import statistics
 import sys
@@ -128,9 +129,10 @@ def alternated_times(model, args, config: ToMeConfig, device: str, warmup: int, 
     """The baseline, ToMe and oracle forwards, measured alternately in rounds.
 
     Alternating the three (run, patch, run, unpatch, slice, run) inside one loop cancels the drift
-    of clock speed and background load that separate loops would fold into the ratios; rotating
-    their order from round to round cancels what running first or after another leaves behind
-    (caches, sleeping threads).
+    of clock speed and background load that separate loops would fold into the ratios. The
+    rounds cycle through all six orders, so over a multiple of six rounds each variant runs
+    first, and right after each other variant, equally often: what one run leaves behind
+    (caches, sleeping threads) favours none.
     """
     with apply_tome(model, config) as handle, torch.inference_mode():
         model(*args)
@@ -144,9 +146,9 @@ def alternated_times(model, args, config: ToMeConfig, device: str, warmup: int, 
     faults = {name: 0 for name in variants}
     count_faults = not device.startswith("cuda") and _minor_faults() is not None
     with torch.inference_mode():
-        names = list(variants)
+        orders = list(itertools.permutations(variants))
         for index in range(warmup + repeat):
-            for name in names[index % 3 :] + names[: index % 3]:
+            for name in orders[(index - warmup) % len(orders)]:
                 with variants[name]():
                     synchronize(device)
                     before = _minor_faults() if count_faults else 0
@@ -241,7 +243,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=21, help="measured rounds (each runs all three variants), >= 1")
+    parser.add_argument("--repeat", type=int, default=24, help="measured rounds (each runs all three variants), >= 1")
     parser.add_argument("--windows", default="auto,global", help="comma list: auto, global, or t:y:x (cells)")
     parser.add_argument(
         "--system-malloc",
@@ -249,10 +251,12 @@ def main() -> None:
         help="CPU: keep glibc's default of unmapping freed large blocks (every forward page-faults its activations again)",
     )
     args = parser.parse_args()
+    if args.repeat < 1 or args.warmup < 0:
+        parser.error("--repeat must be at least 1 and --warmup at least 0")
 
     malloc = "n/a (CUDA caching allocator)" if args.device.startswith("cuda") else "system default"
     if not args.device.startswith("cuda") and not args.system_malloc:
-        malloc = retain_freed_host_memory() or "system default (not glibc)"
+        malloc = retain_freed_host_memory() or "system default (glibc mallopt unavailable)"
     dtype = getattr(torch, args.dtype)
     shape = Shape(args.heads, args.head_dim, args.layers, args.ffn_mult)
     model = build(shape, args.device, dtype)
@@ -288,7 +292,7 @@ def main() -> None:
             )
             paired = timings.paired_speedups("tome")
             speedup = statistics.median(paired)
-            low, _, high = statistics.quantiles(paired, n=4) if len(paired) > 1 else (speedup,) * 3
+            low, _, high = statistics.quantiles(paired, n=4, method="inclusive") if len(paired) > 1 else (speedup,) * 3
             oracle = statistics.median(timings.paired_speedups("oracle"))
             detail = " / ".join(f"{100 * parts.get(key, 0.0):.1f}%" for key in ("match", "merge", "unmerge"))
             window_name = "global" if config.match_window is None else "x".join(map(str, config.match_window))

@@ -179,23 +179,28 @@ def test_window_covering_the_grid_equals_global_matching(grid):
         assert torch.equal(glob.slot_of, local.slot_of)
 
 
-def test_windowed_sources_only_join_destinations_in_their_window():
-    grid, stride, window = (4, 12, 12), (1, 2, 2), (2, 2, 2)
-    x = tokens(2, math.prod(grid))
+@pytest.mark.parametrize("grid", [(4, 12, 12), (5, 11, 13)])  # windows tile the grid; padded windows and cells
+def test_windowed_sources_only_join_destinations_in_their_window(grid):
+    stride, window = (1, 2, 2), (2, 2, 2)
+    n = math.prod(grid)
+    x = tokens(2, n)
+    r = n - math.prod(g // s for g, s in zip(grid, stride))  # every source merges: padding must never win
     merge = bipartite_soft_matching_3d(
-        x, grid, stride, 400, generator=torch.Generator().manual_seed(2), window=window, per_sample=True
+        x, grid, stride, r, generator=torch.Generator().manual_seed(2), window=window, per_sample=True
     )
+    assert merge.num_merged == r
 
     def window_of(position):
-        t, y, w = position // 144, position // 12 % 12, position % 12
-        return (t // stride[0] // window[0], y // stride[1] // window[1], w // stride[2] // window[2])
+        coords = (position // (grid[1] * grid[2]), position // grid[2] % grid[1], position % grid[2])
+        # Border tokens outside full cells belong to the nearest full cell.
+        return tuple(min(c // s, g // s - 1) // w for c, s, g, w in zip(coords, stride, grid, window))
 
     dst = destinations(merge)
     for row in range(2):
         for src, d in zip(merge.src[row].tolist(), dst[row].tolist()):
             assert window_of(src) == window_of(d)
     # Global matching on the same input does cross windows, so the restriction is real.
-    glob = bipartite_soft_matching_3d(x, grid, stride, 400, generator=torch.Generator().manual_seed(2))
+    glob = bipartite_soft_matching_3d(x, grid, stride, r, generator=torch.Generator().manual_seed(2))
     gdst = destinations(glob)
     assert any(window_of(s) != window_of(d) for s, d in zip(glob.src[0].tolist(), gdst[0].tolist()))
 

@@ -590,23 +590,24 @@ def _reset_vm_hwm() -> bool:
         return False
 
 
-# glibc mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MMAP_THRESHOLD_MAX = 32 << 20
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
 def retain_freed_host_memory() -> str | None:
-    """Make glibc keep freed blocks up to 32 MiB for reuse instead of handing them back to the OS.
+    """Make glibc serve every block from its heap and keep freed memory for reuse.
 
     For CPU *speed* benchmarks only. PyTorch's CPU allocator is plain malloc/free, and glibc
     serves large blocks with fresh ``mmap`` pages and unmaps them on free, so every forward
     page-faults its activations in again: 16k-48k minor faults per forward of the 8192-token Wan
     benchmark, a few percent of its time and varying run to run, most for whichever variant
     allocates more. CUDA's caching allocator never pays this, so CPU timings without the change
-    understate what a smaller workload buys. Process-wide and not undoable: it also makes peak
-    RSS stay high, so never call it where :class:`MemoryMonitor` measures host memory.
+    understate what a smaller workload buys. No mmap at all (rather than a higher threshold,
+    which glibc caps at 32 MiB) also covers real-size activations. Process-wide and not undoable:
+    it also makes peak RSS stay high, so never call it where :class:`MemoryMonitor` measures host
+    memory.
 
-    Returns what it set, or None where the C library is not glibc (nothing changed).
+    Returns what it set, or None where glibc's ``mallopt`` is not there or refused (nothing set).
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
@@ -614,11 +615,10 @@ def retain_freed_host_memory() -> str | None:
 
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # A fixed mmap threshold also stops glibc from adjusting it; the trim threshold keeps freed
-    # heap tops mapped.
-    if not (mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
+    # Setting either parameter also stops glibc's adaptive thresholds.
+    if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
         return None
-    return f"glibc malloc: mmap threshold {_MMAP_THRESHOLD_MAX >> 20} MiB, freed memory kept"
+    return "glibc malloc: heap only, freed memory kept"
 
 
 @dataclass(frozen=True)
