@@ -1,14 +1,16 @@
 """Speed of a Wan transformer forward with and without video token merging.
 
-Prints, for each token count: median forward times, the measured speedup, the ideal speedup of a
-FLOP model of the same merge, efficiency = measured / ideal, and the share of the patched forward
-spent in matching + merge + unmerge (from the ``vdtome.*`` profiler ranges).
+Prints, for each token count: median forward times, the measured speedup (median of per-round
+ratios, with its interquartile range), the ideal speedup of a FLOP model of the same merge,
+efficiency = measured / ideal, the speedup of an oracle that drops tokens for free, and the share
+of the patched forward spent in matching + merge + unmerge (from the ``vdtome.*`` profiler ranges).
 
 FLOP model: analytic multiply-adds of every linear / conv layer and of attention
 (QK^T and AV: 2 * Nq * Nk * C), matching excluded; the linear part is cross-checked against
 ``torch.utils.flop_counter`` on the baseline (the counter cannot see CPU flash attention).
 
-On CPU the script first tells glibc to keep freed blocks (``vdtome.measure.retain_freed_host_memory``):
+On CPU the script first makes glibc serve every block from its heap and keep what is freed
+(``vdtome.measure.retain_freed_host_memory``):
 by default every forward page-faults its activations in afresh, tens of thousands of faults whose
 cost varies from run to run, which a GPU's caching allocator never pays. ``--system-malloc``
 measures without it; the faults per forward are printed either way.
