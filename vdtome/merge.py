@@ -310,15 +310,11 @@ def _group_by(group: torch.Tensor, num_groups: int) -> torch.Tensor:
     return table
 
 
-def _window_layout(x: torch.Tensor, boxes: tuple[int, ...], out: torch.Tensor | None = None) -> torch.Tensor:
-    """(S, N, C) in grid order -> (S, N, C) in window order, as one strided copy (into ``out``)."""
+def _window_view(x: torch.Tensor, boxes: tuple[int, ...]) -> torch.Tensor:
+    """(S, N, C) in grid order seen window by window: (S, nt, nh, nw, wt, wh, ww, C), no copy."""
     rows, _, channels = x.shape
     nt, wt, nh, wh, nw, ww = boxes
-    view = x.view(rows, nt, wt, nh, wh, nw, ww, channels).permute(0, 1, 3, 5, 2, 4, 6, 7)
-    if out is None:
-        return view.reshape(rows, -1, channels)
-    out.view(rows, nt, nh, nw, wt, wh, ww, channels).copy_(view)
-    return out
+    return x.view(rows, nt, wt, nh, wh, nw, ww, channels).permute(0, 1, 3, 5, 2, 4, 6, 7)
 
 
 def _normalised_windows(
@@ -326,9 +322,13 @@ def _normalised_windows(
 ) -> torch.Tensor:
     """The tokens of ``windows`` in window order, scaled to unit norm where ``inverse_norm`` is given."""
     if tables.boxes is not None and windows == slice(0, tables.tokens.shape[0]):
-        _window_layout(metric, tables.boxes, out)
-        if inverse_norm is not None:
-            out.mul_(_window_layout(inverse_norm.unsqueeze(-1), tables.boxes))
+        # Windows tile the grid: one strided pass lays out (and scales) every token.
+        source = _window_view(metric, tables.boxes)
+        target = out.view(source.shape)
+        if inverse_norm is None:
+            target.copy_(source)
+        else:
+            torch.mul(source, _window_view(inverse_norm.unsqueeze(-1), tables.boxes), out=target)
         return out
     tok = tables.tokens[windows].flatten()
     torch.index_select(metric, 1, tok, out=out)
