@@ -256,8 +256,11 @@ def main() -> None:
     if args.repeat < 1 or args.warmup < 0:
         parser.error("--repeat must be at least 1 and --warmup at least 0")
 
-    malloc = "n/a (CUDA caching allocator)" if args.device.startswith("cuda") else "system default"
-    if not args.device.startswith("cuda") and not args.system_malloc:
+    if args.device.startswith("cuda"):
+        malloc = "n/a (CUDA caching allocator)"
+    elif args.system_malloc:
+        malloc = "system default"
+    else:
         malloc = retain_freed_host_memory() or "system default (glibc mallopt unavailable)"
     dtype = getattr(torch, args.dtype)
     shape = Shape(args.heads, args.head_dim, args.layers, args.ffn_mult)

@@ -607,7 +607,7 @@ def retain_freed_host_memory() -> str | None:
     it also makes peak RSS stay high, so never call it where :class:`MemoryMonitor` measures host
     memory.
 
-    Returns what it set, or None where glibc's ``mallopt`` is not there or refused (nothing set).
+    Returns what it set, or None where glibc's ``mallopt`` is not there or refused a setting.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
