@@ -241,12 +241,21 @@ class MergeSiteHook(ModelHook):
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._signature = inspect.signature(type(module).forward)
+        names = list(self._signature.parameters)
+        # Position of the tokens among the positional arguments (after self), to read them without binding.
+        self._tokens_index = names.index(self.site.tokens) - 1 if self.site.tokens in names else None
         return module
 
+    def _tokens(self, args: tuple, kwargs: dict) -> Any:
+        if self.site.tokens in kwargs:
+            return kwargs[self.site.tokens]
+        if self._tokens_index is not None and self._tokens_index < len(args):
+            return args[self._tokens_index]
+        return None
+
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        call = _Call(self._signature.bind(module, *args, **kwargs))
         site = self.site
-        tokens = call.get(site.tokens)
+        tokens = self._tokens(args, kwargs)
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
             raise ValueError(
                 f"vdtome: {type(module).__name__} ({site.module}) expected 3D tokens in {site.tokens!r}, "
@@ -260,6 +269,12 @@ class MergeSiteHook(ModelHook):
                 f"vdtome: block {self.stats.block} {site.module} received {tokens.shape[1]} tokens but the latent grid "
                 f"{grid} has {num_video}; the model's token layout does not match its adapter"
             )
+        if merge_count(num_video, self.matcher.config.ratio) == 0:
+            # Nothing can merge (ratio 0, or too few tokens): run the sub-layer untouched, without
+            # binding its arguments, so that ratio 0 costs no more than the hook call itself.
+            self._record(num_video, num_video)
+            return self.fn_ref.original_forward(*args, **kwargs)
+        call = _Call(self._signature.bind(module, *args, **kwargs))
         with record_function("vdtome.match"):
             merge = _matching_eager(self.matcher, tokens[:, prefix:], grid)
         self._record(num_video, merge.num_kept)
