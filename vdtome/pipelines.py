@@ -77,6 +77,10 @@ def load_pipeline(preset: ModelPreset, device: torch.device | str | None = None,
     if preset.requires_gpu and device.type != "cuda":
         raise ModelUnavailableError(f"{preset.label} needs a GPU ({preset.hardware}); this machine has none")
     pipe = preset.build_tiny() if preset.is_builtin and source is None else from_pretrained(preset, source)
+    if preset.vae_tiling:
+        # As the model's own example does: a whole-video decode at full size can need more memory
+        # than the denoiser (HunyuanVideo, CogVideoX), and tiles cost little time.
+        pipe.vae.enable_tiling()
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

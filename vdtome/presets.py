@@ -20,6 +20,7 @@ from typing import Any
 __all__ = [
     "PRESETS_DIR",
     "Constraints",
+    "GpuTime",
     "ModelPreset",
     "PresetError",
     "UnknownPresetError",
@@ -214,12 +215,32 @@ class Constraints:
 
 
 @dataclass(frozen=True)
+class GpuTime:
+    """Rough GPU seconds of one request's parts at the preset's defaults, to ask ZeroGPU for enough
+    time (too little kills the run, too much costs queue priority). Estimates, not measurements.
+
+    ``load_s``: loading the weights onto the GPU; ``step_s``: one denoising step (every CFG branch);
+    ``decode_s``: one VAE decode; ``text_s``: one prompt encoding (prompt and negative prompt).
+    """
+
+    load_s: float
+    step_s: float
+    decode_s: float
+    text_s: float
+
+
+@dataclass(frozen=True)
 class ModelPreset:
     """One model preset. Exactly one of ``hub_id`` / ``builtin`` is set.
 
     ``dtype`` is a canonical torch dtype name (``"float32"``, ``"float16"``, ``"bfloat16"``);
     ``extras`` holds model-specific loading hints (``component_dtypes``, ``max_sequence_length``,
     ``scheduler``, ...). Treat the dict fields as read-only.
+
+    ``timing_rounds``: default number of timing rounds (see :mod:`vdtome.protocol`); ``gpu_memory_gb``:
+    the GPU memory the loader needs at the defaults (everything on the GPU, no offload); ``gpu_time``:
+    GPU-seconds estimates for ZeroGPU; ``vae_tiling``: decode in tiles (as the model's own example
+    does); ``negative_prompt_unsupported``: why the model takes no negative prompt (None: it does).
     """
 
     name: str
@@ -242,6 +263,11 @@ class ModelPreset:
     motion_adapter: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    timing_rounds: int = 1
+    gpu_memory_gb: float | None = None
+    gpu_time: GpuTime | None = None
+    vae_tiling: bool = False
+    negative_prompt_unsupported: str | None = None
 
     @property
     def is_builtin(self) -> bool:
@@ -377,6 +403,13 @@ def _parse_preset(path: Path, index: int, raw: Any) -> ModelPreset:
     guidance = defaults.get("guidance_scale", (int, float))
     if guidance < 0:
         defaults.fail("guidance_scale", f"must be >= 0, got {guidance}")
+    rounds = defaults.positive_int("timing_rounds")
+    requires_gpu = r.get("requires_gpu", bool)
+    gpu_memory_gb = r.get("gpu_memory_gb", (int, float), required=requires_gpu)
+    if gpu_memory_gb is not None and gpu_memory_gb <= 0:
+        r.fail("gpu_memory_gb", f"must be positive, got {gpu_memory_gb}")
+    gpu_time = _parse_gpu_time(r.sub("gpu_time", required=requires_gpu))
+    unsupported = r.get("negative_prompt_unsupported", str, required=False)
 
     return ModelPreset(
         name=name,
@@ -392,14 +425,31 @@ def _parse_preset(path: Path, index: int, raw: Any) -> ModelPreset:
         fps=defaults.positive_int("fps"),
         constraints=constraints,
         hardware=r.text("hardware"),
-        requires_gpu=r.get("requires_gpu", bool),
+        requires_gpu=requires_gpu,
         hub_id=hub_id,
         builtin=builtin,
         builtin_kwargs=dict(builtin_kwargs),
         motion_adapter=motion_adapter,
         extras=dict(r.get("extras", dict, required=False, default={})),
         notes=r.get("notes", str, required=False, default=""),
+        timing_rounds=rounds,
+        gpu_memory_gb=None if gpu_memory_gb is None else float(gpu_memory_gb),
+        gpu_time=gpu_time,
+        vae_tiling=r.get("vae_tiling", bool, required=False, default=False),
+        negative_prompt_unsupported=unsupported,
     )
+
+
+def _parse_gpu_time(r: _Reader | None) -> GpuTime | None:
+    if r is None:
+        return None
+    values = {}
+    for key in ("load_s", "step_s", "decode_s", "text_s"):
+        value = r.get(key, (int, float))
+        if value < 0:
+            r.fail(key, f"must be >= 0 seconds, got {value}")
+        values[key] = float(value)
+    return GpuTime(**values)
 
 
 def load_presets(path: str | os.PathLike | None = None) -> dict[str, ModelPreset]:

@@ -1,0 +1,352 @@
+"""The timing protocol: which calls a comparison makes, in what order, and what may be concluded.
+
+One request makes these calls on one loaded pipeline, in one process, on one device:
+
+1. **Warm-ups, untimed.** Once per loaded pipeline and video size, a short full call (text
+   encoder and VAE decoder included). Then, in every request, a short denoiser-only call
+   (``output_type="latent"``) of the baseline and one of the accelerated pipeline.
+2. **Rounds.** Each round is one baseline and one accelerated call made back to back; the order
+   alternates from round to round (baseline first in odd rounds) so neither side always runs
+   second. Round 1 holds the calls that decode the videos (the baseline's only when its video is
+   not cached); later rounds stop at the latents. A cached baseline gives its video and fidelity
+   only: its timing is always measured again in this request's rounds.
+3. **Figures.** The denoising speedup is the median of paired ratios with a distribution-free
+   interval (:mod:`vdtome.stats`): a pair is a round when there are at least
+   :data:`~vdtome.stats.MIN_PAIRS` rounds; with fewer rounds, and a method whose steps all cost
+   alike, a pair is one denoising step of the two calls of a round (the steps are the repeats).
+   End-to-end = the denoising times plus the untouched time (text encoding, decode, set-up)
+   measured in this request's decoding calls (Amdahl). Phases the method does not touch are shown
+   as unchanged and double as a noise check: when they differ by more than
+   :data:`BUSY_THRESHOLD`, the machine was busy and the result says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .measure import DENOISING, END_TO_END, TEXT_ENCODING, VAE_DECODE, MemoryReport, TimingReport
+from .stats import MIN_PAIRS, Ratio, Verdict, diluted, median, median_interval, paired_ratio, speed_phrase
+
+BASELINE = "baseline"
+ACCELERATED = "accelerated"
+SIDES = (BASELINE, ACCELERATED)
+
+#: An untouched phase that differs between the two sides by more than this (significantly, when
+#: there are enough pairs for an interval) means the machine was not quiet during the request.
+BUSY_THRESHOLD = 0.10
+#: With a single pair there is no interval: only a difference this large is called busy.
+BUSY_THRESHOLD_SINGLE = 0.25
+
+PHASE_LABELS = {
+    TEXT_ENCODING: "text encoding",
+    DENOISING: "denoising loop",
+    VAE_DECODE: "VAE decode",
+    END_TO_END: "end-to-end",
+}
+
+
+def round_order(round_number: int) -> tuple[str, str]:
+    """Baseline first in odd rounds, accelerated first in even ones (1-based)."""
+    return (BASELINE, ACCELERATED) if round_number % 2 else (ACCELERATED, BASELINE)
+
+
+@dataclass(frozen=True)
+class TimedCall:
+    """One timed pipeline call of the protocol."""
+
+    side: str
+    round: int  # 1-based
+    decoded: bool  # the call decoded a video (else it stopped at the latents)
+    timing: TimingReport
+    memory: MemoryReport
+    started_at: float  # time.time() at the start
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "side": self.side,
+            "round": self.round,
+            "decoded": self.decoded,
+            "started_at": self.started_at,
+            "latency": self.timing.to_dict(),
+            "memory": self.memory.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class PhaseFigures:
+    """One phase in both sides: median milliseconds over this request's calls and their ratio.
+
+    ``touched``: the method can change this phase. ``busy``: for an untouched phase, the reason it
+    says the machine was busy (None when it agrees within the expected noise).
+    """
+
+    phase: str
+    baseline_ms: float | None
+    accelerated_ms: float | None
+    ratio: Ratio | None
+    touched: bool
+    busy: str | None = None
+
+    @property
+    def label(self) -> str:
+        return PHASE_LABELS.get(self.phase, self.phase)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "baseline_ms": self.baseline_ms,
+            "accelerated_ms": self.accelerated_ms,
+            "ratio": None if self.ratio is None else self.ratio.to_dict(),
+            "touched": self.touched,
+            "busy": self.busy,
+        }
+
+
+@dataclass(frozen=True)
+class MemoryFigures:
+    """Peak memory of the two decoding calls and whether their difference means anything.
+
+    ``kind``: ``"peak CUDA allocated"`` (exact: any change is real) or ``"peak RSS growth"`` (a
+    sampled process figure: ``noise_bytes`` is how much repeated calls of one side differ, and
+    changes within it are labelled as noise). ``baseline_from_cache``: the baseline figure comes
+    from the cached run that made its video.
+    """
+
+    kind: str
+    baseline_bytes: int | None
+    accelerated_bytes: int | None
+    noise_bytes: int | None
+    baseline_from_cache: bool
+
+    @property
+    def change_bytes(self) -> int | None:
+        if self.baseline_bytes is None or self.accelerated_bytes is None:
+            return None
+        return self.accelerated_bytes - self.baseline_bytes
+
+    @property
+    def exact(self) -> bool:
+        return self.kind == "peak CUDA allocated"
+
+    @property
+    def within_noise(self) -> bool:
+        """A change the measurement cannot tell from no change."""
+        change = self.change_bytes
+        if change is None or self.exact:
+            return False
+        if self.baseline_from_cache or self.noise_bytes is None:
+            return True  # one sample per side (or from another time): RSS growth cannot separate it
+        return abs(change) <= self.noise_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "baseline_bytes": self.baseline_bytes,
+            "accelerated_bytes": self.accelerated_bytes,
+            "change_bytes": self.change_bytes,
+            "noise_bytes": self.noise_bytes,
+            "within_noise": self.within_noise,
+            "baseline_from_cache": self.baseline_from_cache,
+        }
+
+
+@dataclass(frozen=True)
+class TimingSummary:
+    """Everything the protocol lets a comparison claim about time and memory."""
+
+    rounds: int
+    denoising: PhaseFigures
+    end_to_end: PhaseFigures
+    untouched: tuple[PhaseFigures, ...]
+    seconds_per_step: tuple[float | None, float | None]
+    memory: MemoryFigures
+    calls: tuple[TimedCall, ...] = field(repr=False, default=())
+
+    @property
+    def busy_warning(self) -> str | None:
+        reasons = [phase.busy for phase in self.untouched if phase.busy]
+        if not reasons:
+            return None
+        return (
+            "the machine was busy during this request: " + "; ".join(reasons) + ". Phases the method does not "
+            "touch should take the same time in both runs, so the figures above are unreliable; rerun when "
+            "the machine is quiet."
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "denoising": self.denoising.to_dict(),
+            "end_to_end": self.end_to_end.to_dict(),
+            "untouched": [phase.to_dict() for phase in self.untouched],
+            "seconds_per_step": {"baseline": self.seconds_per_step[0], "accelerated": self.seconds_per_step[1]},
+            "memory": self.memory.to_dict(),
+            "busy_warning": self.busy_warning,
+            "calls": [call.to_dict() for call in self.calls],
+        }
+
+
+# ---- summarising the calls of one request --------------------------------------------------------
+
+
+def _by_round(calls: Iterable[TimedCall]) -> list[tuple[TimedCall, TimedCall]]:
+    """(baseline, accelerated) of every round that has both, in round order."""
+    rounds: dict[int, dict[str, TimedCall]] = {}
+    for call in calls:
+        rounds.setdefault(call.round, {})[call.side] = call
+    return [(sides[BASELINE], sides[ACCELERATED]) for _, sides in sorted(rounds.items()) if len(sides) == 2]
+
+
+def _phase_pairs(pairs: Sequence[tuple[TimedCall, TimedCall]], phase: str) -> tuple[list[float], list[float]]:
+    base, fast = [], []
+    for b, a in pairs:
+        tb, ta = b.timing.get(phase), a.timing.get(phase)
+        if tb and ta:
+            base.append(tb)
+            fast.append(ta)
+    return base, fast
+
+
+def _step_pairs(pairs: Sequence[tuple[TimedCall, TimedCall]]) -> tuple[list[float], list[float]]:
+    base, fast = [], []
+    for b, a in pairs:
+        for tb, ta in zip(b.timing.steps_ms, a.timing.steps_ms):
+            if tb and ta:
+                base.append(tb)
+                fast.append(ta)
+    return base, fast
+
+
+def _median_or_none(values: Sequence[float]) -> float | None:
+    return median(values) if values else None
+
+
+def denoising_ratio(pairs: Sequence[tuple[TimedCall, TimedCall]], steps_alike: bool) -> Ratio | None:
+    """Rounds as the repeats when there are enough; else the steps, when they all cost alike."""
+    base, fast = _phase_pairs(pairs, DENOISING)
+    if not base:
+        return None
+    if len(base) < MIN_PAIRS and steps_alike:
+        step_base, step_fast = _step_pairs(pairs)
+        if len(step_base) >= MIN_PAIRS:
+            return paired_ratio(step_base, step_fast, unit="steps")
+    return paired_ratio(base, fast, unit="rounds")
+
+
+def _busy_reason(phase: str, ratio: Ratio) -> str | None:
+    """Why an untouched phase says the machine was busy, or None."""
+    if ratio.has_interval:
+        significant = ratio.low > 1.0 or ratio.high < 1.0
+        busy = significant and abs(ratio.value - 1.0) > BUSY_THRESHOLD and ratio.value > 0
+    else:
+        busy = abs(ratio.value - 1.0) > BUSY_THRESHOLD_SINGLE
+    if not busy:
+        return None
+    slower_side = ACCELERATED if ratio.value > 1.0 else BASELINE
+    factor = ratio.value if ratio.value > 1.0 else 1.0 / ratio.value
+    return f"{PHASE_LABELS[phase]} took {factor:.2f}x as long in the {slower_side} runs ({ratio.interval_text()})"
+
+
+def _untouched_phase(pairs: Sequence[tuple[TimedCall, TimedCall]], phase: str) -> PhaseFigures:
+    base, fast = _phase_pairs(pairs, phase)
+    ratio = paired_ratio(base, fast) if base else None
+    return PhaseFigures(
+        phase,
+        _median_or_none(base),
+        _median_or_none(fast),
+        ratio,
+        touched=False,
+        busy=None if ratio is None else _busy_reason(phase, ratio),
+    )
+
+
+def _untouched_ms(calls: Iterable[TimedCall]) -> float | None:
+    """Mean time of everything but the denoising loop in this request's decoding calls."""
+    rest = [
+        c.timing.get(END_TO_END) - c.timing.get(DENOISING)
+        for c in calls
+        if c.decoded and c.timing.get(END_TO_END) and c.timing.get(DENOISING)
+    ]
+    return sum(rest) / len(rest) if rest else None
+
+
+def _memory(calls: Sequence[TimedCall], cached_baseline: MemoryReport | None) -> MemoryFigures:
+    decoding = {c.side: c.memory for c in calls if c.decoded}
+    base_report = decoding.get(BASELINE, cached_baseline)
+    fast_report = decoding.get(ACCELERATED)
+    device = (fast_report or base_report).device if (fast_report or base_report) else "cpu"
+    exact = device.startswith("cuda")
+    noise = None
+    if not exact:
+        spreads = []
+        for side in SIDES:
+            peaks = [c.memory.peak_bytes for c in calls if c.side == side and not c.decoded and c.memory.peak_bytes is not None]
+            if len(peaks) >= 2:
+                spreads.append(max(peaks) - min(peaks))
+        noise = max(spreads) if spreads else None
+    return MemoryFigures(
+        kind="peak CUDA allocated" if exact else "peak RSS growth",
+        baseline_bytes=None if base_report is None else base_report.peak_bytes,
+        accelerated_bytes=None if fast_report is None else fast_report.peak_bytes,
+        noise_bytes=noise,
+        baseline_from_cache=BASELINE not in decoding and cached_baseline is not None,
+    )
+
+
+def summarise(
+    calls: Sequence[TimedCall],
+    touched: Iterable[str] = (DENOISING,),
+    steps_alike: bool = True,
+    cached_baseline_memory: MemoryReport | None = None,
+) -> TimingSummary:
+    """The figures of one request's calls (see the module docstring for the rules)."""
+    pairs = _by_round(calls)
+    if not pairs:
+        raise ValueError("no complete round: nothing to compare")
+    touched = frozenset(touched)
+    base_ms, fast_ms = _phase_pairs(pairs, DENOISING)
+    ratio = denoising_ratio(pairs, steps_alike)
+    denoising = PhaseFigures(DENOISING, _median_or_none(base_ms), _median_or_none(fast_ms), ratio, touched=True)
+
+    untouched_ms = _untouched_ms(calls)
+    if ratio is not None and untouched_ms is not None and denoising.accelerated_ms:
+        whole = diluted(ratio, denoising.accelerated_ms, untouched_ms)
+        end_to_end = PhaseFigures(
+            END_TO_END, denoising.baseline_ms + untouched_ms, denoising.accelerated_ms + untouched_ms, whole, touched=True
+        )
+    else:
+        end_to_end = PhaseFigures(END_TO_END, None, None, None, touched=True)
+
+    untouched = tuple(_untouched_phase(pairs, phase) for phase in (TEXT_ENCODING, VAE_DECODE) if phase not in touched)
+    per_step = []
+    for side_index in (0, 1):
+        steps = [t for pair in pairs for t in pair[side_index].timing.steps_ms if t]
+        per_step.append(median(steps) / 1000 if steps else None)
+    return TimingSummary(
+        rounds=len(pairs),
+        denoising=denoising,
+        end_to_end=end_to_end,
+        untouched=untouched,
+        seconds_per_step=(per_step[0], per_step[1]),
+        memory=_memory(calls, cached_baseline_memory),
+        calls=tuple(calls),
+    )
+
+
+__all__ = [
+    "ACCELERATED",
+    "BASELINE",
+    "BUSY_THRESHOLD",
+    "MemoryFigures",
+    "PhaseFigures",
+    "TimedCall",
+    "TimingSummary",
+    "Verdict",
+    "denoising_ratio",
+    "median_interval",
+    "round_order",
+    "speed_phrase",
+    "summarise",
+]

@@ -1,0 +1,174 @@
+"""Paired timing statistics: is the accelerated run faster than the baseline, and by how much?
+
+Pure arithmetic (no torch, no diffusers), so the rules can be read and tested on their own.
+
+* A **ratio** is baseline time / accelerated time, taken from runs made back to back in one
+  request (a *pair*): > 1 means faster. The estimate is the median of the pairs' ratios.
+* Its **interval** is the distribution-free confidence interval of that median: the order
+  statistics ``[x_(k), x_(n+1-k)]`` cover the true median with probability
+  ``1 - 2 P(Binomial(n, 1/2) <= k - 1)`` whatever the noise distribution, so no normality is
+  assumed and one wild pair (a busy machine) cannot drag it. With 95 % it needs at least 6 pairs
+  (then it is the range of the 6 ratios); with fewer the ratio is reported without a verdict.
+* A **verdict** says "faster" or "slower" only when the interval excludes 1 *and* the estimate
+  is further than :data:`NOISE_THRESHOLD` from 1 (as criterion.rs does): a real but tiny change is
+  reported as no significant difference, not as a speedup.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from enum import Enum
+from typing import Any
+
+CONFIDENCE = 0.95
+#: Changes of the median below this fraction are called noise, whatever the interval says.
+NOISE_THRESHOLD = 0.02
+#: Pairs needed before an interval at :data:`CONFIDENCE` exists (the range of 6 covers 96.9 %).
+MIN_PAIRS = 6
+
+
+class Verdict(str, Enum):
+    FASTER = "faster"
+    SLOWER = "slower"
+    NO_DIFFERENCE = "no significant difference"
+    TOO_FEW_REPEATS = "too few repeats to tell"
+
+
+def median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("median of no values")
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _binomial_cdf_half(k: int, n: int) -> float:
+    """P(Binomial(n, 1/2) <= k)."""
+    return sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+
+
+def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float] | None:
+    """The narrowest order-statistic interval for the median with coverage >= ``confidence``.
+
+    Returns ``(low, high, coverage)``, or None when ``values`` are too few for that confidence.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    ordered = sorted(values)
+    n = len(ordered)
+    best = None
+    for k in range(1, n // 2 + 1):  # k-th smallest to k-th largest
+        coverage = 1.0 - 2.0 * _binomial_cdf_half(k - 1, n)
+        if coverage < confidence:
+            break
+        best = (ordered[k - 1], ordered[n - k], coverage)
+    return best
+
+
+def speed_phrase(ratio: float) -> str:
+    """``1.84x faster`` / ``1.41x slower``: a slowdown is never written as a speedup below 1."""
+    if ratio >= 1.0:
+        return f"{ratio:.2f}x faster"
+    return f"{1.0 / ratio:.2f}x slower"
+
+
+def _range_phrase(low: float, high: float) -> str:
+    return f"{low:.2f}-{high:.2f}x"
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """Baseline time / accelerated time over paired measurements (> 1: the accelerated run is faster).
+
+    ``low`` / ``high``: the interval of the median ratio at ``coverage`` (None with too few pairs);
+    ``pairs``: how many paired measurements; ``unit``: what a pair is (``"rounds"``: one baseline and
+    one accelerated call made back to back; ``"steps"``: the same denoising step of such two calls).
+    """
+
+    value: float
+    low: float | None
+    high: float | None
+    coverage: float | None
+    pairs: int
+    unit: str
+    verdict: Verdict
+
+    @property
+    def has_interval(self) -> bool:
+        return self.low is not None and self.high is not None
+
+    def interval_text(self) -> str:
+        if not self.has_interval:
+            return f"{self.pairs} {self.unit}: too few for an interval"
+        return f"{self.coverage:.0%} interval {_range_phrase(self.low, self.high)} over {self.pairs} {self.unit}"
+
+    def text(self) -> str:
+        """What the page prints: the verdict first, the number and its interval after."""
+        if self.verdict is Verdict.NO_DIFFERENCE:
+            return f"no significant difference ({self.value:.2f}x; {self.interval_text()})"
+        if self.verdict is Verdict.TOO_FEW_REPEATS:
+            return f"{speed_phrase(self.value)}? ({self.interval_text()}; use more rounds)"
+        return f"{speed_phrase(self.value)} ({self.interval_text()})"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["verdict"] = self.verdict.value
+        out["text"] = self.text()
+        return out
+
+
+def decide(value: float, interval: tuple[float, float, float] | None, threshold: float = NOISE_THRESHOLD) -> Verdict:
+    if interval is None:
+        return Verdict.TOO_FEW_REPEATS
+    low, high, _ = interval
+    if low > 1.0 and value > 1.0 + threshold:
+        return Verdict.FASTER
+    if high < 1.0 and value < 1.0 / (1.0 + threshold):
+        return Verdict.SLOWER
+    return Verdict.NO_DIFFERENCE
+
+
+def paired_ratio(
+    baseline: Sequence[float],
+    accelerated: Sequence[float],
+    unit: str = "rounds",
+    confidence: float = CONFIDENCE,
+    threshold: float = NOISE_THRESHOLD,
+) -> Ratio:
+    """The ratio of paired times (``baseline[i]`` was measured next to ``accelerated[i]``)."""
+    if len(baseline) != len(accelerated):
+        raise ValueError(f"unpaired times: {len(baseline)} baseline vs {len(accelerated)} accelerated")
+    if not baseline:
+        raise ValueError("no paired times")
+    if any(not (t > 0 and math.isfinite(t)) for t in (*baseline, *accelerated)):
+        raise ValueError("times must be positive and finite")
+    ratios = [b / a for b, a in zip(baseline, accelerated)]
+    value = median(ratios)
+    interval = median_interval(ratios, confidence)
+    low, high, coverage = interval if interval is not None else (None, None, None)
+    return Ratio(value, low, high, coverage, len(ratios), unit, decide(value, interval, threshold))
+
+
+def diluted(ratio: Ratio, accelerated_part: float, untouched: float, threshold: float = NOISE_THRESHOLD) -> Ratio:
+    """Amdahl: the speedup of a whole whose accelerated part (``accelerated_part`` long after
+    acceleration) sped up by ``ratio`` while ``untouched`` stayed the same. The map is monotone
+    and fixes 1, so the interval maps endpoint by endpoint; the verdict is decided again, as a
+    diluted change can fall below the noise threshold."""
+    if accelerated_part <= 0 or untouched < 0:
+        raise ValueError("accelerated part must be positive and the untouched part non-negative")
+
+    def whole(speedup: float) -> float:
+        return (speedup * accelerated_part + untouched) / (accelerated_part + untouched)
+
+    value = whole(ratio.value)
+    if not ratio.has_interval:
+        return replace(ratio, value=value, verdict=decide(value, None, threshold))
+    low, high = whole(ratio.low), whole(ratio.high)
+    return replace(ratio, value=value, low=low, high=high, verdict=decide(value, (low, high, ratio.coverage), threshold))
+
+
+def relative_change(baseline: float, accelerated: float) -> float:
+    """accelerated / baseline - 1 (e.g. +0.23 = 23 % longer)."""
+    return accelerated / baseline - 1.0
