@@ -18,6 +18,19 @@ try:
 except ImportError:
     spaces = None
 
+
+def _on_zero_gpu() -> bool:
+    """A ZeroGPU Space, not merely the `spaces` package installed (its GPU decorator is then a no-op)."""
+    if spaces is None:
+        return False
+    config = getattr(getattr(spaces, "config", None), "Config", None)
+    if config is not None and hasattr(config, "zero_gpu"):
+        return bool(config.zero_gpu)
+    return os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "t", "true")
+
+
+ON_ZERO_GPU = _on_zero_gpu()
+
 import dataclasses
 import threading
 
@@ -25,10 +38,12 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from vdtome.compare import Cancelled, ComparisonEngine, ComparisonRequest, RequestError
+from vdtome.cancel import CancelFlag, CancelFlags
+from vdtome.compare import MAX_ROUNDS, Cancelled, ComparisonEngine, ComparisonRequest, ProgressEvent, RequestError
 from vdtome.metrics import PSNR_CAP_DB
 from vdtome.pipelines import ALLOW_CUSTOM_MODEL_ENV, ModelUnavailableError, custom_models_allowed
 from vdtome.presets import load_presets, load_prompts
+from vdtome.protocol import MAX_GPU_SECONDS
 from vdtome.report import COLUMNS
 from vdtome.ui import (
     BLOCK_CHOICES,
@@ -39,7 +54,7 @@ from vdtome.ui import (
     TARGETS,
     ComparisonView,
     comparison_view,
-    estimate_gpu_seconds,
+    gpu_estimate,
     parse_ratios,
     preset_choice_label,
     preset_info,
@@ -55,11 +70,13 @@ GPU_QUEUE = "gpu"  # every generation event shares one queue: two runs on one GP
 
 PRESETS = load_presets()
 PROMPTS = load_prompts()
-HAS_GPU = torch.cuda.is_available() if spaces is None else True  # ZeroGPU attaches a GPU per call
+# ZeroGPU attaches a GPU to each call (the app's own process has none); elsewhere ask torch.
+HAS_GPU = ON_ZERO_GPU or torch.cuda.is_available()
 
 _engine: ComparisonEngine | None = None
 _engine_lock = threading.Lock()
-_cancel_events: dict[str, threading.Event] = {}
+# Files, not events: they reach the ZeroGPU worker that generates (see vdtome.cancel).
+CANCEL_FLAGS = CancelFlags()
 
 
 def engine() -> ComparisonEngine:
@@ -70,26 +87,20 @@ def engine() -> ComparisonEngine:
         return _engine
 
 
-def _cancel_event(session: str) -> threading.Event:
-    return _cancel_events.setdefault(session, threading.Event())
-
-
 # ---- the GPU part (one function, so ZeroGPU can wrap it) ------------------------------------------
 
 
-def run_requests(requests: list[ComparisonRequest], source: str | None, session: str,
+def run_requests(requests: list[ComparisonRequest], source: str | None, cancel: CancelFlag,
                  progress=gr.Progress()) -> list[ComparisonView]:
     """Run one comparison per request on the shared engine; stops early when cancelled."""
-    cancel = _cancel_event(session)
     views: list[ComparisonView] = []
     for index, request in enumerate(requests):
-        label = f"ratio {request.acceleration.ratio:g} ({index + 1}/{len(requests)}) " if len(requests) > 1 else ""
+        prefix = f"ratio {request.acceleration.ratio:g} ({index + 1}/{len(requests)}) · " if len(requests) > 1 else ""
 
-        def report(stage: str, done: int, total: int, index=index, label=label) -> None:
-            runs_done = 2 * index + (stage == "accelerated")
-            progress((runs_done * total + done, 2 * len(requests) * total), desc=f"{label}{stage}: step {done}/{total}")
+        def report(event: ProgressEvent, index=index, prefix=prefix) -> None:
+            progress((index + event.done / max(event.total, 1)) / len(requests), desc=prefix + event.label)
 
-        progress(0, desc=f"{label}loading {request.preset}")
+        progress(index / len(requests), desc=f"{prefix}loading {request.preset}")
         result = engine().run(request, progress=report, cancel=cancel, source=source)
         views.append(comparison_view(result))
         if not result.ok:
@@ -97,20 +108,19 @@ def run_requests(requests: list[ComparisonRequest], source: str | None, session:
     return views
 
 
-def _gpu_duration(requests: list[ComparisonRequest], source: str | None, session: str, progress=None) -> int:
-    first = requests[0]
-    return estimate_gpu_seconds(PRESETS[first.preset], first.steps, first.frames, first.height, first.width,
-                                runs=len(requests))
+def _gpu_duration(requests: list[ComparisonRequest], source: str | None, cancel: CancelFlag, progress=None) -> int:
+    """Seconds to ask ZeroGPU for: loading, warm-ups, every timed round and both decodes."""
+    return gpu_estimate(requests).seconds
 
 
-if spaces is not None:
+if ON_ZERO_GPU:
     run_requests = spaces.GPU(duration=_gpu_duration)(run_requests)
 
 
 # ---- event handlers ------------------------------------------------------------------------------
 
 
-def _requests(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
+def _requests(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds,
               ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
               random_destinations, local_window, ratios=None) -> list[ComparisonRequest]:
     """Requests from the form (one, or one per sweep ratio); raises RequestError on bad input."""
@@ -131,13 +141,24 @@ def _requests(preset, prompt, negative_prompt, seed, frames, height, width, step
         width=_number(width, "width"),
         steps=_number(steps, "steps"),
         guidance=_number(guidance, "guidance"),
+        rounds=_number(rounds, "timing rounds"),
         acceleration=config,
         snap=False,  # the page says what is wrong instead of silently running another size
     )
-    if ratios is None:
-        return [base]
-    cap = stride_ratio_cap(config.stride)
-    return [dataclasses.replace(base, acceleration=dataclasses.replace(config, ratio=r)) for r in parse_ratios(ratios, cap)]
+    requests = [base]
+    if ratios is not None:
+        cap = stride_ratio_cap(config.stride)
+        requests = [dataclasses.replace(base, acceleration=dataclasses.replace(config, ratio=r))
+                    for r in parse_ratios(ratios, cap)]
+    if ON_ZERO_GPU and PRESETS[preset].gpu_time is not None:
+        estimate = gpu_estimate(requests)
+        if not estimate.fits:
+            parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in estimate.parts().items())
+            raise RequestError(
+                f"this request needs about {estimate.total_s:.0f} s of GPU time ({parts}); a ZeroGPU task may "
+                f"take at most {MAX_GPU_SECONDS} s: lower the steps, frames, size, timing rounds or sweep points"
+            )
+    return requests
 
 
 def _number(value, name: str):
@@ -156,21 +177,24 @@ def _source(custom_model: str | None) -> str | None:
 
 
 def _execute(requests: list[ComparisonRequest], custom_model: str | None, request: gr.Request, progress):
-    session = request.session_hash if request is not None else "local"
-    _cancel_event(session).clear()
+    flag = _cancel_flag(request)
+    flag.clear()
     try:
-        return run_requests(requests, _source(custom_model), session, progress=progress)
+        return run_requests(requests, _source(custom_model), flag, progress=progress)
     except (RequestError, ModelUnavailableError, ValueError, TypeError) as error:
         raise gr.Error(str(error), title="Cannot run this comparison") from None
     except Cancelled:
         raise gr.Error("The comparison was cancelled.", title="Cancelled") from None
 
 
+PLOT_COLUMNS = ["run", "PSNR vs baseline (dB)", "end-to-end speedup", "interval", "verdict", "merge ratio", "settings"]
+
+
 def _history_outputs(history: list[dict]):
     table = pd.DataFrame([entry["row"] for entry in history], columns=list(HISTORY_COLUMNS))
-    points = table[table["PSNR dB"].notna() & (table["PSNR dB"] < PSNR_CAP_DB)].copy()
-    points["settings"] = points["model"] + " · " + points["strategy"] + " · stride " + points["stride"]
-    points = points.rename(columns={"PSNR dB": "PSNR vs baseline (dB)", "speedup": "end-to-end speedup"})
+    # Identical videos (ratio 0) have no finite PSNR: they are in the table, not on the chart.
+    points = pd.DataFrame([entry["point"] for entry in history if entry.get("point") is not None
+                           and entry["point"]["PSNR vs baseline (dB)"] < PSNR_CAP_DB], columns=PLOT_COLUMNS)
     return table, points
 
 
@@ -179,13 +203,16 @@ def _record(history: list[dict], views: list[ComparisonView]) -> list[dict]:
     for view in views:
         if view.entry is not None:
             entry = dataclasses.replace(view.entry, run=len(history) + 1)
-            history.append({"row": entry.row()})
+            history.append({"row": entry.row(), "point": entry.point()})
     return history
 
 
 def _show(view: ComparisonView):
     files = view.files
     notes = [f"- {note}" for note in view.notes]
+    for warning in view.warnings:
+        gr.Warning(warning)
+        notes.insert(0, f"**Warning:** {warning}")
     if view.error:
         gr.Warning(view.error)
         notes.insert(0, f"**Error:** {view.error}")
@@ -212,34 +239,37 @@ def _run_form(form: tuple, ratios: str | None, custom_model, history, request, p
     return (*_show(views[-1]), history, *_history_outputs(history))
 
 
-def compare(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
+def compare(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds,
             ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
             random_destinations, local_window, custom_model, history,
             request: gr.Request, progress=gr.Progress()):
     """Baseline vs token merging on one prompt and seed: videos, metrics, updated history."""
-    form = (preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, ratio, stride_t,
+    form = (preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds, ratio, stride_t,
             stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching, random_destinations, local_window)
     return _run_form(form, None, custom_model, history, request, progress)
 
 
-def sweep(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
+def sweep(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds,
           ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
           random_destinations, local_window, custom_model, ratios, history,
           request: gr.Request, progress=gr.Progress()):
-    """One comparison per ratio (the baseline runs once and is reused): the speedup/fidelity curve."""
-    form = (preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, ratio, stride_t,
+    """One comparison per ratio (the baseline video is made once and reused; every point is timed
+    against fresh baseline calls): the speedup/fidelity curve."""
+    form = (preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds, ratio, stride_t,
             stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching, random_destinations, local_window)
     return _run_form(form, ratios, custom_model, history, request, progress)
 
 
+def _cancel_flag(request: gr.Request | None) -> CancelFlag:
+    return CANCEL_FLAGS.for_session(request.session_hash if request is not None else "local")
+
+
 def cancel(request: gr.Request):
-    if request is not None:
-        _cancel_event(request.session_hash).set()
+    _cancel_flag(request).set()
 
 
 def forget_session(request: gr.Request):
-    if request is not None:
-        _cancel_events.pop(request.session_hash, None)
+    _cancel_flag(request).clear()
 
 
 def clear_history():
@@ -258,16 +288,28 @@ def _ratio_info(cap: float) -> str:
     return f"share of video tokens merged before each patched sub-layer; at most {cap:.2f} for this stride"
 
 
-def on_preset(name: str):
+def _negative_prompt_box(preset, value: str = "") -> gr.Textbox:
+    if preset.negative_prompt_unsupported:
+        return gr.Textbox(value="", interactive=False, info=f"Not used by this model: {preset.negative_prompt_unsupported}.")
+    return gr.Textbox(value=value, interactive=True, info=None)
+
+
+ROUNDS_INFO = (f"1-{MAX_ROUNDS}: baseline and accelerated calls back to back, order alternating; 6 or more give an "
+               "interval from rounds alone, fewer use the denoising steps as repeats")
+
+
+def on_preset(name: str, negative_prompt: str):
     preset = PRESETS[name]
     rules = preset.constraints
     return (
         preset_info(preset, HAS_GPU),
+        _negative_prompt_box(preset, negative_prompt),
         gr.Number(value=preset.num_frames, info=_frames_info(rules)),
         gr.Number(value=preset.height, info=_side_info(rules)),
         gr.Number(value=preset.width, info=_side_info(rules)),
         gr.Number(value=preset.num_inference_steps),
         gr.Number(value=preset.guidance_scale),
+        gr.Number(value=preset.timing_rounds),
     )
 
 
@@ -296,7 +338,8 @@ def build_demo() -> gr.Blocks:
         gr.Markdown(
             "# vdtome\nTraining-free token merging (ToMe) for video diffusion transformers. The same prompt and seed "
             "run through the baseline and the accelerated pipeline; both videos play side by side with latency, "
-            "peak memory, merge ratio and fidelity to the baseline.",
+            "peak memory, merge ratio and fidelity to the baseline. Every speedup is timed in the same request: "
+            "baseline and accelerated calls back to back, repeated, with an interval; within noise is said so.",
             elem_id="vdtome-title",
         )
         history = gr.State([])
@@ -313,7 +356,8 @@ def build_demo() -> gr.Blocks:
                 )
                 prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2, max_lines=6, elem_id="prompt")
                 gr.Examples([[p] for p in PROMPTS], inputs=[prompt], label="Example prompts", examples_per_page=6)
-                negative = gr.Textbox(label="Negative prompt", value="", max_lines=2)
+                negative = gr.Textbox(label="Negative prompt", value="", max_lines=2,
+                                      interactive=not preset.negative_prompt_unsupported)
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0)
                     frames = gr.Number(label="Frames", value=preset.num_frames, precision=0,
@@ -325,6 +369,8 @@ def build_demo() -> gr.Blocks:
                 with gr.Row():
                     steps = gr.Number(label="Steps", value=preset.num_inference_steps, precision=0)
                     guidance = gr.Number(label="Guidance", value=preset.guidance_scale)
+                    rounds = gr.Number(label="Timing rounds", value=preset.timing_rounds, precision=0,
+                                       info=ROUNDS_INFO, elem_id="rounds")
             with gr.Column(scale=1):
                 gr.Markdown("### Token merging")
                 # The widest cap here (API calls may pick any stride); the page narrows it to the
@@ -366,6 +412,7 @@ def build_demo() -> gr.Blocks:
                                          column_count=len(HISTORY_COLUMNS))
             history_plot = gr.ScatterPlot(
                 x="PSNR vs baseline (dB)", y="end-to-end speedup", color="settings",
+                tooltip=["run", "merge ratio", "end-to-end speedup", "interval", "verdict", "PSNR vs baseline (dB)"],
                 label="Speedup against fidelity (identical ratio-0 runs are off the chart)", elem_id="history-plot",
             )
             with gr.Row():
@@ -374,7 +421,7 @@ def build_demo() -> gr.Blocks:
                 sweep_button = gr.Button("Run sweep", scale=1, elem_id="sweep")
                 clear_button = gr.Button("Clear history", scale=1)
 
-        form = [model, prompt, negative, seed, frames, height, width, steps, guidance, ratio, stride_t, stride_y,
+        form = [model, prompt, negative, seed, frames, height, width, steps, guidance, rounds, ratio, stride_t, stride_y,
                 stride_x, strategy, blocks, targets, reuse_steps, matching, random_destinations, local_window,
                 custom_model]
         shown = [side_by_side, baseline_video, accelerated_video, difference_video, result_json, metrics,
@@ -385,7 +432,8 @@ def build_demo() -> gr.Blocks:
                                          concurrency_id=GPU_QUEUE, concurrency_limit=1)
         stop.click(cancel, None, None, cancels=[run_event, sweep_event], queue=False, api_visibility="private")
         clear_button.click(clear_history, None, [history, history_table, history_plot], api_visibility="private")
-        model.change(on_preset, model, [model_info, frames, height, width, steps, guidance], api_visibility="private")
+        model.change(on_preset, [model, negative], [model_info, negative, frames, height, width, steps, guidance, rounds],
+                     api_visibility="private")
         for control in (stride_t, stride_y, stride_x):
             control.change(on_stride, [ratio, stride_t, stride_y, stride_x], ratio, api_visibility="private")
         demo.load(on_stride, [ratio, stride_t, stride_y, stride_x], ratio, api_visibility="private")

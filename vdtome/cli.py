@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--width", type=int)
     compare.add_argument("--steps", type=int)
     compare.add_argument("--guidance", type=float)
-    compare.add_argument("--warmup-steps", type=int, default=2, help="untimed warm-up call length (0: none)")
+    compare.add_argument("--rounds", type=int,
+                         help="timing rounds: baseline and accelerated calls back to back, order alternating "
+                              "(default: the preset's; 6 or more give an interval from rounds alone)")
+    compare.add_argument("--warmup-steps", type=int, default=2, help="steps of each untimed warm-up call (>= 2)")
     compare.add_argument("--no-snap", action="store_true", help="refuse invalid sizes instead of snapping them")
     compare.add_argument("--no-baseline-cache", action="store_true")
     compare.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
@@ -106,6 +109,7 @@ def _compare(args) -> int:
             steps=args.steps,
             guidance=args.guidance,
             acceleration=config,
+            rounds=args.rounds,
             warmup_steps=args.warmup_steps,
             snap=not args.no_snap,
             reuse_baseline=not args.no_baseline_cache,
@@ -114,11 +118,12 @@ def _compare(args) -> int:
 
         interactive = sys.stderr.isatty()
 
-        def progress(stage: str, done: int, total: int) -> None:
+        def progress(event) -> None:
             if interactive:
-                print(f"\r{stage:12} step {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
-            elif done == total:
-                print(f"{stage}: {total} steps done", file=sys.stderr, flush=True)
+                end = "\n" if event.done == event.total else ""
+                print(f"\r{event.label:60}", end=end, file=sys.stderr, flush=True)
+            elif event.step == event.steps:
+                print(event.label, file=sys.stderr, flush=True)
 
         result = engine.run(request, out_dir=args.out, progress=progress)
     except (RequestError, ValueError, TypeError, ModelUnavailableError) as error:

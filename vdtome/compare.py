@@ -1,28 +1,31 @@
 """Baseline vs accelerated on one loaded pipeline: same prompt, same seed, everything measured.
 
 ``run_comparison(request)`` resolves the request against its preset (snapping or rejecting sizes
-the model cannot take), loads the pipeline once (cached), runs the baseline (or reuses a cached
-baseline with the same inputs), applies the acceleration, runs again, removes it, and returns a
-:class:`ComparisonResult` with latency per phase and per step, peak memory, merge statistics,
-fidelity to the baseline and temporal consistency, plus the videos and a JSON file on disk.
+the model cannot take), loads the pipeline once (cached) and runs the timing protocol of
+:mod:`vdtome.protocol`: warm-ups, then rounds of one baseline and one accelerated call made back
+to back in alternating order, the first round decoding both videos (the baseline's comes from the
+cache when the same inputs ran before: its video is reused, never its timing). It returns a
+:class:`ComparisonResult` with the protocol's figures (paired speedups with intervals, untouched
+phases as a noise check, peak memory), method statistics, fidelity to the baseline and temporal
+consistency, plus the videos and a JSON file on disk.
 
-Measurement rules: an untimed warm-up call precedes each timed call (first calls pay one-off
-costs: kernel selection, allocator growth, thread start-up); the device is synchronised around
-timed regions; denoising is timed apart from text encoding and VAE decode. Fidelity compares the
-pipelines' float outputs, not the re-encoded mp4 files.
+Fidelity compares the pipelines' float outputs, not the re-encoded mp4 files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import inspect
 import json
 import math
 import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,20 +34,27 @@ import numpy as np
 import torch
 
 from . import video_io
-from .measure import MemoryMonitor, MemoryReport, TimingReport, environment, timed_call
-from .methods import apply_method, describe, method_of
+from .measure import (
+    MemoryMonitor,
+    MemoryReport,
+    environment,
+    is_allocation_failure,
+    release_memory,
+    timed_call,
+)
+from .methods import Method, apply_method, describe, method_of
 from .metrics import Fidelity, Temporal, check_finite, fidelity, temporal_consistency
 from .pipelines import ModelUnavailableError, PipelineCache, default_device
 from .presets import ModelPreset, get_preset
+from .protocol import ACCELERATED, BASELINE, TimedCall, TimingSummary, round_order, summarise
+from .stats import Ratio
 from .tome import ToMeConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_PROMPT_CHARS = 1000
 MAX_STEPS = 500
 MAX_GUIDANCE = 50.0
-
-# Progress reports: (stage, steps done, steps in the stage). Stages: "baseline", "accelerated".
-Progress = Callable[[str, int, int], None]
+MAX_ROUNDS = 20
 
 
 class RequestError(ValueError):
@@ -56,13 +66,43 @@ class Cancelled(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ComparisonRequest:
-    """What to compare. ``None`` sizes, steps and guidance take the preset's defaults.
+class ProgressEvent:
+    """One finished denoising step of the protocol.
 
-    ``acceleration`` is any registered method config (see :mod:`vdtome.methods`); ``snap``: move
-    invalid frame counts and sizes to the nearest valid ones (the result says so) instead of
-    refusing them; ``reuse_baseline``: take the baseline from the cache when the same inputs ran
-    before (its figures are then from that earlier run).
+    ``stage``: ``"warm-up"``, ``"baseline"`` or ``"accelerated"``; ``round``: 1-based (None in
+    warm-ups); ``done`` / ``total``: steps of the whole request, for one progress bar;
+    ``decoding``: this was the last step of a call that now decodes its video.
+    """
+
+    stage: str
+    round: int | None
+    rounds: int
+    step: int
+    steps: int
+    done: int
+    total: int
+    decoding: bool = False
+
+    @property
+    def label(self) -> str:
+        where = f"round {self.round}/{self.rounds} · {self.stage}" if self.round else self.stage
+        if self.decoding:
+            return f"{where} · decoding the video"
+        return f"{where} · step {self.step}/{self.steps}"
+
+
+Progress = Callable[[ProgressEvent], None]
+
+
+@dataclass(frozen=True)
+class ComparisonRequest:
+    """What to compare. ``None`` sizes, steps, guidance and rounds take the preset's defaults.
+
+    ``acceleration`` is any registered method config (see :mod:`vdtome.methods`); ``rounds``:
+    timing rounds (see :mod:`vdtome.protocol`); ``snap``: move invalid frame counts and sizes to
+    the nearest valid ones (the result says so) instead of refusing them; ``reuse_baseline``: take
+    the baseline *video* from the cache when the same inputs ran before (its timing is measured
+    again either way).
     """
 
     preset: str
@@ -75,7 +115,8 @@ class ComparisonRequest:
     steps: int | None = None
     guidance: float | None = None
     acceleration: Any = field(default_factory=ToMeConfig)
-    warmup_steps: int = 2  # some schedulers (LTX's shifted flow match) cannot take a 1-step call
+    rounds: int | None = None
+    warmup_steps: int = 2
     snap: bool = True
     reuse_baseline: bool = True
 
@@ -94,10 +135,17 @@ class ResolvedSettings:
     steps: int
     guidance: float
     fps: int
+    rounds: int
     warmup_steps: int
 
-    def call_kwargs(self) -> dict[str, Any]:
-        return dict(
+    def video_key(self) -> tuple:
+        """Everything that shapes the baseline video (not how it is timed)."""
+        return (self.preset, self.prompt, self.negative_prompt, self.seed, self.frames, self.height, self.width,
+                self.steps, self.guidance)
+
+    def call_kwargs(self, parameters: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """Pipeline call arguments; ``parameters``: what the pipeline's ``__call__`` accepts."""
+        kwargs = dict(
             prompt=self.prompt,
             negative_prompt=self.negative_prompt or None,
             num_frames=self.frames,
@@ -106,31 +154,26 @@ class ResolvedSettings:
             num_inference_steps=self.steps,
             guidance_scale=self.guidance,
         )
+        if "frame_rate" in parameters:  # LTX conditions on the frame rate its video is written at
+            kwargs["frame_rate"] = self.fps
+        return kwargs
 
 
 @dataclass(frozen=True, eq=False)
-class RunRecord:
-    """One timed pipeline call and what came out of it."""
+class VideoRun:
+    """A decoded video and what was measured about it (what the baseline cache keeps: no timing)."""
 
     frames: np.ndarray  # (F, H, W, 3) float in [0, 1], as the pipeline returned it
-    timing: TimingReport
-    memory: MemoryReport
+    memory: MemoryReport  # of the call that decoded it
     temporal: Temporal | None
     nonfinite_values: int
-    measured_at: float  # time.time() of the call
-
-    @property
-    def seconds_per_step(self) -> float | None:
-        steps = len(self.timing.steps_ms)
-        return None if not steps or self.timing.denoising_ms is None else self.timing.denoising_ms / 1000 / steps
+    measured_at: float  # time.time() of that call
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "frames": int(self.frames.shape[0]),
             "height": int(self.frames.shape[1]),
             "width": int(self.frames.shape[2]),
-            "latency": self.timing.to_dict(),
-            "seconds_per_step": self.seconds_per_step,
             "memory": self.memory.to_dict(),
             "temporal": None if self.temporal is None else self.temporal.to_dict(),
             "nonfinite_values": self.nonfinite_values,
@@ -142,9 +185,10 @@ class RunRecord:
 class ComparisonResult:
     settings: ResolvedSettings
     acceleration: dict[str, Any]
-    baseline: RunRecord | None
-    accelerated: RunRecord | None
+    baseline: VideoRun | None
+    accelerated: VideoRun | None
     baseline_reused: bool
+    timing: TimingSummary | None = None
     method_report: dict[str, Any] = field(default_factory=dict)
     fidelity: Fidelity | None = None
     notes: tuple[str, ...] = ()
@@ -156,36 +200,35 @@ class ComparisonResult:
     def ok(self) -> bool:
         return self.error is None
 
-    def speedup(self, phase: str = "end_to_end") -> float | None:
-        if self.baseline is None or self.accelerated is None:
-            return None
-        base, fast = self.baseline.timing.get(phase), self.accelerated.timing.get(phase)
-        return base / fast if base and fast else None
-
     @property
-    def memory_change_bytes(self) -> int | None:
-        if self.baseline is None or self.accelerated is None:
+    def warnings(self) -> tuple[str, ...]:
+        busy = None if self.timing is None else self.timing.busy_warning
+        return (busy,) if busy else ()
+
+    def speedup(self, phase: str = "end_to_end") -> Ratio | None:
+        """The protocol's paired ratio for ``"denoising"`` or ``"end_to_end"`` (None if not measured)."""
+        if self.timing is None:
             return None
-        base, fast = self.baseline.memory.peak_bytes, self.accelerated.memory.peak_bytes
-        return None if base is None or fast is None else fast - base
+        figures = {"denoising": self.timing.denoising, "end_to_end": self.timing.end_to_end}[phase]
+        return figures.ratio
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
             "ok": self.ok,
             "error": self.error,
+            "warnings": list(self.warnings),
             "notes": list(self.notes),
             "settings": vars(self.settings).copy(),
             "acceleration": self.acceleration,
             "baseline_reused": self.baseline_reused,
             "baseline": None if self.baseline is None else self.baseline.to_dict(),
             "accelerated": None if self.accelerated is None else self.accelerated.to_dict(),
-            "speedup": {"end_to_end": self.speedup("end_to_end"), "denoising": self.speedup("denoising")},
-            "peak_memory_change_bytes": self.memory_change_bytes,
-            "merge": self.method_report,
+            "timing": None if self.timing is None else self.timing.to_dict(),
+            "method_report": self.method_report,
             "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
             "environment": self.environment,
-            "files": self.files,
+            "files": {name: Path(path).name for name, path in self.files.items()},
         }
 
     def to_json(self) -> str:
@@ -205,9 +248,14 @@ def resolve(request: ComparisonRequest, preset: ModelPreset) -> tuple[ResolvedSe
     negative = (request.negative_prompt or "").strip()
     if len(negative) > MAX_PROMPT_CHARS:
         raise RequestError(f"negative prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}")
+    if negative and preset.negative_prompt_unsupported:
+        raise RequestError(f"negative prompt must be empty for {preset.label}: {preset.negative_prompt_unsupported}")
     seed = whole_number("seed", request.seed, 0, 2**63 - 1)
     steps = whole_number("steps", preset.num_inference_steps if request.steps is None else request.steps, 1, MAX_STEPS)
-    warmup = whole_number("warm-up steps", request.warmup_steps, 0, MAX_STEPS)
+    # At least 2: some schedulers (LTX's shifted flow match) cannot take a 1-step call.
+    warmup = whole_number("warm-up steps", request.warmup_steps, 2, MAX_STEPS)
+    rounds = whole_number("timing rounds", preset.timing_rounds if request.rounds is None else request.rounds,
+                          1, MAX_ROUNDS)
     guidance = preset.guidance_scale if request.guidance is None else request.guidance
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
         raise RequestError(f"guidance must be a finite number, got {guidance!r}")
@@ -235,6 +283,7 @@ def resolve(request: ComparisonRequest, preset: ModelPreset) -> tuple[ResolvedSe
         steps=steps,
         guidance=float(guidance),
         fps=preset.fps,
+        rounds=rounds,
         warmup_steps=warmup,
     )
     return settings, notes
@@ -251,25 +300,27 @@ def whole_number(name: str, value: Any, low: int, high: int) -> int:
     return value
 
 
+
+
 # ---- the engine ----------------------------------------------------------------------------------
 
 
 class BaselineCache:
-    """Baseline runs by everything that determines them; least recently used first out."""
+    """Baseline videos by everything that determines them; least recently used first out."""
 
     def __init__(self, capacity: int = 8) -> None:
         self.capacity = capacity
-        self._runs: OrderedDict[tuple, RunRecord] = OrderedDict()
+        self._runs: OrderedDict[tuple, VideoRun] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple) -> RunRecord | None:
+    def get(self, key: tuple) -> VideoRun | None:
         with self._lock:
             run = self._runs.get(key)
             if run is not None:
                 self._runs.move_to_end(key)
             return run
 
-    def put(self, key: tuple, run: RunRecord) -> None:
+    def put(self, key: tuple, run: VideoRun) -> None:
         with self._lock:
             self._runs[key] = run
             self._runs.move_to_end(key)
@@ -282,9 +333,9 @@ class BaselineCache:
 
 
 class ComparisonEngine:
-    """Loaded pipelines, cached baselines and output folders shared by every comparison.
+    """Loaded pipelines, cached baseline videos and output folders shared by every comparison.
 
-    One comparison runs at a time (a lock): two runs sharing a GPU would time each other.
+    One comparison runs at a time (a lock): two runs sharing a device would time each other.
     """
 
     def __init__(
@@ -300,7 +351,9 @@ class ComparisonEngine:
         self.keep_outputs = keep_outputs
         self.pipelines = pipelines or PipelineCache()
         self.baselines = baselines or BaselineCache()
-        self.pipeline_calls: dict[str, int] = {"baseline": 0, "accelerated": 0, "warmup": 0}
+        # Pipeline calls made, by kind: "pipeline warm-up", "warm-up", "baseline", "accelerated".
+        self.pipeline_calls: dict[str, int] = {"pipeline warm-up": 0, "warm-up": 0, BASELINE: 0, ACCELERATED: 0}
+        self._warmed: weakref.WeakKeyDictionary[Any, set[tuple[int, int, int]]] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     # -- public ---------------------------------------------------------------------------------
@@ -310,11 +363,13 @@ class ComparisonEngine:
         request: ComparisonRequest,
         out_dir: str | Path | None = None,
         progress: Progress | None = None,
-        cancel: threading.Event | None = None,
+        cancel: Any = None,
         source: str | None = None,
     ) -> ComparisonResult:
-        """Compare; bad requests raise :class:`RequestError`, failures during the runs (out of
-        memory, non-finite output) come back in ``result.error`` with the pipeline still usable."""
+        """Compare; bad requests raise :class:`RequestError`, allocation failures and non-finite
+        outputs come back in ``result.error`` with the pipeline still usable. ``cancel``: anything
+        with ``is_set()`` (a ``threading.Event``, a :class:`vdtome.cancel.CancelFlag`), checked at
+        every denoising step."""
         try:
             preset = get_preset(request.preset)
         except KeyError as error:
@@ -322,44 +377,73 @@ class ComparisonEngine:
         settings, notes = resolve(request, preset)
         with self._lock:
             pipe = self.pipelines.get(preset, self.device, source)
-            return self._compare(pipe, preset, request, settings, notes, out_dir, progress, cancel, source)
+            session = _Session(self, pipe, preset, settings, request.acceleration, progress, cancel)
+            return self._compare(session, request, notes, out_dir, source)
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _compare(self, pipe, preset, request, settings, notes, out_dir, progress, cancel, source) -> ComparisonResult:
+    def _compare(self, session: _Session, request, notes, out_dir, source) -> ComparisonResult:
+        pipe, settings, method = session.pipe, session.settings, session.method
         env = environment(pipe)
-        key = (settings, source, str(self.device), env.get("dtype"))
-        baseline = self.baselines.get(key) if request.reuse_baseline else None
-        reused = baseline is not None
-        accelerated, report, error = None, {}, None
+        key = (settings.video_key(), source, str(self.device), env.get("dtype"))
+        cached = self.baselines.get(key) if request.reuse_baseline else None
+        session.check_method()  # a config the model cannot take fails before any work
+        session.plan(warm_pipeline=(settings.frames, settings.height, settings.width) not in self._warmed.get(pipe, ()),
+                     rounds=settings.rounds)
+        videos: dict[str, VideoRun | None] = {BASELINE: cached, ACCELERATED: None}
+        calls: list[TimedCall] = []
+        report: dict[str, Any] = {}
+        error = None
         try:
-            if baseline is None:
-                baseline = self._timed_run(pipe, settings, "baseline", progress, cancel)
-                if baseline.nonfinite_values == 0:
-                    self.baselines.put(key, baseline)
-            applied = apply_method(pipe, request.acceleration)
-            try:
-                accelerated = self._timed_run(pipe, settings, "accelerated", progress, cancel, applied.reset)
-                report = applied.report()
-            finally:
-                applied.remove()
-        except torch.OutOfMemoryError as oom:
-            error = _free_after_oom(oom, settings, "accelerated" if baseline is not None else "baseline")
-        fid = None
-        for name, run in (("baseline", baseline), ("accelerated", accelerated)):
+            if session.warm_pipeline:
+                session.warm_up(BASELINE, decode=True)
+                self._warmed.setdefault(pipe, set()).add((settings.frames, settings.height, settings.width))
+            session.warm_up(BASELINE)
+            for round_number in range(1, settings.rounds + 1):
+                if round_number == 2:
+                    gc.collect()  # once: the timed calls themselves run with collection paused
+                for side in round_order(round_number):
+                    if side == ACCELERATED and round_number == 1:
+                        session.warm_up(ACCELERATED)  # after the baseline video: a failure here keeps it
+                    decode = round_number == 1 and (side == ACCELERATED or cached is None)
+                    call, video, side_report = session.timed(side, round_number, decode)
+                    calls.append(call)
+                    if video is not None:
+                        videos[side] = video
+                        if side == BASELINE and video.nonfinite_values == 0:
+                            self.baselines.put(key, video)
+                    if side_report is not None and decode:
+                        report = side_report
+        except (RuntimeError, MemoryError) as failure:
+            if isinstance(failure, Cancelled) or not is_allocation_failure(failure):
+                raise
+            error = _allocation_message(failure, session)
+        if error is not None:
+            release_memory(self.device)  # the exception and its frames (the failed run's tensors) are gone now
+
+        for name, run in (("baseline", videos[BASELINE]), ("accelerated", videos[ACCELERATED])):
             if run is not None and run.nonfinite_values:
                 error = error or f"the {name} video has {run.nonfinite_values} NaN/inf values; fidelity is not computed"
-        if error is None and baseline is not None and accelerated is not None:
-            fid = fidelity(baseline.frames, accelerated.frames)
+        timing = None
+        if error is None:
+            timing = summarise(calls, method.touches, method.steps_alike(request.acceleration),
+                               None if cached is None else cached.memory)
+        base, fast = videos[BASELINE], videos[ACCELERATED]
+        fid = None
+        if base is not None and fast is not None and not base.nonfinite_values and not fast.nonfinite_values:
+            fid = fidelity(base.frames, fast.frames)
         notes = list(notes) + _merge_notes(request.acceleration, report)
-        if reused:
-            notes.append(f"baseline reused from a run at {time.strftime('%H:%M:%S', time.localtime(baseline.measured_at))}")
+        if cached is not None:
+            made = time.strftime("%H:%M:%S", time.localtime(cached.measured_at))
+            notes.append(f"baseline video reused from the cache (made at {made}); its timing was measured again "
+                         "in this request's rounds")
         result = ComparisonResult(
             settings=settings,
             acceleration=describe(request.acceleration),
-            baseline=baseline,
-            accelerated=accelerated,
-            baseline_reused=reused,
+            baseline=base,
+            accelerated=fast,
+            baseline_reused=cached is not None,
+            timing=timing,
             method_report=report,
             fidelity=fid,
             notes=tuple(notes),
@@ -368,40 +452,6 @@ class ComparisonEngine:
         )
         folder = Path(out_dir) if out_dir is not None else self._new_output_dir()
         return replace(result, files=write_outputs(result, folder))
-
-    def _timed_run(self, pipe, settings: ResolvedSettings, stage: str, progress, cancel, after_warmup=None) -> RunRecord:
-        call = settings.call_kwargs()
-        if settings.warmup_steps:
-            self.pipeline_calls["warmup"] += 1
-            warmup = call | {"num_inference_steps": min(settings.warmup_steps, settings.steps)}
-            self._call(pipe, warmup, settings.seed, None, cancel, stage)
-            if after_warmup is not None:
-                after_warmup()  # statistics must describe the timed call only
-        gc.collect()
-        self.pipeline_calls[stage] += 1
-        measured_at = time.time()
-        with MemoryMonitor(self.device) as monitor:
-            frames, timing = self._call(pipe, call, settings.seed, progress, cancel, stage, timed=True)
-        nonfinite = check_finite(frames, stage)
-        temporal = temporal_consistency(frames) if nonfinite == 0 else None
-        return RunRecord(frames, timing, monitor.report, temporal, nonfinite, measured_at)
-
-    def _call(self, pipe, call, seed, progress, cancel, stage, timed=False):
-        total = call["num_inference_steps"]
-
-        def on_step_end(pipe, step_index, timestep, callback_kwargs):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("comparison cancelled")
-            if progress is not None:
-                progress(stage, step_index + 1, total)
-            return callback_kwargs
-
-        # A CPU generator: the same seed gives the same initial noise on every device.
-        kwargs = call | dict(generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
-        if not timed:
-            return pipe(**kwargs, callback_on_step_end=on_step_end).frames[0], None
-        output, timing = timed_call(pipe, device=self.device, callback_on_step_end=on_step_end, **kwargs)
-        return np.asarray(output.frames[0]), timing
 
     def _new_output_dir(self) -> Path:
         """A fresh folder under ``output_root``; only the newest ``keep_outputs`` are kept."""
@@ -412,14 +462,111 @@ class ComparisonEngine:
         return Path(tempfile.mkdtemp(prefix="run-", dir=self.output_root))
 
 
-def _free_after_oom(error: BaseException, settings: ResolvedSettings, stage: str) -> str:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+class _Session:
+    """The calls of one comparison on one pipeline: warm-ups and timed calls, with progress,
+    cancellation and the acceleration applied only around the accelerated calls."""
+
+    def __init__(self, engine: ComparisonEngine, pipe, preset: ModelPreset, settings: ResolvedSettings,
+                 config: Any, progress: Progress | None, cancel: Any) -> None:
+        self.engine, self.pipe, self.preset, self.settings, self.config = engine, pipe, preset, settings, config
+        self.method: Method = method_of(config)
+        self.progress, self.cancel = progress, cancel
+        self.parameters = frozenset(inspect.signature(type(pipe).__call__).parameters)
+        self.stage = "loading"
+        self.warm_pipeline = False
+        self.done = self.total = 0
+
+    def plan(self, warm_pipeline: bool, rounds: int) -> None:
+        warmup = min(self.settings.warmup_steps, self.settings.steps)
+        self.warm_pipeline = warm_pipeline
+        self.total = (int(warm_pipeline) + 2) * warmup + 2 * rounds * self.settings.steps
+
+    def check_method(self) -> None:
+        try:
+            apply_method(self.pipe, self.config).remove()
+        except (TypeError, ValueError) as error:
+            raise RequestError(str(error)) from None
+
+    def warm_up(self, side: str, decode: bool = False) -> None:
+        """An untimed short call: denoiser only, or (once per pipeline and size) the whole pipeline."""
+        steps = min(self.settings.warmup_steps, self.settings.steps)
+        kind = "pipeline warm-up" if decode else "warm-up"
+        self.stage = f"the {side} {kind}"
+        self.engine.pipeline_calls[kind] += 1
+        label = "warming up the pipeline (text encoder and decoder)" if decode else f"warm-up · {side}"
+        with self._applied(side):
+            self.pipe(**self._kwargs(label, None, steps, decode))
+
+    def timed(self, side: str, round_number: int, decode: bool) -> tuple[TimedCall, VideoRun | None, dict | None]:
+        self.stage = f"the {side} run (round {round_number})"
+        self.engine.pipeline_calls[side] += 1
+        if decode:
+            gc.collect()  # garbage left by earlier calls must not count toward this video's memory peak
+        device = self.engine.device
+        with self._applied(side) as applied:
+            started = time.time()
+            with MemoryMonitor(device) as monitor:
+                output, timing = timed_call(self.pipe, device=device,
+                                            **self._kwargs(side, round_number, self.settings.steps, decode))
+            report = None if applied is None else applied.report()
+        call = TimedCall(side, round_number, decode, timing, monitor.report, started)
+        if not decode:
+            return call, None, report
+        frames = np.asarray(output.frames[0])
+        nonfinite = check_finite(frames, side)
+        temporal = temporal_consistency(frames) if nonfinite == 0 else None
+        return call, VideoRun(frames, monitor.report, temporal, nonfinite, started), report
+
+    # -- helpers
+
+    @contextlib.contextmanager
+    def _applied(self, side: str) -> Iterator[Any]:
+        """The acceleration applied for the duration of the block on the accelerated side only."""
+        applied = apply_method(self.pipe, self.config) if side == ACCELERATED else None
+        try:
+            yield applied
+        finally:
+            if applied is not None:
+                applied.remove()
+
+    def _kwargs(self, stage: str, round_number: int | None, steps: int, decode: bool) -> dict[str, Any]:
+        rounds = self.settings.rounds
+
+        def on_step_end(pipe, step_index, timestep, callback_kwargs):
+            if self.cancel is not None and self.cancel.is_set():
+                raise Cancelled("comparison cancelled")
+            self.done += 1
+            if self.progress is not None:
+                self.progress(ProgressEvent(stage, round_number, rounds, step_index + 1, steps, self.done,
+                                            self.total, decoding=decode and step_index + 1 == steps))
+            return callback_kwargs
+
+        call = self.settings.call_kwargs(self.parameters) | {"num_inference_steps": steps}
+        # A CPU generator: the same seed gives the same initial noise on every device.
+        return call | dict(
+            generator=torch.Generator("cpu").manual_seed(self.settings.seed),
+            output_type="np" if decode else "latent",
+            callback_on_step_end=on_step_end,
+        )
+
+
+def _allocation_message(error: BaseException, session: _Session) -> str:
+    """What ran out, where, at which size, and what the preset needs (no tensors kept)."""
+    s, preset = session.settings, session.preset
+    first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
+    kind = "out of memory" if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in \
+        first_line.lower() else "a memory allocation failed"
+    need = ""
+    if preset.gpu_memory_gb is not None:
+        need = (f"; {preset.label} needs about {preset.gpu_memory_gb:g} GB of GPU memory at its defaults "
+                f"({preset.num_frames} frames, {preset.height}x{preset.width})")
+    device = session.engine.device
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        need += f"; this GPU has {total:.0f} GB"
     return (
-        f"out of memory during the {stage} run at {settings.frames} frames, {settings.height}x{settings.width}: "
-        f"try fewer frames or a smaller size ({first_line[:200]})"
+        f"{kind} during {session.stage} at {s.frames} frames, {s.height}x{s.width}, {s.steps} steps{need}. "
+        f"Try fewer frames or a smaller size. ({first_line})"
     )
 
 
@@ -481,10 +628,11 @@ __all__ = [
     "ComparisonRequest",
     "ComparisonResult",
     "ModelUnavailableError",
+    "ProgressEvent",
     "RequestError",
     "ResolvedSettings",
-    "RunRecord",
     "SCHEMA_VERSION",
+    "VideoRun",
     "resolve",
     "run_comparison",
 ]

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import importlib.metadata
 import os
 import platform
@@ -71,11 +72,14 @@ __all__ = [
     "TimingReport",
     "phase_hooks",
     "timed_call",
+    "gc_paused",
     "MemoryMonitor",
     "MemoryReport",
     "environment",
     "attention_info",
     "retain_freed_host_memory",
+    "is_allocation_failure",
+    "release_memory",
 ]
 
 TEXT_ENCODING = "text_encoding"
@@ -549,7 +553,8 @@ def phase_hooks(pipe: Any, timer: PhaseTimer, step_timer: StepTimer | None = Non
 def timed_call(pipe: Any, *args: Any, device: Any = None, **call_kwargs: Any) -> tuple[Any, TimingReport]:
     """Call ``pipe(*args, **call_kwargs)`` once with all timers attached; return ``(output, report)``.
 
-    Synchronises before the start and inside the report; a ``callback_on_step_end`` given in
+    Synchronises before the start and inside the report; pauses automatic garbage collection for
+    the call (collect before it if memory matters); a ``callback_on_step_end`` given in
     ``call_kwargs`` is chained (it runs before the step mark, so its cost counts toward its step).
     No warm-up is done here: warm up before measuring.
     """
@@ -562,12 +567,50 @@ def timed_call(pipe: Any, *args: Any, device: Any = None, **call_kwargs: Any) ->
             call_kwargs["callback_on_step_end_tensor_inputs"] = list(tensor_inputs)
     steps = StepTimer(device, callback=user_callback)
     sync(device)
-    with phase_hooks(pipe, timer, steps), timer.phase(END_TO_END):
+    with gc_paused(), phase_hooks(pipe, timer, steps), timer.phase(END_TO_END):
         output = pipe(*args, callback_on_step_end=steps, **call_kwargs)
     return output, timer.report(steps)
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No automatic garbage collection inside the block (as ``timeit`` does): a collection that
+    happens to start during one of two compared calls would be charged to that call alone."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 # -------------------------------------------------------------------------------------------- memory
+
+# What allocation failures say when they are not torch.OutOfMemoryError: cuDNN / cuBLAS workspace
+# allocations in big convolutions (VAE decodes) and CUDA runtime errors surface as RuntimeError (or
+# torch.AcceleratorError); the CPU allocator says it cannot allocate.
+_ALLOCATION_FAILURE = re.compile(
+    r"out of memory|_ALLOC_FAILED|cudaErrorMemoryAllocation|can't allocate memory|failed to allocate|"
+    r"not enough memory",
+    re.IGNORECASE,
+)
+
+
+def is_allocation_failure(error: BaseException) -> bool:
+    """Whether ``error`` means memory ran out (out of memory on any device, or a cuDNN / cuBLAS /
+    CUDA runtime allocation failure), as opposed to a bug that must not be swallowed."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(error, RuntimeError) and bool(_ALLOCATION_FAILURE.search(str(error)))
+
+
+def release_memory(device: Any = None) -> None:
+    """Return freed memory after a failure: collect garbage, then empty the CUDA cache. Call it
+    after the exception is gone (its traceback holds the failed run's tensors)."""
+    gc.collect()
+    if _is_cuda(resolve_device(device)):
+        torch.cuda.empty_cache()
 
 
 def _read_vm_hwm() -> int | None:

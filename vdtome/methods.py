@@ -25,9 +25,15 @@ class AppliedMethod(Protocol):
 
 @dataclass(frozen=True)
 class Method:
+    """``touches``: the phases the method can change (the others are shown as unchanged and
+    double as a noise check); ``steps_alike``: whether every denoising step of a config costs the
+    same, so that single steps may serve as repeats of the timing protocol."""
+
     name: str
     label: str
     apply: Callable[[Any, Any], AppliedMethod]
+    touches: frozenset[str] = frozenset({"denoising"})
+    steps_alike: Callable[[Any], bool] = lambda config: False
 
 
 class _AppliedToMe:
@@ -51,7 +57,8 @@ class _AppliedToMe:
 
 
 METHODS: dict[type, Method] = {
-    ToMeConfig: Method("tome", "token merging (ToMe)", _AppliedToMe),
+    # With reuse_steps > 1 some steps compute a matching and others reuse it: steps differ.
+    ToMeConfig: Method("tome", "token merging (ToMe)", _AppliedToMe, steps_alike=lambda c: c.reuse_steps == 1),
 }
 
 

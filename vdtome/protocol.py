@@ -22,11 +22,13 @@ One request makes these calls on one loaded pipeline, in one process, on one dev
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .measure import DENOISING, END_TO_END, TEXT_ENCODING, VAE_DECODE, MemoryReport, TimingReport
+from .presets import ModelPreset
 from .stats import MIN_PAIRS, Ratio, Verdict, diluted, median, median_interval, paired_ratio, speed_phrase
 
 BASELINE = "baseline"
@@ -36,7 +38,7 @@ SIDES = (BASELINE, ACCELERATED)
 #: An untouched phase that differs between the two sides by more than this (significantly, when
 #: there are enough pairs for an interval) means the machine was not quiet during the request.
 BUSY_THRESHOLD = 0.10
-#: With a single pair there is no interval: only a difference this large is called busy.
+#: With a single pair (GPU clocks only) there is no interval: only a difference this large is called busy.
 BUSY_THRESHOLD_SINGLE = 0.25
 
 PHASE_LABELS = {
@@ -106,45 +108,59 @@ class PhaseFigures:
 
 @dataclass(frozen=True)
 class MemoryFigures:
-    """Peak memory of the two decoding calls and whether their difference means anything.
+    """Peak memory of one kind of call in both sides, and whether the difference means anything.
 
-    ``kind``: ``"peak CUDA allocated"`` (exact: any change is real) or ``"peak RSS growth"`` (a
-    sampled process figure: ``noise_bytes`` is how much repeated calls of one side differ, and
-    changes within it are labelled as noise). ``baseline_from_cache``: the baseline figure comes
-    from the cached run that made its video.
+    ``scope``: ``"whole call"`` (the calls that decoded the videos) or ``"denoising"`` (the calls
+    that stopped at the latents). ``kind``: ``"peak CUDA allocated"`` (exact: any change is real)
+    or ``"peak RSS growth"`` (a process figure that depends on what the allocator kept from earlier
+    calls: a change no larger than the spread of repeated calls of one side is noise).
+    ``baseline_from_cache``: the baseline figure comes from the cached run that made its video.
     """
 
+    scope: str
     kind: str
-    baseline_bytes: int | None
-    accelerated_bytes: int | None
-    noise_bytes: int | None
-    baseline_from_cache: bool
-
-    @property
-    def change_bytes(self) -> int | None:
-        if self.baseline_bytes is None or self.accelerated_bytes is None:
-            return None
-        return self.accelerated_bytes - self.baseline_bytes
+    baseline_bytes: tuple[int, ...]
+    accelerated_bytes: tuple[int, ...]
+    baseline_from_cache: bool = False
 
     @property
     def exact(self) -> bool:
         return self.kind == "peak CUDA allocated"
 
     @property
+    def baseline(self) -> float | None:
+        return _median_or_none(self.baseline_bytes)
+
+    @property
+    def accelerated(self) -> float | None:
+        return _median_or_none(self.accelerated_bytes)
+
+    @property
+    def change_bytes(self) -> float | None:
+        if self.baseline is None or self.accelerated is None:
+            return None
+        return self.accelerated - self.baseline
+
+    @property
+    def noise_bytes(self) -> int | None:
+        """The largest spread among repeated calls of one side (None with fewer than 2 of each)."""
+        if self.exact or self.baseline_from_cache or min(len(self.baseline_bytes), len(self.accelerated_bytes)) < 2:
+            return None
+        return max(max(v) - min(v) for v in (self.baseline_bytes, self.accelerated_bytes))
+
+    @property
     def within_noise(self) -> bool:
-        """A change the measurement cannot tell from no change."""
-        change = self.change_bytes
-        if change is None or self.exact:
+        """A change this measurement cannot tell from no change."""
+        if self.change_bytes is None or self.exact:
             return False
-        if self.baseline_from_cache or self.noise_bytes is None:
-            return True  # one sample per side (or from another time): RSS growth cannot separate it
-        return abs(change) <= self.noise_bytes
+        return self.noise_bytes is None or abs(self.change_bytes) <= self.noise_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "scope": self.scope,
             "kind": self.kind,
-            "baseline_bytes": self.baseline_bytes,
-            "accelerated_bytes": self.accelerated_bytes,
+            "baseline_bytes": list(self.baseline_bytes),
+            "accelerated_bytes": list(self.accelerated_bytes),
             "change_bytes": self.change_bytes,
             "noise_bytes": self.noise_bytes,
             "within_noise": self.within_noise,
@@ -161,7 +177,7 @@ class TimingSummary:
     end_to_end: PhaseFigures
     untouched: tuple[PhaseFigures, ...]
     seconds_per_step: tuple[float | None, float | None]
-    memory: MemoryFigures
+    memory: tuple[MemoryFigures, ...]  # whole call, then denoising (each where both sides have one)
     calls: tuple[TimedCall, ...] = field(repr=False, default=())
 
     @property
@@ -182,7 +198,7 @@ class TimingSummary:
             "end_to_end": self.end_to_end.to_dict(),
             "untouched": [phase.to_dict() for phase in self.untouched],
             "seconds_per_step": {"baseline": self.seconds_per_step[0], "accelerated": self.seconds_per_step[1]},
-            "memory": self.memory.to_dict(),
+            "memory": [figures.to_dict() for figures in self.memory],
             "busy_warning": self.busy_warning,
             "calls": [call.to_dict() for call in self.calls],
         }
@@ -235,18 +251,22 @@ def denoising_ratio(pairs: Sequence[tuple[TimedCall, TimedCall]], steps_alike: b
     return paired_ratio(base, fast, unit="rounds")
 
 
-def _busy_reason(phase: str, ratio: Ratio) -> str | None:
-    """Why an untouched phase says the machine was busy, or None."""
+def _busy_reason(phase: str, ratio: Ratio, gpu_clock: bool) -> str | None:
+    """Why an untouched phase says the machine was busy, or None.
+
+    Without an interval only a GPU's single pair counts: one CPU call of a phase varies by tens of
+    percent from call to call (fresh allocations page-fault), so a single CPU pair is no evidence.
+    """
     if ratio.has_interval:
         significant = ratio.low > 1.0 or ratio.high < 1.0
-        busy = significant and abs(ratio.value - 1.0) > BUSY_THRESHOLD and ratio.value > 0
+        busy = significant and abs(ratio.value - 1.0) > BUSY_THRESHOLD
     else:
-        busy = abs(ratio.value - 1.0) > BUSY_THRESHOLD_SINGLE
+        busy = gpu_clock and abs(ratio.value - 1.0) > BUSY_THRESHOLD_SINGLE
     if not busy:
         return None
-    slower_side = ACCELERATED if ratio.value > 1.0 else BASELINE
+    slower_side = BASELINE if ratio.value > 1.0 else ACCELERATED  # ratio = baseline time / accelerated time
     factor = ratio.value if ratio.value > 1.0 else 1.0 / ratio.value
-    return f"{PHASE_LABELS[phase]} took {factor:.2f}x as long in the {slower_side} runs ({ratio.interval_text()})"
+    return f"{PHASE_LABELS[phase]} took {factor:.2f}x as long in the {slower_side} runs ({ratio.plain_text()})"
 
 
 def _untouched_phase(pairs: Sequence[tuple[TimedCall, TimedCall]], phase: str) -> PhaseFigures:
@@ -258,7 +278,7 @@ def _untouched_phase(pairs: Sequence[tuple[TimedCall, TimedCall]], phase: str) -
         _median_or_none(fast),
         ratio,
         touched=False,
-        busy=None if ratio is None else _busy_reason(phase, ratio),
+        busy=None if ratio is None else _busy_reason(phase, ratio, pairs[0][0].timing.clock == "cuda_event"),
     )
 
 
@@ -272,26 +292,22 @@ def _untouched_ms(calls: Iterable[TimedCall]) -> float | None:
     return sum(rest) / len(rest) if rest else None
 
 
-def _memory(calls: Sequence[TimedCall], cached_baseline: MemoryReport | None) -> MemoryFigures:
-    decoding = {c.side: c.memory for c in calls if c.decoded}
-    base_report = decoding.get(BASELINE, cached_baseline)
-    fast_report = decoding.get(ACCELERATED)
-    device = (fast_report or base_report).device if (fast_report or base_report) else "cpu"
-    exact = device.startswith("cuda")
-    noise = None
-    if not exact:
-        spreads = []
-        for side in SIDES:
-            peaks = [c.memory.peak_bytes for c in calls if c.side == side and not c.decoded and c.memory.peak_bytes is not None]
-            if len(peaks) >= 2:
-                spreads.append(max(peaks) - min(peaks))
-        noise = max(spreads) if spreads else None
+def _memory(calls: Sequence[TimedCall], decoded: bool, cached_baseline: MemoryReport | None) -> MemoryFigures | None:
+    """Peaks of the decoding calls (``decoded``) or of the latent-only calls, per side."""
+    chosen = [c for c in calls if c.decoded == decoded and c.memory.peak_bytes is not None]
+    peaks = {side: tuple(c.memory.peak_bytes for c in chosen if c.side == side) for side in SIDES}
+    from_cache = decoded and not peaks[BASELINE] and cached_baseline is not None and cached_baseline.peak_bytes is not None
+    if from_cache:
+        peaks[BASELINE] = (cached_baseline.peak_bytes,)
+    if not peaks[BASELINE] or not peaks[ACCELERATED]:
+        return None
+    exact = chosen[0].memory.device.startswith("cuda")
     return MemoryFigures(
+        scope="whole call" if decoded else "denoising",
         kind="peak CUDA allocated" if exact else "peak RSS growth",
-        baseline_bytes=None if base_report is None else base_report.peak_bytes,
-        accelerated_bytes=None if fast_report is None else fast_report.peak_bytes,
-        noise_bytes=noise,
-        baseline_from_cache=BASELINE not in decoding and cached_baseline is not None,
+        baseline_bytes=peaks[BASELINE],
+        accelerated_bytes=peaks[ACCELERATED],
+        baseline_from_cache=from_cache,
     )
 
 
@@ -330,21 +346,86 @@ def summarise(
         end_to_end=end_to_end,
         untouched=untouched,
         seconds_per_step=(per_step[0], per_step[1]),
-        memory=_memory(calls, cached_baseline_memory),
+        memory=tuple(m for m in (_memory(calls, True, cached_baseline_memory), _memory(calls, False, None)) if m),
         calls=tuple(calls),
     )
+
+
+# ---- GPU time a request needs (ZeroGPU asks for it up front) ----------------------------------------
+
+#: ZeroGPU refuses longer tasks; a request estimated above this is refused before it queues.
+MAX_GPU_SECONDS = 1800
+GPU_TIME_MARGIN = 1.25  # estimates are rough: ask for a quarter more, plus a fixed slack
+GPU_TIME_SLACK_S = 10.0
+
+
+@dataclass(frozen=True)
+class GpuEstimate:
+    """Seconds of GPU time one request needs, by part (from the preset's ``gpu_time`` figures,
+    scaled from its default size to the requested one)."""
+
+    load_s: float  # weights onto the GPU (a fresh ZeroGPU worker loads them again)
+    warmup_s: float  # the pipeline warm-up (with a decode) and the per-request denoiser warm-ups
+    denoising_s: float  # every round of both sides
+    decode_s: float  # the videos: the baseline's once, one accelerated video per point
+    text_s: float  # prompt encodings of every call
+    margin_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.load_s + self.warmup_s + self.denoising_s + self.decode_s + self.text_s + self.margin_s
+
+    @property
+    def seconds(self) -> int:
+        """What to ask ZeroGPU for: the total, at least 30 s, at most :data:`MAX_GPU_SECONDS`."""
+        return int(min(max(math.ceil(self.total_s), 30), MAX_GPU_SECONDS))
+
+    @property
+    def fits(self) -> bool:
+        return self.total_s <= MAX_GPU_SECONDS
+
+    def parts(self) -> dict[str, float]:
+        return {"load": self.load_s, "warm-ups": self.warmup_s, "denoising": self.denoising_s,
+                "decode": self.decode_s, "text encoding": self.text_s, "margin": self.margin_s}
+
+
+def estimate_gpu_time(preset: ModelPreset, steps: int, frames: int, height: int, width: int, rounds: int,
+                      points: int = 1, warmup_steps: int = 2) -> GpuEstimate:
+    """GPU seconds for ``points`` comparisons of one sweep (one baseline video, then one accelerated
+    video per point), each with ``rounds`` timing rounds, following the protocol's plan."""
+    gpu = preset.gpu_time
+    if gpu is None:
+        raise ValueError(f"preset {preset.name!r} has no gpu_time figures")
+    volume = frames * height * width / (preset.num_frames * preset.height * preset.width)
+    # Attention grows with the square of the token count: above the defaults, scale quadratically.
+    step_s = gpu.step_s * (volume**2 if volume > 1 else max(volume, 0.1))
+    decode_s = gpu.decode_s * max(volume, 0.1)
+    warmup = min(warmup_steps, steps)
+    calls = points * (2 + 2 * rounds) + 1  # warm-ups and timed calls, plus the pipeline warm-up
+    parts = dict(
+        load_s=gpu.load_s,
+        warmup_s=(warmup + points * 2 * warmup) * step_s + decode_s,
+        denoising_s=points * rounds * 2 * steps * step_s,
+        decode_s=(1 + points) * decode_s,
+        text_s=calls * gpu.text_s,
+    )
+    margin = sum(parts.values()) * (GPU_TIME_MARGIN - 1) + GPU_TIME_SLACK_S
+    return GpuEstimate(**parts, margin_s=margin)
 
 
 __all__ = [
     "ACCELERATED",
     "BASELINE",
     "BUSY_THRESHOLD",
+    "GpuEstimate",
+    "MAX_GPU_SECONDS",
     "MemoryFigures",
     "PhaseFigures",
     "TimedCall",
     "TimingSummary",
     "Verdict",
     "denoising_ratio",
+    "estimate_gpu_time",
     "median_interval",
     "round_order",
     "speed_phrase",

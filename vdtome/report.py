@@ -1,58 +1,97 @@
-"""A comparison result as rows of human-readable figures (shared by the CLI table and the app)."""
+"""A comparison result as rows of human-readable figures (shared by the CLI table and the app).
+
+Every row has its unit and says which direction is better; speedups come from the timing
+protocol (:mod:`vdtome.protocol`) with their interval and verdict, slowdowns read as slowdowns,
+phases the method does not touch are shown as unchanged, and memory changes within the
+measurement's noise are labelled so.
+"""
 
 from __future__ import annotations
 
+import time
+
 from .compare import ComparisonResult
 from .metrics import PSNR_CAP_DB
+from .methods import METHODS
+from .protocol import MemoryFigures, PhaseFigures
 
-COLUMNS = ("metric", "baseline", "accelerated", "change")
+COLUMNS = ("metric", "baseline", "accelerated", "change", "better")
+NA = "n/a"
 
 
 def _seconds(ms: float | None) -> str:
-    return "n/a" if ms is None else f"{ms / 1000:.3f} s"
+    return NA if ms is None else f"{ms / 1000:.3f} s"
 
 
-def _mib(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / 2**20:.1f} MiB"
+def _mib(value: float | None) -> str:
+    return NA if value is None else f"{value / 2**20:.1f} MiB"
 
 
-def _ratio(base: float | None, fast: float | None, better_lower: bool = True) -> str:
-    if not base or not fast:
-        return ""
-    return f"{base / fast:.2f}x faster" if better_lower and fast <= base else f"{fast / base:.2f}x"
+def method_label(result: ComparisonResult) -> str:
+    name = result.acceleration.get("method")
+    return next((m.label for m in METHODS.values() if m.name == name), str(name))
 
 
-def metric_rows(result: ComparisonResult) -> list[tuple[str, str, str, str]]:
+def _timing_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str]]:
+    timing = result.timing
+    if timing is None:
+        return [("denoising loop", NA, NA, "not measured: the comparison did not finish", "lower")]
+    repeats = f"median of {timing.rounds} round{'s' if timing.rounds != 1 else ''}"
+
+    def touched(figures: PhaseFigures, label: str) -> tuple[str, str, str, str, str]:
+        change = NA if figures.ratio is None else figures.ratio.text()
+        return (label, _seconds(figures.baseline_ms), _seconds(figures.accelerated_ms), change, "lower")
+
+    rows = [
+        touched(timing.denoising, f"denoising loop ({repeats})"),
+        touched(timing.end_to_end, "end-to-end (denoising + this request's untouched phases)"),
+    ]
+    base_step, fast_step = timing.seconds_per_step
+    rows.append(("seconds per step (median)", NA if base_step is None else f"{base_step:.4f} s",
+                 NA if fast_step is None else f"{fast_step:.4f} s", "", "lower"))
+    label = method_label(result)
+    for phase in timing.untouched:
+        if phase.ratio is None:
+            base = "from cache, not re-timed" if result.baseline_reused else NA
+            rows.append((f"{phase.label} (not touched by {label})", base, _seconds(phase.accelerated_ms),
+                         "unchanged by design", "lower"))
+            continue
+        if phase.busy:
+            check = f"BUSY MACHINE: {phase.busy}"
+        elif phase.ratio.has_interval or result.timing.calls[0].timing.clock == "cuda_event":
+            check = f"noise check passed ({phase.ratio.plain_text()})"
+        else:
+            apart = max(phase.ratio.value, 1 / phase.ratio.value) - 1
+            check = f"one call per side ({apart:.0%} apart): a single CPU pair is no noise check"
+        rows.append((f"{phase.label} (not touched by {label})", _seconds(phase.baseline_ms),
+                     _seconds(phase.accelerated_ms), f"unchanged by design; {check}", "lower"))
+    return rows
+
+
+def _memory_row(figures: MemoryFigures) -> tuple[str, str, str, str, str]:
+    label = f"{figures.kind}, {figures.scope}"
+    change = figures.change_bytes
+    if change is None:
+        text = ""
+    elif figures.exact:
+        text = f"{change / 2**20:+.1f} MiB"
+    elif figures.baseline_from_cache:
+        text = f"{change / 2**20:+.1f} MiB (not comparable: the baseline ran in another request)"
+    elif figures.noise_bytes is None:
+        text = f"{change / 2**20:+.1f} MiB (within noise: one sample per side, RSS growth cannot tell)"
+    elif figures.within_noise:
+        text = (f"{change / 2**20:+.1f} MiB (within sampling noise: repeated calls of one side vary by "
+                f"{figures.noise_bytes / 2**20:.1f} MiB)")
+    else:
+        text = f"{change / 2**20:+.1f} MiB (beyond the {figures.noise_bytes / 2**20:.1f} MiB spread of repeated calls)"
+    return (label, _mib(figures.baseline), _mib(figures.accelerated), text, "lower")
+
+
+def metric_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str]]:
     base, fast = result.baseline, result.accelerated
-    rows: list[tuple[str, str, str, str]] = []
-
-    def timing(label: str, phase: str) -> None:
-        b = None if base is None else base.timing.get(phase)
-        f = None if fast is None else fast.timing.get(phase)
-        speedup = result.speedup(phase)
-        rows.append((label, _seconds(b), _seconds(f), "" if speedup is None else f"{speedup:.2f}x speedup"))
-
-    timing("end-to-end latency", "end_to_end")
-    timing("denoising loop", "denoising")
-    timing("text encoding", "text_encoding")
-    timing("VAE decode", "vae_decode")
-    b_step = None if base is None else base.seconds_per_step
-    f_step = None if fast is None else fast.seconds_per_step
-    rows.append(
-        (
-            "s / step",
-            "n/a" if b_step is None else f"{b_step:.4f}",
-            "n/a" if f_step is None else f"{f_step:.4f}",
-            "",
-        )
-    )
-    b_mem = None if base is None else base.memory.peak_bytes
-    f_mem = None if fast is None else fast.memory.peak_bytes
-    change = result.memory_change_bytes
-    memory_kind = "peak CUDA allocated" if base is not None and base.memory.device.startswith("cuda") else "peak RSS growth"
-    rows.append(
-        (memory_kind, _mib(b_mem), _mib(f_mem), "" if change is None else f"{change / 2**20:+.1f} MiB")
-    )
+    rows = _timing_rows(result)
+    if result.timing is not None:
+        rows.extend(_memory_row(figures) for figures in result.timing.memory)
     report = result.method_report
     if "requested_ratio" in report:
         rows.append(
@@ -61,6 +100,7 @@ def metric_rows(result: ComparisonResult) -> list[tuple[str, str, str, str]]:
                 "0",
                 f"{report['requested_ratio']:.2f} / {report['effective_ratio']:.2f}",
                 f"{report['blocks_patched']}/{report['blocks_total']} blocks",
+                "",
             )
         )
     fid = result.fidelity
@@ -68,15 +108,20 @@ def metric_rows(result: ComparisonResult) -> list[tuple[str, str, str, str]]:
         psnr = "identical" if fid.identical else f"{fid.psnr_mean:.2f} dB"
         if not fid.identical and fid.psnr_mean >= PSNR_CAP_DB:
             psnr = f">= {PSNR_CAP_DB:.0f} dB"
-        rows.append(("PSNR vs baseline", "reference", psnr, ""))
-        rows.append(("SSIM vs baseline", "reference", f"{fid.ssim_mean:.4f}", ""))
-        rows.append(("MSE vs baseline", "reference", f"{fid.mse_mean:.3g}", ""))
-    for label, attribute in (("warp error (flow)", "warp_error_mean"), ("frame-to-frame difference", "frame_diff_mean")):
+        rows.append(("PSNR vs baseline", "reference", psnr, "", "higher"))
+        rows.append(("SSIM vs baseline", "reference", f"{fid.ssim_mean:.4f}", "", "higher (1 = same)"))
+        rows.append(("MSE vs baseline", "reference", f"{fid.mse_mean:.3g}", "", "lower"))
+    for label, attribute in (("warp error (optical flow)", "warp_error_mean"),
+                             ("frame-to-frame difference", "frame_diff_mean")):
         values = [
             None if run is None or run.temporal is None else getattr(run.temporal, attribute) for run in (base, fast)
         ]
-        rows.append((label, *("n/a" if v is None else f"{v:.4f}" for v in values), ""))
-    rows.append(("baseline from cache", "yes" if result.baseline_reused else "no", "", ""))
+        rows.append((label, *(NA if v is None else f"{v:.4f}" for v in values), "", "closer to baseline"))
+    if result.baseline_reused and base is not None:
+        made = time.strftime("%H:%M:%S", time.localtime(base.measured_at))
+        rows.append(("baseline video", f"from cache (made {made})", "", "timing measured again in this request", ""))
+    else:
+        rows.append(("baseline video", "made in this request", "", "", ""))
     return rows
 
 
@@ -85,13 +130,29 @@ def environment_line(result: ComparisonResult) -> str:
     versions = env.get("versions", {})
     parts = [
         str(env.get("device_name") or env.get("device", "?")),
-        f"driver {env['nvml_driver_version']}" if env.get("nvml_driver_version") else None,
+        f"driver {env['driver_version']}" if env.get("driver_version") else None,
         f"torch {versions.get('torch', '?')}",
         f"diffusers {versions.get('diffusers', '?')}",
         f"dtype {env.get('dtype', '?')}",
         f"attention {env.get('attention_backend', '?')}",
     ]
     return " · ".join(part for part in parts if part)
+
+
+def protocol_line(result: ComparisonResult) -> str:
+    """How the figures were taken, in one sentence the page and the CLI print under the table."""
+    timing = result.timing
+    if timing is None:
+        return ""
+    unit = timing.denoising.ratio.unit if timing.denoising.ratio is not None else "rounds"
+    repeats = "denoising steps of each round" if unit == "steps" else "rounds"
+    return (
+        f"Timing: {timing.rounds} round(s) of baseline and accelerated calls made back to back in this request "
+        f"(order alternating, after untimed warm-ups); speedups are medians of paired ratios over the {repeats} "
+        "with a distribution-free interval; end-to-end adds this request's measured untouched phases to the "
+        "denoising times; changes under 2% or with an interval that includes 1 are reported as no significant "
+        "difference."
+    )
 
 
 def format_table(result: ComparisonResult) -> str:
@@ -104,7 +165,9 @@ def format_table(result: ComparisonResult) -> str:
         f"{s.preset}: {s.frames} frames, {s.height}x{s.width}, {s.steps} steps, guidance {s.guidance:g}, seed {s.seed}",
         environment_line(result),
     ]
-    tail = [f"note: {note}" for note in result.notes]
+    tail = [protocol_line(result)] if result.timing is not None else []
+    tail += [f"warning: {warning}" for warning in result.warnings]
+    tail += [f"note: {note}" for note in result.notes]
     if result.error:
         tail.append(f"error: {result.error}")
     tail += [f"{name}: {path}" for name, path in result.files.items()]

@@ -69,13 +69,21 @@ def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> 
 
 def speed_phrase(ratio: float) -> str:
     """``1.84x faster`` / ``1.41x slower``: a slowdown is never written as a speedup below 1."""
+    if round(ratio, 2) == 1.0 and round(1.0 / ratio, 2) == 1.0:
+        return "1.00x"
     if ratio >= 1.0:
         return f"{ratio:.2f}x faster"
     return f"{1.0 / ratio:.2f}x slower"
 
 
-def _range_phrase(low: float, high: float) -> str:
-    return f"{low:.2f}-{high:.2f}x"
+def range_phrase(low: float, high: float) -> str:
+    """An interval of ratios in words: ``1.71-1.95x faster``, ``1.45-1.79x slower`` or
+    ``1.28x slower to 1.06x faster``."""
+    if low >= 1.0:
+        return f"{low:.2f}-{high:.2f}x faster"
+    if high <= 1.0:
+        return f"{1.0 / high:.2f}-{1.0 / low:.2f}x slower"
+    return f"{speed_phrase(low)} to {speed_phrase(high)}"
 
 
 @dataclass(frozen=True)
@@ -101,16 +109,31 @@ class Ratio:
 
     def interval_text(self) -> str:
         if not self.has_interval:
-            return f"{self.pairs} {self.unit}: too few for an interval"
-        return f"{self.coverage:.0%} interval {_range_phrase(self.low, self.high)} over {self.pairs} {self.unit}"
+            return f"{self.pairs} {self.unit[:-1] if self.pairs == 1 else self.unit}: too few for an interval"
+        return f"{math.floor(self.coverage * 100)}% interval {range_phrase(self.low, self.high)}; {self.pairs} {self.unit}"
+
+    def plain_text(self) -> str:
+        """The numbers without speed words, for phases that are not meant to change."""
+        if not self.has_interval:
+            return f"ratio {self.value:.2f}; {self.interval_text()}"
+        return (f"ratio {self.value:.2f}, {math.floor(self.coverage * 100)}% interval {self.low:.2f}-{self.high:.2f}; "
+                f"{self.pairs} {self.unit}")
 
     def text(self) -> str:
         """What the page prints: the verdict first, the number and its interval after."""
         if self.verdict is Verdict.NO_DIFFERENCE:
-            return f"no significant difference ({self.value:.2f}x; {self.interval_text()})"
+            return f"no significant difference (median {speed_phrase(self.value)}; {self.interval_text()})"
         if self.verdict is Verdict.TOO_FEW_REPEATS:
-            return f"{speed_phrase(self.value)}? ({self.interval_text()}; use more rounds)"
+            return f"{speed_phrase(self.value)}, not tested ({self.interval_text()}; use more rounds)"
         return f"{speed_phrase(self.value)} ({self.interval_text()})"
+
+    def short(self) -> str:
+        """A table cell: the verdict in a few words."""
+        if self.verdict is Verdict.NO_DIFFERENCE:
+            return "no significant difference"
+        if self.verdict is Verdict.TOO_FEW_REPEATS:
+            return f"{speed_phrase(self.value)} (untested)"
+        return speed_phrase(self.value)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -11,10 +11,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .compare import ComparisonResult, RequestError, whole_number
+from .compare import ComparisonRequest, ComparisonResult, RequestError, resolve, whole_number
 from .metrics import PSNR_CAP_DB
-from .presets import ModelPreset
-from .report import environment_line, metric_rows
+from .presets import ModelPreset, get_preset
+from .protocol import GpuEstimate, estimate_gpu_time
+from .report import environment_line, metric_rows, protocol_line
+from .stats import Ratio
 from .tome import ToMeConfig
 
 RATIO_STEP = 0.05
@@ -38,12 +40,12 @@ HISTORY_COLUMNS = (
     "stride",
     "strategy",
     "blocks",
-    "speedup",
-    "denoise speedup",
+    "end-to-end",
+    "denoising",
     "PSNR dB",
     "SSIM",
-    "peak mem change MiB",
-    "baseline cached",
+    "peak memory change",
+    "baseline video",
 )
 
 
@@ -131,7 +133,8 @@ def preset_choice_label(preset: ModelPreset, has_gpu: bool) -> str:
 
 def preset_info(preset: ModelPreset, has_gpu: bool) -> str:
     """Markdown shown under the model picker: hardware note and the model's input rules."""
-    lines = [f"**{preset.label}**", f"Hardware: {preset.hardware}", f"Inputs: {preset.constraints.describe()}."]
+    lines = [f"**{preset.label}**", f"Hardware: {preset.hardware}", f"Inputs: {preset.constraints.describe()}.",
+             f"Timing rounds by default: {preset.timing_rounds}."]
     if preset.requires_gpu and not has_gpu:
         lines.insert(1, "**Unavailable here: this machine has no GPU.**")
     if not preset.is_builtin:
@@ -150,11 +153,11 @@ class HistoryEntry:
     stride: str
     strategy: str
     blocks: str
-    speedup: float | None
-    denoise_speedup: float | None
+    end_to_end: Ratio | None
+    denoising: Ratio | None
     psnr_db: float | None
     ssim: float | None
-    memory_change_mib: float | None
+    memory_change: str
     baseline_cached: bool
 
     def row(self) -> list[Any]:
@@ -169,13 +172,38 @@ class HistoryEntry:
             self.stride,
             self.strategy,
             self.blocks,
-            rounded(self.speedup, 3),
-            rounded(self.denoise_speedup, 3),
+            "n/a" if self.end_to_end is None else self.end_to_end.short(),
+            "n/a" if self.denoising is None else self.denoising.short(),
             rounded(self.psnr_db, 2),
             rounded(self.ssim, 4),
-            rounded(self.memory_change_mib, 1),
-            "yes" if self.baseline_cached else "no",
+            self.memory_change,
+            "from cache" if self.baseline_cached else "made",
         ]
+
+    def point(self) -> dict[str, Any] | None:
+        """The run on the speedup / fidelity chart (None without both figures)."""
+        if self.end_to_end is None or self.psnr_db is None:
+            return None
+        ratio = self.end_to_end
+        return {
+            "run": self.run,
+            "PSNR vs baseline (dB)": self.psnr_db,
+            "end-to-end speedup": round(ratio.value, 4),
+            "interval": "n/a" if not ratio.has_interval else f"{ratio.low:.2f}-{ratio.high:.2f}",
+            "verdict": ratio.verdict.value,
+            "merge ratio": self.ratio,
+            "settings": f"{self.model} · {self.strategy} · stride {self.stride}",
+        }
+
+
+def _memory_change(result: ComparisonResult) -> str:
+    if result.timing is None or not result.timing.memory:
+        return "n/a"
+    figures = result.timing.memory[0]  # the whole call: what a user's GPU must hold
+    change = figures.change_bytes
+    if change is None:
+        return "n/a"
+    return "within noise" if figures.within_noise else f"{change / 2**20:+.1f} MiB"
 
 
 def history_entry(result: ComparisonResult, run: int) -> HistoryEntry:
@@ -185,7 +213,6 @@ def history_entry(result: ComparisonResult, run: int) -> HistoryEntry:
     # Identical videos have infinite PSNR: the table shows them at the cap (its cells must be JSON);
     # the speedup/fidelity chart leaves them out.
     psnr = None if fid is None else min(fid.psnr_mean, PSNR_CAP_DB)
-    change = result.memory_change_bytes
     return HistoryEntry(
         run=run,
         model=result.settings.preset,
@@ -194,31 +221,13 @@ def history_entry(result: ComparisonResult, run: int) -> HistoryEntry:
         stride="x".join(str(s) for s in config.get("stride", ())),
         strategy=str(config.get("strategy", "")),
         blocks=str(config.get("blocks", "")),
-        speedup=result.speedup("end_to_end"),
-        denoise_speedup=result.speedup("denoising"),
+        end_to_end=result.speedup("end_to_end"),
+        denoising=result.speedup("denoising"),
         psnr_db=psnr,
         ssim=None if fid is None else fid.ssim_mean,
-        memory_change_mib=None if change is None else change / 2**20,
+        memory_change=_memory_change(result),
         baseline_cached=result.baseline_reused,
     )
-
-
-def estimate_gpu_seconds(preset: ModelPreset, steps: int | None, frames: int | None, height: int | None,
-                         width: int | None, runs: int = 1) -> int:
-    """Seconds of GPU time to ask ZeroGPU for: loading plus ``runs`` comparisons (baseline and
-    accelerated, each after a 2-step warm-up), from the preset's ``gpu_seconds_per_step``.
-
-    Scaled by the video volume against the preset's defaults, quadratically above them (attention
-    grows with the square of the token count): asking for too much costs queue priority, too little
-    kills the run.
-    """
-    steps = steps or preset.num_inference_steps
-    volume = (frames or preset.num_frames) * (height or preset.height) * (width or preset.width)
-    scale = volume / (preset.num_frames * preset.height * preset.width)
-    per_step = float(preset.extras.get("gpu_seconds_per_step", 0.5)) * (scale**2 if scale > 1 else max(scale, 0.1))
-    load = float(preset.extras.get("gpu_load_seconds", 30))
-    seconds = load + runs * 2 * (steps + 2) * per_step * 1.2
-    return int(min(max(seconds, 30), 1800))
 
 
 @dataclass(frozen=True)
@@ -227,9 +236,10 @@ class ComparisonView:
     the process boundary of a ZeroGPU worker."""
 
     files: dict[str, str]
-    rows: list[tuple[str, str, str, str]]
+    rows: list[tuple[str, str, str, str, str]]
     environment: str
     notes: tuple[str, ...]
+    warnings: tuple[str, ...]
     error: str | None
     entry: HistoryEntry | None  # None when the comparison failed
 
@@ -241,6 +251,9 @@ FEW_TOKENS = 1024
 
 def comparison_view(result: ComparisonResult) -> ComparisonView:
     notes = list(result.notes)
+    protocol = protocol_line(result)
+    if protocol:
+        notes.insert(0, protocol)
     sites = result.method_report.get("tokens_per_block") or []
     tokens = max((site["tokens_in"] for site in sites), default=0)
     if 0 < tokens < FEW_TOKENS:
@@ -253,6 +266,16 @@ def comparison_view(result: ComparisonResult) -> ComparisonView:
         rows=metric_rows(result),
         environment=environment_line(result),
         notes=tuple(notes),
+        warnings=result.warnings,
         error=result.error,
         entry=history_entry(result, run=0) if result.ok else None,
     )
+
+
+def gpu_estimate(requests: list[ComparisonRequest]) -> GpuEstimate:
+    """GPU time for a list of requests that share a baseline (one comparison or one sweep);
+    validates the first request (a :class:`RequestError` names the broken rule)."""
+    preset = get_preset(requests[0].preset)
+    settings, _ = resolve(requests[0], preset)
+    return estimate_gpu_time(preset, settings.steps, settings.frames, settings.height, settings.width,
+                             settings.rounds, points=len(requests), warmup_steps=settings.warmup_steps)

@@ -1,0 +1,42 @@
+"""Cancel requests that reach the process that generates.
+
+On a ZeroGPU Space the generation function runs in a worker process forked from the app (and
+reused across calls): a ``threading.Event`` set in the app's process after the fork is never seen
+there. A marker file is: both processes share the file system, and the engine checks
+``is_set()`` once per denoising step (one ``stat`` call).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+
+class CancelFlag:
+    """A cancel request stored as a file, visible to every process on the host (``threading.Event``-like)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def set(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def is_set(self) -> bool:
+        return self.path.exists()
+
+
+class CancelFlags:
+    """One :class:`CancelFlag` per session, in a private folder of this app instance."""
+
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="vdtome-cancel-"))
+
+    def for_session(self, session: str) -> CancelFlag:
+        # Session ids come from clients: hash them into a safe file name.
+        name = hashlib.sha256(session.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return CancelFlag(self.folder / name)
