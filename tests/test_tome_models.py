@@ -547,3 +547,49 @@ def test_ltx_explicit_video_coords_are_refused():
     with apply_tome(case.model, ToMeConfig(ratio=0.5)):
         with pytest.raises(ValueError, match="video_coords"):
             case.run()
+
+
+def test_animatediff_level_grids_match_the_unet_at_every_size_its_preset_accepts():
+    """Every (height, width) of the AnimateDiff preset: the level grids the adapter infers from a
+    token count are the shapes the UNet's stride-2 downsampling convolutions really produce."""
+    from vdtome.presets import get_preset
+    from vdtome.tome.adapters.animatediff import _level_grid
+    from vdtome.tome.hooks import DenoiserState
+
+    rules = get_preset("animatediff").constraints
+    downsample = torch.nn.Conv2d(1, 1, 3, stride=2, padding=1, device="meta")  # diffusers' Downsample2D
+    sides = range(rules.valid_side_range[0], rules.valid_side_range[1] + 1, rules.side_multiple)
+    checked = 0
+    for height in sides:
+        for width in sides:
+            latent = torch.empty(1, 1, height // 8, width // 8, device="meta")
+            state = DenoiserState(latent_size=(1, latent.shape[2], latent.shape[3]))
+            for _ in range(4):  # SD 1.5: four resolution levels
+                grid = (1, latent.shape[2], latent.shape[3])
+                assert _level_grid(state, math.prod(grid)) == grid, (height, width, grid)
+                latent = downsample(latent)
+            checked += 1
+    assert checked == len(sides) ** 2 == 4225
+
+
+def test_animatediff_with_four_levels_merges_at_264x288(attention_calls):
+    """264x288 px = a 33x36 latent: levels 33x36, 17x18, 9x9 and 5x5 (ToMe for SD's shortcut
+    placed 25 tokens on a 5x6 grid and failed)."""
+    model = tiny.tiny_unet_motion_model(block_out_channels=(8, 8, 16, 16))
+    frames = 2
+    kwargs = dict(
+        sample=_randn(2, model.config.in_channels, frames, 33, 36),
+        timestep=torch.tensor(700),
+        encoder_hidden_states=_randn(2, TEXT, model.config.cross_attention_dim, seed=1).repeat_interleave(frames, 0),
+    )
+    with torch.no_grad():
+        model(**kwargs)
+        full = {c.queries for c in attention_calls if c.queries == c.keys and c.queries > frames}
+        attention_calls.clear()
+        with apply_tome(model, ToMeConfig(ratio=0.5, match_window=None)) as handle:
+            out = model(**kwargs).sample
+            stats = handle.stats()
+    assert {33 * 36, 17 * 18, 9 * 9, 5 * 5} <= full
+    assert {site.tokens_in for site in stats.sites} == {33 * 36, 17 * 18, 9 * 9, 5 * 5} & full
+    assert all(site.tokens_out < site.tokens_in for site in stats.sites)
+    assert torch.isfinite(out).all()

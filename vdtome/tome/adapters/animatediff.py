@@ -29,15 +29,22 @@ def _spatial_blocks(model):
 
 
 def _level_grid(state: DenoiserState, num_tokens: int) -> Grid:
-    """The (1, h, w) grid of a UNet level, from the latent size (as ToMe for SD computes it)."""
+    """The (1, h, w) grid of the UNet level that holds ``num_tokens`` tokens per frame.
+
+    Each down level halves the latent with a stride-2, padding-1 convolution, so level k has
+    ``ceil(h / 2)`` applied k times to each side (odd sides round up: a 33x36 latent has levels
+    33x36, 17x18, 9x9, 5x5); up levels are resized to their skip's size. ToMe for SD's shortcut
+    (one downsampling factor from sqrt(h * w / N)) misplaces such levels.
+    """
     if state.latent_size is None:
         raise RuntimeError("vdtome: a patched block ran outside a call of its UNet")
     _, height, width = state.latent_size
-    downsample = math.ceil(math.sqrt((height * width) // num_tokens))
-    grid = (1, math.ceil(height / downsample), math.ceil(width / downsample))
-    if math.prod(grid) != num_tokens:
-        raise ValueError(f"vdtome: cannot place {num_tokens} tokens on a level of the {height}x{width} latent")
-    return grid
+    h, w = height, width
+    while h * w > num_tokens and (h, w) != (1, 1):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    if h * w != num_tokens:
+        raise ValueError(f"vdtome: no UNet level of the {height}x{width} latent holds {num_tokens} tokens")
+    return (1, h, w)
 
 
 def _latent_size(model, call):
