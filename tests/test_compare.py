@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 import threading
+import time
+import weakref
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from vdtome.compare import (
     ComparisonEngine,
     ComparisonRequest,
     RequestError,
+    resolve,
     run_comparison,
 )
 from vdtome.metrics import PSNR_CAP_DB
@@ -38,40 +41,38 @@ def request(preset="tiny-wan", **overrides) -> ComparisonRequest:
     return ComparisonRequest(preset=preset, prompt=overrides.pop("prompt", PROMPT), **overrides)
 
 
-def transformer_calls(pipe) -> list[int]:
-    calls = []
-    pipe.transformer.register_forward_pre_hook(lambda module, args: calls.append(1))
-    return calls
-
-
 @pytest.mark.parametrize("preset", ["tiny-wan", "tiny-cogvideox", "tiny-ltx"])
 def test_tiny_presets_run_end_to_end_with_every_figure(engine, preset, tmp_path):
-    progress = []
-    result = engine.run(
-        request(preset, acceleration=ToMeConfig(ratio=0.5)),
-        out_dir=tmp_path,
-        progress=lambda stage, done, total: progress.append((stage, done, total)),
-    )
+    events = []
+    result = engine.run(request(preset, acceleration=ToMeConfig(ratio=0.5), rounds=3), out_dir=tmp_path,
+                        progress=events.append)
     assert result.ok, result.error
     s = result.settings
     data = json.loads((tmp_path / "result.json").read_text())
-    assert data["schema_version"] == 1 and data["ok"]
+    assert data["schema_version"] == 2 and data["ok"]
+    calls = data["timing"]["calls"]
+    assert [(c["round"], c["side"], c["decoded"]) for c in calls] == [
+        (1, "baseline", True), (1, "accelerated", True),
+        (2, "accelerated", False), (2, "baseline", False),
+        (3, "baseline", False), (3, "accelerated", False),
+    ]
+    for call in calls:
+        phases = call["latency"]["phases_ms"]
+        for phase in ("end_to_end", "text_encoding", "denoising"):
+            assert phases[phase] > 0, (call, phase)
+        assert (phases.get("vae_decode", 0) > 0) == call["decoded"]  # latent-only rounds never decode
+        parts = sum(phases.get(p, 0) for p in ("text_encoding", "denoising", "vae_decode"))
+        assert parts <= phases["end_to_end"]
+        assert len(call["latency"]["steps_ms"]) == s.steps and all(t > 0 for t in call["latency"]["steps_ms"])
+        memory = call["memory"]
+        assert memory["peak_bytes"] is not None and memory["cuda_peak_allocated_bytes"] is None
     for run in ("baseline", "accelerated"):
-        latency = data[run]["latency"]
-        for phase in ("end_to_end", "text_encoding", "denoising", "vae_decode"):
-            assert latency["phases_ms"][phase] > 0, (run, phase)
-        parts = sum(latency["phases_ms"][p] for p in ("text_encoding", "denoising", "vae_decode"))
-        assert parts <= latency["phases_ms"]["end_to_end"]
-        assert len(latency["steps_ms"]) == s.steps and all(t > 0 for t in latency["steps_ms"])
-        assert data[run]["seconds_per_step"] > 0
-        memory = data[run]["memory"]
-        assert memory["peak_bytes"] is not None and memory["rss_peak_bytes"] >= memory["rss_baseline_bytes"]
-        assert memory["cuda_peak_allocated_bytes"] is None and memory["unavailable_reason"]
-        temporal = data[run]["temporal"]
-        assert len(temporal["frame_diff"]) == len(temporal["warp_error"]) == s.frames - 1
-    assert data["speedup"]["end_to_end"] > 0 and data["speedup"]["denoising"] > 0
-    assert isinstance(data["peak_memory_change_bytes"], int)
-    merge = data["merge"]
+        assert len(data[run]["temporal"]["frame_diff"]) == len(data[run]["temporal"]["warp_error"]) == s.frames - 1
+    timing = data["timing"]
+    assert timing["rounds"] == 3 and timing["denoising"]["ratio"]["pairs"] == 3 * s.steps  # steps as repeats
+    assert timing["denoising"]["ratio"]["unit"] == "steps" and timing["end_to_end"]["ratio"]["value"] > 0
+    assert [phase["phase"] for phase in timing["untouched"]] == ["text_encoding", "vae_decode"]
+    merge = data["method_report"]
     assert merge["requested_ratio"] == 0.5 and merge["effective_ratio"] == pytest.approx(0.5, abs=0.05)
     assert merge["tokens_per_block"] and all(b["tokens_out"] < b["tokens_in"] for b in merge["tokens_per_block"])
     fid = data["fidelity"]
@@ -80,10 +81,13 @@ def test_tiny_presets_run_end_to_end_with_every_figure(engine, preset, tmp_path)
     env = data["environment"]
     assert env["versions"]["torch"] == torch.__version__.split("+")[0] or env["versions"]["torch"] == torch.__version__
     assert env["dtype"] == "float32" and env["device"] == "cpu"
-    # Progress followed both runs step by step (warm-up calls are not reported).
-    assert progress == [("baseline", i, s.steps) for i in range(1, s.steps + 1)] + [
-        ("accelerated", i, s.steps) for i in range(1, s.steps + 1)
-    ]
+    assert data["files"] == {name: f"{name}.mp4" for name in ("baseline", "accelerated", "side_by_side", "difference")} | {
+        "json": "result.json"}  # file names only: no server paths in the JSON
+    # One progress bar over every step of the request, warm-ups included, with named stages.
+    assert [e.done for e in events] == list(range(1, len(events) + 1)) and events[-1].done == events[-1].total
+    labels = [e.label for e in events]
+    assert "round 1/3 · baseline · decoding the video" in labels and "round 3/3 · accelerated · step 4/4" in labels
+    assert any(label.startswith("warm-up · accelerated") for label in labels)
     for name in ("baseline", "accelerated", "difference"):
         info = probe(result.files[name])
         assert (info["codec"], info["pix_fmt"], info["frames"]) == ("h264", "yuv420p", s.frames)
@@ -100,22 +104,21 @@ def test_ratio_zero_reports_identical_videos(engine):
     assert np.array_equal(result.baseline.frames, result.accelerated.frames)
 
 
-def test_changing_only_the_ratio_reuses_the_baseline(engine):
+def test_changing_only_the_ratio_reuses_the_baseline_video_not_its_timing(engine):
     first = engine.run(request(seed=11, acceleration=ToMeConfig(ratio=0.3)))
     assert not first.baseline_reused
-    pipe = engine.pipelines.get(get_preset("tiny-wan"), "cpu")
-    calls = transformer_calls(pipe)
-    baseline_runs = engine.pipeline_calls["baseline"]
+    started = time.time()
     second = engine.run(request(seed=11, acceleration=ToMeConfig(ratio=0.6, stride=(1, 2, 2))))
-    assert second.baseline_reused and engine.pipeline_calls["baseline"] == baseline_runs
-    # Only the accelerated warm-up (2 steps) and timed run (4 steps) called the transformer, CFG twice each.
-    assert len(calls) == 2 * (2 + second.settings.steps)
-    assert second.baseline.to_dict() == first.baseline.to_dict()
-    assert "baseline reused" in " ".join(second.notes)
+    assert second.baseline_reused and second.baseline is first.baseline  # the same video, not made again
+    baseline_calls = [c for c in second.timing.calls if c.side == "baseline"]
+    # The baseline is timed again, in this request, next to the accelerated calls, but not decoded.
+    assert len(baseline_calls) == second.settings.rounds and not any(c.decoded for c in baseline_calls)
+    assert all(c.started_at >= started for c in second.timing.calls)
+    assert "its timing was measured again" in " ".join(second.notes)
     assert second.fidelity.psnr_mean < first.fidelity.psnr_mean  # more merging drifts further
-    # Anything that shapes the baseline (here the seed) runs it again.
+    # Anything that shapes the baseline (here the seed) makes its video again.
     third = engine.run(request(seed=12, acceleration=ToMeConfig(ratio=0.6)))
-    assert not third.baseline_reused and engine.pipeline_calls["baseline"] == baseline_runs + 1
+    assert not third.baseline_reused and any(c.decoded for c in third.timing.calls if c.side == "baseline")
 
 
 def test_one_copy_of_the_weights_and_no_hook_left(engine):
@@ -158,23 +161,73 @@ def test_invalid_sizes_are_snapped_and_reported(engine):
     assert result.baseline.frames.shape[:3] == (9, 64, 64)
 
 
-def test_out_of_memory_is_reported_and_the_pipeline_stays_usable(engine):
+ALLOCATION_FAILURES = {
+    "out of memory": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    "cudnn": lambda: RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    "cuda runtime": lambda: torch.AcceleratorError("CUDA error: out of memory (cudaErrorMemoryAllocation)"),
+}
+
+
+@pytest.mark.parametrize("kind", ALLOCATION_FAILURES)
+def test_allocation_failure_in_the_accelerated_run_keeps_the_baseline_and_frees_memory(engine, kind, monkeypatch):
     pipe = engine.pipelines.get(get_preset("tiny-wan"), "cpu")
+    held, releases = [], []
 
     def exhaust(module, args):
         if is_registered(module):  # only while the acceleration is applied
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            tensor = torch.empty(256, 1024)  # a tensor of the failed run, held by the traceback's frame
+            held.append(weakref.ref(tensor))
+            raise ALLOCATION_FAILURES[kind]()
 
+    def release(device=None):
+        assert held and held[0]() is None, "memory released while the exception still held the failed run's tensors"
+        releases.append(device)
+
+    monkeypatch.setattr("vdtome.compare.release_memory", release)
     hook = pipe.transformer.register_forward_pre_hook(exhaust)
     try:
         result = engine.run(request(seed=21, acceleration=ToMeConfig(ratio=0.5)))
     finally:
         hook.remove()
-    assert not result.ok and "out of memory during the accelerated run" in result.error
-    assert result.baseline is not None and result.accelerated is None
+    assert not result.ok and result.timing is None and releases
+    assert "during the accelerated warm-up at 9 frames, 64x64, 4 steps" in result.error
+    assert ("out of memory" if kind != "cudnn" else "a memory allocation failed") in result.error
+    assert result.baseline is not None and result.accelerated is None  # the baseline video is kept
+    assert probe(result.files["baseline"])["frames"] == 9
     assert not is_registered(pipe.transformer)
     assert json.loads(open(result.files["json"]).read())["error"] == result.error
     assert engine.run(request(seed=21, acceleration=ToMeConfig(ratio=0.5))).ok
+
+
+def test_allocation_failure_message_names_the_request_size_and_the_preset_need():
+    from types import SimpleNamespace
+
+    from vdtome.compare import _allocation_message
+
+    preset = get_preset("hunyuanvideo")
+    settings, _ = resolve(request("hunyuanvideo", frames=129, height=720, width=1280), preset)
+    session = SimpleNamespace(settings=settings, preset=preset, stage="the accelerated run (round 1)",
+                              engine=SimpleNamespace(device=torch.device("cpu")))
+    message = _allocation_message(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), session)
+    assert message.startswith("a memory allocation failed during the accelerated run (round 1) at 129 frames, 720x1280")
+    assert "needs about 45 GB of GPU memory at its defaults (61 frames, 320x512)" in message
+    assert "CUDNN_STATUS_ALLOC_FAILED" in message
+
+
+def test_errors_that_are_not_allocation_failures_are_not_swallowed(engine):
+    pipe = engine.pipelines.get(get_preset("tiny-wan"), "cpu")
+
+    def broken(module, args):
+        if is_registered(module):
+            raise RuntimeError("shape mismatch in a patched block")
+
+    hook = pipe.transformer.register_forward_pre_hook(broken)
+    try:
+        with pytest.raises(RuntimeError, match="shape mismatch"):
+            engine.run(request(seed=22, acceleration=ToMeConfig(ratio=0.5)))
+    finally:
+        hook.remove()
+    assert not is_registered(pipe.transformer)
 
 
 def test_non_finite_output_is_detected(engine):
@@ -197,13 +250,16 @@ def test_non_finite_output_is_detected(engine):
 
 def test_cancel_stops_the_run_and_removes_the_acceleration(engine):
     cancel = threading.Event()
+    stopped_at = []
 
-    def progress(stage, done, total):
-        if stage == "accelerated":
+    def progress(event):
+        stopped_at.append(event.label)
+        if event.stage == "accelerated" and event.round == 1:
             cancel.set()
 
     with pytest.raises(Cancelled):
         engine.run(request(seed=41, acceleration=ToMeConfig(ratio=0.5)), progress=progress, cancel=cancel)
+    assert stopped_at[-1] == "round 1/7 · accelerated · step 1/4"  # stopped at the next step
     assert not is_registered(engine.pipelines.get(get_preset("tiny-wan"), "cpu").transformer)
 
 
@@ -246,7 +302,8 @@ def test_cli_prints_a_table_and_writes_the_files(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr
-    assert "end-to-end latency" in done.stdout and "merge ratio (requested / effective)" in done.stdout
+    assert "end-to-end (denoising + this request's untouched phases)" in done.stdout
+    assert "merge ratio (requested / effective)" in done.stdout and "Timing: 7 round(s)" in done.stdout
     assert {p.name for p in out.iterdir()} >= {"baseline.mp4", "accelerated.mp4", "side_by_side.mp4", "difference.mp4",
                                                  "result.json"}
     bad = subprocess.run(

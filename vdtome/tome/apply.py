@@ -115,6 +115,9 @@ def denoisers_of(pipe_or_model) -> list[torch.nn.Module]:
 def apply_tome(pipe_or_model, config: ToMeConfig | None = None) -> ToMeHandle:
     """Patch every denoiser of ``pipe_or_model`` so its chosen sub-layers run on merged tokens.
 
+    Ratio 0 is checked against the model like any config but patches nothing (no block is
+    patched): the pipeline runs exactly its own code.
+
     Raises ``TypeError`` for an unsupported model (naming the supported ones) and ``ValueError``
     when the config cannot work on this model; nothing is patched in either case.
 
@@ -145,6 +148,11 @@ def apply_tome(pipe_or_model, config: ToMeConfig | None = None) -> ToMeHandle:
     for model, adapter, blocks in plans:
         denoiser = DenoiserHook(adapter.read_grid, track_steps)
         patched = _Patched(model, denoiser, [], [], len(blocks))
+        if config.ratio == 0.0:
+            # Ratio 0 merges nothing: install nothing, so that it costs nothing and runs the very
+            # same code as the baseline (an A/A comparison).
+            handle.patched.append(patched)
+            continue
         for index, block in enumerate(blocks):
             if not config.selects_block(index):
                 continue
@@ -162,8 +170,8 @@ def apply_tome(pipe_or_model, config: ToMeConfig | None = None) -> ToMeHandle:
         denoiser.attach(model)
         invalidate_registry_caches(model)
         handle.patched.append(patched)
-    handle.unavailable_targets = frozenset(config.targets - available)
-    if not any(p.sites for p in handle.patched):
+    handle.unavailable_targets = frozenset(config.targets - available) if available else frozenset()
+    if config.ratio > 0.0 and not any(p.sites for p in handle.patched):
         handle.remove()
         names = ", ".join(type(m).__name__ for m in models)
         raise ValueError(

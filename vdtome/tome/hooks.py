@@ -95,6 +95,9 @@ class DenoiserHook:
 
     def attach(self, module: torch.nn.Module) -> None:
         self._signature = inspect.signature(type(module).forward)
+        parameters = list(self._signature.parameters.values())[1:]  # after self
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self._positional = tuple(p.name for p in parameters if p.kind in positional)
         self._handle = module.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
 
     def detach(self) -> None:
@@ -106,13 +109,19 @@ class DenoiserHook:
     def attached(self) -> bool:
         return self._handle is not None
 
+    def _arguments(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The call's arguments by name. Zipping names is a fraction of ``Signature.bind``'s cost
+        (paid at every transformer call); adapters only read arguments whose default is None."""
+        if len(args) <= len(self._positional):
+            return dict(zip(self._positional, args)) | kwargs
+        return self._signature.bind(module, *args, **kwargs).arguments
+
     @torch.compiler.disable
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        call = self._signature.bind(module, *args, **kwargs)
-        call.apply_defaults()
-        grid, latent_size = self._read_grid(module, call.arguments)
+        arguments = self._arguments(module, args, kwargs)
+        grid, latent_size = self._read_grid(module, arguments)
         if self._track_steps:
-            self._advance_step(call.arguments.get("timestep"))  # may start a new run (fresh state)
+            self._advance_step(arguments.get("timestep"))  # may start a new run (fresh state)
         else:
             self.state.call_in_step = 0
         state = self.state
