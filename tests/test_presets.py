@@ -238,3 +238,40 @@ def test_validation_errors_name_file_and_field(tmp_path):
     (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(PresetError, match="broken.json: invalid JSON"):
         load_presets(tmp_path / "broken.json")
+
+
+def test_gpu_presets_state_what_the_loader_needs(presets):
+    """Every GPU preset carries its memory need (shown in the label, no offload promised) and the
+    per-part GPU seconds ZeroGPU is asked for; tiny presets time themselves with more rounds."""
+    for preset in presets.values():
+        if preset.is_builtin:
+            assert preset.timing_rounds >= 6 and preset.gpu_time is None  # an interval from rounds alone
+            continue
+        assert preset.requires_gpu and preset.timing_rounds == 1
+        assert f"~{preset.gpu_memory_gb:g} GB VRAM" in preset.label, preset.label
+        assert "offload" not in preset.label and "no offload" in preset.hardware, preset.name
+        gpu = preset.gpu_time
+        assert gpu.load_s > 0 and gpu.step_s > 0 and gpu.decode_s > 0 and gpu.text_s > 0
+    assert presets["hunyuanvideo"].vae_tiling and presets["cogvideox-5b"].vae_tiling
+    assert presets["hunyuanvideo"].negative_prompt_unsupported
+    assert not presets["wan2.1-t2v-1.3b"].negative_prompt_unsupported
+
+
+def test_gpu_preset_without_its_gpu_figures_is_refused(tmp_path):
+    raw = json.loads((PRESETS_DIR / "models.json").read_text(encoding="utf-8"))
+    entry = next(p for p in raw["presets"] if p["name"] == "ltx-video")
+    assert "ltx-video" in load_presets(_write(tmp_path, [entry]))
+    for field, message in (("gpu_time", "gpu_time: missing required field"),
+                           ("gpu_memory_gb", "gpu_memory_gb: missing required field")):
+        bad = json.loads(json.dumps(entry))
+        del bad[field]
+        with pytest.raises(PresetError, match=message):
+            load_presets(_write(tmp_path, [bad]))
+    bad = json.loads(json.dumps(entry))
+    bad["gpu_time"]["step_s"] = -1
+    with pytest.raises(PresetError, match=r"gpu_time.step_s: must be >= 0 seconds"):
+        load_presets(_write(tmp_path, [bad]))
+    bad = json.loads(json.dumps(entry))
+    del bad["defaults"]["timing_rounds"]
+    with pytest.raises(PresetError, match=r"defaults.timing_rounds: missing required field"):
+        load_presets(_write(tmp_path, [bad]))

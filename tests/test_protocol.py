@@ -145,6 +145,10 @@ def test_untouched_phases_that_differ_say_the_machine_was_busy():
     text = next(p for p in summary.untouched if p.phase == "text_encoding")
     assert not text.touched and "text encoding took 1.50x as long in the accelerated runs" in text.busy
     assert "machine was busy" in summary.busy_warning
+    # Agreeing on the median but spread over a factor of 3 between rounds: disturbed as well.
+    spread = [replace(c, timing=replace(c.timing, phases_ms=c.timing.phases_ms | {"text_encoding": 20.0 * 3 ** (c.round % 2)}))
+              if c.side == ACCELERATED and c.round > 4 else c for c in _rounds(7, 100.0, 50.0)]
+    assert "text encoding varied 3.0x between the rounds' two calls" in summarise(spread).busy_warning
     # One decode per side: a single CPU pair is no evidence, a single GPU pair is.
     slow_decode = [_call(BASELINE, 1, True, 100.0, decode=100.0), _call(ACCELERATED, 1, True, 50.0, decode=150.0)]
     assert summarise(slow_decode).busy_warning is None
@@ -208,14 +212,16 @@ def test_reruns_under_cpu_load_give_overlapping_intervals(engine):
     load = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 180\nwhile time.time() < end: pass"])
     try:
         time.sleep(0.5)
-        ratios = [
+        results = [
             engine.run(ComparisonRequest("tiny-wan", PROMPT, seed=4, acceleration=ToMeConfig(ratio=0.5)))
-            .speedup("denoising") for _ in range(5)
+            for _ in range(5)
         ]
+        ratios = [result.speedup("denoising") for result in results]
     finally:
         load.kill()
         load.wait()
     assert all(r.has_interval for r in ratios)
+    assert any("machine was busy" in " ".join(result.warnings) for result in results)
     # Intervals on a line overlap pairwise exactly when they share a point.
     assert max(r.low for r in ratios) <= min(r.high for r in ratios), [(r.low, r.high) for r in ratios]
 

@@ -7,7 +7,7 @@ import pytest
 from vdtome.compare import RequestError
 from vdtome.merge import max_merge_ratio
 from vdtome.presets import get_preset
-from vdtome.ui import estimate_gpu_seconds, parse_ratios, preset_choice_label, preset_info, stride_ratio_cap, tome_config
+from vdtome.ui import parse_ratios, preset_choice_label, preset_info, stride_ratio_cap, tome_config
 
 
 @pytest.mark.parametrize("stride", [(1, 2, 2), (2, 2, 2), (1, 3, 3), (1, 1, 2), (4, 4, 4)])
@@ -69,10 +69,7 @@ def test_gpu_presets_are_marked_unavailable_without_a_gpu():
     assert "no GPU" in info and real.hardware in info and "THUDM/CogVideoX-2b" in info
 
 
-def test_gpu_time_estimate_grows_with_the_work_and_stays_bounded():
-    preset = get_preset("cogvideox-2b")
-    default = estimate_gpu_seconds(preset, None, None, None, None)
-    assert 30 <= default <= 1800
-    assert estimate_gpu_seconds(preset, 20, 17, 320, 480) < default
-    assert estimate_gpu_seconds(preset, None, None, None, None, runs=3) > default
-    assert estimate_gpu_seconds(get_preset("hunyuanvideo"), 50, 129, 720, 1280, runs=8) == 1800
+def test_preset_info_states_the_memory_and_the_default_timing_rounds():
+    info = preset_info(get_preset("wan2.1-t2v-1.3b"), has_gpu=True)
+    assert "~20 GB VRAM" in info and "no offload" in info and "Timing rounds by default: 1." in info
+    assert "Timing rounds by default: 7." in preset_info(get_preset("tiny-wan"), has_gpu=False)

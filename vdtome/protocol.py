@@ -16,8 +16,9 @@ One request makes these calls on one loaded pipeline, in one process, on one dev
    alike, a pair is one denoising step of the two calls of a round (the steps are the repeats).
    End-to-end = the denoising times plus the untouched time (text encoding, decode, set-up)
    measured in this request's decoding calls (Amdahl). Phases the method does not touch are shown
-   as unchanged and double as a noise check: when they differ by more than
-   :data:`BUSY_THRESHOLD`, the machine was busy and the result says so.
+   as unchanged and double as a noise check: when they differ between the sides by more than
+   :data:`BUSY_THRESHOLD`, or their paired ratios spread over more than :data:`BUSY_SPREAD`, the
+   machine was busy and the result says so.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ SIDES = (BASELINE, ACCELERATED)
 BUSY_THRESHOLD = 0.10
 #: With a single pair (GPU clocks only) there is no interval: only a difference this large is called busy.
 BUSY_THRESHOLD_SINGLE = 0.25
+#: An untouched phase whose paired ratios spread over more than this factor (interval high / low)
+#: was disturbed in some rounds. Single tiny CPU calls vary by up to about +-40 % on a quiet 2-core
+#: machine (a spread near 2); a second process spinning on one core gives spreads of 10-40.
+BUSY_SPREAD = 2.5
 
 PHASE_LABELS = {
     TEXT_ENCODING: "text encoding",
@@ -257,6 +262,9 @@ def _busy_reason(phase: str, ratio: Ratio, gpu_clock: bool) -> str | None:
     Without an interval only a GPU's single pair counts: one CPU call of a phase varies by tens of
     percent from call to call (fresh allocations page-fault), so a single CPU pair is no evidence.
     """
+    if ratio.has_interval and ratio.high / ratio.low > BUSY_SPREAD:
+        return (f"{PHASE_LABELS[phase]} varied {ratio.high / ratio.low:.1f}x between the rounds' two calls "
+                f"({ratio.plain_text()})")
     if ratio.has_interval:
         significant = ratio.low > 1.0 or ratio.high < 1.0
         busy = significant and abs(ratio.value - 1.0) > BUSY_THRESHOLD
