@@ -108,8 +108,13 @@ def run_requests(requests: list[ComparisonRequest], source: str | None, cancel: 
     return views
 
 
+TINY_GPU_SECONDS = 60  # built-in tiny models run in seconds; they carry no GPU figures
+
+
 def _gpu_duration(requests: list[ComparisonRequest], source: str | None, cancel: CancelFlag, progress=None) -> int:
     """Seconds to ask ZeroGPU for: loading, warm-ups, every timed round and both decodes."""
+    if PRESETS[requests[0].preset].gpu_time is None:
+        return TINY_GPU_SECONDS
     return gpu_estimate(requests).seconds
 
 
