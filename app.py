@@ -299,8 +299,7 @@ def _negative_prompt_box(preset, value: str = "") -> gr.Textbox:
     return gr.Textbox(value=value, interactive=True, info=None)
 
 
-ROUNDS_INFO = (f"1-{MAX_ROUNDS}: baseline and accelerated calls back to back, order alternating; 6 or more give an "
-               "interval from rounds alone, fewer use the denoising steps as repeats")
+ROUNDS_INFO = f"1-{MAX_ROUNDS} pairs of back-to-back calls; 6+ give an interval from rounds alone"
 
 
 def on_preset(name: str, negative_prompt: str):

@@ -351,8 +351,6 @@ class ComparisonEngine:
         self.keep_outputs = keep_outputs
         self.pipelines = pipelines or PipelineCache()
         self.baselines = baselines or BaselineCache()
-        # Pipeline calls made, by kind: "pipeline warm-up", "warm-up", "baseline", "accelerated".
-        self.pipeline_calls: dict[str, int] = {"pipeline warm-up": 0, "warm-up": 0, BASELINE: 0, ACCELERATED: 0}
         self._warmed: weakref.WeakKeyDictionary[Any, set[tuple[int, int, int]]] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
@@ -490,16 +488,13 @@ class _Session:
     def warm_up(self, side: str, decode: bool = False) -> None:
         """An untimed short call: denoiser only, or (once per pipeline and size) the whole pipeline."""
         steps = min(self.settings.warmup_steps, self.settings.steps)
-        kind = "pipeline warm-up" if decode else "warm-up"
-        self.stage = f"the {side} {kind}"
-        self.engine.pipeline_calls[kind] += 1
+        self.stage = f"the {side} {'pipeline warm-up' if decode else 'warm-up'}"
         label = "warming up the pipeline (text encoder and decoder)" if decode else f"warm-up · {side}"
         with self._applied(side):
             self.pipe(**self._kwargs(label, None, steps, decode))
 
     def timed(self, side: str, round_number: int, decode: bool) -> tuple[TimedCall, VideoRun | None, dict | None]:
         self.stage = f"the {side} run (round {round_number})"
-        self.engine.pipeline_calls[side] += 1
         if decode:
             gc.collect()  # garbage left by earlier calls must not count toward this video's memory peak
         device = self.engine.device

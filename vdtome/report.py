@@ -14,6 +14,7 @@ from .compare import ComparisonResult
 from .metrics import PSNR_CAP_DB
 from .methods import METHODS
 from .protocol import MemoryFigures, PhaseFigures
+from .stats import NOISE_THRESHOLD
 
 COLUMNS = ("metric", "baseline", "accelerated", "change", "better")
 NA = "n/a"
@@ -150,8 +151,8 @@ def protocol_line(result: ComparisonResult) -> str:
         f"Timing: {timing.rounds} round(s) of baseline and accelerated calls made back to back in this request "
         f"(order alternating, after untimed warm-ups); speedups are medians of paired ratios over the {repeats} "
         "with a distribution-free interval; end-to-end adds this request's measured untouched phases to the "
-        "denoising times; changes under 2% or with an interval that includes 1 are reported as no significant "
-        "difference."
+        f"denoising times; changes under {NOISE_THRESHOLD:.0%} or with an interval that includes 1 are not "
+        "called faster or slower."
     )
 
 
