@@ -30,7 +30,7 @@ from typing import Any
 
 from .measure import DENOISING, END_TO_END, TEXT_ENCODING, VAE_DECODE, MemoryReport, TimingReport
 from .presets import ModelPreset
-from .stats import MIN_PAIRS, Ratio, Verdict, diluted, median, median_interval, paired_ratio, speed_phrase
+from .stats import MIN_PAIRS, Ratio, diluted, median, paired_ratio
 
 BASELINE = "baseline"
 ACCELERATED = "accelerated"
@@ -431,11 +431,8 @@ __all__ = [
     "PhaseFigures",
     "TimedCall",
     "TimingSummary",
-    "Verdict",
     "denoising_ratio",
     "estimate_gpu_time",
-    "median_interval",
     "round_order",
-    "speed_phrase",
     "summarise",
 ]
