@@ -69,8 +69,8 @@ class Cancelled(RuntimeError):
 class ProgressEvent:
     """One finished denoising step of the protocol.
 
-    ``stage``: ``"warm-up"``, ``"baseline"`` or ``"accelerated"``; ``round``: 1-based (None in
-    warm-ups); ``done`` / ``total``: steps of the whole request, for one progress bar;
+    ``stage``: ``"baseline"`` or ``"accelerated"`` in a round, else the warm-up that runs (e.g.
+    ``"warm-up · accelerated"``); ``round``: 1-based (None in warm-ups); ``done`` / ``total``: steps of the whole request, for one progress bar;
     ``decoding``: this was the last step of a call that now decodes its video.
     """
 
