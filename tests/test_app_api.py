@@ -9,7 +9,7 @@ from gradio_client.exceptions import AppError
 from vdtome.video_io import probe
 
 PROMPT = "A paper boat drifts down a rain-filled gutter past glowing shop windows."
-END_TO_END = "end-to-end (denoising + this request's untouched phases)"
+END_TO_END = "end-to-end (projected: denoising + untouched phases measured here)"
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,7 @@ def test_ratio_zero_is_identical_and_the_baseline_is_reused(client):
         (dict(targets=[]), "at least one merge target"),
         (dict(steps=0), "steps must be between 1"),
         (dict(rounds=0), "timing rounds must be between 1 and 20"),
+        (dict(rounds=2.5), "timing rounds must be a whole number, got 2.5"),  # refused, not rounded
         (dict(preset="cogvideox-2b"), "needs a GPU"),
         (dict(custom_model="someone/some-model"), "VDTOME_ALLOW_CUSTOM_MODEL=1"),
     ],

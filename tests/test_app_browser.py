@@ -74,7 +74,7 @@ def test_compare_in_the_browser_then_bad_input_then_again(page, tmp_path):
     metrics = page.evaluate(METRICS)
     requested, effective = metrics["merge ratio (requested / effective)"][1].split(" / ")
     assert requested == "0.30" and 0.25 <= float(effective) <= 0.30  # r = int(0.3 * N) tokens
-    end_to_end = metrics["end-to-end (denoising + this request's untouched phases)"]
+    end_to_end = metrics["end-to-end (projected: denoising + untouched phases measured here)"]
     assert end_to_end[0].endswith(" s") and "interval" in end_to_end[2] and end_to_end[3] == "lower"
     assert metrics["PSNR vs baseline"][1].endswith("dB")
     assert page.evaluate(HISTORY_ROWS) == 1

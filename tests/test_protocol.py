@@ -88,6 +88,9 @@ def test_end_to_end_dilutes_the_denoising_ratio_by_the_untouched_time():
     whole = diluted(ratio, accelerated_part=1.0, untouched=1.0)
     assert whole.value == pytest.approx((2.0 + 1.0) / (1.0 + 1.0))
     assert whole.low == pytest.approx((1.6 + 1.0) / 2.0) and whole.high == pytest.approx((2.5 + 1.0) / 2.0)
+    # Untouched times measured 1.0 and 1.5 apart: the interval spans both.
+    spread = diluted(ratio, accelerated_part=1.0, untouched=1.25, untouched_range=(1.0, 1.5))
+    assert spread.low == pytest.approx((1.6 + 1.5) / 2.5) and spread.high == pytest.approx((2.5 + 1.0) / 2.0)
     # A 20 % denoising gain under 10x as much untouched time is below the noise threshold end to end.
     small = diluted(paired_ratio([1.2] * 7, [1.0] * 7), accelerated_part=1.0, untouched=10.0)
     assert small.verdict is Verdict.NO_DIFFERENCE
@@ -130,10 +133,12 @@ def test_with_few_rounds_the_steps_are_the_repeats_unless_they_differ():
     one_round = _rounds(1, 100.0, 50.0, steps=None)
     ratio = summarise(one_round, steps_alike=True).denoising.ratio
     assert ratio.verdict is Verdict.TOO_FEW_REPEATS and ratio.pairs == 1  # 4 steps are still too few
-    fifty = [_call(s, 1, True, 100.0, steps=(2.0,) * 50) for s in (BASELINE,)] + [
-        _call(ACCELERATED, 1, True, 50.0, steps=tuple(1.0 + 0.01 * (i % 3) for i in range(50)))]
+    # Step 0 (one-off costs: here 10x the others) is left out of the step pairs.
+    fifty = [_call(BASELINE, 1, True, 100.0, steps=(20.0,) + (2.0,) * 49),
+             _call(ACCELERATED, 1, True, 50.0, steps=(1.0,) + tuple(1.0 + 0.01 * (i % 3) for i in range(49)))]
     stepped = summarise(fifty, steps_alike=True).denoising.ratio
-    assert stepped.unit == "steps" and stepped.pairs == 50 and stepped.verdict is Verdict.FASTER
+    assert stepped.unit == "steps" and stepped.pairs == 49 and stepped.verdict is Verdict.FASTER
+    assert stepped.high < 2.01  # step 0's 20x did not enter
     # A method whose steps differ (e.g. a matching reused for k steps) cannot use steps as repeats.
     assert summarise(fifty, steps_alike=False).denoising.ratio.verdict is Verdict.TOO_FEW_REPEATS
 
@@ -150,6 +155,19 @@ def test_untouched_phases_that_differ_say_the_machine_was_busy():
     spread = [replace(c, timing=replace(c.timing, phases_ms=c.timing.phases_ms | {"text_encoding": 20.0 * 3 ** (c.round % 2)}))
               if c.side == ACCELERATED and c.round > 4 else c for c in _rounds(7, 100.0, 50.0)]
     assert "text encoding varied 3.0x between the rounds' two calls" in summarise(spread).busy_warning
+    # The denoising ratio itself spread over 3x between rounds: disturbed, whatever the other phases say.
+    jumpy = [replace(c, timing=replace(c.timing, phases_ms=c.timing.phases_ms | {"denoising": 150.0}))
+             if c.side == ACCELERATED and c.round == 3 else c for c in _rounds(7, 100.0, 50.0)]
+    assert "the denoising ratio itself varied 3.0x between rounds" in summarise(jumpy).busy_warning
+    # 10 % slower and 10 % faster weigh alike: an accelerated side 10.7 % slower is flagged too.
+    lopsided = [replace(c, timing=replace(c.timing, phases_ms=c.timing.phases_ms | {"text_encoding": 22.14}))
+                if c.side == ACCELERATED else c for c in _rounds(7, 100.0, 50.0)]
+    assert "text encoding took 1.11x as long in the accelerated runs" in summarise(lopsided).busy_warning
+    # A phase of a few milliseconds on a CPU clock is jitter: it checks nothing and flags nothing.
+    short = [replace(c, timing=replace(c.timing, phases_ms=c.timing.phases_ms | {"text_encoding": 2.0 * (1 + c.round % 3)}))
+             for c in _rounds(7, 100.0, 50.0)]
+    text = summarise(short).untouched[0]
+    assert text.busy is None and text.check.startswith("too short to be a noise check on a CPU clock")
     # One decode per side: a single CPU pair is no evidence, a single GPU pair is.
     slow_decode = [_call(BASELINE, 1, True, 100.0, decode=100.0), _call(ACCELERATED, 1, True, 50.0, decode=150.0)]
     assert summarise(slow_decode).busy_warning is None
@@ -168,6 +186,9 @@ def test_memory_changes_within_the_spread_of_repeated_calls_are_noise():
     assert denoising.scope == "denoising" and denoising.noise_bytes == 4 * 2**20 and denoising.within_noise
     exact = summarise([replace(c, memory=replace(c.memory, device="cuda:0")) for c in calls]).memory[0]
     assert exact.exact and not exact.within_noise and exact.change_bytes == 2 * 2**20
+    # A baseline from the cache ran in another request: its RSS figure is not comparable.
+    cached = summarise(calls[1:], cached_baseline_memory=calls[0].memory).memory[0]
+    assert cached.baseline_from_cache and not cached.comparable and not cached.within_noise
 
 
 # ---- the engine follows the protocol -------------------------------------------------------------

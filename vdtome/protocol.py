@@ -14,8 +14,9 @@ One request makes these calls on one loaded pipeline, in one process, on one dev
    interval (:mod:`vdtome.stats`): a pair is a round when there are at least
    :data:`~vdtome.stats.MIN_PAIRS` rounds; with fewer rounds, and a method whose steps all cost
    alike, a pair is one denoising step of the two calls of a round (the steps are the repeats).
-   End-to-end = the denoising times plus the untouched time (text encoding, decode, set-up)
-   measured in this request's decoding calls (Amdahl). Phases the method does not touch are shown
+   End-to-end is projected (Amdahl): the denoising times plus the untouched time (text encoding,
+   decode, set-up) measured in this request's decoding calls, the same on both sides; its interval
+   spans the denoising interval and the range of the untouched times measured. Phases the method does not touch are shown
    as unchanged and double as a noise check: when they differ between the sides by more than
    :data:`BUSY_THRESHOLD`, or their paired ratios spread over more than :data:`BUSY_SPREAD`, the
    machine was busy and the result says so.
@@ -41,6 +42,8 @@ SIDES = (BASELINE, ACCELERATED)
 BUSY_THRESHOLD = 0.10
 #: With a single pair (GPU clocks only) there is no interval: only a difference this large is called busy.
 BUSY_THRESHOLD_SINGLE = 0.25
+#: On a CPU clock, an untouched phase shorter than this (per call) is not used as a noise check.
+MIN_CPU_CHECK_MS = 20.0
 #: An untouched phase whose paired ratios spread over more than this factor (interval high / low)
 #: was disturbed in some rounds. Single tiny CPU calls vary by up to about +-40 % on a quiet 2-core
 #: machine (a spread near 2); a second process spinning on one core gives spreads of 10-40.
@@ -85,8 +88,9 @@ class TimedCall:
 class PhaseFigures:
     """One phase in both sides: median milliseconds over this request's calls and their ratio.
 
-    ``touched``: the method can change this phase. ``busy``: for an untouched phase, the reason it
-    says the machine was busy (None when it agrees within the expected noise).
+    ``touched``: the method can change this phase. For an untouched phase, ``check`` says what its
+    noise check found, in words, and ``busy`` the reason it says the machine was busy (None when
+    the two sides agree within the expected noise, or the phase cannot tell).
     """
 
     phase: str
@@ -95,6 +99,7 @@ class PhaseFigures:
     ratio: Ratio | None
     touched: bool
     busy: str | None = None
+    check: str = ""
 
     @property
     def label(self) -> str:
@@ -105,9 +110,11 @@ class PhaseFigures:
             "phase": self.phase,
             "baseline_ms": self.baseline_ms,
             "accelerated_ms": self.accelerated_ms,
-            "ratio": None if self.ratio is None else self.ratio.to_dict(),
+            # An untouched phase's ratio is a noise check: numbers without speed words or verdict.
+            "ratio": None if self.ratio is None else self.ratio.to_dict(verdict=self.touched),
             "touched": self.touched,
             "busy": self.busy,
+            "check": self.check,
         }
 
 
@@ -154,9 +161,14 @@ class MemoryFigures:
         return max(max(v) - min(v) for v in (self.baseline_bytes, self.accelerated_bytes))
 
     @property
+    def comparable(self) -> bool:
+        """An exact figure, or two process figures from the same request."""
+        return self.exact or not self.baseline_from_cache
+
+    @property
     def within_noise(self) -> bool:
-        """A change this measurement cannot tell from no change."""
-        if self.change_bytes is None or self.exact:
+        """A comparable change this measurement cannot tell from no change."""
+        if self.change_bytes is None or not self.comparable or self.exact:
             return False
         return self.noise_bytes is None or abs(self.change_bytes) <= self.noise_bytes
 
@@ -169,6 +181,7 @@ class MemoryFigures:
             "change_bytes": self.change_bytes,
             "noise_bytes": self.noise_bytes,
             "within_noise": self.within_noise,
+            "comparable": self.comparable,
             "baseline_from_cache": self.baseline_from_cache,
         }
 
@@ -187,13 +200,20 @@ class TimingSummary:
 
     @property
     def busy_warning(self) -> str | None:
+        """Why the machine looks busy: an untouched phase that differs between the sides, or any
+        phase (the denoising loop included) whose paired ratios spread over :data:`BUSY_SPREAD`
+        between rounds (the same calls repeated should give the same ratio)."""
         reasons = [phase.busy for phase in self.untouched if phase.busy]
+        ratio = self.denoising.ratio
+        if ratio is not None and ratio.unit == "rounds" and ratio.has_interval and ratio.high / ratio.low > BUSY_SPREAD:
+            reasons.append(f"the denoising ratio itself varied {ratio.high / ratio.low:.1f}x between rounds "
+                           f"({ratio.plain_text()})")
         if not reasons:
             return None
         return (
-            "the machine was busy during this request: " + "; ".join(reasons) + ". Phases the method does not "
-            "touch should take the same time in both runs, so the figures above are unreliable; rerun when "
-            "the machine is quiet."
+            "the machine was busy during this request: " + "; ".join(reasons) + ". Repeated calls should give "
+            "the same ratio and phases the method does not touch the same time, so the figures above are "
+            "unreliable; rerun when the machine is quiet."
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,9 +251,11 @@ def _phase_pairs(pairs: Sequence[tuple[TimedCall, TimedCall]], phase: str) -> tu
 
 
 def _step_pairs(pairs: Sequence[tuple[TimedCall, TimedCall]]) -> tuple[list[float], list[float]]:
+    """Step i of a round's baseline call with step i of its accelerated call, from step 1 on:
+    step 0 also carries the loop's one-off costs, so it is not like the others."""
     base, fast = [], []
     for b, a in pairs:
-        for tb, ta in zip(b.timing.steps_ms, a.timing.steps_ms):
+        for tb, ta in zip(b.timing.steps_ms[1:], a.timing.steps_ms[1:]):
             if tb and ta:
                 base.append(tb)
                 fast.append(ta)
@@ -256,48 +278,59 @@ def denoising_ratio(pairs: Sequence[tuple[TimedCall, TimedCall]], steps_alike: b
     return paired_ratio(base, fast, unit="rounds")
 
 
-def _busy_reason(phase: str, ratio: Ratio, gpu_clock: bool) -> str | None:
-    """Why an untouched phase says the machine was busy, or None.
+def _noise_check(phase: str, ratio: Ratio | None, gpu_clock: bool, median_ms: float | None) -> tuple[str, str | None]:
+    """What an untouched phase says about the machine: (the check in words, the busy reason or None).
 
+    Differences and spreads are judged on a log scale (10 % slower and 10 % faster weigh alike).
     Without an interval only a GPU's single pair counts: one CPU call of a phase varies by tens of
-    percent from call to call (fresh allocations page-fault), so a single CPU pair is no evidence.
+    percent from call to call (fresh allocations page-fault). A phase of a few milliseconds on a
+    CPU clock is at the scale of scheduler jitter and checks nothing.
     """
+    if ratio is None:
+        return "not measured in both sides", None
+    if not gpu_clock and median_ms is not None and median_ms < MIN_CPU_CHECK_MS:
+        return (f"too short to be a noise check on a CPU clock ({median_ms:.1f} ms per call; "
+                f"under {MIN_CPU_CHECK_MS:.0f} ms is scheduler jitter)"), None
+    if not ratio.has_interval and not gpu_clock:
+        apart = math.exp(abs(math.log(ratio.value))) - 1
+        return f"one call per side ({apart:.0%} apart): a single CPU pair is no noise check", None
+    label = PHASE_LABELS[phase]
+    reason = None
     if ratio.has_interval and ratio.high / ratio.low > BUSY_SPREAD:
-        return (f"{PHASE_LABELS[phase]} varied {ratio.high / ratio.low:.1f}x between the rounds' two calls "
-                f"({ratio.plain_text()})")
-    if ratio.has_interval:
-        significant = ratio.low > 1.0 or ratio.high < 1.0
-        busy = significant and abs(ratio.value - 1.0) > BUSY_THRESHOLD
+        reason = f"{label} varied {ratio.high / ratio.low:.1f}x between the rounds' two calls ({ratio.plain_text()})"
     else:
-        busy = gpu_clock and abs(ratio.value - 1.0) > BUSY_THRESHOLD_SINGLE
-    if not busy:
-        return None
-    slower_side = BASELINE if ratio.value > 1.0 else ACCELERATED  # ratio = baseline time / accelerated time
-    factor = ratio.value if ratio.value > 1.0 else 1.0 / ratio.value
-    return f"{PHASE_LABELS[phase]} took {factor:.2f}x as long in the {slower_side} runs ({ratio.plain_text()})"
+        off = abs(math.log(ratio.value))
+        if ratio.has_interval:
+            busy = (ratio.low > 1.0 or ratio.high < 1.0) and off > math.log1p(BUSY_THRESHOLD)
+        else:
+            busy = off > math.log1p(BUSY_THRESHOLD_SINGLE)
+        if busy:
+            slower_side = BASELINE if ratio.value > 1.0 else ACCELERATED  # ratio = baseline time / accelerated time
+            reason = f"{label} took {math.exp(off):.2f}x as long in the {slower_side} runs ({ratio.plain_text()})"
+    if reason is not None:
+        return f"BUSY MACHINE: {reason}", reason
+    return f"noise check passed ({ratio.plain_text()})", None
 
 
-def _untouched_phase(pairs: Sequence[tuple[TimedCall, TimedCall]], phase: str) -> PhaseFigures:
+def _untouched_phase(calls: Sequence[TimedCall], pairs: Sequence[tuple[TimedCall, TimedCall]],
+                     phase: str) -> PhaseFigures:
     base, fast = _phase_pairs(pairs, phase)
     ratio = paired_ratio(base, fast) if base else None
-    return PhaseFigures(
-        phase,
-        _median_or_none(base),
-        _median_or_none(fast),
-        ratio,
-        touched=False,
-        busy=None if ratio is None else _busy_reason(phase, ratio, pairs[0][0].timing.clock == "cuda_event"),
-    )
+    # Each side's median over all its calls (a decode is measured on one side only when the
+    # baseline video came from the cache); the check uses the pairs.
+    times = {side: [c.timing.get(phase) for c in calls if c.side == side and c.timing.get(phase)] for side in SIDES}
+    check, busy = _noise_check(phase, ratio, calls[0].timing.clock == "cuda_event", _median_or_none(base + fast))
+    return PhaseFigures(phase, _median_or_none(times[BASELINE]), _median_or_none(times[ACCELERATED]), ratio,
+                        touched=False, busy=busy, check=check)
 
 
-def _untouched_ms(calls: Iterable[TimedCall]) -> float | None:
-    """Mean time of everything but the denoising loop in this request's decoding calls."""
-    rest = [
+def _untouched_ms(calls: Iterable[TimedCall]) -> list[float]:
+    """Time of everything but the denoising loop in each of this request's decoding calls."""
+    return [
         c.timing.get(END_TO_END) - c.timing.get(DENOISING)
         for c in calls
         if c.decoded and c.timing.get(END_TO_END) and c.timing.get(DENOISING)
     ]
-    return sum(rest) / len(rest) if rest else None
 
 
 def _memory(calls: Sequence[TimedCall], decoded: bool, cached_baseline: MemoryReport | None) -> MemoryFigures | None:
@@ -334,16 +367,18 @@ def summarise(
     ratio = denoising_ratio(pairs, steps_alike)
     denoising = PhaseFigures(DENOISING, _median_or_none(base_ms), _median_or_none(fast_ms), ratio, touched=True)
 
-    untouched_ms = _untouched_ms(calls)
-    if ratio is not None and untouched_ms is not None and denoising.accelerated_ms:
-        whole = diluted(ratio, denoising.accelerated_ms, untouched_ms)
+    rest = _untouched_ms(calls)
+    if ratio is not None and rest and denoising.accelerated_ms:
+        untouched_ms = sum(rest) / len(rest)
+        whole = diluted(ratio, denoising.accelerated_ms, untouched_ms, (min(rest), max(rest)))
         end_to_end = PhaseFigures(
             END_TO_END, denoising.baseline_ms + untouched_ms, denoising.accelerated_ms + untouched_ms, whole, touched=True
         )
     else:
         end_to_end = PhaseFigures(END_TO_END, None, None, None, touched=True)
 
-    untouched = tuple(_untouched_phase(pairs, phase) for phase in (TEXT_ENCODING, VAE_DECODE) if phase not in touched)
+    untouched = tuple(_untouched_phase(calls, pairs, phase) for phase in (TEXT_ENCODING, VAE_DECODE)
+                      if phase not in touched)
     per_step = []
     for side_index in (0, 1):
         steps = [t for pair in pairs for t in pair[side_index].timing.steps_ms if t]

@@ -141,10 +141,12 @@ class Ratio:
             return f"{speed_phrase(self.value)} (untested)"
         return speed_phrase(self.value)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, verdict: bool = True) -> dict[str, Any]:
+        """JSON-safe; ``verdict=False`` (a phase that is not meant to change) drops the verdict
+        and words the numbers without speed words."""
         out = asdict(self)
-        out["verdict"] = self.verdict.value
-        out["text"] = self.text()
+        out["verdict"] = self.verdict.value if verdict else None
+        out["text"] = self.text() if verdict else self.plain_text()
         return out
 
 
@@ -180,21 +182,28 @@ def paired_ratio(
     return Ratio(value, low, high, coverage, len(ratios), unit, decide(value, interval, threshold))
 
 
-def diluted(ratio: Ratio, accelerated_part: float, untouched: float, threshold: float = NOISE_THRESHOLD) -> Ratio:
+def diluted(ratio: Ratio, accelerated_part: float, untouched: float,
+            untouched_range: tuple[float, float] | None = None, threshold: float = NOISE_THRESHOLD) -> Ratio:
     """Amdahl: the speedup of a whole whose accelerated part (``accelerated_part`` long after
-    acceleration) sped up by ``ratio`` while ``untouched`` stayed the same. The map is monotone
-    and fixes 1, so the interval maps endpoint by endpoint; the verdict is decided again, as a
-    diluted change can fall below the noise threshold."""
-    if accelerated_part <= 0 or untouched < 0:
+    acceleration) sped up by ``ratio`` while ``untouched`` stayed the same.
+
+    The map is monotone in the speedup and in the untouched time, so the interval is the extreme
+    corners of (ratio interval) x (``untouched_range``, the untouched times seen; default the one
+    value): how far apart the measured untouched times were widens it. The verdict is decided
+    again, as a diluted change can fall below the noise threshold.
+    """
+    low_u, high_u = untouched_range or (untouched, untouched)
+    if accelerated_part <= 0 or min(untouched, low_u) < 0:
         raise ValueError("accelerated part must be positive and the untouched part non-negative")
 
-    def whole(speedup: float) -> float:
-        return (speedup * accelerated_part + untouched) / (accelerated_part + untouched)
+    def whole(speedup: float, rest: float) -> float:
+        return (speedup * accelerated_part + rest) / (accelerated_part + rest)
 
-    value = whole(ratio.value)
+    value = whole(ratio.value, untouched)
     if not ratio.has_interval:
         return replace(ratio, value=value, verdict=decide(value, None, threshold))
-    low, high = whole(ratio.low), whole(ratio.high)
+    corners = [whole(s, u) for s in (ratio.low, ratio.high) for u in (low_u, high_u)]
+    low, high = min(corners), max(corners)
     return replace(ratio, value=value, low=low, high=high, verdict=decide(value, (low, high, ratio.coverage), threshold))
 
 

@@ -24,6 +24,9 @@ MAX_SWEEP_POINTS = 8
 MAX_REUSE_STEPS = 10
 MAX_STRIDE = 4
 
+# The chart's y axis: baseline time / accelerated time (a ratio axis; the table says "x slower").
+PLOT_SPEEDUP = "end-to-end speedup (below 1 = slower)"
+
 # Labels of the merge-target checkboxes and the config field each one sets.
 TARGETS = {
     "self-attention": "merge_self_attn",
@@ -188,7 +191,7 @@ class HistoryEntry:
         return {
             "run": self.run,
             "PSNR vs baseline (dB)": self.psnr_db,
-            "end-to-end speedup": round(ratio.value, 4),
+            PLOT_SPEEDUP: round(ratio.value, 4),
             "interval": "n/a" if not ratio.has_interval else f"{ratio.low:.2f}-{ratio.high:.2f}",
             "verdict": ratio.verdict.value,
             "merge ratio": self.ratio,
@@ -203,6 +206,8 @@ def _memory_change(result: ComparisonResult) -> str:
     change = figures.change_bytes
     if change is None:
         return "n/a"
+    if not figures.comparable:
+        return "not comparable (cached baseline)"
     return "within noise" if figures.within_noise else f"{change / 2**20:+.1f} MiB"
 
 
