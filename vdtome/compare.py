@@ -474,10 +474,13 @@ class _Session:
         self.warm_pipeline = False
         self.done = self.total = 0
 
+    @property
+    def warmup_steps(self) -> int:
+        return min(self.settings.warmup_steps, self.settings.steps)
+
     def plan(self, warm_pipeline: bool, rounds: int) -> None:
-        warmup = min(self.settings.warmup_steps, self.settings.steps)
         self.warm_pipeline = warm_pipeline
-        self.total = (int(warm_pipeline) + 2) * warmup + 2 * rounds * self.settings.steps
+        self.total = (int(warm_pipeline) + 2) * self.warmup_steps + 2 * rounds * self.settings.steps
 
     def check_method(self) -> None:
         try:
@@ -487,11 +490,10 @@ class _Session:
 
     def warm_up(self, side: str, decode: bool = False) -> None:
         """An untimed short call: denoiser only, or (once per pipeline and size) the whole pipeline."""
-        steps = min(self.settings.warmup_steps, self.settings.steps)
         self.stage = f"the {side} {'pipeline warm-up' if decode else 'warm-up'}"
         label = "warming up the pipeline (text encoder and decoder)" if decode else f"warm-up · {side}"
         with self._applied(side):
-            self.pipe(**self._kwargs(label, None, steps, decode))
+            self.pipe(**self._kwargs(label, None, self.warmup_steps, decode))
 
     def timed(self, side: str, round_number: int, decode: bool) -> tuple[TimedCall, VideoRun | None, dict | None]:
         self.stage = f"the {side} run (round {round_number})"

@@ -441,7 +441,7 @@ def bipartite_soft_matching_3d(
     if math.prod(grid) != num_tokens:
         raise ValueError(f"grid {grid} holds {math.prod(grid)} tokens but the metric has {num_tokens}")
     stride = effective_stride(grid, stride)
-    if r <= 0:  # nothing merges: skip drawing destinations (ratio 0 must cost nothing)
+    if r <= 0:  # nothing merges: skip drawing destinations
         return Merge(num_tokens)
     dst_by_cell = _destination_positions(grid, stride, generator, metric.device)
     r = min(r, num_tokens - dst_by_cell.numel())

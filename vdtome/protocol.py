@@ -16,10 +16,10 @@ One request makes these calls on one loaded pipeline, in one process, on one dev
    alike, a pair is one denoising step of the two calls of a round (the steps are the repeats).
    End-to-end is projected (Amdahl): the denoising times plus the untouched time (text encoding,
    decode, set-up) measured in this request's decoding calls, the same on both sides; its interval
-   spans the denoising interval and the range of the untouched times measured. Phases the method does not touch are shown
-   as unchanged and double as a noise check: when they differ between the sides by more than
-   :data:`BUSY_THRESHOLD`, or their paired ratios spread over more than :data:`BUSY_SPREAD`, the
-   machine was busy and the result says so.
+   spans the denoising interval and the range of the untouched times measured. Phases the method
+   does not touch are shown as unchanged and double as a noise check: when they differ between
+   the sides by more than :data:`BUSY_THRESHOLD`, or their paired ratios (or the denoising
+   loop's) spread over more than :data:`BUSY_SPREAD`, the machine was busy and the result says so.
 """
 
 from __future__ import annotations
@@ -205,8 +205,8 @@ class TimingSummary:
         between rounds (the same calls repeated should give the same ratio)."""
         reasons = [phase.busy for phase in self.untouched if phase.busy]
         ratio = self.denoising.ratio
-        if ratio is not None and ratio.unit == "rounds" and ratio.has_interval and ratio.high / ratio.low > BUSY_SPREAD:
-            reasons.append(f"the denoising ratio itself varied {ratio.high / ratio.low:.1f}x between rounds "
+        if ratio is not None and ratio.unit == "rounds" and ratio.has_interval and ratio.spread > BUSY_SPREAD:
+            reasons.append(f"the denoising ratio itself varied {ratio.spread:.1f}x between rounds "
                            f"({ratio.plain_text()})")
         if not reasons:
             return None
@@ -296,12 +296,12 @@ def _noise_check(phase: str, ratio: Ratio | None, gpu_clock: bool, median_ms: fl
         return f"one call per side ({apart:.0%} apart): a single CPU pair is no noise check", None
     label = PHASE_LABELS[phase]
     reason = None
-    if ratio.has_interval and ratio.high / ratio.low > BUSY_SPREAD:
-        reason = f"{label} varied {ratio.high / ratio.low:.1f}x between the rounds' two calls ({ratio.plain_text()})"
+    if ratio.has_interval and ratio.spread > BUSY_SPREAD:
+        reason = f"{label} varied {ratio.spread:.1f}x between the rounds' two calls ({ratio.plain_text()})"
     else:
         off = abs(math.log(ratio.value))
         if ratio.has_interval:
-            busy = (ratio.low > 1.0 or ratio.high < 1.0) and off > math.log1p(BUSY_THRESHOLD)
+            busy = ratio.excludes_one and off > math.log1p(BUSY_THRESHOLD)
         else:
             busy = off > math.log1p(BUSY_THRESHOLD_SINGLE)
         if busy:

@@ -109,6 +109,16 @@ class Ratio:
     def has_interval(self) -> bool:
         return self.low is not None and self.high is not None
 
+    @property
+    def excludes_one(self) -> bool:
+        """The interval lies wholly on one side of "no change"."""
+        return self.has_interval and (self.low > 1.0 or self.high < 1.0)
+
+    @property
+    def spread(self) -> float | None:
+        """How many times wider the interval's top is than its bottom (None without an interval)."""
+        return self.high / self.low if self.has_interval else None
+
     def interval_text(self) -> str:
         if not self.has_interval:
             return f"{self.pairs} {self.unit[:-1] if self.pairs == 1 else self.unit}: too few for an interval"
@@ -123,7 +133,7 @@ class Ratio:
 
     def text(self) -> str:
         """What the page prints: the verdict first, the number and its interval after."""
-        if self.verdict is Verdict.NO_DIFFERENCE and self.has_interval and (self.low > 1.0 or self.high < 1.0):
+        if self.verdict is Verdict.NO_DIFFERENCE and self.excludes_one:
             return (f"within the {NOISE_THRESHOLD:.0%} noise threshold (median {speed_phrase(self.value)}; "
                     f"{self.interval_text()})")
         if self.verdict is Verdict.NO_DIFFERENCE:
@@ -135,8 +145,7 @@ class Ratio:
     def short(self) -> str:
         """A table cell: the verdict in a few words."""
         if self.verdict is Verdict.NO_DIFFERENCE:
-            return "within noise" if self.has_interval and (self.low > 1.0 or self.high < 1.0) else \
-                "no significant difference"
+            return "within noise" if self.excludes_one else "no significant difference"
         if self.verdict is Verdict.TOO_FEW_REPEATS:
             return f"{speed_phrase(self.value)} (untested)"
         return speed_phrase(self.value)
@@ -205,8 +214,3 @@ def diluted(ratio: Ratio, accelerated_part: float, untouched: float,
     corners = [whole(s, u) for s in (ratio.low, ratio.high) for u in (low_u, high_u)]
     low, high = min(corners), max(corners)
     return replace(ratio, value=value, low=low, high=high, verdict=decide(value, (low, high, ratio.coverage), threshold))
-
-
-def relative_change(baseline: float, accelerated: float) -> float:
-    """accelerated / baseline - 1 (e.g. +0.23 = 23 % longer)."""
-    return accelerated / baseline - 1.0

@@ -90,14 +90,11 @@ class DenoiserHook:
         self.state = DenoiserState()
         self._read_grid = read_grid
         self._track_steps = track_steps
-        self._signature: inspect.Signature | None = None
+        self._arguments: _ArgumentReader | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
 
     def attach(self, module: torch.nn.Module) -> None:
-        self._signature = inspect.signature(type(module).forward)
-        parameters = list(self._signature.parameters.values())[1:]  # after self
-        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        self._positional = tuple(p.name for p in parameters if p.kind in positional)
+        self._arguments = _ArgumentReader(type(module).forward)
         self._handle = module.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
 
     def detach(self) -> None:
@@ -108,13 +105,6 @@ class DenoiserHook:
     @property
     def attached(self) -> bool:
         return self._handle is not None
-
-    def _arguments(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """The call's arguments by name. Zipping names is a fraction of ``Signature.bind``'s cost
-        (paid at every transformer call); adapters only read arguments whose default is None."""
-        if len(args) <= len(self._positional):
-            return dict(zip(self._positional, args)) | kwargs
-        return self._signature.bind(module, *args, **kwargs).arguments
 
     @torch.compiler.disable
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -246,25 +236,15 @@ class MergeSiteHook(ModelHook):
         self.site = site
         self.matcher = matcher
         self.stats = stats
-        self._signature: inspect.Signature | None = None
+        self._arguments: _ArgumentReader | None = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._signature = inspect.signature(type(module).forward)
-        names = list(self._signature.parameters)
-        # Position of the tokens among the positional arguments (after self), to read them without binding.
-        self._tokens_index = names.index(self.site.tokens) - 1 if self.site.tokens in names else None
+        self._arguments = _ArgumentReader(type(module).forward)
         return module
-
-    def _tokens(self, args: tuple, kwargs: dict) -> Any:
-        if self.site.tokens in kwargs:
-            return kwargs[self.site.tokens]
-        if self._tokens_index is not None and self._tokens_index < len(args):
-            return args[self._tokens_index]
-        return None
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         site = self.site
-        tokens = self._tokens(args, kwargs)
+        tokens = self._arguments(module, args, kwargs).get(site.tokens)
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
             raise ValueError(
                 f"vdtome: {type(module).__name__} ({site.module}) expected 3D tokens in {site.tokens!r}, "
@@ -279,11 +259,10 @@ class MergeSiteHook(ModelHook):
                 f"{grid} has {num_video}; the model's token layout does not match its adapter"
             )
         if merge_count(num_video, self.matcher.config.ratio) == 0:
-            # Nothing can merge (ratio 0, or too few tokens): run the sub-layer untouched, without
-            # binding its arguments, so that ratio 0 costs no more than the hook call itself.
+            # Too few tokens for one merge: run the sub-layer untouched, without binding its arguments.
             self._record(num_video, num_video)
             return self.fn_ref.original_forward(*args, **kwargs)
-        call = _Call(self._signature.bind(module, *args, **kwargs))
+        call = _Call(self._arguments.signature.bind(module, *args, **kwargs))
         with record_function("vdtome.match"):
             merge = _matching_eager(self.matcher, tokens[:, prefix:], grid)
         self._record(num_video, merge.num_kept)
@@ -327,6 +306,22 @@ def _unmerge_after(tokens: torch.Tensor, prefix: int, merge: Merge) -> torch.Ten
     if prefix == 0:
         return merge.unmerge(tokens)
     return torch.cat([tokens[:, :prefix], merge.unmerge(tokens[:, prefix:])], dim=1)
+
+
+class _ArgumentReader:
+    """A forward call's arguments by name, read without ``Signature.bind``: zipping the positional
+    names costs a fraction of a bind, which every hook pays at every call. Arguments not passed are
+    absent (no defaults filled in): callers read required arguments or ones whose default is None."""
+
+    def __init__(self, forward: Callable) -> None:
+        self.signature = inspect.signature(forward)
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self._names = tuple(p.name for p in list(self.signature.parameters.values())[1:] if p.kind in positional)
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+        if len(args) <= len(self._names):
+            return dict(zip(self._names, args)) | kwargs
+        return self.signature.bind(module, *args, **kwargs).arguments  # *args beyond the named ones
 
 
 class _Call:
