@@ -31,20 +31,46 @@ def _on_zero_gpu() -> bool:
 
 ON_ZERO_GPU = _on_zero_gpu()
 
+# Every instance works in a private folder (outputs, Gradio's cache, cancel flags): two instances
+# on one host never prune or serve each other's files. Set before Gradio reads GRADIO_TEMP_DIR.
+from vdtome.storage import instance_folder, prune
+
+INSTANCE_DIR = instance_folder(os.environ.get("GRADIO_TEMP_DIR") or None, prefix="vdtome-app-")
+GRADIO_CACHE = INSTANCE_DIR / "gradio"
+os.environ["GRADIO_TEMP_DIR"] = str(GRADIO_CACHE)
+
 import dataclasses
 import threading
 
 import gradio as gr
 import pandas as pd
 import torch
+from starlette.middleware import Middleware
 
 from vdtome.cancel import CancelFlag, CancelFlags
-from vdtome.compare import MAX_ROUNDS, Cancelled, ComparisonEngine, ComparisonRequest, ProgressEvent, RequestError
+from vdtome.compare import (
+    MAX_ROUNDS,
+    Cancelled,
+    ComparisonEngine,
+    ComparisonRequest,
+    ProgressEvent,
+    RequestError,
+    resolve,
+    shown,
+)
+from vdtome.limits import ServiceLimits
 from vdtome.metrics import PSNR_CAP_DB
-from vdtome.pipelines import ALLOW_CUSTOM_MODEL_ENV, ModelUnavailableError, custom_models_allowed
+from vdtome.pipelines import (
+    ALLOW_CUSTOM_MODEL_ENV,
+    CustomModelRefused,
+    ModelUnavailableError,
+    custom_model_source,
+    custom_models_allowed,
+)
 from vdtome.presets import load_presets, load_prompts
 from vdtome.protocol import MAX_GPU_SECONDS
 from vdtome.report import COLUMNS
+from vdtome.serving import ServiceGuard, StrictBlocks, limit_visitors, run_until_abandoned
 from vdtome.ui import (
     BLOCK_CHOICES,
     HISTORY_COLUMNS,
@@ -67,24 +93,32 @@ DEFAULT_PRESET = os.environ.get("VDTOME_DEFAULT_PRESET", "tiny-wan")
 DEFAULT_PROMPT = "A red fox trots across a snowy meadow at dawn, the camera tracking sideways."
 QUEUE_SIZE = int(os.environ.get("VDTOME_QUEUE_SIZE", "16"))
 KEEP_OUTPUTS = 24  # comparison folders kept on disk (a sweep writes up to 8)
+KEEP_CACHE_ENTRIES = 200  # files Gradio keeps to serve (about 5 per comparison); older ones go first
 GPU_QUEUE = "gpu"  # every generation event shares one queue: two runs on one GPU would time each other
 
 PRESETS = load_presets()
 PROMPTS = load_prompts()
+LIMITS = ServiceLimits.from_env(PRESETS)
 # ZeroGPU attaches a GPU to each call (the app's own process has none); elsewhere ask torch.
 HAS_GPU = ON_ZERO_GPU or torch.cuda.is_available()
 
 _engine: ComparisonEngine | None = None
 _engine_lock = threading.Lock()
 # Files, not events: they reach the ZeroGPU worker that generates (see vdtome.cancel).
-CANCEL_FLAGS = CancelFlags()
+CANCEL_FLAGS = CancelFlags(INSTANCE_DIR / "cancel")
+
+# The form's fields in the order the page and the API send them (also the handlers' parameters).
+FORM_FIELDS = ("preset", "prompt", "negative_prompt", "seed", "frames", "height", "width", "steps", "guidance",
+               "rounds", "ratio", "stride_t", "stride_y", "stride_x", "strategy", "blocks", "targets", "reuse_steps",
+               "matching", "random_destinations", "local_window", "custom_model")
 
 
 def engine() -> ComparisonEngine:
     global _engine
     with _engine_lock:
         if _engine is None:
-            _engine = ComparisonEngine(keep_outputs=KEEP_OUTPUTS)
+            _engine = ComparisonEngine(output_root=INSTANCE_DIR / "outputs", keep_outputs=KEEP_OUTPUTS,
+                                       keep_bytes=LIMITS.outputs_mb * 2**20)
         return _engine
 
 
@@ -93,19 +127,25 @@ def engine() -> ComparisonEngine:
 
 def run_requests(requests: list[ComparisonRequest], source: str | None, cancel: CancelFlag,
                  progress=gr.Progress()) -> list[ComparisonView]:
-    """Run one comparison per request on the shared engine; stops early when cancelled."""
+    """Run one comparison per request on the shared engine; stops early when cancelled, and then
+    deletes what the earlier points of a sweep wrote (nobody will be shown them)."""
     views: list[ComparisonView] = []
-    for index, request in enumerate(requests):
-        prefix = f"ratio {request.acceleration.ratio:g} ({index + 1}/{len(requests)}) · " if len(requests) > 1 else ""
+    try:
+        for index, request in enumerate(requests):
+            prefix = f"ratio {request.acceleration.ratio:g} ({index + 1}/{len(requests)}) · " if len(requests) > 1 else ""
 
-        def report(event: ProgressEvent, index=index, prefix=prefix) -> None:
-            progress((index + event.done / max(event.total, 1)) / len(requests), desc=prefix + event.label)
+            def report(event: ProgressEvent, index=index, prefix=prefix) -> None:
+                progress((index + event.done / max(event.total, 1)) / len(requests), desc=prefix + event.label)
 
-        progress(index / len(requests), desc=f"{prefix}loading {request.preset}")
-        result = engine().run(request, progress=report, cancel=cancel, source=source)
-        views.append(comparison_view(result))
-        if not result.ok:
-            break
+            progress(index / len(requests), desc=f"{prefix}loading {request.preset}")
+            result = engine().run(request, progress=report, cancel=cancel, source=source)
+            views.append(comparison_view(result))
+            if not result.ok:
+                break
+    except Cancelled:
+        for view in views:
+            engine().discard(view.files)
+        raise
     return views
 
 
@@ -123,74 +163,105 @@ if ON_ZERO_GPU:
     run_requests = spaces.GPU(duration=_gpu_duration)(run_requests)
 
 
-# ---- event handlers ------------------------------------------------------------------------------
+# ---- checking a request (the same code before it is queued and when it runs) ---------------------
 
 
-def _requests(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds,
-              ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
-              random_destinations, local_window, ratios=None) -> list[ComparisonRequest]:
-    """Requests from the form (one, or one per sweep ratio); raises RequestError on bad input."""
-    if preset not in PRESETS:
-        raise RequestError(f"unknown model preset {preset!r}; choose one from the list")
+def plan(values: dict, ratios=None) -> tuple[list[ComparisonRequest], str | None]:
+    """Requests (one, or one per sweep ratio) and the custom-weights source from the form's values
+    exactly as the client sent them; raises RequestError naming the field and the rule."""
+    preset = values["preset"]
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise RequestError(f"model preset must be one of {', '.join(PRESETS)}, got {shown(preset)}", "preset")
     if PRESETS[preset].requires_gpu and not HAS_GPU:
-        raise RequestError(f"{PRESETS[preset].label} needs a GPU and this machine has none; pick a tiny preset")
-    stride = (stride_t, stride_y, stride_x)
-    config = tome_config(ratio, stride, strategy, blocks, targets, reuse_steps, matching,
-                         random_destinations, local_window)
+        raise RequestError(f"{PRESETS[preset].label} needs a GPU and this machine has none; pick a tiny preset", "preset")
+    config = tome_config(values["ratio"], (values["stride_t"], values["stride_y"], values["stride_x"]),
+                         values["strategy"], values["blocks"], values["targets"], values["reuse_steps"],
+                         values["matching"], values["random_destinations"], values["local_window"])
+    numbers = {name: _number(values[name], name) for name in ("seed", "frames", "height", "width", "steps", "guidance",
+                                                             "rounds")}
     base = ComparisonRequest(
-        preset=preset,
-        prompt=prompt or "",
-        negative_prompt=negative_prompt or "",
-        seed=_number(seed, "seed"),
-        frames=_number(frames, "frames"),
-        height=_number(height, "height"),
-        width=_number(width, "width"),
-        steps=_number(steps, "steps"),
-        guidance=_number(guidance, "guidance"),
-        rounds=_number(rounds, "timing rounds"),
-        acceleration=config,
+        preset=preset, prompt=values["prompt"], negative_prompt=values["negative_prompt"], acceleration=config,
         snap=False,  # the page says what is wrong instead of silently running another size
+        **numbers,
     )
+    settings, _ = resolve(base, PRESETS[preset])  # every model rule, before the request is queued
     requests = [base]
     if ratios is not None:
-        cap = stride_ratio_cap(config.stride)
         requests = [dataclasses.replace(base, acceleration=dataclasses.replace(config, ratio=r))
-                    for r in parse_ratios(ratios, cap)]
+                    for r in parse_ratios(ratios, stride_ratio_cap(config.stride))]
     if ON_ZERO_GPU and PRESETS[preset].gpu_time is not None:
         estimate = gpu_estimate(requests)
         if not estimate.fits:
             parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in estimate.parts().items())
             raise RequestError(
                 f"this request needs about {estimate.total_s:.0f} s of GPU time ({parts}); a ZeroGPU task may "
-                f"take at most {MAX_GPU_SECONDS} s: lower the steps, frames, size, timing rounds or sweep points"
+                f"take at most {MAX_GPU_SECONDS} s: lower the steps, frames, size, timing rounds or sweep points",
+                "steps",
             )
-    return requests
+    LIMITS.check_work(PRESETS[preset], settings, points=len(requests))
+    return requests, _source(values["custom_model"])
 
 
 def _number(value, name: str):
+    """Empty boxes are refused here; every other rule is checked by the engine (never coerced)."""
     if value is None or value == "":
-        raise RequestError(f"{name} is empty: enter a number")
+        raise RequestError(f"{name} is empty: enter a number", name)
     return value
 
 
-def _source(custom_model: str | None) -> str | None:
-    custom_model = (custom_model or "").strip()
-    if not custom_model:
+def _source(custom_model) -> str | None:
+    if custom_model is not None and not isinstance(custom_model, str):
+        raise RequestError(f"custom weights must be text, got {shown(custom_model)}", "custom_model")
+    if not (custom_model or "").strip():
         return None
     if not custom_models_allowed():
-        raise RequestError(f"custom model ids are switched off; the operator can allow them with {ALLOW_CUSTOM_MODEL_ENV}=1")
-    return custom_model
-
-
-def _execute(requests: list[ComparisonRequest], custom_model: str | None, request: gr.Request, progress):
-    flag = _cancel_flag(request)
-    flag.clear()
+        raise RequestError(f"custom model ids are switched off; the operator can allow them with "
+                           f"{ALLOW_CUSTOM_MODEL_ENV}=1", "custom_model")
     try:
-        return run_requests(requests, _source(custom_model), flag, progress=progress)
-    except (RequestError, ModelUnavailableError, ValueError, TypeError) as error:
+        return custom_model_source(custom_model, LIMITS.custom_model_root)
+    except CustomModelRefused as error:
+        raise RequestError(str(error), "custom_model") from None
+
+
+def validator(names: tuple[str, ...], sweep: bool):
+    """Gradio's validator for an endpoint whose inputs are ``names``: runs :func:`plan` when the
+    request is submitted, so a bad one is refused with the message beside its field before it
+    takes a queue place."""
+
+    def check(*values):
+        fields = dict(zip(names, values))
+        try:
+            plan(fields, fields["ratios"] if sweep else None)
+        except RequestError as error:
+            at = names.index(error.field) if error.field in names else 0
+            return [gr.validate(index != at, str(error) if index == at else "") for index in range(len(names))]
+        return [gr.validate(True, "") for _ in names]
+
+    return check
+
+
+# ---- event handlers ------------------------------------------------------------------------------
+
+
+async def _execute(requests: list[ComparisonRequest], source: str | None, progress) -> list[ComparisonView]:
+    """Run in a worker thread; a cancelled event or a departed client stops it at the next step."""
+    flag = CANCEL_FLAGS.new()
+    prune(GRADIO_CACHE, KEEP_CACHE_ENTRIES, LIMITS.cache_mb * 2**20)  # before this run's files arrive
+
+    def stop(reason: str) -> None:
+        print(f"vdtome: stopping a comparison: {reason}", flush=True)
+        flag.set()
+
+    try:
+        return await run_until_abandoned(lambda: run_requests(requests, source, flag, progress=progress), stop,
+                                         discard=lambda views: [engine().discard(view.files) for view in views])
+    except (RequestError, ModelUnavailableError) as error:
         raise gr.Error(str(error), title="Cannot run this comparison") from None
-    except Cancelled:
+    except Cancelled as error:
+        print(f"vdtome: {error}; nothing was written", flush=True)
         raise gr.Error("The comparison was cancelled.", title="Cancelled") from None
+    finally:
+        flag.clear()
 
 
 PLOT_COLUMNS = ["run", "PSNR vs baseline (dB)", PLOT_SPEEDUP, "interval", "verdict", "merge ratio", "settings"]
@@ -205,12 +276,14 @@ def _history_outputs(history: list[dict]):
 
 
 def _record(history: list[dict], views: list[ComparisonView]) -> list[dict]:
+    """History with the new runs appended, the oldest dropped beyond the operator's cap."""
     history = list(history or [])
     for view in views:
         if view.entry is not None:
-            entry = dataclasses.replace(view.entry, run=len(history) + 1)
+            run = history[-1]["row"][0] + 1 if history else 1
+            entry = dataclasses.replace(view.entry, run=run)
             history.append({"row": entry.row(), "point": entry.point()})
-    return history
+    return history[-LIMITS.history_rows:]
 
 
 def _show(view: ComparisonView):
@@ -234,48 +307,36 @@ def _show(view: ComparisonView):
     )
 
 
-def _run_form(form: tuple, ratios: str | None, custom_model, history, request, progress):
+async def _run_form(values: dict, ratios, history, progress):
     """Shared body of Run and Run sweep: form -> requests -> runs -> page outputs and history."""
     try:
-        requests = _requests(*form, ratios=ratios)
-    except (RequestError, ValueError) as error:
+        requests, source = plan(values, ratios)
+    except RequestError as error:
         raise gr.Error(str(error), title="Invalid input") from None
-    views = _execute(requests, custom_model, request, progress)
+    views = await _execute(requests, source, progress)
     history = _record(history, views)
     return (*_show(views[-1]), history, *_history_outputs(history))
 
 
-def compare(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds,
-            ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
-            random_destinations, local_window, custom_model, history,
-            request: gr.Request, progress=gr.Progress()):
+async def compare(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds,
+                  ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
+                  random_destinations, local_window, custom_model, history, progress=gr.Progress()):
     """Baseline vs token merging on one prompt and seed: videos, metrics, updated history."""
-    form = (preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds, ratio, stride_t,
-            stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching, random_destinations, local_window)
-    return _run_form(form, None, custom_model, history, request, progress)
+    values = dict(zip(FORM_FIELDS, (preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
+                                    rounds, ratio, stride_t, stride_y, stride_x, strategy, blocks, targets,
+                                    reuse_steps, matching, random_destinations, local_window, custom_model)))
+    return await _run_form(values, None, history, progress)
 
 
-def sweep(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds,
-          ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
-          random_destinations, local_window, custom_model, ratios, history,
-          request: gr.Request, progress=gr.Progress()):
+async def sweep(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds,
+                ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
+                random_destinations, local_window, custom_model, ratios, history, progress=gr.Progress()):
     """One comparison per ratio (the baseline video is made once and reused; every point is timed
     against fresh baseline calls): the speedup/fidelity curve."""
-    form = (preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds, ratio, stride_t,
-            stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching, random_destinations, local_window)
-    return _run_form(form, ratios, custom_model, history, request, progress)
-
-
-def _cancel_flag(request: gr.Request | None) -> CancelFlag:
-    return CANCEL_FLAGS.for_session(request.session_hash if request is not None else "local")
-
-
-def cancel(request: gr.Request):
-    _cancel_flag(request).set()
-
-
-def forget_session(request: gr.Request):
-    _cancel_flag(request).clear()
+    values = dict(zip(FORM_FIELDS, (preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
+                                    rounds, ratio, stride_t, stride_y, stride_x, strategy, blocks, targets,
+                                    reuse_steps, matching, random_destinations, local_window, custom_model)))
+    return await _run_form(values, ratios, history, progress)
 
 
 def clear_history():
@@ -339,7 +400,7 @@ def build_demo() -> gr.Blocks:
     preset = PRESETS[DEFAULT_PRESET]
     rules = preset.constraints
     cap = stride_ratio_cap((1, 2, 2))
-    with gr.Blocks(title="vdtome: token merging for video diffusion", delete_cache=(900, 3600)) as demo:
+    with StrictBlocks(title="vdtome: token merging for video diffusion", delete_cache=(900, 3600)) as demo:
         gr.Markdown(
             "# vdtome\nTraining-free token merging (ToMe) for video diffusion transformers. The same prompt and seed "
             "run through the baseline and the accelerated pipeline; both videos play side by side with latency, "
@@ -347,7 +408,7 @@ def build_demo() -> gr.Blocks:
             "baseline and accelerated calls back to back, repeated, with an interval; within noise is said so.",
             elem_id="vdtome-title",
         )
-        history = gr.State([])
+        history = gr.State([], time_to_live=LIMITS.session_ttl_s)
         with gr.Row():
             with gr.Column(scale=2):
                 model = gr.Dropdown(
@@ -432,23 +493,38 @@ def build_demo() -> gr.Blocks:
                 custom_model]
         shown = [side_by_side, baseline_video, accelerated_video, difference_video, result_json, metrics,
                  environment, notes, history, history_table, history_plot]
+        # Values reach the handlers as the client sent them (preprocess=False): Gradio would round
+        # 1.5 to 2 and read "false" as true; the validator refuses them, naming the field, before
+        # the request takes a queue place.
+        generation = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1, preprocess=False)
         run_event = run.click(compare, [*form, history], shown, api_name="compare",
-                              concurrency_id=GPU_QUEUE, concurrency_limit=1)
+                              validator=validator((*FORM_FIELDS, "history"), sweep=False), **generation)
         sweep_event = sweep_button.click(sweep, [*form, sweep_ratios, history], shown, api_name="sweep",
-                                         concurrency_id=GPU_QUEUE, concurrency_limit=1)
-        stop.click(cancel, None, None, cancels=[run_event, sweep_event], queue=False, api_visibility="private")
+                                         validator=validator((*FORM_FIELDS, "ratios", "history"), sweep=True),
+                                         **generation)
+        # Gradio cancels the events' tasks; run_until_abandoned turns that into the engine's stop.
+        stop.click(None, None, None, cancels=[run_event, sweep_event], queue=False, api_visibility="private")
         clear_button.click(clear_history, None, [history, history_table, history_plot], api_visibility="private")
         model.change(on_preset, [model, negative], [model_info, negative, frames, height, width, steps, guidance, rounds],
                      api_visibility="private")
         for control in (stride_t, stride_y, stride_x):
             control.change(on_stride, [ratio, stride_t, stride_y, stride_x], ratio, api_visibility="private")
         demo.load(on_stride, [ratio, stride_t, stride_y, stride_x], ratio, api_visibility="private")
-        demo.unload(forget_session)
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    limit_visitors(demo, GPU_QUEUE, LIMITS.queue_per_session, LIMITS.queue_per_address)
     return demo
+
+
+def public_api_names() -> list[str]:
+    return [fn.api_name for fn in demo.fns.values() if fn.api_name and fn.api_visibility == "public"]
 
 
 demo = build_demo()
 
 if __name__ == "__main__":
-    demo.launch(css=CSS, theme=gr.themes.Soft(), footer_links=["api", "gradio"])
+    demo.launch(
+        css=CSS, theme=gr.themes.Soft(), footer_links=["api", "gradio"],
+        max_file_size="1kb",  # the app takes no files; ServiceGuard refuses the upload route outright
+        state_session_capacity=1000,  # sessions whose state is kept (oldest dropped first)
+        app_kwargs={"middleware": [Middleware(ServiceGuard, api_names=public_api_names)]},
+    )

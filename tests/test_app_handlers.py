@@ -1,6 +1,8 @@
 """The app's event handlers in process: cancel mid-run, allocation failures mid-run, then a good run."""
 
-import gradio as gr
+import asyncio
+import time
+
 import pytest
 import torch
 
@@ -14,32 +16,48 @@ FORM = ("tiny-wan", "a lantern swinging in the wind", "", 5, 9, 64, 64, 4, 5.0, 
         0.5, 1, 2, 2, "bipartite", "all blocks", ["self-attention"], 1, "shared", True, True)
 
 
-class FakeRequest:
-    session_hash = "handler-test"
-
-
 def tiny_wan_pipe():
     return app.engine().pipelines.get(app.PRESETS["tiny-wan"])
 
 
-def test_cancel_stops_the_run_and_the_next_run_succeeds():
-    request = FakeRequest()
+def output_folders() -> set:
+    root = app.engine().output_root
+    return set(root.iterdir()) if root.exists() else set()
+
+
+def test_a_cancelled_event_stops_at_the_next_step_writes_nothing_and_the_next_run_succeeds():
+    """Gradio cancels an event by cancelling its task (the API's /cancel, the page's Cancel): the
+    worker thread must stop too, and the event must not end before it has."""
+    requests, _ = app.plan(dict(zip(app.FORM_FIELDS, (*FORM, ""))))
     stages = []
+    before = output_folders()
 
-    def progress(value, desc=None):
-        stages.append(desc)
-        if desc and desc.startswith("round 1/7 · accelerated · step 1/"):
-            app.cancel(request)  # what the Cancel button does, mid-run
+    async def cancel_mid_run():
+        task = None
 
-    requests = app._requests(*FORM)
-    with pytest.raises(gr.Error, match="cancelled"):
-        app._execute(requests, "", request, progress)
+        def progress(value, desc=None):
+            stages.append(desc)
+            if desc and desc.startswith("round 1/7 · accelerated · step 1/"):
+                loop.call_soon_threadsafe(task.cancel)
+                deadline = time.monotonic() + 5  # until the event loop has turned the cancel into the flag
+                while not any(app.CANCEL_FLAGS.folder.iterdir()) and time.monotonic() < deadline:
+                    time.sleep(0.005)
+
+        loop = asyncio.get_running_loop()
+        task = asyncio.create_task(app._execute(requests, None, progress))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel_mid_run())
     assert stages[-1] == "round 1/7 · accelerated · step 1/4"  # stopped at the next step
     assert not is_registered(tiny_wan_pipe().transformer)  # the acceleration was removed
+    assert output_folders() == before  # the abandoned run wrote nothing
+    assert not any(app.CANCEL_FLAGS.folder.iterdir())  # its flag is gone: nothing piles up
 
     stages.clear()
-    views = app._execute(requests, "", request, lambda value, desc=None: stages.append(desc))
+    views = asyncio.run(app._execute(requests, None, lambda value, desc=None: stages.append(desc)))
     assert views[0].error is None and "round 7/7 · accelerated · step 4/4" in stages
+    assert len(output_folders() - before) == 1
 
 
 @pytest.mark.parametrize("failure", [
@@ -55,7 +73,7 @@ def test_allocation_failure_is_shown_not_fatal_and_not_recorded(failure):
 
     hook = pipe.transformer.register_forward_pre_hook(exhaust)
     try:
-        outputs = app.compare(*FORM, "", [], FakeRequest(), lambda *a, **k: None)
+        outputs = asyncio.run(app.compare(*FORM, "", [], progress=lambda *a, **k: None))
     finally:
         hook.remove()
     side_by_side, baseline, accelerated, _, _, _, _, notes, history, _, _ = outputs
@@ -64,7 +82,7 @@ def test_allocation_failure_is_shown_not_fatal_and_not_recorded(failure):
     assert history == []  # a failed comparison is not a point on the chart
     assert not is_registered(pipe.transformer)
 
-    outputs = app.compare(*FORM, "", history, FakeRequest(), lambda *a, **k: None)
+    outputs = asyncio.run(app.compare(*FORM, "", history, progress=lambda *a, **k: None))
     assert outputs[2] is not None and len(outputs[8]) == 1
 
 

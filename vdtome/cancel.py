@@ -8,8 +8,8 @@ there. A marker file is: both processes share the file system, and the engine ch
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -31,12 +31,11 @@ class CancelFlag:
 
 
 class CancelFlags:
-    """One :class:`CancelFlag` per session, in a private folder of this app instance."""
+    """Cancel flags of the runs in progress, in a private folder of this app instance: one flag per
+    run (a new name each time), cleared when the run ends, so nothing piles up per visitor."""
 
     def __init__(self, folder: str | Path | None = None) -> None:
         self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="vdtome-cancel-"))
 
-    def for_session(self, session: str) -> CancelFlag:
-        # Session ids come from clients: hash them into a safe file name.
-        name = hashlib.sha256(session.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        return CancelFlag(self.folder / name)
+    def new(self) -> CancelFlag:
+        return CancelFlag(self.folder / uuid.uuid4().hex)

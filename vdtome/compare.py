@@ -48,6 +48,7 @@ from .pipelines import ModelUnavailableError, PipelineCache, default_device
 from .presets import ModelPreset, get_preset
 from .protocol import ACCELERATED, BASELINE, TimedCall, TimingSummary, round_order, summarise
 from .stats import Ratio
+from .storage import prune
 from .tome import ToMeConfig
 
 SCHEMA_VERSION = 2
@@ -58,7 +59,14 @@ MAX_ROUNDS = 20
 
 
 class RequestError(ValueError):
-    """A request the engine refuses; the message names the rule that was broken."""
+    """A request the engine refuses; the message names the rule that was broken.
+
+    ``field``: the request (and form) field at fault, so a form can show the message beside it.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class Cancelled(RuntimeError):
@@ -240,36 +248,34 @@ class ComparisonResult:
 
 def resolve(request: ComparisonRequest, preset: ModelPreset) -> tuple[ResolvedSettings, list[str]]:
     """Apply defaults and check every rule; returns the settings and notes on what was snapped."""
-    prompt = (request.prompt or "").strip()
+    prompt = text("prompt", request.prompt, "prompt")
     if not prompt:
-        raise RequestError("prompt is empty: describe the video to generate")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise RequestError(f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
-    negative = (request.negative_prompt or "").strip()
-    if len(negative) > MAX_PROMPT_CHARS:
-        raise RequestError(f"negative prompt is {len(negative)} characters; the limit is {MAX_PROMPT_CHARS}")
+        raise RequestError("prompt is empty: describe the video to generate", "prompt")
+    negative = text("negative prompt", request.negative_prompt, "negative_prompt")
     if negative and preset.negative_prompt_unsupported:
-        raise RequestError(f"negative prompt must be empty for {preset.label}: {preset.negative_prompt_unsupported}")
-    seed = whole_number("seed", request.seed, 0, 2**63 - 1)
-    steps = whole_number("steps", preset.num_inference_steps if request.steps is None else request.steps, 1, MAX_STEPS)
+        raise RequestError(f"negative prompt must be empty for {preset.label}: {preset.negative_prompt_unsupported}",
+                           "negative_prompt")
+    seed = whole_number("seed", request.seed, 0, 2**63 - 1, "seed")
+    steps = whole_number("steps", preset.num_inference_steps if request.steps is None else request.steps,
+                         1, MAX_STEPS, "steps")
     # At least 2: some schedulers (LTX's shifted flow match) cannot take a 1-step call.
     warmup = whole_number("warm-up steps", request.warmup_steps, 2, MAX_STEPS)
     rounds = whole_number("timing rounds", preset.timing_rounds if request.rounds is None else request.rounds,
-                          1, MAX_ROUNDS)
+                          1, MAX_ROUNDS, "rounds")
     guidance = preset.guidance_scale if request.guidance is None else request.guidance
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-        raise RequestError(f"guidance must be a finite number, got {guidance!r}")
+        raise RequestError(f"guidance must be a finite number, got {guidance!r}", "guidance")
     if not 0.0 <= guidance <= MAX_GUIDANCE:
-        raise RequestError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance:g}")
+        raise RequestError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance:g}", "guidance")
     method_of(request.acceleration)  # unknown method types fail here, before any work
-    frames = whole_number("frames", preset.num_frames if request.frames is None else request.frames, 1, 10_000)
-    height = whole_number("height", preset.height if request.height is None else request.height, 1, 10_000)
-    width = whole_number("width", preset.width if request.width is None else request.width, 1, 10_000)
+    frames = whole_number("frames", preset.num_frames if request.frames is None else request.frames, 1, 10_000, "frames")
+    height = whole_number("height", preset.height if request.height is None else request.height, 1, 10_000, "height")
+    width = whole_number("width", preset.width if request.width is None else request.width, 1, 10_000, "width")
     notes: list[str] = []
     problems = preset.constraints.check(frames, height, width)
     if problems:
         if not request.snap:
-            raise RequestError(f"{preset.name}: " + "; ".join(problems))
+            raise RequestError(f"{preset.name}: " + "; ".join(problems), problems[0].split(" ", 1)[0])
         frames, height, width, snapped = preset.constraints.snap(frames, height, width)
         notes.extend(f"snapped {note}" for note in snapped)
     settings = ResolvedSettings(
@@ -289,15 +295,42 @@ def resolve(request: ComparisonRequest, preset: ModelPreset) -> tuple[ResolvedSe
     return settings, notes
 
 
-def whole_number(name: str, value: Any, low: int, high: int) -> int:
-    """``value`` as an int in [low, high] (integral floats accepted); else a RequestError naming it."""
+def whole_number(name: str, value: Any, low: int, high: int, field: str | None = None) -> int:
+    """``value`` as an int in [low, high] (integral floats such as 3.0 accepted: JSON clients send
+    them); anything else, text, booleans, 1.5 or NaN included, is a RequestError naming it."""
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"{name} must be a whole number, got {value!r}")
+        raise RequestError(f"{name} must be a whole number, got {shown(value)}", field)
     if not low <= value <= high:
-        raise RequestError(f"{name} must be between {low} and {high}, got {value}")
+        raise RequestError(f"{name} must be between {low} and {high}, got {value}", field)
     return value
+
+
+def text(name: str, value: Any, field: str | None = None) -> str:
+    """``value`` stripped, if it is a string of valid Unicode within the length limit (None is empty)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RequestError(f"{name} must be text, got {shown(value)}", field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(f"{name} is not valid Unicode: it holds a lone surrogate at character "
+                           f"{error.start + 1}; send UTF-8 text", field) from None
+    value = value.strip()
+    if len(value) > MAX_PROMPT_CHARS:
+        raise RequestError(f"{name} is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}", field)
+    return value
+
+
+def shown(value: Any) -> str:
+    """A client's value as it would have typed it: null, a list or 'text', never a Python repr dump."""
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {'list' if isinstance(value, (list, tuple)) else 'JSON object'} ({json.dumps(value, default=str)[:60]})"
+    return repr(value)[:80]
 
 
 
@@ -343,12 +376,14 @@ class ComparisonEngine:
         device: torch.device | str | None = None,
         output_root: str | Path | None = None,
         keep_outputs: int = 16,
+        keep_bytes: int = 2 * 2**30,
         pipelines: PipelineCache | None = None,
         baselines: BaselineCache | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else default_device()
         self.output_root = Path(output_root or Path(tempfile.gettempdir()) / "vdtome-outputs")
         self.keep_outputs = keep_outputs
+        self.keep_bytes = keep_bytes
         self.pipelines = pipelines or PipelineCache()
         self.baselines = baselines or BaselineCache()
         self._warmed: weakref.WeakKeyDictionary[Any, set[tuple[int, int, int]]] = weakref.WeakKeyDictionary()
@@ -376,6 +411,7 @@ class ComparisonEngine:
         with self._lock:
             pipe = self.pipelines.get(preset, self.device, source)
             session = _Session(self, pipe, preset, settings, request.acceleration, progress, cancel)
+            session.stop_if_cancelled()  # cancelled while the weights loaded
             return self._compare(session, request, notes, out_dir, source)
 
     # -- internals ------------------------------------------------------------------------------
@@ -405,6 +441,7 @@ class ComparisonEngine:
                         session.warm_up(ACCELERATED)  # after the baseline video: a failure here keeps it
                     decode = round_number == 1 and (side == ACCELERATED or cached is None)
                     call, video, side_report = session.timed(side, round_number, decode)
+                    session.stop_if_cancelled()  # a decode has no step callback
                     calls.append(call)
                     if video is not None:
                         videos[side] = video
@@ -448,15 +485,22 @@ class ComparisonEngine:
             error=error,
             environment=env,
         )
+        session.stop_if_cancelled()
         folder = Path(out_dir) if out_dir is not None else self._new_output_dir()
         return replace(result, files=write_outputs(result, folder))
 
+    def discard(self, files: dict[str, str]) -> None:
+        """Delete the output folder of a result nobody will be shown (only under ``output_root``)."""
+        root = self.output_root.resolve()
+        for folder in {Path(path).resolve().parent for path in files.values()}:
+            if folder.is_relative_to(root) and folder != root:
+                shutil.rmtree(folder, ignore_errors=True)
+
     def _new_output_dir(self) -> Path:
-        """A fresh folder under ``output_root``; only the newest ``keep_outputs`` are kept."""
+        """A fresh folder under ``output_root``; the older ones are pruned to ``keep_outputs``
+        folders and ``keep_bytes`` (the new one's videos come on top)."""
         self.output_root.mkdir(parents=True, exist_ok=True)
-        runs = sorted((p for p in self.output_root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
-        for old in runs[: max(0, len(runs) - self.keep_outputs + 1)]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(self.output_root, max(self.keep_outputs - 1, 0), self.keep_bytes)
         return Path(tempfile.mkdtemp(prefix="run-", dir=self.output_root))
 
 
@@ -481,6 +525,12 @@ class _Session:
     def plan(self, warm_pipeline: bool, rounds: int) -> None:
         self.warm_pipeline = warm_pipeline
         self.total = (int(warm_pipeline) + 2) * self.warmup_steps + 2 * rounds * self.settings.steps
+
+    def stop_if_cancelled(self) -> None:
+        """Raise :class:`Cancelled` when the caller asked to stop (checked at every denoising step,
+        after every call and before anything is written: abandoned work leaves no files)."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(f"comparison cancelled after {self.done} of {self.total} denoising steps")
 
     def check_method(self) -> None:
         try:
@@ -530,8 +580,7 @@ class _Session:
         rounds = self.settings.rounds
 
         def on_step_end(pipe, step_index, timestep, callback_kwargs):
-            if self.cancel is not None and self.cancel.is_set():
-                raise Cancelled("comparison cancelled")
+            self.stop_if_cancelled()
             self.done += 1
             if self.progress is not None:
                 self.progress(ProgressEvent(stage, round_number, rounds, step_index + 1, steps, self.done,

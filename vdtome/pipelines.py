@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +35,34 @@ def default_device() -> torch.device:
 
 def custom_models_allowed() -> bool:
     return os.environ.get(ALLOW_CUSTOM_MODEL_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+# owner/name as the hub spells repository ids.
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+
+
+class CustomModelRefused(ValueError):
+    """A custom-weights value this server will not load (the message never says what exists outside
+    the operator's model folder)."""
+
+
+def custom_model_source(text: str, root: Path | None) -> str:
+    """What to load for a visitor's custom weights: a folder under the operator's ``root`` (by its
+    name there) or a hub id. Absolute paths, ``~`` and ``..`` are refused before the file system is
+    asked anything; a link out of ``root`` counts as absent."""
+    name = text.strip()
+    where = "a folder name under the server's model folder or " if root is not None else ""
+    rule = f"custom weights must be {where}a hub id such as owner/name"
+    if name.startswith(("/", "~", "\\")) or "\\" in name or "\x00" in name or ".." in name.split("/"):
+        raise CustomModelRefused(f"{rule}; paths are not accepted, got {name[:100]!r}")
+    if root is not None and name:
+        folder = (root / name).resolve()
+        if folder.is_relative_to(root) and folder != root and folder.is_dir():
+            return str(folder)
+    if HUB_ID.fullmatch(name) and ".." not in name:
+        return name
+    missing = f"no folder {name[:100]!r} in the server's model folder, and it " if root is not None else "it "
+    raise CustomModelRefused(f"{rule}: {missing}is not a hub id")
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -57,12 +87,19 @@ def from_pretrained(preset: ModelPreset, source: str | None = None):
             )
         pipe = pipeline_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:
+        detail = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        if Path(source).is_dir():  # a local folder: name it, never show where it is on this server
+            detail = detail.replace(str(Path(source)), Path(source).name)
+            raise ModelUnavailableError(
+                f"cannot load {preset.label} from the folder {Path(source).name!r}: it is not a saved "
+                f"{preset.pipeline_class} ({detail})"
+            ) from error
         offline = os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0")
         where = "the hub is switched off (HF_HUB_OFFLINE=1)" if offline else "the hub could not be reached"
         raise ModelUnavailableError(
             f"cannot load {preset.label} from {source!r}: the weights are not in the local cache and {where}. "
             f"Download them once with `huggingface-cli download {source}` on a machine with internet, or point "
-            f"the preset at a local folder. ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+            f"the preset at a local folder. ({detail})"
         ) from error
     scheduler = preset.extras.get("scheduler")
     if scheduler:

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .compare import ComparisonRequest, ComparisonResult, RequestError, resolve, whole_number
+from .compare import ComparisonRequest, ComparisonResult, RequestError, resolve, shown, whole_number
 from .metrics import PSNR_CAP_DB
 from .presets import ModelPreset, get_preset
 from .protocol import GpuEstimate, estimate_gpu_time
@@ -72,59 +72,77 @@ def tome_config(
     random_destinations: bool = True,
     local_window: bool = True,
 ) -> ToMeConfig:
-    """A :class:`ToMeConfig` from the app's controls; bad values raise :class:`RequestError`."""
-    st, sy, sx = (whole_number(f"stride {axis}", v, 1, MAX_STRIDE) for axis, v in zip(("t", "y", "x"), stride))
+    """A :class:`ToMeConfig` from the app's controls; bad values raise :class:`RequestError`
+    naming the field. Values arrive as clients sent them: nothing is coerced ("false" is not a
+    boolean, 1.5 is not a stride)."""
+    st, sy, sx = (whole_number(f"stride {axis}", v, 1, MAX_STRIDE, f"stride_{axis}")
+                  for axis, v in zip(("t", "y", "x"), stride))
     cap = stride_ratio_cap((st, sy, sx))
     if cap <= 0:
-        raise RequestError(f"stride ({st}, {sy}, {sx}) makes every token a destination: nothing can merge")
+        raise RequestError(f"stride ({st}, {sy}, {sx}) makes every token a destination: nothing can merge", "stride_x")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
-        raise RequestError(f"merge ratio must be a number, got {ratio!r}")
+        raise RequestError(f"merge ratio must be a number, got {shown(ratio)}", "ratio")
     if not 0.0 <= ratio <= cap + 1e-9:
         raise RequestError(
             f"merge ratio must be between 0 and {cap:.2f} for stride ({st}, {sy}, {sx}) "
-            f"(one token in every {st * sy * sx} is a destination and cannot merge), got {ratio:g}"
+            f"(one token in every {st * sy * sx} is a destination and cannot merge), got {ratio:g}", "ratio"
         )
-    if strategy not in ("bipartite", "attnbin"):
-        raise RequestError(f"strategy must be 'bipartite' or 'attnbin', got {strategy!r}")
-    if blocks not in BLOCK_CHOICES:
-        raise RequestError(f"blocks must be one of {', '.join(BLOCK_CHOICES)}, got {blocks!r}")
-    chosen = list(targets or [])
-    unknown = [t for t in chosen if t not in TARGETS]
+    strategy = choice("strategy", strategy, ("bipartite", "attnbin"), "strategy")
+    blocks = choice("blocks", blocks, tuple(BLOCK_CHOICES), "blocks")
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+        raise RequestError(f"merge targets must be a list of names such as [\"self-attention\"], got {shown(targets)}",
+                           "targets")
+    unknown = [t for t in targets if t not in TARGETS]
     if unknown:
-        raise RequestError(f"unknown merge target {unknown[0]!r}; choose from {', '.join(TARGETS)}")
-    if not chosen:
-        raise RequestError("choose at least one merge target (self-attention, cross-attention queries, feed-forward)")
-    if matching not in ("shared", "per_sample"):
-        raise RequestError(f"matching must be 'shared' or 'per_sample', got {matching!r}")
+        raise RequestError(f"unknown merge target {unknown[0]!r}; choose from {', '.join(TARGETS)}", "targets")
+    if not targets:
+        raise RequestError("choose at least one merge target (self-attention, cross-attention queries, feed-forward)",
+                           "targets")
+    matching = choice("matching", matching, ("shared", "per_sample"), "matching")
     return ToMeConfig(
         ratio=float(ratio),
         stride=(st, sy, sx),
         strategy=strategy,
         blocks=BLOCK_CHOICES[blocks],
-        reuse_steps=whole_number("matching reuse (steps)", reuse_steps, 1, MAX_REUSE_STEPS),
+        reuse_steps=whole_number("matching reuse (steps)", reuse_steps, 1, MAX_REUSE_STEPS, "reuse_steps"),
         matching=matching,
-        random_destinations=bool(random_destinations),
-        match_window="auto" if local_window else None,
-        **{field: label in chosen for label, field in TARGETS.items()},
+        random_destinations=boolean("random destinations", random_destinations, "random_destinations"),
+        match_window="auto" if boolean("local matching window", local_window, "local_window") else None,
+        **{field: label in targets for label, field in TARGETS.items()},
     )
 
 
-def parse_ratios(text: str, cap: float) -> tuple[float, ...]:
+def choice(name: str, value: Any, options: tuple[str, ...], field: str) -> str:
+    if not isinstance(value, str) or value not in options:
+        raise RequestError(f"{name} must be one of {', '.join(repr(o) for o in options)}, got {shown(value)}", field)
+    return value
+
+
+def boolean(name: str, value: Any, field: str) -> bool:
+    """Only true and false: the string "false" is not a boolean (it would read as true)."""
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be true or false, got {shown(value)}", field)
+    return value
+
+
+def parse_ratios(text: Any, cap: float) -> tuple[float, ...]:
     """Sweep ratios from "0, 0.25, 0.5" (commas or spaces), sorted, without repeats."""
-    parts = [p for p in re.split(r"[,\s;]+", (text or "").strip()) if p]
+    if not isinstance(text, str):
+        raise RequestError(f"sweep ratios must be text such as \"0, 0.25, 0.5\", got {shown(text)}", "ratios")
+    parts = [p for p in re.split(r"[,\s;]+", text.strip()) if p]
     if not parts:
-        raise RequestError("sweep ratios are empty: list ratios such as 0, 0.25, 0.5")
+        raise RequestError("sweep ratios are empty: list ratios such as 0, 0.25, 0.5", "ratios")
     ratios = set()
     for part in parts:
         try:
             value = float(part)
         except ValueError:
-            raise RequestError(f"sweep ratio {part!r} is not a number") from None
-        if not 0.0 <= value <= cap + 1e-9:
-            raise RequestError(f"sweep ratio {value:g} is outside [0, {cap:.2f}] (the cap of the chosen stride)")
+            raise RequestError(f"sweep ratio {part!r} is not a number", "ratios") from None
+        if not 0.0 <= value <= cap + 1e-9:  # NaN fails this too
+            raise RequestError(f"sweep ratio {part} is outside [0, {cap:.2f}] (the cap of the chosen stride)", "ratios")
         ratios.add(round(value, 4))
     if len(ratios) > MAX_SWEEP_POINTS:
-        raise RequestError(f"a sweep takes at most {MAX_SWEEP_POINTS} ratios, got {len(ratios)}")
+        raise RequestError(f"a sweep takes at most {MAX_SWEEP_POINTS} ratios, got {len(ratios)}", "ratios")
     return tuple(sorted(ratios))
 
 

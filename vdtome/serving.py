@@ -1,0 +1,191 @@
+"""Serving the app to strangers: abandoned runs stop, the queue is the only place requests wait,
+one visitor cannot take the queue, no uploads, and every refusal says what to change.
+
+Gradio's queue cancels an event by cancelling its asyncio task: a synchronous handler running in
+a worker thread goes on computing, the queue frees its slot at once, and the next request then
+waits on the engine where the queue cannot count it. :func:`run_until_abandoned` closes that gap:
+the work runs in a thread it owns, a cancelled event or a client that went away sets the run's
+cancel flag (the engine stops at its next denoising step), and the event keeps its queue slot
+until the thread has really stopped.
+
+Three small adapters reach into Gradio 6.31 where it has no public hook (the requirements pin
+it; the live-server tests fail if a Gradio upgrade moves them): the queue's events (is a client
+still there? how many events does a visitor have?), the queue's ``push`` (refuse a visitor over
+its limit before the event is queued) and ``Blocks.validate_inputs`` (missing or extra values).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import os
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import gradio as gr
+from fastapi import HTTPException
+from gradio.context import LocalContext
+from starlette.responses import JSONResponse
+
+T = TypeVar("T")
+
+CLIENT_POLL_S = 0.1  # how often a running event checks that its client is still there
+
+
+# ---- abandoned runs -------------------------------------------------------------------------------
+
+
+def _current_event() -> Any:
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    queue = getattr(blocks, "_queue", None)
+    if queue is None or event_id is None:
+        return None
+    return queue.event_ids_to_events.get(event_id)
+
+
+async def run_until_abandoned(work: Callable[[], T], stop: Callable[[str], None],
+                              discard: Callable[[T], None] | None = None) -> T:
+    """``work()`` in a worker thread (with this event's context, so ``gr.Progress`` and ZeroGPU
+    see the request); ``stop(reason)`` is called when the event is cancelled (API ``/cancel``, the
+    page's Cancel) or its client disconnects. A cancelled event returns only after ``work`` ended;
+    ``discard`` gets a result that was finished but cancelled before anyone received it."""
+    context = contextvars.copy_context()
+    future = asyncio.get_running_loop().run_in_executor(None, functools.partial(context.run, work))
+    event = _current_event()
+    stopped = False
+    try:
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=CLIENT_POLL_S)
+            if done:
+                return future.result()
+            if not stopped and event is not None and not event.alive:  # the client's stream closed
+                stop("its client disconnected")
+                stopped = True
+    except asyncio.CancelledError:
+        stop("it was cancelled")
+        # Hold the queue slot until the worker has stopped: the queue stays the only place a
+        # request waits, and the cancelled run's work cannot overlap (and time) the next one.
+        while not future.done():
+            try:
+                await asyncio.shield(future)
+            except asyncio.CancelledError:
+                continue
+            except Exception:
+                break
+        error = future.exception()
+        if error is None and discard is not None:
+            discard(future.result())
+        print(f"vdtome: the abandoned run ended: {error or 'it had finished; its outputs were deleted'}", flush=True)
+        raise
+
+
+# ---- one visitor cannot take the queue ------------------------------------------------------------
+
+
+def client_address(request: Any) -> str:
+    """The visitor's network address: on a Hugging Face Space the last hop its proxy appended to
+    X-Forwarded-For (earlier hops are whatever the client sent); elsewhere the socket's peer."""
+    if os.environ.get("SPACE_ID"):
+        forwarded = request.headers.get("x-forwarded-for", "")
+        hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+        if hops:
+            return hops[-1]
+    client = getattr(request, "client", None)
+    return client.host if client is not None else "unknown"
+
+
+def limit_visitors(blocks: gr.Blocks, concurrency_id: str, per_session: int, per_address: int) -> None:
+    """Refuse (HTTP 429, the message in ``detail``) a request for ``concurrency_id`` from a session
+    or an address that already has that many queued or running, before it takes a queue place."""
+    queue = blocks._queue
+    push = queue.push
+    lock = asyncio.Lock()
+
+    def held(body: Any) -> bool:
+        fn = blocks.fns.get(body.fn_index) if body.fn_index is not None else None
+        return fn is not None and fn.concurrency_id == concurrency_id
+
+    async def limited_push(body, request, username):
+        if not held(body):
+            return await push(body, request, username)
+        async with lock:  # count and enqueue as one step: two quick joins cannot both pass
+            events = [e for e in list(queue.event_ids_to_events.values()) if e.fn.concurrency_id == concurrency_id]
+            mine = sum(1 for e in events if body.session_hash is not None and e.session_hash == body.session_hash)
+            address = client_address(request)
+            ours = sum(1 for e in events if e.request is not None and client_address(e.request) == address)
+            if mine >= per_session:
+                raise HTTPException(429, detail=(
+                    f"you already have {mine} comparison{'s' * (mine > 1)} queued or running; this server takes "
+                    f"at most {per_session} per visitor at a time: wait for one to finish, or cancel it"))
+            if ours >= per_address:
+                raise HTTPException(429, detail=(
+                    f"your network address already has {ours} comparisons queued or running; this server takes "
+                    f"at most {per_address} per address at a time: wait for one to finish"))
+            return await push(body, request, username)
+
+    queue.push = limited_push
+
+
+# ---- routes the app does not offer ----------------------------------------------------------------
+
+
+class ServiceGuard:
+    """ASGI middleware: refuses uploads (the app takes no files) and answers an unknown API name
+    with 404 and the names that exist, instead of Gradio's 500."""
+
+    _CALL = re.compile(r"/gradio_api/call/(?:v2/)?([^/]+)(?:/.*)?$")
+
+    def __init__(self, app, api_names: Callable[[], Iterable[str]]) -> None:
+        self.app = app
+        self.api_names = api_names
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            refusal = self._refusal(scope["path"])
+            if refusal is not None:
+                status, detail = refusal
+                await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, path: str) -> tuple[int, str] | None:
+        if path.rstrip("/").endswith("/gradio_api/upload"):
+            return 403, "this app takes no file uploads"
+        match = self._CALL.search(path)
+        if match:
+            names = sorted(self.api_names())
+            if match.group(1) not in names:
+                listed = ", ".join(f"/{name}" for name in names)
+                return 404, f"no API endpoint named /{match.group(1)[:60]}; this app's endpoints are {listed}"
+        return None
+
+
+# ---- the number of values an endpoint takes -------------------------------------------------------
+
+
+class StrictBlocks(gr.Blocks):
+    """``gr.Blocks`` whose public endpoints refuse missing or extra values with the fields named
+    (Gradio's own check ignores extra values). Raised while the request is validated, before it is
+    queued, so the message reaches the client as the join's ``detail``."""
+
+    def validate_inputs(self, block_fn, inputs: list[Any]) -> None:
+        public = block_fn.api_visibility == "public" or getattr(block_fn, "is_validator_function", False)
+        if not public or len(inputs) == len(block_fn.inputs):
+            return super().validate_inputs(block_fn, inputs)
+        names = self._parameter_names(block_fn)
+        takes = f"this endpoint takes {len(names)} values ({', '.join(names)}); got {len(inputs)}"
+        if len(inputs) > len(block_fn.inputs):
+            raise ValueError(f"{takes}: too many")
+        missing = names[len(inputs):]
+        raise ValueError(takes + (f": missing {', '.join(missing)}" if missing else ""))
+
+    def _parameter_names(self, block_fn) -> list[str]:
+        """The API's names of the values a client sends (the public handler's parameters; session
+        state is not sent)."""
+        handler = next((fn for fn in self.fns.values() if fn.api_visibility == "public" and fn.inputs == block_fn.inputs),
+                       block_fn)
+        parameters = list(inspect.signature(handler.fn).parameters)
+        return [name for name, component in zip(parameters, block_fn.inputs) if not getattr(component, "skip_api", False)]
