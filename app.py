@@ -40,6 +40,7 @@ GRADIO_CACHE = INSTANCE_DIR / "gradio"
 os.environ["GRADIO_TEMP_DIR"] = str(GRADIO_CACHE)
 
 import dataclasses
+import signal
 import threading
 
 import gradio as gr
@@ -166,9 +167,10 @@ if ON_ZERO_GPU:
 # ---- checking a request (the same code before it is queued and when it runs) ---------------------
 
 
-def plan(values: dict, ratios=None) -> tuple[list[ComparisonRequest], str | None]:
-    """Requests (one, or one per sweep ratio) and the custom-weights source from the form's values
-    exactly as the client sent them; raises RequestError naming the field and the rule."""
+def plan(values: dict, sweep: bool = False) -> tuple[list[ComparisonRequest], str | None]:
+    """Requests (one, or one per ratio of ``values["ratios"]`` for a sweep) and the custom-weights
+    source from the form's values exactly as the client sent them; raises RequestError naming the
+    field and the rule."""
     preset = values["preset"]
     if not isinstance(preset, str) or preset not in PRESETS:
         raise RequestError(f"model preset must be one of {', '.join(PRESETS)}, got {shown(preset)}", "preset")
@@ -186,9 +188,9 @@ def plan(values: dict, ratios=None) -> tuple[list[ComparisonRequest], str | None
     )
     settings, _ = resolve(base, PRESETS[preset])  # every model rule, before the request is queued
     requests = [base]
-    if ratios is not None:
+    if sweep:
         requests = [dataclasses.replace(base, acceleration=dataclasses.replace(config, ratio=r))
-                    for r in parse_ratios(ratios, stride_ratio_cap(config.stride))]
+                    for r in parse_ratios(values["ratios"], stride_ratio_cap(config.stride))]
     if ON_ZERO_GPU and PRESETS[preset].gpu_time is not None:
         estimate = gpu_estimate(requests)
         if not estimate.fits:
@@ -231,7 +233,7 @@ def validator(names: tuple[str, ...], sweep: bool):
     def check(*values):
         fields = dict(zip(names, values))
         try:
-            plan(fields, fields["ratios"] if sweep else None)
+            plan(fields, sweep)
         except RequestError as error:
             at = names.index(error.field) if error.field in names else 0
             return [gr.validate(index != at, str(error) if index == at else "") for index in range(len(names))]
@@ -307,10 +309,10 @@ def _show(view: ComparisonView):
     )
 
 
-async def _run_form(values: dict, ratios, history, progress):
+async def _run_form(values: dict, sweep: bool, history, progress):
     """Shared body of Run and Run sweep: form -> requests -> runs -> page outputs and history."""
     try:
-        requests, source = plan(values, ratios)
+        requests, source = plan(values, sweep)
     except RequestError as error:
         raise gr.Error(str(error), title="Invalid input") from None
     views = await _execute(requests, source, progress)
@@ -325,7 +327,7 @@ async def compare(preset, prompt, negative_prompt, seed, frames, height, width, 
     values = dict(zip(FORM_FIELDS, (preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
                                     rounds, ratio, stride_t, stride_y, stride_x, strategy, blocks, targets,
                                     reuse_steps, matching, random_destinations, local_window, custom_model)))
-    return await _run_form(values, None, history, progress)
+    return await _run_form(values, False, history, progress)
 
 
 async def sweep(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds,
@@ -336,7 +338,7 @@ async def sweep(preset, prompt, negative_prompt, seed, frames, height, width, st
     values = dict(zip(FORM_FIELDS, (preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
                                     rounds, ratio, stride_t, stride_y, stride_x, strategy, blocks, targets,
                                     reuse_steps, matching, random_destinations, local_window, custom_model)))
-    return await _run_form(values, ratios, history, progress)
+    return await _run_form(values | {"ratios": ratios}, True, history, progress)
 
 
 def clear_history():
@@ -521,7 +523,12 @@ def public_api_names() -> list[str]:
 
 demo = build_demo()
 
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # Gradio closes the server; then the instance folder is removed at exit
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     demo.launch(
         css=CSS, theme=gr.themes.Soft(), footer_links=["api", "gradio"],
         max_file_size="1kb",  # the app takes no files; ServiceGuard refuses the upload route outright
