@@ -93,8 +93,10 @@ def test_custom_weights_stay_under_the_operators_root(tmp_path):
     assert "paths are not accepted" in refused["/etc"] and "paths are not accepted" in refused["../secret"]
     # An absent folder and a link out of the root read the same: nothing outside the root is revealed.
     assert refused["escape"] == refused["nope"].replace("'nope'", "'escape'")
+    # Without a root only hub ids: a name is never looked up on this server's disk.
+    assert custom_model_source("team/tiny", None) == "team/tiny"
     with pytest.raises(CustomModelRefused, match="must be a hub id such as owner/name: it is not a hub id"):
-        custom_model_source("team/tiny", None)  # no root: hub ids only
+        custom_model_source("tiny", None)
 
 
 def test_a_folder_that_is_not_a_pipeline_is_named_not_located(tmp_path):
