@@ -341,6 +341,10 @@ async def sweep(preset, prompt, negative_prompt, seed, frames, height, width, st
     return await _run_form(values | {"ratios": ratios}, True, history, progress)
 
 
+def cancel_requested():
+    return "**Cancelled.** A running comparison stops at its next denoising step and saves nothing."
+
+
 def clear_history():
     return [], *_history_outputs([])
 
@@ -427,7 +431,7 @@ def build_demo() -> gr.Blocks:
                 negative = gr.Textbox(label="Negative prompt", value="", max_lines=2,
                                       interactive=not preset.negative_prompt_unsupported)
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0)
+                    seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
                     frames = gr.Number(label="Frames", value=preset.num_frames, precision=0,
                                        info=_frames_info(rules))
                     height = gr.Number(label="Height", value=preset.height, precision=0,
@@ -505,7 +509,8 @@ def build_demo() -> gr.Blocks:
                                          validator=validator((*FORM_FIELDS, "ratios", "history"), sweep=True),
                                          **generation)
         # Gradio cancels the events' tasks; run_until_abandoned turns that into the engine's stop.
-        stop.click(None, None, None, cancels=[run_event, sweep_event], queue=False, api_visibility="private")
+        stop.click(cancel_requested, None, notes, cancels=[run_event, sweep_event], queue=False,
+                   api_visibility="private")
         clear_button.click(clear_history, None, [history, history_table, history_plot], api_visibility="private")
         model.change(on_preset, [model, negative], [model_info, negative, frames, height, width, steps, guidance, rounds],
                      api_visibility="private")

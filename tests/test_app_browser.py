@@ -105,3 +105,24 @@ def test_compare_in_the_browser_then_bad_input_then_again(page, tmp_path):
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000
+
+
+def test_a_bad_value_is_shown_at_its_field_and_cancel_stops_a_run(page):
+    runs = page.evaluate(HISTORY_ROWS)
+    seed = page.get_by_label("Seed")
+    seed.fill("1.5")  # refused, not rounded to 2
+    page.locator("#run").click()
+    page.locator("#seed").get_by_text("seed must be a whole number, got 1.5").wait_for(state="visible")
+    seed.fill("0")
+
+    page.get_by_label("Frames").fill("9")
+    steps = page.get_by_label("Steps", exact=True)
+    steps.fill("64")  # about 10 s of denoising on 2 cores, the most the default work limit allows
+    page.locator("#run").click()
+    page.wait_for_function("() => [...document.querySelectorAll('.progress-level-inner')]"
+                           ".some(bar => / accelerated · step /.test(bar.textContent))")  # timed calls under way
+    page.locator("#cancel").click()
+    page.locator("#notes").get_by_text("Cancelled.").wait_for(state="visible")
+    steps.fill("4")
+    page.locator("#run").click()  # starts once the cancelled run has stopped, at its next step
+    page.wait_for_function(f"() => ({HISTORY_ROWS})() === {runs + 1}", timeout=30_000)

@@ -58,7 +58,8 @@ def stride_ratio_cap(stride: tuple[int, int, int]) -> float:
     Only non-destination tokens can merge; one token per cell is the destination.
     """
     cells = math.prod(stride)
-    return math.floor((1.0 - 1.0 / cells) / RATIO_STEP + 1e-9) * RATIO_STEP
+    # Rounded to the step's digits: 19 * 0.05 is 0.9500000000000001, not what anyone would type.
+    return round(math.floor((1.0 - 1.0 / cells) / RATIO_STEP + 1e-9) * RATIO_STEP, 2)
 
 
 def tome_config(
