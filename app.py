@@ -92,7 +92,6 @@ from vdtome.ui import (
 
 DEFAULT_PRESET = os.environ.get("VDTOME_DEFAULT_PRESET", "tiny-wan")
 DEFAULT_PROMPT = "A red fox trots across a snowy meadow at dawn, the camera tracking sideways."
-QUEUE_SIZE = int(os.environ.get("VDTOME_QUEUE_SIZE", "16"))
 KEEP_OUTPUTS = 24  # comparison folders kept on disk (a sweep writes up to 8)
 KEEP_CACHE_ENTRIES = 200  # files Gradio keeps to serve (about 5 per comparison); older ones go first
 GPU_QUEUE = "gpu"  # every generation event shares one queue: two runs on one GPU would time each other
@@ -342,7 +341,8 @@ async def sweep(preset, prompt, negative_prompt, seed, frames, height, width, st
 
 
 def cancel_requested():
-    return "**Cancelled.** A running comparison stops at its next denoising step and saves nothing."
+    return ("**Cancelled.** A running comparison stops at its next denoising step (a model still loading "
+            "finishes loading first) and saves nothing; Run is available again once it has stopped.")
 
 
 def clear_history():
@@ -517,7 +517,7 @@ def build_demo() -> gr.Blocks:
         for control in (stride_t, stride_y, stride_x):
             control.change(on_stride, [ratio, stride_t, stride_y, stride_x], ratio, api_visibility="private")
         demo.load(on_stride, [ratio, stride_t, stride_y, stride_x], ratio, api_visibility="private")
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    demo.queue(max_size=LIMITS.queue_size, default_concurrency_limit=1)
     limit_visitors(demo, GPU_QUEUE, LIMITS.queue_per_session, LIMITS.queue_per_address)
     return demo
 

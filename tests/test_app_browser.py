@@ -119,10 +119,11 @@ def test_a_bad_value_is_shown_at_its_field_and_cancel_stops_a_run(page):
     steps = page.get_by_label("Steps", exact=True)
     steps.fill("64")  # about 10 s of denoising on 2 cores, the most the default work limit allows
     page.locator("#run").click()
-    page.wait_for_function("() => [...document.querySelectorAll('.progress-level-inner')]"
-                           ".some(bar => / accelerated · step /.test(bar.textContent))")  # timed calls under way
+    long_run = "[...document.querySelectorAll('.progress-level-inner')].some(bar => / step \\d+\\/64/.test(bar.textContent))"
+    page.wait_for_function(f"() => {long_run}")  # the 64-step run's timed calls are under way
     page.locator("#cancel").click()
     page.locator("#notes").get_by_text("Cancelled.").wait_for(state="visible")
+    page.wait_for_function(f"() => !({long_run})", timeout=10_000)  # it stopped at its next step
     steps.fill("4")
-    page.locator("#run").click()  # starts once the cancelled run has stopped, at its next step
+    page.locator("#run").click()
     page.wait_for_function(f"() => ({HISTORY_ROWS})() === {runs + 1}", timeout=30_000)

@@ -22,6 +22,7 @@ from .presets import ModelPreset
 # sweep of the default 4 ratios, or twice the frames at the default size, fits; 500 steps do not.
 DEFAULT_WORK_FACTOR = 16
 
+ENV_QUEUE_SIZE = "VDTOME_QUEUE_SIZE"
 ENV_QUEUE_PER_SESSION = "VDTOME_QUEUE_PER_SESSION"
 ENV_QUEUE_PER_ADDRESS = "VDTOME_QUEUE_PER_ADDRESS"
 ENV_MAX_WORK = "VDTOME_MAX_WORK"
@@ -30,6 +31,18 @@ ENV_OUTPUTS_MB = "VDTOME_OUTPUTS_MB"
 ENV_CACHE_MB = "VDTOME_CACHE_MB"
 ENV_SESSION_TTL_S = "VDTOME_SESSION_TTL_S"
 ENV_CUSTOM_MODEL_ROOT = "VDTOME_CUSTOM_MODEL_ROOT"
+
+
+# The whole-number settings and the variables that set them.
+COUNT_SETTINGS = {
+    "queue_size": ENV_QUEUE_SIZE,
+    "queue_per_session": ENV_QUEUE_PER_SESSION,
+    "queue_per_address": ENV_QUEUE_PER_ADDRESS,
+    "history_rows": ENV_HISTORY_ROWS,
+    "outputs_mb": ENV_OUTPUTS_MB,
+    "cache_mb": ENV_CACHE_MB,
+    "session_ttl_s": ENV_SESSION_TTL_S,
+}
 
 
 def default_work(preset: ModelPreset) -> int:
@@ -45,6 +58,7 @@ def request_work(settings: ResolvedSettings, points: int = 1) -> int:
 class ServiceLimits:
     """The operator's limits (``from_env``); every field has a default fit for a public Space."""
 
+    queue_size: int = 16  # requests waiting in Gradio's queue, in all (the running one not counted)
     queue_per_session: int = 2  # requests of one browser session (or API client) queued or running
     queue_per_address: int = 4  # of one network address, whatever session ids it sends
     max_work: Mapping[str, int] = field(default_factory=dict)  # per preset; absent: DEFAULT_WORK_FACTOR x default
@@ -55,8 +69,7 @@ class ServiceLimits:
     custom_model_root: Path | None = None  # local folders custom weights may come from (None: hub ids only)
 
     def __post_init__(self) -> None:
-        for name in ("queue_per_session", "queue_per_address", "history_rows", "outputs_mb", "cache_mb",
-                     "session_ttl_s"):
+        for name in COUNT_SETTINGS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
@@ -69,9 +82,7 @@ class ServiceLimits:
         """Limits from ``VDTOME_*`` variables; a malformed one stops the app with a message naming it."""
         env = os.environ if environ is None else environ
         values = {}
-        for name, variable in (("queue_per_session", ENV_QUEUE_PER_SESSION), ("queue_per_address", ENV_QUEUE_PER_ADDRESS),
-                               ("history_rows", ENV_HISTORY_ROWS), ("outputs_mb", ENV_OUTPUTS_MB),
-                               ("cache_mb", ENV_CACHE_MB), ("session_ttl_s", ENV_SESSION_TTL_S)):
+        for name, variable in COUNT_SETTINGS.items():
             if env.get(variable, "").strip():
                 values[name] = _positive_int(variable, env[variable])
         values["max_work"] = _max_work(env.get(ENV_MAX_WORK, ""), presets)

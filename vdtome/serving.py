@@ -185,7 +185,7 @@ class StrictBlocks(gr.Blocks):
     def _parameter_names(self, block_fn) -> list[str]:
         """The API's names of the values a client sends (the public handler's parameters; session
         state is not sent)."""
-        handler = next((fn for fn in self.fns.values() if fn.api_visibility == "public" and fn.inputs == block_fn.inputs),
-                       block_fn)
-        parameters = list(inspect.signature(handler.fn).parameters)
-        return [name for name, component in zip(parameters, block_fn.inputs) if not getattr(component, "skip_api", False)]
+        public = (fn for fn in self.fns.values() if fn.api_visibility == "public" and fn.inputs == block_fn.inputs)
+        parameters = inspect.signature(next(public, block_fn).fn).parameters
+        return [name for name, component in zip(parameters, block_fn.inputs)
+                if not getattr(component, "skip_api", False)]
