@@ -308,6 +308,11 @@ def _show(view: ComparisonView):
     )
 
 
+def _form_values(arguments: dict) -> dict:
+    """The form's fields from a handler's arguments (``locals()`` at its start), by name."""
+    return {name: arguments[name] for name in FORM_FIELDS}
+
+
 async def _run_form(values: dict, sweep: bool, history, progress):
     """Shared body of Run and Run sweep: form -> requests -> runs -> page outputs and history."""
     try:
@@ -323,10 +328,7 @@ async def compare(preset, prompt, negative_prompt, seed, frames, height, width, 
                   ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
                   random_destinations, local_window, custom_model, history, progress=gr.Progress()):
     """Baseline vs token merging on one prompt and seed: videos, metrics, updated history."""
-    values = dict(zip(FORM_FIELDS, (preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
-                                    rounds, ratio, stride_t, stride_y, stride_x, strategy, blocks, targets,
-                                    reuse_steps, matching, random_destinations, local_window, custom_model)))
-    return await _run_form(values, False, history, progress)
+    return await _run_form(_form_values(locals()), False, history, progress)
 
 
 async def sweep(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds,
@@ -334,10 +336,7 @@ async def sweep(preset, prompt, negative_prompt, seed, frames, height, width, st
                 random_destinations, local_window, custom_model, ratios, history, progress=gr.Progress()):
     """One comparison per ratio (the baseline video is made once and reused; every point is timed
     against fresh baseline calls): the speedup/fidelity curve."""
-    values = dict(zip(FORM_FIELDS, (preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance,
-                                    rounds, ratio, stride_t, stride_y, stride_x, strategy, blocks, targets,
-                                    reuse_steps, matching, random_destinations, local_window, custom_model)))
-    return await _run_form(values | {"ratios": ratios}, True, history, progress)
+    return await _run_form(_form_values(locals()) | {"ratios": ratios}, True, history, progress)
 
 
 def cancel_requested():

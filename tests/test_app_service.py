@@ -3,6 +3,7 @@ nothing, the queue is the only place requests wait, one visitor cannot take the 
 value sent as raw HTTP is refused naming its field, no uploads, instances keep to their own files."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -79,12 +80,22 @@ def test_a_cancelled_job_stops_at_once_writes_nothing_and_the_next_starts_at_onc
     cancel_seconds = time.monotonic() - started
     assert cancel_seconds < 5, cancel_seconds  # a step takes ~10 ms; the run had about a minute left
     assert timed_quick_run(client) < QUICK_SECONDS
-    text = log.read_text()
-    assert "stopping a comparison: it was cancelled" in text
-    stopped = [line for line in text.splitlines() if "comparison cancelled after" in line][-1]
-    done, total = (int(word) for word in stopped.split("after ")[1].split(" denoising")[0].split(" of "))
-    assert 0 < done < total / 2
+    assert "stopping a comparison: it was cancelled" in log.read_text()
+    assert_stopped_within_a_step(log)
     assert len(output_folders(tmp_dir) - before) == 1  # the quick run's; the cancelled run wrote nothing
+
+
+STOPPED = re.compile(r"comparison cancelled after (\d+) of (\d+) denoising steps, (\d+) ms after the cancel "
+                     r"\(the last step took (\d+) ms\)")
+
+
+def assert_stopped_within_a_step(log):
+    """The engine logs when it stopped: steps done, milliseconds since the cancel flag was set, and
+    how long the step it stopped after took; stopping at the end of the step in progress means the
+    former is at most the latter (50 ms for a stop between two calls, where no step is running)."""
+    done, total, after_ms, step_ms = (int(x) for x in STOPPED.findall(log.read_text())[-1])
+    assert 0 < done < total / 2
+    assert after_ms <= step_ms + 50, (after_ms, step_ms)
 
 
 KILLED_CLIENT = """
@@ -122,6 +133,7 @@ def test_a_client_that_goes_away_stops_its_run(server, script):
     client.wait()
     assert timed_quick_run(Client(url, verbose=False)) < QUICK_SECONDS
     assert log.read_text().count("its client disconnected") == stops + 1
+    assert_stopped_within_a_step(log)
     assert len(output_folders(tmp_dir) - before) == 1  # only the quick run's
 
 
@@ -266,7 +278,10 @@ def served_video(url: str) -> str:
 
 def test_two_instances_on_one_host_keep_to_their_own_files(server):
     url, _, tmp_dir = server
-    other, other_url, _ = start_app(tmp_dir, SERVICE_ENV | {"VDTOME_OUTPUTS_MB": "1"})  # same temp folders
+    own_log = tmp_dir / "other"
+    own_log.mkdir()
+    shared = {"GRADIO_TEMP_DIR": str(tmp_dir / "gradio"), "TMPDIR": str(tmp_dir)}  # the first server's temp folders
+    other, other_url, _ = start_app(own_log, SERVICE_ENV | shared | {"VDTOME_OUTPUTS_MB": "1"})
     try:
         mine = served_video(url)
         folders = output_folders(tmp_dir)

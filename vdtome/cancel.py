@@ -9,6 +9,7 @@ there. A marker file is: both processes share the file system, and the engine ch
 from __future__ import annotations
 
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -21,7 +22,14 @@ class CancelFlag:
 
     def set(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.touch()
+        self.path.write_text(repr(time.time()))  # when: how long the run took to stop is logged
+
+    def set_at(self) -> float | None:
+        """``time.time()`` of the cancel request (None if not set)."""
+        try:
+            return float(self.path.read_text())
+        except (OSError, ValueError):
+            return None
 
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

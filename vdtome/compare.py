@@ -517,6 +517,8 @@ class _Session:
         self.stage = "loading"
         self.warm_pipeline = False
         self.done = self.total = 0
+        self.last_step_end = 0.0
+        self.last_step_s: float | None = None  # wall time of the latest denoising step (after a call's first)
 
     @property
     def warmup_steps(self) -> int:
@@ -530,7 +532,13 @@ class _Session:
         """Raise :class:`Cancelled` when the caller asked to stop (checked at every denoising step,
         after every call and before anything is written: abandoned work leaves no files)."""
         if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled(f"comparison cancelled after {self.done} of {self.total} denoising steps")
+            message = f"comparison cancelled after {self.done} of {self.total} denoising steps"
+            set_at = getattr(self.cancel, "set_at", lambda: None)()
+            if set_at is not None:
+                message += f", {1000 * (time.time() - set_at):.0f} ms after the cancel"
+                if self.last_step_s is not None:
+                    message += f" (the last step took {1000 * self.last_step_s:.0f} ms)"
+            raise Cancelled(message)
 
     def check_method(self) -> None:
         try:
@@ -580,6 +588,10 @@ class _Session:
         rounds = self.settings.rounds
 
         def on_step_end(pipe, step_index, timestep, callback_kwargs):
+            now = time.time()
+            if step_index > 0:
+                self.last_step_s = now - self.last_step_end
+            self.last_step_end = now
             self.stop_if_cancelled()
             self.done += 1
             if self.progress is not None:
