@@ -12,7 +12,7 @@ from vdtome.compare import ComparisonRequest, RequestError, resolve
 from vdtome.limits import DEFAULT_WORK_FACTOR, ServiceLimits, default_work
 from vdtome.pipelines import CustomModelRefused, ModelUnavailableError, custom_model_source, from_pretrained
 from vdtome.presets import load_presets
-from vdtome.serving import limit_visitors
+from vdtome.serving import client_address, limit_visitors
 from vdtome.storage import prune
 from vdtome.tome import ToMeConfig
 
@@ -139,3 +139,11 @@ def test_one_address_cannot_take_the_queue_whatever_session_ids_it_sends():
         assert "you already have 2 comparisons queued or running" in error.value.detail
 
     asyncio.run(scenario())
+
+
+def test_a_visitors_address_on_a_space_is_the_first_forwarded_hop(monkeypatch):
+    request = SimpleNamespace(client=SimpleNamespace(host="10.16.3.80"),
+                              headers={"x-forwarded-for": "203.0.113.7, 10.1.0.2"})
+    assert client_address(request) == "10.16.3.80"  # off a Space: the socket's peer
+    monkeypatch.setenv("SPACE_ID", "someone/vdtome")
+    assert client_address(request) == "203.0.113.7"  # on a Space the peer is the Hub's proxy, the same for everyone

@@ -8,7 +8,9 @@ there. A marker file is: both processes share the file system, and the engine ch
 
 from __future__ import annotations
 
+import os
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,7 +24,10 @@ class CancelFlag:
 
     def set(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(repr(time.time()))  # when: how long the run took to stop is logged
+        # When, written aside and renamed into place: a flag that exists always holds its time.
+        pending = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}")
+        pending.write_text(repr(time.time()))
+        os.replace(pending, self.path)
 
     def set_at(self) -> float | None:
         """``time.time()`` of the cancel request (None if not set)."""

@@ -264,7 +264,7 @@ def resolve(request: ComparisonRequest, preset: ModelPreset) -> tuple[ResolvedSe
                           1, MAX_ROUNDS, "rounds")
     guidance = preset.guidance_scale if request.guidance is None else request.guidance
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-        raise RequestError(f"guidance must be a finite number, got {guidance!r}", "guidance")
+        raise RequestError(f"guidance must be a finite number, got {shown(guidance)}", "guidance")
     if not 0.0 <= guidance <= MAX_GUIDANCE:
         raise RequestError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance:g}", "guidance")
     method_of(request.acceleration)  # unknown method types fail here, before any work

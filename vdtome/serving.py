@@ -86,13 +86,15 @@ async def run_until_abandoned(work: Callable[[], T], stop: Callable[[str], None]
 
 
 def client_address(request: Any) -> str:
-    """The visitor's network address: on a Hugging Face Space the last hop its proxy appended to
-    X-Forwarded-For (earlier hops are whatever the client sent); elsewhere the socket's peer."""
+    """The visitor's network address: the socket's peer, except on a Hugging Face Space, where
+    that is the Hub's proxy (one internal address for everyone) and the visitor's address is the
+    first of X-Forwarded-For. A client can forge that header: the per-address limit slows a
+    scripted flood, it cannot stop a determined one (nothing keyed on a client's word can)."""
     if os.environ.get("SPACE_ID"):
         forwarded = request.headers.get("x-forwarded-for", "")
         hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
         if hops:
-            return hops[-1]
+            return hops[0]
     client = getattr(request, "client", None)
     return client.host if client is not None else "unknown"
 

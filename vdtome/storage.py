@@ -44,7 +44,10 @@ def prune(root: Path, keep: int, max_bytes: int) -> list[Path]:
     for index, (_, path) in enumerate(entries[:-1]):
         if len(entries) - index <= keep and total <= max_bytes:
             break
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
         total -= sizes[index]
         removed.append(path)
     return removed
