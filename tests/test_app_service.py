@@ -17,9 +17,11 @@ from gradio_client.utils import QueueError
 from conftest import start_app, stop_app
 
 PROMPT = "A paper boat drifts down a rain-filled gutter past glowing shop windows."
-# A run of about a minute on 2 cores (7 rounds x 2 sides x 300 steps), allowed by this server's
-# work limit; a quick one (1 round, 2 steps) for "the next request starts at once".
-LONG = dict(prompt=PROMPT, steps=300)
+# A run of about two minutes on 2 cores (7 rounds x 2 sides x 500 steps, each call about 5 s),
+# allowed by this server's work limit; a quick one (1 round, 2 steps) for "the next request
+# starts at once". The runs are abandoned early in round 1's baseline call, seconds from its decode
+# (a decode has no step to stop at).
+LONG = dict(prompt=PROMPT, steps=500)
 QUICK = dict(prompt=PROMPT, rounds=1, steps=2)
 QUICK_SECONDS = 20  # a quick run takes about 1 s; the long run it followed had a minute left
 SERVICE_ENV = {
@@ -57,7 +59,7 @@ def wait_running(job, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         progress = job.status().progress_data
-        if progress and "round 1/" in (progress[0].desc or ""):
+        if progress and "round 1/7 · baseline · step" in (progress[0].desc or ""):
             return
         time.sleep(0.05)
     raise AssertionError("the job never reported progress")
@@ -78,7 +80,7 @@ def test_a_cancelled_job_stops_at_once_writes_nothing_and_the_next_starts_at_onc
     started = time.monotonic()
     job.cancel()  # /cancel returns once the worker has stopped
     cancel_seconds = time.monotonic() - started
-    assert cancel_seconds < 5, cancel_seconds  # a step takes ~10 ms; the run had about a minute left
+    assert cancel_seconds < 5, cancel_seconds  # a step takes ~10 ms; the run had about two minutes left
     assert timed_quick_run(client) < QUICK_SECONDS
     assert "stopping a comparison: it was cancelled" in log.read_text()
     assert_stopped_within_a_step(log)
@@ -101,8 +103,11 @@ def assert_stopped_within_a_step(log):
 KILLED_CLIENT = """
 import sys, time
 from gradio_client import Client
-job = Client(sys.argv[1], verbose=False).submit(prompt="a kite", steps=300, api_name="/compare")
-while not job.status().progress_data:
+job = Client(sys.argv[1], verbose=False).submit(prompt="a kite", steps=500, api_name="/compare")
+def stage():
+    progress = job.status().progress_data
+    return (progress[0].desc or "") if progress else ""
+while "round 1/7 · baseline · step" not in stage():
     time.sleep(0.05)
 print("running", flush=True)
 time.sleep(600)
@@ -125,10 +130,10 @@ def test_a_client_that_goes_away_stops_its_run(server, script):
     before = output_folders(tmp_dir)
     stops = log.read_text().count("its client disconnected")
     long = list(GOOD)
-    long[NAMES.index("steps")], long[NAMES.index("rounds")] = 300, 7
+    long[NAMES.index("steps")], long[NAMES.index("rounds")] = 500, 7
     client = subprocess.Popen([sys.executable, "-c", script, url, json.dumps(long)], stdout=subprocess.PIPE, text=True)
     assert client.stdout.readline().strip() == "running"
-    time.sleep(2)  # it is generating
+    time.sleep(2)  # it is generating: round 1's baseline call (about 5 s) is under way
     client.kill()
     client.wait()
     assert timed_quick_run(Client(url, verbose=False)) < QUICK_SECONDS

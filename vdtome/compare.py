@@ -548,12 +548,14 @@ class _Session:
 
     def warm_up(self, side: str, decode: bool = False) -> None:
         """An untimed short call: denoiser only, or (once per pipeline and size) the whole pipeline."""
+        self.stop_if_cancelled()
         self.stage = f"the {side} {'pipeline warm-up' if decode else 'warm-up'}"
         label = "warming up the pipeline (text encoder and decoder)" if decode else f"warm-up · {side}"
         with self._applied(side):
             self.pipe(**self._kwargs(label, None, self.warmup_steps, decode))
 
     def timed(self, side: str, round_number: int, decode: bool) -> tuple[TimedCall, VideoRun | None, dict | None]:
+        self.stop_if_cancelled()  # before the call's text encoding: no step would check for a while
         self.stage = f"the {side} run (round {round_number})"
         if decode:
             gc.collect()  # garbage left by earlier calls must not count toward this video's memory peak
