@@ -516,13 +516,11 @@ def build_demo() -> gr.Blocks:
         for control in (stride_t, stride_y, stride_x):
             control.change(on_stride, [ratio, stride_t, stride_y, stride_x], ratio, api_visibility="private")
         demo.load(on_stride, [ratio, stride_t, stride_y, stride_x], ratio, api_visibility="private")
-    demo.queue(max_size=LIMITS.queue_size, default_concurrency_limit=1)
+    # api_open=False: the direct routes (/gradio_api/run/compare, /run/predict) would skip the queue,
+    # its limits and the validator; generation runs only through the queue.
+    demo.queue(max_size=LIMITS.queue_size, default_concurrency_limit=1, api_open=False)
     limit_visitors(demo, GPU_QUEUE, LIMITS.queue_per_session, LIMITS.queue_per_address)
     return demo
-
-
-def public_api_names() -> list[str]:
-    return [fn.api_name for fn in demo.fns.values() if fn.api_name and fn.api_visibility == "public"]
 
 
 demo = build_demo()
@@ -537,5 +535,5 @@ if __name__ == "__main__":
         css=CSS, theme=gr.themes.Soft(), footer_links=["api", "gradio"],
         max_file_size="1kb",  # the app takes no files; ServiceGuard refuses the upload route outright
         state_session_capacity=1000,  # sessions whose state is kept (oldest dropped first)
-        app_kwargs={"middleware": [Middleware(ServiceGuard, api_names=public_api_names)]},
+        app_kwargs={"middleware": [Middleware(ServiceGuard, api_parameters=demo.api_parameters)]},
     )

@@ -216,6 +216,7 @@ BAD_INPUTS = [
     ("request above the work limit", with_value("steps", 500)[:9] + [20] + GOOD[10:], "steps",
      "too large for this server: 2 sides x 20 timing rounds x 500 steps x 9 frames x 64x64 pixels"),
     ("custom weights switched off", with_value("custom_model", "/etc"), "custom_model", "custom model ids are switched off"),
+    ("huge width", with_value("width", 1e300), "width", "width must be between 1 and 10000, got 1e+300"),
 ]
 
 
@@ -235,6 +236,8 @@ def test_a_bad_value_sent_as_raw_http_is_refused_naming_its_field_then_a_good_ru
                                       "height,"),
     (json.dumps({"data": GOOD[:5]}), "got 5: missing height, width, steps"),
     (json.dumps({"data": [*GOOD, 1, 2]}), "got 24: too many"),
+    # A 23rd value would land where the session's history goes, and be dropped without a word.
+    (json.dumps({"data": [*GOOD, [["forged"]]]}), "got 23: too many (the session's history is kept on the server"),
 ])
 def test_missing_or_extra_values_are_named(server, body, rule):
     url, _, _ = server
@@ -243,12 +246,41 @@ def test_missing_or_extra_values_are_named(server, body, rule):
     assert raw_call(url, GOOD) == (200, "complete")
 
 
-def test_a_sweep_needs_its_ratios_and_refuses_none(server):
+def test_routes_around_the_queue_are_closed_and_named_values_are_checked(server):
+    url, _, tmp_dir = server
+    before = output_folders(tmp_dir)
+    for path, body in (("run/compare", {"data": [*GOOD, None]}), ("run/predict", {"data": [*GOOD, None], "fn_index": 1}),
+                       ("api/compare", {"data": GOOD})):
+        direct = httpx.post(f"{url}gradio_api/{path}", json=body)
+        assert direct.status_code == 404 and "join the queue" in direct.json()["detail"], (path, direct.text)
+    assert output_folders(tmp_dir) == before  # nothing ran outside the queue
+    unknown = httpx.post(f"{url}gradio_api/run/nope", json={"data": []})
+    assert unknown.status_code == 404 and unknown.json()["detail"].startswith("no API endpoint named /nope")
+    named = dict(zip(NAMES, GOOD))
+    for body, rule in (({**named, "bogus": 1}, "/compare has no parameter 'bogus'; it takes preset, prompt, "),
+                       ({"data": GOOD}, "/compare has no parameter 'data'"),
+                       ([1, 2], "/call/v2/compare takes a JSON object of named values")):
+        refused = httpx.post(f"{url}gradio_api/call/v2/compare", json=body)
+        assert refused.status_code == 400 and rule in refused.json()["detail"], refused.text
+    accepted = httpx.post(f"{url}gradio_api/call/v2/compare", json={**named, "seed": 1.5})
+    assert accepted.status_code == 422  # named values meet the same checks
+    assert httpx.post(f"{url}gradio_api/call/v2/compare", json=named).status_code == 200
+
+
+@pytest.mark.parametrize("ratios, rule", [
+    (None, 'sweep ratios must be text such as "0, 0.25, 0.5", got null'),
+    ("1e-400", "sweep ratio '1e-400' is not a number written like 0.25"),
+    ("0.1, 0.1", "sweep ratio 0.1 is listed twice"),
+])
+def test_a_sweep_refuses_missing_or_loose_ratios(server, ratios, rule):
     url, _, _ = server
-    status, detail = raw_call(url, [*GOOD, None], endpoint="sweep")
+    status, detail = raw_call(url, [*GOOD, ratios], endpoint="sweep")
     assert status == 422
-    assert [e["message"] for e in detail if not e["is_valid"]] == ['sweep ratios must be text such as "0, 0.25, 0.5", '
-                                                                   'got null']
+    assert [(e["parameter_name"], e["message"]) for e in detail if not e["is_valid"]] == [("ratios", rule)]
+
+
+def test_an_empty_sweep_is_refused_through_gradio_client(server):
+    url, _, _ = server
     with pytest.raises(ValidationError, match="sweep ratios are empty"):
         Client(url, verbose=False).predict(prompt=PROMPT, ratios="  ", api_name="/sweep")
 

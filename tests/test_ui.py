@@ -52,9 +52,14 @@ def test_bad_form_values_name_the_rule(args, message):
 
 
 def test_sweep_ratios_are_parsed_sorted_and_bounded():
-    assert parse_ratios("0.5, 0.1 0.3;0.1", cap=0.75) == (0.1, 0.3, 0.5)
+    assert parse_ratios("0.5, 0.1 0.3;.25", cap=0.75) == (0.1, 0.25, 0.3, 0.5)
     for text, message in [("", "empty"), ("0.2, abc", "'abc' is not a number"), ("0.9", "outside [0, 0.75]"),
-                          (", ".join(str(i / 100) for i in range(9)), "at most 8")]:
+                          (", ".join(str(i / 100) for i in range(9)), "at most 8"),
+                          # What float() would take but nobody types as a ratio: refused, never reinterpreted.
+                          ("1e-400", "'1e-400' is not a number written like 0.25"), ("nan", "'nan' is not a number"),
+                          ("1_0", "'1_0' is not a number"), ("\u0660.\u0665", "is not a number"),
+                          ("-0.1", "-0.1 is outside [0, 0.75]"),
+                          ("0.1, 0.3, 0.1", "sweep ratio 0.1 is listed twice"), ("0.1 0.10", "(also as 0.1)")]:
         with pytest.raises(RequestError) as error:
             parse_ratios(text, cap=0.75)
         assert message in str(error.value)

@@ -298,12 +298,13 @@ def resolve(request: ComparisonRequest, preset: ModelPreset) -> tuple[ResolvedSe
 def whole_number(name: str, value: Any, low: int, high: int, field: str | None = None) -> int:
     """``value`` as an int in [low, high] (integral floats such as 3.0 accepted: JSON clients send
     them); anything else, text, booleans, 1.5 or NaN included, is a RequestError naming it."""
+    sent = value
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"{name} must be a whole number, got {shown(value)}", field)
+        raise RequestError(f"{name} must be a whole number, got {shown(sent)}", field)
     if not low <= value <= high:
-        raise RequestError(f"{name} must be between {low} and {high}, got {value}", field)
+        raise RequestError(f"{name} must be between {low} and {high}, got {shown(sent)}", field)
     return value
 
 
@@ -329,8 +330,15 @@ def shown(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, (list, tuple, dict)):
-        return f"a {'list' if isinstance(value, (list, tuple)) else 'JSON object'} ({json.dumps(value, default=str)[:60]})"
-    return repr(value)[:80]
+        kind = "list" if isinstance(value, (list, tuple)) else "JSON object"
+        return f"a {kind} ({_clipped(json.dumps(value, default=str), 60)})"
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**15:
+        return f"{value:.3g}"  # 1e+300, not three hundred digits
+    return _clipped(repr(value), 80)
+
+
+def _clipped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 

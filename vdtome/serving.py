@@ -20,9 +20,10 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import gradio as gr
@@ -133,20 +134,28 @@ def limit_visitors(blocks: gr.Blocks, concurrency_id: str, per_session: int, per
 
 # ---- routes the app does not offer ----------------------------------------------------------------
 
+MAX_BODY_BYTES = 2**20  # a request body the guard reads (a form is a few kB)
+
 
 class ServiceGuard:
-    """ASGI middleware: refuses uploads (the app takes no files) and answers an unknown API name
-    with 404 and the names that exist, instead of Gradio's 500."""
+    """ASGI middleware in front of Gradio's routes: refuses uploads (the app takes no files),
+    answers an unknown API name with 404 and the names that exist (Gradio: 500), and refuses an
+    unknown keyword on ``/call/v2/<name>`` with the parameters it takes (Gradio: a plain-text 500).
+    ``api_parameters()``: the public endpoints and the names of the values each takes."""
 
-    _CALL = re.compile(r"/gradio_api/call/(?:v2/)?([^/]+)(?:/.*)?$")
+    _NAMED = re.compile(r"/gradio_api/(?:call/v2|call|run|api)/([^/]+)(?:/.*)?$")
 
-    def __init__(self, app, api_names: Callable[[], Iterable[str]]) -> None:
+    def __init__(self, app, api_parameters: Callable[[], dict[str, list[str]]]) -> None:
         self.app = app
-        self.api_names = api_names
+        self.api_parameters = api_parameters
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
-            refusal = self._refusal(scope["path"])
+            path = scope["path"]
+            refusal = self._refusal(path)
+            if refusal is None and scope["method"] == "POST" and "/gradio_api/call/v2/" in path:
+                body, receive = await _read_body(receive)
+                refusal = self._keyword_refusal(path, body)
             if refusal is not None:
                 status, detail = refusal
                 await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
@@ -156,37 +165,83 @@ class ServiceGuard:
     def _refusal(self, path: str) -> tuple[int, str] | None:
         if path.rstrip("/").endswith("/gradio_api/upload"):
             return 403, "this app takes no file uploads"
-        match = self._CALL.search(path)
-        if match:
-            names = sorted(self.api_names())
+        match = self._NAMED.search(path)
+        if match and match.group(1) != "predict":  # /run/predict is the page's route for unqueued events
+            names = sorted(self.api_parameters())
             if match.group(1) not in names:
                 listed = ", ".join(f"/{name}" for name in names)
                 return 404, f"no API endpoint named /{match.group(1)[:60]}; this app's endpoints are {listed}"
         return None
 
+    def _keyword_refusal(self, path: str, body: bytes) -> tuple[int, str] | None:
+        try:
+            values = json.loads(body)
+        except ValueError:
+            return None  # Gradio answers a malformed body itself (422)
+        name = self._NAMED.search(path).group(1)
+        takes = self.api_parameters()[name]
+        if not isinstance(values, dict):
+            return 400, f"/call/v2/{name} takes a JSON object of named values ({', '.join(takes)})"
+        unknown = [key for key in values if key not in takes and key != "oauth_token"]
+        if unknown:
+            return 400, f"/{name} has no parameter {unknown[0][:60]!r}; it takes {', '.join(takes)}"
+        return None
 
-# ---- the number of values an endpoint takes -------------------------------------------------------
+
+async def _read_body(receive) -> tuple[bytes, Callable]:
+    """The whole request body, and a ``receive`` that replays it to the app."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        more = message.get("more_body", False) and size <= MAX_BODY_BYTES
+    body = b"".join(chunks)
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return body, replay
+
+
+# ---- the values an endpoint takes -----------------------------------------------------------------
 
 
 class StrictBlocks(gr.Blocks):
     """``gr.Blocks`` whose public endpoints refuse missing or extra values with the fields named
-    (Gradio's own check ignores extra values). Raised while the request is validated, before it is
-    queued, so the message reaches the client as the join's ``detail``."""
+    (Gradio's own check ignores extra values, and a value sent where the session's state goes).
+    Raised while the request is validated, before it is queued, so the message reaches the client
+    as the join's ``detail``."""
+
+    def api_parameters(self) -> dict[str, list[str]]:
+        """Each public endpoint's values, in order, as a client sends them (the handler's parameter
+        names; session state is kept on the server, not sent)."""
+        return {fn.api_name: self._parameter_names(fn) for fn in self.fns.values()
+                if fn.api_name and fn.api_visibility == "public"}
 
     def validate_inputs(self, block_fn, inputs: list[Any]) -> None:
         public = block_fn.api_visibility == "public" or getattr(block_fn, "is_validator_function", False)
-        if not public or len(inputs) == len(block_fn.inputs):
+        state = [i for i, component in enumerate(block_fn.inputs) if getattr(component, "skip_api", False)]
+        sent_state = any(inputs[i] is not None for i in state if i < len(inputs))
+        if not public or (len(inputs) == len(block_fn.inputs) and not sent_state):
             return super().validate_inputs(block_fn, inputs)
         names = self._parameter_names(block_fn)
         takes = f"this endpoint takes {len(names)} values ({', '.join(names)}); got {len(inputs)}"
-        if len(inputs) > len(block_fn.inputs):
-            raise ValueError(f"{takes}: too many")
+        if len(inputs) >= len(block_fn.inputs):
+            raise ValueError(f"{takes}: too many (the session's history is kept on the server, not sent)"
+                             if sent_state and len(inputs) == len(block_fn.inputs) else f"{takes}: too many")
         missing = names[len(inputs):]
-        raise ValueError(takes + (f": missing {', '.join(missing)}" if missing else ""))
+        raise ValueError(takes + (f": missing {', '.join(missing)}" if missing else
+                                  ": the session's state is missing (send the values through /gradio_api/call/)"))
 
     def _parameter_names(self, block_fn) -> list[str]:
-        """The API's names of the values a client sends (the public handler's parameters; session
-        state is not sent)."""
         public = (fn for fn in self.fns.values() if fn.api_visibility == "public" and fn.inputs == block_fn.inputs)
         parameters = inspect.signature(next(public, block_fn).fn).parameters
         return [name for name, component in zip(parameters, block_fn.inputs)

@@ -126,22 +126,29 @@ def boolean(name: str, value: Any, field: str) -> bool:
     return value
 
 
+# A ratio as a person types it: 0.25, .5, 1 (no exponents, underscores, other digit sets or nan).
+PLAIN_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
 def parse_ratios(text: Any, cap: float) -> tuple[float, ...]:
-    """Sweep ratios from "0, 0.25, 0.5" (commas or spaces), sorted, without repeats."""
+    """Sweep ratios from "0, 0.25, 0.5" (commas, semicolons or spaces), sorted; a ratio listed twice
+    is refused rather than silently run once."""
     if not isinstance(text, str):
         raise RequestError(f"sweep ratios must be text such as \"0, 0.25, 0.5\", got {shown(text)}", "ratios")
     parts = [p for p in re.split(r"[,\s;]+", text.strip()) if p]
     if not parts:
         raise RequestError("sweep ratios are empty: list ratios such as 0, 0.25, 0.5", "ratios")
-    ratios = set()
+    ratios: dict[float, str] = {}
     for part in parts:
-        try:
-            value = float(part)
-        except ValueError:
-            raise RequestError(f"sweep ratio {part!r} is not a number", "ratios") from None
-        if not 0.0 <= value <= cap + 1e-9:  # NaN fails this too
+        if not PLAIN_DECIMAL.fullmatch(part):
+            raise RequestError(f"sweep ratio {part[:40]!r} is not a number written like 0.25", "ratios")
+        value = round(float(part), 4) + 0.0  # -0 is 0
+        if not 0.0 <= value <= cap + 1e-9:
             raise RequestError(f"sweep ratio {part} is outside [0, {cap:.2f}] (the cap of the chosen stride)", "ratios")
-        ratios.add(round(value, 4))
+        if value in ratios:
+            also = "" if ratios[value] == part else f" (also as {ratios[value]})"
+            raise RequestError(f"sweep ratio {part} is listed twice{also}", "ratios")
+        ratios[value] = part
     if len(ratios) > MAX_SWEEP_POINTS:
         raise RequestError(f"a sweep takes at most {MAX_SWEEP_POINTS} ratios, got {len(ratios)}", "ratios")
     return tuple(sorted(ratios))
