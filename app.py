@@ -143,10 +143,15 @@ def run_requests(requests: list[ComparisonRequest], source: str | None, cancel: 
             if not result.ok:
                 break
     except Cancelled:
-        for view in views:
-            engine().discard(view.files)
+        _discard(views)
         raise
     return views
+
+
+def _discard(views: list[ComparisonView]) -> None:
+    """Delete the outputs of views nobody will be shown (a cancelled request's)."""
+    for view in views:
+        engine().discard(view.files)
 
 
 TINY_GPU_SECONDS = 60  # built-in tiny models run in seconds; they carry no GPU figures
@@ -255,7 +260,7 @@ async def _execute(requests: list[ComparisonRequest], source: str | None, progre
 
     try:
         return await run_until_abandoned(lambda: run_requests(requests, source, flag, progress=progress), stop,
-                                         discard=lambda views: [engine().discard(view.files) for view in views])
+                                         discard=_discard)
     except (RequestError, ModelUnavailableError) as error:
         raise gr.Error(str(error), title="Cannot run this comparison") from None
     except Cancelled as error:

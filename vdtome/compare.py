@@ -337,10 +337,8 @@ def shown(value: Any) -> str:
     return _clipped(repr(value), 80)
 
 
-def _clipped(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
+def _clipped(shown_text: str, limit: int) -> str:
+    return shown_text if len(shown_text) <= limit else shown_text[: limit - 3] + "..."
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -449,7 +447,6 @@ class ComparisonEngine:
                         session.warm_up(ACCELERATED)  # after the baseline video: a failure here keeps it
                     decode = round_number == 1 and (side == ACCELERATED or cached is None)
                     call, video, side_report = session.timed(side, round_number, decode)
-                    session.stop_if_cancelled()  # a decode has no step callback
                     calls.append(call)
                     if video is not None:
                         videos[side] = video
@@ -538,7 +535,7 @@ class _Session:
 
     def stop_if_cancelled(self) -> None:
         """Raise :class:`Cancelled` when the caller asked to stop (checked at every denoising step,
-        after every call and before anything is written: abandoned work leaves no files)."""
+        before and after every call and before anything is written: abandoned work leaves no files)."""
         if self.cancel is not None and self.cancel.is_set():
             message = f"comparison cancelled after {self.done} of {self.total} denoising steps"
             set_at = getattr(self.cancel, "set_at", lambda: None)()
@@ -574,6 +571,7 @@ class _Session:
                 output, timing = timed_call(self.pipe, device=device,
                                             **self._kwargs(side, round_number, self.settings.steps, decode))
             report = None if applied is None else applied.report()
+        self.stop_if_cancelled()  # a decode has no step to stop at
         call = TimedCall(side, round_number, decode, timing, monitor.report, started)
         if not decode:
             return call, None, report

@@ -45,13 +45,20 @@ COUNT_SETTINGS = {
 }
 
 
+def work(rounds: int, steps: int, frames: int, height: int, width: int, points: int = 1) -> int:
+    """Frame-pixel steps of the timed denoising calls: 2 sides x rounds x sweep points x steps x
+    frames x height x width."""
+    return 2 * rounds * points * steps * frames * height * width
+
+
 def default_work(preset: ModelPreset) -> int:
     """Frame-pixel steps of one request at the preset's defaults."""
-    return 2 * preset.timing_rounds * preset.num_inference_steps * preset.num_frames * preset.height * preset.width
+    return work(preset.timing_rounds, preset.num_inference_steps, preset.num_frames, preset.height, preset.width)
 
 
 def request_work(settings: ResolvedSettings, points: int = 1) -> int:
-    return 2 * settings.rounds * points * settings.steps * settings.frames * settings.height * settings.width
+    s = settings
+    return work(s.rounds, s.steps, s.frames, s.height, s.width, points)
 
 
 @dataclass(frozen=True)
@@ -98,16 +105,16 @@ class ServiceLimits:
 
     def check_work(self, preset: ModelPreset, settings: ResolvedSettings, points: int = 1) -> None:
         """Refuse, before it is queued, a request above the preset's work limit, with its numbers."""
-        work, limit = request_work(settings, points), self.work_limit(preset)
-        if work <= limit:
+        needed, limit = request_work(settings, points), self.work_limit(preset)
+        if needed <= limit:
             return
         s = settings
         sweep = f" x {points} sweep points" if points > 1 else ""
-        per_step = work // s.steps
+        per_step = needed // s.steps
         fit = f"; at these settings at most {limit // per_step} steps fit" if limit >= per_step else ""
         raise RequestError(
             f"this request is too large for this server: 2 sides x {s.rounds} timing rounds{sweep} x {s.steps} steps "
-            f"x {s.frames} frames x {s.height}x{s.width} pixels = {work:,} frame-pixel steps; the limit for "
+            f"x {s.frames} frames x {s.height}x{s.width} pixels = {needed:,} frame-pixel steps; the limit for "
             f"{preset.label} is {limit:,}{fit}. Lower the steps, frames, size, timing rounds or sweep points.",
             "steps",
         )
