@@ -40,6 +40,7 @@ GRADIO_CACHE = INSTANCE_DIR / "gradio"
 os.environ["GRADIO_TEMP_DIR"] = str(GRADIO_CACHE)
 
 import dataclasses
+import inspect
 import signal
 import threading
 
@@ -49,17 +50,10 @@ import torch
 from starlette.middleware import Middleware
 
 from vdtome.cancel import CancelFlag, CancelFlags
-from vdtome.compare import (
-    MAX_ROUNDS,
-    Cancelled,
-    ComparisonEngine,
-    ComparisonRequest,
-    ProgressEvent,
-    RequestError,
-    resolve,
-    shown,
-)
+from vdtome.compare import MAX_ROUNDS, Cancelled, ComparisonEngine, ComparisonRequest, ProgressEvent, resolve
+from vdtome.denoisers import pipeline_denoiser_types
 from vdtome.limits import ServiceLimits
+from vdtome.methods import METHODS, FormField, check_available, check_stack, stack_label
 from vdtome.metrics import PSNR_CAP_DB
 from vdtome.pipelines import (
     ALLOW_CUSTOM_MODEL_ENV,
@@ -73,22 +67,24 @@ from vdtome.protocol import MAX_GPU_SECONDS
 from vdtome.report import COLUMNS
 from vdtome.serving import ServiceGuard, StrictBlocks, limit_visitors, run_until_abandoned
 from vdtome.ui import (
-    BLOCK_CHOICES,
+    CUSTOM_MODEL,
+    method_defaults,
     HISTORY_COLUMNS,
-    MAX_REUSE_STEPS,
-    MAX_STRIDE,
+    PLOT_COLUMNS,
     PLOT_SPEEDUP,
-    RATIO_STEP,
-    TARGETS,
+    SWEEP_FIELD,
+    SWEEP_VALUES,
     ComparisonView,
+    api_fields,
     comparison_view,
     gpu_estimate,
-    parse_ratios,
     preset_choice_label,
     preset_info,
-    stride_ratio_cap,
-    tome_config,
+    stack_from_form,
+    sweep_choices,
+    sweep_stacks,
 )
+from vdtome.validation import RequestError, shown
 
 DEFAULT_PRESET = os.environ.get("VDTOME_DEFAULT_PRESET", "tiny-wan")
 DEFAULT_PROMPT = "A red fox trots across a snowy meadow at dawn, the camera tracking sideways."
@@ -107,10 +103,9 @@ _engine_lock = threading.Lock()
 # Files, not events: they reach the ZeroGPU worker that generates (see vdtome.cancel).
 CANCEL_FLAGS = CancelFlags(INSTANCE_DIR / "cancel")
 
-# The form's fields in the order the page and the API send them (also the handlers' parameters).
-FORM_FIELDS = ("preset", "prompt", "negative_prompt", "seed", "frames", "height", "width", "steps", "guidance",
-               "rounds", "ratio", "stride_t", "stride_y", "stride_x", "strategy", "blocks", "targets", "reuse_steps",
-               "matching", "random_destinations", "local_window", "custom_model")
+# The endpoints' parameters in the order the page and the API send them (declared by vdtome.ui).
+COMPARE_FIELDS = api_fields(sweep=False)
+SWEEP_FIELDS = api_fields(sweep=True)
 
 
 def engine() -> ComparisonEngine:
@@ -132,7 +127,7 @@ def run_requests(requests: list[ComparisonRequest], source: str | None, cancel: 
     views: list[ComparisonView] = []
     try:
         for index, request in enumerate(requests):
-            prefix = f"ratio {request.acceleration.ratio:g} ({index + 1}/{len(requests)}) · " if len(requests) > 1 else ""
+            prefix = f"{stack_label(request.methods)} ({index + 1}/{len(requests)}) · " if len(requests) > 1 else ""
 
             def report(event: ProgressEvent, index=index, prefix=prefix) -> None:
                 progress((index + event.done / max(event.total, 1)) / len(requests), desc=prefix + event.label)
@@ -172,7 +167,7 @@ if ON_ZERO_GPU:
 
 
 def plan(values: dict, sweep: bool = False) -> tuple[list[ComparisonRequest], str | None]:
-    """Requests (one, or one per ratio of ``values["ratios"]`` for a sweep) and the custom-weights
+    """Requests (one, or one per value of the swept field for a sweep) and the custom-weights
     source from the form's values exactly as the client sent them; raises RequestError naming the
     field and the rule."""
     preset = values["preset"]
@@ -180,21 +175,19 @@ def plan(values: dict, sweep: bool = False) -> tuple[list[ComparisonRequest], st
         raise RequestError(f"model preset must be one of {', '.join(PRESETS)}, got {shown(preset)}", "preset")
     if PRESETS[preset].requires_gpu and not HAS_GPU:
         raise RequestError(f"{PRESETS[preset].label} needs a GPU and this machine has none; pick a tiny preset", "preset")
-    config = tome_config(values["ratio"], (values["stride_t"], values["stride_y"], values["stride_x"]),
-                         values["strategy"], values["blocks"], values["targets"], values["reuse_steps"],
-                         values["matching"], values["random_destinations"], values["local_window"])
+    stack = stack_from_form(values)
+    check_available(check_stack(stack), pipeline_denoiser_types(PRESETS[preset].pipeline_class))
     numbers = {name: _number(values[name], name) for name in ("seed", "frames", "height", "width", "steps", "guidance",
                                                              "rounds")}
     base = ComparisonRequest(
-        preset=preset, prompt=values["prompt"], negative_prompt=values["negative_prompt"], acceleration=config,
+        preset=preset, prompt=values["prompt"], negative_prompt=values["negative_prompt"], methods=stack,
         snap=False,  # the page says what is wrong instead of silently running another size
         **numbers,
     )
     settings, _ = resolve(base, PRESETS[preset])  # every model rule, before the request is queued
     requests = [base]
     if sweep:
-        requests = [dataclasses.replace(base, acceleration=dataclasses.replace(config, ratio=r))
-                    for r in parse_ratios(values["ratios"], stride_ratio_cap(config.stride))]
+        requests = [dataclasses.replace(base, methods=point) for point in sweep_stacks(values)]
     if ON_ZERO_GPU and PRESETS[preset].gpu_time is not None:
         estimate = gpu_estimate(requests)
         if not estimate.fits:
@@ -205,7 +198,7 @@ def plan(values: dict, sweep: bool = False) -> tuple[list[ComparisonRequest], st
                 "steps",
             )
     LIMITS.check_work(PRESETS[preset], settings, points=len(requests))
-    return requests, _source(values["custom_model"])
+    return requests, _source(values[CUSTOM_MODEL])
 
 
 def _number(value, name: str):
@@ -270,14 +263,11 @@ async def _execute(requests: list[ComparisonRequest], source: str | None, progre
         flag.clear()
 
 
-PLOT_COLUMNS = ["run", "PSNR vs baseline (dB)", PLOT_SPEEDUP, "interval", "verdict", "merge ratio", "settings"]
-
-
 def _history_outputs(history: list[dict]):
     table = pd.DataFrame([entry["row"] for entry in history], columns=list(HISTORY_COLUMNS))
     # Identical videos (ratio 0) have no finite PSNR: they are in the table, not on the chart.
     points = pd.DataFrame([entry["point"] for entry in history if entry.get("point") is not None
-                           and entry["point"]["PSNR vs baseline (dB)"] < PSNR_CAP_DB], columns=PLOT_COLUMNS)
+                           and entry["point"]["PSNR vs baseline (dB)"] < PSNR_CAP_DB], columns=list(PLOT_COLUMNS))
     return table, points
 
 
@@ -313,11 +303,6 @@ def _show(view: ComparisonView):
     )
 
 
-def _form_values(arguments: dict) -> dict:
-    """The form's fields from a handler's arguments (``locals()`` at its start), by name."""
-    return {name: arguments[name] for name in FORM_FIELDS}
-
-
 async def _run_form(values: dict, sweep: bool, history, progress):
     """Shared body of Run and Run sweep: form -> requests -> runs -> page outputs and history."""
     try:
@@ -329,19 +314,38 @@ async def _run_form(values: dict, sweep: bool, history, progress):
     return (*_show(views[-1]), history, *_history_outputs(history))
 
 
-async def compare(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds,
-                  ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
-                  random_destinations, local_window, custom_model, history, progress=gr.Progress()):
-    """Baseline vs token merging on one prompt and seed: videos, metrics, updated history."""
-    return await _run_form(_form_values(locals()), False, history, progress)
+def _endpoint(name: str, fields: tuple[str, ...], sweep: bool, doc: str):
+    """An event handler taking the form's ``fields`` by name (then the session's history): the
+    form is declared once (vdtome.ui), so a new method adds parameters without editing this file.
+    Gradio reads the parameter names (the API's) from the signature and passes every value; a
+    Python caller may leave out the methods' fields (their defaults apply; any other missing value
+    is refused naming its field)."""
+    defaults = method_defaults() | {CUSTOM_MODEL: ""}
+    signature = inspect.Signature([
+        *(inspect.Parameter(field, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults.get(field))
+          for field in fields),
+        inspect.Parameter("history", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None),
+        inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()),
+    ])
+
+    async def handler(*arguments, **named):
+        bound = signature.bind(*arguments, **named)
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        history, progress = values.pop("history"), values.pop("progress")
+        return await _run_form(values, sweep, history, progress)
+
+    handler.__signature__ = signature
+    handler.__name__ = handler.__qualname__ = name
+    handler.__doc__ = doc
+    return handler
 
 
-async def sweep(preset, prompt, negative_prompt, seed, frames, height, width, steps, guidance, rounds,
-                ratio, stride_t, stride_y, stride_x, strategy, blocks, targets, reuse_steps, matching,
-                random_destinations, local_window, custom_model, ratios, history, progress=gr.Progress()):
-    """One comparison per ratio (the baseline video is made once and reused; every point is timed
-    against fresh baseline calls): the speedup/fidelity curve."""
-    return await _run_form(_form_values(locals()) | {"ratios": ratios}, True, history, progress)
+compare = _endpoint("compare", COMPARE_FIELDS, False,
+                    "Baseline vs the chosen stack of methods on one prompt and seed: videos, metrics, history.")
+sweep = _endpoint("sweep", SWEEP_FIELDS, True,
+                  "One comparison per value of the swept field (the baseline video is made once and reused; every "
+                  "point is timed against fresh baseline calls): the speedup/fidelity curve.")
 
 
 def cancel_requested():
@@ -359,10 +363,6 @@ def _frames_info(rules) -> str:
 
 def _side_info(rules) -> str:
     return f"multiple of {rules.side_multiple}, {rules.valid_side_range[0]}-{rules.valid_side_range[1]}"
-
-
-def _ratio_info(cap: float) -> str:
-    return f"share of video tokens merged before each patched sub-layer; at most {cap:.2f} for this stride"
 
 
 def _negative_prompt_box(preset, value: str = "") -> gr.Textbox:
@@ -389,13 +389,58 @@ def on_preset(name: str, negative_prompt: str):
     )
 
 
-def on_stride(ratio: float, stride_t: int, stride_y: int, stride_x: int):
-    try:
-        cap = stride_ratio_cap((int(stride_t), int(stride_y), int(stride_x)))
-    except (TypeError, ValueError):
-        return gr.Slider()
-    return gr.Slider(maximum=max(cap, RATIO_STEP), value=min(ratio or 0.0, cap),
-                     info=_ratio_info(cap))
+def _unavailable(preset) -> dict[str, str | None]:
+    """Why each method cannot serve a preset's denoiser (None where it can)."""
+    types = pipeline_denoiser_types(preset.pipeline_class)
+    return {name: method.unavailable(types) for name, method in METHODS.items()}
+
+
+def _switch(method, reason: str | None, value: bool | None = None) -> dict:
+    """A method's on/off switch: off and locked, with the reason, where the model cannot take it."""
+    if reason:
+        return dict(value=False, interactive=False, info=f"Unavailable for this model: {reason}")
+    return dict(value=method.on_by_default if value is None else value, interactive=True, info=method.docs)
+
+
+def on_preset_methods(name: str, *switches: bool):
+    reasons = _unavailable(PRESETS[name])
+    return [gr.Checkbox(**_switch(method, reasons[key], value))
+            for (key, method), value in zip(METHODS.items(), switches)]
+
+
+def _widget(form_field: FormField):
+    """The Gradio input for a method's field (elem_id = its API name)."""
+    common = dict(label=form_field.label, info=form_field.help or None, elem_id=form_field.name)
+    if form_field.kind in ("number", "integer"):
+        return gr.Slider(form_field.minimum, form_field.maximum, value=form_field.default, step=form_field.step
+                         or (1 if form_field.kind == "integer" else None), **common)
+    if form_field.kind == "boolean":
+        return gr.Checkbox(value=form_field.default, **common)
+    if form_field.kind == "choice":
+        return gr.Radio(list(form_field.options), value=form_field.default, **common)
+    return gr.CheckboxGroup(list(form_field.options), value=list(form_field.default), **common)
+
+
+def method_panel(preset) -> tuple[dict[str, gr.components.Component], list[gr.Checkbox]]:
+    """One group per registered method: its switch, its fields, the advanced ones folded."""
+    widgets: dict[str, gr.components.Component] = {}
+    switches = []
+    reasons = _unavailable(preset)
+    for name, method in METHODS.items():
+        with gr.Accordion(method.label, open=method.on_by_default, elem_id=f"method-{name}"):
+            switch = gr.Checkbox(label=f"Use {method.label}", elem_id=method.enable_field,
+                                 **_switch(method, reasons[name]))
+            widgets[method.enable_field] = switch
+            switches.append(switch)
+            for form_field in method.fields:
+                if not form_field.advanced:
+                    widgets[form_field.name] = _widget(form_field)
+            advanced = [f for f in method.fields if f.advanced]
+            if advanced:
+                with gr.Accordion("More options", open=False):
+                    for form_field in advanced:
+                        widgets[form_field.name] = _widget(form_field)
+    return widgets, switches
 
 
 # ---- layout --------------------------------------------------------------------------------------
@@ -409,13 +454,13 @@ CSS = """
 def build_demo() -> gr.Blocks:
     preset = PRESETS[DEFAULT_PRESET]
     rules = preset.constraints
-    cap = stride_ratio_cap((1, 2, 2))
-    with StrictBlocks(title="vdtome: token merging for video diffusion", delete_cache=(900, 3600)) as demo:
+    with StrictBlocks(title="vdtome: training-free acceleration for video diffusion", delete_cache=(900, 3600)) as demo:
         gr.Markdown(
-            "# vdtome\nTraining-free token merging (ToMe) for video diffusion transformers. The same prompt and seed "
-            "run through the baseline and the accelerated pipeline; both videos play side by side with latency, "
-            "peak memory, merge ratio and fidelity to the baseline. Every speedup is timed in the same request: "
-            "baseline and accelerated calls back to back, repeated, with an interval; within noise is said so.",
+            "# vdtome\nTraining-free acceleration for video diffusion transformers: token merging (ToMe) and "
+            "diffusers' step caches, alone or stacked. The same prompt and seed run through the baseline and the "
+            "accelerated pipeline; both videos play side by side with latency, peak memory, what each method "
+            "did and fidelity to the baseline. Every speedup is timed in the same request: baseline and "
+            "accelerated calls back to back, repeated, with an interval; within noise is said so.",
             elem_id="vdtome-title",
         )
         history = gr.State([], time_to_live=LIMITS.session_ttl_s)
@@ -449,26 +494,8 @@ def build_demo() -> gr.Blocks:
                     rounds = gr.Number(label="Timing rounds", value=preset.timing_rounds, step=1,
                                        info=ROUNDS_INFO, elem_id="rounds")
             with gr.Column(scale=1):
-                gr.Markdown("### Token merging")
-                # The widest cap here (API calls may pick any stride); the page narrows it to the
-                # chosen stride's cap on load and on every stride change.
-                ratio = gr.Slider(0.0, stride_ratio_cap((MAX_STRIDE,) * 3), value=0.5, step=RATIO_STEP,
-                                  label="Merge ratio", elem_id="ratio",
-                                  info=_ratio_info(cap))
-                with gr.Row():
-                    stride_t = gr.Slider(1, MAX_STRIDE, value=1, step=1, label="stride t")
-                    stride_y = gr.Slider(1, MAX_STRIDE, value=2, step=1, label="stride y")
-                    stride_x = gr.Slider(1, MAX_STRIDE, value=2, step=1, label="stride x")
-                strategy = gr.Radio(["bipartite", "attnbin"], value="bipartite", label="Strategy",
-                                    info="bipartite: destinations spread over space-time cells; attnbin: chosen in token-norm order")
-                blocks = gr.Radio(list(BLOCK_CHOICES), value="all blocks", label="Blocks")
-                targets = gr.CheckboxGroup(list(TARGETS), value=["self-attention"], label="Merge before",
-                                           info="text tokens are never merged")
-                reuse_steps = gr.Slider(1, MAX_REUSE_STEPS, value=1, step=1, label="Reuse a matching for k steps")
-                with gr.Accordion("More matching options", open=False):
-                    matching = gr.Radio(["shared", "per_sample"], value="shared", label="Matching across the CFG batch")
-                    random_destinations = gr.Checkbox(value=True, label="Random destination per cell (seeded)")
-                    local_window = gr.Checkbox(value=True, label="Local matching window (linear cost; off = global ToMe)")
+                gr.Markdown("### Acceleration (switch on any methods to stack them, applied in this order)")
+                method_widgets, switches = method_panel(preset)
         with gr.Row():
             run = gr.Button("Run comparison", variant="primary", elem_id="run")
             stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -488,29 +515,33 @@ def build_demo() -> gr.Blocks:
             history_table = gr.Dataframe(headers=list(HISTORY_COLUMNS), label="Runs this session", interactive=False, elem_id="history-table",
                                          column_count=len(HISTORY_COLUMNS))
             history_plot = gr.ScatterPlot(
-                x="PSNR vs baseline (dB)", y=PLOT_SPEEDUP, color="settings",
-                tooltip=["run", "merge ratio", PLOT_SPEEDUP, "interval", "verdict", "PSNR vs baseline (dB)"],
+                x="PSNR vs baseline (dB)", y=PLOT_SPEEDUP, color="methods",
+                tooltip=["run", "methods", PLOT_SPEEDUP, "interval", "verdict", "PSNR vs baseline (dB)"],
                 label="Speedup against fidelity (identical ratio-0 runs are off the chart)", elem_id="history-plot",
             )
             with gr.Row():
-                sweep_ratios = gr.Textbox(label="Sweep ratios", value="0.1, 0.3, 0.5, 0.7", max_lines=1, scale=3,
+                sweep_field = gr.Dropdown(sweep_choices(), value=sweep_choices()[0][1], label="Sweep over", scale=2,
+                                          elem_id=SWEEP_FIELD)
+                sweep_values = gr.Textbox(label="Sweep values", value="0.1, 0.3, 0.5, 0.7", max_lines=1, scale=3,
                                           elem_id="sweep-ratios")
                 sweep_button = gr.Button("Run sweep", scale=1, elem_id="sweep")
                 clear_button = gr.Button("Clear history", scale=1)
 
-        form = [model, prompt, negative, seed, frames, height, width, steps, guidance, rounds, ratio, stride_t, stride_y,
-                stride_x, strategy, blocks, targets, reuse_steps, matching, random_destinations, local_window,
-                custom_model]
+        components = {"preset": model, "prompt": prompt, "negative_prompt": negative, "seed": seed, "frames": frames,
+                      "height": height, "width": width, "steps": steps, "guidance": guidance, "rounds": rounds,
+                      CUSTOM_MODEL: custom_model, SWEEP_VALUES: sweep_values, SWEEP_FIELD: sweep_field,
+                      **method_widgets}
         shown = [side_by_side, baseline_video, accelerated_video, difference_video, result_json, metrics,
                  environment, notes, history, history_table, history_plot]
         # Values reach the handlers as the client sent them (preprocess=False): Gradio would round
         # 1.5 to 2 and read "false" as true; the validator refuses them, naming the field, before
         # the request takes a queue place.
         generation = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1, preprocess=False)
-        run_event = run.click(compare, [*form, history], shown, api_name="compare",
-                              validator=validator((*FORM_FIELDS, "history"), sweep=False), **generation)
-        sweep_event = sweep_button.click(sweep, [*form, sweep_ratios, history], shown, api_name="sweep",
-                                         validator=validator((*FORM_FIELDS, "ratios", "history"), sweep=True),
+        run_event = run.click(compare, [*(components[name] for name in COMPARE_FIELDS), history], shown,
+                              api_name="compare", validator=validator((*COMPARE_FIELDS, "history"), sweep=False),
+                              **generation)
+        sweep_event = sweep_button.click(sweep, [*(components[name] for name in SWEEP_FIELDS), history], shown,
+                                         api_name="sweep", validator=validator((*SWEEP_FIELDS, "history"), sweep=True),
                                          **generation)
         # Gradio cancels the events' tasks; run_until_abandoned turns that into the engine's stop.
         stop.click(cancel_requested, None, notes, cancels=[run_event, sweep_event], queue=False,
@@ -518,9 +549,7 @@ def build_demo() -> gr.Blocks:
         clear_button.click(clear_history, None, [history, history_table, history_plot], api_visibility="private")
         model.change(on_preset, [model, negative], [model_info, negative, frames, height, width, steps, guidance, rounds],
                      api_visibility="private")
-        for control in (stride_t, stride_y, stride_x):
-            control.change(on_stride, [ratio, stride_t, stride_y, stride_x], ratio, api_visibility="private")
-        demo.load(on_stride, [ratio, stride_t, stride_y, stride_x], ratio, api_visibility="private")
+        model.change(on_preset_methods, [model, *switches], switches, api_visibility="private")
     # api_open=False: the direct routes (/gradio_api/run/compare, /run/predict) would skip the queue,
     # its limits and the validator; generation runs only through the queue.
     demo.queue(max_size=LIMITS.queue_size, default_concurrency_limit=1, api_open=False)

@@ -47,7 +47,7 @@ def test_compare_returns_playable_videos_and_metrics(client):
     result = json.loads(open(result_json).read())
     assert result["settings"]["seed"] == 7 and result["settings"]["prompt"] == PROMPT
     assert result["settings"]["rounds"] == 7 and len(result["timing"]["calls"]) == 14
-    assert result["method_report"]["effective_ratio"] == pytest.approx(0.5, abs=0.01)
+    assert result["methods"][0]["report"]["detail"]["effective_ratio"] == pytest.approx(0.5, abs=0.01)
     assert "/" not in json.dumps(result["files"])  # file names only: no server paths
     assert history["data"][-1][1] == "tiny-wan"
 

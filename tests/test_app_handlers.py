@@ -28,7 +28,7 @@ def output_folders() -> set:
 def test_a_cancelled_event_stops_at_the_next_step_writes_nothing_and_the_next_run_succeeds():
     """Gradio cancels an event by cancelling its task (the API's /cancel, the page's Cancel): the
     worker thread must stop too, and the event must not end before it has."""
-    requests, _ = app.plan(dict(zip(app.FORM_FIELDS, (*FORM, ""))))
+    requests, _ = app.plan(dict(zip(app.COMPARE_FIELDS, (*FORM, ""))))
     stages = []
     before = output_folders()
 
@@ -73,7 +73,7 @@ def test_allocation_failure_is_shown_not_fatal_and_not_recorded(failure):
 
     hook = pipe.transformer.register_forward_pre_hook(exhaust)
     try:
-        outputs = asyncio.run(app.compare(*FORM, "", [], progress=lambda *a, **k: None))
+        outputs = asyncio.run(app.compare(*FORM, "", history=[], progress=lambda *a, **k: None))
     finally:
         hook.remove()
     side_by_side, baseline, accelerated, _, _, _, _, notes, history, _, _ = outputs
@@ -82,7 +82,7 @@ def test_allocation_failure_is_shown_not_fatal_and_not_recorded(failure):
     assert history == []  # a failed comparison is not a point on the chart
     assert not is_registered(pipe.transformer)
 
-    outputs = asyncio.run(app.compare(*FORM, "", history, progress=lambda *a, **k: None))
+    outputs = asyncio.run(app.compare(*FORM, "", history=history, progress=lambda *a, **k: None))
     assert outputs[2] is not None and len(outputs[8]) == 1
 
 

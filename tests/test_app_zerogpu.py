@@ -65,13 +65,13 @@ from vdtome.tome import ToMeConfig
 
 
 report = {"torch_first": spaces.TORCH_IMPORTED_FIRST, "has_gpu": app.HAS_GPU}
-short = ComparisonRequest(preset="tiny-wan", prompt="a kite over a beach", steps=2, acceleration=ToMeConfig(ratio=0.5))
+short = ComparisonRequest(preset="tiny-wan", prompt="a kite over a beach", steps=2, methods=ToMeConfig(ratio=0.5))
 views = app.run_requests([short], None, app.CANCEL_FLAGS.new())
 report.update(files=sorted(views[0].files), error=views[0].error, durations=list(spaces.DURATIONS),
               worker=spaces.WORKER_PIDS[-1] != os.getpid())
 
 # Cancel from the app's process while the forked worker generates a long comparison.
-long = ComparisonRequest(preset="tiny-wan", prompt="a kite", steps=300, acceleration=ToMeConfig(ratio=0.5))
+long = ComparisonRequest(preset="tiny-wan", prompt="a kite", steps=300, methods=ToMeConfig(ratio=0.5))
 outcome = {}
 flag = app.CANCEL_FLAGS.new()  # what a cancelled event or a departed client sets
 
@@ -96,7 +96,7 @@ outcome["after_cancel"] = time.monotonic() - cancelled_at
 report["cancel"] = outcome
 
 try:
-    app.plan(dict(zip(app.FORM_FIELDS, ("hunyuanvideo", "a kite", "", 0, 129, 720, 1280, 500, 6.0, 5, 0.5, 1, 2, 2,
+    app.plan(dict(zip(app.COMPARE_FIELDS, ("hunyuanvideo", "a kite", "", 0, 129, 720, 1280, 500, 6.0, 5, 0.5, 1, 2, 2,
                                         "bipartite", "all blocks", ["self-attention"], 1, "shared", True, True, ""))))
     report["too_long"] = None
 except RequestError as error:
@@ -111,7 +111,7 @@ from vdtome.compare import ComparisonRequest
 from vdtome.tome import ToMeConfig
 from vdtome.ui import preset_choice_label
 
-views = app.run_requests([ComparisonRequest(preset="tiny-wan", prompt="a kite", steps=2, acceleration=ToMeConfig())],
+views = app.run_requests([ComparisonRequest(preset="tiny-wan", prompt="a kite", steps=2, methods=ToMeConfig())],
                          None, app.CANCEL_FLAGS.new())
 print(json.dumps({
     "on_zero_gpu": app.ON_ZERO_GPU, "has_gpu": app.HAS_GPU, "durations": spaces.DURATIONS, "error": views[0].error,

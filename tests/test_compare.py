@@ -44,12 +44,12 @@ def request(preset="tiny-wan", **overrides) -> ComparisonRequest:
 @pytest.mark.parametrize("preset", ["tiny-wan", "tiny-cogvideox", "tiny-ltx"])
 def test_tiny_presets_run_end_to_end_with_every_figure(engine, preset, tmp_path):
     events = []
-    result = engine.run(request(preset, acceleration=ToMeConfig(ratio=0.5), rounds=3), out_dir=tmp_path,
+    result = engine.run(request(preset, methods=ToMeConfig(ratio=0.5), rounds=3), out_dir=tmp_path,
                         progress=events.append)
     assert result.ok, result.error
     s = result.settings
     data = json.loads((tmp_path / "result.json").read_text())
-    assert data["schema_version"] == 2 and data["ok"]
+    assert data["ok"]
     calls = data["timing"]["calls"]
     assert [(c["round"], c["side"], c["decoded"]) for c in calls] == [
         (1, "baseline", True), (1, "accelerated", True),
@@ -75,7 +75,12 @@ def test_tiny_presets_run_end_to_end_with_every_figure(engine, preset, tmp_path)
     assert [phase["phase"] for phase in timing["untouched"]] == ["text_encoding", "vae_decode"]
     for phase in timing["untouched"]:  # a noise check, never a speedup
         assert phase["ratio"]["verdict"] is None and "faster" not in phase["ratio"]["text"]
-    merge = data["method_report"]
+    assert data["schema_version"] == 3 and data["stack"] == "tome ratio 0.5 stride 1x2x2"
+    assert [entry["method"] for entry in data["methods"]] == ["tome"]
+    assert data["methods"][0]["config"]["ratio"] == 0.5
+    evidence = data["methods"][0]["report"]["evidence"]
+    assert evidence[0]["count"] > 0 and evidence[0]["count"] == pytest.approx(evidence[0]["of"] / 2, rel=0.1)
+    merge = data["methods"][0]["report"]["detail"]
     assert merge["requested_ratio"] == 0.5 and merge["effective_ratio"] == pytest.approx(0.5, abs=0.05)
     assert merge["tokens_per_block"] and all(b["tokens_out"] < b["tokens_in"] for b in merge["tokens_per_block"])
     fid = data["fidelity"]
@@ -100,7 +105,7 @@ def test_tiny_presets_run_end_to_end_with_every_figure(engine, preset, tmp_path)
 
 
 def test_ratio_zero_reports_identical_videos(engine):
-    result = engine.run(request(acceleration=ToMeConfig(ratio=0.0), reuse_baseline=False))
+    result = engine.run(request(methods=ToMeConfig(ratio=0.0), reuse_baseline=False))
     assert result.ok
     assert result.fidelity.identical and result.fidelity.mse_mean == 0.0
     assert result.fidelity.psnr_mean == PSNR_CAP_DB and result.fidelity.ssim_mean == 1.0
@@ -108,10 +113,10 @@ def test_ratio_zero_reports_identical_videos(engine):
 
 
 def test_changing_only_the_ratio_reuses_the_baseline_video_not_its_timing(engine):
-    first = engine.run(request(seed=11, acceleration=ToMeConfig(ratio=0.3)))
+    first = engine.run(request(seed=11, methods=ToMeConfig(ratio=0.3)))
     assert not first.baseline_reused
     started = time.time()
-    second = engine.run(request(seed=11, acceleration=ToMeConfig(ratio=0.6, stride=(1, 2, 2))))
+    second = engine.run(request(seed=11, methods=ToMeConfig(ratio=0.6, stride=(1, 2, 2))))
     assert second.baseline_reused and second.baseline is first.baseline  # the same video, not made again
     baseline_calls = [c for c in second.timing.calls if c.side == "baseline"]
     # The baseline is timed again, in this request, next to the accelerated calls, but not decoded.
@@ -120,14 +125,14 @@ def test_changing_only_the_ratio_reuses_the_baseline_video_not_its_timing(engine
     assert "its timing was measured again" in " ".join(second.notes)
     assert second.fidelity.psnr_mean < first.fidelity.psnr_mean  # more merging drifts further
     # Anything that shapes the baseline (here the seed) makes its video again.
-    third = engine.run(request(seed=12, acceleration=ToMeConfig(ratio=0.6)))
+    third = engine.run(request(seed=12, methods=ToMeConfig(ratio=0.6)))
     assert not third.baseline_reused and any(c.decoded for c in third.timing.calls if c.side == "baseline")
 
 
 def test_one_copy_of_the_weights_and_no_hook_left(engine):
-    engine.run(request(acceleration=ToMeConfig(ratio=0.5)))
+    engine.run(request(methods=ToMeConfig(ratio=0.5)))
     loads = engine.pipelines.loads
-    engine.run(request(acceleration=ToMeConfig(ratio=0.4)))
+    engine.run(request(methods=ToMeConfig(ratio=0.4)))
     assert engine.pipelines.loads == loads
     pipe = engine.pipelines.get(get_preset("tiny-wan"), "cpu")
     assert not is_registered(pipe.transformer)
@@ -142,13 +147,13 @@ def test_one_copy_of_the_weights_and_no_hook_left(engine):
         (dict(guidance=float("nan")), "guidance must be a finite number"),
         (dict(seed=-1), "seed must be between 0"),
         (dict(frames=18, snap=False), "frames must be 4k+1"),
-        (dict(acceleration="tome"), "unknown acceleration config"),
+        (dict(methods="tome"), "unknown acceleration config"),
     ],
 )
 def test_bad_requests_fail_clearly_and_the_next_succeeds(engine, overrides, message):
     with pytest.raises((RequestError, TypeError), match=message.replace("+", r"\+")):
         engine.run(request(**overrides))
-    assert engine.run(request(acceleration=ToMeConfig(ratio=0.5))).ok
+    assert engine.run(request(methods=ToMeConfig(ratio=0.5))).ok
 
 
 def test_ratio_out_of_range_is_refused_when_building_the_config():
@@ -157,7 +162,7 @@ def test_ratio_out_of_range_is_refused_when_building_the_config():
 
 
 def test_invalid_sizes_are_snapped_and_reported(engine):
-    result = engine.run(request(frames=10, height=70, width=60, acceleration=ToMeConfig(ratio=0.5)))
+    result = engine.run(request(frames=10, height=70, width=60, methods=ToMeConfig(ratio=0.5)))
     assert (result.settings.frames, result.settings.height, result.settings.width) == (9, 64, 64)
     notes = " ".join(result.notes)
     assert "frames 10 -> 9" in notes and "height 70 -> 64" in notes and "width 60 -> 64" in notes
@@ -189,7 +194,7 @@ def test_allocation_failure_in_the_accelerated_run_keeps_the_baseline_and_frees_
     monkeypatch.setattr("vdtome.compare.release_memory", release)
     hook = pipe.transformer.register_forward_pre_hook(exhaust)
     try:
-        result = engine.run(request(seed=21, acceleration=ToMeConfig(ratio=0.5)))
+        result = engine.run(request(seed=21, methods=ToMeConfig(ratio=0.5)))
     finally:
         hook.remove()
     assert not result.ok and result.timing is None and releases
@@ -199,7 +204,7 @@ def test_allocation_failure_in_the_accelerated_run_keeps_the_baseline_and_frees_
     assert probe(result.files["baseline"])["frames"] == 9
     assert not is_registered(pipe.transformer)
     assert json.loads(open(result.files["json"]).read())["error"] == result.error
-    assert engine.run(request(seed=21, acceleration=ToMeConfig(ratio=0.5))).ok
+    assert engine.run(request(seed=21, methods=ToMeConfig(ratio=0.5))).ok
 
 
 def test_allocation_failure_message_names_the_request_size_and_the_preset_need():
@@ -227,7 +232,7 @@ def test_errors_that_are_not_allocation_failures_are_not_swallowed(engine):
     hook = pipe.transformer.register_forward_pre_hook(broken)
     try:
         with pytest.raises(RuntimeError, match="shape mismatch"):
-            engine.run(request(seed=22, acceleration=ToMeConfig(ratio=0.5)))
+            engine.run(request(seed=22, methods=ToMeConfig(ratio=0.5)))
     finally:
         hook.remove()
     assert not is_registered(pipe.transformer)
@@ -242,7 +247,7 @@ def test_non_finite_output_is_detected(engine):
 
     hook = pipe.transformer.register_forward_hook(poison)
     try:
-        result = engine.run(request(seed=31, acceleration=ToMeConfig(ratio=0.5)))
+        result = engine.run(request(seed=31, methods=ToMeConfig(ratio=0.5)))
     finally:
         hook.remove()
     assert not result.ok and "accelerated video has" in result.error and "NaN/inf" in result.error
@@ -261,7 +266,7 @@ def test_cancel_stops_the_run_and_removes_the_acceleration(engine):
             cancel.set()
 
     with pytest.raises(Cancelled):
-        engine.run(request(seed=41, acceleration=ToMeConfig(ratio=0.5)), progress=progress, cancel=cancel)
+        engine.run(request(seed=41, methods=ToMeConfig(ratio=0.5)), progress=progress, cancel=cancel)
     assert stopped_at[-1] == "round 1/7 · accelerated · step 1/4"  # stopped at the next step
     assert not is_registered(engine.pipelines.get(get_preset("tiny-wan"), "cpu").transformer)
 
@@ -275,7 +280,7 @@ def test_local_save_pretrained_folder_loads_through_the_hub_code_path(tmp_path):
     for name, param in saved.transformer.state_dict().items():
         assert torch.equal(param, loaded.transformer.state_dict()[name]), name
     engine = ComparisonEngine(device="cpu", output_root=tmp_path / "out")
-    result = engine.run(request(acceleration=ToMeConfig(ratio=0.5)), source=str(tmp_path / "tiny-wan"))
+    result = engine.run(request(methods=ToMeConfig(ratio=0.5)), source=str(tmp_path / "tiny-wan"))
     assert result.ok and engine.pipelines.loads == 1
 
 
@@ -293,7 +298,7 @@ def test_gpu_presets_are_refused_on_cpu(tmp_path):
 
 
 def test_module_level_run_comparison(tmp_path):
-    result = run_comparison(request(acceleration=ToMeConfig(ratio=0.5)), out_dir=tmp_path)
+    result = run_comparison(request(methods=ToMeConfig(ratio=0.5)), out_dir=tmp_path)
     assert result.ok and (tmp_path / "result.json").exists()
 
 

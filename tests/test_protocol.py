@@ -200,7 +200,7 @@ def engine(tmp_path_factory):
 
 
 def test_each_round_is_two_adjacent_calls_in_alternating_order(engine):
-    result = engine.run(ComparisonRequest("tiny-wan", PROMPT, seed=1, acceleration=ToMeConfig(ratio=0.5), rounds=4))
+    result = engine.run(ComparisonRequest("tiny-wan", PROMPT, seed=1, methods=ToMeConfig(ratio=0.5), rounds=4))
     calls = sorted(result.timing.calls, key=lambda c: c.started_at)
     assert [(c.round, c.side) for c in calls] == [
         (r, side) for r in range(1, 5) for side in round_order(r)
@@ -209,7 +209,7 @@ def test_each_round_is_two_adjacent_calls_in_alternating_order(engine):
 
 
 def test_ratio_zero_is_no_significant_difference(engine):
-    result = engine.run(ComparisonRequest("tiny-wan", PROMPT, seed=2, acceleration=ToMeConfig(ratio=0.0)))
+    result = engine.run(ComparisonRequest("tiny-wan", PROMPT, seed=2, methods=ToMeConfig(ratio=0.0)))
     assert result.fidelity.identical
     calls = [(c.round, c.side, round(c.timing.denoising_ms, 1)) for c in result.timing.calls]
     assert result.speedup("denoising").verdict is Verdict.NO_DIFFERENCE, (calls, result.warnings)
@@ -219,7 +219,7 @@ def test_ratio_zero_is_no_significant_difference(engine):
 
 
 def test_phases_the_method_cannot_touch_are_shown_unchanged(engine):
-    result = engine.run(ComparisonRequest("tiny-wan", PROMPT, seed=3, acceleration=ToMeConfig(ratio=0.5)))
+    result = engine.run(ComparisonRequest("tiny-wan", PROMPT, seed=3, methods=ToMeConfig(ratio=0.5)))
     rows = {row[0]: row for row in metric_rows(result)}
     for label in ("text encoding (not touched by token merging (ToMe))", "VAE decode (not touched by token merging (ToMe))"):
         change = rows[label][3]
@@ -236,7 +236,7 @@ def test_reruns_under_cpu_load_give_overlapping_intervals(engine):
     try:
         time.sleep(0.5)
         results = [
-            engine.run(ComparisonRequest("tiny-wan", PROMPT, seed=4, acceleration=ToMeConfig(ratio=0.5)))
+            engine.run(ComparisonRequest("tiny-wan", PROMPT, seed=4, methods=ToMeConfig(ratio=0.5)))
             for _ in range(5)
         ]
         ratios = [result.speedup("denoising") for result in results]
@@ -260,7 +260,7 @@ def test_ltx_is_called_with_the_frame_rate_its_video_is_written_at(engine, monke
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(LTXPipeline, "__call__", __import__("functools").wraps(original)(spy))
-    result = engine.run(ComparisonRequest("tiny-ltx", PROMPT, acceleration=ToMeConfig(ratio=0.5), rounds=1))
+    result = engine.run(ComparisonRequest("tiny-ltx", PROMPT, methods=ToMeConfig(ratio=0.5), rounds=1))
     assert result.ok and seen and set(seen) == {get_preset("tiny-ltx").fps} == {24}
 
 

@@ -20,7 +20,7 @@ PRESETS = load_presets()
 
 
 def settings(**overrides):
-    request = ComparisonRequest(preset="tiny-wan", prompt="a kite", acceleration=ToMeConfig(ratio=0.5))
+    request = ComparisonRequest(preset="tiny-wan", prompt="a kite", methods=ToMeConfig(ratio=0.5))
     return resolve(ComparisonRequest(**(vars(request) | overrides)), PRESETS["tiny-wan"])[0]
 
 

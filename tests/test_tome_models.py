@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from vdtome import tiny
+from vdtome.steps import StepContext
 from vdtome.tome import SUPPORTED_MODELS, ToMeConfig, apply_tome, remove_tome
-from vdtome.tome.hooks import BlockMatcher, DenoiserHook, is_registered
+from vdtome.tome.hooks import BlockMatcher, is_registered
 
 TEXT = 6  # text tokens in direct transformer calls
 
@@ -457,6 +458,11 @@ def test_reuse_steps_recomputes_matching_every_k_steps(monkeypatch):
         return original(self, video, grid, step)
 
     monkeypatch.setattr(BlockMatcher, "_compute", counting)
+
+    def no_host_reads(*args):
+        raise AssertionError("a pipeline's steps come from its scheduler: no timestep is read on the host")
+
+    monkeypatch.setattr(StepContext, "_advance_by_value", no_host_reads)
     size = PIPELINES["wan"][1]
     blocks = len(pipe.transformer.blocks)
     with apply_tome(pipe, ToMeConfig(ratio=0.5, reuse_steps=1)):
@@ -471,15 +477,18 @@ def test_reuse_steps_recomputes_matching_every_k_steps(monkeypatch):
     assert sorted({step for _, step in computed}) == [0, 2]
     assert len(computed) == 2 * 2 * blocks
     assert torch.isfinite(reused).all()
+    # Removed with the last user: the scheduler's own methods and no hook left.
+    assert "step" not in vars(pipe.scheduler) and "set_timesteps" not in vars(pipe.scheduler)
+    assert not pipe.transformer._forward_pre_hooks and not hasattr(pipe, "_vdtome_step_context")
 
 
 def _track(timesteps) -> list[tuple[int, int, int]]:
-    """(run, step, call in step) the denoiser hook assigns to a sequence of calls."""
-    hook = DenoiserHook(read_grid=lambda model, call: ((1, 1, 1), None), track_steps=True)
+    """(run, step, call in step) a bare model's step context assigns to a sequence of calls."""
+    context = StepContext(torch.nn.Identity())
     seen = []
     for t in timesteps:
-        hook._advance_step(torch.tensor([t, t]))
-        seen.append((hook.state.run, hook.state.step, hook.state.call_in_step))
+        context._advance_by_value(torch.tensor([t, t]))
+        seen.append((context.state.run, context.state.step, context.state.call_in_step))
     return seen
 
 

@@ -7,7 +7,9 @@ import pytest
 from vdtome.compare import RequestError
 from vdtome.merge import max_merge_ratio
 from vdtome.presets import get_preset
-from vdtome.ui import parse_ratios, preset_choice_label, preset_info, stride_ratio_cap, tome_config
+from vdtome.methods import METHODS
+from vdtome.methods.tome import stride_ratio_cap
+from vdtome.ui import api_fields, preset_choice_label, preset_info, stack_from_form, sweep_stacks
 
 
 @pytest.mark.parametrize("stride", [(1, 2, 2), (2, 2, 2), (1, 3, 3), (1, 1, 2), (4, 4, 4)])
@@ -18,51 +20,89 @@ def test_ratio_cap_never_exceeds_what_the_stride_can_merge(stride):
     assert math.isclose(cap * 20, round(cap * 20))  # on the slider's 0.05 grid
 
 
+TOME = METHODS["tome"]
+LEGACY_ORDER = ("preset", "prompt", "negative_prompt", "seed", "frames", "height", "width", "steps", "guidance", "rounds",
+                "ratio", "stride_t", "stride_y", "stride_x", "strategy", "blocks", "targets", "reuse_steps", "matching",
+                "random_destinations", "local_window", "custom_model")
+
+
+def tome(**values):
+    return TOME.from_form(values)
+
+
 def test_form_values_become_the_config_they_name():
-    config = tome_config(0.4, (2.0, 2.0, 2.0), "attnbin", "every other block",
-                         ["cross-attention queries", "feed-forward"], 3.0, "per_sample", False, False)
+    config = tome(ratio=0.4, stride_t=2.0, stride_y=2.0, stride_x=2.0, strategy="attnbin", blocks="every other block",
+                  targets=["cross-attention queries", "feed-forward"], reuse_steps=3.0, matching="per_sample",
+                  random_destinations=False, local_window=False)
     assert config.ratio == 0.4 and config.stride == (2, 2, 2) and config.strategy == "attnbin"
     assert config.blocks == "every_other" and config.reuse_steps == 3 and config.matching == "per_sample"
     assert (config.merge_self_attn, config.merge_cross_attn, config.merge_ffn) == (False, True, True)
     assert config.random_destinations is False and config.match_window is None
-    default = tome_config(0.5, (1, 2, 2))
+    default = tome()
     assert default.merge_self_attn and not default.merge_ffn and default.match_window == (2, 4, 4)
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "values, field, message",
     [
-        ((0.8, (1, 2, 2)), "between 0 and 0.75 for stride (1, 2, 2)"),
-        ((-0.1, (1, 2, 2)), "between 0 and 0.75"),
-        ((float("nan"), (1, 2, 2)), "merge ratio must be a number"),
-        ((0.5, (1, 1, 1)), "nothing can merge"),
-        ((0.5, (1, 2, 5)), "stride x must be between 1 and 4"),
-        ((0.5, (1, 2.5, 2)), "stride y must be a whole number"),
-        ((0.5, (1, 2, 2), "random"), "strategy must be"),
-        ((0.5, (1, 2, 2), "bipartite", "some blocks"), "blocks must be one of"),
-        ((0.5, (1, 2, 2), "bipartite", "all blocks", []), "at least one merge target"),
-        ((0.5, (1, 2, 2), "bipartite", "all blocks", ["values"]), "unknown merge target 'values'"),
-        ((0.5, (1, 2, 2), "bipartite", "all blocks", ["self-attention"], 0), "matching reuse (steps) must be between 1"),
+        (dict(ratio=0.8), "ratio", "between 0 and 0.75 for stride (1, 2, 2)"),
+        (dict(ratio=-0.1), "ratio", "merge ratio must be between 0 and 0.95"),
+        (dict(ratio=float("nan")), "ratio", "merge ratio must be a number"),
+        (dict(ratio=True), "ratio", "merge ratio must be a number"),
+        (dict(stride_y=1, stride_x=1), "stride_x", "nothing can merge"),
+        (dict(stride_x=5), "stride_x", "stride x must be between 1 and 4"),
+        (dict(stride_y=2.5), "stride_y", "stride y must be a whole number"),
+        (dict(strategy="random"), "strategy", "strategy must be one of"),
+        (dict(blocks="some blocks"), "blocks", "blocks must be one of"),
+        (dict(targets=[]), "targets", "at least one merge target"),
+        (dict(targets=["values"]), "targets", "unknown merge before 'values'"),
+        (dict(targets="self-attention"), "targets", "must be a list of names"),
+        (dict(reuse_steps=0), "reuse_steps", "reuse a matching for k steps must be between 1"),
+        (dict(random_destinations="false"), "random_destinations", "must be true or false"),
     ],
 )
-def test_bad_form_values_name_the_rule(args, message):
+def test_bad_form_values_name_the_field_and_the_rule(values, field, message):
     with pytest.raises(RequestError) as error:
-        tome_config(*args)
-    assert message in str(error.value)
+        tome(**values)
+    assert message in str(error.value) and error.value.field == field
 
 
-def test_sweep_ratios_are_parsed_sorted_and_bounded():
-    assert parse_ratios("0.5, 0.1 0.3;.25", cap=0.75) == (0.1, 0.25, 0.3, 0.5)
-    for text, message in [("", "empty"), ("0.2, abc", "'abc' is not a number"), ("0.9", "outside [0, 0.75]"),
+def test_the_api_order_is_append_only():
+    """Positional API calls written when token merging was the only method keep their meaning."""
+    assert api_fields(sweep=False)[: len(LEGACY_ORDER)] == LEGACY_ORDER
+    assert api_fields(sweep=True)[: len(LEGACY_ORDER) + 1] == (*LEGACY_ORDER, "ratios")
+    assert api_fields(sweep=True)[-1] == "sweep_field" and "use_tome" in api_fields(sweep=False)
+    names = api_fields(sweep=True)
+    assert len(names) == len(set(names))
+
+
+def test_sweep_values_are_parsed_sorted_and_checked_by_the_method():
+    stacks = sweep_stacks({"ratios": "0.5, 0.1 0.3;.25"})
+    assert [stack[0].ratio for stack in stacks] == [0.1, 0.25, 0.3, 0.5]
+    assert [s[0].reuse_steps for s in sweep_stacks({"ratios": "3, 1", "sweep_field": "reuse_steps"})] == [1, 3]
+    for text, message in [("", "empty"), ("0.2, abc", "'abc' is not a number"),
+                          ("0.9", "sweep value 0.9: merge ratio must be between 0 and 0.75"),
                           (", ".join(str(i / 100) for i in range(9)), "at most 8"),
                           # What float() would take but nobody types as a ratio: refused, never reinterpreted.
                           ("1e-400", "'1e-400' is not a number written like 0.25"), ("nan", "'nan' is not a number"),
                           ("1_0", "'1_0' is not a number"), ("\u0660.\u0665", "is not a number"),
-                          ("-0.1", "-0.1 is outside [0, 0.75]"),
-                          ("0.1, 0.3, 0.1", "sweep ratio 0.1 is listed twice"), ("0.1 0.10", "(also as 0.1)")]:
+                          ("-0.1", "sweep value -0.1: merge ratio must be between 0"),
+                          ("0.1, 0.3, 0.1", "0.1 is listed twice"), ("0.1 0.10", "(also as 0.1)")]:
         with pytest.raises(RequestError) as error:
-            parse_ratios(text, cap=0.75)
-        assert message in str(error.value)
+            sweep_stacks({"ratios": text})
+        assert message in str(error.value) and error.value.field == "ratios"
+    with pytest.raises(RequestError, match="sweep field must be a sweepable field") as error:
+        sweep_stacks({"ratios": "1, 2", "sweep_field": "stride_t"})
+    assert error.value.field == "sweep_field"
+    with pytest.raises(RequestError, match="which is switched off"):
+        sweep_stacks({"ratios": "0.1", "use_tome": False})
+
+
+def test_a_form_with_every_method_off_is_refused_naming_the_switch():
+    with pytest.raises(RequestError, match="switch on at least one method") as error:
+        stack_from_form({"use_tome": False})
+    assert error.value.field == "use_tome"
+    assert stack_from_form({}) == (tome(),)  # token merging is on by default
 
 
 def test_gpu_presets_are_marked_unavailable_without_a_gpu():

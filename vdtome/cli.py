@@ -1,4 +1,9 @@
-"""Command line: ``python -m vdtome compare --preset tiny-wan --prompt "..." --ratio 0.5 --out DIR``."""
+"""Command line: ``python -m vdtome compare --preset tiny-wan --prompt "..." --method tome:ratio=0.5 --out DIR``.
+
+``--method NAME[:field=value,...]`` is repeatable: the methods stack in the order given (``python -m
+vdtome methods`` lists them with their fields). Without ``--method``, the token-merging flags
+(``--ratio``, ``--stride``...) describe a stack of token merging alone, as before methods stacked.
+"""
 
 from __future__ import annotations
 
@@ -43,19 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     compare.add_argument("--out", help="output folder (default: a fresh temporary folder)")
     compare.add_argument("--json", action="store_true", help="print the full JSON result instead of the table")
-    tome = compare.add_argument_group("token merging")
-    tome.add_argument("--ratio", type=float, default=0.5)
-    tome.add_argument("--stride", type=int, nargs=3, default=(1, 2, 2), metavar=("ST", "SY", "SX"))
-    tome.add_argument("--strategy", choices=("bipartite", "attnbin"), default="bipartite")
-    tome.add_argument("--blocks", type=_blocks, default="all", help="all | every_other | 0,2,5")
-    tome.add_argument("--merge-cross-attn", action="store_true")
-    tome.add_argument("--merge-ffn", action="store_true")
-    tome.add_argument("--no-self-attn", action="store_true", help="do not merge before self-attention")
-    tome.add_argument("--fixed-destinations", action="store_true", help="first token of each cell, not random")
-    tome.add_argument("--tome-seed", type=int, default=0)
-    tome.add_argument("--matching", choices=("shared", "per_sample"), default="shared")
-    tome.add_argument("--reuse-steps", type=int, default=1)
+    compare.add_argument("--method", action="append", default=[], metavar="NAME[:FIELD=VALUE,...]",
+                         help="a method of the stack, repeatable, applied in the order given, e.g. tome:ratio=0.5 "
+                              "first_block_cache:first_block_cache_threshold=0.2 (see `python -m vdtome methods`)")
+    tome = compare.add_argument_group("token merging alone (when no --method is given)")
+    tome.add_argument("--ratio", type=float, default=None, help="default 0.5")
+    tome.add_argument("--stride", type=int, nargs=3, default=None, metavar=("ST", "SY", "SX"), help="default 1 2 2")
+    tome.add_argument("--strategy", choices=("bipartite", "attnbin"), default=None)
+    tome.add_argument("--blocks", type=_blocks, default=None, help="all | every_other | 0,2,5")
+    tome.add_argument("--merge-cross-attn", action="store_true", default=None)
+    tome.add_argument("--merge-ffn", action="store_true", default=None)
+    tome.add_argument("--no-self-attn", action="store_true", default=None, help="do not merge before self-attention")
+    tome.add_argument("--fixed-destinations", action="store_true", default=None,
+                      help="first token of each cell, not random")
+    tome.add_argument("--tome-seed", type=int, default=None)
+    tome.add_argument("--matching", choices=("shared", "per_sample"), default=None)
+    tome.add_argument("--reuse-steps", type=int, default=None)
 
+    commands.add_parser("methods", help="list acceleration methods, their fields and the presets they support")
     commands.add_parser("presets", help="list model presets")
     prompts = commands.add_parser("prompts", help="print a prompt set")
     prompts.add_argument("--set", default="default")
@@ -64,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "methods":
+        print(_methods_text())
+        return 0
     if args.command == "presets":
         from .presets import load_presets
 
@@ -82,22 +95,8 @@ def _compare(args) -> int:
     from .compare import ComparisonEngine, ComparisonRequest, RequestError
     from .pipelines import ModelUnavailableError
     from .report import format_table
-    from .tome import ToMeConfig
 
     try:
-        config = ToMeConfig(
-            ratio=args.ratio,
-            stride=tuple(args.stride),
-            strategy=args.strategy,
-            blocks=args.blocks,
-            merge_self_attn=not args.no_self_attn,
-            merge_cross_attn=args.merge_cross_attn,
-            merge_ffn=args.merge_ffn,
-            random_destinations=not args.fixed_destinations,
-            seed=args.tome_seed,
-            matching=args.matching,
-            reuse_steps=args.reuse_steps,
-        )
         request = ComparisonRequest(
             preset=args.preset,
             prompt=args.prompt,
@@ -108,7 +107,7 @@ def _compare(args) -> int:
             width=args.width,
             steps=args.steps,
             guidance=args.guidance,
-            acceleration=config,
+            methods=_stack(args),
             rounds=args.rounds,
             warmup_steps=args.warmup_steps,
             snap=not args.no_snap,
@@ -131,6 +130,84 @@ def _compare(args) -> int:
         return 2
     print(result.to_json() if args.json else format_table(result))
     return 0 if result.ok else 1
+
+
+TOME_FLAGS = ("ratio", "stride", "strategy", "blocks", "merge_cross_attn", "merge_ffn", "no_self_attn",
+              "fixed_destinations", "tome_seed", "matching", "reuse_steps")
+
+
+def _stack(args) -> tuple:
+    """The stack: the ``--method`` items in order, or token merging from its own flags."""
+    flags = [name for name in TOME_FLAGS if getattr(args, name) is not None]
+    if not args.method:
+        return (_tome_from_flags(args),)
+    if flags:
+        raise ValueError(f"--{flags[0].replace('_', '-')} describes token merging alone; with --method, give "
+                         "its fields as --method tome:ratio=0.5,stride_y=2,...")
+    return tuple(parse_method(text) for text in args.method)  # the engine checks the stacking rules
+
+
+def _tome_from_flags(args):
+    from .tome import ToMeConfig
+
+    given = {
+        "ratio": args.ratio,
+        "stride": None if args.stride is None else tuple(args.stride),
+        "strategy": args.strategy,
+        "blocks": args.blocks,
+        "merge_self_attn": None if args.no_self_attn is None else not args.no_self_attn,
+        "merge_cross_attn": args.merge_cross_attn,
+        "merge_ffn": args.merge_ffn,
+        "random_destinations": None if args.fixed_destinations is None else not args.fixed_destinations,
+        "seed": args.tome_seed,
+        "matching": args.matching,
+        "reuse_steps": args.reuse_steps,
+    }
+    return ToMeConfig(**{name: value for name, value in given.items() if value is not None})
+
+
+def parse_method(text: str):
+    """``NAME[:field=value,...]`` -> that method's config (every value checked by its form's rules)."""
+    from .methods import method_named
+
+    name, _, settings = text.partition(":")
+    method = method_named(name.strip())
+    fields = {f.name: f for f in method.fields}
+    overrides = {}
+    for item in filter(None, (part.strip() for part in settings.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"--method {text}: {item!r} is not field=value")
+        if key not in fields:
+            raise ValueError(f"--method {text}: {method.name} has no field {key!r}; its fields: {', '.join(fields)}")
+        if key in overrides:
+            raise ValueError(f"--method {text}: {key} is given twice")
+        overrides[key] = fields[key].from_text(value.strip())
+    return method.config_from(overrides)
+
+
+def _methods_text() -> str:
+    from .denoisers import pipeline_denoiser_types
+    from .methods import METHODS
+    from .presets import load_presets
+
+    presets = load_presets()
+    lines = []
+    for method in METHODS.values():
+        lines.append(f"{method.name}: {method.label}{' (on by default in the app)' if method.on_by_default else ''}")
+        if method.docs:
+            lines.append(f"  {method.docs}")
+        lines += [f"  {form_field.describe()}" for form_field in method.fields]
+        supported, unavailable = [], []
+        for preset in presets.values():
+            reason = method.unavailable(pipeline_denoiser_types(preset.pipeline_class))
+            (unavailable if reason else supported).append(preset.name)
+        lines.append(f"  presets: {', '.join(supported) or 'none'}")
+        if unavailable:
+            lines.append(f"  unavailable for: {', '.join(unavailable)}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 if __name__ == "__main__":

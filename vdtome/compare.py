@@ -42,7 +42,8 @@ from .measure import (
     release_memory,
     timed_call,
 )
-from .methods import Method, apply_method, describe, method_of
+from .denoisers import denoiser_types
+from .methods import AppliedStack, MethodReport, check_available, check_stack, config_fields, stack_label
 from .metrics import Fidelity, Temporal, check_finite, fidelity, temporal_consistency
 from .pipelines import ModelUnavailableError, PipelineCache, default_device
 from .presets import ModelPreset, get_preset
@@ -50,23 +51,14 @@ from .protocol import ACCELERATED, BASELINE, TimedCall, TimingSummary, round_ord
 from .stats import Ratio
 from .storage import prune
 from .tome import ToMeConfig
+from .validation import MAX_TEXT_CHARS, RequestError, shown, text, whole_number
 
-SCHEMA_VERSION = 2
-MAX_PROMPT_CHARS = 1000
+# 3: "methods" lists the stack (method, config, report); 2 had one "acceleration" and "method_report".
+SCHEMA_VERSION = 3
+MAX_PROMPT_CHARS = MAX_TEXT_CHARS
 MAX_STEPS = 500
 MAX_GUIDANCE = 50.0
 MAX_ROUNDS = 20
-
-
-class RequestError(ValueError):
-    """A request the engine refuses; the message names the rule that was broken.
-
-    ``field``: the request (and form) field at fault, so a form can show the message beside it.
-    """
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 class Cancelled(RuntimeError):
@@ -106,7 +98,8 @@ Progress = Callable[[ProgressEvent], None]
 class ComparisonRequest:
     """What to compare. ``None`` sizes, steps, guidance and rounds take the preset's defaults.
 
-    ``acceleration`` is any registered method config (see :mod:`vdtome.methods`); ``rounds``:
+    ``methods``: the stack, registered method configs applied in this order (see
+    :mod:`vdtome.methods`; a single config is a stack of one); ``rounds``:
     timing rounds (see :mod:`vdtome.protocol`); ``snap``: move invalid frame counts and sizes to
     the nearest valid ones (the result says so) instead of refusing them; ``reuse_baseline``: take
     the baseline *video* from the cache when the same inputs ran before (its timing is measured
@@ -122,11 +115,29 @@ class ComparisonRequest:
     width: int | None = None
     steps: int | None = None
     guidance: float | None = None
-    acceleration: Any = field(default_factory=ToMeConfig)
+    methods: tuple[Any, ...] = field(default_factory=lambda: (ToMeConfig(),))
     rounds: int | None = None
     warmup_steps: int = 2
     snap: bool = True
     reuse_baseline: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.methods, (tuple, list)):
+            object.__setattr__(self, "methods", (self.methods,))
+        object.__setattr__(self, "methods", tuple(self.methods))
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One method of the stack: its registered name, the config it ran with, what it reported."""
+
+    method: str
+    label: str
+    config: dict[str, Any]
+    report: MethodReport
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "config": self.config, "report": self.report.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -192,12 +203,12 @@ class VideoRun:
 @dataclass(frozen=True, eq=False)
 class ComparisonResult:
     settings: ResolvedSettings
-    acceleration: dict[str, Any]
+    methods: tuple[MethodResult, ...]
+    stack: str  # the stack in one line: "tome ratio 0.5 stride 1x2x2 + first_block_cache threshold 0.2"
     baseline: VideoRun | None
     accelerated: VideoRun | None
     baseline_reused: bool
     timing: TimingSummary | None = None
-    method_report: dict[str, Any] = field(default_factory=dict)
     fidelity: Fidelity | None = None
     notes: tuple[str, ...] = ()
     error: str | None = None
@@ -228,12 +239,12 @@ class ComparisonResult:
             "warnings": list(self.warnings),
             "notes": list(self.notes),
             "settings": vars(self.settings).copy(),
-            "acceleration": self.acceleration,
+            "stack": self.stack,
+            "methods": [method.to_dict() for method in self.methods],
             "baseline_reused": self.baseline_reused,
             "baseline": None if self.baseline is None else self.baseline.to_dict(),
             "accelerated": None if self.accelerated is None else self.accelerated.to_dict(),
             "timing": None if self.timing is None else self.timing.to_dict(),
-            "method_report": self.method_report,
             "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
             "environment": self.environment,
             "files": {name: Path(path).name for name, path in self.files.items()},
@@ -267,7 +278,10 @@ def resolve(request: ComparisonRequest, preset: ModelPreset) -> tuple[ResolvedSe
         raise RequestError(f"guidance must be a finite number, got {shown(guidance)}", "guidance")
     if not 0.0 <= guidance <= MAX_GUIDANCE:
         raise RequestError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance:g}", "guidance")
-    method_of(request.acceleration)  # unknown method types fail here, before any work
+    for method in check_stack(request.methods):  # unknown methods and unsound stacks fail here, before any work
+        if method.needs_guidance and guidance <= 1.0:
+            raise RequestError(f"{method.label} needs classifier-free guidance (guidance above 1), got {guidance:g}",
+                               "guidance")
     frames = whole_number("frames", preset.num_frames if request.frames is None else request.frames, 1, 10_000, "frames")
     height = whole_number("height", preset.height if request.height is None else request.height, 1, 10_000, "height")
     width = whole_number("width", preset.width if request.width is None else request.width, 1, 10_000, "width")
@@ -293,52 +307,6 @@ def resolve(request: ComparisonRequest, preset: ModelPreset) -> tuple[ResolvedSe
         warmup_steps=warmup,
     )
     return settings, notes
-
-
-def whole_number(name: str, value: Any, low: int, high: int, field: str | None = None) -> int:
-    """``value`` as an int in [low, high] (integral floats such as 3.0 accepted: JSON clients send
-    them); anything else, text, booleans, 1.5 or NaN included, is a RequestError naming it."""
-    sent = value
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(f"{name} must be a whole number, got {shown(sent)}", field)
-    if not low <= value <= high:
-        raise RequestError(f"{name} must be between {low} and {high}, got {shown(sent)}", field)
-    return value
-
-
-def text(name: str, value: Any, field: str | None = None) -> str:
-    """``value`` stripped, if it is a string of valid Unicode within the length limit (None is empty)."""
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise RequestError(f"{name} must be text, got {shown(value)}", field)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise RequestError(f"{name} is not valid Unicode: it holds a lone surrogate at character "
-                           f"{error.start + 1}; send UTF-8 text", field) from None
-    value = value.strip()
-    if len(value) > MAX_PROMPT_CHARS:
-        raise RequestError(f"{name} is {len(value)} characters; the limit is {MAX_PROMPT_CHARS}", field)
-    return value
-
-
-def shown(value: Any) -> str:
-    """A client's value as it would have typed it: null, a list or 'text', never a Python repr dump."""
-    if value is None:
-        return "null"
-    if isinstance(value, (list, tuple, dict)):
-        kind = "list" if isinstance(value, (list, tuple)) else "JSON object"
-        return f"a {kind} ({_clipped(json.dumps(value, default=str), 60)})"
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**15:
-        return f"{value:.3g}"  # 1e+300, not three hundred digits
-    return _clipped(repr(value), 80)
-
-
-def _clipped(shown_text: str, limit: int) -> str:
-    return shown_text if len(shown_text) <= limit else shown_text[: limit - 3] + "..."
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -416,23 +384,23 @@ class ComparisonEngine:
         settings, notes = resolve(request, preset)
         with self._lock:
             pipe = self.pipelines.get(preset, self.device, source)
-            session = _Session(self, pipe, preset, settings, request.acceleration, progress, cancel)
+            session = _Session(self, pipe, preset, settings, request.methods, progress, cancel)
             session.stop_if_cancelled()  # cancelled while the weights loaded
             return self._compare(session, request, notes, out_dir, source)
 
     # -- internals ------------------------------------------------------------------------------
 
     def _compare(self, session: _Session, request, notes, out_dir, source) -> ComparisonResult:
-        pipe, settings, method = session.pipe, session.settings, session.method
+        pipe, settings, methods = session.pipe, session.settings, session.methods
         env = environment(pipe)
         key = (settings.video_key(), source, str(self.device), env.get("dtype"))
         cached = self.baselines.get(key) if request.reuse_baseline else None
-        session.check_method()  # a config the model cannot take fails before any work
         session.plan(warm_pipeline=(settings.frames, settings.height, settings.width) not in self._warmed.get(pipe, ()),
                      rounds=settings.rounds)
+        session.check_methods()  # a method the model cannot take fails before any work
         videos: dict[str, VideoRun | None] = {BASELINE: cached, ACCELERATED: None}
         calls: list[TimedCall] = []
-        report: dict[str, Any] = {}
+        reports: tuple[MethodReport, ...] = ()
         error = None
         try:
             if session.warm_pipeline:
@@ -446,14 +414,14 @@ class ComparisonEngine:
                     if side == ACCELERATED and round_number == 1:
                         session.warm_up(ACCELERATED)  # after the baseline video: a failure here keeps it
                     decode = round_number == 1 and (side == ACCELERATED or cached is None)
-                    call, video, side_report = session.timed(side, round_number, decode)
+                    call, video, side_reports = session.timed(side, round_number, decode)
                     calls.append(call)
                     if video is not None:
                         videos[side] = video
                         if side == BASELINE and video.nonfinite_values == 0:
                             self.baselines.put(key, video)
-                    if side_report is not None and decode:
-                        report = side_report
+                    if side_reports is not None and decode:
+                        reports = side_reports
         except (RuntimeError, MemoryError) as failure:
             if isinstance(failure, Cancelled) or not is_allocation_failure(failure):
                 raise
@@ -466,25 +434,29 @@ class ComparisonEngine:
                 error = error or f"the {name} video has {run.nonfinite_values} NaN/inf values; fidelity is not computed"
         timing = None
         if error is None:
-            timing = summarise(calls, method.touches, method.steps_alike(request.acceleration),
+            touches = frozenset().union(*(m.touches for m in methods))
+            steps_alike = all(m.steps_alike(c) for m, c in zip(methods, request.methods))
+            timing = summarise(calls, touches, steps_alike,
                                None if cached is None else cached.memory)
         base, fast = videos[BASELINE], videos[ACCELERATED]
         fid = None
         if base is not None and fast is not None and not base.nonfinite_values and not fast.nonfinite_values:
             fid = fidelity(base.frames, fast.frames)
-        notes = list(notes) + _merge_notes(request.acceleration, report)
+        notes = list(notes) + [note for report in reports for note in report.notes]
         if cached is not None:
             made = time.strftime("%H:%M:%S", time.localtime(cached.measured_at))
             notes.append(f"baseline video reused from the cache (made at {made}); its timing was measured again "
                          "in this request's rounds")
         result = ComparisonResult(
             settings=settings,
-            acceleration=describe(request.acceleration),
+            methods=tuple(MethodResult(m.name, m.label, config_fields(c), r) for m, c, r in zip(
+                methods, session.configs_for(settings.steps) if reports else request.methods,
+                reports or tuple(MethodReport(m.name) for m in methods))),
+            stack=stack_label(request.methods),
             baseline=base,
             accelerated=fast,
             baseline_reused=cached is not None,
             timing=timing,
-            method_report=report,
             fidelity=fid,
             notes=tuple(notes),
             error=error,
@@ -514,9 +486,10 @@ class _Session:
     cancellation and the acceleration applied only around the accelerated calls."""
 
     def __init__(self, engine: ComparisonEngine, pipe, preset: ModelPreset, settings: ResolvedSettings,
-                 config: Any, progress: Progress | None, cancel: Any) -> None:
-        self.engine, self.pipe, self.preset, self.settings, self.config = engine, pipe, preset, settings, config
-        self.method: Method = method_of(config)
+                 configs: tuple[Any, ...], progress: Progress | None, cancel: Any) -> None:
+        self.engine, self.pipe, self.preset, self.settings, self.configs = engine, pipe, preset, settings, configs
+        self.methods = check_stack(configs)
+        self._prepared: dict[int, tuple[Any, ...]] = {}
         self.progress, self.cancel = progress, cancel
         self.parameters = frozenset(inspect.signature(type(pipe).__call__).parameters)
         self.stage = "loading"
@@ -545,47 +518,72 @@ class _Session:
                     message += f" (the last step took {1000 * self.last_step_s:.0f} ms)"
             raise Cancelled(message)
 
-    def check_method(self) -> None:
+    def check_methods(self) -> None:
+        """Every method can serve this model and its config applies (then removed): a stack the
+        model cannot take is refused before any work, never mid-run."""
+        check_available(self.methods, denoiser_types(self.pipe))
         try:
-            apply_method(self.pipe, self.config).remove()
+            for steps in sorted({self.warmup_steps, self.settings.steps}):  # calibrations (if any) run here
+                AppliedStack(self.pipe, self.configs_for(steps)).remove()
         except (TypeError, ValueError) as error:
             raise RequestError(str(error)) from None
+
+    def configs_for(self, steps: int) -> tuple[Any, ...]:
+        """The stack's configs for calls of ``steps`` steps: methods with a ``prepare`` (a step
+        count, a calibration run) fill theirs in once per step count, untimed."""
+        if steps not in self._prepared:
+            configs = []
+            for method, config in zip(self.methods, self.configs):
+                if method.prepare is not None:
+                    stage = f"calibrating {method.label} ({steps} steps)"
+                    config = method.prepare(self.pipe, config, steps, lambda: self._untimed(stage, steps))
+                configs.append(config)
+            self._prepared[steps] = tuple(configs)
+        return self._prepared[steps]
+
+    def _untimed(self, stage: str, steps: int) -> None:
+        """A plain pipeline call at the request's settings (latents only), e.g. for a calibration."""
+        self.stop_if_cancelled()
+        self.stage = stage
+        self.total += steps
+        self.pipe(**self._kwargs(stage, None, steps, decode=False))
 
     def warm_up(self, side: str, decode: bool = False) -> None:
         """An untimed short call: denoiser only, or (once per pipeline and size) the whole pipeline."""
         self.stop_if_cancelled()
         self.stage = f"the {side} {'pipeline warm-up' if decode else 'warm-up'}"
         label = "warming up the pipeline (text encoder and decoder)" if decode else f"warm-up · {side}"
-        with self._applied(side):
+        with self._applied(side, self.warmup_steps):
             self.pipe(**self._kwargs(label, None, self.warmup_steps, decode))
 
-    def timed(self, side: str, round_number: int, decode: bool) -> tuple[TimedCall, VideoRun | None, dict | None]:
+    def timed(self, side: str, round_number: int,
+              decode: bool) -> tuple[TimedCall, VideoRun | None, tuple[MethodReport, ...] | None]:
         self.stop_if_cancelled()  # before the call's text encoding: no step would check for a while
         self.stage = f"the {side} run (round {round_number})"
         if decode:
             gc.collect()  # garbage left by earlier calls must not count toward this video's memory peak
         device = self.engine.device
-        with self._applied(side) as applied:
+        with self._applied(side, self.settings.steps) as applied:
             started = time.time()
             with MemoryMonitor(device) as monitor:
                 output, timing = timed_call(self.pipe, device=device,
                                             **self._kwargs(side, round_number, self.settings.steps, decode))
-            report = None if applied is None else applied.report()
+            reports = None if applied is None else applied.reports()
         self.stop_if_cancelled()  # a decode has no step to stop at
         call = TimedCall(side, round_number, decode, timing, monitor.report, started)
         if not decode:
-            return call, None, report
+            return call, None, reports
         frames = np.asarray(output.frames[0])
         nonfinite = check_finite(frames, side)
         temporal = temporal_consistency(frames) if nonfinite == 0 else None
-        return call, VideoRun(frames, monitor.report, temporal, nonfinite, started), report
+        return call, VideoRun(frames, monitor.report, temporal, nonfinite, started), reports
 
     # -- helpers
 
     @contextlib.contextmanager
-    def _applied(self, side: str) -> Iterator[Any]:
-        """The acceleration applied for the duration of the block on the accelerated side only."""
-        applied = apply_method(self.pipe, self.config) if side == ACCELERATED else None
+    def _applied(self, side: str, steps: int) -> Iterator[AppliedStack | None]:
+        """The stack applied for the duration of the block on the accelerated side only."""
+        applied = AppliedStack(self.pipe, self.configs_for(steps)) if side == ACCELERATED else None
         try:
             yield applied
         finally:
@@ -634,17 +632,6 @@ def _allocation_message(error: BaseException, session: _Session) -> str:
         f"{kind} during {session.stage} at {s.frames} frames, {s.height}x{s.width}, {s.steps} steps{need}. "
         f"Try fewer frames or a smaller size. ({first_line})"
     )
-
-
-def _merge_notes(config: Any, report: dict[str, Any]) -> list[str]:
-    requested, effective = report.get("requested_ratio"), report.get("effective_ratio")
-    if requested is None or effective is None or effective >= requested - 0.02:
-        return []
-    stride = getattr(config, "stride", None)
-    return [
-        f"effective merge ratio {effective:.2f} is below the requested {requested:.2f}: with stride {stride} only "
-        f"tokens that are not a cell's destination can merge"
-    ]
 
 
 def write_outputs(result: ComparisonResult, folder: Path) -> dict[str, str]:

@@ -58,6 +58,8 @@ from typing import Any
 
 import torch
 
+from .denoisers import named_denoisers
+
 __all__ = [
     "TEXT_ENCODING",
     "DENOISING",
@@ -76,6 +78,7 @@ __all__ = [
     "MemoryMonitor",
     "MemoryReport",
     "environment",
+    "environment_line",
     "attention_info",
     "retain_freed_host_memory",
     "is_allocation_failure",
@@ -88,8 +91,6 @@ VAE_DECODE = "vae_decode"
 END_TO_END = "end_to_end"
 PHASES = (TEXT_ENCODING, DENOISING, VAE_DECODE, END_TO_END)
 
-#: Pipeline components that are denoisers (Wan 2.2 A14B has two experts).
-DENOISER_ATTRS = ("transformer", "transformer_2", "unet")
 
 
 # ------------------------------------------------------------------------------------------ devices
@@ -460,15 +461,6 @@ def _text_encoders(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
     return found
 
 
-def _denoisers(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
-    found = []
-    for name in DENOISER_ATTRS:
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            found.append((name, module))
-    return found
-
-
 @contextlib.contextmanager
 def phase_hooks(pipe: Any, timer: PhaseTimer, step_timer: StepTimer | None = None) -> Iterator[PhaseTimer]:
     """Time ``text_encoding``, ``denoising`` and ``vae_decode`` of the pipeline calls made inside.
@@ -510,7 +502,7 @@ def phase_hooks(pipe: Any, timer: PhaseTimer, step_timer: StepTimer | None = Non
         for _, module in _text_encoders(pipe):
             handles.append(module.register_forward_pre_hook(text_pre))
             handles.append(module.register_forward_hook(text_post, always_call=True))
-        for _, module in _denoisers(pipe):
+        for _, module in named_denoisers(pipe):
             handles.append(module.register_forward_pre_hook(denoiser_pre))
             handles.append(module.register_forward_hook(denoiser_post, always_call=True))
 
@@ -1099,3 +1091,42 @@ def environment(pipe_or_device: Any = None, dtype: Any = None) -> dict[str, Any]
     env["attention"] = attention_info(pipe, device)
     env["attention_backend"] = env["attention"]["summary"]
     return env
+
+
+def _cudnn_text(version: Any) -> str | None:
+    """``torch.backends.cudnn.version()`` as text: 90100 -> "9.1.0" (cuDNN 9+), 8902 -> "8.9.2"."""
+    if isinstance(version, bool) or not isinstance(version, int) or version <= 0:
+        return str(version) if isinstance(version, str) and version else None
+    major, rest = divmod(version, 10000) if version >= 10000 else divmod(version, 1000)
+    return f"{major}.{rest // 100}.{rest % 100}"
+
+
+def environment_line(env: Mapping[str, Any]) -> str:
+    """One line naming where a figure was measured, from :func:`environment`'s dict, e.g.
+
+    ``NVIDIA H100 80GB HBM3 · driver 550.54.15 · CUDA 12.4 (torch), 12.6 (driver) · cuDNN 9.1.0 · torch 2.5.1 ·
+    diffusers 0.42.1 · dtype bfloat16 · attention torch SDPA (diffusers native dispatch)``
+
+    CUDA: the runtime torch was built with, then the newest CUDA the driver supports (NVML). The
+    CUDA parts are shown for a CUDA device only. A part that is unknown (no NVML, a CPU build, an
+    older ``result.json``) is left out, never shown as a placeholder.
+    """
+    versions = env.get("versions") or {}
+    cuda = env.get("device_type") == "cuda" or str(env.get("device", "")).startswith("cuda")
+    parts: list[str | None] = [str(env.get("device_name") or env.get("device") or "") or None]
+    if cuda:
+        parts.append(f"driver {env['driver_version']}" if env.get("driver_version") else None)
+        runtime, driver_cuda = env.get("cuda_runtime_version"), env.get("cuda_driver_version")
+        if runtime and driver_cuda:
+            parts.append(f"CUDA {runtime} (torch), {driver_cuda} (driver)")
+        elif runtime:
+            parts.append(f"CUDA {runtime} (torch)")
+        elif driver_cuda:
+            parts.append(f"CUDA {driver_cuda} (driver)")
+        cudnn = _cudnn_text(env.get("cudnn_version"))
+        parts.append(f"cuDNN {cudnn}" if cudnn else None)
+    for name in ("torch", "diffusers"):
+        parts.append(f"{name} {versions[name]}" if versions.get(name) else None)
+    parts.append(f"dtype {env['dtype']}" if env.get("dtype") else None)
+    parts.append(f"attention {env['attention_backend']}" if env.get("attention_backend") else None)
+    return " · ".join(part for part in parts if part)

@@ -12,7 +12,6 @@ import time
 
 from .compare import ComparisonResult
 from .metrics import PSNR_CAP_DB
-from .methods import METHODS
 from .protocol import MemoryFigures, PhaseFigures
 from .stats import NOISE_THRESHOLD
 
@@ -30,8 +29,8 @@ def _mib(value: float | None) -> str:
 
 
 def method_label(result: ComparisonResult) -> str:
-    name = result.acceleration.get("method")
-    return next((m.label for m in METHODS.values() if m.name == name), str(name))
+    """The stack as people read it: "token merging (ToMe) + First Block Cache"."""
+    return " + ".join(method.label for method in result.methods) or "no method"
 
 
 def _timing_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str]]:
@@ -91,17 +90,12 @@ def metric_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str]
     rows = _timing_rows(result)
     if result.timing is not None:
         rows.extend(_memory_row(figures) for figures in result.timing.memory)
-    report = result.method_report
-    if "requested_ratio" in report:
-        rows.append(
-            (
-                "merge ratio (requested / effective)",
-                "0",
-                f"{report['requested_ratio']:.2f} / {report['effective_ratio']:.2f}",
-                f"{report['blocks_patched']}/{report['blocks_total']} blocks",
-                "",
-            )
-        )
+    for method in result.methods:
+        prefix = f"{method.label}: " if len(result.methods) > 1 else ""
+        report = method.report
+        rows.extend((prefix + metric, "", value, note, "") for metric, value, note in report.rows)
+        rows.extend((prefix + item.label, "", item.text(), "evidence that it acted", "")
+                    for item in report.evidence)
     fid = result.fidelity
     if fid is not None:
         psnr = "identical" if fid.identical else f"{fid.psnr_mean:.2f} dB"

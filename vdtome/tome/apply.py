@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import find_adapter, unwrap
+from ..denoisers import denoisers_of
+from ..steps import StepContext
+from .adapters import find_adapter
 from .config import ToMeConfig
 from .hooks import (
     BlockMatcher,
@@ -19,8 +21,6 @@ from .hooks import (
     unregister,
 )
 
-# Pipeline attributes that hold denoisers (Wan 2.2 A14B has two experts).
-DENOISER_ATTRIBUTES = ("transformer", "transformer_2", "unet")
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class ToMeStats:
 @dataclass
 class _Patched:
     model: torch.nn.Module
-    denoiser: DenoiserHook
+    denoiser: DenoiserHook | None  # None at ratio 0 (nothing installed)
     matchers: list[BlockMatcher]
     sites: list[SiteStats]
     blocks_total: int
@@ -80,7 +80,6 @@ class ToMeHandle:
     def reset(self) -> None:
         """Forget step counts, cached matchings and stats (the next call starts a new run)."""
         for p in self.patched:
-            p.denoiser.reset_state()
             for matcher in p.matchers:
                 matcher.clear()
             for site in p.sites:
@@ -97,19 +96,6 @@ class ToMeHandle:
 
     def __exit__(self, *exc) -> None:
         self.remove()
-
-
-def denoisers_of(pipe_or_model) -> list[torch.nn.Module]:
-    """The denoiser modules of a pipeline (or the module itself), unwrapped from ``torch.compile``."""
-    if isinstance(pipe_or_model, torch.nn.Module):
-        return [unwrap(pipe_or_model)]
-    found = [getattr(pipe_or_model, name, None) for name in DENOISER_ATTRIBUTES]
-    found = [module for module in found if isinstance(module, torch.nn.Module)]
-    if not found:
-        raise TypeError(
-            f"vdtome: {type(pipe_or_model).__name__} has no denoiser ({', '.join(DENOISER_ATTRIBUTES)}) to patch"
-        )
-    return [unwrap(module) for module in found]
 
 
 def apply_tome(pipe_or_model, config: ToMeConfig | None = None) -> ToMeHandle:
@@ -144,15 +130,17 @@ def apply_tome(pipe_or_model, config: ToMeConfig | None = None) -> ToMeHandle:
 
     handle = ToMeHandle(config)
     available: set[str] = set()
-    track_steps = config.random_destinations or config.reuse_steps > 1
+    owner = models[0] if isinstance(pipe_or_model, torch.nn.Module) else pipe_or_model
     for model, adapter, blocks in plans:
-        denoiser = DenoiserHook(adapter.read_grid, track_steps)
-        patched = _Patched(model, denoiser, [], [], len(blocks))
         if config.ratio == 0.0:
             # Ratio 0 merges nothing: install nothing, so that it costs nothing and runs the very
             # same code as the baseline (an A/A comparison).
-            handle.patched.append(patched)
+            handle.patched.append(_Patched(model, None, [], [], len(blocks)))
             continue
+        # The step context is the pipeline's, shared with every step-aware method (and by the
+        # experts of Wan 2.2); each denoiser hook holds one reference, released with it.
+        denoiser = DenoiserHook(adapter.read_grid, StepContext.acquire(owner))
+        patched = _Patched(model, denoiser, [], [], len(blocks))
         for index, block in enumerate(blocks):
             if not config.selects_block(index):
                 continue

@@ -28,6 +28,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from torch.profiler import record_function
 
 from ..merge import Grid, Merge, attnbin_matching, bipartite_soft_matching_3d, merge_count
+from ..steps import StepContext
 from .config import ToMeConfig
 
 HOOK_NAME = "vdtome_tome"
@@ -65,7 +66,8 @@ class SiteStats:
 
 @dataclass
 class DenoiserState:
-    """What one denoiser call tells the blocks: grid, step and position of the call in its step."""
+    """What one denoiser call tells the blocks: the grid, and where the call is in the denoising
+    loop (copied from the pipeline's shared :class:`vdtome.steps.StepContext`)."""
 
     grid: Grid | None = None
     latent_size: Grid | None = None
@@ -73,23 +75,21 @@ class DenoiserState:
     step: int = -1
     call_in_step: int = -1  # 0 for a step's first call (e.g. cond), 1 for the next (uncond), ...
     run: int = 0
-    first_timestep: float | None = None
-    last_timestep: float | None = None
-    direction: int = 0  # +1 / -1 once the timesteps have moved (Mochi's rise, the others fall)
 
 
 class DenoiserHook:
-    """Reads the grid and the denoising step at every call of the transformer / UNet.
+    """Reads the grid at every call of the transformer / UNet and the step from the shared context.
 
     A plain torch forward pre-hook rather than a diffusers ``ModelHook``: accelerate's model
     offloading re-installs ``module.forward`` after every pipeline call, which would silently drop
-    a hook that replaces ``forward``, but it leaves ``_forward_pre_hooks`` alone.
+    a hook that replaces ``forward``, but it leaves ``_forward_pre_hooks`` alone. Registered after
+    the context's own pre-hook, so the step it copies is the current call's.
     """
 
-    def __init__(self, read_grid: Callable[[torch.nn.Module, dict], tuple[Grid, Grid]], track_steps: bool) -> None:
+    def __init__(self, read_grid: Callable[[torch.nn.Module, dict], tuple[Grid, Grid]], context: StepContext) -> None:
         self.state = DenoiserState()
+        self.context = context
         self._read_grid = read_grid
-        self._track_steps = track_steps
         self._arguments: _ArgumentReader | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
 
@@ -108,49 +108,11 @@ class DenoiserHook:
 
     @torch.compiler.disable
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        arguments = self._arguments(module, args, kwargs)
-        grid, latent_size = self._read_grid(module, arguments)
-        if self._track_steps:
-            self._advance_step(arguments.get("timestep"))  # may start a new run (fresh state)
-        else:
-            self.state.call_in_step = 0
-        state = self.state
+        grid, latent_size = self._read_grid(module, self._arguments(module, args, kwargs))
+        steps, state = self.context.state, self.state
         state.grid, state.latent_size = grid, latent_size
-        state.call_index += 1
-
-    def _advance_step(self, timestep: Any) -> None:
-        """A new timestep value is a new step; a turn back (to the run's first value, or against
-        the direction the timesteps have been moving) starts a new run.
-
-        Pipelines that call the model twice per step (cond, then uncond) thus count one step, and
-        Mochi's rising timesteps work like everyone else's falling ones. Reading the value waits
-        for the device once per call: a few microseconds against a video transformer's forward.
-        """
-        if timestep is None:
-            value = None
-        elif isinstance(timestep, torch.Tensor):
-            value = float(timestep.detach().max())
-        else:
-            value = float(timestep)
-        state = self.state
-        if value is not None and state.last_timestep is not None and value != state.last_timestep:
-            direction = 1 if value > state.last_timestep else -1
-            if value == state.first_timestep or (state.direction and direction != state.direction):
-                self.reset_state()
-                state = self.state
-            else:
-                state.direction = direction
-        if value is None or state.last_timestep is None or value != state.last_timestep:
-            state.step += 1
-            state.call_in_step = 0
-            if state.first_timestep is None:
-                state.first_timestep = value
-        else:
-            state.call_in_step += 1
-        state.last_timestep = value
-
-    def reset_state(self) -> None:
-        self.state = DenoiserState(run=self.state.run + 1)
+        state.run, state.step, state.call_in_step, state.call_index = (steps.run, steps.step, steps.call_in_step,
+                                                                       steps.call_index)
 
 
 @dataclass
@@ -424,6 +386,7 @@ def unregister(model: torch.nn.Module) -> None:
         registry.remove_hook(HOOK_NAME, recurse=False)
     for hook in denoiser_hooks(model):
         hook.detach()
+        hook.context.release()
     invalidate_registry_caches(model)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ...denoisers import unwrap
 from . import animatediff, cogvideox, hunyuan_video, ltx, mochi, wan
 from .base import Adapter
 
@@ -17,11 +18,6 @@ ADAPTERS: tuple[Adapter, ...] = (
 )
 
 SUPPORTED_MODELS: tuple[str, ...] = tuple(name for adapter in ADAPTERS for name in adapter.model_classes)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module ``torch.compile`` wrapped, or the module itself."""
-    return getattr(model, "_orig_mod", model)
 
 
 def find_adapter(model: torch.nn.Module) -> Adapter:

@@ -1,0 +1,27 @@
+"""Acceleration methods as plug-ins (see :mod:`vdtome.methods.base`), registered here, one line each.
+
+A new method is one module under this package and one line in ``REGISTERED`` below; the engine, the
+report, the app's form and the CLI read everything else from the registry.
+"""
+
+import importlib
+
+from .base import Applied, Evidence, FormField, Method, MethodReport, config_fields
+from .registry import METHODS, method_named, method_of, register
+from .stack import AppliedStack, apply_stack, check_available, check_stack, stack_label
+
+# The methods, in the order the form lists them: adding one is one line here.
+REGISTERED = (
+    "tome",
+    "first_block_cache",
+    "pyramid_attention_broadcast",
+    "faster_cache",
+    "taylorseer_cache",
+    "mag_cache",
+)
+for _module in REGISTERED:
+    register(importlib.import_module(f".{_module}", __name__).METHOD)
+
+__all__ = ["METHODS", "Applied", "AppliedStack", "Evidence", "FormField", "Method", "MethodReport", "apply_stack",
+           "check_available", "check_stack", "config_fields", "method_named", "method_of", "register",
+           "stack_label"]

@@ -1,0 +1,199 @@
+"""The method seam: what an acceleration method provides and the typed report it returns.
+
+A method is a frozen config dataclass, ``apply(pipe, config) -> Applied`` (``reset`` after a
+warm-up, ``remove`` undoes exactly, ``report`` returns a :class:`MethodReport`) and its form fields,
+declared without Gradio. Nothing above this seam reads a method's own field names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from ..validation import PLAIN_DECIMAL, RequestError, boolean, choice, choices, finite_number, whole_number
+
+FieldKind = Literal["number", "integer", "boolean", "choice", "choices"]
+
+
+@dataclass(frozen=True)
+class FormField:
+    """One input of a method's form. ``name`` is the request / API parameter name, unique across
+    every registered method; ``sweepable`` numeric fields can be swept by the app and the CLI."""
+
+    name: str
+    kind: FieldKind
+    default: Any
+    label: str
+    help: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    options: tuple[str, ...] = ()
+    sweepable: bool = False
+    advanced: bool = False  # shown folded ("more options")
+
+    def parse(self, value: Any) -> Any:
+        """``value`` as the client sent it, checked against this field's type and range."""
+        what = self.label.lower()
+        if self.kind == "integer":
+            return whole_number(what, value, int(self.minimum), int(self.maximum), self.name)
+        if self.kind == "number":
+            return finite_number(what, value, self.minimum, self.maximum, self.name)
+        if self.kind == "boolean":
+            return boolean(what, value, self.name)
+        if self.kind == "choice":
+            return choice(what, value, self.options, self.name)
+        return choices(what, value, self.options, self.name)
+
+    def from_text(self, value: str) -> Any:
+        """A value typed on a command line ("0.5", "true", "self-attention+feed-forward"), then
+        checked as :meth:`parse` does."""
+        if self.kind == "integer" and re.fullmatch(r"-?[0-9]+", value):
+            return self.parse(int(value))
+        if self.kind == "number" and PLAIN_DECIMAL.fullmatch(value):
+            return self.parse(float(value))
+        if self.kind == "boolean" and value in ("true", "false"):
+            return value == "true"
+        if self.kind == "choices":
+            return self.parse([item for item in value.split("+") if item])
+        return self.parse(value)
+
+    def describe(self) -> str:
+        """One line for ``python -m vdtome methods``."""
+        if self.kind in ("number", "integer"):
+            rule = f"{self.minimum:g}..{self.maximum:g}"
+        elif self.kind == "boolean":
+            rule = "true|false"
+        else:
+            rule = "|".join(self.options)
+        sweep = ", sweepable" if self.sweepable else ""
+        return f"{self.name} = {_literal(self.default)}  ({rule}{sweep}) {self.label}"
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A count that proves the method acted, e.g. 1800 of 3600 block computations skipped."""
+
+    label: str
+    count: int
+    of: int | None = None
+
+    def text(self) -> str:
+        """The count without its label: "1800 of 3600 (50%)"."""
+        if self.of:
+            return f"{self.count} of {self.of} ({self.count / self.of:.0%})"
+        return str(self.count)
+
+
+@dataclass(frozen=True)
+class MethodReport:
+    """What a method did in the latest run.
+
+    ``summary``: short columns for history rows, sweeps and plots (``{"ratio": 0.5}``);
+    ``rows``: metric-table rows (metric, value, note); ``detail``: JSON-safe figures for
+    ``result.json``; ``evidence``: counts that prove it acted (all zero: it did nothing).
+    """
+
+    method: str
+    summary: Mapping[str, Any] = field(default_factory=dict)
+    rows: tuple[tuple[str, str, str], ...] = ()
+    notes: tuple[str, ...] = ()
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    evidence: tuple[Evidence, ...] = ()
+
+    @property
+    def acted(self) -> bool:
+        return any(item.count > 0 for item in self.evidence)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "summary": dict(self.summary),
+            "evidence": [dataclasses.asdict(item) for item in self.evidence],
+            "notes": list(self.notes),
+            "detail": dict(self.detail),
+        }
+
+
+class Applied(Protocol):
+    def reset(self) -> None: ...  # forget statistics and step state (after a warm-up, between runs)
+
+    def remove(self) -> None: ...  # undo exactly
+
+    def report(self) -> MethodReport: ...
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered acceleration method.
+
+    ``parse``: form values by field name -> config (raises :class:`RequestError` naming the
+    field; the generic type and range checks have run already). ``unavailable``: why it cannot
+    serve these denoiser classes (None if it can): asked of a preset before its weights load. ``touches``: the
+    phases it can change (the others are shown unchanged and double as a noise check).
+    ``steps_alike``: every denoising step of the config costs the same (single steps may then
+    serve as the timing protocol's repeats). ``reuses_across_steps``: what it carries from one
+    step to the next ("attention outputs", "block residuals", ...; None: nothing), and
+    ``matching_varies``: whether its token layout changes between steps: the stacking rules of
+    :mod:`vdtome.methods.stack` read these two. ``diffusers_cache``: a diffusers cache hook
+    (diffusers keeps one per model). ``needs_guidance``: works only on a classifier-free-guidance
+    batch (guidance above 1), refused otherwise. ``prepare(pipe, config, steps, run_untimed)``: for a method
+    whose config depends on the call (its step count, a calibration), returns the config to apply
+    for calls of ``steps`` steps; ``run_untimed()`` runs the plain pipeline once at those steps
+    (untimed, latents only), e.g. to calibrate. The engine calls it before applying the stack.
+    """
+
+    name: str
+    label: str
+    config_type: type
+    apply: Callable[[Any, Any], Applied]
+    fields: tuple[FormField, ...]
+    parse: Callable[[Mapping[str, Any]], Any]
+    summary: Callable[[Any], str]
+    unavailable: Callable[[tuple[type, ...]], str | None] = lambda denoiser_types: None
+    on_by_default: bool = False
+    touches: frozenset[str] = frozenset({"denoising"})
+    steps_alike: Callable[[Any], bool] = lambda config: False
+    reuses_across_steps: str | None = None
+    matching_varies: Callable[[Any], bool] = lambda config: False
+    diffusers_cache: bool = False
+    needs_guidance: bool = False
+    prepare: Callable[[Any, Any, int, Callable[[], None]], Any] | None = None
+    docs: str = ""
+
+    @property
+    def enable_field(self) -> str:
+        """The form's on/off switch for this method."""
+        return f"use_{self.name}"
+
+    def form_defaults(self) -> dict[str, Any]:
+        return {f.name: f.default for f in self.fields}
+
+    def from_form(self, values: Mapping[str, Any]) -> Any:
+        """The config from form values (missing ones take their defaults), every value checked."""
+        checked = {f.name: f.parse(values.get(f.name, f.default)) for f in self.fields}
+        return self.parse(checked)
+
+    def config_from(self, overrides: Mapping[str, Any]) -> Any:
+        """The config from ``field=value`` overrides by form field name (the CLI's ``--method``)."""
+        known = {f.name for f in self.fields}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise RequestError(f"{self.name} has no field {unknown[0]!r}; its fields: {', '.join(sorted(known))}",
+                               unknown[0])
+        return self.from_form({**self.form_defaults(), **overrides})
+
+
+def config_fields(config: Any) -> dict[str, Any]:
+    """A config's fields, JSON-safe (tuples as lists)."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(config).items()}

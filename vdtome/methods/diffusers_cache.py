@@ -1,0 +1,126 @@
+"""Step caches that diffusers ships as hooks, applied through the model's own ``enable_cache``.
+
+Nothing is re-implemented: each cache module of this package names its diffusers config, its
+form fields and how to build the config; this module applies it to every denoiser (diffusers'
+``CacheMixin.enable_cache``), resets its state between generations (``_reset_stateful_cache``),
+removes it (``disable_cache``) and reports the computations a :class:`ComputeSpy` saw skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..denoisers import denoiser_types, denoisers_of
+from .base import MethodReport
+from .evidence import ComputeSpy
+
+
+def cache_unavailable(denoiser_types: tuple[type, ...]) -> str | None:
+    """Why no diffusers cache can serve these denoiser classes (None: one can)."""
+    from diffusers.models.cache_utils import CacheMixin
+
+    if any(issubclass(cls, CacheMixin) for cls in denoiser_types):
+        return None
+    names = ", ".join(cls.__name__ for cls in denoiser_types)
+    return f"diffusers' caches do not support {names} (it has no enable_cache)"
+
+
+def block_cache_unavailable(denoiser_types: tuple[type, ...]) -> str | None:
+    """Why a block-level diffusers cache cannot serve these classes: it must know where a block
+    takes and returns its hidden states, which diffusers' ``TransformerBlockRegistry`` records per
+    block class. A model's block classes are read from its module, so no weights are needed."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    reason = cache_unavailable(denoiser_types)
+    if reason:
+        return reason
+    TransformerBlockRegistry._register()  # diffusers fills its registry lazily
+    known = {block.__name__ for block in TransformerBlockRegistry._registry}
+    for cls in denoiser_types:
+        if not known & set(vars(sys.modules[cls.__module__])):
+            return (f"diffusers' TransformerBlockRegistry knows no transformer block of {cls.__name__}, so its "
+                    "block-level caches cannot tell where a block's hidden states go in and come out")
+    return None
+
+
+class AppliedCache:
+    """A diffusers cache on every denoiser of a pipeline, with a spy counting what it skipped."""
+
+    def __init__(self, pipe: Any, config: Any, name: str, build: Callable[[Any, Any, torch.nn.Module], Any],
+                 summary: Callable[[Any], str]) -> None:
+        self.config, self.name, self.summary = config, name, summary
+        self.models: list[torch.nn.Module] = []
+        reason = cache_unavailable(denoiser_types(pipe))
+        if reason:
+            raise ValueError(f"vdtome: {name}: {reason}")
+        try:
+            for model in denoisers_of(pipe):
+                if model.is_cache_enabled:
+                    raise ValueError(f"vdtome: {type(model).__name__} already has a diffusers cache "
+                                     f"({type(model._cache_config).__name__}); diffusers keeps one per model")
+                before = _hooks(model)
+                try:
+                    model.enable_cache(build(config, pipe, model))
+                except BaseException:
+                    _remove_new_hooks(model, before)  # what a half-done enable_cache left
+                    raise
+                self.models.append(model)
+                if _hooks(model) == before:  # e.g. no attention module matched its identifiers
+                    raise ValueError(f"vdtome: {name}: diffusers found nothing to cache in {type(model).__name__}")
+        except BaseException:
+            self.remove()
+            raise
+        self.spy = ComputeSpy(self.models)
+
+    def reset(self) -> None:
+        for model in self.models:
+            model._reset_stateful_cache()
+        self.spy.reset()
+
+    def remove(self) -> None:
+        for model in self.models:
+            model.disable_cache()
+        self.models = []
+        spy = getattr(self, "spy", None)
+        if spy is not None:
+            spy.remove()
+
+    def report(self) -> MethodReport:
+        evidence = self.spy.evidence()
+        return MethodReport(
+            method=self.name,
+            summary={"settings": self.summary(self.config),
+                     "blocks skipped": _share(self.spy.blocks_skipped, self.spy.expected_blocks),
+                     "attention skipped": _share(self.spy.attention_skipped, self.spy.expected_attention)},
+            detail={"config": {k: v for k, v in dataclasses.asdict(self.config).items()},
+                    "expected_block_computations": self.spy.expected_blocks,
+                    "block_computations": self.spy.blocks_run,
+                    "expected_attention_computations": self.spy.expected_attention,
+                    "attention_computations": self.spy.attention_run},
+            evidence=evidence,
+        )
+
+
+def _share(part: int, whole: int) -> float:
+    return round(part / whole, 3) if whole else 0.0
+
+
+def _hooks(model: torch.nn.Module) -> set[tuple[str, str]]:
+    """(module path, hook name) of every diffusers hook under ``model``."""
+    found = set()
+    for path, module in model.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        if registry is not None:
+            found.update((path, name) for name in registry.hooks)
+    return found
+
+
+def _remove_new_hooks(model: torch.nn.Module, before: set[tuple[str, str]]) -> None:
+    for path, name in sorted(_hooks(model) - before, reverse=True):
+        model.get_submodule(path)._diffusers_hook.remove_hook(name, recurse=False)
+    model._cache_config = None

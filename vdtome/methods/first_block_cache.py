@@ -1,0 +1,66 @@
+"""First Block Cache as a plug-in: diffusers' ``FirstBlockCacheConfig`` hook, not a re-implementation.
+
+Each denoiser call runs its first transformer block; when that block's residual changed by less
+than ``threshold`` (relative mean absolute difference) since the last full call, the remaining
+blocks are skipped and their cached residual is added instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .base import FormField, Method
+from .diffusers_cache import AppliedCache, block_cache_unavailable
+
+NAME = "first_block_cache"
+
+
+@dataclass(frozen=True)
+class FirstBlockCache:
+    """``threshold``: the first block's relative residual change below which the other blocks are
+    skipped (0 never skips; larger skips more)."""
+
+    threshold: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"first block cache threshold must be between 0 and 1, got {self.threshold}")
+
+
+FIELDS = (
+    FormField(f"{NAME}_threshold", "number", FirstBlockCache.threshold, "Residual threshold",
+              "skip the other blocks while the first block's residual changes less than this (0: never skip)",
+              0.0, 1.0, 0.01, sweepable=True),
+)
+
+
+def parse(values: Mapping[str, Any]) -> FirstBlockCache:
+    return FirstBlockCache(threshold=values[f"{NAME}_threshold"])
+
+
+def summary(config: FirstBlockCache) -> str:
+    return f"threshold {config.threshold:g}"
+
+
+def build(config: FirstBlockCache, pipe: Any, model: Any) -> Any:
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    return FirstBlockCacheConfig(threshold=config.threshold)
+
+
+METHOD = Method(
+    name=NAME,
+    label="first block cache",
+    config_type=FirstBlockCache,
+    apply=lambda pipe, config: AppliedCache(pipe, config, NAME, build, summary),
+    fields=FIELDS,
+    parse=parse,
+    summary=summary,
+    unavailable=block_cache_unavailable,
+    reuses_across_steps="block residuals",
+    diffusers_cache=True,
+    docs="skips all blocks after the first while the first block's residual barely changes between steps "
+         "(diffusers FirstBlockCacheConfig)",
+)

@@ -1,0 +1,187 @@
+"""MagCache as a plug-in: diffusers' ``MagCacheConfig`` hooks, calibrated here, not re-implemented.
+
+MagCache skips the transformer blocks of a step (adding the last residual instead) while the
+accumulated error predicted from the magnitude ratios of successive residuals stays below a
+threshold. The ratios depend on the checkpoint and the step count, so ``prepare`` records them
+once per (denoiser, step count) with one untimed plain run in diffusers' calibration mode, and
+fills them into the config (hidden fields, not on the form).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import torch
+
+from ..denoisers import denoisers_of
+from .base import FormField, Method, MethodReport
+from .diffusers_cache import AppliedCache, block_cache_unavailable
+
+NAME = "mag_cache"
+MAX_SKIP_STEPS = 10
+# denoiser -> {step count: its ratios, one per step it served}; weak: a pipeline's models may go.
+CALIBRATIONS: WeakKeyDictionary[torch.nn.Module, dict[int, tuple[float, ...]]] = WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class MagCache:
+    """``threshold``: the accumulated error budget below which a step's blocks are skipped;
+    ``max_skip_steps``: most steps skipped in a row; ``retention_ratio``: share of the first steps
+    always computed. Filled in by ``prepare``: ``num_inference_steps`` (the calibrated step count)
+    and ``mag_ratios`` (one row per denoiser, in the pipeline's order). Defaults are diffusers'."""
+
+    threshold: float = 0.06
+    max_skip_steps: int = 3
+    retention_ratio: float = 0.2
+    num_inference_steps: int | None = None
+    mag_ratios: tuple[tuple[float, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"MagCache threshold must be between 0 and 1, got {self.threshold}")
+        if isinstance(self.max_skip_steps, bool) or not isinstance(self.max_skip_steps, int) \
+                or not 1 <= self.max_skip_steps <= MAX_SKIP_STEPS:
+            raise ValueError(f"max_skip_steps must be a whole number from 1 to {MAX_SKIP_STEPS}, "
+                             f"got {self.max_skip_steps!r}")
+        if not 0.0 <= self.retention_ratio <= 1.0:
+            raise ValueError(f"retention ratio must be between 0 and 1, got {self.retention_ratio}")
+        if (self.num_inference_steps is None) != (self.mag_ratios is None):
+            raise ValueError("num_inference_steps and mag_ratios are calibrated together: set both or neither")
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
+        if self.mag_ratios is not None and not all(
+                isinstance(row, tuple) and len(row) <= self.num_inference_steps
+                and all(isinstance(r, float) and math.isfinite(r) and r >= 0 for r in row)
+                for row in self.mag_ratios):
+            raise ValueError("mag_ratios must hold one tuple of finite non-negative floats per denoiser, "
+                             "at most one per step")
+
+
+FIELDS = (
+    FormField(f"{NAME}_threshold", "number", 0.06, "Error threshold",
+              "skip a step's blocks while the error predicted from the calibrated magnitude ratios stays below "
+              "this (0: never skip)", 0.0, 1.0, 0.01, sweepable=True),
+    FormField(f"{NAME}_max_skip_steps", "integer", 3, "Most steps skipped in a row", "", 1, MAX_SKIP_STEPS, 1),
+    FormField(f"{NAME}_retention_ratio", "number", 0.2, "Steps always computed first",
+              "share of the first steps never skipped (1: never skip)", 0.0, 1.0, 0.05, advanced=True),
+)
+
+
+def parse(values: Mapping[str, Any]) -> MagCache:
+    return MagCache(threshold=values[f"{NAME}_threshold"], max_skip_steps=values[f"{NAME}_max_skip_steps"],
+                    retention_ratio=values[f"{NAME}_retention_ratio"])
+
+
+def summary(config: MagCache) -> str:
+    return f"threshold {config.threshold:g} max skip {config.max_skip_steps}"
+
+
+def build(config: MagCache, pipe: Any, model: torch.nn.Module) -> Any:
+    from diffusers.hooks import MagCacheConfig
+
+    # A denoiser that serves no step at this count (a Wan 2.2 expert at 1 step) gets a neutral ratio.
+    ratios = config.mag_ratios[denoisers_of(pipe).index(model)] or (1.0,)
+    return MagCacheConfig(threshold=config.threshold, max_skip_steps=config.max_skip_steps,
+                          retention_ratio=config.retention_ratio, num_inference_steps=len(ratios),
+                          mag_ratios=list(ratios))
+
+
+class AppliedMagCache(AppliedCache):
+    """The calibrated cache; its report says which calibration it used."""
+
+    def __init__(self, pipe: Any, config: MagCache) -> None:
+        if config.mag_ratios is None:
+            raise ValueError("vdtome: mag_cache needs magnitude ratios calibrated for the call's step count; "
+                             "the engine records them with METHOD.prepare before applying it")
+        if len(config.mag_ratios) != len(denoisers_of(pipe)):
+            raise ValueError(f"vdtome: mag_cache: {len(config.mag_ratios)} rows of ratios for "
+                             f"{len(denoisers_of(pipe))} denoisers")
+        super().__init__(pipe, config, NAME, build, summary)
+
+    def report(self) -> MethodReport:
+        report = super().report()
+        steps = self.config.num_inference_steps
+        calibration = {"num_inference_steps": steps, "mag_ratios": [list(row) for row in self.config.mag_ratios],
+                       "how": "one untimed run of the plain pipeline with diffusers' MagCache in calibration mode"}
+        return dataclasses.replace(
+            report, detail={**report.detail, "calibration": calibration},
+            notes=(*report.notes, f"magnitude ratios calibrated by one untimed {steps}-step run of this pipeline"))
+
+
+def prepare(pipe: Any, config: MagCache, steps: int, run_untimed: Callable[[], None]) -> MagCache:
+    """``config`` with the ratios of every denoiser at ``steps`` steps, calibrating once if needed."""
+    models = denoisers_of(pipe)
+    if any(steps not in CALIBRATIONS.get(model, {}) for model in models):
+        calibrate(pipe, steps, run_untimed)
+    return dataclasses.replace(config, num_inference_steps=steps,
+                               mag_ratios=tuple(CALIBRATIONS[model][steps] for model in models))
+
+
+def calibrate(pipe: Any, steps: int, run_untimed: Callable[[], None]) -> None:
+    """One run with diffusers' MagCache in calibration mode (it never skips). Each denoiser's
+    ratios are read from the hook's state after every call of its last block, since diffusers
+    clears them when the run ends; a denoiser called in several cache contexts (one per CFG
+    branch) gets their mean, as diffusers applies one list to every context."""
+    from diffusers.hooks import MagCacheConfig
+
+    # A step count above any call count: at that count diffusers would print and clear the ratios.
+    def calibration(config: MagCache, pipe: Any, model: torch.nn.Module) -> Any:
+        return MagCacheConfig(calibrate=True, num_inference_steps=steps + 1)
+
+    applied = AppliedCache(pipe, MagCache(), NAME, calibration, summary)
+    recorded: dict[torch.nn.Module, dict[str, tuple[float, ...]]] = {model: {} for model in applied.models}
+    handles = []
+    try:
+        for model in applied.models:
+            tail, hook = _tail_hook(model)
+            handles.append(tail.register_forward_hook(_recorder(hook, recorded[model])))
+        run_untimed()
+    finally:
+        for handle in handles:
+            handle.remove()
+        applied.remove()
+    for model, by_context in recorded.items():
+        rows = list(by_context.values())
+        CALIBRATIONS.setdefault(model, {})[steps] = tuple(sum(column) / len(column) for column in zip(*rows))
+
+
+def _tail_hook(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
+    """The model's last block and diffusers' hook on it (the one that records the ratios)."""
+    from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK
+
+    for module in model.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = None if registry is None else registry.get_hook(_MAG_CACHE_BLOCK_HOOK)
+        if hook is not None and hook.is_tail:
+            return module, hook
+    raise ValueError(f"vdtome: mag_cache: diffusers put no tail hook on {type(model).__name__}")
+
+
+def _recorder(hook: Any, store: dict[str, tuple[float, ...]]) -> Callable[..., None]:
+    """A forward hook keeping a copy of the ratios recorded so far, per cache context."""
+    def record(module, args, output) -> None:
+        manager = hook.state_manager
+        store[manager.context.name] = tuple(float(r) for r in manager.get_state().calibration_ratios)
+    return record
+
+
+METHOD = Method(
+    name=NAME,
+    label="MagCache",
+    config_type=MagCache,
+    apply=AppliedMagCache,
+    fields=FIELDS,
+    parse=parse,
+    summary=summary,
+    unavailable=block_cache_unavailable,
+    reuses_across_steps="block residuals",
+    diffusers_cache=True,
+    prepare=prepare,
+    docs="skips a step's blocks while the error predicted from calibrated residual magnitude ratios stays small "
+         "(diffusers MagCacheConfig; calibrated by one untimed run per step count)",
+)

@@ -1,0 +1,109 @@
+"""Pyramid Attention Broadcast as a plug-in: diffusers' ``PyramidAttentionBroadcastConfig`` hook.
+
+Within a timestep range, an attention module computes only every N-th call and returns its stored
+output in between; N is set per kind of attention (spatial self-, temporal self-, cross-attention).
+diffusers keeps one store per attention module, not one per CFG branch: a pipeline that calls the
+denoiser once per branch (Wan) has its branches share it, so a branch may take the other's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..validation import RequestError
+from .base import FormField, Method
+from .diffusers_cache import AppliedCache, cache_unavailable
+
+NAME = "pyramid_attention_broadcast"
+MAX_SKIP = 10
+KINDS = ("spatial", "temporal", "cross")
+
+
+@dataclass(frozen=True)
+class PyramidAttentionBroadcast:
+    """``*_skip_range``: an attention of that kind computes every N-th call and reuses its output
+    in between (1: always computes); ``timestep_range``: reuse only at timesteps strictly between
+    these bounds (diffusers' defaults: 100, 800)."""
+
+    spatial_skip_range: int = 2
+    temporal_skip_range: int = 1
+    cross_skip_range: int = 1
+    timestep_range: tuple[int, int] = (100, 800)
+
+    def __post_init__(self) -> None:
+        for kind in KINDS:
+            value = getattr(self, f"{kind}_skip_range")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SKIP:
+                raise ValueError(f"{kind} attention skip range must be a whole number from 1 to {MAX_SKIP}, "
+                                 f"got {value!r}")
+        low, high = self.timestep_range
+        if not 0 <= low < high <= 1000:
+            raise ValueError(f"timestep range must satisfy 0 <= from < to <= 1000, got {self.timestep_range}")
+
+
+def _skip_field(kind: str, default: int, sweepable: bool = False) -> FormField:
+    return FormField(f"{NAME}_{kind}_skip", "integer", default, f"{kind.capitalize()} attention: compute every N calls",
+                     f"{kind} attention reuses its output for N - 1 calls in between (1: never reuses)",
+                     1, MAX_SKIP, 1, sweepable=sweepable)
+
+
+FIELDS = (
+    _skip_field("spatial", 2, sweepable=True),
+    _skip_field("temporal", 1),
+    _skip_field("cross", 1),
+    FormField(f"{NAME}_timestep_from", "integer", 100, "Reuse above timestep",
+              "outputs are reused only at timesteps strictly between the two bounds", 0, 1000, 1, advanced=True),
+    FormField(f"{NAME}_timestep_to", "integer", 800, "Reuse below timestep", "", 0, 1000, 1, advanced=True),
+)
+
+
+def parse(values: Mapping[str, Any]) -> PyramidAttentionBroadcast:
+    low, high = values[f"{NAME}_timestep_from"], values[f"{NAME}_timestep_to"]
+    if low >= high:
+        raise RequestError(f"the reuse timestep range is empty: {low} to {high}", f"{NAME}_timestep_to")
+    return PyramidAttentionBroadcast(*(values[f"{NAME}_{kind}_skip"] for kind in KINDS), timestep_range=(low, high))
+
+
+def summary(config: PyramidAttentionBroadcast) -> str:
+    ranges = " ".join(f"{kind} {getattr(config, f'{kind}_skip_range')}" for kind in KINDS
+                      if getattr(config, f"{kind}_skip_range") > 1)
+    low, high = config.timestep_range
+    return f"{ranges or 'no reuse'} t {low}-{high}"
+
+
+def build(config: PyramidAttentionBroadcast, pipe: Any, model: Any) -> Any:
+    from diffusers.hooks import PyramidAttentionBroadcastConfig
+
+    # A kind at 1 would store outputs it never reuses: it is left unhooked. With every kind at 1,
+    # spatial is hooked at 1 all the same: diffusers turns "no kind set" into spatial 2.
+    ranges = {kind: getattr(config, f"{kind}_skip_range") for kind in KINDS}
+    hooked = {kind: value if value > 1 else None for kind, value in ranges.items()}
+    if not any(hooked.values()):
+        hooked["spatial"] = 1
+    return PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=hooked["spatial"],
+        temporal_attention_block_skip_range=hooked["temporal"],
+        cross_attention_block_skip_range=hooked["cross"],
+        spatial_attention_timestep_skip_range=config.timestep_range,
+        temporal_attention_timestep_skip_range=config.timestep_range,
+        cross_attention_timestep_skip_range=config.timestep_range,
+        current_timestep_callback=lambda: pipe.current_timestep,
+    )
+
+
+METHOD = Method(
+    name=NAME,
+    label="pyramid attention broadcast",
+    config_type=PyramidAttentionBroadcast,
+    apply=lambda pipe, config: AppliedCache(pipe, config, NAME, build, summary),
+    fields=FIELDS,
+    parse=parse,
+    summary=summary,
+    unavailable=cache_unavailable,
+    reuses_across_steps="attention outputs",
+    diffusers_cache=True,
+    docs="reuses each attention module's output for N - 1 calls within a timestep range, N per kind of "
+         "attention (diffusers PyramidAttentionBroadcastConfig)",
+)

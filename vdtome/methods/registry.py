@@ -1,0 +1,38 @@
+"""The registry of acceleration methods: name -> :class:`Method`, config type -> :class:`Method`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..validation import RequestError
+from .base import Method
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method; names (its own and its form fields') must be new, so no form field clashes."""
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is registered already")
+    taken = {f.name for m in METHODS.values() for f in m.fields} | {m.enable_field for m in METHODS.values()}
+    for name in (method.enable_field, *(f.name for f in method.fields)):
+        if name in taken:
+            raise ValueError(f"{method.name}: form field {name!r} is taken by another method")
+    if any(m.config_type is method.config_type for m in METHODS.values()):
+        raise ValueError(f"{method.config_type.__name__} is registered already")
+    METHODS[method.name] = method
+    return method
+
+
+def method_named(name: Any) -> Method:
+    if not isinstance(name, str) or name not in METHODS:
+        raise RequestError(f"unknown method {name!r}; registered methods: {', '.join(METHODS)}", "method")
+    return METHODS[name]
+
+
+def method_of(config: Any) -> Method:
+    for method in METHODS.values():
+        if type(config) is method.config_type:
+            return method
+    known = ", ".join(m.config_type.__name__ for m in METHODS.values())
+    raise RequestError(f"unknown acceleration config {type(config).__name__}; known: {known}")

@@ -1,0 +1,102 @@
+"""Stacks of methods: checked against the stacking rules, applied in order, undone in reverse.
+
+The rules (each refusal names it, before anything runs):
+* a method appears at most once in a stack;
+* diffusers keeps one cache per model: two diffusers caches cannot stack;
+* a cache that reuses attention outputs across steps cannot stack with a method whose token
+  layout changes between steps (token merging at ratio > 0): a stored output of one step's merged
+  tokens would be unmerged with another step's matching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..validation import RequestError
+from .base import Applied, Method, MethodReport
+from .registry import METHODS, method_of
+
+
+def check_stack(configs: Sequence[Any]) -> tuple[Method, ...]:
+    """The stack's methods, or a :class:`RequestError` naming the broken rule."""
+    methods = tuple(method_of(config) for config in configs)
+    seen: set[str] = set()
+    for method in methods:
+        if method.name in seen:
+            raise RequestError(f"{method.label} appears twice in the stack; a method can be applied once",
+                               method.enable_field)
+        seen.add(method.name)
+    caches = [m for m in methods if m.diffusers_cache]
+    if len(caches) > 1:
+        raise RequestError(f"{caches[0].label} and {caches[1].label} cannot stack: diffusers keeps one cache per "
+                           "model; choose one step cache", caches[1].enable_field)
+    for cache, config in zip(methods, configs):
+        if cache.reuses_across_steps != "attention outputs":
+            continue
+        for other, other_config in zip(methods, configs):
+            if other.matching_varies(other_config):
+                raise RequestError(
+                    f"{cache.label} cannot stack with {other.label}: it reuses attention outputs across steps, "
+                    f"while {other.label} changes its token matching between steps (a stored output would be "
+                    f"restored with another step's matching); stack {other.label} with a block-level cache "
+                    f"({', '.join(_block_level_caches())}) instead", cache.enable_field)
+    return methods
+
+
+def _block_level_caches() -> list[str]:
+    return [m.label for m in METHODS.values() if m.diffusers_cache and m.reuses_across_steps != "attention outputs"]
+
+
+def check_available(methods: Sequence[Method], denoiser_types: tuple[type, ...]) -> None:
+    for method in methods:
+        reason = method.unavailable(denoiser_types)
+        if reason:
+            raise RequestError(f"{method.label} is unavailable for this model: {reason}", method.enable_field)
+
+
+class AppliedStack:
+    """Every method of a stack applied to one pipeline, in order; ``remove`` undoes them in reverse.
+
+    If one fails to apply, the ones before it are removed before the error propagates: the
+    pipeline is left exactly as it was.
+    """
+
+    def __init__(self, pipe: Any, configs: Sequence[Any]) -> None:
+        self.methods = check_stack(configs)
+        self.configs = tuple(configs)
+        self.applied: list[Applied] = []
+        try:
+            for method, config in zip(self.methods, self.configs):
+                self.applied.append(method.apply(pipe, config))
+        except BaseException:
+            self.remove()
+            raise
+
+    def reset(self) -> None:
+        for applied in self.applied:
+            applied.reset()
+
+    def remove(self) -> None:
+        while self.applied:
+            self.applied.pop().remove()
+
+    def reports(self) -> tuple[MethodReport, ...]:
+        return tuple(applied.report() for applied in self.applied)
+
+    def __enter__(self) -> "AppliedStack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def apply_stack(pipe: Any, configs: Sequence[Any]) -> AppliedStack:
+    return AppliedStack(pipe, configs)
+
+
+def stack_label(configs: Sequence[Any]) -> str:
+    """"tome ratio 0.5 stride 1x2x2 + first_block_cache threshold 0.2" (or "none")."""
+    if not configs:
+        return "none"
+    return " + ".join(f"{method_of(c).name} {method_of(c).summary(c)}".strip() for c in configs)

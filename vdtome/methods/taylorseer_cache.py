@@ -1,0 +1,100 @@
+"""TaylorSeer as a plug-in: diffusers' ``TaylorSeerCacheConfig`` hook, not a re-implementation.
+
+Every attention module of the transformer blocks computes in full on refresh steps and, in
+between, forecasts its output with a Taylor series in the step index built from finite
+differences of its past outputs (one series per CFG branch: the hook keys its state by the
+pipeline's cache context). diffusers' default module patterns (``...attn``, fully matched) miss
+the ``attn1`` / ``attn2`` of video models, so the attention modules are named here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .base import FormField, Method
+from .diffusers_cache import AppliedCache, cache_unavailable
+
+NAME = "taylorseer_cache"
+MAX_INTERVAL = 10
+MAX_ORDER = 3
+MAX_WARMUP = 100
+DTYPES = ("bfloat16", "float32")
+# Full-match patterns of the attention modules inside the transformer blocks.
+ATTENTION_MODULES = (r"(?:blocks|transformer_blocks|single_transformer_blocks|temporal_transformer_blocks)"
+                     r"\.\d+\.attn\d*",)
+
+
+@dataclass(frozen=True)
+class TaylorSeerCache:
+    """``cache_interval``: one full computation every N steps after the warm-up (1: always full);
+    ``disable_cache_before_step``: steps computed in full first, to fit the series (at least 1);
+    ``max_order``: the series' order (0 reuses the last output); ``factors_dtype``: the dtype its
+    factors are stored in. Defaults are diffusers'."""
+
+    cache_interval: int = 5
+    disable_cache_before_step: int = 3
+    max_order: int = 1
+    factors_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        for what, low, high in (("cache_interval", 1, MAX_INTERVAL), ("disable_cache_before_step", 1, MAX_WARMUP),
+                                ("max_order", 0, MAX_ORDER)):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{what} must be a whole number from {low} to {high}, got {value!r}")
+        if self.factors_dtype not in DTYPES:
+            raise ValueError(f"factors_dtype must be one of {', '.join(DTYPES)}, got {self.factors_dtype!r}")
+
+
+FIELDS = (
+    FormField(f"{NAME}_interval", "integer", 5, "Compute every N steps",
+              "after the warm-up, attention computes once every N steps and is forecast in between (1: always)",
+              1, MAX_INTERVAL, 1, sweepable=True),
+    FormField(f"{NAME}_warmup_steps", "integer", 3, "Full steps first",
+              "steps computed in full before any forecast, to fit the series", 1, MAX_WARMUP, 1),
+    FormField(f"{NAME}_order", "integer", 1, "Taylor order", "0 reuses the last output; higher orders extrapolate",
+              0, MAX_ORDER, 1, advanced=True),
+    FormField(f"{NAME}_dtype", "choice", "bfloat16", "Factor dtype", "dtype the series' factors are stored in",
+              options=DTYPES, advanced=True),
+)
+
+
+def parse(values: Mapping[str, Any]) -> TaylorSeerCache:
+    return TaylorSeerCache(cache_interval=values[f"{NAME}_interval"],
+                           disable_cache_before_step=values[f"{NAME}_warmup_steps"],
+                           max_order=values[f"{NAME}_order"], factors_dtype=values[f"{NAME}_dtype"])
+
+
+def summary(config: TaylorSeerCache) -> str:
+    return f"interval {config.cache_interval} order {config.max_order} from step {config.disable_cache_before_step}"
+
+
+def build(config: TaylorSeerCache, pipe: Any, model: Any) -> Any:
+    import torch
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    return TaylorSeerCacheConfig(
+        cache_interval=config.cache_interval,
+        disable_cache_before_step=config.disable_cache_before_step,
+        max_order=config.max_order,
+        taylor_factors_dtype=getattr(torch, config.factors_dtype),
+        cache_identifiers=list(ATTENTION_MODULES),
+    )
+
+
+METHOD = Method(
+    name=NAME,
+    label="TaylorSeer",
+    config_type=TaylorSeerCache,
+    apply=lambda pipe, config: AppliedCache(pipe, config, NAME, build, summary),
+    fields=FIELDS,
+    parse=parse,
+    summary=summary,
+    unavailable=cache_unavailable,
+    reuses_across_steps="attention outputs",
+    diffusers_cache=True,
+    docs="forecasts attention outputs between full steps with a Taylor series over past steps "
+         "(diffusers TaylorSeerCacheConfig)",
+)

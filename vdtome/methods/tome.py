@@ -1,0 +1,170 @@
+"""Token merging (ToMe) as a plug-in: its form, its config and its report (the hooks live in
+:mod:`vdtome.tome`). Form names are those the app's API has always taken (``ratio``, ``stride_t``...)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ..tome import ToMeConfig, apply_tome
+from ..validation import RequestError
+from .base import Evidence, FormField, Method, MethodReport
+
+RATIO_STEP = 0.05
+MAX_STRIDE = 4
+MAX_REUSE_STEPS = 10
+# Labels of the target checkboxes and the config field each one sets.
+TARGETS = {"self-attention": "merge_self_attn", "cross-attention queries": "merge_cross_attn",
+           "feed-forward": "merge_ffn"}
+BLOCK_CHOICES = {"all blocks": "all", "every other block": "every_other"}
+# Below this many video tokens per block, attention is a small share of a forward and the cost of
+# matching can outweigh what merging saves (see benchmarks/tome_speed.py for where it pays off).
+FEW_TOKENS = 1024
+
+
+def stride_ratio_cap(stride: tuple[int, int, int]) -> float:
+    """Largest ratio a stride allows, rounded down to the slider step: 1 - 1 / (st * sy * sx).
+
+    Only non-destination tokens can merge; one token per cell is the destination.
+    """
+    cells = math.prod(stride)
+    # Rounded to the step's digits: 19 * 0.05 is 0.9500000000000001, not what anyone would type.
+    return round(math.floor((1.0 - 1.0 / cells) / RATIO_STEP + 1e-9) * RATIO_STEP, 2)
+
+
+def _stride_field(axis: str, default: int) -> FormField:
+    return FormField(f"stride_{axis}", "integer", default, f"Stride {axis}", f"cell size along {axis}",
+                     1, MAX_STRIDE, 1)
+
+
+FIELDS = (
+    FormField("ratio", "number", 0.5, "Merge ratio",
+              "share of video tokens merged before each patched sub-layer; at most 1 - 1/(st*sy*sx) "
+              "(0.75 for stride 1x2x2)", 0.0, stride_ratio_cap((MAX_STRIDE,) * 3), RATIO_STEP, sweepable=True),
+    _stride_field("t", 1),
+    _stride_field("y", 2),
+    _stride_field("x", 2),
+    FormField("strategy", "choice", "bipartite", "Strategy",
+              "bipartite: destinations spread over space-time cells; attnbin: chosen in token-norm order",
+              options=("bipartite", "attnbin")),
+    FormField("blocks", "choice", "all blocks", "Blocks", options=tuple(BLOCK_CHOICES)),
+    FormField("targets", "choices", ("self-attention",), "Merge before", "text tokens are never merged",
+              options=tuple(TARGETS)),
+    FormField("reuse_steps", "integer", 1, "Reuse a matching for k steps", "", 1, MAX_REUSE_STEPS, 1,
+              sweepable=True),
+    FormField("matching", "choice", "shared", "Matching across the CFG batch", options=("shared", "per_sample"),
+              advanced=True),
+    FormField("random_destinations", "boolean", True, "Random destination per cell (seeded)", advanced=True),
+    FormField("local_window", "boolean", True, "Local matching window (linear cost; off = global ToMe)",
+              advanced=True),
+)
+
+
+def parse(values: Mapping[str, Any]) -> ToMeConfig:
+    """Cross-field rules on checked values: the ratio within the stride's cap, a target chosen."""
+    stride = (values["stride_t"], values["stride_y"], values["stride_x"])
+    cap = stride_ratio_cap(stride)
+    if cap <= 0:
+        raise RequestError(f"stride {stride} makes every token a destination: nothing can merge", "stride_x")
+    if values["ratio"] > cap + 1e-9:
+        raise RequestError(
+            f"merge ratio must be between 0 and {cap:.2f} for stride {stride} (one token in every "
+            f"{math.prod(stride)} is a destination and cannot merge), got {values['ratio']:g}", "ratio")
+    targets = values["targets"]
+    if not targets:
+        raise RequestError(f"choose at least one merge target ({', '.join(TARGETS)})", "targets")
+    return ToMeConfig(
+        ratio=values["ratio"],
+        stride=stride,
+        strategy=values["strategy"],
+        blocks=BLOCK_CHOICES[values["blocks"]],
+        reuse_steps=values["reuse_steps"],
+        matching=values["matching"],
+        random_destinations=values["random_destinations"],
+        match_window="auto" if values["local_window"] else None,
+        **{field: label in targets for label, field in TARGETS.items()},
+    )
+
+
+def summary(config: ToMeConfig) -> str:
+    parts = [f"ratio {config.ratio:g}", "stride " + "x".join(map(str, config.stride))]
+    if config.strategy != "bipartite":
+        parts.append(config.strategy)
+    if config.blocks != "all":
+        parts.append(f"blocks {config.blocks}")
+    if config.reuse_steps > 1:
+        parts.append(f"reuse {config.reuse_steps}")
+    return " ".join(parts)
+
+
+class AppliedToMe:
+    def __init__(self, pipe, config: ToMeConfig) -> None:
+        self.config = config
+        self.handle = apply_tome(pipe, config)
+
+    def reset(self) -> None:
+        self.handle.reset()
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def report(self) -> MethodReport:
+        stats = self.handle.stats()
+        total_in = sum(site.total_in for site in stats.sites)
+        merged = total_in - sum(site.total_out for site in stats.sites)
+        tokens = max((site.tokens_in for site in stats.sites), default=0)
+        notes = []
+        if stats.effective_ratio < stats.requested_ratio - 0.02:
+            notes.append(f"effective merge ratio {stats.effective_ratio:.2f} is below the requested "
+                         f"{stats.requested_ratio:.2f}: with stride {self.config.stride} only tokens that are not a "
+                         "cell's destination can merge")
+        if 0 < tokens < FEW_TOKENS:
+            notes.append(f"only {tokens} video tokens per block: attention is a small part of this model's work, so "
+                         "merging can cost more than it saves; speedups show on real models at real sizes "
+                         "(thousands of tokens)")
+        return MethodReport(
+            method="tome",
+            summary={"settings": summary(self.config), "effective ratio": round(stats.effective_ratio, 3)},
+            rows=(("merge ratio (requested / effective)",
+                   f"{stats.requested_ratio:.2f} / {stats.effective_ratio:.2f}",
+                   f"{stats.blocks_patched}/{stats.blocks_total} blocks"),),
+            notes=tuple(notes),
+            detail={
+                "requested_ratio": stats.requested_ratio,
+                "effective_ratio": stats.effective_ratio,
+                "blocks_patched": stats.blocks_patched,
+                "blocks_total": stats.blocks_total,
+                "tokens_per_block": [
+                    {"block": s.block, "target": s.target, "module": s.module, "calls": s.calls,
+                     "tokens_in": s.tokens_in, "tokens_out": s.tokens_out} for s in stats.sites
+                ],
+            },
+            evidence=(Evidence("video tokens merged away (over all patched sub-layer calls)", merged, total_in),),
+        )
+
+
+def _unavailable(denoiser_types: tuple[type, ...]) -> str | None:
+    from ..tome import SUPPORTED_MODELS
+
+    if any(cls.__name__ in SUPPORTED_MODELS for cls in denoiser_types):
+        return None
+    names = ", ".join(cls.__name__ for cls in denoiser_types)
+    return f"token merging does not support {names}; supported models: {', '.join(SUPPORTED_MODELS)}"
+
+
+METHOD = Method(
+    name="tome",
+    label="token merging (ToMe)",
+    config_type=ToMeConfig,
+    apply=AppliedToMe,
+    fields=FIELDS,
+    parse=parse,
+    summary=summary,
+    unavailable=_unavailable,
+    on_by_default=True,
+    # With reuse_steps > 1 some steps compute a matching and others reuse it: steps differ.
+    steps_alike=lambda config: config.reuse_steps == 1,
+    matching_varies=lambda config: config.ratio > 0,
+    docs="merges similar video tokens before chosen sub-layers and restores them after (vdtome.tome)",
+)
