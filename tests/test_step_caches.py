@@ -21,6 +21,7 @@ from vdtome.methods.faster_cache import FasterCache
 from vdtome.methods.first_block_cache import FirstBlockCache
 from vdtome.methods.mag_cache import CALIBRATIONS, MagCache
 from vdtome.methods.pyramid_attention_broadcast import PyramidAttentionBroadcast
+from vdtome.methods.sea_cache import SeaCache
 from vdtome.methods.taylorseer_cache import TaylorSeerCache
 from vdtome.presets import get_preset
 from vdtome.tome import ToMeConfig
@@ -50,6 +51,7 @@ CACHES = {
     "taylorseer_cache": (TRANSFORMERS, TaylorSeerCache(cache_interval=2, disable_cache_before_step=2),
                          TaylorSeerCache(cache_interval=1, disable_cache_before_step=1)),
     "mag_cache": (TRANSFORMERS, MagCache(threshold=0.5), MagCache(threshold=0.5, retention_ratio=1.0)),
+    "sea_cache": (("tiny-wan", "tiny-wan22"), SeaCache(threshold=2.0), SeaCache(threshold=0.0)),
 }
 
 # (method, preset, a fragment of the reason it gives) for the pairs diffusers cannot serve.
@@ -58,6 +60,9 @@ UNAVAILABLE = [
     ("faster_cache", "tiny-wan", "once per CFG branch"),
     ("faster_cache", "tiny-wan22", "once per CFG branch"),
     ("faster_cache", "tiny-ltx", "packed tokens"),
+    ("sea_cache", "tiny-cogvideox", "no adapter"),
+    ("sea_cache", "tiny-cogvideox-rotary", "no adapter"),
+    ("sea_cache", "tiny-ltx", "no adapter"),
 ]
 
 PAIRS = [(name, preset) for name, (presets, _, _) in CACHES.items() for preset in presets]
@@ -246,6 +251,8 @@ def test_every_cache_has_prefixed_fields_one_sweepable_and_valid_defaults():
     (TaylorSeerCache, {"factors_dtype": "int8"}),
     (MagCache, {"mag_ratios": ((1.0, 0.9),)}),  # without its step count
     (MagCache, {"num_inference_steps": 1, "mag_ratios": ((1.0, 0.9),)}),  # more ratios than steps
+    (SeaCache, {"residual_order": 2}),
+    (SeaCache, {"max_consecutive_cached": True}),
 ])
 def test_configs_are_validated(config_type, bad):
     with pytest.raises(ValueError):

@@ -18,6 +18,7 @@ REGISTERED = (
     "faster_cache",
     "taylorseer_cache",
     "mag_cache",
+    "sea_cache",
 )
 for _module in REGISTERED:
     register(importlib.import_module(f".{_module}", __name__).METHOD)

@@ -1,0 +1,116 @@
+"""SeaCache as a plug-in: diffusers' ``SeaCacheConfig`` hooks, not a re-implementation.
+
+Each step, the noisy latents are filtered by a spectral prior (SEA) into an indicator; while the
+accumulated relative change of the indicator stays below a threshold, the block stack is skipped
+and its residual predicted from the last full steps. diffusers needs the pipeline to pass the
+step, sigma and step count through ``cache_context`` and a model adapter that finds the latents:
+it ships both for Wan text-to-video and Cosmos 3 only (elsewhere it silently runs in full).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .base import FormField, Method
+from .diffusers_cache import AppliedCache, block_cache_unavailable
+
+NAME = "sea_cache"
+MAX_STEPS = 100
+MAX_CONSECUTIVE = 10
+# Denoiser classes with a diffusers adapter and a pipeline that passes the scheduler's step and sigma.
+ADAPTED = ("WanTransformer3DModel", "Cosmos3OmniTransformer")
+
+
+@dataclass(frozen=True)
+class SeaCache:
+    """``threshold``: accumulated relative change of the indicator below which the blocks are
+    skipped; ``residual_order``: 0 reuses the last residual, 1 extrapolates from the last two;
+    ``retention_steps`` / ``cache_end_steps``: first / last steps always computed;
+    ``max_consecutive_cached``: most skips in a row (0: no limit); ``power_exp``: exponent of the
+    spectral prior (3 for video). Defaults are diffusers'."""
+
+    threshold: float = 0.25
+    residual_order: int = 1
+    retention_steps: int = 1
+    cache_end_steps: int = 1
+    max_consecutive_cached: int = 2
+    power_exp: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 2.0:
+            raise ValueError(f"SeaCache threshold must be between 0 and 2, got {self.threshold}")
+        for what, low, high in (("residual_order", 0, 1), ("retention_steps", 0, MAX_STEPS),
+                                ("cache_end_steps", 0, MAX_STEPS), ("max_consecutive_cached", 0, MAX_CONSECUTIVE)):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{what} must be a whole number from {low} to {high}, got {value!r}")
+        if not (math.isfinite(self.power_exp) and 0.5 <= self.power_exp <= 6.0):
+            raise ValueError(f"power_exp must be between 0.5 and 6, got {self.power_exp}")
+
+
+FIELDS = (
+    FormField(f"{NAME}_threshold", "number", 0.25, "Change threshold",
+              "skip the blocks while the filtered latents' accumulated relative change stays below this "
+              "(0: never skip)", 0.0, 2.0, 0.01, sweepable=True),
+    FormField(f"{NAME}_residual_order", "integer", 1, "Residual order",
+              "0 reuses the last residual, 1 extrapolates from the last two", 0, 1, 1),
+    FormField(f"{NAME}_max_consecutive", "integer", 2, "Most steps skipped in a row", "0: no limit",
+              0, MAX_CONSECUTIVE, 1),
+    FormField(f"{NAME}_retention_steps", "integer", 1, "First steps always computed", "", 0, MAX_STEPS, 1,
+              advanced=True),
+    FormField(f"{NAME}_end_steps", "integer", 1, "Last steps always computed", "", 0, MAX_STEPS, 1, advanced=True),
+    FormField(f"{NAME}_power_exp", "number", 3.0, "Spectral prior exponent", "3 for video features",
+              0.5, 6.0, 0.5, advanced=True),
+)
+
+
+def parse(values: Mapping[str, Any]) -> SeaCache:
+    return SeaCache(threshold=values[f"{NAME}_threshold"], residual_order=values[f"{NAME}_residual_order"],
+                    retention_steps=values[f"{NAME}_retention_steps"], cache_end_steps=values[f"{NAME}_end_steps"],
+                    max_consecutive_cached=values[f"{NAME}_max_consecutive"], power_exp=values[f"{NAME}_power_exp"])
+
+
+def summary(config: SeaCache) -> str:
+    return f"threshold {config.threshold:g} order {config.residual_order}"
+
+
+def build(config: SeaCache, pipe: Any, model: Any) -> Any:
+    from diffusers.hooks import SeaCacheConfig
+
+    if type(model).__name__ == "WanTransformer3DModel" and model.config.in_channels != model.config.out_channels:
+        raise ValueError("vdtome: sea_cache: diffusers' SeaCache adapter serves Wan text-to-video only (this Wan "
+                         "takes conditioning channels)")
+    return SeaCacheConfig(threshold=config.threshold, residual_order=config.residual_order,
+                          retention_steps=config.retention_steps, cache_end_steps=config.cache_end_steps,
+                          max_consecutive_cached=config.max_consecutive_cached, power_exp=config.power_exp)
+
+
+def unavailable(denoiser_types: tuple[type, ...]) -> str | None:
+    reason = block_cache_unavailable(denoiser_types)
+    if reason:
+        return reason
+    for cls in denoiser_types:
+        if cls.__name__ not in ADAPTED:
+            return (f"diffusers' SeaCache has no adapter for {cls.__name__}: it needs the model's noisy latents "
+                    "and the scheduler's step and sigma from the pipeline, which diffusers provides for Wan "
+                    "text-to-video and Cosmos 3 only")
+    return None
+
+
+METHOD = Method(
+    name=NAME,
+    label="SeaCache",
+    config_type=SeaCache,
+    apply=lambda pipe, config: AppliedCache(pipe, config, NAME, build, summary),
+    fields=FIELDS,
+    parse=parse,
+    summary=summary,
+    unavailable=unavailable,
+    reuses_across_steps="block residuals",
+    diffusers_cache=True,
+    docs="skips the blocks while spectrally filtered latents barely change between steps, predicting their "
+         "residual (diffusers SeaCacheConfig)",
+)
