@@ -95,12 +95,39 @@ def test_sweep_runs_each_ratio_once_on_one_baseline(client):
     outputs = client.predict(prompt=PROMPT, seed=11, ratios="0.5, 0.1 0.3", api_name="/sweep")
     history = outputs[8]["data"]
     swept = history[-3:]
-    assert [row[2] for row in swept] == [0.1, 0.3, 0.5]  # sorted
+    assert [row[2] for row in swept] == [f"tome ratio {r} stride 1x2x2" for r in ("0.1", "0.3", "0.5")]  # sorted
     assert [row[-1] for row in swept] == ["made", "from cache", "from cache"]  # one baseline video for the curve
     plot = outputs[9]
     assert len(plot["data"]) >= 3  # every non-identical run is a point on the speedup/fidelity chart
-    with pytest.raises(ValidationError, match="outside"):
+    with pytest.raises(ValidationError, match="sweep value 0.8: merge ratio must be between 0 and 0.75"):
         client.predict(prompt=PROMPT, ratios="0.2, 0.8", api_name="/sweep")
     # A coarser stride allows more merging: 2x2x2 cells cap the ratio at 0.85.
     outputs = client.predict(prompt=PROMPT, ratio=0.8, stride_t=2, stride_y=2, stride_x=2, api_name="/compare")
     assert rows(outputs[5])["merge ratio (requested / effective)"][1].startswith("0.80 / ")
+
+
+def test_two_methods_stack_through_the_api_and_a_cache_threshold_sweeps(client):
+    outputs = client.predict(prompt=PROMPT, seed=5, ratio=0.5, use_first_block_cache=True,
+                             first_block_cache_threshold=1.0, api_name="/compare")
+    result = json.loads(open(outputs[4]).read())
+    assert result["stack"] == "tome ratio 0.5 stride 1x2x2 + first_block_cache threshold 1"
+    assert [entry["method"] for entry in result["methods"]] == ["tome", "first_block_cache"]
+    for entry in result["methods"]:  # both acted: tokens merged away, blocks skipped
+        assert entry["report"]["evidence"][0]["count"] > 0, entry
+    figures = rows(outputs[5])
+    assert figures["token merging (ToMe): merge ratio (requested / effective)"][1] == "0.50 / 0.50"
+    skipped = figures["first block cache: transformer-block computations skipped (per sample)"][1]
+    assert skipped.split(" of ")[0] != "0"
+    assert outputs[8]["data"][-1][2] == result["stack"]  # the history names the whole stack
+
+    # A stack the rules refuse is refused when submitted, naming the rule; the next good one runs.
+    with pytest.raises(ValidationError, match="diffusers keeps one cache per model"):
+        client.predict(prompt=PROMPT, use_first_block_cache=True, use_mag_cache=True, api_name="/compare")
+    with pytest.raises(ValidationError, match="reuses attention outputs across steps"):
+        client.predict(prompt=PROMPT, use_pyramid_attention_broadcast=True, api_name="/compare")
+    outputs = client.predict(prompt=PROMPT, seed=5, use_tome=False, use_first_block_cache=True,
+                             ratios="0, 1", sweep_field="first_block_cache_threshold", api_name="/sweep")
+    swept = outputs[8]["data"][-2:]
+    assert [row[2] for row in swept] == ["first_block_cache threshold 0", "first_block_cache threshold 1"]
+    assert swept[0][3].startswith("first_block_cache: blocks skipped 0.0")  # threshold 0 never skips
+    assert not swept[1][3].startswith("first_block_cache: blocks skipped 0.0,")

@@ -63,9 +63,12 @@ def set_ratio(page, value: str) -> None:
 
 
 def test_compare_in_the_browser_then_bad_input_then_again(page, tmp_path):
-    # The ratio slider is capped by the stride: 1 - 1/4 for the default (1, 2, 2) cells.
-    page.wait_for_function("() => document.querySelector('#ratio input[type=range]')?.max === '0.75'")
     page.locator("#prompt textarea").fill("A heron lifts off a misty lake at sunrise, wings beating slowly.")
+    # Above the default stride's cap (1 - 1/4): refused at the field with the rule, never clamped.
+    set_ratio(page, "0.8")
+    page.locator("#run").click()
+    page.locator("#ratio").get_by_text("merge ratio must be between 0 and 0.75 for stride (1, 2, 2)").wait_for(
+        state="visible")
     set_ratio(page, "0.3")
     page.locator("#run").click()
 
@@ -127,3 +130,32 @@ def test_a_bad_value_is_shown_at_its_field_and_cancel_stops_a_run(page):
     steps.fill("4")
     page.locator("#run").click()
     page.wait_for_function(f"() => ({HISTORY_ROWS})() === {runs + 1}", timeout=30_000)
+
+
+def test_two_methods_stack_through_the_page(page):
+    runs = page.evaluate(HISTORY_ROWS)
+    page.locator("#method-first_block_cache").get_by_text("first block cache").first.click()  # unfold its group
+    page.locator("#use_first_block_cache input").check()
+    threshold = page.locator("#first_block_cache_threshold input[type=number]")
+    threshold.fill("1")
+    threshold.press("Enter")
+    page.locator("#method-mag_cache").get_by_text("MagCache").first.click()
+    page.locator("#use_mag_cache input").check()  # a second diffusers cache: refused, naming the rule
+    page.locator("#run").click()
+    page.get_by_text("diffusers keeps one cache per model").first.wait_for(state="visible")
+    # The refusal's message covers the switch it names until the next run: untick it by script.
+    page.locator("#use_mag_cache input").evaluate("box => box.click()")
+    assert not page.locator("#use_mag_cache input").is_checked()
+    for close in page.locator(".toast-close").all():
+        close.click()
+
+    page.locator("#run").click()
+    page.wait_for_function(f"() => ({HISTORY_ROWS})() === {runs + 1}", timeout=TIMEOUT_MS)
+    page.wait_for_function(BOTH_PLAYABLE, timeout=TIMEOUT_MS)
+    metrics = page.evaluate(METRICS)
+    assert metrics["token merging (ToMe): merge ratio (requested / effective)"][1].startswith("0.50 / ")
+    skipped = metrics["first block cache: transformer-block computations skipped (per sample)"][1]
+    assert int(skipped.split(" of ")[0]) > 0  # the cache really skipped blocks
+    last_row = page.evaluate("""() => [...document.querySelectorAll('#history-table [role=row]')].at(-1).innerText""")
+    assert "tome ratio 0.5 stride 1x2x2 + first_block_cache threshold 1" in last_row
+    page.locator("#use_first_block_cache input").uncheck()

@@ -92,3 +92,14 @@ def test_negative_prompt_box_follows_the_preset():
     box = app.on_preset("tiny-wan", "blurry")[1]
     assert box.interactive is True and box.value == "blurry"
     assert app.on_preset("cogvideox-2b", "")[-1].value == 1 and app.on_preset("tiny-ltx", "")[-1].value == 7
+
+
+def test_a_method_the_model_cannot_take_is_switched_off_and_locked_with_the_reason():
+    on = [True] * len(app.METHODS)
+    updates = app.on_preset_methods("tiny-animatediff", *on)
+    by_name = dict(zip(app.METHODS, updates))
+    assert by_name["tome"].interactive and by_name["tome"].value is True  # token merging serves the UNet
+    cache = by_name["first_block_cache"]
+    assert cache.value is False and cache.interactive is False and "no enable_cache" in cache.info
+    back = dict(zip(app.METHODS, app.on_preset_methods("tiny-wan", *([False] * len(app.METHODS)))))
+    assert back["first_block_cache"].interactive and back["first_block_cache"].value is False  # the user's choice

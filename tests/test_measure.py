@@ -435,6 +435,44 @@ def test_environment_on_fake_cuda(fake_cuda, monkeypatch):
     assert env["dtype"] == "bfloat16"
 
 
+def test_environment_line_on_fake_cuda(fake_cuda, monkeypatch):
+    """The line a CUDA run prints names the GPU, its driver, both CUDA versions, cuDNN, the packages,
+    the dtype and the attention backend: built from what environment() really returns."""
+    monkeypatch.setattr(torch.version, "cuda", "12.4")  # the runtime this torch was built with
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml([0]))  # driver 550.54.15, CUDA 12040 -> 12.4
+    nvml = sys.modules["pynvml"]
+    nvml.nvmlSystemGetDriverVersion = lambda: b"550.54.15"  # older nvidia-ml-py returns bytes
+    nvml.nvmlSystemGetCudaDriverVersion = lambda: 12060
+    env = measure.environment(torch.device("cuda"), torch.bfloat16)
+    json.dumps(env)
+    line = measure.environment_line(env)
+    parts = line.split(" · ")
+    assert parts[0] == "Fake H100"
+    assert "driver 550.54.15" in parts
+    assert "CUDA 12.4 (torch), 12.6 (driver)" in parts
+    assert "cuDNN 9.1.0" in parts
+    assert f"torch {torch.__version__}" in parts
+    assert f"diffusers {env['versions']['diffusers']}" in parts
+    assert "dtype bfloat16" in parts
+    assert f"attention {env['attention_backend']}" in parts and env["attention_backend"]
+    assert "?" not in line and "None" not in line
+
+
+def test_environment_line_leaves_unknown_parts_out(fake_cuda, monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: None)
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # NVML not importable: no driver, no driver CUDA
+    line = measure.environment_line(measure.environment("cuda"))
+    assert line.startswith("Fake H100 · torch ") and "driver" not in line and "CUDA" not in line
+    assert "dtype" not in line and "?" not in line and "None" not in line
+    cpu = measure.environment_line(measure.environment("cpu", torch.float32))
+    assert "driver" not in cpu and "CUDA" not in cpu and "dtype float32" in cpu
+    assert measure.environment_line({}) == ""  # nothing known, nothing invented
+    old = {"device": "cuda:0", "device_name": "A100", "versions": {"torch": "2.4.0"}, "cudnn_version": 8902}
+    assert measure.environment_line(old) == "A100 · cuDNN 8.9.2 · torch 2.4.0"
+
+
 # ------------------------------------------------------------------------------------------ environment
 
 

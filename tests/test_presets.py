@@ -109,13 +109,18 @@ def test_model_specific_facts(presets):
     assert presets["tiny-cogvideox"].extras["max_sequence_length"] == 226
 
 
-def test_tiny_defaults_match_tiny_constraints(presets):
-    families = {"tiny-wan": "wan", "tiny-cogvideox": "cogvideox", "tiny-ltx": "ltx", "tiny-animatediff": "animatediff"}
-    for name, family in families.items():
-        preset, spec = presets[name], tiny.TINY_CONSTRAINTS[family]
-        call = spec["call"]
-        assert (preset.num_frames, preset.height, preset.width) == (call["num_frames"], call["height"], call["width"])
-        assert preset.constraints.side_multiple == spec["side_multiple"]
+def test_tiny_input_rules_are_stated_once(presets):
+    """models.json's constraints are the only statement of the tiny pipelines' input rules:
+    vdtome.tiny names the presets and the facts the rules follow from, never the rules themselves
+    (tests/test_tiny.py checks the rules against the built pipelines)."""
+    named = {name: key for key, spec in tiny.TINY_CONSTRAINTS.items() for name in spec.get("presets", ())}
+    assert set(named) == {p.name for p in presets.values() if p.is_builtin}
+    rule_keys = {"frames", "side_multiple", *Constraints.__dataclass_fields__}
+    for name, key in named.items():
+        spec = tiny.TINY_CONSTRAINTS[key]
+        assert not rule_keys & set(spec), f"TINY_CONSTRAINTS[{key!r}] restates a rule of {name}"
+        call = spec["call"]  # the builders' known-good call is allowed by the preset
+        assert not presets[name].constraints.check(call["num_frames"], call["height"], call["width"]), name
 
 
 def test_snap_wan(presets):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from vdtome import tiny
+from vdtome.presets import load_presets
 from vdtome.tiny import TINY_CONSTRAINTS
 
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")  # Mochi RoPE, harmless
@@ -220,23 +221,70 @@ def test_clip_tokenizer_is_real_bpe_with_whole_words(tmp_path):
     assert CLIPTokenizer.from_pretrained(tmp_path)(PROMPT).input_ids == tok(PROMPT).input_ids
 
 
-def test_constraints_table_is_consistent_with_the_pipelines():
-    for name, (builder, key) in PIPELINES.items():
-        rules, call = TINY_CONSTRAINTS[key], TINY_CONSTRAINTS[key]["call"]
-        assert call["height"] % rules["side_multiple"] == 0 and call["width"] % rules["side_multiple"] == 0
-        frames = rules["frames"]
-        if frames.endswith("k+1"):
-            assert (call["num_frames"] - 1) % int(frames[:-3]) == 0, name
-    wan = tiny.tiny_wan_pipeline()
-    patch = wan.transformer.config.patch_size
-    assert wan.vae_scale_factor_spatial * patch[1] == TINY_CONSTRAINTS["wan"]["side_multiple"]
-    assert wan.vae_scale_factor_temporal == TINY_CONSTRAINTS["wan"]["vae_scale_factor"]["temporal"]
-    ltx = tiny.tiny_ltx_pipeline()
-    assert ltx.vae_spatial_compression_ratio == TINY_CONSTRAINTS["ltx"]["vae_scale_factor"]["spatial"] == 32
-    assert ltx.vae_temporal_compression_ratio == TINY_CONSTRAINTS["ltx"]["vae_scale_factor"]["temporal"] == 8
-    cog = tiny.tiny_cogvideox_pipeline()
-    assert cog.vae_scale_factor_spatial == 8 and cog.vae_scale_factor_temporal == 4
-    animatediff = tiny.tiny_animatediff_pipeline()
-    assert animatediff.vae_scale_factor == 8
-    assert type(animatediff.unet).__name__ == "UNetMotionModel"
-    assert animatediff.unet.config.motion_max_seq_length == 32
+# The tiny presets' constraints (presets/models.json) are the one statement of the builders' input
+# rules; TINY_CONSTRAINTS names, per pipeline, the presets and the facts those rules follow from.
+TINY_PRESETS = {name: preset for name, preset in load_presets().items() if preset.is_builtin}
+RULES_KEY = {name: key for key, spec in TINY_CONSTRAINTS.items() for name in spec.get("presets", ())}
+
+
+def implied_rules(pipe, key):
+    """(frames_multiple, frames_offset, side_multiple) implied by the built pipeline's own factors."""
+    if key in ("wan", "wan22"):
+        patch = pipe.transformer.config.patch_size
+        return pipe.vae_scale_factor_temporal, 1, pipe.vae_scale_factor_spatial * patch[1]
+    if key == "cogvideox":  # latent frames must be odd: 2 x the temporal factor, plus one
+        return 2 * pipe.vae_scale_factor_temporal, 1, pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size
+    if key == "ltx":
+        return pipe.vae_temporal_compression_ratio, 1, pipe.vae_spatial_compression_ratio * pipe.transformer.config.patch_size
+    assert key == "animatediff", key
+    return 1, 0, pipe.vae_scale_factor
+
+
+def test_every_tiny_preset_is_a_tiny_pipeline():
+    assert set(RULES_KEY) == set(TINY_PRESETS)
+    builders = {key: builder for builder, key in PIPELINES.values()}
+    assert set(RULES_KEY.values()) <= set(builders)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_PRESETS))
+def test_preset_rules_follow_from_the_pipeline(name):
+    preset, key = TINY_PRESETS[name], RULES_KEY[name]
+    rules, facts, pipe = preset.constraints, TINY_CONSTRAINTS[key], preset.build_tiny()
+    assert (rules.frames_multiple, rules.frames_offset, rules.side_multiple) == implied_rules(pipe, key)
+    vae = facts["vae_scale_factor"]
+    if key == "ltx":
+        assert (pipe.vae_spatial_compression_ratio, pipe.vae_temporal_compression_ratio) == (vae["spatial"], vae["temporal"])
+    elif key == "animatediff":
+        assert pipe.vae_scale_factor == vae["spatial"] == 8
+        assert type(pipe.unet).__name__ == "UNetMotionModel"
+        assert rules.max_frames <= pipe.unet.config.motion_max_seq_length == 32
+    else:
+        assert (pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal) == (vae["spatial"], vae["temporal"])
+    call = facts["call"]
+    assert not rules.check(call["num_frames"], call["height"], call["width"])
+
+
+def honoured(pipe, key, frames, height, width):
+    """Whether the pipeline makes a video of exactly this size (False: it refused, or made another)."""
+    try:
+        video = generate(pipe, key, num_frames=frames, height=height, width=width)  # 2 steps: LTX needs 2
+    except (ValueError, RuntimeError):
+        return False
+    return video.shape[:3] == (frames, height, width)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_PRESETS))
+def test_pipeline_accepts_exactly_what_its_preset_allows(name):
+    """Runs at the rules' extremes give the size asked for; one step off a rule does not."""
+    preset, key = TINY_PRESETS[name], RULES_KEY[name]
+    rules, pipe = preset.constraints, preset.build_tiny()
+    (f_lo, f_hi), (s_lo, s_hi), m = rules.valid_frame_range, rules.valid_side_range, rules.side_multiple
+    for size in ((f_lo, s_lo, s_lo + m), (f_hi, s_lo, s_lo), (f_lo, s_hi, s_lo)):
+        assert not rules.check(*size)
+        assert honoured(pipe, key, *size), (name, size)
+    off_rule = [(f_lo, s_lo + m // 2, s_lo), (f_lo, s_lo, s_lo + m // 2)]
+    if rules.frames_multiple > 1:
+        off_rule.append((f_lo + 1, s_lo, s_lo))
+    for size in off_rule:
+        assert rules.check(*size)
+        assert not honoured(pipe, key, *size), (name, size)

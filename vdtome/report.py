@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from .compare import ComparisonResult
+from .measure import environment_line
 from .metrics import PSNR_CAP_DB
 from .protocol import MemoryFigures, PhaseFigures
 from .stats import NOISE_THRESHOLD
@@ -118,20 +119,6 @@ def metric_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str]
     return rows
 
 
-def environment_line(result: ComparisonResult) -> str:
-    env = result.environment
-    versions = env.get("versions", {})
-    parts = [
-        str(env.get("device_name") or env.get("device", "?")),
-        f"driver {env['driver_version']}" if env.get("driver_version") else None,
-        f"torch {versions.get('torch', '?')}",
-        f"diffusers {versions.get('diffusers', '?')}",
-        f"dtype {env.get('dtype', '?')}",
-        f"attention {env.get('attention_backend', '?')}",
-    ]
-    return " · ".join(part for part in parts if part)
-
-
 def protocol_line(result: ComparisonResult) -> str:
     """How the figures were taken, in one sentence the page and the CLI print under the table."""
     timing = result.timing
@@ -156,7 +143,7 @@ def format_table(result: ComparisonResult) -> str:
     s = result.settings
     head = [
         f"{s.preset}: {s.frames} frames, {s.height}x{s.width}, {s.steps} steps, guidance {s.guidance:g}, seed {s.seed}",
-        environment_line(result),
+        environment_line(result.environment),
     ]
     tail = [protocol_line(result)] if result.timing is not None else []
     tail += [f"warning: {warning}" for warning in result.warnings]

@@ -12,7 +12,10 @@ the same weights and the caller's global RNG state is left exactly as it was.
 Sizes mirror the real layouts where it costs nothing (VAE compression factors, patch sizes, text
 encoder families, Wan 2.2's two experts, CogVideoX 2b vs 5b position embeddings) and are tiny
 everywhere else (2 layers, 2 heads, 8-32 channels). ``TINY_CONSTRAINTS`` lists, per model, the
-inputs the pipelines accept and a call that is known to work.
+facts its input rules follow from (VAE factors, patch sizes, sequence lengths) and a call that is
+known to work. The rules themselves (frame rule, side multiple, bounds) are stated once, as the tiny
+presets' ``constraints`` in ``presets/models.json``; tests/test_tiny.py checks them against the built
+pipelines.
 """
 
 from __future__ import annotations
@@ -90,14 +93,16 @@ __all__ = [
 #: Hidden size of every tiny text encoder; the transformers' text/caption/cross-attention dims match it.
 TEXT_DIM = 32
 
-#: Valid inputs per tiny model. ``call`` is a pipeline call known to work (add a prompt, a negative
-#: prompt, ``guidance_scale`` > 1, ``num_inference_steps`` and a ``generator``); the other keys say
-#: which values are allowed and why. "4k+1" means num_frames = 4k + 1 for an integer k >= 0.
+#: What each tiny model's input rules follow from. ``call`` is a pipeline call known to work (add a
+#: prompt, a negative prompt, ``guidance_scale`` > 1, ``num_inference_steps`` and a ``generator``).
+#: ``presets``: the presets in ``presets/models.json`` whose ``constraints`` state the pipeline's input
+#: rules (frames k * multiple + offset, sides a multiple of ..., bounds); they are not repeated here.
 TINY_CONSTRAINTS: dict[str, dict[str, Any]] = {
     "wan": {
         "pipeline": "WanPipeline (Wan 2.1 layout)",
-        "frames": "4k+1",  # VAE temporal factor 4; other counts are rounded down with a warning
-        "side_multiple": 16,  # VAE spatial 8 x patch 2; check_inputs rejects anything else
+        "presets": ("tiny-wan",),
+        # frames 4k+1 (temporal factor 4; other counts are rounded down with a warning); sides a
+        # multiple of 8 x patch 2 = 16 (check_inputs rejects anything else)
         "vae_scale_factor": {"spatial": 8, "temporal": 4},
         "patch_size": (1, 2, 2),
         "max_post_patch_side": 1024,  # rope_max_seq_len bounds latent frames, height / 16, width / 16
@@ -106,8 +111,7 @@ TINY_CONSTRAINTS: dict[str, dict[str, Any]] = {
     },
     "wan22": {
         "pipeline": "WanPipeline with transformer + transformer_2 (Wan 2.2 A14B layout)",
-        "frames": "4k+1",
-        "side_multiple": 16,
+        "presets": ("tiny-wan22",),
         "vae_scale_factor": {"spatial": 8, "temporal": 4},
         "patch_size": (1, 2, 2),
         "max_post_patch_side": 1024,
@@ -118,9 +122,9 @@ TINY_CONSTRAINTS: dict[str, dict[str, Any]] = {
     },
     "cogvideox": {
         "pipeline": "CogVideoXPipeline (rotary=False: 2b layout, rotary=True: 5b layout)",
-        # Latent frames must be odd, otherwise the VAE decodes 4 * latent_frames frames, not num_frames.
-        "frames": "8k+1",
-        "side_multiple": 16,  # VAE spatial 8 x patch 2
+        "presets": ("tiny-cogvideox", "tiny-cogvideox-rotary"),
+        # frames 8k+1: latent frames (temporal factor 4) must be odd, otherwise the VAE decodes
+        # 4 * latent_frames frames, not num_frames; sides a multiple of 8 x patch 2 = 16
         "vae_scale_factor": {"spatial": 8, "temporal": 4},
         "patch_size": 2,
         # rotary=False: the sin-cos table covers exactly max_text_seq_length text tokens, so the call's
@@ -131,8 +135,9 @@ TINY_CONSTRAINTS: dict[str, dict[str, Any]] = {
     },
     "ltx": {
         "pipeline": "LTXPipeline (LTX-Video 0.9.0 layout)",
-        "frames": "8k+1",  # VAE temporal factor 8
-        "side_multiple": 32,  # VAE spatial 32 (patch 4 x 2^3); check_inputs rejects anything else
+        "presets": ("tiny-ltx",),
+        # frames 8k+1 (temporal factor 8); sides a multiple of 32 (VAE patch 4 x 2^3; check_inputs
+        # rejects anything else); at least 2 steps (1 step gives an empty schedule with shift_terminal)
         "vae_scale_factor": {"spatial": 32, "temporal": 8},
         "patch_size": 1,
         "max_sequence_length": "any (default 128)",
@@ -140,8 +145,9 @@ TINY_CONSTRAINTS: dict[str, dict[str, Any]] = {
     },
     "animatediff": {
         "pipeline": "AnimateDiffPipeline (UNet2DConditionModel + MotionAdapter -> UNetMotionModel)",
-        "frames": "1..32",  # motion_max_seq_length
-        "side_multiple": 8,  # VAE spatial 8 (check_inputs); the UNet copes with odd latent sides
+        "presets": ("tiny-animatediff",),
+        # any frames up to the motion adapter's motion_max_seq_length (32); sides a multiple of 8 (VAE
+        # spatial 8, check_inputs; the UNet copes with odd latent sides)
         "vae_scale_factor": {"spatial": 8, "temporal": 1},
         "max_sequence_length": 77,  # CLIP tokenizer model_max_length, fixed by the pipeline
         "call": {"num_frames": 9, "height": 64, "width": 64},  # 8 x 8 latent per frame
@@ -687,7 +693,7 @@ def _wan_flow_scheduler() -> UniPCMultistepScheduler:
 def tiny_wan_pipeline(seed: int = 0) -> WanPipeline:
     """Wan 2.1 text-to-video: tiny ``AutoencoderKLWan`` + UMT5 + ``WanTransformer3DModel`` + UniPC (flow).
 
-    Valid calls: ``TINY_CONSTRAINTS["wan"]`` (frames 4k+1, sides multiple of 16).
+    Valid inputs: the ``tiny-wan`` preset's constraints (frames 4k+1, sides multiple of 16).
     """
     return _assemble(
         WanPipeline,
@@ -705,7 +711,7 @@ def tiny_wan22_pipeline(seed: int = 0, boundary_ratio: float = 0.875) -> WanPipe
 
     ``transformer`` denoises timesteps >= boundary_ratio * 1000 (high noise), ``transformer_2`` the
     rest; with the UniPC flow schedule (shift 3) any run of >= 2 steps calls both.
-    Valid calls: ``TINY_CONSTRAINTS["wan22"]``.
+    Valid inputs: the ``tiny-wan22`` preset's constraints.
     """
     return _assemble(
         WanPipeline,
@@ -724,8 +730,8 @@ def tiny_cogvideox_pipeline(rotary: bool = False, seed: int = 0) -> CogVideoXPip
     """CogVideoX text-to-video: 2b layout (rotary=False, DDIM) or 5b layout (rotary=True, DPM).
 
     Schedulers follow the releases: v-prediction, zero-terminal-SNR, trailing spacing; 2b uses
-    ``snr_shift_scale`` 3, 5b uses 1. Valid calls: ``TINY_CONSTRAINTS["cogvideox"]`` (frames 8k+1,
-    sides multiple of 16, and with rotary=False ``max_sequence_length`` must stay 226).
+    ``snr_shift_scale`` 3, 5b uses 1. Valid inputs: the ``tiny-cogvideox`` preset's constraints
+    (frames 8k+1, sides multiple of 16); with rotary=False ``max_sequence_length`` must stay 226.
     """
     scheduler_kwargs = dict(
         beta_schedule="scaled_linear",
@@ -753,7 +759,7 @@ def tiny_cogvideox_pipeline(rotary: bool = False, seed: int = 0) -> CogVideoXPip
 def tiny_ltx_pipeline(seed: int = 0) -> LTXPipeline:
     """LTX-Video text-to-video: tiny ``AutoencoderKLLTXVideo`` (32x / 8x) + T5 + flow-matching Euler.
 
-    Valid calls: ``TINY_CONSTRAINTS["ltx"]`` (frames 8k+1, sides multiple of 32).
+    Valid inputs: the ``tiny-ltx`` preset's constraints (frames 8k+1, sides multiple of 32), 2+ steps.
     """
     scheduler = FlowMatchEulerDiscreteScheduler(  # LTX-Video's released scheduler config
         num_train_timesteps=1000,
@@ -780,7 +786,7 @@ def tiny_animatediff_pipeline(seed: int = 0) -> AnimateDiffPipeline:
     """AnimateDiff: tiny SD VAE + CLIP text encoder/tokenizer + image UNet + motion adapter, DDIM.
 
     The pipeline turns the ``UNet2DConditionModel`` + ``MotionAdapter`` into a ``UNetMotionModel``
-    itself (``pipe.unet``). Valid calls: ``TINY_CONSTRAINTS["animatediff"]``.
+    itself (``pipe.unet``). Valid inputs: the ``tiny-animatediff`` preset's constraints.
     """
     scheduler = DDIMScheduler(  # the scheduler AnimateDiff's examples use
         beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False, steps_offset=1

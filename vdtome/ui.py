@@ -16,7 +16,8 @@ from .methods import METHODS, FormField, Method, check_stack
 from .metrics import PSNR_CAP_DB
 from .presets import ModelPreset, get_preset
 from .protocol import GpuEstimate, estimate_gpu_time
-from .report import environment_line, metric_rows, protocol_line
+from .measure import environment_line
+from .report import metric_rows, protocol_line
 from .stats import Ratio
 from .validation import RequestError, boolean, decimal_list
 
@@ -232,7 +233,7 @@ def comparison_view(result: ComparisonResult) -> ComparisonView:
     return ComparisonView(
         files=dict(result.files),
         rows=metric_rows(result),
-        environment=environment_line(result),
+        environment=environment_line(result.environment),
         notes=tuple(notes),
         warnings=result.warnings,
         error=result.error,
