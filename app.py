@@ -68,7 +68,6 @@ from vdtome.report import COLUMNS
 from vdtome.serving import ServiceGuard, StrictBlocks, limit_visitors, run_until_abandoned
 from vdtome.ui import (
     CUSTOM_MODEL,
-    method_defaults,
     HISTORY_COLUMNS,
     PLOT_COLUMNS,
     PLOT_SPEEDUP,
@@ -76,8 +75,10 @@ from vdtome.ui import (
     SWEEP_VALUES,
     ComparisonView,
     api_fields,
+    appended_from,
     comparison_view,
     gpu_estimate,
+    method_defaults,
     preset_choice_label,
     preset_info,
     stack_from_form,
@@ -336,6 +337,8 @@ def _endpoint(name: str, fields: tuple[str, ...], sweep: bool, doc: str):
         return await _run_form(values, sweep, history, progress)
 
     handler.__signature__ = signature
+    # Parameters added after token merging stood alone may be left out by clients (StrictBlocks).
+    handler.optional_parameters = {field: defaults.get(field) for field in fields[appended_from(sweep):]}
     handler.__name__ = handler.__qualname__ = name
     handler.__doc__ = doc
     return handler

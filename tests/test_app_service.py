@@ -15,6 +15,7 @@ from gradio_client.exceptions import ValidationError
 from gradio_client.utils import QueueError
 
 from conftest import start_app, stop_app
+from vdtome.ui import api_fields, method_defaults
 
 PROMPT = "A paper boat drifts down a rain-filled gutter past glowing shop windows."
 # A run of about two minutes on 2 cores (7 rounds x 2 sides x 500 steps, each call about 5 s),
@@ -37,6 +38,9 @@ GOOD = ["tiny-wan", PROMPT, "", 0, 9, 64, 64, 2, 5.0, 1, 0.5, 1, 2, 2, "bipartit
 NAMES = ["preset", "prompt", "negative_prompt", "seed", "frames", "height", "width", "steps", "guidance", "rounds",
          "ratio", "stride_t", "stride_y", "stride_x", "strategy", "blocks", "targets", "reuse_steps", "matching",
          "random_destinations", "local_window", "custom_model"]
+# GOOD is what a client written when token merging was the only method sends; the parameters added
+# since (method switches and fields) take their defaults. FULL sends every one of them.
+FULL = GOOD + [method_defaults()[name] for name in api_fields(sweep=False)[len(GOOD):]]
 
 
 @pytest.fixture(scope="module")
@@ -235,15 +239,22 @@ def test_a_bad_value_sent_as_raw_http_is_refused_naming_its_field_then_a_good_ru
     (json.dumps({"data": GOOD[:5]}), "this endpoint takes 22 values (preset, prompt, negative_prompt, seed, frames, "
                                       "height,"),
     (json.dumps({"data": GOOD[:5]}), "got 5: missing height, width, steps"),
-    (json.dumps({"data": [*GOOD, 1, 2]}), "got 24: too many"),
+    (json.dumps({"data": [*FULL, 1, 2]}), f"got {len(FULL) + 2}: too many"),
     # A 23rd value would land where the session's history goes, and be dropped without a word.
-    (json.dumps({"data": [*GOOD, [["forged"]]]}), "got 23: too many (the session's history is kept on the server"),
+    (json.dumps({"data": [*FULL, [["forged"]]]}),
+     f"got {len(FULL) + 1}: too many (the session's history is kept on the server"),
+    # A value where a method's switch goes is checked like any other.
+    (json.dumps({"data": [*GOOD, "yes"]}), None),
 ])
 def test_missing_or_extra_values_are_named(server, body, rule):
     url, _, _ = server
     status, detail = raw_call(url, body=body)
-    assert status == 400 and rule in detail
+    if rule is None:
+        assert status == 422 and "use token merging (ToMe) must be true or false, got 'yes'" in json.dumps(detail)
+    else:
+        assert status == 400 and rule in detail
     assert raw_call(url, GOOD) == (200, "complete")
+    assert raw_call(url, FULL) == (200, "complete")
 
 
 def test_routes_around_the_queue_are_closed_and_named_values_are_checked(server):
@@ -268,9 +279,9 @@ def test_routes_around_the_queue_are_closed_and_named_values_are_checked(server)
 
 
 @pytest.mark.parametrize("ratios, rule", [
-    (None, 'sweep ratios must be text such as "0, 0.25, 0.5", got null'),
-    ("1e-400", "sweep ratio '1e-400' is not a number written like 0.25"),
-    ("0.1, 0.1", "sweep ratio 0.1 is listed twice"),
+    (None, 'sweep values must be text such as "0.1, 0.3, 0.5", got null'),
+    ("1e-400", "sweep values: '1e-400' is not a number written like 0.25"),
+    ("0.1, 0.1", "sweep values: 0.1 is listed twice"),
 ])
 def test_a_sweep_refuses_missing_or_loose_ratios(server, ratios, rule):
     url, _, _ = server
@@ -281,7 +292,7 @@ def test_a_sweep_refuses_missing_or_loose_ratios(server, ratios, rule):
 
 def test_an_empty_sweep_is_refused_through_gradio_client(server):
     url, _, _ = server
-    with pytest.raises(ValidationError, match="sweep ratios are empty"):
+    with pytest.raises(ValidationError, match="sweep values are empty"):
         Client(url, verbose=False).predict(prompt=PROMPT, ratios="  ", api_name="/sweep")
 
 

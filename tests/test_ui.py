@@ -9,7 +9,7 @@ from vdtome.merge import max_merge_ratio
 from vdtome.presets import get_preset
 from vdtome.methods import METHODS
 from vdtome.methods.tome import stride_ratio_cap
-from vdtome.ui import api_fields, preset_choice_label, preset_info, stack_from_form, sweep_stacks
+from vdtome.ui import api_fields, appended_from, preset_choice_label, preset_info, stack_from_form, sweep_stacks
 
 
 @pytest.mark.parametrize("stride", [(1, 2, 2), (2, 2, 2), (1, 3, 3), (1, 1, 2), (4, 4, 4)])
@@ -55,7 +55,7 @@ def test_form_values_become_the_config_they_name():
         (dict(strategy="random"), "strategy", "strategy must be one of"),
         (dict(blocks="some blocks"), "blocks", "blocks must be one of"),
         (dict(targets=[]), "targets", "at least one merge target"),
-        (dict(targets=["values"]), "targets", "unknown merge before 'values'"),
+        (dict(targets=["values"]), "targets", "unknown merge targets 'values'"),
         (dict(targets="self-attention"), "targets", "must be a list of names"),
         (dict(reuse_steps=0), "reuse_steps", "reuse a matching for k steps must be between 1"),
         (dict(random_destinations="false"), "random_destinations", "must be true or false"),
@@ -70,6 +70,7 @@ def test_bad_form_values_name_the_field_and_the_rule(values, field, message):
 def test_the_api_order_is_append_only():
     """Positional API calls written when token merging was the only method keep their meaning."""
     assert api_fields(sweep=False)[: len(LEGACY_ORDER)] == LEGACY_ORDER
+    assert appended_from(sweep=False) == len(LEGACY_ORDER) and appended_from(sweep=True) == len(LEGACY_ORDER) + 1
     assert api_fields(sweep=True)[: len(LEGACY_ORDER) + 1] == (*LEGACY_ORDER, "ratios")
     assert api_fields(sweep=True)[-1] == "sweep_field" and "use_tome" in api_fields(sweep=False)
     names = api_fields(sweep=True)

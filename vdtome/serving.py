@@ -217,6 +217,8 @@ async def _read_body(receive) -> tuple[bytes, Callable]:
 class StrictBlocks(gr.Blocks):
     """``gr.Blocks`` whose public endpoints refuse missing or extra values with the fields named
     (Gradio's own check ignores extra values, and a value sent where the session's state goes).
+    Trailing parameters a handler lists in ``optional_parameters`` (name -> default) may be left
+    out: clients written before they were added keep working.
     Raised while the request is validated, before it is queued, so the message reaches the client
     as the join's ``detail``."""
 
@@ -233,16 +235,32 @@ class StrictBlocks(gr.Blocks):
         if not public or (len(inputs) == len(block_fn.inputs) and not sent_state):
             return super().validate_inputs(block_fn, inputs)
         names = self._parameter_names(block_fn)
-        takes = f"this endpoint takes {len(names)} values ({', '.join(names)}); got {len(inputs)}"
+        optional = getattr(self._handler(block_fn).fn, "optional_parameters", {})
+        required = [name for name in names if name not in optional]
+        missing = names[len(inputs):]
+        if missing and not sent_state and len(inputs) >= len(required) and all(name in optional for name in missing):
+            # A client written before these parameters existed: their defaults apply (in place:
+            # Gradio goes on with this list).
+            values = iter([*inputs, *(optional[name] for name in missing)])
+            inputs[:] = [None if i in state else next(values) for i in range(len(block_fn.inputs))]
+            return super().validate_inputs(block_fn, inputs)
+        takes = f"this endpoint takes {len(required)} values ({', '.join(required)})"
+        if optional:
+            takes += f" and up to {len(optional)} more, each with a default ({', '.join(optional)})"
+        takes += f"; got {len(inputs)}"
         if len(inputs) >= len(block_fn.inputs):
             raise ValueError(f"{takes}: too many (the session's history is kept on the server, not sent)"
                              if sent_state and len(inputs) == len(block_fn.inputs) else f"{takes}: too many")
-        missing = names[len(inputs):]
+        missing = [name for name in names[len(inputs):] if name not in optional]
         raise ValueError(takes + (f": missing {', '.join(missing)}" if missing else
                                   ": the session's state is missing (send the values through /gradio_api/call/)"))
 
-    def _parameter_names(self, block_fn) -> list[str]:
+    def _handler(self, block_fn):
+        """The public endpoint a validator belongs to (they share their inputs)."""
         public = (fn for fn in self.fns.values() if fn.api_visibility == "public" and fn.inputs == block_fn.inputs)
-        parameters = inspect.signature(next(public, block_fn).fn).parameters
+        return next(public, block_fn)
+
+    def _parameter_names(self, block_fn) -> list[str]:
+        parameters = inspect.signature(self._handler(block_fn).fn).parameters
         return [name for name, component in zip(parameters, block_fn.inputs)
                 if not getattr(component, "skip_api", False)]

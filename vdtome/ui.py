@@ -52,13 +52,20 @@ def api_fields(sweep: bool) -> tuple[str, ...]:
     return tuple(names)
 
 
+def appended_from(sweep: bool) -> int:
+    """How many of :func:`api_fields` a client must send: those of the app before methods stacked;
+    the ones after were appended later and take their defaults when left out."""
+    first = next(iter(METHODS.values()))
+    return len(REQUEST_FIELDS) + len(first.fields) + 1 + int(sweep)
+
+
 def method_defaults() -> dict[str, Any]:
     """Every method field's default and every switch (on for methods on by default)."""
     values: dict[str, Any] = {}
     for method in METHODS.values():
         values[method.enable_field] = method.on_by_default
         values.update(method.form_defaults())
-    return values
+    return values | {SWEEP_FIELD: sweep_choices()[0][1]}
 
 
 def stack_from_form(values: Mapping[str, Any]) -> tuple[Any, ...]:

@@ -37,7 +37,7 @@ class FormField:
 
     def parse(self, value: Any) -> Any:
         """``value`` as the client sent it, checked against this field's type and range."""
-        what = self.label.lower()
+        what = self.label[:1].lower() + self.label[1:]  # "stride t", "MagCache threshold"
         if self.kind == "integer":
             return whole_number(what, value, int(self.minimum), int(self.maximum), self.name)
         if self.kind == "number":
