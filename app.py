@@ -42,7 +42,6 @@ os.environ["GRADIO_TEMP_DIR"] = str(GRADIO_CACHE)
 import dataclasses
 import inspect
 import signal
-import threading
 
 import gradio as gr
 import pandas as pd
@@ -50,7 +49,15 @@ import torch
 from starlette.middleware import Middleware
 
 from vdtome.cancel import CancelFlag, CancelFlags
-from vdtome.compare import MAX_ROUNDS, Cancelled, ComparisonEngine, ComparisonRequest, ProgressEvent, resolve
+from vdtome.compare import (
+    MAX_ROUNDS,
+    Cancelled,
+    ComparisonEngine,
+    ComparisonRequest,
+    ProgressEvent,
+    default_engine,
+    resolve,
+)
 from vdtome.denoisers import pipeline_denoiser_types
 from vdtome.limits import ServiceLimits
 from vdtome.methods import METHODS, FormField, check_available, check_stack, stack_label
@@ -99,8 +106,6 @@ LIMITS = ServiceLimits.from_env(PRESETS)
 # ZeroGPU attaches a GPU to each call (the app's own process has none); elsewhere ask torch.
 HAS_GPU = ON_ZERO_GPU or torch.cuda.is_available()
 
-_engine: ComparisonEngine | None = None
-_engine_lock = threading.Lock()
 # Files, not events: they reach the ZeroGPU worker that generates (see vdtome.cancel).
 CANCEL_FLAGS = CancelFlags(INSTANCE_DIR / "cancel")
 
@@ -110,12 +115,9 @@ SWEEP_FIELDS = api_fields(sweep=True)
 
 
 def engine() -> ComparisonEngine:
-    global _engine
-    with _engine_lock:
-        if _engine is None:
-            _engine = ComparisonEngine(output_root=INSTANCE_DIR / "outputs", keep_outputs=KEEP_OUTPUTS,
-                                       keep_bytes=LIMITS.outputs_mb * 2**20)
-        return _engine
+    """The process's one engine (vdtome.compare.default_engine), with this instance's folders."""
+    return default_engine(output_root=INSTANCE_DIR / "outputs", keep_outputs=KEEP_OUTPUTS,
+                          keep_bytes=LIMITS.outputs_mb * 2**20)
 
 
 # ---- the GPU part (one function, so ZeroGPU can wrap it) ------------------------------------------

@@ -319,3 +319,14 @@ def test_cli_prints_a_table_and_writes_the_files(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert bad.returncode == 2 and "ratio must be a number in [0, 1)" in bad.stderr
+
+
+def test_the_app_and_the_library_share_one_engine(monkeypatch):
+    import vdtome.compare as compare
+
+    monkeypatch.setattr(compare, "_default_engine", None)
+    monkeypatch.setattr(compare, "_default_settings", {})
+    first = compare.default_engine(keep_outputs=3)
+    assert compare.default_engine() is first and compare.default_engine(keep_outputs=3) is first
+    with pytest.raises(RuntimeError, match="already created"):
+        compare.default_engine(keep_outputs=4)  # never a second engine with its own pipelines

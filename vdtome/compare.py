@@ -658,14 +658,20 @@ def _displayable(frames: np.ndarray) -> np.ndarray:
 
 
 _default_engine: ComparisonEngine | None = None
+_default_settings: dict[str, Any] = {}
 _default_lock = threading.Lock()
 
 
-def default_engine() -> ComparisonEngine:
-    global _default_engine
+def default_engine(**settings: Any) -> ComparisonEngine:
+    """The process's one engine (loaded pipelines, cached baselines), shared by the library's
+    :func:`run_comparison` and the app. ``settings`` (``ComparisonEngine`` arguments) configure it
+    on first use; asking again with other settings is an error rather than a second engine."""
+    global _default_engine, _default_settings
     with _default_lock:
         if _default_engine is None:
-            _default_engine = ComparisonEngine()
+            _default_engine, _default_settings = ComparisonEngine(**settings), settings
+        elif settings and settings != _default_settings:
+            raise RuntimeError(f"the default engine was already created with {_default_settings}; got {settings}")
         return _default_engine
 
 
