@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..denoisers import denoiser_types, denoisers_of
-from .base import MethodReport
+from .base import FormField, Method, MethodReport
 from .evidence import ComputeSpy
 
 
@@ -46,6 +46,17 @@ def block_cache_unavailable(denoiser_types: tuple[type, ...]) -> str | None:
             return (f"diffusers' TransformerBlockRegistry knows no transformer block of {cls.__name__}, so its "
                     "block-level caches cannot tell where a block's hidden states go in and come out")
     return None
+
+
+def cache_method(name: str, label: str, config_type: type, fields: tuple[FormField, ...],
+                 parse: Callable[[Any], Any], summary: Callable[[Any], str], build: Callable[[Any, Any, Any], Any],
+                 *, reuses: str, docs: str, unavailable: Callable[[tuple[type, ...]], str | None] = cache_unavailable,
+                 **extra: Any) -> Method:
+    """The :class:`Method` of a diffusers cache: applied by :class:`AppliedCache` with ``build``
+    (config, pipe, denoiser -> diffusers config) unless ``extra`` names another ``apply``."""
+    extra.setdefault("apply", lambda pipe, config: AppliedCache(pipe, config, name, build, summary))
+    return Method(name=name, label=label, config_type=config_type, fields=fields, parse=parse, summary=summary,
+                  unavailable=unavailable, reuses_across_steps=reuses, diffusers_cache=True, docs=docs, **extra)
 
 
 class AppliedCache:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..validation import RequestError
-from .base import FormField, Method
-from .diffusers_cache import AppliedCache, cache_unavailable
+from .base import FormField
+from .diffusers_cache import cache_method, cache_unavailable
 
 NAME = "faster_cache"
 MAX_SKIP = 10
@@ -147,17 +147,10 @@ def unavailable(denoiser_types: tuple[type, ...]) -> str | None:
     return None
 
 
-METHOD = Method(
-    name=NAME,
-    label="FasterCache",
-    config_type=FasterCache,
-    apply=lambda pipe, config: AppliedCache(pipe, config, NAME, build, summary),
-    fields=FIELDS,
-    parse=parse,
-    summary=summary,
+METHOD = cache_method(
+    NAME, "FasterCache", FasterCache, FIELDS, parse, summary, build,
+    reuses="attention outputs",
     unavailable=unavailable,
-    reuses_across_steps="attention outputs",
-    diffusers_cache=True,
     needs_guidance=True,
     docs="extrapolates self-attention outputs between computed steps and approximates the unconditional CFG "
          "branch from the conditional one (diffusers FasterCacheConfig)",

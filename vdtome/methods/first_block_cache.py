@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import FormField, Method
-from .diffusers_cache import AppliedCache, block_cache_unavailable
+from .base import FormField
+from .diffusers_cache import block_cache_unavailable, cache_method
 
 NAME = "first_block_cache"
 
@@ -50,17 +50,10 @@ def build(config: FirstBlockCache, pipe: Any, model: Any) -> Any:
     return FirstBlockCacheConfig(threshold=config.threshold)
 
 
-METHOD = Method(
-    name=NAME,
-    label="first block cache",
-    config_type=FirstBlockCache,
-    apply=lambda pipe, config: AppliedCache(pipe, config, NAME, build, summary),
-    fields=FIELDS,
-    parse=parse,
-    summary=summary,
+METHOD = cache_method(
+    NAME, "first block cache", FirstBlockCache, FIELDS, parse, summary, build,
+    reuses="block residuals",
     unavailable=block_cache_unavailable,
-    reuses_across_steps="block residuals",
-    diffusers_cache=True,
     docs="skips all blocks after the first while the first block's residual barely changes between steps "
          "(diffusers FirstBlockCacheConfig)",
 )

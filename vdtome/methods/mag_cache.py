@@ -19,8 +19,8 @@ from weakref import WeakKeyDictionary
 import torch
 
 from ..denoisers import denoisers_of
-from .base import FormField, Method, MethodReport
-from .diffusers_cache import AppliedCache, block_cache_unavailable
+from .base import FormField, MethodReport
+from .diffusers_cache import AppliedCache, block_cache_unavailable, cache_method
 
 NAME = "mag_cache"
 MAX_SKIP_STEPS = 10
@@ -170,18 +170,12 @@ def _recorder(hook: Any, store: dict[str, tuple[float, ...]]) -> Callable[..., N
     return record
 
 
-METHOD = Method(
-    name=NAME,
-    label="MagCache",
-    config_type=MagCache,
-    apply=AppliedMagCache,
-    fields=FIELDS,
-    parse=parse,
-    summary=summary,
+METHOD = cache_method(
+    NAME, "MagCache", MagCache, FIELDS, parse, summary, build,
+    reuses="block residuals",
     unavailable=block_cache_unavailable,
-    reuses_across_steps="block residuals",
-    diffusers_cache=True,
     prepare=prepare,
+    apply=AppliedMagCache,
     docs="skips a step's blocks while the error predicted from calibrated residual magnitude ratios stays small "
          "(diffusers MagCacheConfig; calibrated by one untimed run per step count)",
 )

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..validation import RequestError
-from .base import FormField, Method
-from .diffusers_cache import AppliedCache, cache_unavailable
+from .base import FormField
+from .diffusers_cache import cache_method
 
 NAME = "pyramid_attention_broadcast"
 MAX_SKIP = 10
@@ -93,17 +93,9 @@ def build(config: PyramidAttentionBroadcast, pipe: Any, model: Any) -> Any:
     )
 
 
-METHOD = Method(
-    name=NAME,
-    label="pyramid attention broadcast",
-    config_type=PyramidAttentionBroadcast,
-    apply=lambda pipe, config: AppliedCache(pipe, config, NAME, build, summary),
-    fields=FIELDS,
-    parse=parse,
-    summary=summary,
-    unavailable=cache_unavailable,
-    reuses_across_steps="attention outputs",
-    diffusers_cache=True,
+METHOD = cache_method(
+    NAME, "pyramid attention broadcast", PyramidAttentionBroadcast, FIELDS, parse, summary, build,
+    reuses="attention outputs",
     docs="reuses each attention module's output for N - 1 calls within a timestep range, N per kind of "
          "attention (diffusers PyramidAttentionBroadcastConfig)",
 )

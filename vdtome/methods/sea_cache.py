@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import FormField, Method
-from .diffusers_cache import AppliedCache, block_cache_unavailable
+from .base import FormField
+from .diffusers_cache import block_cache_unavailable, cache_method
 
 NAME = "sea_cache"
 MAX_STEPS = 100
@@ -100,17 +100,10 @@ def unavailable(denoiser_types: tuple[type, ...]) -> str | None:
     return None
 
 
-METHOD = Method(
-    name=NAME,
-    label="SeaCache",
-    config_type=SeaCache,
-    apply=lambda pipe, config: AppliedCache(pipe, config, NAME, build, summary),
-    fields=FIELDS,
-    parse=parse,
-    summary=summary,
+METHOD = cache_method(
+    NAME, "SeaCache", SeaCache, FIELDS, parse, summary, build,
+    reuses="block residuals",
     unavailable=unavailable,
-    reuses_across_steps="block residuals",
-    diffusers_cache=True,
     docs="skips the blocks while spectrally filtered latents barely change between steps, predicting their "
          "residual (diffusers SeaCacheConfig)",
 )

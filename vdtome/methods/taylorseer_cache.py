@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import FormField, Method
-from .diffusers_cache import AppliedCache, cache_unavailable
+from .base import FormField
+from .diffusers_cache import cache_method
 
 NAME = "taylorseer_cache"
 MAX_INTERVAL = 10
@@ -84,17 +84,9 @@ def build(config: TaylorSeerCache, pipe: Any, model: Any) -> Any:
     )
 
 
-METHOD = Method(
-    name=NAME,
-    label="TaylorSeer",
-    config_type=TaylorSeerCache,
-    apply=lambda pipe, config: AppliedCache(pipe, config, NAME, build, summary),
-    fields=FIELDS,
-    parse=parse,
-    summary=summary,
-    unavailable=cache_unavailable,
-    reuses_across_steps="attention outputs",
-    diffusers_cache=True,
+METHOD = cache_method(
+    NAME, "TaylorSeer", TaylorSeerCache, FIELDS, parse, summary, build,
+    reuses="attention outputs",
     docs="forecasts attention outputs between full steps with a Taylor series over past steps "
          "(diffusers TaylorSeerCacheConfig)",
 )
