@@ -64,7 +64,7 @@ from skimage.metrics import structural_similarity  # noqa: E402
 from vdtome import tiny  # noqa: E402
 from vdtome.denoisers import denoiser_types  # noqa: E402
 from vdtome.measure import environment, environment_line, retain_freed_host_memory, timed_call  # noqa: E402
-from vdtome.methods import METHODS, apply_stack, check_stack, method_of, stack_label  # noqa: E402
+from vdtome.methods import METHODS, CallPlan, apply_stack, check_stack, method_of, stack_label  # noqa: E402
 from vdtome.methods.evidence import ComputeSpy  # noqa: E402
 from vdtome.metrics import psnr_from_mse  # noqa: E402
 from vdtome.validation import RequestError  # noqa: E402
@@ -160,15 +160,16 @@ def plan(pipe, names: list[str] | None, overrides: dict[str, Any], with_tome: bo
     return variants, skipped
 
 
-def configs_for(pipe, variant: Variant, steps: int, untimed) -> tuple[Any, ...]:
+def configs_for(pipe, variant: Variant, kwargs: dict[str, Any], steps: int, untimed) -> tuple[Any, ...]:
     """The variant's configs for calls of ``steps`` steps (a method's ``prepare``, e.g. MagCache's
     calibration, runs once per step count, untimed, on the plain pipeline), as the engine does."""
     if steps not in variant.prepared:
+        call = CallPlan(steps, kwargs["num_frames"], kwargs["height"], kwargs["width"], kwargs["guidance_scale"])
         configs = []
         for config in variant.configs:
             method = method_of(config)
             if method.prepare is not None:
-                config = method.prepare(pipe, config, steps, lambda: untimed(steps))
+                config = method.prepare(pipe, config, call, lambda: untimed(steps))
             configs.append(config)
         variant.prepared[steps] = tuple(configs)
     return variant.prepared[steps]
@@ -287,9 +288,9 @@ def main() -> None:
     print(f"baseline: {base_time:.2f} s denoising (warm-up)", flush=True)
     for variant in variants:
         if args.warmup_steps:
-            configs = configs_for(pipe, variant, args.warmup_steps, untimed)
+            configs = configs_for(pipe, variant, kwargs, args.warmup_steps, untimed)
             run(pipe, kwargs | {"num_inference_steps": args.warmup_steps}, configs, spy, args.seed)
-        configs_for(pipe, variant, args.steps, untimed)  # calibrations happen here, untimed
+        configs_for(pipe, variant, kwargs, args.steps, untimed)  # calibrations happen here, untimed
     for round_index in range(args.rounds):
         shift = round_index % len(variants)
         for variant in variants[shift:] + variants[:shift]:

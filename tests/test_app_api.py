@@ -116,7 +116,7 @@ def test_two_methods_stack_through_the_api_and_a_cache_threshold_sweeps(client):
         assert entry["report"]["evidence"][0]["count"] > 0, entry
     figures = rows(outputs[5])
     assert figures["token merging (ToMe): merge ratio (requested / effective)"][1] == "0.50 / 0.50"
-    skipped = figures["first block cache: transformer-block computations skipped (per sample)"][1]
+    skipped = figures["first block cache: transformer-block computations skipped (each CFG sample counted)"][1]
     assert skipped.split(" of ")[0] != "0"
     assert outputs[8]["data"][-1][2] == result["stack"]  # the history names the whole stack
 

@@ -10,12 +10,13 @@ listed with the reason the method gives.
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import pytest
 import torch
 
 from vdtome.denoisers import denoisers_of, pipeline_denoiser_types
-from vdtome.methods import METHODS, apply_stack, check_stack, method_of
+from vdtome.methods import METHODS, CallPlan, apply_stack, check_stack, method_of
 from vdtome.methods.evidence import ComputeSpy
 from vdtome.methods.faster_cache import FasterCache
 from vdtome.methods.first_block_cache import FirstBlockCache
@@ -25,6 +26,7 @@ from vdtome.methods.sea_cache import SeaCache
 from vdtome.methods.taylorseer_cache import TaylorSeerCache
 from vdtome.presets import get_preset
 from vdtome.tome import ToMeConfig
+from vdtome.tome.hooks import is_registered
 from vdtome.validation import RequestError
 
 # diffusers' FasterCache calls torch.meshgrid without ``indexing``.
@@ -37,7 +39,7 @@ TRANSFORMERS = ("tiny-wan", "tiny-wan22", "tiny-cogvideox", "tiny-cogvideox-rota
 CACHES = {
     "first_block_cache": (TRANSFORMERS, FirstBlockCache(threshold=1.0), FirstBlockCache(threshold=0.0)),
     "pyramid_attention_broadcast": (
-        TRANSFORMERS,
+        ("tiny-cogvideox", "tiny-cogvideox-rotary", "tiny-ltx"),
         PyramidAttentionBroadcast(spatial_skip_range=2, cross_skip_range=3, timestep_range=(0, 1000)),
         PyramidAttentionBroadcast(spatial_skip_range=1, timestep_range=(0, 1000)),
     ),
@@ -57,6 +59,8 @@ CACHES = {
 # (method, preset, a fragment of the reason it gives) for the pairs diffusers cannot serve.
 UNAVAILABLE = [
     *((name, "tiny-animatediff", "no enable_cache") for name in CACHES),  # UNetMotionModel is no CacheMixin
+    ("pyramid_attention_broadcast", "tiny-wan", "once per CFG branch"),
+    ("pyramid_attention_broadcast", "tiny-wan22", "once per CFG branch"),
     ("faster_cache", "tiny-wan", "once per CFG branch"),
     ("faster_cache", "tiny-wan22", "once per CFG branch"),
     ("faster_cache", "tiny-ltx", "packed tokens"),
@@ -97,7 +101,13 @@ def prepared(pipe, preset_name: str, config):
     method = method_of(config)
     if method.prepare is None:
         return config
-    return method.prepare(pipe, config, STEPS, lambda: generate(pipe, preset_name))
+    return method.prepare(pipe, config, plan(preset_name), lambda: generate(pipe, preset_name))
+
+
+def plan(preset_name: str) -> CallPlan:
+    """The calls ``generate`` makes."""
+    preset = get_preset(preset_name)
+    return CallPlan(STEPS, preset.num_frames, preset.height, preset.width, preset.guidance_scale)
 
 
 def counted(pipe, preset_name: str) -> tuple[torch.Tensor, ComputeSpy]:
@@ -280,15 +290,20 @@ def test_mag_cache_calibrates_once_per_step_count_and_reports_it():
     def run_untimed():
         runs.append(generate(pipe, "tiny-wan22"))
 
-    config = METHODS["mag_cache"].prepare(pipe, MagCache(), STEPS, run_untimed)
-    again = METHODS["mag_cache"].prepare(pipe, MagCache(threshold=0.2), STEPS, run_untimed)
+    calls = plan("tiny-wan22")
+    config = METHODS["mag_cache"].prepare(pipe, MagCache(), calls, run_untimed)
+    again = METHODS["mag_cache"].prepare(pipe, MagCache(threshold=0.2), calls, run_untimed)
     assert len(runs) == 1 and again.mag_ratios == config.mag_ratios and again.threshold == 0.2
+    # Other settings (here: no CFG) are calibrated on their own, never given another's ratios.
+    METHODS["mag_cache"].prepare(pipe, MagCache(), dataclasses.replace(calls, guidance=1.0), run_untimed)
+    assert len(runs) == 2
     assert leftover_hooks(pipe) == [] and not pipe.transformer.is_cache_enabled
     assert torch.equal(runs[0], generate(pipe, "tiny-wan22"))  # calibration mode never skips
     high, low = config.mag_ratios  # one row per expert, one ratio per step it served
     assert len(high) + len(low) == STEPS and len(high) > 0 and len(low) > 0
     assert high[0] == low[0] == 1.0  # diffusers' neutral first ratio
-    assert all(CALIBRATIONS[model][STEPS] == row for model, row in zip(denoisers_of(pipe), config.mag_ratios))
+    assert all(CALIBRATIONS[model][calls][0] == row for model, row in zip(denoisers_of(pipe), config.mag_ratios))
+    assert config.calibrated_on.startswith(f"{STEPS} steps, 9 frames, 64x64, guidance 5 (made at ")
     applied = METHODS["mag_cache"].apply(pipe, config)
     try:
         generate(pipe, "tiny-wan22")
@@ -345,9 +360,30 @@ def test_only_block_level_caches_stack_with_token_merging(name):
 
 
 def test_a_stack_that_fails_to_apply_is_rolled_back():
-    pipe = build("tiny-animatediff")
-    before = generate(pipe, "tiny-animatediff")
-    with pytest.raises(ValueError, match="no enable_cache"):
-        apply_stack(pipe, [ToMeConfig(ratio=0.5), FirstBlockCache(threshold=1.0)])
-    assert leftover_hooks(pipe) == []
-    assert torch.equal(generate(pipe, "tiny-animatediff"), before)
+    pipe = build("tiny-wan")
+    before = generate(pipe, "tiny-wan")
+    applied = []
+    original = METHODS["tome"].apply
+
+    def spied(pipe, config):
+        applied.append(original(pipe, config))
+        return applied[-1]
+
+    tome = dataclasses.replace(METHODS["tome"], apply=spied)
+    with mock.patch.dict(METHODS, {"tome": tome}):
+        # MagCache without its calibration refuses to apply, after token merging was applied.
+        with pytest.raises(ValueError, match="needs magnitude ratios"):
+            apply_stack(pipe, [ToMeConfig(ratio=0.5), MagCache()])
+    assert len(applied) == 1 and not applied[0].handle.active  # token merging was applied, then removed
+    assert leftover_hooks(pipe) == [] and not is_registered(pipe.transformer)
+    assert torch.equal(generate(pipe, "tiny-wan"), before)
+    with pytest.raises(RequestError, match="no enable_cache"):  # availability is checked before any apply
+        apply_stack(build("tiny-animatediff"), [ToMeConfig(ratio=0.5), FirstBlockCache(threshold=1.0)])
+
+
+def test_apply_stack_refuses_a_cache_the_model_cannot_take_before_touching_it():
+    pipe = build("tiny-cogvideox")
+    before = generate(pipe, "tiny-cogvideox")
+    with pytest.raises(RequestError, match="SeaCache is unavailable for this model"):
+        apply_stack(pipe, [SeaCache(threshold=2.0)])  # diffusers would only warn and run in full
+    assert leftover_hooks(pipe) == [] and torch.equal(generate(pipe, "tiny-cogvideox"), before)

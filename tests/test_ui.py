@@ -72,7 +72,12 @@ def test_the_api_order_is_append_only():
     assert api_fields(sweep=False)[: len(LEGACY_ORDER)] == LEGACY_ORDER
     assert appended_from(sweep=False) == len(LEGACY_ORDER) and appended_from(sweep=True) == len(LEGACY_ORDER) + 1
     assert api_fields(sweep=True)[: len(LEGACY_ORDER) + 1] == (*LEGACY_ORDER, "ratios")
-    assert api_fields(sweep=True)[-1] == "sweep_field" and "use_tome" in api_fields(sweep=False)
+    assert api_fields(sweep=True)[len(LEGACY_ORDER) + 1: len(LEGACY_ORDER) + 3] == ("use_tome", "sweep_field")
+    # Each later method is one block, switch then fields, in registration order: a method registered
+    # last only appends.
+    blocks = api_fields(sweep=False)[len(LEGACY_ORDER) + 1:]
+    expected = [name for m in list(METHODS.values())[1:] for name in (m.enable_field, *(f.name for f in m.fields))]
+    assert list(blocks) == expected
     names = api_fields(sweep=True)
     assert len(names) == len(set(names))
 

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="print the full JSON result instead of the table")
     compare.add_argument("--method", action="append", default=[], metavar="NAME[:FIELD=VALUE,...]",
                          help="a method of the stack, repeatable, applied in the order given, e.g. tome:ratio=0.5 "
-                              "first_block_cache:first_block_cache_threshold=0.2 (see `python -m vdtome methods`)")
+                              "first_block_cache:threshold=0.2 (see `python -m vdtome methods`)")
     tome = compare.add_argument_group("token merging alone (when no --method is given)")
     tome.add_argument("--ratio", type=float, default=None, help="default 0.5")
     tome.add_argument("--stride", type=int, nargs=3, default=None, metavar=("ST", "SY", "SX"), help="default 1 2 2")
@@ -167,24 +167,33 @@ def _tome_from_flags(args):
 
 
 def parse_method(text: str):
-    """``NAME[:field=value,...]`` -> that method's config (every value checked by its form's rules)."""
+    """``NAME[:field=value,...]`` -> that method's config (every value checked by its form's rules).
+    A field may be named without its method's prefix (``first_block_cache:threshold=0.2``); a
+    list takes ``+`` between its items (``tome:targets=self-attention+feed-forward``)."""
     from .methods import method_named
+    from .validation import RequestError
 
     name, _, settings = text.partition(":")
     method = method_named(name.strip())
     fields = {f.name: f for f in method.fields}
+    fields |= {f.name.removeprefix(f"{method.name}_"): f for f in method.fields}
     overrides = {}
-    for item in filter(None, (part.strip() for part in settings.split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep:
-            raise ValueError(f"--method {text}: {item!r} is not field=value")
-        if key not in fields:
-            raise ValueError(f"--method {text}: {method.name} has no field {key!r}; its fields: {', '.join(fields)}")
-        if key in overrides:
-            raise ValueError(f"--method {text}: {key} is given twice")
-        overrides[key] = fields[key].from_text(value.strip())
-    return method.config_from(overrides)
+    try:
+        for item in filter(None, (part.strip() for part in settings.split(","))):
+            key, sep, value = item.partition("=")
+            key = key.strip()
+            if not sep:
+                raise RequestError(f"{item!r} is not field=value")
+            if key not in fields:
+                short = ", ".join(f.name.removeprefix(f"{method.name}_") for f in method.fields)
+                raise RequestError(f"{method.name} has no field {key!r}; its fields: {short}")
+            form_field = fields[key]
+            if form_field.name in overrides:
+                raise RequestError(f"{key} is given twice")
+            overrides[form_field.name] = form_field.from_text(value.strip())
+        return method.config_from(overrides)
+    except RequestError as error:
+        raise RequestError(f"--method {text}: {error}", error.field) from None
 
 
 def _methods_text() -> str:

@@ -43,7 +43,7 @@ from .measure import (
     timed_call,
 )
 from .denoisers import denoiser_types
-from .methods import AppliedStack, MethodReport, check_available, check_stack, config_fields, stack_label
+from .methods import AppliedStack, CallPlan, MethodReport, check_available, check_stack, config_fields, stack_label
 from .metrics import Fidelity, Temporal, check_finite, fidelity, temporal_consistency
 from .pipelines import ModelUnavailableError, PipelineCache, default_device
 from .presets import ModelPreset, get_preset
@@ -443,6 +443,9 @@ class ComparisonEngine:
         if base is not None and fast is not None and not base.nonfinite_values and not fast.nonfinite_values:
             fid = fidelity(base.frames, fast.frames)
         notes = list(notes) + [note for report in reports for note in report.notes]
+        notes += [f"{method.label} did nothing in this run ({'; '.join(f'{e.label}: 0' for e in report.evidence)}): "
+                  "its settings never triggered here, so its side ran the baseline's computation"
+                  for method, report in zip(methods, reports) if report.evidence and not report.acted]
         if cached is not None:
             made = time.strftime("%H:%M:%S", time.localtime(cached.measured_at))
             notes.append(f"baseline video reused from the cache (made at {made}); its timing was measured again "
@@ -535,8 +538,10 @@ class _Session:
             configs = []
             for method, config in zip(self.methods, self.configs):
                 if method.prepare is not None:
+                    s = self.settings
+                    call = CallPlan(steps, s.frames, s.height, s.width, s.guidance)
                     stage = f"calibrating {method.label} ({steps} steps)"
-                    config = method.prepare(self.pipe, config, steps, lambda: self._untimed(stage, steps))
+                    config = method.prepare(self.pipe, config, call, lambda: self._untimed(stage, steps))
                 configs.append(config)
             self._prepared[steps] = tuple(configs)
         return self._prepared[steps]

@@ -194,8 +194,11 @@ class TimingSummary:
     denoising: PhaseFigures
     end_to_end: PhaseFigures
     untouched: tuple[PhaseFigures, ...]
+    # Median step from the second on where every step costs alike; else the loop's mean step (a
+    # step cache computes its first steps in full: a median of the later ones would flatter it).
     seconds_per_step: tuple[float | None, float | None]
     memory: tuple[MemoryFigures, ...]  # whole call, then denoising (each where both sides have one)
+    steps_alike: bool = True
     calls: tuple[TimedCall, ...] = field(repr=False, default=())
 
     @property
@@ -222,7 +225,8 @@ class TimingSummary:
             "denoising": self.denoising.to_dict(),
             "end_to_end": self.end_to_end.to_dict(),
             "untouched": [phase.to_dict() for phase in self.untouched],
-            "seconds_per_step": {"baseline": self.seconds_per_step[0], "accelerated": self.seconds_per_step[1]},
+            "seconds_per_step": {"baseline": self.seconds_per_step[0], "accelerated": self.seconds_per_step[1],
+                                 "statistic": "median step" if self.steps_alike else "mean step of the loop"},
             "memory": [figures.to_dict() for figures in self.memory],
             "busy_warning": self.busy_warning,
             "calls": [call.to_dict() for call in self.calls],
@@ -381,14 +385,21 @@ def summarise(
                       if phase not in touched)
     per_step = []
     for side_index in (0, 1):
-        steps = [t for pair in pairs for t in pair[side_index].timing.steps_ms if t]
-        per_step.append(median(steps) / 1000 if steps else None)
+        if steps_alike:
+            steps = [t for pair in pairs for t in pair[side_index].timing.steps_ms if t]
+            per_step.append(median(steps) / 1000 if steps else None)
+            continue
+        loops = [(pair[side_index].timing.phases_ms.get(DENOISING), len(pair[side_index].timing.steps_ms))
+                 for pair in pairs]
+        means = [ms / count / 1000 for ms, count in loops if ms and count]
+        per_step.append(median(means) if means else None)
     return TimingSummary(
         rounds=len(pairs),
         denoising=denoising,
         end_to_end=end_to_end,
         untouched=untouched,
         seconds_per_step=(per_step[0], per_step[1]),
+        steps_alike=steps_alike,
         memory=tuple(m for m in (_memory(calls, True, cached_baseline_memory), _memory(calls, False, None)) if m),
         calls=tuple(calls),
     )

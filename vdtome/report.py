@@ -53,7 +53,8 @@ def _timing_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str
         touched(timing.end_to_end, END_TO_END_LABEL),
     ]
     base_step, fast_step = timing.seconds_per_step
-    rows.append(("seconds per step (median)", NA if base_step is None else f"{base_step:.4f} s",
+    per_step = "seconds per step (median)" if timing.steps_alike else "seconds per step (mean: the method's steps differ)"
+    rows.append((per_step, NA if base_step is None else f"{base_step:.4f} s",
                  NA if fast_step is None else f"{fast_step:.4f} s", "", "lower"))
     label = method_label(result)
     for phase in timing.untouched:
@@ -95,8 +96,8 @@ def metric_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str]
         prefix = f"{method.label}: " if len(result.methods) > 1 else ""
         report = method.report
         rows.extend((prefix + metric, "", value, note, "") for metric, value, note in report.rows)
-        rows.extend((prefix + item.label, "", item.text(), "evidence that it acted", "")
-                    for item in report.evidence)
+        verdict = "evidence that it acted" if report.acted else "it did nothing in this run"
+        rows.extend((prefix + item.label, "", item.text(), verdict, "") for item in report.evidence)
     fid = result.fidelity
     if fid is not None:
         psnr = "identical" if fid.identical else f"{fid.psnr_mean:.2f} dB"

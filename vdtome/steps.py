@@ -4,8 +4,9 @@ The scheduler is the authority on steps: the pipeline calls ``scheduler.set_time
 the start of a generation (a new run) and ``scheduler.step`` once at the end of every denoising
 step; every denoiser call in between is one branch of the step (0 = the first call, e.g. the
 conditional one, 1 = the next, e.g. unconditional). Counting those calls needs no device value,
-so the context adds no host synchronisation on CUDA. The timestep tensor the denoiser received is
-kept by reference for methods that want it (never read here).
+so the context adds no host synchronisation on CUDA. The run's timesteps are copied to the host
+once, when the scheduler sets them, so :meth:`StepContext.current_timestep` answers with a Python
+number: a method comparing it with a range (diffusers' attention caches do) waits for no device.
 
 A bare model (no pipeline, no scheduler) has nothing to count with: there the context falls back
 to the timestep's value (one host read per call): a new value is a new step, a turn back (to the
@@ -35,7 +36,7 @@ class StepState:
     step: int = -1  # denoising step of the current run (0-based)
     call_in_step: int = -1  # 0 for a step's first denoiser call (e.g. cond), 1 for the next (uncond), ...
     call_index: int = -1  # denoiser calls since the run began
-    timestep: Any = None  # what the latest denoiser call received, by reference
+    timestep: Any = None  # what the latest denoiser call received, by reference (never read here)
 
 
 class StepContext:
@@ -47,6 +48,7 @@ class StepContext:
         self.users = 0
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._scheduler = getattr(owner, "scheduler", None) if not isinstance(owner, torch.nn.Module) else None
+        self.timesteps: list[float] = []  # the current run's, on the host
         # Fallback (bare model) bookkeeping.
         self._first_value: float | None = None
         self._last_value: float | None = None
@@ -55,6 +57,21 @@ class StepContext:
     @property
     def driven_by_scheduler(self) -> bool:
         return self._scheduler is not None
+
+    def current_timestep(self) -> float | None:
+        """The current step's timestep as a Python number (None before a run has started)."""
+        if self._scheduler is None:
+            return self._last_value  # a bare model: the value its latest call received
+        step = self.state.step
+        return self.timesteps[step] if 0 <= step < len(self.timesteps) else None
+
+    @classmethod
+    def of(cls, owner: Any) -> "StepContext":
+        """The context already attached to ``owner`` (a method that acquired it passes it on)."""
+        context = getattr(owner, ATTRIBUTE, None)
+        if context is None:
+            raise RuntimeError(f"vdtome: no step context is attached to {type(owner).__name__}")
+        return context
 
     @classmethod
     def acquire(cls, owner: Any) -> "StepContext":
@@ -102,7 +119,9 @@ class StepContext:
         @functools.wraps(set_timesteps)
         def on_set_timesteps(*args, **kwargs):
             self.new_run()
-            return set_timesteps(*args, **kwargs)
+            output = set_timesteps(*args, **kwargs)
+            self.timesteps = [float(t) for t in scheduler.timesteps.detach().cpu()]  # one copy per run
+            return output
 
         @functools.wraps(step)
         def on_step(*args, **kwargs):

@@ -39,16 +39,14 @@ def api_fields(sweep: bool) -> tuple[str, ...]:
     """The endpoints' parameters in order. New parameters are only ever appended, so positional API
     calls written before them keep working: the request's fields, the first registered method's
     fields (token merging: the app's only method before plug-ins) and the custom weights, then (for a
-    sweep) the values to sweep; then every method's on/off switch and the other methods' fields;
-    then (for a sweep) the field to sweep."""
+    sweep) the values to sweep; then the first method's switch and (for a sweep) the field to sweep;
+    then one block per other method, its switch and its fields, in registration order (a new method
+    registers last)."""
     first, *others = METHODS.values()
     names = [*REQUEST_FIELDS, *(f.name for f in first.fields), CUSTOM_MODEL]
-    if sweep:
-        names.append(SWEEP_VALUES)
-    names += [m.enable_field for m in METHODS.values()]
-    names += [f.name for m in others for f in m.fields]
-    if sweep:
-        names.append(SWEEP_FIELD)
+    names += [SWEEP_VALUES, first.enable_field, SWEEP_FIELD] if sweep else [first.enable_field]
+    for method in others:
+        names += [method.enable_field, *(f.name for f in method.fields)]
     return tuple(names)
 
 

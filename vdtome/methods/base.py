@@ -67,8 +67,10 @@ class FormField:
             rule = f"{self.minimum:g}..{self.maximum:g}"
         elif self.kind == "boolean":
             rule = "true|false"
+        elif self.kind == "choice":
+            rule = "one of " + "|".join(self.options)
         else:
-            rule = "|".join(self.options)
+            rule = "any of " + "|".join(self.options) + ", joined by +"
         sweep = ", sweepable" if self.sweepable else ""
         return f"{self.name} = {_literal(self.default)}  ({rule}{sweep}) {self.label}"
 
@@ -125,8 +127,25 @@ class MethodReport:
         }
 
 
+@dataclass(frozen=True)
+class CallPlan:
+    """The pipeline calls a stack is about to be applied around: what a method's ``prepare`` may
+    depend on (a calibration is only valid for the settings it was made at)."""
+
+    steps: int
+    frames: int
+    height: int
+    width: int
+    guidance: float
+
+    def describe(self) -> str:
+        return f"{self.steps} steps, {self.frames} frames, {self.height}x{self.width}, guidance {self.guidance:g}"
+
+
 class Applied(Protocol):
-    def reset(self) -> None: ...  # forget statistics and step state (after a warm-up, between runs)
+    # Forget statistics and step state, e.g. after a warm-up, for a caller that keeps a stack applied
+    # across generations (the engine applies a fresh stack around every call instead).
+    def reset(self) -> None: ...
 
     def remove(self) -> None: ...  # undo exactly
 
@@ -147,10 +166,10 @@ class Method:
     ``matching_varies``: whether its token layout changes between steps: the stacking rules of
     :mod:`vdtome.methods.stack` read these two. ``diffusers_cache``: a diffusers cache hook
     (diffusers keeps one per model). ``needs_guidance``: works only on a classifier-free-guidance
-    batch (guidance above 1), refused otherwise. ``prepare(pipe, config, steps, run_untimed)``: for a method
-    whose config depends on the call (its step count, a calibration), returns the config to apply
-    for calls of ``steps`` steps; ``run_untimed()`` runs the plain pipeline once at those steps
-    (untimed, latents only), e.g. to calibrate. The engine calls it before applying the stack.
+    batch (guidance above 1), refused otherwise. ``prepare(pipe, config, call, run_untimed)``: for a method
+    whose config depends on the calls (their step count, a calibration), returns the config to
+    apply around calls of that :class:`CallPlan`; ``run_untimed()`` runs the plain pipeline once
+    with it (untimed, latents only), e.g. to calibrate. The engine calls it before applying the stack.
     """
 
     name: str
@@ -168,7 +187,7 @@ class Method:
     matching_varies: Callable[[Any], bool] = lambda config: False
     diffusers_cache: bool = False
     needs_guidance: bool = False
-    prepare: Callable[[Any, Any, int, Callable[[], None]], Any] | None = None
+    prepare: Callable[[Any, Any, CallPlan, Callable[[], None]], Any] | None = None
     docs: str = ""
 
     @property

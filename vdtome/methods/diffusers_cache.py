@@ -17,7 +17,15 @@ import torch
 
 from ..denoisers import denoiser_types, denoisers_of
 from .base import FormField, Method, MethodReport
+from ..steps import StepContext
 from .evidence import ComputeSpy
+
+
+def host_timestep(pipe: Any) -> Callable[[], float | None]:
+    """diffusers' ``current_timestep_callback`` from the pipeline's step context: a Python number,
+    so comparing it with a timestep range costs no host sync per attention call (the pipeline's
+    own ``current_timestep`` is a device tensor)."""
+    return StepContext.of(pipe).current_timestep
 
 
 def cache_unavailable(denoiser_types: tuple[type, ...]) -> str | None:
@@ -26,8 +34,8 @@ def cache_unavailable(denoiser_types: tuple[type, ...]) -> str | None:
 
     if any(issubclass(cls, CacheMixin) for cls in denoiser_types):
         return None
-    names = ", ".join(cls.__name__ for cls in denoiser_types)
-    return f"diffusers' caches do not support {names} (it has no enable_cache)"
+    names = " or ".join(cls.__name__ for cls in denoiser_types)
+    return f"diffusers' caches attach only to models with enable_cache (a CacheMixin), and {names} has no enable_cache"
 
 
 def block_cache_unavailable(denoiser_types: tuple[type, ...]) -> str | None:
@@ -69,6 +77,8 @@ class AppliedCache:
         reason = cache_unavailable(denoiser_types(pipe))
         if reason:
             raise ValueError(f"vdtome: {name}: {reason}")
+        # The pipeline's step context: ``build`` may hand its host-side timestep to diffusers.
+        self.context: StepContext | None = StepContext.acquire(pipe)
         try:
             for model in denoisers_of(pipe):
                 if model.is_cache_enabled:
@@ -97,6 +107,9 @@ class AppliedCache:
         for model in self.models:
             model.disable_cache()
         self.models = []
+        if self.context is not None:
+            self.context.release()
+            self.context = None
         spy = getattr(self, "spy", None)
         if spy is not None:
             spy.remove()

@@ -1,6 +1,7 @@
 """A spy that counts the computations a denoiser really ran: the evidence that a cache skipped.
 
-Per sample (a call on a CFG batch of 2 counts 2), over every denoiser call since ``reset``:
+Per sample (a call on a CFG batch of 2 counts 2, so a cache that drops the unconditional half
+skips half), over every denoiser call since ``reset``:
 * expected block computations: samples entering the denoiser x its transformer blocks;
 * block computations: a block call in which any of its attention modules was entered (a block
   a cache skipped returns without calling them);
@@ -102,6 +103,6 @@ class ComputeSpy:
 
     def evidence(self) -> tuple[Evidence, ...]:
         return (
-            Evidence("transformer-block computations skipped (per sample)", self.blocks_skipped, self.expected_blocks),
-            Evidence("attention computations skipped (per sample)", self.attention_skipped, self.expected_attention),
+            Evidence("transformer-block computations skipped (each CFG sample counted)", self.blocks_skipped, self.expected_blocks),
+            Evidence("attention computations skipped (each CFG sample counted)", self.attention_skipped, self.expected_attention),
         )

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..validation import RequestError
 from .base import FormField
-from .diffusers_cache import cache_method, cache_unavailable
+from .diffusers_cache import host_timestep, cache_method, cache_unavailable
 
 NAME = "faster_cache"
 MAX_SKIP = 10
@@ -131,7 +131,7 @@ def build(config: FasterCache, pipe: Any, model: Any) -> Any:
         alpha_low_frequency=config.alpha_low_frequency,
         alpha_high_frequency=config.alpha_high_frequency,
         tensor_format=TENSOR_FORMATS[type(model).__name__],
-        current_timestep_callback=lambda: pipe.current_timestep,
+        current_timestep_callback=host_timestep(pipe),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,13 +20,15 @@ from weakref import WeakKeyDictionary
 import torch
 
 from ..denoisers import denoisers_of
-from .base import FormField, MethodReport
+from .base import CallPlan, FormField, MethodReport
 from .diffusers_cache import AppliedCache, block_cache_unavailable, cache_method
 
 NAME = "mag_cache"
 MAX_SKIP_STEPS = 10
-# denoiser -> {step count: its ratios, one per step it served}; weak: a pipeline's models may go.
-CALIBRATIONS: WeakKeyDictionary[torch.nn.Module, dict[int, tuple[float, ...]]] = WeakKeyDictionary()
+# denoiser -> {the calls calibrated for: (its ratios, one per step it served; when)}; weak: a
+# pipeline's models may go.
+CALIBRATIONS: WeakKeyDictionary[torch.nn.Module, dict[CallPlan, tuple[tuple[float, ...], float]]] = \
+    WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class MagCache:
     retention_ratio: float = 0.2
     num_inference_steps: int | None = None
     mag_ratios: tuple[tuple[float, ...], ...] | None = None
+    calibrated_on: str | None = None  # the calls' settings and when, for the report
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -105,24 +109,29 @@ class AppliedMagCache(AppliedCache):
 
     def report(self) -> MethodReport:
         report = super().report()
-        steps = self.config.num_inference_steps
-        calibration = {"num_inference_steps": steps, "mag_ratios": [list(row) for row in self.config.mag_ratios],
+        calibration = {"num_inference_steps": self.config.num_inference_steps,
+                       "mag_ratios": [list(row) for row in self.config.mag_ratios],
+                       "calibrated_on": self.config.calibrated_on,
                        "how": "one untimed run of the plain pipeline with diffusers' MagCache in calibration mode"}
         return dataclasses.replace(
             report, detail={**report.detail, "calibration": calibration},
-            notes=(*report.notes, f"magnitude ratios calibrated by one untimed {steps}-step run of this pipeline"))
+            notes=(*report.notes, f"MagCache's magnitude ratios come from one untimed calibration run of this "
+                                  f"pipeline at {self.config.calibrated_on}; requests at those settings reuse it "
+                                  "(whatever their prompt and seed)"))
 
 
-def prepare(pipe: Any, config: MagCache, steps: int, run_untimed: Callable[[], None]) -> MagCache:
-    """``config`` with the ratios of every denoiser at ``steps`` steps, calibrating once if needed."""
+def prepare(pipe: Any, config: MagCache, call: CallPlan, run_untimed: Callable[[], None]) -> MagCache:
+    """``config`` with every denoiser's ratios for these calls, calibrating once per settings."""
     models = denoisers_of(pipe)
-    if any(steps not in CALIBRATIONS.get(model, {}) for model in models):
-        calibrate(pipe, steps, run_untimed)
-    return dataclasses.replace(config, num_inference_steps=steps,
-                               mag_ratios=tuple(CALIBRATIONS[model][steps] for model in models))
+    if any(call not in CALIBRATIONS.get(model, {}) for model in models):
+        calibrate(pipe, call, run_untimed)
+    made = min(CALIBRATIONS[model][call][1] for model in models)
+    return dataclasses.replace(config, num_inference_steps=call.steps,
+                               mag_ratios=tuple(CALIBRATIONS[model][call][0] for model in models),
+                               calibrated_on=f"{call.describe()} (made at {time.strftime('%H:%M:%S', time.localtime(made))})")
 
 
-def calibrate(pipe: Any, steps: int, run_untimed: Callable[[], None]) -> None:
+def calibrate(pipe: Any, call: CallPlan, run_untimed: Callable[[], None]) -> None:
     """One run with diffusers' MagCache in calibration mode (it never skips). Each denoiser's
     ratios are read from the hook's state after every call of its last block, since diffusers
     clears them when the run ends; a denoiser called in several cache contexts (one per CFG
@@ -131,7 +140,7 @@ def calibrate(pipe: Any, steps: int, run_untimed: Callable[[], None]) -> None:
 
     # A step count above any call count: at that count diffusers would print and clear the ratios.
     def calibration(config: MagCache, pipe: Any, model: torch.nn.Module) -> Any:
-        return MagCacheConfig(calibrate=True, num_inference_steps=steps + 1)
+        return MagCacheConfig(calibrate=True, num_inference_steps=call.steps + 1)
 
     applied = AppliedCache(pipe, MagCache(), NAME, calibration, summary)
     recorded: dict[torch.nn.Module, dict[str, tuple[float, ...]]] = {model: {} for model in applied.models}
@@ -147,7 +156,8 @@ def calibrate(pipe: Any, steps: int, run_untimed: Callable[[], None]) -> None:
         applied.remove()
     for model, by_context in recorded.items():
         rows = list(by_context.values())
-        CALIBRATIONS.setdefault(model, {})[steps] = tuple(sum(column) / len(column) for column in zip(*rows))
+        ratios = tuple(sum(column) / len(column) for column in zip(*rows))
+        CALIBRATIONS.setdefault(model, {})[call] = (ratios, time.time())
 
 
 def _tail_hook(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:

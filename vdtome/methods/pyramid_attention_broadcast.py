@@ -2,8 +2,9 @@
 
 Within a timestep range, an attention module computes only every N-th call and returns its stored
 output in between; N is set per kind of attention (spatial self-, temporal self-, cross-attention).
-diffusers keeps one store per attention module, not one per CFG branch: a pipeline that calls the
-denoiser once per branch (Wan) has its branches share it, so a branch may take the other's output.
+diffusers keeps one store per attention module, not one per CFG branch: in a pipeline that calls
+the denoiser once per branch (Wan) the unconditional call would take the conditional call's output
+of the same step, which is not a reuse across steps at all: such models are refused.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Any
 
 from ..validation import RequestError
 from .base import FormField
-from .diffusers_cache import cache_method
+from .diffusers_cache import cache_method, cache_unavailable, host_timestep
 
 NAME = "pyramid_attention_broadcast"
+# Denoisers whose pipelines call them once per CFG branch, with diffusers' one store per module.
+PER_BRANCH_CALLS = {"WanTransformer3DModel": "Wan"}
 MAX_SKIP = 10
 KINDS = ("spatial", "temporal", "cross")
 
@@ -89,13 +92,25 @@ def build(config: PyramidAttentionBroadcast, pipe: Any, model: Any) -> Any:
         spatial_attention_timestep_skip_range=config.timestep_range,
         temporal_attention_timestep_skip_range=config.timestep_range,
         cross_attention_timestep_skip_range=config.timestep_range,
-        current_timestep_callback=lambda: pipe.current_timestep,
+        current_timestep_callback=host_timestep(pipe),
     )
+
+
+def unavailable(denoiser_types: tuple[type, ...]) -> str | None:
+    reason = cache_unavailable(denoiser_types)
+    for cls in denoiser_types:
+        family = PER_BRANCH_CALLS.get(cls.__name__)
+        if reason is None and family:
+            reason = (f"{family} pipelines call the denoiser once per CFG branch and diffusers' pyramid attention "
+                      "broadcast keeps one store per attention module, not per branch: the unconditional call would "
+                      "reuse the conditional call's output of the same step")
+    return reason
 
 
 METHOD = cache_method(
     NAME, "pyramid attention broadcast", PyramidAttentionBroadcast, FIELDS, parse, summary, build,
     reuses="attention outputs",
+    unavailable=unavailable,
     docs="reuses each attention module's output for N - 1 calls within a timestep range, N per kind of "
          "attention (diffusers PyramidAttentionBroadcastConfig)",
 )

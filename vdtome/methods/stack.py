@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..denoisers import denoiser_types
 from ..validation import RequestError
 from .base import Applied, Method, MethodReport
 from .registry import METHODS, method_of
@@ -58,12 +59,14 @@ def check_available(methods: Sequence[Method], denoiser_types: tuple[type, ...])
 class AppliedStack:
     """Every method of a stack applied to one pipeline, in order; ``remove`` undoes them in reverse.
 
-    If one fails to apply, the ones before it are removed before the error propagates: the
-    pipeline is left exactly as it was.
+    The stacking rules and every method's availability for the pipeline's denoisers are checked
+    first; if one method fails to apply, the ones before it are removed before the error
+    propagates: the pipeline is left exactly as it was.
     """
 
     def __init__(self, pipe: Any, configs: Sequence[Any]) -> None:
         self.methods = check_stack(configs)
+        check_available(self.methods, denoiser_types(pipe))
         self.configs = tuple(configs)
         self.applied: list[Applied] = []
         try:

@@ -78,7 +78,9 @@ class ToMeHandle:
         )
 
     def reset(self) -> None:
-        """Forget step counts, cached matchings and stats (the next call starts a new run)."""
+        """Forget cached matchings and statistics. Steps are counted by the pipeline's shared step
+        context, which starts a new run at every ``set_timesteps`` (a bare model: when its
+        timesteps turn back)."""
         for p in self.patched:
             for matcher in p.matchers:
                 matcher.clear()
