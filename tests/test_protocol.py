@@ -36,6 +36,7 @@ from vdtome.stats import (
     speed_phrase,
 )
 from vdtome.tome import ToMeConfig
+from vdtome.methods.mag_cache import MagCache
 from vdtome.ui import gpu_estimate
 
 PROMPT = "a lighthouse beam sweeps over a stormy sea at night"
@@ -305,5 +306,10 @@ def test_gpu_estimate_of_a_default_real_request_covers_loading_warmups_runs_and_
     # More rounds, more sweep points and bigger videos ask for more; an impossible request does not fit.
     assert gpu_estimate([ComparisonRequest("wan2.1-t2v-1.3b", PROMPT, rounds=3)]).total_s > estimate.total_s
     assert gpu_estimate([ComparisonRequest("wan2.1-t2v-1.3b", PROMPT)] * 3).total_s > estimate.total_s
+    # MagCache calibrates first: one untimed run at the warm-up's step count and one at the request's.
+    calibrating = gpu_estimate([ComparisonRequest("wan2.1-t2v-1.3b", PROMPT, methods=MagCache())])
+    assert estimate.calibration_s == 0 and "calibration" not in estimate.parts()
+    assert calibrating.calibration_s == pytest.approx((2 + preset.num_inference_steps) * gpu.step_s)
+    assert calibrating.parts()["calibration"] == calibrating.calibration_s and calibrating.total_s > estimate.total_s
     huge = estimate_gpu_time(get_preset("hunyuanvideo"), 50, 129, 720, 1280, rounds=5, points=8)
     assert not huge.fits and huge.seconds == MAX_GPU_SECONDS

@@ -424,10 +424,12 @@ class GpuEstimate:
     decode_s: float  # the videos: the baseline's once, one accelerated video per point
     text_s: float  # prompt encodings of every call
     margin_s: float
+    calibration_s: float = 0.0  # untimed runs a method prepares with (MagCache), warm-up and timed step counts
 
     @property
     def total_s(self) -> float:
-        return self.load_s + self.warmup_s + self.denoising_s + self.decode_s + self.text_s + self.margin_s
+        return (self.load_s + self.warmup_s + self.denoising_s + self.decode_s + self.text_s + self.calibration_s
+                + self.margin_s)
 
     @property
     def seconds(self) -> int:
@@ -439,14 +441,17 @@ class GpuEstimate:
         return self.total_s <= MAX_GPU_SECONDS
 
     def parts(self) -> dict[str, float]:
-        return {"load": self.load_s, "warm-ups": self.warmup_s, "denoising": self.denoising_s,
-                "decode": self.decode_s, "text encoding": self.text_s, "margin": self.margin_s}
+        parts = {"load": self.load_s, "warm-ups": self.warmup_s, "denoising": self.denoising_s,
+                 "decode": self.decode_s, "text encoding": self.text_s, "margin": self.margin_s}
+        return parts | ({"calibration": self.calibration_s} if self.calibration_s else {})
 
 
 def estimate_gpu_time(preset: ModelPreset, steps: int, frames: int, height: int, width: int, rounds: int,
-                      points: int = 1, warmup_steps: int = 2) -> GpuEstimate:
+                      points: int = 1, warmup_steps: int = 2, calibrates: bool = False) -> GpuEstimate:
     """GPU seconds for ``points`` comparisons of one sweep (one baseline video, then one accelerated
-    video per point), each with ``rounds`` timing rounds, following the protocol's plan."""
+    video per point), each with ``rounds`` timing rounds, following the protocol's plan.
+    ``calibrates``: a method of the stack calibrates first (one untimed run at the warm-up's step
+    count and one at the request's; a ZeroGPU worker forgets calibrations, so always counted)."""
     gpu = preset.gpu_time
     if gpu is None:
         raise ValueError(f"preset {preset.name!r} has no gpu_time figures")
@@ -461,7 +466,8 @@ def estimate_gpu_time(preset: ModelPreset, steps: int, frames: int, height: int,
         warmup_s=(warmup + points * 2 * warmup) * step_s + decode_s,
         denoising_s=points * rounds * 2 * steps * step_s,
         decode_s=(1 + points) * decode_s,
-        text_s=calls * gpu.text_s,
+        text_s=(calls + 2 * calibrates) * gpu.text_s,
+        calibration_s=calibrates * (warmup + steps) * step_s,
     )
     margin = sum(parts.values()) * (GPU_TIME_MARGIN - 1) + GPU_TIME_SLACK_S
     return GpuEstimate(**parts, margin_s=margin)

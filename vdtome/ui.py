@@ -251,5 +251,7 @@ def gpu_estimate(requests: list[ComparisonRequest]) -> GpuEstimate:
     validates the first request (a :class:`RequestError` names the broken rule)."""
     preset = get_preset(requests[0].preset)
     settings, _ = resolve(requests[0], preset)
+    calibrates = any(method.prepare is not None for request in requests for method in check_stack(request.methods))
     return estimate_gpu_time(preset, settings.steps, settings.frames, settings.height, settings.width,
-                             settings.rounds, points=len(requests), warmup_steps=settings.warmup_steps)
+                             settings.rounds, points=len(requests), warmup_steps=settings.warmup_steps,
+                             calibrates=calibrates)
