@@ -90,6 +90,7 @@ from vdtome.ui import (
     preset_info,
     stack_from_form,
     sweep_choices,
+    sweep_suggestion,
     sweep_stacks,
 )
 from vdtome.validation import RequestError, shown
@@ -522,12 +523,13 @@ def build_demo() -> gr.Blocks:
             history_plot = gr.ScatterPlot(
                 x="PSNR vs baseline (dB)", y=PLOT_SPEEDUP, color="methods",
                 tooltip=["run", "methods", PLOT_SPEEDUP, "interval", "verdict", "PSNR vs baseline (dB)"],
-                label="Speedup against fidelity (identical ratio-0 runs are off the chart)", elem_id="history-plot",
+                label="Speedup against fidelity (runs with output identical to the baseline's are off the chart)", elem_id="history-plot",
             )
             with gr.Row():
                 sweep_field = gr.Dropdown(sweep_choices(), value=sweep_choices()[0][1], label="Sweep over", scale=2,
                                           elem_id=SWEEP_FIELD)
-                sweep_values = gr.Textbox(label="Sweep values", value="0.1, 0.3, 0.5, 0.7", max_lines=1, scale=3,
+                sweep_values = gr.Textbox(label="Sweep values", value=sweep_suggestion(sweep_choices()[0][1]),
+                                          max_lines=1, scale=3,
                                           elem_id="sweep-ratios")
                 sweep_button = gr.Button("Run sweep", scale=1, elem_id="sweep")
                 clear_button = gr.Button("Clear history", scale=1)
@@ -555,6 +557,7 @@ def build_demo() -> gr.Blocks:
         model.change(on_preset, [model, negative], [model_info, negative, frames, height, width, steps, guidance, rounds],
                      api_visibility="private")
         model.change(on_preset_methods, [model, *switches], switches, api_visibility="private")
+        sweep_field.change(sweep_suggestion, sweep_field, sweep_values, api_visibility="private")
     # api_open=False: the direct routes (/gradio_api/run/compare, /run/predict) would skip the queue,
     # its limits and the validator; generation runs only through the queue.
     demo.queue(max_size=LIMITS.queue_size, default_concurrency_limit=1, api_open=False)

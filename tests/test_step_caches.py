@@ -17,6 +17,7 @@ import torch
 
 from vdtome.denoisers import denoisers_of, pipeline_denoiser_types
 from vdtome.methods import METHODS, CallPlan, apply_stack, check_stack, method_of
+from vdtome.methods.base import REUSES_ATTENTION, REUSES_BLOCKS
 from vdtome.methods.evidence import ComputeSpy
 from vdtome.methods.faster_cache import FasterCache
 from vdtome.methods.first_block_cache import FirstBlockCache
@@ -144,7 +145,7 @@ def test_a_skipping_setting_skips(name, preset):
         applied.remove()
     assert report.acted and report.method == name
     assert (spy.expected_blocks, spy.expected_attention) == (plain.expected_blocks, plain.expected_attention)
-    if METHODS[name].reuses_across_steps == "attention outputs":
+    if METHODS[name].reuses_across_steps == REUSES_ATTENTION:
         assert spy.attention_run < plain.attention_run
     else:
         assert spy.blocks_run < plain.blocks_run
@@ -223,7 +224,7 @@ def test_applying_where_unavailable_is_refused_and_leaves_nothing(name):
 def test_block_level_caches_need_diffusers_to_know_the_blocks():
     from diffusers import AllegroTransformer3DModel  # a CacheMixin whose block class diffusers has not registered
 
-    block_level = [name for name in CACHES if METHODS[name].reuses_across_steps == "block residuals"]
+    block_level = [name for name in CACHES if METHODS[name].reuses_across_steps == REUSES_BLOCKS]
     assert len(block_level) >= 2
     for name in block_level:
         assert "TransformerBlockRegistry" in METHODS[name].unavailable((AllegroTransformer3DModel,))
@@ -352,7 +353,7 @@ def test_two_diffusers_caches_do_not_stack():
 @pytest.mark.parametrize("name", list(CACHES))
 def test_only_block_level_caches_stack_with_token_merging(name):
     stack = [ToMeConfig(ratio=0.5), CACHES[name][1]]
-    if METHODS[name].reuses_across_steps == "attention outputs":
+    if METHODS[name].reuses_across_steps == REUSES_ATTENTION:
         with pytest.raises(RequestError, match="reuses attention outputs across steps"):
             check_stack(stack)
     else:

@@ -7,9 +7,18 @@ import pytest
 from vdtome.compare import RequestError
 from vdtome.merge import max_merge_ratio
 from vdtome.presets import get_preset
-from vdtome.methods import METHODS
+from vdtome.methods import METHODS, method_of
 from vdtome.methods.tome import stride_ratio_cap
-from vdtome.ui import api_fields, appended_from, preset_choice_label, preset_info, stack_from_form, sweep_stacks
+from vdtome.ui import (
+    api_fields,
+    appended_from,
+    preset_choice_label,
+    preset_info,
+    stack_from_form,
+    sweep_choices,
+    sweep_stacks,
+    sweep_suggestion,
+)
 
 
 @pytest.mark.parametrize("stride", [(1, 2, 2), (2, 2, 2), (1, 3, 3), (1, 1, 2), (4, 4, 4)])
@@ -124,3 +133,20 @@ def test_preset_info_states_the_memory_and_the_default_timing_rounds():
     info = preset_info(get_preset("wan2.1-t2v-1.3b"), has_gpu=True)
     assert "~20 GB VRAM" in info and "no offload" in info and "Timing rounds by default: 1." in info
     assert "Timing rounds by default: 7." in preset_info(get_preset("tiny-wan"), has_gpu=False)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_each_form_declares_its_config_defaults(name):
+    """The form's defaults are the config's own: nothing drifts between the page, the API and the library."""
+    method = METHODS[name]
+    assert method.from_form({}) == method.config_type()
+    assert all(f.name.startswith(f"{name}_") for f in method.fields) or name == "tome"  # names never clash
+
+
+def test_the_sweep_box_suggests_values_each_sweepable_field_accepts():
+    for _, name in sweep_choices():
+        owner = next(m for m in METHODS.values() if name in {f.name for f in m.fields})
+        values = {"use_tome": owner.name == "tome", owner.enable_field: True, "sweep_field": name,
+                  "ratios": sweep_suggestion(name)}
+        stacks = sweep_stacks(values)
+        assert len(stacks) == 4 and all(method_of(stack[0]) is owner for stack in stacks), name

@@ -86,6 +86,11 @@ def sweep_choices() -> list[tuple[str, str]]:
     return [(f"{m.label} · {f.label}", f.name) for m in METHODS.values() for f in m.fields if f.sweepable]
 
 
+def sweep_suggestion(name: str) -> str:
+    """The values the sweep box offers for a sweepable field."""
+    return _sweepable(name)[1].sweep_suggestion()
+
+
 def _sweepable(name: Any) -> tuple[Method, FormField]:
     for method in METHODS.values():
         for form_field in method.fields:

@@ -17,6 +17,11 @@ from ..validation import PLAIN_DECIMAL, RequestError, boolean, choice, choices, 
 
 FieldKind = Literal["number", "integer", "boolean", "choice", "choices"]
 
+# What a method carries from one denoising step to the next (``Method.reuses_across_steps``); the
+# stacking rules of :mod:`vdtome.methods.stack` read it.
+REUSES_ATTENTION = "attention outputs"
+REUSES_BLOCKS = "block residuals"
+
 
 @dataclass(frozen=True)
 class FormField:
@@ -34,6 +39,16 @@ class FormField:
     options: tuple[str, ...] = ()
     sweepable: bool = False
     advanced: bool = False  # shown folded ("more options")
+    sweep_example: str = ""  # values a sweep over this field starts from (default: spread over its range)
+
+    def sweep_suggestion(self) -> str:
+        """Four values to sweep this field over, as the form's sweep box offers them."""
+        if self.sweep_example:
+            return self.sweep_example
+        low, high = self.minimum, self.maximum
+        if self.kind == "integer":
+            return ", ".join(str(v) for v in range(int(low), min(int(low) + 4, int(high) + 1)))
+        return ", ".join(f"{low + (high - low) * share:g}" for share in (0.05, 0.1, 0.2, 0.4))
 
     def parse(self, value: Any) -> Any:
         """``value`` as the client sent it, checked against this field's type and range."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..validation import RequestError
-from .base import FormField
+from .base import REUSES_ATTENTION, FormField
 from .diffusers_cache import host_timestep, cache_method, cache_unavailable
 
 NAME = "faster_cache"
@@ -149,7 +149,7 @@ def unavailable(denoiser_types: tuple[type, ...]) -> str | None:
 
 METHOD = cache_method(
     NAME, "FasterCache", FasterCache, FIELDS, parse, summary, build,
-    reuses="attention outputs",
+    reuses=REUSES_ATTENTION,
     unavailable=unavailable,
     needs_guidance=True,
     docs="extrapolates self-attention outputs between computed steps and approximates the unconditional CFG "

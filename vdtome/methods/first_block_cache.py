@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import FormField
+from .base import REUSES_BLOCKS, FormField
 from .diffusers_cache import block_cache_unavailable, cache_method
 
 NAME = "first_block_cache"
@@ -52,7 +52,7 @@ def build(config: FirstBlockCache, pipe: Any, model: Any) -> Any:
 
 METHOD = cache_method(
     NAME, "first block cache", FirstBlockCache, FIELDS, parse, summary, build,
-    reuses="block residuals",
+    reuses=REUSES_BLOCKS,
     unavailable=block_cache_unavailable,
     docs="skips all blocks after the first while the first block's residual barely changes between steps "
          "(diffusers FirstBlockCacheConfig)",

@@ -20,7 +20,7 @@ from weakref import WeakKeyDictionary
 import torch
 
 from ..denoisers import denoisers_of
-from .base import CallPlan, FormField, MethodReport
+from .base import REUSES_BLOCKS, CallPlan, FormField, MethodReport
 from .diffusers_cache import AppliedCache, block_cache_unavailable, cache_method
 
 NAME = "mag_cache"
@@ -182,7 +182,7 @@ def _recorder(hook: Any, store: dict[str, tuple[float, ...]]) -> Callable[..., N
 
 METHOD = cache_method(
     NAME, "MagCache", MagCache, FIELDS, parse, summary, build,
-    reuses="block residuals",
+    reuses=REUSES_BLOCKS,
     unavailable=block_cache_unavailable,
     prepare=prepare,
     apply=AppliedMagCache,

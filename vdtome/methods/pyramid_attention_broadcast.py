@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..validation import RequestError
-from .base import FormField
+from .base import REUSES_ATTENTION, FormField
 from .diffusers_cache import cache_method, cache_unavailable, host_timestep
 
 NAME = "pyramid_attention_broadcast"
@@ -109,7 +109,7 @@ def unavailable(denoiser_types: tuple[type, ...]) -> str | None:
 
 METHOD = cache_method(
     NAME, "pyramid attention broadcast", PyramidAttentionBroadcast, FIELDS, parse, summary, build,
-    reuses="attention outputs",
+    reuses=REUSES_ATTENTION,
     unavailable=unavailable,
     docs="reuses each attention module's output for N - 1 calls within a timestep range, N per kind of "
          "attention (diffusers PyramidAttentionBroadcastConfig)",

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import FormField
+from .base import REUSES_BLOCKS, FormField
 from .diffusers_cache import block_cache_unavailable, cache_method
 
 NAME = "sea_cache"
@@ -102,7 +102,7 @@ def unavailable(denoiser_types: tuple[type, ...]) -> str | None:
 
 METHOD = cache_method(
     NAME, "SeaCache", SeaCache, FIELDS, parse, summary, build,
-    reuses="block residuals",
+    reuses=REUSES_BLOCKS,
     unavailable=unavailable,
     docs="skips the blocks while spectrally filtered latents barely change between steps, predicting their "
          "residual (diffusers SeaCacheConfig)",

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..denoisers import denoiser_types
 from ..validation import RequestError
-from .base import Applied, Method, MethodReport
+from .base import REUSES_ATTENTION, Applied, Method, MethodReport
 from .registry import METHODS, method_of
 
 
@@ -33,7 +33,7 @@ def check_stack(configs: Sequence[Any]) -> tuple[Method, ...]:
         raise RequestError(f"{caches[0].label} and {caches[1].label} cannot stack: diffusers keeps one cache per "
                            "model; choose one step cache", caches[1].enable_field)
     for cache, config in zip(methods, configs):
-        if cache.reuses_across_steps != "attention outputs":
+        if cache.reuses_across_steps != REUSES_ATTENTION:
             continue
         for other, other_config in zip(methods, configs):
             if other.matching_varies(other_config):
@@ -46,7 +46,7 @@ def check_stack(configs: Sequence[Any]) -> tuple[Method, ...]:
 
 
 def _block_level_caches() -> list[str]:
-    return [m.label for m in METHODS.values() if m.diffusers_cache and m.reuses_across_steps != "attention outputs"]
+    return [m.label for m in METHODS.values() if m.diffusers_cache and m.reuses_across_steps != REUSES_ATTENTION]
 
 
 def check_available(methods: Sequence[Method], denoiser_types: tuple[type, ...]) -> None:

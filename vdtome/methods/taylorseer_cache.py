@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import FormField
+from .base import REUSES_ATTENTION, FormField
 from .diffusers_cache import cache_method
 
 NAME = "taylorseer_cache"
@@ -86,7 +86,7 @@ def build(config: TaylorSeerCache, pipe: Any, model: Any) -> Any:
 
 METHOD = cache_method(
     NAME, "TaylorSeer", TaylorSeerCache, FIELDS, parse, summary, build,
-    reuses="attention outputs",
+    reuses=REUSES_ATTENTION,
     docs="forecasts attention outputs between full steps with a Taylor series over past steps "
          "(diffusers TaylorSeerCacheConfig)",
 )

@@ -41,7 +41,8 @@ def _stride_field(axis: str, default: int) -> FormField:
 FIELDS = (
     FormField("ratio", "number", 0.5, "Merge ratio",
               "share of video tokens merged before each patched sub-layer; at most 1 - 1/(st*sy*sx) "
-              "(0.75 for stride 1x2x2)", 0.0, stride_ratio_cap((MAX_STRIDE,) * 3), RATIO_STEP, sweepable=True),
+              "(0.75 for stride 1x2x2)", 0.0, stride_ratio_cap((MAX_STRIDE,) * 3), RATIO_STEP, sweepable=True,
+              sweep_example="0.1, 0.3, 0.5, 0.7"),
     _stride_field("t", 1),
     _stride_field("y", 2),
     _stride_field("x", 2),
