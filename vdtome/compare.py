@@ -397,12 +397,14 @@ class ComparisonEngine:
         cached = self.baselines.get(key) if request.reuse_baseline else None
         session.plan(warm_pipeline=(settings.frames, settings.height, settings.width) not in self._warmed.get(pipe, ()),
                      rounds=settings.rounds)
-        session.check_methods()  # a method the model cannot take fails before any work
         videos: dict[str, VideoRun | None] = {BASELINE: cached, ACCELERATED: None}
         calls: list[TimedCall] = []
         reports: tuple[MethodReport, ...] = ()
         error = None
         try:
+            # A method the model cannot take fails before any work (a calibration that runs out of
+            # memory is reported like any other allocation failure).
+            session.check_methods()
             if session.warm_pipeline:
                 session.warm_up(BASELINE, decode=True)
                 self._warmed.setdefault(pipe, set()).add((settings.frames, settings.height, settings.width))

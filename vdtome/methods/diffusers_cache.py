@@ -8,7 +8,6 @@ removes it (``disable_cache``) and reports the computations a :class:`ComputeSpy
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -121,8 +120,7 @@ class AppliedCache:
             summary={"settings": self.summary(self.config),
                      "blocks skipped": _share(self.spy.blocks_skipped, self.spy.expected_blocks),
                      "attention skipped": _share(self.spy.attention_skipped, self.spy.expected_attention)},
-            detail={"config": {k: v for k, v in dataclasses.asdict(self.config).items()},
-                    "expected_block_computations": self.spy.expected_blocks,
+            detail={"expected_block_computations": self.spy.expected_blocks,
                     "block_computations": self.spy.blocks_run,
                     "expected_attention_computations": self.spy.expected_attention,
                     "attention_computations": self.spy.attention_run},
