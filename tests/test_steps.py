@@ -38,3 +38,17 @@ def test_steps_and_branches_come_from_the_scheduler_and_every_patch_is_undone():
     assert "step" not in vars(pipe.scheduler) and "set_timesteps" not in vars(pipe.scheduler)
     assert not hasattr(pipe, "_vdtome_step_context")
     assert len(pipe.transformer._forward_pre_hooks) == 1  # only this test's own hook is left
+
+
+def test_the_current_timestep_is_the_pipelines_as_a_host_number():
+    """The attention caches compare it with a range at every attention call: a Python number, the
+    same value as the pipeline's own (device) current_timestep."""
+    pipe = tiny.tiny_wan_pipeline()
+    context = StepContext.acquire(pipe)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append((context.current_timestep(), float(pipe.current_timestep))), with_kwargs=True)
+    run(pipe, steps=3)
+    assert len(seen) == 6 and all(isinstance(host, float) and host == device for host, device in seen)
+    assert len({host for host, _ in seen}) == 3  # one per step, shared by both CFG branches
+    context.release()

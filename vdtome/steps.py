@@ -120,7 +120,7 @@ class StepContext:
         def on_set_timesteps(*args, **kwargs):
             self.new_run()
             output = set_timesteps(*args, **kwargs)
-            self.timesteps = [float(t) for t in scheduler.timesteps.detach().cpu()]  # one copy per run
+            self.timesteps = [float(t) for t in torch.as_tensor(scheduler.timesteps).detach().cpu().tolist()]
             return output
 
         @functools.wraps(step)
