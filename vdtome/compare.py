@@ -51,11 +51,10 @@ from .protocol import ACCELERATED, BASELINE, TimedCall, TimingSummary, round_ord
 from .stats import Ratio
 from .storage import prune
 from .tome import ToMeConfig
-from .validation import MAX_TEXT_CHARS, RequestError, shown, text, whole_number
+from .validation import RequestError, shown, text, whole_number
 
 # 3: "methods" lists the stack (method, config, report); 2 had one "acceleration" and "method_report".
 SCHEMA_VERSION = 3
-MAX_PROMPT_CHARS = MAX_TEXT_CHARS
 MAX_STEPS = 500
 MAX_GUIDANCE = 50.0
 MAX_ROUNDS = 20

@@ -54,10 +54,6 @@ class StepContext:
         self._last_value: float | None = None
         self._direction = 0
 
-    @property
-    def driven_by_scheduler(self) -> bool:
-        return self._scheduler is not None
-
     def current_timestep(self) -> float | None:
         """The current step's timestep as a Python number (None before a run has started)."""
         if self._scheduler is None:
