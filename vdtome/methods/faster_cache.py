@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..validation import RequestError
-from .base import REUSES_ATTENTION, FormField
+from .base import REUSES_ATTENTION, FormField, check_whole_number
 from .diffusers_cache import host_timestep, cache_method, cache_unavailable
 
 NAME = "faster_cache"
@@ -57,9 +57,7 @@ class FasterCache:
 
     def __post_init__(self) -> None:
         for what in ("spatial_skip_range", "uncond_skip_range"):
-            value = getattr(self, what)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SKIP:
-                raise ValueError(f"{what} must be a whole number from 1 to {MAX_SKIP}, got {value!r}")
+            check_whole_number(what, getattr(self, what), 1, MAX_SKIP)
         _check_range("spatial attention", self.spatial_timestep_range)
         _check_range("unconditional branch", self.uncond_timestep_range)
         if not 0.0 <= self.attention_weight <= 1.0:

@@ -20,7 +20,7 @@ from weakref import WeakKeyDictionary
 import torch
 
 from ..denoisers import denoisers_of
-from .base import REUSES_BLOCKS, CallPlan, FormField, MethodReport
+from .base import REUSES_BLOCKS, CallPlan, FormField, MethodReport, check_whole_number
 from .diffusers_cache import AppliedCache, block_cache_unavailable, cache_method
 
 NAME = "mag_cache"
@@ -48,10 +48,7 @@ class MagCache:
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"MagCache threshold must be between 0 and 1, got {self.threshold}")
-        if isinstance(self.max_skip_steps, bool) or not isinstance(self.max_skip_steps, int) \
-                or not 1 <= self.max_skip_steps <= MAX_SKIP_STEPS:
-            raise ValueError(f"max_skip_steps must be a whole number from 1 to {MAX_SKIP_STEPS}, "
-                             f"got {self.max_skip_steps!r}")
+        check_whole_number("max_skip_steps", self.max_skip_steps, 1, MAX_SKIP_STEPS)
         if not 0.0 <= self.retention_ratio <= 1.0:
             raise ValueError(f"retention ratio must be between 0 and 1, got {self.retention_ratio}")
         if (self.num_inference_steps is None) != (self.mag_ratios is None):

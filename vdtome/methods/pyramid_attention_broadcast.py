@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..validation import RequestError
-from .base import REUSES_ATTENTION, FormField
+from .base import REUSES_ATTENTION, FormField, check_whole_number
 from .diffusers_cache import cache_method, cache_unavailable, host_timestep
 
 NAME = "pyramid_attention_broadcast"
@@ -37,10 +37,7 @@ class PyramidAttentionBroadcast:
 
     def __post_init__(self) -> None:
         for kind in KINDS:
-            value = getattr(self, f"{kind}_skip_range")
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SKIP:
-                raise ValueError(f"{kind} attention skip range must be a whole number from 1 to {MAX_SKIP}, "
-                                 f"got {value!r}")
+            check_whole_number(f"{kind} attention skip range", getattr(self, f"{kind}_skip_range"), 1, MAX_SKIP)
         low, high = self.timestep_range
         if not 0 <= low < high <= 1000:
             raise ValueError(f"timestep range must satisfy 0 <= from < to <= 1000, got {self.timestep_range}")

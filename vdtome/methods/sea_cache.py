@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import REUSES_BLOCKS, FormField
+from .base import REUSES_BLOCKS, FormField, check_whole_number
 from .diffusers_cache import block_cache_unavailable, cache_method
 
 NAME = "sea_cache"
@@ -44,9 +44,7 @@ class SeaCache:
             raise ValueError(f"SeaCache threshold must be between 0 and 2, got {self.threshold}")
         for what, low, high in (("residual_order", 0, 1), ("retention_steps", 0, MAX_STEPS),
                                 ("cache_end_steps", 0, MAX_STEPS), ("max_consecutive_cached", 0, MAX_CONSECUTIVE)):
-            value = getattr(self, what)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{what} must be a whole number from {low} to {high}, got {value!r}")
+            check_whole_number(what, getattr(self, what), low, high)
         if not (math.isfinite(self.power_exp) and 0.5 <= self.power_exp <= 6.0):
             raise ValueError(f"power_exp must be between 0.5 and 6, got {self.power_exp}")
 

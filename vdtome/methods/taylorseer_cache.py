@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import REUSES_ATTENTION, FormField
+from .base import REUSES_ATTENTION, FormField, check_whole_number
 from .diffusers_cache import cache_method
 
 NAME = "taylorseer_cache"
@@ -41,9 +41,7 @@ class TaylorSeerCache:
     def __post_init__(self) -> None:
         for what, low, high in (("cache_interval", 1, MAX_INTERVAL), ("disable_cache_before_step", 1, MAX_WARMUP),
                                 ("max_order", 0, MAX_ORDER)):
-            value = getattr(self, what)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{what} must be a whole number from {low} to {high}, got {value!r}")
+            check_whole_number(what, getattr(self, what), low, high)
         if self.factors_dtype not in DTYPES:
             raise ValueError(f"factors_dtype must be one of {', '.join(DTYPES)}, got {self.factors_dtype!r}")
 
