@@ -37,22 +37,29 @@ def cache_unavailable(denoiser_types: tuple[type, ...]) -> str | None:
     return f"diffusers' caches attach only to models with enable_cache (a CacheMixin), and {names} has no enable_cache"
 
 
+def first_refusal(denoiser_types: tuple[type, ...], general: Callable[[tuple[type, ...]], str | None],
+                  refuses: Callable[[type], str | None]) -> str | None:
+    """``general``'s reason, else the reason ``refuses`` gives for the first class it refuses
+    (a cache's own limits on top of what every cache needs)."""
+    return general(denoiser_types) or next(filter(None, map(refuses, denoiser_types)), None)
+
+
 def block_cache_unavailable(denoiser_types: tuple[type, ...]) -> str | None:
     """Why a block-level diffusers cache cannot serve these classes: it must know where a block
     takes and returns its hidden states, which diffusers' ``TransformerBlockRegistry`` records per
     block class. A model's block classes are read from its module, so no weights are needed."""
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
-    reason = cache_unavailable(denoiser_types)
-    if reason:
-        return reason
     TransformerBlockRegistry._register()  # diffusers fills its registry lazily
     known = {block.__name__ for block in TransformerBlockRegistry._registry}
-    for cls in denoiser_types:
-        if not known & set(vars(sys.modules[cls.__module__])):
-            return (f"diffusers' TransformerBlockRegistry knows no transformer block of {cls.__name__}, so its "
-                    "block-level caches cannot tell where a block's hidden states go in and come out")
-    return None
+
+    def refuses(cls: type) -> str | None:
+        if known & set(vars(sys.modules[cls.__module__])):
+            return None
+        return (f"diffusers' TransformerBlockRegistry knows no transformer block of {cls.__name__}, so its "
+                "block-level caches cannot tell where a block's hidden states go in and come out")
+
+    return first_refusal(denoiser_types, cache_unavailable, refuses)
 
 
 def cache_method(name: str, label: str, config_type: type, fields: tuple[FormField, ...],

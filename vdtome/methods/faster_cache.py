@@ -17,7 +17,7 @@ from typing import Any
 
 from ..validation import RequestError
 from .base import REUSES_ATTENTION, FormField, check_whole_number
-from .diffusers_cache import host_timestep, cache_method, cache_unavailable
+from .diffusers_cache import cache_method, cache_unavailable, first_refusal, host_timestep
 
 NAME = "faster_cache"
 MAX_SKIP = 10
@@ -133,16 +133,16 @@ def build(config: FasterCache, pipe: Any, model: Any) -> Any:
     )
 
 
+def _refuses(cls: type) -> str | None:
+    if cls.__name__ in TENSOR_FORMATS:
+        return None
+    why = WHY_NOT.get(cls.__name__, "it needs both CFG branches in one batch and a (B, C, F, H, W) or "
+                                    "(B, F, C, H, W) output, not checked for this model")
+    return f"diffusers' FasterCache cannot serve {cls.__name__}: {why}"
+
+
 def unavailable(denoiser_types: tuple[type, ...]) -> str | None:
-    reason = cache_unavailable(denoiser_types)
-    if reason:
-        return reason
-    for cls in denoiser_types:
-        if cls.__name__ not in TENSOR_FORMATS:
-            why = WHY_NOT.get(cls.__name__, "it needs both CFG branches in one batch and a (B, C, F, H, W) or "
-                                            "(B, F, C, H, W) output, not checked for this model")
-            return f"diffusers' FasterCache cannot serve {cls.__name__}: {why}"
-    return None
+    return first_refusal(denoiser_types, cache_unavailable, _refuses)
 
 
 METHOD = cache_method(

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..validation import RequestError
 from .base import REUSES_ATTENTION, FormField, check_whole_number
-from .diffusers_cache import cache_method, cache_unavailable, host_timestep
+from .diffusers_cache import cache_method, cache_unavailable, first_refusal, host_timestep
 
 NAME = "pyramid_attention_broadcast"
 # Denoisers whose pipelines call them once per CFG branch, with diffusers' one store per module.
@@ -93,15 +93,17 @@ def build(config: PyramidAttentionBroadcast, pipe: Any, model: Any) -> Any:
     )
 
 
+def _refuses(cls: type) -> str | None:
+    family = PER_BRANCH_CALLS.get(cls.__name__)
+    if family is None:
+        return None
+    return (f"{family} pipelines call the denoiser once per CFG branch and diffusers' pyramid attention broadcast "
+            "keeps one store per attention module, not per branch: the unconditional call would reuse the "
+            "conditional call's output of the same step")
+
+
 def unavailable(denoiser_types: tuple[type, ...]) -> str | None:
-    reason = cache_unavailable(denoiser_types)
-    for cls in denoiser_types:
-        family = PER_BRANCH_CALLS.get(cls.__name__)
-        if reason is None and family:
-            reason = (f"{family} pipelines call the denoiser once per CFG branch and diffusers' pyramid attention "
-                      "broadcast keeps one store per attention module, not per branch: the unconditional call would "
-                      "reuse the conditional call's output of the same step")
-    return reason
+    return first_refusal(denoiser_types, cache_unavailable, _refuses)
 
 
 METHOD = cache_method(

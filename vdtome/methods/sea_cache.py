@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import REUSES_BLOCKS, FormField, check_whole_number
-from .diffusers_cache import block_cache_unavailable, cache_method
+from .diffusers_cache import block_cache_unavailable, cache_method, first_refusal
 
 NAME = "sea_cache"
 MAX_STEPS = 100
@@ -86,16 +86,16 @@ def build(config: SeaCache, pipe: Any, model: Any) -> Any:
                           max_consecutive_cached=config.max_consecutive_cached, power_exp=config.power_exp)
 
 
+def _refuses(cls: type) -> str | None:
+    if cls.__name__ in ADAPTED:
+        return None
+    return (f"diffusers' SeaCache has no adapter for {cls.__name__}: it needs the model's noisy latents "
+            "and the scheduler's step and sigma from the pipeline, which diffusers provides for Wan "
+            "text-to-video and Cosmos 3 only")
+
+
 def unavailable(denoiser_types: tuple[type, ...]) -> str | None:
-    reason = block_cache_unavailable(denoiser_types)
-    if reason:
-        return reason
-    for cls in denoiser_types:
-        if cls.__name__ not in ADAPTED:
-            return (f"diffusers' SeaCache has no adapter for {cls.__name__}: it needs the model's noisy latents "
-                    "and the scheduler's step and sigma from the pipeline, which diffusers provides for Wan "
-                    "text-to-video and Cosmos 3 only")
-    return None
+    return first_refusal(denoiser_types, block_cache_unavailable, _refuses)
 
 
 METHOD = cache_method(
