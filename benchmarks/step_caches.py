@@ -63,7 +63,7 @@ from skimage.metrics import structural_similarity  # noqa: E402
 
 from vdtome import tiny  # noqa: E402
 from vdtome.denoisers import denoiser_types  # noqa: E402
-from vdtome.measure import environment, environment_line, retain_freed_host_memory, timed_call  # noqa: E402
+from vdtome.measure import benchmark_allocator, environment, environment_line, timed_call  # noqa: E402
 from vdtome.methods import METHODS, CallPlan, apply_stack, check_stack, method_of, stack_label  # noqa: E402
 from vdtome.methods.evidence import ComputeSpy  # noqa: E402
 from vdtome.metrics import psnr_from_mse  # noqa: E402
@@ -255,12 +255,7 @@ def main() -> None:
     threads = args.threads if args.threads is not None else (1 if cpu else 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    if not cpu:
-        malloc = "CUDA caching allocator"
-    elif args.system_malloc:
-        malloc = "system malloc"
-    else:
-        malloc = retain_freed_host_memory() or "system malloc (glibc mallopt unavailable)"
+    malloc = benchmark_allocator(args.device, args.system_malloc)
     dtype = getattr(torch, args.dtype)
     pipe = build_pipeline(args.layers, args.heads, args.head_dim, args.ffn_mult, args.device, dtype, args.seed)
     kwargs = call_kwargs(tuple(args.latent), args.steps, args.guidance)

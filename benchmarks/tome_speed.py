@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers import WanTransformer3DModel  # noqa: E402
 
-from vdtome.measure import retain_freed_host_memory  # noqa: E402
+from vdtome.measure import benchmark_allocator  # noqa: E402
 from vdtome.tome import ToMeConfig, apply_tome  # noqa: E402
 
 TEXT_TOKENS = 64
@@ -255,12 +255,7 @@ def main() -> None:
     if args.repeat < 1 or args.warmup < 0:
         parser.error("--repeat must be at least 1 and --warmup at least 0")
 
-    if args.device.startswith("cuda"):
-        malloc = "n/a (CUDA caching allocator)"
-    elif args.system_malloc:
-        malloc = "system default"
-    else:
-        malloc = retain_freed_host_memory() or "system default (glibc mallopt unavailable)"
+    malloc = benchmark_allocator(args.device, args.system_malloc)
     dtype = getattr(torch, args.dtype)
     shape = Shape(args.heads, args.head_dim, args.layers, args.ffn_mult)
     model = build(shape, args.device, dtype)

@@ -80,6 +80,7 @@ __all__ = [
     "environment",
     "environment_line",
     "attention_info",
+    "benchmark_allocator",
     "retain_freed_host_memory",
     "is_allocation_failure",
     "release_memory",
@@ -654,6 +655,17 @@ def retain_freed_host_memory() -> str | None:
     if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
         return None
     return "glibc malloc: heap only, freed memory kept"
+
+
+def benchmark_allocator(device: str, system_malloc: bool = False) -> str:
+    """Set up the allocator a speed benchmark runs with and name it: CUDA's caching allocator on a
+    GPU; on a CPU, glibc made to keep freed memory (:func:`retain_freed_host_memory`) unless
+    ``system_malloc`` asks for its defaults."""
+    if str(device).startswith("cuda"):
+        return "CUDA caching allocator"
+    if system_malloc:
+        return "system malloc"
+    return retain_freed_host_memory() or "system malloc (glibc mallopt unavailable)"
 
 
 @dataclass(frozen=True)
