@@ -8,6 +8,8 @@ from gradio_client.exceptions import ValidationError
 
 from vdtome.video_io import probe
 
+from conftest import a_a_attempts
+
 PROMPT = "A paper boat drifts down a rain-filled gutter past glowing shop windows."
 END_TO_END = "end-to-end (projected: denoising + untouched phases measured here)"
 
@@ -54,7 +56,10 @@ def test_compare_returns_playable_videos_and_metrics(client):
 
 def test_ratio_zero_is_identical_and_the_baseline_is_reused(client):
     client.predict(prompt=PROMPT, seed=3, ratio=0.3, api_name="/compare")
-    outputs = client.predict(prompt=PROMPT, seed=3, ratio=0.0, api_name="/compare")
+    attempts = a_a_attempts(
+        lambda: client.predict(prompt=PROMPT, seed=3, ratio=0.0, api_name="/compare"),
+        lambda outputs: rows(outputs[5])["denoising loop (median of 7 rounds)"][2].startswith("no significant"))
+    outputs = attempts[-1]
     figures = rows(outputs[5])
     assert figures["PSNR vs baseline"][1] == "identical"
     assert float(figures["SSIM vs baseline"][1]) == 1.0
