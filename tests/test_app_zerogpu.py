@@ -137,7 +137,7 @@ def test_generation_runs_in_a_forked_worker_with_a_duration_and_cancel_reaches_i
     assert report["torch_first"] is False  # spaces came before torch
     assert report["has_gpu"] is True  # ZeroGPU attaches a GPU to each call
     assert report["worker"] and report["error"] is None
-    assert report["files"] == ["accelerated", "baseline", "difference", "json", "side_by_side"]
+    assert report["files"] == ["accelerated", "baseline", "difference", "frames", "json", "side_by_side"]
     assert report["durations"] == [60]  # a tiny preset asks for a minute
     # The flag set in the app's process stopped the worker at its next step.
     assert report["cancel"]["result"] == "cancelled", report["cancel"]

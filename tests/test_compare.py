@@ -8,13 +8,16 @@ import sys
 import threading
 import time
 import weakref
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from vdtome import tiny
 from vdtome.compare import (
+    download_stem,
     Cancelled,
     ComparisonEngine,
     ComparisonRequest,
@@ -27,7 +30,7 @@ from vdtome.pipelines import ModelUnavailableError, from_pretrained
 from vdtome.presets import get_preset
 from vdtome.tome import ToMeConfig
 from vdtome.tome.hooks import is_registered
-from vdtome.video_io import probe
+from vdtome.video_io import display_factor, probe
 
 PROMPT = "a paper boat drifts down a rain-filled gutter"
 
@@ -48,7 +51,9 @@ def test_tiny_presets_run_end_to_end_with_every_figure(engine, preset, tmp_path)
                         progress=events.append)
     assert result.ok, result.error
     s = result.settings
-    data = json.loads((tmp_path / "result.json").read_text())
+    stem = download_stem(result)
+    assert stem == f"{preset}_tome-ratio-0.5-stride-1x2x2_seed0" or stem.startswith(f"{preset}_tome-ratio-0.5"), stem
+    data = json.loads((tmp_path / f"{stem}_result.json").read_text())
     assert data["ok"]
     calls = data["timing"]["calls"]
     assert [(c["round"], c["side"], c["decoded"]) for c in calls] == [
@@ -89,19 +94,30 @@ def test_tiny_presets_run_end_to_end_with_every_figure(engine, preset, tmp_path)
     env = data["environment"]
     assert env["versions"]["torch"] == torch.__version__.split("+")[0] or env["versions"]["torch"] == torch.__version__
     assert env["dtype"] == "float32" and env["device"] == "cpu"
-    assert data["files"] == {name: f"{name}.mp4" for name in ("baseline", "accelerated", "side_by_side", "difference")} | {
-        "json": "result.json"}  # file names only: no server paths in the JSON
-    # One progress bar over every step of the request, warm-ups included, with named stages.
-    assert [e.done for e in events] == list(range(1, len(events) + 1)) and events[-1].done == events[-1].total
+    # File names carry the settings; the JSON holds names only, no server paths.
+    assert data["files"] == {"baseline": f"{stem}_baseline.mp4", "accelerated": f"{stem}_accelerated.mp4",
+                             "side_by_side": f"{stem}_side-by-side.mp4", "difference": f"{stem}_difference.mp4",
+                             "frames": "frames", "json": f"{stem}_result.json"}
+    # One progress bar over every step of the request, warm-ups included, with named stages; the
+    # work after the loops (metrics, writing) is named too.
+    steps = [e for e in events if e.steps]
+    assert [e.done for e in steps] == list(range(1, len(steps) + 1)) and events[-1].done == events[-1].total
     labels = [e.label for e in events]
     assert "round 1/3 · baseline · decoding the video" in labels and "round 3/3 · accelerated · step 4/4" in labels
     assert any(label.startswith("warm-up · accelerated") for label in labels)
+    assert labels[-2:] == ["fidelity to the baseline (PSNR, SSIM)", "writing the videos, frames and result.json"]
+    assert "temporal consistency of the accelerated video (optical flow)" in labels
+    factor = display_factor(s.height)
+    assert factor > 1  # a tiny model's frames are enlarged for the player, nearest-neighbour
     for name in ("baseline", "accelerated", "difference"):
         info = probe(result.files[name])
         assert (info["codec"], info["pix_fmt"], info["frames"]) == ("h264", "yuv420p", s.frames)
-        assert (info["height"], info["width"]) == (s.height, s.width) and info["faststart"]
+        assert (info["height"], info["width"]) == (s.height * factor, s.width * factor) and info["faststart"]
     composite = probe(result.files["side_by_side"])
-    assert composite["frames"] == s.frames and composite["width"] > 2 * s.width and composite["height"] > s.height
+    assert composite["frames"] == s.frames and composite["width"] > 2 * s.width * factor
+    frames = sorted(Path(result.files["frames"]).iterdir())
+    assert len(frames) == 2 * s.frames  # lossless PNGs at the model's own size
+    assert cv2.imread(str(frames[0])).shape == (s.height, s.width, 3)
 
 
 def test_ratio_zero_reports_identical_videos(engine):
@@ -299,7 +315,7 @@ def test_gpu_presets_are_refused_on_cpu(tmp_path):
 
 def test_module_level_run_comparison(tmp_path):
     result = run_comparison(request(methods=ToMeConfig(ratio=0.5)), out_dir=tmp_path)
-    assert result.ok and (tmp_path / "result.json").exists()
+    assert result.ok and Path(result.files["json"]).parent == tmp_path and Path(result.files["json"]).exists()
 
 
 def test_cli_prints_a_table_and_writes_the_files(tmp_path):
@@ -312,8 +328,9 @@ def test_cli_prints_a_table_and_writes_the_files(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "end-to-end (projected: denoising + untouched phases measured here)" in done.stdout
     assert "merge ratio (requested / effective)" in done.stdout and "Timing: 7 round(s)" in done.stdout
-    assert {p.name for p in out.iterdir()} >= {"baseline.mp4", "accelerated.mp4", "side_by_side.mp4", "difference.mp4",
-                                                 "result.json"}
+    stem = "tiny-wan_tome-ratio-0.5-stride-1x2x2_seed0"
+    assert {p.name for p in out.iterdir()} >= {f"{stem}_{name}" for name in (
+        "baseline.mp4", "accelerated.mp4", "side-by-side.mp4", "difference.mp4", "result.json")} | {"frames"}
     bad = subprocess.run(
         [sys.executable, "-m", "vdtome", "compare", "--preset", "tiny-wan", "--prompt", PROMPT, "--ratio", "1.2"],
         capture_output=True, text=True, timeout=300,

@@ -4,7 +4,18 @@ import numpy as np
 import pytest
 
 import imageio_ffmpeg
-from vdtome.video_io import difference_video, probe, read_mp4, side_by_side, write_mp4
+from vdtome.video_io import (
+    difference_heat_map,
+    display_factor,
+    enlarge,
+    heat_colours,
+    heat_scale_stops,
+    probe,
+    read_mp4,
+    side_by_side,
+    write_frames,
+    write_mp4,
+)
 
 
 def smooth_video(frames=17, h=64, w=64):
@@ -102,13 +113,37 @@ def test_side_by_side_shape_mismatch():
         side_by_side(np.zeros((2, 64, 64, 3)), np.zeros((3, 64, 64, 3)))
 
 
-def test_difference_video():
-    a = smooth_video(4, 32, 32)
-    assert not difference_video(a, a.copy()).any()
-    diff = difference_video(a, a + 0.01)  # default gain 4
-    assert diff.shape == a.shape and diff.dtype == np.float32
-    assert np.allclose(diff, 0.04, atol=1e-6)
-    assert np.allclose(difference_video(a, a + 0.01, gain=10), 0.1, atol=1e-6)
-    assert difference_video(np.zeros_like(a), np.ones_like(a)).max() == 1.0  # clipped
+def test_difference_heat_map_is_normalised_not_black():
+    a = smooth_video(4, 32, 32) * 0.9
+    same, largest = difference_heat_map(a, a.copy())
+    assert largest == 0.0 and same.dtype == np.uint8 and same.shape == a.shape
+    assert (same == heat_colours(np.zeros(1, np.uint8))[0]).all()  # the darkest colour everywhere
+    b = a.copy()
+    b[2, 5:9, 5:9] += 0.002  # about 55 dB: x4 amplification would still round to black
+    heat, largest = difference_heat_map(a, b)
+    assert largest == pytest.approx(0.002, abs=1e-6)
+    hottest = heat_colours(np.full(1, 255, np.uint8))[0]
+    assert (heat[2, 5:9, 5:9] == hottest).all() and (heat[2, 0, 0] != hottest).any()
+    assert (heat[0] == heat[0, 0, 0]).all()  # unchanged frames stay at the cold end
+    stops = heat_scale_stops(5)
+    assert len(stops) == 5 and stops[0] != stops[-1] and all(len(s) == 7 and s[0] == "#" for s in stops)
     with pytest.raises(ValueError, match="shape mismatch"):
-        difference_video(a, a[:2])
+        difference_heat_map(a, a[:2])
+
+
+def test_enlarge_is_nearest_neighbour_by_a_whole_factor():
+    video = (np.arange(2 * 3 * 4 * 3).reshape(2, 3, 4, 3) % 256).astype(np.uint8)
+    assert display_factor(3, 320) == 107 and display_factor(76, 320) == 5 and display_factor(480, 320) == 1
+    big = enlarge(video, 3)
+    assert big.shape == (2, 9, 12, 3)
+    assert set(np.unique(big)) == set(np.unique(video))  # no interpolated values
+    assert (big[:, 3:6, 6:9] == video[:, 1:2, 2:3]).all()
+    assert enlarge(video, 1) is video
+
+
+def test_write_frames_is_lossless(tmp_path):
+    video = (np.random.default_rng(0).random((3, 10, 14, 3)) * 255).astype(np.uint8)
+    paths = write_frames(video, tmp_path / "frames", "baseline")
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["baseline_000.png", "baseline_001.png", "baseline_002.png"]
+    import cv2
+    assert (cv2.imread(paths[1])[..., ::-1] == video[1]).all()

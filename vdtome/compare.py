@@ -19,6 +19,7 @@ import gc
 import inspect
 import json
 import math
+import re
 import shutil
 import tempfile
 import threading
@@ -70,7 +71,8 @@ class ProgressEvent:
 
     ``stage``: ``"baseline"`` or ``"accelerated"`` in a round, else the warm-up that runs (e.g.
     ``"warm-up · accelerated"``); ``round``: 1-based (None in warm-ups); ``done`` / ``total``: steps of the whole request, for one progress bar;
-    ``decoding``: this was the last step of a call that now decodes its video.
+    ``decoding``: this was the last step of a call that now decodes its video. Work outside the
+    denoising loops (metrics, writing) is announced with ``steps == 0``: no stretch goes unnamed.
     """
 
     stage: str
@@ -84,6 +86,8 @@ class ProgressEvent:
 
     @property
     def label(self) -> str:
+        if self.steps == 0:  # work between denoising loops (metrics, writing the files)
+            return self.stage
         where = f"round {self.round}/{self.rounds} · {self.stage}" if self.round else self.stage
         if self.decoding:
             return f"{where} · decoding the video"
@@ -442,6 +446,7 @@ class ComparisonEngine:
         base, fast = videos[BASELINE], videos[ACCELERATED]
         fid = None
         if base is not None and fast is not None and not base.nonfinite_values and not fast.nonfinite_values:
+            session.announce("fidelity to the baseline (PSNR, SSIM)")
             fid = fidelity(base.frames, fast.frames)
         notes = list(notes) + [note for report in reports for note in report.notes]
         notes += [f"{method.label} did nothing in this run (every evidence count is 0): its settings never "
@@ -467,6 +472,7 @@ class ComparisonEngine:
             environment=env,
         )
         session.stop_if_cancelled()
+        session.announce("writing the videos, frames and result.json")
         folder = Path(out_dir) if out_dir is not None else self._new_output_dir()
         return replace(result, files=write_outputs(result, folder))
 
@@ -521,6 +527,12 @@ class _Session:
                 if self.last_step_s is not None:
                     message += f" (the last step took {1000 * self.last_step_s:.0f} ms)"
             raise Cancelled(message)
+
+    def announce(self, stage: str) -> None:
+        """Name work that has no denoising steps (the progress display shows it)."""
+        self.stage = stage
+        if self.progress is not None:
+            self.progress(ProgressEvent(stage, None, self.settings.rounds, 0, 0, self.done, self.total))
 
     def check_methods(self) -> None:
         """Every method can serve this model and its config applies (then removed): a stack the
@@ -581,6 +593,8 @@ class _Session:
             return call, None, reports
         frames = np.asarray(output.frames[0])
         nonfinite = check_finite(frames, side)
+        if nonfinite == 0:
+            self.announce(f"temporal consistency of the {side} video (optical flow)")
         temporal = temporal_consistency(frames) if nonfinite == 0 else None
         return call, VideoRun(frames, monitor.report, temporal, nonfinite, started), reports
 
@@ -640,20 +654,45 @@ def _allocation_message(error: BaseException, session: _Session) -> str:
     )
 
 
+def download_stem(result: ComparisonResult) -> str:
+    """What a downloaded file's name starts with: preset, stack with its settings, seed
+    ("tiny-wan_tome-ratio-0.5-stride-1x2x2_seed0"), so files of several runs stay apart."""
+    def slug(text: str) -> str:
+        return re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9.+]+", "-", text)).strip("-.")
+
+    s = result.settings
+    return f"{slug(s.preset)}_{slug(result.stack)[:120].rstrip('-.')}_seed{s.seed}"
+
+
+def side_caption(name: str, result: ComparisonResult) -> str:
+    """A player's caption: the side and its median denoising time in this request."""
+    timing = result.timing
+    ms = None if timing is None else getattr(timing.denoising, f"{name}_ms")
+    return name if ms is None else f"{name} {ms / 1000:.2f} s"
+
+
 def write_outputs(result: ComparisonResult, folder: Path) -> dict[str, str]:
-    """Both videos, the labelled side-by-side, the amplified difference, and ``result.json``."""
+    """Both videos, the captioned side-by-side, the difference heat map, every frame as PNG and
+    ``result.json``, named after the settings (:func:`download_stem`). Small videos are enlarged
+    by a whole factor, nearest-neighbour, so that a browser shows their pixels sharp."""
     folder.mkdir(parents=True, exist_ok=True)
-    fps = result.settings.fps
+    fps, stem = result.settings.fps, download_stem(result)
     files: dict[str, str] = {}
     videos = {"baseline": result.baseline, "accelerated": result.accelerated}
-    for name, run in videos.items():
-        if run is not None:
-            files[name] = video_io.write_mp4(_displayable(run.frames), folder / f"{name}.mp4", fps=fps)
-    if result.baseline is not None and result.accelerated is not None:
-        base, fast = _displayable(result.baseline.frames), _displayable(result.accelerated.frames)
-        files["side_by_side"] = video_io.write_mp4(video_io.side_by_side(base, fast), folder / "side_by_side.mp4", fps)
-        files["difference"] = video_io.write_mp4(video_io.difference_video(base, fast), folder / "difference.mp4", fps)
-    files["json"] = str(folder / "result.json")
+    shown = {name: _displayable(run.frames) for name, run in videos.items() if run is not None}
+    factor = video_io.display_factor(next(iter(shown.values())).shape[1]) if shown else 1
+    for name, frames in shown.items():
+        files[name] = video_io.write_mp4(video_io.enlarge(frames, factor), folder / f"{stem}_{name}.mp4", fps=fps)
+        video_io.write_frames(frames, folder / "frames", name)
+    if len(shown) == 2:
+        files["frames"] = str(folder / "frames")
+        base, fast = (video_io.enlarge(shown[name], factor) for name in ("baseline", "accelerated"))
+        captions = tuple(side_caption(name, result) for name in ("baseline", "accelerated"))
+        files["side_by_side"] = video_io.write_mp4(video_io.side_by_side(base, fast, captions),
+                                                   folder / f"{stem}_side-by-side.mp4", fps)
+        heat, _ = video_io.difference_heat_map(shown["baseline"], shown["accelerated"])
+        files["difference"] = video_io.write_mp4(video_io.enlarge(heat, factor), folder / f"{stem}_difference.mp4", fps)
+    files["json"] = str(folder / f"{stem}_result.json")
     result = replace(result, files=files)
     Path(files["json"]).write_text(result.to_json())
     return files

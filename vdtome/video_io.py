@@ -22,9 +22,12 @@ from vdtome.metrics import as_float_video
 #: mask the (small) differences between baseline and accelerated videos.
 CRF = 18
 
-#: Default amplification for ``difference_video``: token-merging drift is typically a few
-#: percent of the range, invisible at 1x; 4x makes it visible while large errors saturate.
-DIFF_GAIN = 4.0
+#: Videos are shown at least this tall: smaller ones are enlarged by a whole factor with
+#: nearest-neighbour (every model pixel a sharp block), never blurred by the browser's scaling.
+DISPLAY_MIN_HEIGHT = 320
+
+#: OpenCV's perceptually uniform colour map for the difference heat map (dark = equal).
+HEAT_MAP = cv2.COLORMAP_INFERNO
 
 
 def to_uint8(video, name: str = "video") -> np.ndarray:
@@ -145,13 +148,55 @@ def side_by_side(baseline, accelerated, labels=("baseline", "accelerated"), gap:
     return out
 
 
-def difference_video(reference, other, gain: float = DIFF_GAIN) -> np.ndarray:
-    """|reference - other| per pixel and channel, times ``gain``, clipped to [0, 1] (float32)."""
+def display_factor(height: int, min_height: int = DISPLAY_MIN_HEIGHT) -> int:
+    """The whole factor that brings ``height`` to at least ``min_height`` (1 when it is already)."""
+    return max(1, -(-min_height // max(1, height)))
+
+
+def enlarge(video, factor: int) -> np.ndarray:
+    """Each pixel repeated ``factor`` x ``factor`` times (nearest neighbour: no new values)."""
+    frames = to_uint8(video)
+    if factor == 1:
+        return frames
+    return np.repeat(np.repeat(frames, factor, axis=1), factor, axis=2)
+
+
+def difference_heat_map(reference, other) -> tuple[np.ndarray, float]:
+    """|reference - other| averaged over the colour channels, normalised by its largest value in
+    the whole clip and coloured with :data:`HEAT_MAP`: (uint8 frames, that largest value in [0, 1]
+    pixel units). Normalised, a typical 55 dB difference is visible rather than black; the scale
+    says how large the brightest colour is. Identical videos give the map's darkest colour and 0."""
     _check_same_shape(reference, other, ("reference", "other"))
-    if gain <= 0:
-        raise ValueError(f"gain must be positive, got {gain!r}")
     ref, oth = as_float_video(reference, "reference"), as_float_video(other, "other")
-    return np.clip(np.abs(ref - oth) * gain, 0.0, 1.0).astype(np.float32)
+    magnitude = np.abs(ref - oth).mean(axis=-1)
+    largest = float(magnitude.max()) if magnitude.size else 0.0
+    levels = np.zeros(magnitude.shape, np.uint8) if largest == 0 else np.rint(magnitude / largest * 255).astype(np.uint8)
+    return heat_colours(levels), largest
+
+
+def heat_colours(levels: np.ndarray) -> np.ndarray:
+    """uint8 levels (any shape) to RGB colours of :data:`HEAT_MAP` (shape + (3,))."""
+    flat = np.ascontiguousarray(levels, dtype=np.uint8).reshape(-1, 1)
+    return cv2.applyColorMap(flat, HEAT_MAP)[:, 0, ::-1].reshape(*levels.shape, 3)
+
+
+def heat_scale_stops(count: int = 9) -> list[str]:
+    """``count`` evenly spaced colours of the heat map as CSS hex, for the colour bar beside it."""
+    levels = np.linspace(0, 255, count).round().astype(np.uint8)
+    return ["#%02x%02x%02x" % tuple(int(c) for c in rgb) for rgb in heat_colours(levels)]
+
+
+def write_frames(frames, folder, prefix: str) -> list[str]:
+    """Every frame as a lossless PNG ``<prefix>_<index>.png`` (for frame-by-frame comparison:
+    an MP4 frame would show the encoder's artefacts, not the model's output)."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for index, frame in enumerate(to_uint8(frames, prefix)):
+        path = os.path.join(os.fspath(folder), f"{prefix}_{index:03d}.png")
+        if not cv2.imwrite(path, np.ascontiguousarray(frame[..., ::-1])):
+            raise OSError(f"could not write {path}")
+        paths.append(path)
+    return paths
 
 
 def _top_level_boxes(path: str) -> list[str]:
