@@ -41,7 +41,10 @@ os.environ["GRADIO_TEMP_DIR"] = str(GRADIO_CACHE)
 
 import dataclasses
 import inspect
+import re
 import signal
+import tempfile
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -71,6 +74,7 @@ from vdtome.pipelines import (
 )
 from vdtome.presets import load_presets, load_prompts
 from vdtome.protocol import MAX_GPU_SECONDS
+from vdtome.page import CSS, cards_html, colour_bar_html, frame_psnr_chart, history_chart, latency_chart, metrics_html
 from vdtome.report import COLUMNS
 from vdtome.serving import ServiceGuard, StrictBlocks, limit_visitors, run_until_abandoned
 from vdtome.ui import (
@@ -80,15 +84,20 @@ from vdtome.ui import (
     PLOT_SPEEDUP,
     SWEEP_FIELD,
     SWEEP_VALUES,
+    VIEW_FILE,
+    Card,
     ComparisonView,
     api_fields,
     appended_from,
     comparison_view,
+    settings_from_query,
+    settings_query,
     gpu_estimate,
     method_defaults,
     preset_choice_label,
     preset_info,
     stack_from_form,
+    sweep_label,
     sweep_choices,
     sweep_suggestion,
     sweep_stacks,
@@ -138,7 +147,9 @@ def run_requests(requests: list[ComparisonRequest], source: str | None, cancel: 
 
             progress(index / len(requests), desc=f"{prefix}loading {request.preset}")
             result = engine().run(request, progress=report, cancel=cancel, source=source)
-            views.append(comparison_view(result))
+            view = comparison_view(result, request.methods)
+            view.save()  # beside the videos: the history shows this run again from it
+            views.append(view)
             if not result.ok:
                 break
     except Cancelled:
@@ -267,44 +278,125 @@ async def _execute(requests: list[ComparisonRequest], source: str | None, progre
         flag.clear()
 
 
+def _checked_history(history) -> list[dict]:
+    """The history as the browser sent it, if it has the shape this page writes (else empty: an old
+    or edited value is dropped, never trusted)."""
+    if not isinstance(history, list):
+        return []
+    good = [entry for entry in history if isinstance(entry, dict) and isinstance(entry.get("row"), list)
+            and len(entry["row"]) == len(HISTORY_COLUMNS) and isinstance(entry.get("settings", {}), dict)
+            and (entry.get("point") is None or isinstance(entry.get("point"), dict))]
+    return good if len(good) == len(history) else []
+
+
 def _history_outputs(history: list[dict]):
+    """Table, the API's point list (unchanged since before the chart), the chart, the run picker."""
     table = pd.DataFrame([entry["row"] for entry in history], columns=list(HISTORY_COLUMNS))
-    # Identical videos (ratio 0) have no finite PSNR: they are in the table, not on the chart.
+    # Identical videos (ratio 0) have no finite PSNR: in the point list they are left out.
     points = pd.DataFrame([entry["point"] for entry in history if entry.get("point") is not None
                            and entry["point"]["PSNR vs baseline (dB)"] < PSNR_CAP_DB], columns=list(PLOT_COLUMNS))
-    return table, points
+    runs = [(f"run {entry['row'][0]}: {entry['row'][2]}" + (f" ({entry['series']})" if entry.get("series") else ""),
+             entry["row"][0]) for entry in history if entry.get("folder")]
+    try:
+        chart = history_chart(history)
+    except (KeyError, TypeError, ValueError):  # a stored point of another shape: the table still shows
+        chart = None
+    return table, points, chart, gr.Dropdown(choices=runs, value=None)
 
 
-def _record(history: list[dict], views: list[ComparisonView]) -> list[dict]:
+def _record(history: list[dict], views: list[ComparisonView], series: str | None = None) -> list[dict]:
     """History with the new runs appended, the oldest dropped beyond the operator's cap."""
-    history = list(history or [])
+    history = _checked_history(history)
+    first = history[-1]["row"][0] + 1 if history else 1
+    series = f"sweep from run {first}: {series}" if series else None
     for view in views:
-        if view.entry is not None:
+        if view.history is not None:
             run = history[-1]["row"][0] + 1 if history else 1
-            entry = dataclasses.replace(view.entry, run=run)
-            history.append({"row": entry.row(), "point": entry.point()})
+            entry = dict(view.history, series=series, folder=Path(view.files["json"]).parent.name)
+            entry["row"] = [run, *entry["row"][1:]]
+            entry["point"] = None if entry["point"] is None else dict(entry["point"], run=run)
+            history.append(entry)
     return history[-LIMITS.history_rows:]
 
 
-def _show(view: ComparisonView):
-    files = view.files
-    notes = [f"- {note}" for note in view.notes]
-    for warning in view.warnings:
-        gr.Warning(warning)
-        notes.insert(0, f"**Warning:** {warning}")
-    if view.error:
-        gr.Warning(view.error)
-        notes.insert(0, f"**Error:** {view.error}")
-    return (
-        files.get("side_by_side"),
-        files.get("baseline"),
-        files.get("accelerated"),
-        files.get("difference"),
-        files.get("json"),
-        pd.DataFrame(view.rows, columns=list(COLUMNS)),
-        f"<small>{view.environment}</small>",
-        "\n".join(notes),
-    )
+FRAME_SIDES = ("baseline", "accelerated")
+
+
+def _frame_pair(view: ComparisonView | None, frame: int) -> tuple[str, str] | None:
+    """The baseline's and the accelerated video's PNGs of one frame (None when not saved)."""
+    if view is None or "frames" not in view.files:
+        return None
+    folder = Path(view.files["frames"])
+    paths = tuple(str(folder / f"{side}_{int(frame):03d}.png") for side in FRAME_SIDES)
+    return paths if all(Path(p).exists() for p in paths) else None
+
+
+def _worst_frame(view: ComparisonView | None) -> int:
+    if view is None or not view.frame_psnr:
+        return 0
+    return min(range(len(view.frame_psnr)), key=view.frame_psnr.__getitem__)
+
+
+# The outputs every result shows, in this order (the first eight are the API's since the start).
+RESULT_OUTPUTS = ("side_by_side", "baseline_video", "accelerated_video", "difference_video", "result_json", "metrics",
+                  "environment", "notes")
+PAGE_OUTPUTS = ("headline", "metrics_html", "colour_bar", "latency_plot", "frame", "frame_view", "frame_plot", "code",
+                "current_view")
+
+
+def _page(view: ComparisonView | None, status: str = "", toast: bool = True) -> dict[str, object]:
+    """Every result component's value for ``view`` (None: an empty result with ``status``)."""
+    files = view.files if view is not None else {}
+    notes = [] if view is None else [f"- {note}" for note in view.notes]
+    if view is not None:
+        for warning in view.warnings:
+            if toast:
+                gr.Warning(warning, title="Measurement warning")
+            notes.insert(0, f"**Warning:** {warning}")
+        if view.error:
+            if toast:
+                gr.Warning(view.error, title="The comparison failed")
+            notes.insert(0, f"**Error:** {view.error}")
+    frame = _worst_frame(view)
+    frames = len(view.frame_psnr) if view is not None else 0
+    return {
+        "side_by_side": files.get("side_by_side"),
+        "baseline_video": files.get("baseline"),
+        "accelerated_video": files.get("accelerated"),
+        "difference_video": files.get("difference"),
+        "result_json": files.get("json"),
+        "metrics": pd.DataFrame([] if view is None else view.rows, columns=list(COLUMNS)),
+        "environment": "" if view is None else f"<small>{view.environment}</small>",
+        "notes": "\n".join(notes),
+        "headline": cards_html(view, status),
+        "metrics_html": "" if view is None else metrics_html(view.rows),
+        "colour_bar": colour_bar_html(None if view is None else view.difference_max),
+        "latency_plot": latency_chart(view),
+        "frame": gr.Slider(minimum=0, maximum=max(frames - 1, 1), value=frame, interactive=frames > 1,
+                           info=f"{frames} frames; the worst by PSNR is shown first" if frames else None),
+        "frame_view": _frame_pair(view, frame),
+        "frame_plot": frame_psnr_chart(view, frame),
+        "code": "" if view is None else view.code,
+        "current_view": None if view is None else dataclasses.asdict(view),
+    }
+
+
+def _view_from_state(value) -> ComparisonView | None:
+    if not value:
+        return None
+    data = dict(value)
+    return ComparisonView(**(data | {"cards": tuple(Card(**c) for c in data["cards"]),
+                                     "rows": [tuple(r) for r in data["rows"]]}))
+
+
+def on_frame(frame, current):
+    """Another frame picked: the two images and the marker on the PSNR chart."""
+    view = _view_from_state(current)
+    try:
+        index = int(frame)
+    except (TypeError, ValueError):
+        index = _worst_frame(view)
+    return _frame_pair(view, index), frame_psnr_chart(view, index)
 
 
 async def _run_form(values: dict, sweep: bool, history, progress):
@@ -314,8 +406,11 @@ async def _run_form(values: dict, sweep: bool, history, progress):
     except RequestError as error:
         raise gr.Error(str(error), title="Invalid input") from None
     views = await _execute(requests, source, progress)
-    history = _record(history, views)
-    return (*_show(views[-1]), history, *_history_outputs(history))
+    history = _record(history, views, sweep_label(values.get(SWEEP_FIELD, "ratio")) if sweep else None)
+    page = _page(views[-1])
+    table, points, chart, runs = _history_outputs(history)
+    return (*(page[name] for name in RESULT_OUTPUTS), history, table, points,
+            *(page[name] for name in PAGE_OUTPUTS), chart, runs)
 
 
 def _endpoint(name: str, fields: tuple[str, ...], sweep: bool, doc: str):
@@ -353,14 +448,82 @@ sweep = _endpoint("sweep", SWEEP_FIELDS, True,
                   "One comparison per value of the swept field (the baseline video is made once and reused; every "
                   "point is timed against fresh baseline calls): the speedup/fidelity curve.")
 
+CANCELLED = ("Cancelled. The run stopped at its next denoising step and saved nothing; the previous result was "
+             "cleared (its settings were not these). Run is available again once it has stopped.")
+
 
 def cancel_requested():
-    return ("**Cancelled.** A running comparison stops at its next denoising step (a model still loading "
-            "finishes loading first) and saves nothing; Run is available again once it has stopped.")
+    page = _page(None, CANCELLED)
+    return tuple(page[name] for name in (*RESULT_OUTPUTS, *PAGE_OUTPUTS))
+
+
+def restore_history(stored):
+    """The history kept in this browser, when the page loads (a value of another shape is dropped)."""
+    history = _checked_history(stored)
+    return history, *_history_outputs(history)
 
 
 def clear_history():
     return [], *_history_outputs([])
+
+
+def history_csv(history):
+    """The history table as a CSV file to download."""
+    history = _checked_history(history)
+    if not history:
+        raise gr.Error("the history is empty: run a comparison first", title="Nothing to export")
+    folder = INSTANCE_DIR / "exports"
+    folder.mkdir(parents=True, exist_ok=True)
+    prune(folder, 20, 50 * 2**20)
+    path = Path(tempfile.mkdtemp(dir=folder)) / "vdtome-history.csv"
+    table = pd.DataFrame([entry["row"] for entry in history], columns=list(HISTORY_COLUMNS))
+    table["settings"] = ["; ".join(f"{k}={v}" for k, v in entry.get("settings", {}).items()) for entry in history]
+    table["series"] = [entry.get("series") or "" for entry in history]
+    table.to_csv(path, index=False)
+    return gr.File(value=str(path), visible=True)
+
+
+RUN_FOLDER = re.compile(r"run-[A-Za-z0-9_]+")
+
+
+def show_run(run, history):
+    """A past run of the history (a sweep's point included) shown again from its saved view."""
+    entry = next((e for e in _checked_history(history) if e["row"][0] == run), None)
+    folder = None if entry is None else entry.get("folder")
+    path = engine().output_root / folder if isinstance(folder, str) and RUN_FOLDER.fullmatch(folder) else None
+    if path is None or not (path / VIEW_FILE).exists():
+        raise gr.Error(f"the files of run {run} are gone: this server keeps its last {KEEP_OUTPUTS} comparisons, "
+                       "and a restart clears them", title="Run not available")
+    page = _page(ComparisonView.load(path), f"Run {run} of your history · ", toast=False)
+    return tuple(page[name] for name in (*RESULT_OUTPUTS, *PAGE_OUTPUTS))
+
+
+EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
+
+
+def example_choices() -> list[tuple[str, str]]:
+    """(title, folder name) of every finished comparison shipped with the app."""
+    if not EXAMPLES_DIR.is_dir():
+        return []
+    choices = []
+    for folder in sorted(p for p in EXAMPLES_DIR.iterdir() if (p / VIEW_FILE).exists()):
+        view = ComparisonView.load(folder)
+        choices.append((f"{view.title} · {view.environment.split(' · ')[0]}", folder.name))
+    return choices
+
+
+def show_example(name):
+    names = dict((value, label) for label, value in example_choices())
+    if name not in names:
+        raise gr.Error(f"no example named {shown(name)}", title="Example not found")
+    view = ComparisonView.load(EXAMPLES_DIR / name)
+    page = _page(view, f"Example recorded earlier ({view.environment.split(' · ')[0]}): ", toast=False)
+    return tuple(page[name] for name in (*RESULT_OUTPUTS, *PAGE_OUTPUTS))
+
+
+def share_link(*values):
+    """The query string that restores the form (the page adds its own address)."""
+    return settings_query(dict(zip(COMPARE_FIELDS, values)))
 
 
 def _frames_info(rules) -> str:
@@ -378,6 +541,16 @@ def _negative_prompt_box(preset, value: str = "") -> gr.Textbox:
 
 
 ROUNDS_INFO = f"1-{MAX_ROUNDS} pairs of back-to-back calls; 6+ give an interval from rounds alone"
+GPU_POINTER = ("To run it: duplicate this Space with GPU hardware (Settings → Duplicate this Space), or on a GPU "
+               "machine run `python -m vdtome compare --preset {name} --prompt \"...\"`.")
+
+
+def run_notice(preset) -> tuple[dict, dict, str]:
+    """Run and Run sweep, usable only where the preset can run; else the reason and the way."""
+    if preset.requires_gpu and not HAS_GPU:
+        why = (f"**{preset.label} cannot run here: this machine has no GPU.** " + GPU_POINTER.format(name=preset.name))
+        return gr.update(interactive=False), gr.update(interactive=False), why
+    return gr.update(interactive=True), gr.update(interactive=True), ""
 
 
 def on_preset(name: str, negative_prompt: str):
@@ -392,6 +565,7 @@ def on_preset(name: str, negative_prompt: str):
         gr.Number(value=preset.num_inference_steps),
         gr.Number(value=preset.guidance_scale),
         gr.Number(value=preset.timing_rounds),
+        *run_notice(preset),
     )
 
 
@@ -412,6 +586,36 @@ def on_preset_methods(name: str, *switches: bool):
     reasons = _unavailable(PRESETS[name])
     return [gr.Checkbox(**_switch(method, reasons[key], value))
             for (key, method), value in zip(METHODS.items(), switches)]
+
+
+def restore_from_link(request: gr.Request):
+    """Form values from the page address's query string (a shared link); what cannot be used is
+    named in the notice, never silently changed."""
+    params = dict(request.query_params) if request is not None else {}
+    values, problems = settings_from_query(params)
+    name = values.get("preset")
+    if name is not None and name not in PRESETS:
+        problems.append(f"preset: no preset named {shown(name)}")
+        values.pop("preset")
+    updates: list[object] = []
+    preset = PRESETS[values.get("preset", DEFAULT_PRESET)]
+    defaults = {"frames": preset.num_frames, "height": preset.height, "width": preset.width,
+                "steps": preset.num_inference_steps, "guidance": preset.guidance_scale, "rounds": preset.timing_rounds}
+    for field in LINK_FIELDS:
+        if field in values:
+            updates.append(gr.update(value=values[field]))
+        elif "preset" in values and field in defaults:
+            updates.append(gr.update(value=defaults[field]))
+        else:
+            updates.append(gr.update())
+    reasons = _unavailable(preset)
+    switches = [gr.Checkbox(**_switch(method, reasons[key], values.get(method.enable_field)))
+                for key, method in METHODS.items()]
+    notice = "" if not problems else "**This link had settings the form cannot take; they were left as they were:** " + \
+        "; ".join(problems)
+    run_button, sweep_button, gpu_notice = run_notice(preset)
+    info = preset_info(preset, HAS_GPU)
+    return (*updates, *switches, info, run_button, sweep_button, "\n\n".join(x for x in (gpu_notice, notice) if x))
 
 
 def _widget(form_field: FormField):
@@ -449,12 +653,20 @@ def method_panel(preset) -> tuple[dict[str, gr.components.Component], list[gr.Ch
     return widgets, switches
 
 
-# ---- layout --------------------------------------------------------------------------------------
+# The fields a shared link restores (the switches travel separately: they lock per preset).
+LINK_FIELDS = tuple(name for name in COMPARE_FIELDS if name not in {m.enable_field for m in METHODS.values()}
+                    and name != CUSTOM_MODEL)
 
-CSS = """
-#vdtome-title h1 { margin-bottom: 0.2em; }
-#metrics-table { font-variant-numeric: tabular-nums; }
-"""
+# After Run: the headline cards into view (on a narrow screen the result is below the form).
+# (an event's js receives its inputs and must hand them on)
+SCROLL_TO_RESULT = ("(...values) => { document.getElementById('result-column')?.scrollIntoView({behavior: 'instant', "
+                    "block: 'start'}); return values; }")
+SCROLL_TO_CARDS = "() => { document.getElementById('headline')?.scrollIntoView({behavior: 'instant', block: 'nearest'}); }"
+FULL_LINK = ("(query) => { const link = window.location.origin + window.location.pathname + query; "
+             "navigator.clipboard?.writeText(link).catch(() => {}); return link; }")
+
+
+# ---- layout --------------------------------------------------------------------------------------
 
 
 def build_demo() -> gr.Blocks:
@@ -463,18 +675,21 @@ def build_demo() -> gr.Blocks:
     with StrictBlocks(title="vdtome: training-free acceleration for video diffusion", delete_cache=(900, 3600)) as demo:
         gr.Markdown(
             "# vdtome\nTraining-free acceleration for video diffusion transformers: token merging (ToMe) and "
-            "diffusers' step caches, alone or stacked. The same prompt and seed run through the baseline and the "
-            "accelerated pipeline; both videos play side by side with latency, peak memory, what each method "
-            "did and fidelity to the baseline. Every speedup is timed in the same request: baseline and "
-            "accelerated calls back to back, repeated, with an interval; within noise is said so.",
+            "diffusers' step caches, alone or stacked, against the baseline on the same prompt and seed. Every "
+            "speedup is timed in the same request (baseline and accelerated calls back to back, repeated, with an "
+            "interval); within noise is said so.",
             elem_id="vdtome-title",
         )
-        history = gr.State([], time_to_live=LIMITS.session_ttl_s)
-        with gr.Row():
-            with gr.Column(scale=2):
+        # The session's runs: worked on in gr.State (no API value: an API call starts from an empty
+        # history), kept in the browser's localStorage after every change, so a reload keeps them.
+        history = gr.State([])
+        stored_history = gr.BrowserState([], storage_key="vdtome-history")
+        current_view = gr.State(None)
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=5, min_width=340, elem_id="form-column"):
                 model = gr.Dropdown(
                     [(preset_choice_label(p, HAS_GPU), p.name) for p in PRESETS.values()],
-                    value=preset.name, label="Model preset",
+                    value=preset.name, label="Model preset", elem_id="preset",
                 )
                 model_info = gr.Markdown(preset_info(preset, HAS_GPU))
                 custom_model = gr.Textbox(
@@ -486,78 +701,135 @@ def build_demo() -> gr.Blocks:
                 negative = gr.Textbox(label="Negative prompt", value="", max_lines=2,
                                       interactive=not preset.negative_prompt_unsupported)
                 with gr.Row():
-                    seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
+                    seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed", min_width=80)
                     frames = gr.Number(label="Frames", value=preset.num_frames, precision=0,
-                                       info=_frames_info(rules))
+                                       info=_frames_info(rules), min_width=80)
                     height = gr.Number(label="Height", value=preset.height, precision=0,
-                                       info=_side_info(rules))
+                                       info=_side_info(rules), min_width=80)
                     width = gr.Number(label="Width", value=preset.width, precision=0,
-                                      info=_side_info(rules))
+                                      info=_side_info(rules), min_width=80)
                 with gr.Row():
-                    steps = gr.Number(label="Steps", value=preset.num_inference_steps, precision=0)
-                    guidance = gr.Number(label="Guidance", value=preset.guidance_scale)
+                    steps = gr.Number(label="Steps", value=preset.num_inference_steps, precision=0, min_width=80)
+                    guidance = gr.Number(label="Guidance", value=preset.guidance_scale, min_width=80)
                     # No precision: the engine refuses 2.5 with the rule instead of the page rounding it.
                     rounds = gr.Number(label="Timing rounds", value=preset.timing_rounds, step=1,
-                                       info=ROUNDS_INFO, elem_id="rounds")
-            with gr.Column(scale=1):
-                gr.Markdown("### Acceleration (switch on any methods to stack them, applied in this order)")
+                                       info=ROUNDS_INFO, elem_id="rounds", min_width=80)
+                gr.Markdown("### Acceleration\nSwitch on any methods to stack them (applied in this order).")
                 method_widgets, switches = method_panel(preset)
-        with gr.Row():
-            run = gr.Button("Run comparison", variant="primary", elem_id="run")
-            stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
-        gr.Markdown("### Result")
-        side_by_side = gr.Video(label="baseline | accelerated (one player: play, pause and seek move both)",
-                                autoplay=True, loop=True, buttons=["download"], elem_id="side-by-side", height=420)
-        with gr.Row():
-            baseline_video = gr.Video(label="baseline", loop=True, buttons=["download"], elem_id="baseline-video", height=240)
-            accelerated_video = gr.Video(label="accelerated", loop=True, buttons=["download"], elem_id="accelerated-video", height=240)
-            difference_video = gr.Video(label="|difference| x4", loop=True, buttons=["download"], elem_id="difference-video", height=240)
-        metrics = gr.Dataframe(headers=list(COLUMNS), label="Metrics", interactive=False, elem_id="metrics-table",
-                               column_count=len(COLUMNS))
-        environment = gr.Markdown(elem_id="environment", label="environment")
-        notes = gr.Markdown(elem_id="notes", label="notes")
-        result_json = gr.File(label="All figures (JSON)", elem_id="result-json")
-        with gr.Tab("Session history"):
-            history_table = gr.Dataframe(headers=list(HISTORY_COLUMNS), label="Runs this session", interactive=False, elem_id="history-table",
-                                         column_count=len(HISTORY_COLUMNS))
-            history_plot = gr.ScatterPlot(
-                x="PSNR vs baseline (dB)", y=PLOT_SPEEDUP, color="methods",
-                tooltip=["run", "methods", PLOT_SPEEDUP, "interval", "verdict", "PSNR vs baseline (dB)"],
-                label="Speedup against fidelity (runs with output identical to the baseline's are off the chart)", elem_id="history-plot",
-            )
+                with gr.Accordion("Share and reproduce", open=False, elem_id="share"):
+                    share_button = gr.Button("Link to these settings (copied to the clipboard)", size="sm",
+                                             elem_id="share-button")
+                    share_query = gr.Textbox(visible=False)
+                    share_box = gr.Textbox(label="Link", interactive=False, buttons=["copy"], elem_id="share-link")
+                    code = gr.Code(label="The library call that reproduces the result shown", language="python",
+                                   interactive=False, elem_id="code")
+            with gr.Column(scale=7, min_width=340, elem_id="result-column"):
+                with gr.Row():
+                    run = gr.Button("Run comparison", variant="primary", elem_id="run", scale=3)
+                    stop = gr.Button("Cancel", variant="stop", elem_id="cancel", scale=1)
+                notice = gr.Markdown(run_notice(preset)[2], elem_id="run-notice")
+                headline = gr.HTML(cards_html(None), elem_id="headline-box", min_height=90)
+                side_by_side = gr.Video(show_label=False, autoplay=True, loop=True, buttons=["download"],
+                                        elem_id="side-by-side", height=360)
+                with gr.Tab("Frame by frame"):
+                    frame = gr.Slider(0, 1, value=0, step=1, label="Frame", elem_id="frame-picker")
+                    frame_view = gr.ImageSlider(label="baseline (left) | accelerated (right): drag to compare",
+                                                type="filepath", elem_id="frame-slider", max_height=360,
+                                                interactive=False)
+                    frame_plot = gr.Plot(show_label=False, elem_id="frame-psnr")
+                with gr.Tab("Each video"):
+                    with gr.Row():
+                        baseline_video = gr.Video(label="baseline", loop=True, buttons=["download"],
+                                                  elem_id="baseline-video", height=220, min_width=120)
+                        accelerated_video = gr.Video(label="accelerated", loop=True, buttons=["download"],
+                                                     elem_id="accelerated-video", height=220, min_width=120)
+                        difference_video = gr.Video(label="difference (heat map)", loop=True, buttons=["download"],
+                                                    elem_id="difference-video", height=220, min_width=120)
+                    colour_bar = gr.HTML(elem_id="colour-bar-box")
+                with gr.Tab("Latency"):
+                    latency_plot = gr.Plot(show_label=False, elem_id="latency-plot")
+                metrics_view = gr.HTML(elem_id="metrics-box")
+                # The same rows as a Dataframe: the API's value since the first version (hidden here).
+                metrics = gr.Dataframe(headers=list(COLUMNS), label="Metrics", interactive=False, visible=False,
+                                       column_count=len(COLUMNS), elem_id="metrics-table")
+                environment = gr.Markdown(elem_id="environment", label="environment")
+                notes = gr.Markdown(elem_id="notes", label="notes")
+                result_json = gr.File(label="All figures (JSON)", elem_id="result-json")
+        with gr.Tab("Session history (kept in this browser)"):
+            history_chart_plot = gr.Plot(show_label=False, elem_id="history-chart")
+            # The chart's points as the API returned them before the chart above (hidden here).
+            history_points = gr.ScatterPlot(x="PSNR vs baseline (dB)", y=PLOT_SPEEDUP, visible=False,
+                                            elem_id="history-plot")
+            history_table = gr.Dataframe(headers=list(HISTORY_COLUMNS), label="Runs", interactive=False,
+                                         elem_id="history-table", column_count=len(HISTORY_COLUMNS), max_height=600)
+            with gr.Row():
+                run_picker = gr.Dropdown([], label="Show a past run (a sweep's points too)", elem_id="run-picker",
+                                         scale=3)
+                export_button = gr.Button("Export CSV", scale=1, elem_id="export-csv")
+                clear_button = gr.Button("Clear history", scale=1)
+            export_file = gr.File(label="History (CSV)", visible=False, elem_id="history-csv")
             with gr.Row():
                 sweep_field = gr.Dropdown(sweep_choices(), value=sweep_choices()[0][1], label="Sweep over", scale=2,
                                           elem_id=SWEEP_FIELD)
                 sweep_values = gr.Textbox(label="Sweep values", value=sweep_suggestion(sweep_choices()[0][1]),
-                                          max_lines=1, scale=3,
-                                          elem_id="sweep-ratios")
+                                          max_lines=1, scale=3, elem_id="sweep-ratios")
                 sweep_button = gr.Button("Run sweep", scale=1, elem_id="sweep")
-                clear_button = gr.Button("Clear history", scale=1)
+        with gr.Tab("Examples (finished comparisons)"):
+            examples = example_choices()
+            gr.Markdown("Comparisons recorded earlier with this app, shown instantly with the hardware they ran on "
+                        "(the first line of each environment).")
+            example_picker = gr.Dropdown(examples, value=None, label="Show an example", elem_id="example-picker")
 
         components = {"preset": model, "prompt": prompt, "negative_prompt": negative, "seed": seed, "frames": frames,
                       "height": height, "width": width, "steps": steps, "guidance": guidance, "rounds": rounds,
                       CUSTOM_MODEL: custom_model, SWEEP_VALUES: sweep_values, SWEEP_FIELD: sweep_field,
                       **method_widgets}
-        shown = [side_by_side, baseline_video, accelerated_video, difference_video, result_json, metrics,
-                 environment, notes, history, history_table, history_plot]
+        by_name = {"side_by_side": side_by_side, "baseline_video": baseline_video,
+                   "accelerated_video": accelerated_video, "difference_video": difference_video,
+                   "result_json": result_json, "metrics": metrics, "environment": environment, "notes": notes,
+                   "headline": headline, "metrics_html": metrics_view, "colour_bar": colour_bar,
+                   "latency_plot": latency_plot, "frame": frame, "frame_view": frame_view, "frame_plot": frame_plot,
+                   "code": code, "current_view": current_view}
+        result_outputs = [by_name[name] for name in (*RESULT_OUTPUTS, *PAGE_OUTPUTS)]
+        shown = [*(by_name[name] for name in RESULT_OUTPUTS), history, history_table, history_points,
+                 *(by_name[name] for name in PAGE_OUTPUTS), history_chart_plot, run_picker]
         # Values reach the handlers as the client sent them (preprocess=False): Gradio would round
         # 1.5 to 2 and read "false" as true; the validator refuses them, naming the field, before
-        # the request takes a queue place.
-        generation = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1, preprocess=False)
+        # the request takes a queue place. One progress display: over the headline cards.
+        generation = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1, preprocess=False,
+                          show_progress_on=[headline])
         run_event = run.click(compare, [*(components[name] for name in COMPARE_FIELDS), history], shown,
                               api_name="compare", validator=validator((*COMPARE_FIELDS, "history"), sweep=False),
-                              **generation)
+                              js=SCROLL_TO_RESULT, **generation)
+        run_event.success(None, js=SCROLL_TO_CARDS)
+        keep = dict(fn=_checked_history, inputs=history, outputs=stored_history, api_visibility="private",
+                    show_progress="hidden")
+        run_event.then(**keep)
         sweep_event = sweep_button.click(sweep, [*(components[name] for name in SWEEP_FIELDS), history], shown,
                                          api_name="sweep", validator=validator((*SWEEP_FIELDS, "history"), sweep=True),
-                                         **generation)
+                                         js=SCROLL_TO_RESULT, **generation)
+        sweep_event.success(None, js=SCROLL_TO_CARDS)
+        sweep_event.then(**keep)
+        private = dict(api_visibility="private")
         # Gradio cancels the events' tasks; run_until_abandoned turns that into the engine's stop.
-        stop.click(cancel_requested, None, notes, cancels=[run_event, sweep_event], queue=False,
-                   api_visibility="private")
-        clear_button.click(clear_history, None, [history, history_table, history_plot], api_visibility="private")
-        model.change(on_preset, [model, negative], [model_info, negative, frames, height, width, steps, guidance, rounds],
-                     api_visibility="private")
-        model.change(on_preset_methods, [model, *switches], switches, api_visibility="private")
-        sweep_field.change(sweep_suggestion, sweep_field, sweep_values, api_visibility="private")
+        stop.click(cancel_requested, None, result_outputs, cancels=[run_event, sweep_event], queue=False, **private)
+        frame.release(on_frame, [frame, current_view], [frame_view, frame_plot], **private)
+        clear_button.click(clear_history, None, [history, history_table, history_points, history_chart_plot,
+                                                 run_picker], **private).then(**keep)
+        export_button.click(history_csv, history, export_file, **private)
+        run_picker.input(show_run, [run_picker, history], result_outputs, **private)
+        example_picker.input(show_example, example_picker, result_outputs, **private)
+        share_button.click(share_link, [components[name] for name in COMPARE_FIELDS], share_query, **private).then(
+            None, share_query, share_box, js=FULL_LINK)
+        # .input, not .change: a link restoring a preset and its sizes must not be overwritten.
+        model.input(on_preset, [model, negative], [model_info, negative, frames, height, width, steps, guidance,
+                                                   rounds, run, sweep_button, notice], **private)
+        model.input(on_preset_methods, [model, *switches], switches, **private)
+        sweep_field.change(sweep_suggestion, sweep_field, sweep_values, **private)
+        demo.load(restore_from_link, None, [*(components[name] for name in LINK_FIELDS), *switches, model_info, run,
+                                            sweep_button, notice], show_progress="hidden", **private)
+        demo.load(restore_history, stored_history, [history, history_table, history_points, history_chart_plot,
+                                                    run_picker], show_progress="hidden", **private)
     # api_open=False: the direct routes (/gradio_api/run/compare, /run/predict) would skip the queue,
     # its limits and the validator; generation runs only through the queue.
     demo.queue(max_size=LIMITS.queue_size, default_concurrency_limit=1, api_open=False)

@@ -7,19 +7,24 @@ checked here (and tested) with messages that name the field and the rule.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
-from .compare import ComparisonRequest, ComparisonResult, resolve
-from .methods import METHODS, FormField, Method, check_stack
+from .compare import ComparisonRequest, ComparisonResult, ResolvedSettings, resolve
+from .methods import METHODS, FormField, Method, check_stack, method_of
 from .metrics import PSNR_CAP_DB
 from .presets import ModelPreset, get_preset
 from .protocol import GpuEstimate, estimate_gpu_time
 from .measure import environment_line
 from .report import metric_rows, protocol_line
-from .stats import Ratio
-from .validation import RequestError, boolean, decimal_list
+from .stats import Ratio, Verdict, speed_phrase
+from .video_io import difference_scale
+from .validation import PLAIN_DECIMAL, RequestError, boolean, decimal_list
 
 MAX_SWEEP_POINTS = 8
 
@@ -89,6 +94,12 @@ def sweep_choices() -> list[tuple[str, str]]:
 def sweep_suggestion(name: str) -> str:
     """The values the sweep box offers for a sweepable field."""
     return _sweepable(name)[1].sweep_suggestion()
+
+
+def sweep_label(name: Any) -> str:
+    """"token merging (ToMe) · merge ratio": what a sweep varies, for its curve's name."""
+    method, form_field = _sweepable(name)
+    return f"{method.label} · {form_field.label.lower()}"
 
 
 def _sweepable(name: Any) -> tuple[Method, FormField]:
@@ -222,9 +233,126 @@ def history_entry(result: ComparisonResult, run: int) -> HistoryEntry:
 
 
 @dataclass(frozen=True)
+class Card:
+    """One headline figure above the player. ``tone``: "better", "worse" or "neutral" (within
+    noise, untested, or a figure with no better direction)."""
+
+    title: str
+    value: str
+    detail: str
+    tone: str
+
+
+def _speed_card(title: str, ratio: Ratio | None) -> Card:
+    if ratio is None:
+        return Card(title, "n/a", "not measured", "neutral")
+    if ratio.verdict in (Verdict.FASTER, Verdict.SLOWER):
+        return Card(title, speed_phrase(ratio.value), ratio.interval_text(),
+                    "better" if ratio.verdict is Verdict.FASTER else "worse")
+    if ratio.verdict is Verdict.TOO_FEW_REPEATS:
+        return Card(title, f"{speed_phrase(ratio.value)} (untested)", ratio.interval_text(), "neutral")
+    return Card(title, ratio.short(), f"median {speed_phrase(ratio.value)}; {ratio.interval_text()}", "neutral")
+
+
+def _fidelity_card(result: ComparisonResult) -> Card:
+    fid = result.fidelity
+    if fid is None:
+        return Card("Fidelity to the baseline", "n/a", "no pair of videos to compare", "neutral")
+    if fid.identical:
+        return Card("Fidelity to the baseline", "identical", "every pixel of every frame equal", "neutral")
+    worst = min(range(len(fid.psnr)), key=fid.psnr.__getitem__)
+    psnr = f">= {PSNR_CAP_DB:.0f} dB" if fid.psnr_mean >= PSNR_CAP_DB else f"{fid.psnr_mean:.1f} dB"
+    return Card("Fidelity to the baseline", f"PSNR {psnr} · SSIM {fid.ssim_mean:.3f}",
+                f"worst frame {worst}: {fid.psnr[worst]:.1f} dB", "neutral")
+
+
+def _memory_card(result: ComparisonResult) -> Card:
+    title = "Peak memory"
+    if result.timing is None or not result.timing.memory:
+        return Card(title, "n/a", "not measured", "neutral")
+    figures = result.timing.memory[0]
+    change = figures.change_bytes
+    if change is None:
+        return Card(title, "n/a", f"{figures.kind}, {figures.scope}", "neutral")
+    detail = f"{figures.kind}, {figures.scope}; baseline {figures.baseline / 2**20:.1f} MiB"
+    if not figures.comparable:
+        return Card(title, "not comparable", "the baseline ran in another request; " + detail, "neutral")
+    if not figures.exact and (figures.within_noise or figures.noise_bytes is None):
+        return Card(title, "within noise", f"{change / 2**20:+.1f} MiB; " + detail, "neutral")
+    tone = "neutral" if change == 0 else "better" if change < 0 else "worse"
+    return Card(title, f"{change / 2**20:+.1f} MiB", detail, tone)
+
+
+def headline_cards(result: ComparisonResult) -> tuple[Card, ...]:
+    """Denoising and end-to-end speedup (with their interval), fidelity, peak memory change."""
+    return (_speed_card("Denoising", result.speedup("denoising")),
+            _speed_card("End to end (projected)", result.speedup("end_to_end")),
+            _fidelity_card(result), _memory_card(result))
+
+
+def latency_breakdown(result: ComparisonResult) -> list[tuple[str, str, float]]:
+    """(side, phase, seconds): median phase times of each side in this request, for the chart."""
+    timing = result.timing
+    if timing is None:
+        return []
+    rows = []
+    for figures, label in ((timing.denoising, "denoising"), *((p, p.label) for p in timing.untouched)):
+        for side in ("baseline", "accelerated"):
+            ms = getattr(figures, f"{side}_ms")
+            if ms is not None:
+                rows.append((side, label, round(ms / 1000, 4)))
+    return rows
+
+
+def code_snippet(settings: ResolvedSettings, configs: tuple[Any, ...]) -> str:
+    """The library call that reproduces a comparison (method fields left at their defaults omitted)."""
+    imports = sorted({(type(c).__module__, type(c).__name__) for c in configs})
+    lines = ["from vdtome.compare import ComparisonRequest, run_comparison"]
+    lines += [f"from {module} import {name}" for module, name in imports]
+
+    def short(config: Any) -> str:
+        changed = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
+                   if f.init and getattr(config, f.name) != _default_of(f)]
+        return f"{type(config).__name__}({', '.join(changed)})"
+
+    stack = ", ".join(short(c) for c in configs) + ("," if len(configs) == 1 else "")
+    s = settings
+    negative = f"\n    negative_prompt={s.negative_prompt!r}," if s.negative_prompt else ""
+    lines += ["", "result = run_comparison(ComparisonRequest(",
+              f"    preset={s.preset!r},", f"    prompt={s.prompt!r},{negative}",
+              f"    seed={s.seed}, frames={s.frames}, height={s.height}, width={s.width}, steps={s.steps}, "
+              f"guidance={s.guidance!r}, rounds={s.rounds},",
+              f"    methods=({stack}),", "))",
+              'print(result.speedup("denoising").text(), result.fidelity.psnr_mean, result.files)']
+    return "\n".join(lines)
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def run_settings(settings: ResolvedSettings, configs: tuple[Any, ...]) -> dict[str, str]:
+    """Every setting of a run as short text, for the chart's "what differs" tooltip."""
+    s = settings
+    values = {"model": s.preset, "prompt": s.prompt if len(s.prompt) <= 40 else s.prompt[:39] + "…",
+              "seed": str(s.seed), "frames": str(s.frames), "size": f"{s.height}x{s.width}", "steps": str(s.steps),
+              "guidance": f"{s.guidance:g}", "rounds": str(s.rounds)}
+    for config in configs:
+        method = method_of(config)
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            if f.init and len(repr(value)) <= 40:
+                values[f"{method.name}.{f.name}"] = str(value)
+    return values
+
+
+@dataclass(frozen=True)
 class ComparisonView:
-    """What the page shows of one comparison: small and picklable (no frames), so it can cross
-    the process boundary of a ZeroGPU worker."""
+    """What the page shows of one comparison: plain values only (no frames, no Ratio objects), so
+    it crosses the process boundary of a ZeroGPU worker and is saved as ``view.json`` beside the
+    videos, from which a past run or a shipped example is shown again."""
 
     files: dict[str, str]
     rows: list[tuple[str, str, str, str, str]]
@@ -232,14 +360,51 @@ class ComparisonView:
     notes: tuple[str, ...]
     warnings: tuple[str, ...]
     error: str | None
-    entry: HistoryEntry | None  # None when the comparison failed
+    cards: tuple[Card, ...] = ()
+    latency: tuple[tuple[str, str, float], ...] = ()
+    frame_psnr: tuple[float, ...] = ()
+    difference_max: float | None = None
+    code: str = ""
+    title: str = ""  # preset, stack, seed: what the result belongs to
+    history: dict[str, Any] | None = None  # the history entry (None when the comparison failed)
+
+    def to_json(self) -> str:
+        """``files`` as names relative to the folder the view is saved in."""
+        data = dataclasses.asdict(self) | {"files": {k: Path(v).name for k, v in self.files.items()}}
+        return json.dumps(data, indent=1, allow_nan=False)
+
+    @classmethod
+    def load(cls, folder: Path) -> "ComparisonView":
+        """The view saved in ``folder`` (its files resolved there; a missing file is left out)."""
+        data = json.loads((folder / VIEW_FILE).read_text())
+        files = {k: str(folder / name) for k, name in data.pop("files").items() if (folder / name).exists()}
+        return cls(files=files, rows=[tuple(r) for r in data.pop("rows")], notes=tuple(data.pop("notes")),
+                   warnings=tuple(data.pop("warnings")), cards=tuple(Card(**c) for c in data.pop("cards")),
+                   latency=tuple(tuple(r) for r in data.pop("latency")), frame_psnr=tuple(data.pop("frame_psnr")),
+                   **data)
+
+    def save(self) -> None:
+        """Write ``view.json`` into the folder of the result's files."""
+        if "json" in self.files:
+            (Path(self.files["json"]).parent / VIEW_FILE).write_text(self.to_json())
 
 
-def comparison_view(result: ComparisonResult) -> ComparisonView:
+VIEW_FILE = "view.json"
+
+
+def comparison_view(result: ComparisonResult, configs: tuple[Any, ...] = ()) -> ComparisonView:
+    """The page's view of a result; ``configs``: the stack as requested (for the code snippet)."""
     notes = list(result.notes)
     protocol = protocol_line(result)
     if protocol:
         notes.insert(0, protocol)
+    fid = result.fidelity
+    difference_max = None
+    if fid is not None and result.baseline is not None and result.accelerated is not None:
+        difference_max = difference_scale(result.baseline.frames, result.accelerated.frames)
+    entry = None
+    if result.ok:
+        entry = history_record(history_entry(result, run=0), run_settings(result.settings, configs))
     return ComparisonView(
         files=dict(result.files),
         rows=metric_rows(result),
@@ -247,8 +412,19 @@ def comparison_view(result: ComparisonResult) -> ComparisonView:
         notes=tuple(notes),
         warnings=result.warnings,
         error=result.error,
-        entry=history_entry(result, run=0) if result.ok else None,
+        cards=headline_cards(result),
+        latency=tuple(latency_breakdown(result)),
+        frame_psnr=() if fid is None else tuple(round(min(p, PSNR_CAP_DB), 3) for p in fid.psnr),
+        difference_max=difference_max,
+        code=code_snippet(result.settings, configs) if configs else "",
+        title=f"{result.settings.preset} · {result.stack} · seed {result.settings.seed}",
+        history=entry,
     )
+
+
+def history_record(entry: HistoryEntry, settings: dict[str, str], series: str | None = None) -> dict[str, Any]:
+    """A history entry as the browser keeps it (plain JSON)."""
+    return {"row": entry.row(), "point": entry.point(), "settings": settings, "series": series, "folder": None}
 
 
 def gpu_estimate(requests: list[ComparisonRequest]) -> GpuEstimate:
@@ -260,3 +436,59 @@ def gpu_estimate(requests: list[ComparisonRequest]) -> GpuEstimate:
     return estimate_gpu_time(preset, settings.steps, settings.frames, settings.height, settings.width,
                              settings.rounds, points=len(requests), warmup_steps=settings.warmup_steps,
                              calibrates=calibrates)
+
+
+# ---- a link that restores the form -----------------------------------------------------------------
+
+SHARED_REQUEST_FIELDS = REQUEST_FIELDS  # every request field travels in a link; method fields when changed
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "+".join(str(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def settings_query(values: Mapping[str, Any]) -> str:
+    """The form as a query string ("?preset=tiny-wan&prompt=...&ratio=0.5"): the request's fields,
+    and each method's switch and fields where they differ from their defaults."""
+    defaults = method_defaults()
+    pairs = [(name, values[name]) for name in SHARED_REQUEST_FIELDS if values.get(name) not in (None, "")]
+    pairs += [(name, value) for name, value in values.items()
+              if name in defaults and name != SWEEP_FIELD and value is not None and _as_text(value) != _as_text(defaults[name])]
+    return "?" + urlencode([(name, _as_text(value)) for name, value in pairs])
+
+
+NUMBER_FIELDS = ("seed", "frames", "height", "width", "steps", "guidance", "rounds")
+
+
+def settings_from_query(params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """Form values from a link's query parameters, and what could not be used (named, with the
+    rule): a value the form cannot hold is left at the form's value rather than changed."""
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    fields = {f.name: f for m in METHODS.values() for f in m.fields}
+    switches = {m.enable_field for m in METHODS.values()}
+    for name, text in params.items():
+        try:
+            if name in ("preset", "prompt", "negative_prompt"):
+                values[name] = text
+            elif name in NUMBER_FIELDS:
+                if not PLAIN_DECIMAL.fullmatch(text):
+                    raise RequestError(f"must be a plain decimal number, got {text!r}", name)
+                number = float(text)
+                values[name] = int(number) if number.is_integer() else number
+            elif name in switches:
+                values[name] = boolean(name, text, name)
+            elif name in fields:
+                parsed = fields[name].from_text(text)
+                values[name] = list(parsed) if isinstance(parsed, (tuple, frozenset, set)) else parsed
+            else:
+                problems.append(f"{name}: not a setting of this page")
+        except (ValueError, RequestError) as error:
+            problems.append(f"{name}: {error}")
+    return values, problems

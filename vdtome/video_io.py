@@ -166,12 +166,22 @@ def difference_heat_map(reference, other) -> tuple[np.ndarray, float]:
     the whole clip and coloured with :data:`HEAT_MAP`: (uint8 frames, that largest value in [0, 1]
     pixel units). Normalised, a typical 55 dB difference is visible rather than black; the scale
     says how large the brightest colour is. Identical videos give the map's darkest colour and 0."""
-    _check_same_shape(reference, other, ("reference", "other"))
-    ref, oth = as_float_video(reference, "reference"), as_float_video(other, "other")
-    magnitude = np.abs(ref - oth).mean(axis=-1)
+    magnitude = _difference_magnitude(reference, other)
     largest = float(magnitude.max()) if magnitude.size else 0.0
     levels = np.zeros(magnitude.shape, np.uint8) if largest == 0 else np.rint(magnitude / largest * 255).astype(np.uint8)
     return heat_colours(levels), largest
+
+
+def _difference_magnitude(reference, other) -> np.ndarray:
+    _check_same_shape(reference, other, ("reference", "other"))
+    ref, oth = as_float_video(reference, "reference"), as_float_video(other, "other")
+    return np.abs(np.clip(ref, 0, 1) - np.clip(oth, 0, 1)).mean(axis=-1)
+
+
+def difference_scale(reference, other) -> float:
+    """The value the heat map's brightest colour stands for (see :func:`difference_heat_map`)."""
+    magnitude = _difference_magnitude(reference, other)
+    return float(magnitude.max()) if magnitude.size else 0.0
 
 
 def heat_colours(levels: np.ndarray) -> np.ndarray:
