@@ -42,9 +42,9 @@ test: $(STAMP) browser
 bench: $(STAMP)
 	$(PY) benchmarks/tome_speed.py
 
-# Re-make the README's screenshot with the browser test.
+# Re-make the README's screenshots (desktop and phone widths) with the browser test.
 screenshot: $(STAMP) browser
-	HF_HUB_OFFLINE=1 VDTOME_SCREENSHOT=assets/screenshot.png $(PY) -m pytest -q tests/test_app_browser.py
+	HF_HUB_OFFLINE=1 VDTOME_SCREENSHOTS=assets $(PY) -m pytest -q tests/test_app_browser.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

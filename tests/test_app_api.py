@@ -1,7 +1,9 @@
 """The app as an API: a real server on a loopback port, called with gradio_client."""
 
 import json
+from pathlib import Path
 
+import cv2
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import ValidationError
@@ -25,11 +27,11 @@ def rows(table):
 
 def test_compare_returns_playable_videos_and_metrics(client):
     outputs = client.predict(prompt=PROMPT, seed=7, ratio=0.5, api_name="/compare")
-    side_by_side, baseline, accelerated, difference, result_json, metrics, environment, notes, history, _plot = outputs
+    side_by_side, baseline, accelerated, difference, result_json, metrics, environment, notes, history, _plot = outputs[:10]
     for path in (baseline, accelerated, difference):
         info = probe(path)
         assert (info["codec"], info["pix_fmt"], info["frames"]) == ("h264", "yuv420p", 9)
-        assert (info["width"], info["height"]) == (64, 64)
+        assert (info["width"], info["height"]) == (320, 320)  # 64x64 enlarged 5x, nearest-neighbour
         assert info["faststart"]
     composite = probe(side_by_side)
     assert composite["frames"] == 9 and composite["width"] > 2 * 64  # both videos in one player
@@ -52,6 +54,22 @@ def test_compare_returns_playable_videos_and_metrics(client):
     assert result["methods"][0]["report"]["detail"]["effective_ratio"] == pytest.approx(0.5, abs=0.01)
     assert "/" not in json.dumps(result["files"])  # file names only: no server paths
     assert history["data"][-1][1] == "tiny-wan"
+    assert all(Path(path).name.startswith("tiny-wan_tome-ratio-0.5-stride-1x2x2_seed7_") for path in outputs[:5])
+
+    # The page's own views, appended after the API's first values.
+    headline, table_html, colour_bar, latency, frame, frame_pair, frame_plot, code = outputs[10:18]
+    assert headline.count('class="card tone-') == 4 and "Denoising" in headline and "PSNR" in headline
+    assert table_html.count("<tr>") == len(metrics["data"]) + 1  # every metric row, and the header
+    assert "linear-gradient" in colour_bar and "largest difference" in colour_bar
+    assert latency["type"] == "altair" and frame_plot["type"] == "altair"
+    worst = min(range(9), key=lambda i: result["fidelity"]["psnr"][i])
+    assert frame["value"] == worst and frame["maximum"] == 8
+    images = [cv2.imread(path) for path in frame_pair]
+    assert images[0].shape == (64, 64, 3) and (images[0] != images[1]).any()  # the worst frame differs
+    namespace = {}
+    assert code.splitlines()[-1].startswith("print(result.speedup")
+    exec(code.rsplit("\n", 1)[0].replace("result = run_comparison(", "request = ("), namespace)
+    assert namespace["request"].seed == 7 and namespace["request"].methods[0].ratio == 0.5  # the snippet runs as is
 
 
 def test_ratio_zero_is_identical_and_the_baseline_is_reused(client):

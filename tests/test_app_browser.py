@@ -2,7 +2,8 @@
 
 Never downloads a browser. Without /usr/bin/chromium the test fails (CI must not pass silently
 without it); set VDTOME_SKIP_BROWSER=1 to skip it knowingly on a machine without Chromium.
-``VDTOME_SCREENSHOT`` names where to save the page (the README's screenshot is made this way).
+``VDTOME_SCREENSHOTS`` names the folder for the page at desktop and phone widths (the README's
+screenshots are made this way: ``make screenshot``).
 """
 
 import os
@@ -23,21 +24,21 @@ FLAGS = [
 ]
 TIMEOUT_MS = 120_000
 
-BOTH_PLAYABLE = """() => ['#baseline-video', '#accelerated-video', '#side-by-side'].every(id => {
+BOTH_PLAYABLE = """() => ['#side-by-side'].every(id => {
     const v = document.querySelector(id + ' video');
     return v !== null && v.readyState >= 2 && v.duration > 0;
 })"""
 
-METRICS = """() => Object.fromEntries([...document.querySelectorAll('#metrics-table [role=row]')]
-    .map(row => [...row.querySelectorAll('[role=gridcell]')].map(cell => cell.innerText.trim()))
-    .filter(cells => cells.length === 5).map(cells => [cells[0], cells.slice(1)]))"""
+METRICS = """() => Object.fromEntries([...document.querySelectorAll('#metrics tbody tr')]
+    .map(row => [...row.querySelectorAll('th, td')].map(cell => cell.innerText.trim()))
+    .map(cells => [cells[0], cells.slice(1)]))"""
 
 HISTORY_ROWS = """() => [...document.querySelectorAll('#history-table [role=row]')]
     .filter(row => row.querySelectorAll('[role=gridcell]').length > 0).length"""
 
 
 @pytest.fixture(scope="module")
-def page(app_server):
+def browser():
     if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
         if os.environ.get("VDTOME_SKIP_BROWSER") == "1":
             pytest.skip("VDTOME_SKIP_BROWSER=1 and no Chromium")
@@ -47,12 +48,18 @@ def page(app_server):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(app_server)
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, app_server):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app_server)
+    yield page
+    page.close()
 
 
 def set_ratio(page, value: str) -> None:
@@ -84,7 +91,7 @@ def test_compare_in_the_browser_then_bad_input_then_again(page, tmp_path):
     assert "float32" in page.locator("#environment").inner_text()
 
     # A frame count the model cannot take: a message naming the rule, nothing else changes.
-    frames = page.get_by_label("Frames")
+    frames = page.get_by_role("spinbutton", name="Frames")
     frames.fill("10")
     page.locator("#run").click()
     error = page.get_by_text("frames must be 4k+1 (got 10; nearest valid 9)")
@@ -101,33 +108,31 @@ def test_compare_in_the_browser_then_bad_input_then_again(page, tmp_path):
     page.wait_for_function(BOTH_PLAYABLE, timeout=TIMEOUT_MS)
     metrics = page.evaluate(METRICS)
     assert metrics["merge ratio (requested / effective)"][1] == "0.50 / 0.50"
+    page.get_by_role("tab", name="Each video").click()
+    page.wait_for_function(BOTH_PLAYABLE.replace("['#side-by-side']", "['#baseline-video', '#accelerated-video']"))
     durations = page.evaluate("() => ['#baseline-video', '#accelerated-video'].map(id => document.querySelector(id + ' video').duration)")
     assert durations[0] == durations[1] > 1.0  # 13 frames at 8 fps, both videos
+    page.get_by_role("tab", name="Frame by frame").click()
 
-    for close in page.locator(".toast-close").all():  # a busy-machine toast would cover the form
-        close.click()
-    screenshot = Path(os.environ.get("VDTOME_SCREENSHOT", tmp_path / "app.png"))
-    screenshot.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(screenshot), full_page=True)
-    assert screenshot.stat().st_size > 10_000
 
 
 def test_a_bad_value_is_shown_at_its_field_and_cancel_stops_a_run(page):
     runs = page.evaluate(HISTORY_ROWS)
-    seed = page.get_by_label("Seed")
+    seed = page.get_by_role("spinbutton", name="Seed")
     seed.fill("1.5")  # refused, not rounded to 2
     page.locator("#run").click()
     page.locator("#seed").get_by_text("seed must be a whole number, got 1.5").wait_for(state="visible")
     seed.fill("0")
 
-    page.get_by_label("Frames").fill("9")
-    steps = page.get_by_label("Steps", exact=True)
+    page.get_by_role("spinbutton", name="Frames").fill("9")
+    steps = page.get_by_role("spinbutton", name="Steps", exact=True)
     steps.fill("64")  # about 10 s of denoising on 2 cores, the most the default work limit allows
     page.locator("#run").click()
     long_run = "[...document.querySelectorAll('.progress-level-inner')].some(bar => / step \\d+\\/64/.test(bar.textContent))"
     page.wait_for_function(f"() => {long_run}")  # the 64-step run's timed calls are under way
     page.locator("#cancel").click()
-    page.locator("#notes").get_by_text("Cancelled.").wait_for(state="visible")
+    page.locator("#headline").get_by_text("Cancelled.").wait_for(state="visible")
+    assert page.locator("#headline .cards").count() == 0  # the earlier result is cleared, not left beside new settings
     page.wait_for_function(f"() => !({long_run})", timeout=10_000)  # it stopped at its next step
     steps.fill("4")
     page.locator("#run").click()
@@ -161,3 +166,73 @@ def test_two_methods_stack_through_the_page(page):
     last_row = page.evaluate("""() => [...document.querySelectorAll('#history-table [role=row]')].at(-1).innerText""")
     assert "tome ratio 0.5 stride 1x2x2 + first_block_cache threshold 1" in last_row
     page.locator("#use_first_block_cache input").uncheck()
+
+
+CARDS_IN_VIEW = """() => { const r = document.querySelector('#headline .cards').getBoundingClientRect();
+    return r.top >= 0 && r.bottom <= window.innerHeight && r.height > 0; }"""
+LINES = "() => document.querySelectorAll('#history-chart g.mark-line path').length"
+STORED = "() => (localStorage.getItem('vdtome-history') || '').length"
+FRAME_IMAGES = "() => [...document.querySelectorAll('#frame-slider img')].map(img => img.src)"
+
+
+def close_toasts(page) -> None:
+    for close in page.locator(".toast-close").all():
+        close.click()
+
+
+@pytest.mark.parametrize("width, height, name", [(1400, 900, "screenshot.png"), (390, 844, "screenshot-phone.png")])
+def test_the_result_page_at_desktop_and_phone_widths(browser, app_server, width, height, name, tmp_path):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app_server)
+    page.locator("#prompt textarea").fill("A paper boat drifts down a rain-filled gutter, leaves swirling past it.")
+    set_ratio(page, "0.7")  # high: the frames differ visibly
+    page.locator("#run").click()
+    page.wait_for_selector("#headline .cards")
+    page.wait_for_function(CARDS_IN_VIEW, timeout=10_000)  # in view without the visitor scrolling
+    tones = page.evaluate("() => [...document.querySelectorAll('#headline .card')].map(c => c.dataset.tone)")
+    assert len(tones) == 4 and set(tones) <= {"better", "worse", "neutral"}
+
+    # Every metric row is on the page (no inner scroll), readable at this width.
+    rows = page.locator("#metrics tbody tr")
+    assert rows.count() >= 15
+    for index in range(rows.count()):
+        row = rows.nth(index)
+        row.scroll_into_view_if_needed()
+        assert row.is_visible() and row.bounding_box()["width"] <= width
+    assert "made" in page.evaluate(METRICS)["baseline video"][0]  # the last row too
+    if width < 700:
+        assert not page.locator("#metrics thead").is_visible()  # stacked: label and value per line
+
+    # The frame view: the worst frame's two images differ at this ratio.
+    page.locator("#frame-slider img").first.wait_for(state="visible")
+    sources = page.evaluate(FRAME_IMAGES)
+    assert len(sources) == 2
+    images = [page.request.get(source).body() for source in sources]
+    assert images[0] != images[1]
+
+    if width >= 700:
+        # A sweep is one connected curve on the chart.
+        close_toasts(page)
+        runs = page.evaluate(HISTORY_ROWS)
+        stored = page.evaluate(STORED)
+        page.locator("#sweep-ratios input").fill("0.2, 0.4, 0.6")
+        page.locator("#sweep").click()
+        page.wait_for_function(f"() => ({HISTORY_ROWS})() === {runs + 3}", timeout=TIMEOUT_MS)
+        page.wait_for_function(f"() => ({LINES})() === 1", timeout=10_000)
+        page.wait_for_function(f"() => ({STORED})() !== {stored}", timeout=10_000)  # saved in the browser
+        # The history is kept in the browser: a reload shows it again.
+        page.reload()
+        page.wait_for_function(f"() => ({HISTORY_ROWS})() === {runs + 3}", timeout=30_000)
+        page.wait_for_function(f"() => ({LINES})() === 1", timeout=10_000)
+        page.locator("#run").click()
+        page.wait_for_selector("#headline .cards")
+        page.wait_for_function(CARDS_IN_VIEW, timeout=10_000)
+
+    close_toasts(page)
+    page.wait_for_timeout(500)
+    folder = Path(os.environ.get("VDTOME_SCREENSHOTS", tmp_path))
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / name), full_page=True)
+    assert (folder / name).stat().st_size > 10_000
+    page.close()

@@ -76,7 +76,7 @@ def test_allocation_failure_is_shown_not_fatal_and_not_recorded(failure):
         outputs = asyncio.run(app.compare(*FORM, "", history=[], progress=lambda *a, **k: None))
     finally:
         hook.remove()
-    side_by_side, baseline, accelerated, _, _, _, _, notes, history, _, _ = outputs
+    side_by_side, baseline, accelerated, _, _, _, _, notes, history = outputs[:9]
     assert "**Error:** " in notes and "during the accelerated warm-up at 9 frames, 64x64" in notes
     assert baseline is not None and accelerated is None and side_by_side is None
     assert history == []  # a failed comparison is not a point on the chart
@@ -91,7 +91,16 @@ def test_negative_prompt_box_follows_the_preset():
     assert box.interactive is False and box.value == "" and "guidance-distilled" in box.info
     box = app.on_preset("tiny-wan", "blurry")[1]
     assert box.interactive is True and box.value == "blurry"
-    assert app.on_preset("cogvideox-2b", "")[-1].value == 1 and app.on_preset("tiny-ltx", "")[-1].value == 7
+    assert app.on_preset("cogvideox-2b", "")[7].value == 1 and app.on_preset("tiny-ltx", "")[7].value == 7
+
+
+def test_a_preset_this_machine_cannot_run_cannot_be_submitted_and_says_how_to_run_it():
+    run, sweep, notice = app.on_preset("cogvideox-2b", "")[-3:]
+    assert not app.HAS_GPU and run["interactive"] is False and sweep["interactive"] is False
+    assert "no GPU" in notice and "duplicate this Space with GPU hardware" in notice
+    assert "python -m vdtome compare --preset cogvideox-2b" in notice
+    run, sweep, notice = app.on_preset("tiny-wan", "")[-3:]
+    assert run["interactive"] is True and notice == ""
 
 
 def test_a_method_the_model_cannot_take_is_switched_off_and_locked_with_the_reason():
