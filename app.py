@@ -480,7 +480,7 @@ def history_csv(history):
     table["settings"] = ["; ".join(f"{k}={v}" for k, v in entry.get("settings", {}).items()) for entry in history]
     table["series"] = [entry.get("series") or "" for entry in history]
     table.to_csv(path, index=False)
-    return gr.File(value=str(path), visible=True)
+    return gr.update(value=str(path), visible=True)
 
 
 RUN_FOLDER = re.compile(r"run-[A-Za-z0-9_]+")
@@ -847,6 +847,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     demo.launch(
         css=CSS, theme=gr.themes.Soft(), footer_links=["api", "gradio"],
+        allowed_paths=[str(EXAMPLES_DIR)],  # the shipped examples' videos and frames
         max_file_size="1kb",  # the app takes no files; ServiceGuard refuses the upload route outright
         state_session_capacity=1000,  # sessions whose state is kept (oldest dropped first)
         app_kwargs={"middleware": [Middleware(ServiceGuard, api_parameters=demo.api_parameters)]},

@@ -2,7 +2,9 @@
 
 import asyncio
 import time
+from pathlib import Path
 
+import gradio as gr
 import pytest
 import torch
 
@@ -112,3 +114,27 @@ def test_a_method_the_model_cannot_take_is_switched_off_and_locked_with_the_reas
     assert cache.value is False and cache.interactive is False and "no enable_cache" in cache.info
     back = dict(zip(app.METHODS, app.on_preset_methods("tiny-wan", *([False] * len(app.METHODS)))))
     assert back["first_block_cache"].interactive and back["first_block_cache"].value is False  # the user's choice
+
+
+def test_the_shipped_examples_load_instantly_naming_their_hardware():
+    choices = app.example_choices()
+    assert len(choices) >= 3 and all(" · " in label for label, _ in choices)
+    label, name = choices[0]
+    outputs = dict(zip((*app.RESULT_OUTPUTS, *app.PAGE_OUTPUTS), app.show_example(name)))
+    assert "Example recorded earlier" in outputs["headline"] and outputs["headline"].count('class="card tone-') == 4
+    for key in ("side_by_side", "baseline_video", "accelerated_video", "difference_video", "result_json"):
+        assert Path(outputs[key]).is_file() and Path(outputs[key]).is_relative_to(app.EXAMPLES_DIR)
+    assert all(Path(p).is_file() for p in outputs["frame_view"])
+    with pytest.raises(gr.Error, match="no example named"):
+        app.show_example("../../etc")
+
+
+def test_history_runs_are_shown_again_and_exported_and_a_forged_entry_is_refused():
+    history = [{"row": [1, "tiny-wan", "tome ratio 0.5 stride 1x2x2", "", "n/a", "n/a", 50.0, 0.9, "n/a", "made"],
+                "point": None, "settings": {"seed": "0"}, "series": None, "folder": "../../etc"}]
+    with pytest.raises(gr.Error, match="the files of run 1 are gone"):
+        app.show_run(1, history)
+    csv = app.history_csv(history)["value"]
+    text = Path(csv).read_text()
+    assert text.splitlines()[0].startswith("run,model,methods") and "seed=0" in text
+    assert app._checked_history([{"row": "not a list"}]) == []  # a value of another shape is dropped

@@ -10,6 +10,7 @@ from vdtome.presets import get_preset
 from vdtome.methods import METHODS, method_of
 from vdtome.methods.tome import stride_ratio_cap
 from vdtome.ui import (
+    PLOT_SPEEDUP,
     api_fields,
     appended_from,
     preset_choice_label,
@@ -150,3 +151,42 @@ def test_the_sweep_box_suggests_values_each_sweepable_field_accepts():
                   "ratios": sweep_suggestion(name)}
         stacks = sweep_stacks(values)
         assert len(stacks) == 4 and all(method_of(stack[0]) is owner for stack in stacks), name
+
+
+def test_a_shared_link_restores_the_form_and_names_what_it_cannot_use():
+    from urllib.parse import parse_qsl
+
+    from vdtome.ui import settings_from_query, settings_query
+
+    form = {"preset": "tiny-wan", "prompt": "a fox & a hen", "negative_prompt": "", "seed": 3, "frames": 9,
+            "height": 64, "width": 64, "steps": 4, "guidance": 5.0, "rounds": 7, "ratio": 0.3, "use_tome": True,
+            "targets": ["self-attention", "feed-forward"], "use_first_block_cache": True}
+    query = settings_query(form)
+    assert "use_tome" not in query  # a default travels only implicitly
+    values, problems = settings_from_query(dict(parse_qsl(query[1:])))
+    assert problems == []
+    assert values == {k: v for k, v in form.items() if k not in ("negative_prompt", "use_tome")}
+    values, problems = settings_from_query({"frames": "nine", "ratio": "2", "bogus": "1"})
+    assert values == {} and len(problems) == 3
+    assert any(p.startswith("frames: must be a plain decimal number") for p in problems)
+    assert any(p.startswith("ratio: merge ratio must be between") for p in problems)
+
+
+def test_history_chart_draws_one_line_per_sweep_a_1x_rule_and_anchors():
+    from vdtome.page import history_chart, history_points
+
+    def record(run, psnr, speedup, series=None, ratio="0.5"):
+        point = {"run": run, "PSNR vs baseline (dB)": psnr, PLOT_SPEEDUP: speedup, "interval": "0.9-1.1",
+                 "verdict": "faster", "methods": f"tome ratio {ratio}", "model": "tiny-wan"}
+        return {"row": [run], "point": point, "settings": {"tome.ratio": ratio, "seed": "0"}, "series": series}
+
+    history = [record(1, 100.0, 1.0, ratio="0"), record(2, 40.0, 1.3),
+               *(record(3 + i, 50.0 - 5 * i, 1.1 + 0.1 * i, "sweep from run 3", r) for i, r in enumerate("123"))]
+    points = history_points(history)
+    assert list(points["anchor"]) == [True, False, False, False, False]
+    assert points["what differs"][0] == "tome.ratio=0" and set(points["series"]) == {"single runs", "sweep from run 3"}
+    spec = history_chart(history).to_dict()
+    marks = [layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"] for layer in spec["layer"]]
+    assert marks[:3] == ["rule", "line", "point"] and "text" in marks  # 1x line, curves, points, the cap's label
+    assert spec["datasets"][spec["layer"][0]["data"]["name"]] == [{PLOT_SPEEDUP: 1.0}]
+    assert history_chart([]) is None

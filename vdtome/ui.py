@@ -483,7 +483,9 @@ def settings_from_query(params: Mapping[str, str]) -> tuple[dict[str, Any], list
                 number = float(text)
                 values[name] = int(number) if number.is_integer() else number
             elif name in switches:
-                values[name] = boolean(name, text, name)
+                if text not in ("true", "false"):
+                    raise RequestError(f"must be true or false, got {text!r}", name)
+                values[name] = text == "true"
             elif name in fields:
                 parsed = fields[name].from_text(text)
                 values[name] = list(parsed) if isinstance(parsed, (tuple, frozenset, set)) else parsed

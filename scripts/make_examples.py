@@ -1,0 +1,55 @@
+"""Record finished comparisons into ``assets/examples/`` for the app's Examples tab.
+
+Each example is a comparison's output folder (videos, frames, ``result.json``) with the page's
+``view.json``, so the app shows it instantly, naming the hardware it ran on. Run on a GPU host with
+a real preset to add real-model examples::
+
+    python -m scripts.make_examples --preset cogvideox-2b --name cogvideox-2b-tome-0.5 --method tome:ratio=0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from vdtome.cli import parse_method
+from vdtome.compare import ComparisonEngine, ComparisonRequest
+from vdtome.ui import comparison_view
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
+PROMPT = "A paper boat drifts down a rain-filled gutter, leaves swirling past it."
+TINY = (  # name, preset, stack (the CLI's --method syntax)
+    ("tiny-wan-tome-0.5", "tiny-wan", ["tome:ratio=0.5"]),
+    ("tiny-wan-tome-0.5-first-block-cache", "tiny-wan", ["tome:ratio=0.5", "first_block_cache:threshold=0.2"]),
+    ("tiny-cogvideox-first-block-cache", "tiny-cogvideox", ["first_block_cache:threshold=0.2"]),
+)
+
+
+def record(engine: ComparisonEngine, name: str, preset: str, methods: list[str], prompt: str, seed: int) -> Path:
+    folder = EXAMPLES / name
+    shutil.rmtree(folder, ignore_errors=True)
+    configs = tuple(parse_method(spec) for spec in methods)
+    result = engine.run(ComparisonRequest(preset, prompt, seed=seed, methods=configs), out_dir=folder)
+    if not result.ok:
+        raise SystemExit(f"{name}: {result.error}")
+    comparison_view(result, configs).save()
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", help="record one example of this preset (default: the tiny examples)")
+    parser.add_argument("--name", help="its folder name under assets/examples")
+    parser.add_argument("--method", action="append", default=[], help="NAME[:field=value,...], as the CLI takes")
+    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    engine = ComparisonEngine()
+    todo = [(args.name or args.preset, args.preset, args.method or ["tome:ratio=0.5"])] if args.preset else TINY
+    for name, preset, methods in todo:
+        print(f"{name}: {record(engine, name, preset, methods, args.prompt, args.seed)}")
+
+
+if __name__ == "__main__":
+    main()
