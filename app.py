@@ -85,7 +85,6 @@ from vdtome.ui import (
     SWEEP_FIELD,
     SWEEP_VALUES,
     VIEW_FILE,
-    Card,
     ComparisonView,
     api_fields,
     appended_from,
@@ -382,11 +381,13 @@ def _page(view: ComparisonView | None, status: str = "", toast: bool = True) -> 
 
 
 def _view_from_state(value) -> ComparisonView | None:
-    if not value:
-        return None
-    data = dict(value)
-    return ComparisonView(**(data | {"cards": tuple(Card(**c) for c in data["cards"]),
-                                     "rows": [tuple(r) for r in data["rows"]]}))
+    return ComparisonView.from_dict(value) if value else None
+
+
+def _result_values(view: ComparisonView | None, status: str = "", toast: bool = True) -> tuple:
+    """:func:`_page` in the order of the result components (Cancel, a past run, an example)."""
+    page = _page(view, status, toast)
+    return tuple(page[name] for name in (*RESULT_OUTPUTS, *PAGE_OUTPUTS))
 
 
 def on_frame(frame, current):
@@ -453,8 +454,7 @@ CANCELLED = ("Cancelled. The run stopped at its next denoising step and saved no
 
 
 def cancel_requested():
-    page = _page(None, CANCELLED)
-    return tuple(page[name] for name in (*RESULT_OUTPUTS, *PAGE_OUTPUTS))
+    return _result_values(None, CANCELLED)
 
 
 def restore_history(stored):
@@ -494,8 +494,7 @@ def show_run(run, history):
     if path is None or not (path / VIEW_FILE).exists():
         raise gr.Error(f"the files of run {run} are gone: this server keeps its last {KEEP_OUTPUTS} comparisons, "
                        "and a restart clears them", title="Run not available")
-    page = _page(ComparisonView.load(path), f"Run {run} of your history · ", toast=False)
-    return tuple(page[name] for name in (*RESULT_OUTPUTS, *PAGE_OUTPUTS))
+    return _result_values(ComparisonView.load(path), f"Run {run} of your history · ", toast=False)
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
@@ -517,8 +516,7 @@ def show_example(name):
     if name not in names:
         raise gr.Error(f"no example named {shown(name)}", title="Example not found")
     view = ComparisonView.load(EXAMPLES_DIR / name)
-    page = _page(view, f"Example recorded earlier ({view.environment.split(' · ')[0]}): ", toast=False)
-    return tuple(page[name] for name in (*RESULT_OUTPUTS, *PAGE_OUTPUTS))
+    return _result_values(view, f"Example recorded earlier ({view.environment.split(' · ')[0]}): ", toast=False)
 
 
 def share_link(*values):

@@ -377,11 +377,16 @@ class ComparisonView:
     def load(cls, folder: Path) -> "ComparisonView":
         """The view saved in ``folder`` (its files resolved there; a missing file is left out)."""
         data = json.loads((folder / VIEW_FILE).read_text())
-        files = {k: str(folder / name) for k, name in data.pop("files").items() if (folder / name).exists()}
-        return cls(files=files, rows=[tuple(r) for r in data.pop("rows")], notes=tuple(data.pop("notes")),
-                   warnings=tuple(data.pop("warnings")), cards=tuple(Card(**c) for c in data.pop("cards")),
-                   latency=tuple(tuple(r) for r in data.pop("latency")), frame_psnr=tuple(data.pop("frame_psnr")),
-                   **data)
+        files = {k: str(folder / name) for k, name in data["files"].items() if (folder / name).exists()}
+        return cls.from_dict(data | {"files": files})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ComparisonView":
+        """The view from ``dataclasses.asdict`` of one (or its JSON): lists back to tuples, cards typed."""
+        return cls(**(dict(data) | {
+            "rows": [tuple(r) for r in data["rows"]], "notes": tuple(data["notes"]),
+            "warnings": tuple(data["warnings"]), "cards": tuple(Card(**c) for c in data["cards"]),
+            "latency": tuple(tuple(r) for r in data["latency"]), "frame_psnr": tuple(data["frame_psnr"])}))
 
     def save(self) -> None:
         """Write ``view.json`` into the folder of the result's files."""
