@@ -72,7 +72,7 @@ from vdtome.pipelines import (
     custom_model_source,
     custom_models_allowed,
 )
-from vdtome.presets import load_presets, load_prompts
+from vdtome.presets import load_presets
 from vdtome.protocol import MAX_GPU_SECONDS
 from vdtome.page import CSS, cards_html, colour_bar_html, frame_psnr_chart, history_chart, latency_chart, metrics_html
 from vdtome.report import COLUMNS
@@ -95,6 +95,7 @@ from vdtome.ui import (
     method_defaults,
     preset_choice_label,
     preset_info,
+    preset_prompts,
     stack_from_form,
     sweep_label,
     sweep_choices,
@@ -103,14 +104,12 @@ from vdtome.ui import (
 )
 from vdtome.validation import RequestError, shown
 
-DEFAULT_PRESET = os.environ.get("VDTOME_DEFAULT_PRESET", "tiny-wan")
-DEFAULT_PROMPT = "A red fox trots across a snowy meadow at dawn, the camera tracking sideways."
+DEFAULT_PRESET = os.environ.get("VDTOME_DEFAULT_PRESET", "tiny-shapes")
 KEEP_OUTPUTS = 24  # comparison folders kept on disk (a sweep writes up to 8)
 KEEP_CACHE_ENTRIES = 200  # files Gradio keeps to serve (about 5 per comparison); older ones go first
 GPU_QUEUE = "gpu"  # every generation event shares one queue: two runs on one GPU would time each other
 
 PRESETS = load_presets()
-PROMPTS = load_prompts()
 LIMITS = ServiceLimits.from_env(PRESETS)
 # ZeroGPU attaches a GPU to each call (the app's own process has none); elsewhere ask torch.
 HAS_GPU = ON_ZERO_GPU or torch.cuda.is_available()
@@ -551,6 +550,18 @@ def run_notice(preset) -> tuple[dict, dict, str]:
     return gr.update(interactive=True), gr.update(interactive=True), ""
 
 
+def _examples_label(preset) -> str:
+    if preset.prompts:
+        return f"Prompts {preset.name} knows (presets/prompts/{preset.prompts}.txt)"
+    return "Example prompts"
+
+
+def on_preset_prompts(name: str):
+    """The example prompts follow the preset: a trained tiny model knows only its own prompts."""
+    preset = PRESETS[name]
+    return gr.Dataset(samples=[[p] for p in preset_prompts(preset)], label=_examples_label(preset))
+
+
 def on_preset(name: str, negative_prompt: str):
     preset = PRESETS[name]
     rules = preset.constraints
@@ -694,8 +705,10 @@ def build_demo() -> gr.Blocks:
                     label="Custom weights (hub id or local folder, loaded with the preset's pipeline class)",
                     value="", visible=custom_models_allowed(), max_lines=1,
                 )
-                prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, lines=2, max_lines=6, elem_id="prompt")
-                gr.Examples([[p] for p in PROMPTS], inputs=[prompt], label="Example prompts", examples_per_page=6)
+                prompts = preset_prompts(preset)
+                prompt = gr.Textbox(label="Prompt", value=prompts[0], lines=2, max_lines=6, elem_id="prompt")
+                prompt_examples = gr.Examples([[p] for p in prompts], inputs=[prompt], examples_per_page=6,
+                                              label=_examples_label(preset))
                 negative = gr.Textbox(label="Negative prompt", value="", max_lines=2,
                                       interactive=not preset.negative_prompt_unsupported)
                 with gr.Row():
@@ -823,9 +836,11 @@ def build_demo() -> gr.Blocks:
         model.input(on_preset, [model, negative], [model_info, negative, frames, height, width, steps, guidance,
                                                    rounds, run, sweep_button, notice], **private)
         model.input(on_preset_methods, [model, *switches], switches, **private)
+        model.input(on_preset_prompts, model, prompt_examples.dataset, **private)
         sweep_field.change(sweep_suggestion, sweep_field, sweep_values, **private)
         demo.load(restore_from_link, None, [*(components[name] for name in LINK_FIELDS), *switches, model_info, run,
-                                            sweep_button, notice], show_progress="hidden", **private)
+                                            sweep_button, notice], show_progress="hidden", **private).then(
+            on_preset_prompts, model, prompt_examples.dataset, show_progress="hidden", **private)
         demo.load(restore_history, stored_history, [history, history_table, history_points, history_chart_plot,
                                                     run_picker], show_progress="hidden", **private)
     # api_open=False: the direct routes (/gradio_api/run/compare, /run/predict) would skip the queue,

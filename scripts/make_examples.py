@@ -19,10 +19,13 @@ from vdtome.ui import comparison_view
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 PROMPT = "A paper boat drifts down a rain-filled gutter, leaves swirling past it."
-TINY = (  # name, preset, stack (the CLI's --method syntax)
-    ("tiny-wan-tome-0.5", "tiny-wan", ["tome:ratio=0.5"]),
-    ("tiny-wan-tome-0.5-first-block-cache", "tiny-wan", ["tome:ratio=0.5", "first_block_cache:threshold=0.2"]),
-    ("tiny-cogvideox-first-block-cache", "tiny-cogvideox", ["first_block_cache:threshold=0.2"]),
+TINY = (  # name, preset, stack (the CLI's --method syntax), prompt: the trained offline model's own kind
+    ("tiny-shapes-tome-0.5", "tiny-shapes", ["tome:ratio=0.5"],
+     "a red circle moving right quickly on a black background"),
+    ("tiny-shapes-tome-0.5-first-block-cache", "tiny-shapes", ["tome:ratio=0.5", "first_block_cache:threshold=0.2"],
+     "a blue square moving left quickly on a white background"),
+    ("tiny-shapes-first-block-cache", "tiny-shapes", ["first_block_cache:threshold=0.2"],
+     "a yellow triangle moving down slowly on a gray background"),
 )
 
 
@@ -42,13 +45,14 @@ def main() -> None:
     parser.add_argument("--preset", help="record one example of this preset (default: the tiny examples)")
     parser.add_argument("--name", help="its folder name under assets/examples")
     parser.add_argument("--method", action="append", default=[], help="NAME[:field=value,...], as the CLI takes")
-    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--prompt", default=PROMPT, help="with --preset (the tiny examples have their own)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     engine = ComparisonEngine()
-    todo = [(args.name or args.preset, args.preset, args.method or ["tome:ratio=0.5"])] if args.preset else TINY
-    for name, preset, methods in todo:
-        print(f"{name}: {record(engine, name, preset, methods, args.prompt, args.seed)}")
+    todo = [(args.name or args.preset, args.preset, args.method or ["tome:ratio=0.5"], args.prompt)] if args.preset \
+        else TINY
+    for name, preset, methods, prompt in todo:
+        print(f"{name}: {record(engine, name, preset, methods, prompt, args.seed)}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from vdtome.presets import load_prompts
+
 CHROMIUM = os.environ.get("VDTOME_CHROMIUM", "/usr/bin/chromium")
 FLAGS = [
     "--no-sandbox",
@@ -181,11 +183,13 @@ def close_toasts(page) -> None:
 
 
 @pytest.mark.parametrize("width, height, name", [(1400, 900, "screenshot.png"), (390, 844, "screenshot-phone.png")])
-def test_the_result_page_at_desktop_and_phone_widths(browser, app_server, width, height, name, tmp_path):
+def test_the_result_page_at_desktop_and_phone_widths(browser, default_app_server, width, height, name, tmp_path):
+    """The page as a visitor first gets it: the trained tiny-shapes model and its first known prompt."""
     page = browser.new_page(viewport={"width": width, "height": height})
     page.set_default_timeout(TIMEOUT_MS)
-    page.goto(app_server)
-    page.locator("#prompt textarea").fill("A paper boat drifts down a rain-filled gutter, leaves swirling past it.")
+    page.goto(default_app_server)
+    assert "trained on coloured shapes" in page.locator("#preset input").input_value()
+    assert page.locator("#prompt textarea").input_value() == load_prompts("shapes")[0]
     set_ratio(page, "0.7")  # high: the frames differ visibly
     page.locator("#run").click()
     page.wait_for_selector("#headline .cards")

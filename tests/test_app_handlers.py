@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import app
+from vdtome.presets import load_prompts
 from vdtome.tome.hooks import is_registered
 
 # The form as the page sends it: preset, prompt, negative, seed, frames, height, width, steps,
@@ -103,6 +104,16 @@ def test_a_preset_this_machine_cannot_run_cannot_be_submitted_and_says_how_to_ru
     assert "python -m vdtome compare --preset cogvideox-2b" in notice
     run, sweep, notice = app.on_preset("tiny-wan", "")[-3:]
     assert run["interactive"] is True and notice == ""
+
+
+def test_the_example_prompts_follow_the_preset():
+    """The trained tiny model knows only its own prompt form: its examples are those; others get the
+    general set. The page opens on the trained model with its first known prompt."""
+    trained = app.on_preset_prompts("tiny-shapes")
+    assert [row[0] for row in trained.samples] == load_prompts("shapes") and "tiny-shapes knows" in trained.label
+    general = app.on_preset_prompts("tiny-wan")
+    assert [row[0] for row in general.samples] == load_prompts("default") and general.label == "Example prompts"
+    assert app.DEFAULT_PRESET == "tiny-shapes"
 
 
 def test_a_method_the_model_cannot_take_is_switched_off_and_locked_with_the_reason():

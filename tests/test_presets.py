@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import diffusers
 import pytest
@@ -21,6 +23,7 @@ from vdtome.presets import (
 )
 
 EXPECTED = {
+    "tiny-shapes",
     "tiny-wan",
     "tiny-cogvideox",
     "tiny-ltx",
@@ -80,7 +83,7 @@ def test_tiny_preset_builds_the_declared_pipeline_class(presets):
 
 
 def test_hub_presets(presets):
-    hub = [p for p in presets.values() if not p.is_builtin]
+    hub = [p for p in presets.values() if p.hub_id]
     for preset in hub:
         assert preset.hub_id and "/" in preset.hub_id and preset.builtin is None
         assert preset.requires_gpu
@@ -233,6 +236,11 @@ def test_validation_errors_name_file_and_field(tmp_path):
         load_presets(_write(tmp_path, [bad]))
 
     bad = json.loads(json.dumps(entry))
+    bad["source"] = {"local": "/etc/models"}
+    with pytest.raises(PresetError, match="local: must be a folder relative to the presets file"):
+        load_presets(_write(tmp_path, [bad]))
+
+    bad = json.loads(json.dumps(entry))
     bad["dtype"] = "float8"
     with pytest.raises(PresetError, match="dtype"):
         load_presets(_write(tmp_path, [bad]))
@@ -245,11 +253,25 @@ def test_validation_errors_name_file_and_field(tmp_path):
         load_presets(tmp_path / "broken.json")
 
 
+def test_the_trained_preset_loads_a_folder_shipped_in_the_repository(presets, tmp_path):
+    """tiny-shapes names its folder relative to models.json; the loader reads it with from_pretrained,
+    and a checkout without it is told how to get it back, not sent to the hub."""
+    from vdtome.pipelines import ModelUnavailableError, load_pipeline
+
+    preset = presets["tiny-shapes"]
+    assert preset.local == str((PRESETS_DIR.parent / "models" / "tiny-shapes").resolve())
+    assert (Path(preset.local) / "model_index.json").is_file() and preset.weights == preset.local
+    assert not preset.is_builtin and preset.hub_id is None and preset.prompts == "shapes"
+    moved = dataclasses.replace(preset, local=str(tmp_path / "tiny-shapes"))
+    with pytest.raises(ModelUnavailableError, match=r"folder 'tiny-shapes' is missing.*vdtome.train_tiny"):
+        load_pipeline(moved, device="cpu")
+
+
 def test_gpu_presets_state_what_the_loader_needs(presets):
     """Every GPU preset carries its memory need (shown in the label, no offload promised) and the
     per-part GPU seconds ZeroGPU is asked for; tiny presets time themselves with more rounds."""
     for preset in presets.values():
-        if preset.is_builtin:
+        if not preset.requires_gpu:  # the tiny presets, random or trained
             assert preset.timing_rounds >= 6 and preset.gpu_time is None  # an interval from rounds alone
             continue
         assert preset.requires_gpu and preset.timing_rounds == 1

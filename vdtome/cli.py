@@ -1,4 +1,4 @@
-"""Command line: ``python -m vdtome compare --preset tiny-wan --prompt "..." --method tome:ratio=0.5 --out DIR``.
+"""Command line: ``python -m vdtome compare --preset tiny-shapes --prompt "..." --method tome:ratio=0.5 --out DIR``.
 
 ``--method NAME[:field=value,...]`` is repeatable: the methods stack in the order given (``python -m
 vdtome methods`` lists them with their fields). Without ``--method``, the token-merging flags
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     compare = commands.add_parser("compare", help="run baseline and accelerated, print figures, write files")
-    compare.add_argument("--preset", default="tiny-wan", help="model preset (see `python -m vdtome presets`)")
+    compare.add_argument("--preset", default="tiny-shapes", help="model preset (see `python -m vdtome presets`)")
     compare.add_argument("--prompt", required=True)
     compare.add_argument("--negative-prompt", default="")
     compare.add_argument("--seed", type=int, default=0)

@@ -159,6 +159,7 @@ class ResolvedSettings:
     fps: int
     rounds: int
     warmup_steps: int
+    max_sequence_length: int | None = None  # the preset's text length (a model trained at one length)
 
     def video_key(self) -> tuple:
         """Everything that shapes the baseline video (not how it is timed)."""
@@ -176,6 +177,8 @@ class ResolvedSettings:
             num_inference_steps=self.steps,
             guidance_scale=self.guidance,
         )
+        if self.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = self.max_sequence_length
         if "frame_rate" in parameters:  # LTX conditions on the frame rate its video is written at
             kwargs["frame_rate"] = self.fps
         return kwargs
@@ -308,8 +311,27 @@ def resolve(request: ComparisonRequest, preset: ModelPreset) -> tuple[ResolvedSe
         fps=preset.fps,
         rounds=rounds,
         warmup_steps=warmup,
+        max_sequence_length=preset.extras.get("max_sequence_length"),
     )
     return settings, notes
+
+
+def unknown_words_note(pipe: Any, prompt: str) -> list[str]:
+    """A note naming the prompt's words the model's tokenizer maps to its unknown token (a word-level
+    tokenizer such as the tiny models' knows only its training vocabulary: such words are ignored)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not getattr(tokenizer, "is_fast", False):
+        return []
+    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    words = [prompt[a:b] for token, (a, b) in zip(encoded["input_ids"], encoded["offset_mapping"])
+             if token == unk and any(ch.isalnum() for ch in prompt[a:b])]
+    if not words:
+        return []
+    unique = list(dict.fromkeys(words))
+    listed = ", ".join(repr(word) for word in unique[:12]) + (f" and {len(unique) - 12} more" if len(unique) > 12 else "")
+    return [f"the model does not know the words {listed} (its tokenizer reads each as one unknown token): "
+            "the video cannot follow them"]
 
 
 # ---- the engine ----------------------------------------------------------------------------------
@@ -387,6 +409,7 @@ class ComparisonEngine:
         settings, notes = resolve(request, preset)
         with self._lock:
             pipe = self.pipelines.get(preset, self.device, source)
+            notes = [*notes, *unknown_words_note(pipe, settings.prompt)]
             session = _Session(self, pipe, preset, settings, request.methods, progress, cancel)
             session.stop_if_cancelled()  # cancelled while the weights loaded
             return self._compare(session, request, notes, out_dir, source)

@@ -70,12 +70,17 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def from_pretrained(preset: ModelPreset, source: str | None = None):
-    """Load ``preset``'s pipeline from the hub id, or from ``source`` (a hub id or a local folder)."""
+    """Load ``preset``'s pipeline from its hub id or folder, or from ``source`` (a hub id or a folder)."""
     import diffusers
 
-    source = source or preset.hub_id
+    source = source or preset.weights
     pipeline_class = getattr(diffusers, preset.pipeline_class)
     dtypes = {name: _dtype(value) for name, value in preset.extras.get("component_dtypes", {}).items()}
+    if source == preset.local and not Path(source).is_dir():
+        raise ModelUnavailableError(
+            f"cannot load {preset.label}: its folder {Path(source).name!r} is missing from this checkout; "
+            "train it with `python -m vdtome.train_tiny` or restore it from git"
+        )
     kwargs: dict[str, Any] = {
         "torch_dtype": {"default": preset.torch_dtype, **dtypes} if dtypes else preset.torch_dtype,
         "trust_remote_code": False,

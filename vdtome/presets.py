@@ -231,7 +231,10 @@ class GpuTime:
 
 @dataclass(frozen=True)
 class ModelPreset:
-    """One model preset. Exactly one of ``hub_id`` / ``builtin`` is set.
+    """One model preset. Exactly one of ``hub_id`` / ``builtin`` / ``local`` is set.
+
+    ``local``: a folder written by ``save_pretrained`` (absolute; the presets file names it relative to
+    itself), loaded through the same ``from_pretrained`` path as a hub id.
 
     ``dtype`` is a canonical torch dtype name (``"float32"``, ``"float16"``, ``"bfloat16"``);
     ``extras`` holds model-specific loading hints (``component_dtypes``, ``max_sequence_length``,
@@ -260,6 +263,8 @@ class ModelPreset:
     hub_id: str | None = None
     builtin: str | None = None
     builtin_kwargs: dict[str, Any] = field(default_factory=dict)
+    local: str | None = None
+    prompts: str | None = None  # the prompt set the model knows (presets/prompts/<name>.txt)
     motion_adapter: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
@@ -274,9 +279,16 @@ class ModelPreset:
         return self.builtin is not None
 
     @property
+    def weights(self) -> str | None:
+        """What ``from_pretrained`` loads: the local folder or the hub id (None for built-in presets)."""
+        return self.local or self.hub_id
+
+    @property
     def source(self) -> dict[str, Any]:
         if self.builtin is not None:
             return {"builtin": self.builtin, "kwargs": dict(self.builtin_kwargs)}
+        if self.local is not None:
+            return {"local": self.local}
         out: dict[str, Any] = {"hub_id": self.hub_id}
         if self.motion_adapter:
             out["motion_adapter"] = self.motion_adapter
@@ -301,7 +313,8 @@ class ModelPreset:
     def build_tiny(self, seed: int = 0):
         """Build a tiny preset's pipeline from :mod:`vdtome.tiny` (no download). Hub presets raise."""
         if self.builtin is None:
-            raise ValueError(f"preset {self.name!r} loads {self.hub_id!r} from the hub; it is not built in code")
+            where = f"the folder {Path(self.local).name!r}" if self.local else f"{self.hub_id!r} from the hub"
+            raise ValueError(f"preset {self.name!r} loads {where}; it is not built in code")
         from . import tiny
 
         return getattr(tiny, self.builtin)(seed=seed, **self.builtin_kwargs)
@@ -382,8 +395,13 @@ def _parse_preset(path: Path, index: int, raw: Any) -> ModelPreset:
     source = r.sub("source")
     hub_id = source.get("hub_id", str, required=False)
     builtin = source.get("builtin", str, required=False)
-    if (hub_id is None) == (builtin is None):
-        source.fail("", "needs exactly one of 'hub_id' or 'builtin'")
+    local = source.get("local", str, required=False)
+    if sum(value is not None for value in (hub_id, builtin, local)) != 1:
+        source.fail("", "needs exactly one of 'hub_id', 'builtin' or 'local'")
+    if local is not None:
+        if Path(local).is_absolute() or "\\" in local:
+            source.fail("local", f"must be a folder relative to the presets file, got {local!r}")
+        local = str((path.parent / local).resolve())
     if hub_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id):
         source.fail("hub_id", f"must look like 'owner/name', got {hub_id!r}")
     motion_adapter = source.get("motion_adapter", str, required=False)
@@ -429,6 +447,8 @@ def _parse_preset(path: Path, index: int, raw: Any) -> ModelPreset:
         hub_id=hub_id,
         builtin=builtin,
         builtin_kwargs=dict(builtin_kwargs),
+        local=local,
+        prompts=r.get("prompts", str, required=False),
         motion_adapter=motion_adapter,
         extras=dict(r.get("extras", dict, required=False, default={})),
         notes=r.get("notes", str, required=False, default=""),

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -211,14 +211,14 @@ def _ready(module):
 # --------------------------------------------------------------------------------------------- text
 
 
-def tiny_tokenizer(model_max_length: int = 32) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(model_max_length: int = 32, words: Sequence[str] = _WORDS) -> PreTrainedTokenizerFast:
     """Word-level tokenizer standing in for the T5 / UMT5 tokenizers (which need downloaded files).
 
     Lowercases, splits on whitespace and punctuation, maps unknown words to ``<unk>`` and appends
     ``</s>`` like T5 does. Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then the words. It is a plain
     ``tokenizer.json`` on save, so it survives ``save_pretrained`` / ``from_pretrained``.
     """
-    vocab = {token: i for i, token in enumerate((*_T5_SPECIALS, *_WORDS))}
+    vocab = {token: i for i, token in enumerate((*_T5_SPECIALS, *words))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])

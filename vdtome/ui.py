@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 from .compare import ComparisonRequest, ComparisonResult, ResolvedSettings, resolve
 from .methods import METHODS, FormField, Method, check_stack, method_of
 from .metrics import PSNR_CAP_DB
-from .presets import ModelPreset, get_preset
+from .presets import ModelPreset, get_preset, load_prompts
 from .protocol import GpuEstimate, estimate_gpu_time
 from .measure import environment_line
 from .report import metric_rows, protocol_line
@@ -135,13 +135,21 @@ def preset_choice_label(preset: ModelPreset, has_gpu: bool) -> str:
     return preset.label
 
 
+def preset_prompts(preset: ModelPreset) -> list[str]:
+    """The example prompts for a preset: the set it was trained on, else the general set."""
+    return load_prompts(preset.prompts or "default")
+
+
 def preset_info(preset: ModelPreset, has_gpu: bool) -> str:
     """Markdown shown under the model picker: hardware note and the model's input rules."""
     lines = [f"**{preset.label}**", f"Hardware: {preset.hardware}", f"Inputs: {preset.constraints.describe()}.",
              f"Timing rounds by default: {preset.timing_rounds}."]
     if preset.requires_gpu and not has_gpu:
         lines.insert(1, "**Unavailable here: this machine has no GPU.**")
-    if not preset.is_builtin:
+    if preset.local:
+        lines.append(f"Weights: the folder `{Path(preset.local).name}` shipped with vdtome (trained on this kind of "
+                     "CPU by `python -m vdtome.train_tiny`).")
+    elif preset.hub_id:
         lines.append(f"Weights: `{preset.hub_id}` (loaded from the local Hugging Face cache or the hub).")
     return "\n\n".join(lines)
 
