@@ -110,9 +110,9 @@ def test_the_example_prompts_follow_the_preset():
     """The trained tiny model knows only its own prompt form: its examples are those; others get the
     general set. The page opens on the trained model with its first known prompt."""
     trained = app.on_preset_prompts("tiny-shapes")
-    assert [row[0] for row in trained.samples] == load_prompts("shapes") and "tiny-shapes knows" in trained.label
+    assert [row[0] for row in trained.raw_samples] == load_prompts("shapes") and "tiny-shapes knows" in trained.label
     general = app.on_preset_prompts("tiny-wan")
-    assert [row[0] for row in general.samples] == load_prompts("default") and general.label == "Example prompts"
+    assert [row[0] for row in general.raw_samples] == load_prompts("default") and general.label == "Example prompts"
     assert app.DEFAULT_PRESET == "tiny-shapes"
 
 

@@ -15,15 +15,19 @@ from vdtome.presets import get_preset
 from vdtome.tome.config import ToMeConfig
 
 PRESET = "tiny-shapes"
-#: Held-out combinations (never trained) the model gets right at the defaults, seeds 0, 1, 2.
+#: Held-out combinations (never trained) with the seeds scripts/evaluate_tiny_shapes.py gives them (its
+#: prompts 0, 8 and 18). Not a random sample: at ratio 0.5 (default token merging, every block) this
+#: model keeps colour and direction in only 9 of the 20 held-out clips (colour 15, direction 8; ratio
+#: 0.1 keeps 18 of 20), and these are three of the nine. A change that makes merging worse breaks them.
 PROMPTS = (
-    "a yellow circle moving left quickly on a white background",
-    "a blue square moving left slowly on a gray background",
-    "a magenta triangle moving down slowly on a gray background",
+    ("a yellow circle moving left quickly on a white background", 0),
+    ("a green triangle moving right quickly on a gray background", 8),
+    ("a magenta triangle moving down slowly on a gray background", 18),
 )
-#: Mean PSNR (dB) of ratio-0.5 merging against the baseline must stay above this; ratio 0.9 on every
-#: sub-layer falls far below it.
-PSNR_BOUND = 24.0
+#: PSNR (dB) of the accelerated video against the baseline. Measured at ratio 0.5: 22.1, 25.7, 24.1;
+#: with the absurd merge: 17.0 and below. (A shift of a few pixels costs this much: even ratio 0.1
+#: averages 23 dB over the 20 held-out prompts, while the judge still agrees.)
+PSNR_BOUND = 20.0
 ABSURD = ToMeConfig(ratio=0.9, stride=(1, 4, 4), merge_self_attn=True, merge_cross_attn=True, merge_ffn=True)
 
 
@@ -37,8 +41,7 @@ def _clip(run) -> np.ndarray:
 
 
 def _compare(engine, prompt: str, seed: int, config: ToMeConfig):
-    result = engine.run(ComparisonRequest(preset=PRESET, prompt=prompt, seed=seed, methods=(config,), rounds=1,
-                                          warmup_steps=1))
+    result = engine.run(ComparisonRequest(preset=PRESET, prompt=prompt, seed=seed, methods=(config,), rounds=1))
     assert result.ok, result.error
     return result
 
@@ -57,7 +60,7 @@ def test_the_preset_loads_the_shipped_weights_through_from_pretrained():
 
 def test_merging_at_half_keeps_the_prompt_and_stays_close_and_an_absurd_merge_does_not(engine):
     sane, absurd = [], []
-    for seed, prompt in enumerate(PROMPTS):
+    for prompt, seed in PROMPTS:
         scene = shapes.Scene.from_prompt(prompt)
         result = _compare(engine, prompt, seed, ToMeConfig(ratio=0.5))
         (tome,) = result.methods
