@@ -317,8 +317,8 @@ def resolve(request: ComparisonRequest, preset: ModelPreset) -> tuple[ResolvedSe
 
 
 def unknown_words_note(pipe: Any, prompt: str) -> list[str]:
-    """A note naming the prompt's words the model's tokenizer maps to its unknown token (a word-level
-    tokenizer such as the tiny models' knows only its training vocabulary: such words are ignored)."""
+    """A note naming the prompt's words the model's tokenizer maps to its unknown token: a word-level
+    tokenizer such as the tiny models' knows only its vocabulary, and every other word reads the same."""
     tokenizer = getattr(pipe, "tokenizer", None)
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is None or not getattr(tokenizer, "is_fast", False):

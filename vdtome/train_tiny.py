@@ -167,6 +167,20 @@ def _save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _checkpoint(model, optimizer, step: int, path: Path) -> None:
+    _save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, path)
+
+
+def _resume(model, optimizer, path: Path) -> int:
+    """Load a stage's checkpoint if there is one; the step to continue from."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
+
+
 def _log(work: Path, line: str) -> None:
     with open(work / LOG_FILE, "a") as f:
         f.write(time.strftime("%H:%M:%S ") + line + "\n")
@@ -207,13 +221,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def train_vae(config: TrainConfig, work: Path, progress):
     vae = build_vae(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
-    step = 0
     path = work / VAE_CHECKPOINT
-    if path.exists():
-        state = torch.load(path, weights_only=True)
-        vae.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+    step = _resume(vae, optimizer, path)
     vae.train()
     bar = progress(total=config.vae_steps, initial=step, desc="1/3 VAE", unit="step")
     while step < config.vae_steps:
@@ -233,7 +242,7 @@ def train_vae(config: TrainConfig, work: Path, progress):
         bar.update(1)
         bar.set_postfix(psnr=f"{psnr(reconstruction.detach(), x):.1f} dB")
         if step % config.checkpoint_every == 0 or step == config.vae_steps:
-            _save({"model": vae.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, path)
+            _checkpoint(vae, optimizer, step, path)
             _log(work, f"vae step {step} loss {loss.item():.5f} psnr {psnr(reconstruction.detach(), x):.2f}")
     bar.close()
     return vae.eval().requires_grad_(False)
@@ -288,13 +297,8 @@ def _sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
 def train_transformer(config: TrainConfig, pipe, pool: dict, work: Path, progress) -> None:
     transformer = pipe.transformer
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=config.transformer_lr, weight_decay=0.01)
-    step = 0
     path = work / TRANSFORMER_CHECKPOINT
-    if path.exists():
-        state = torch.load(path, weights_only=True)
-        transformer.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+    step = _resume(transformer, optimizer, path)
     latents, prompt_index, embeddings = pool["latents"], pool["prompt_index"], pool["embeddings"]
     shape_mask = pool["shape_mask"]
     empty = embeddings.shape[0] - 1
@@ -327,7 +331,7 @@ def train_transformer(config: TrainConfig, pipe, pool: dict, work: Path, progres
         bar.update(1)
         bar.set_postfix(loss=f"{running:.4f}")
         if step % config.checkpoint_every == 0 or step == config.transformer_steps:
-            _save({"model": transformer.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, path)
+            _checkpoint(transformer, optimizer, step, path)
             _log(work, f"transformer step {step} loss {running:.4f}")
         if config.sample_every and (step % config.sample_every == 0 or step == config.transformer_steps):
             transformer.eval()
