@@ -26,6 +26,7 @@ LONG = dict(prompt=PROMPT, steps=500)
 QUICK = dict(prompt=PROMPT, rounds=1, steps=2)
 QUICK_SECONDS = 20  # a quick run takes about 1 s; the long run it followed had a minute left
 SERVICE_ENV = {
+    "VDTOME_DEFAULT_PRESET": "tiny-wan",  # the quick random model: these tests are about the service
     "VDTOME_MAX_WORK": "tiny-wan=4e8",
     "VDTOME_QUEUE_SIZE": "3",
     "VDTOME_QUEUE_PER_SESSION": "2",
@@ -212,7 +213,7 @@ BAD_INPUTS = [
     ("stride below the slider", with_value("stride_y", 0), "stride_y", "stride y must be between 1 and 4, got 0"),
     ("unknown strategy", with_value("strategy", "random"), "strategy", "strategy must be one of 'bipartite', 'attnbin'"),
     ("list for a choice", with_value("blocks", ["all blocks"]), "blocks", "blocks must be one of"),
-    ("unknown preset", with_value("preset", "nope"), "preset", "model preset must be one of tiny-wan"),
+    ("unknown preset", with_value("preset", "nope"), "preset", "model preset must be one of tiny-shapes, tiny-wan"),
     ("GPU preset on a CPU host", with_value("preset", "cogvideox-2b"), "preset", "needs a GPU"),
     ("negative guidance", with_value("guidance", -1), "guidance", "guidance must be between 0 and 50, got -1"),
     ("height off the grid", with_value("height", 70), "height", "height must be a multiple of 16"),
