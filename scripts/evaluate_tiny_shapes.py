@@ -19,9 +19,11 @@ import numpy as np
 import torch
 
 from vdtome import shapes
+from vdtome.compare import ComparisonRequest, resolve
 from vdtome.metrics import temporal_consistency
 from vdtome.pipelines import load_pipeline
 from vdtome.presets import get_preset
+from vdtome.video_io import to_uint8
 
 COLOUR_TARGET, DIRECTION_TARGET = 0.8, 0.7
 
@@ -36,17 +38,18 @@ def main(argv: list[str] | None = None) -> int:
 
     preset = get_preset(args.preset)
     pipe = load_pipeline(preset, device="cpu")
-    call = preset.defaults()
-    if "max_sequence_length" in preset.extras:
-        call["max_sequence_length"] = preset.extras["max_sequence_length"]
     scenes = shapes.held_out_scenes(args.prompts, seed=args.seed)
-    print(f"{preset.name}: {len(scenes)} held-out prompts, {call}")
     colour_right = direction_right = 0
     warp, rows = [], []
     for i, scene in enumerate(scenes):
-        video = pipe(prompt=scene.prompt, generator=torch.Generator().manual_seed(args.seed + i),
-                     output_type="np", **call).frames[0]
-        clip = (np.clip(video, 0, 1) * 255).round().astype(np.uint8)
+        # The app's own resolution of the request: the call is exactly what a comparison's baseline makes.
+        settings, _ = resolve(ComparisonRequest(preset=preset.name, prompt=scene.prompt, seed=args.seed + i), preset)
+        call = settings.call_kwargs()
+        if i == 0:
+            shown_call = {k: v for k, v in call.items() if k not in ("prompt", "negative_prompt")}
+            print(f"{preset.name}: {len(scenes)} held-out prompts, {shown_call}")
+        video = pipe(**call, generator=torch.Generator().manual_seed(settings.seed), output_type="np").frames[0]
+        clip = to_uint8(video)
         verdict = shapes.judge(clip, scene)
         colour_right += verdict.colour_right
         direction_right += verdict.direction_right
@@ -57,9 +60,9 @@ def main(argv: list[str] | None = None) -> int:
               f"direction {verdict.direction or '-':<6}{marks[1]:<3} shift {verdict.displacement[0]:+5.1f},"
               f"{verdict.displacement[1]:+5.1f} px  warp error {warp[-1]:.4f}")
 
-    frames, side = call["num_frames"], call["height"]
+    frames, side = settings.frames, settings.height
     rng = np.random.default_rng(0)
-    noise = float(np.mean([temporal_consistency(rng.random((frames, side, call["width"], 3))).warp_error_mean
+    noise = float(np.mean([temporal_consistency(rng.random((frames, side, settings.width, 3))).warp_error_mean
                            for _ in range(3)]))
     data_rng = random.Random(0)
     data = float(np.mean([temporal_consistency(shapes.render(s, data_rng, frames=frames, side=side) / 255.0)

@@ -5,7 +5,6 @@ from both videos, and the accelerated video stays within a stated fidelity of th
 check with an absurd merge (ratio 0.9 on every sub-layer) must fail the bound: proof the test can fail.
 """
 
-import numpy as np
 import pytest
 
 from vdtome import shapes
@@ -13,6 +12,7 @@ from vdtome.compare import ComparisonEngine, ComparisonRequest
 from vdtome.pipelines import load_pipeline
 from vdtome.presets import get_preset
 from vdtome.tome.config import ToMeConfig
+from vdtome.video_io import to_uint8
 
 PRESET = "tiny-shapes"
 #: Held-out combinations (never trained) with the seeds scripts/evaluate_tiny_shapes.py gives them (its
@@ -34,10 +34,6 @@ ABSURD = ToMeConfig(ratio=0.9, stride=(1, 4, 4), merge_self_attn=True, merge_cro
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     return ComparisonEngine(output_root=tmp_path_factory.mktemp("shapes-runs"))
-
-
-def _clip(run) -> np.ndarray:
-    return (np.clip(run.frames, 0, 1) * 255).round().astype(np.uint8)
 
 
 def _compare(engine, prompt: str, seed: int, config: ToMeConfig):
@@ -66,7 +62,7 @@ def test_merging_at_half_keeps_the_prompt_and_stays_close_and_an_absurd_merge_do
         (tome,) = result.methods
         assert tome.report.acted  # tokens really merged away
         for run in (result.baseline, result.accelerated):
-            verdict = shapes.judge(_clip(run), scene)
+            verdict = shapes.judge(to_uint8(run.frames), scene)
             assert verdict.colour_right and verdict.direction_right, (prompt, verdict)
         sane.append(result.fidelity.psnr_mean)
         absurd.append(_compare(engine, prompt, seed, ABSURD).fidelity.psnr_mean)

@@ -95,8 +95,9 @@ def build_vae(seed: int):
     2x temporal compression, 16 latent channels (as Wan 2.1's transformer expects)."""
     from diffusers import AutoencoderKLWan
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    from .tiny import _seeded
+
+    with _seeded(seed):
         return AutoencoderKLWan(
             base_dim=16,
             z_dim=16,
@@ -113,21 +114,21 @@ def build_vae(seed: int):
         )
 
 
-def build_pipeline(seed: int, vae=None):
+def build_pipeline(config: TrainConfig, vae=None):
     """The untrained pipeline (or with ``vae``): tokenizer and text encoder are final at this point."""
     from diffusers import WanPipeline
 
     from .tiny import _wan_flow_scheduler, tiny_tokenizer, tiny_umt5_encoder, tiny_wan_transformer
 
     words = shapes.vocabulary()
-    tokenizer = tiny_tokenizer(model_max_length=TrainConfig.max_sequence_length, words=words)
+    tokenizer = tiny_tokenizer(model_max_length=config.max_sequence_length, words=words)
     pipe = WanPipeline(
         tokenizer=tokenizer,
-        text_encoder=tiny_umt5_encoder(seed, vocab_size=len(tokenizer)),
-        vae=vae if vae is not None else build_vae(seed),
+        text_encoder=tiny_umt5_encoder(config.seed, vocab_size=len(tokenizer)),
+        vae=vae if vae is not None else build_vae(config.seed),
         scheduler=_wan_flow_scheduler(),
         transformer=tiny_wan_transformer(
-            seed, num_layers=4, num_attention_heads=4, attention_head_dim=32, ffn_dim=512, in_channels=16
+            config.seed, num_layers=4, num_attention_heads=4, attention_head_dim=32, ffn_dim=512, in_channels=16
         ),
     )
     pipe.text_encoder.eval().requires_grad_(False)
@@ -138,12 +139,17 @@ def build_pipeline(seed: int, vae=None):
 # -------------------------------------------------------------------------------------------- data
 
 
+def _seed(config: TrainConfig, stage: int, step: int) -> int:
+    """One seed per (run seed, stage, step): a resumed run draws what an uninterrupted one would."""
+    return config.seed * 1_000_003 + stage * 10_007 + step
+
+
 def _rng(config: TrainConfig, stage: int, step: int) -> random.Random:
-    return random.Random(config.seed * 1_000_003 + stage * 10_007 + step)
+    return random.Random(_seed(config, stage, step))
 
 
 def _torch_generator(config: TrainConfig, stage: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(config.seed * 1_000_003 + stage * 10_007 + step)
+    return torch.Generator().manual_seed(_seed(config, stage, step))
 
 
 def clips_to_tensor(clips: list[np.ndarray]) -> torch.Tensor:
@@ -335,30 +341,32 @@ def train_transformer(config: TrainConfig, pipe, pool: dict, work: Path, progres
             _log(work, f"transformer step {step} loss {running:.4f}")
         if config.sample_every and (step % config.sample_every == 0 or step == config.transformer_steps):
             transformer.eval()
-            write_samples(pipe, work / f"samples_{step:06d}.png", work)
+            write_samples(config, pipe, work / f"samples_{step:06d}.png", work)
     bar.close()
     transformer.eval().requires_grad_(False)
 
 
 @torch.no_grad()
-def generate(pipe, scene: shapes.Scene, seed: int, steps: int = 20, guidance: float = 5.0, frames: int = 9,
-             side: int = 64) -> np.ndarray:
-    """One clip (F, H, W, 3) uint8 through the real pipeline call."""
+def generate(config: TrainConfig, pipe, scene: shapes.Scene, seed: int, steps: int = 20,
+             guidance: float = 5.0) -> np.ndarray:
+    """One clip (F, H, W, 3) uint8 through the real pipeline call, at the training clips' size."""
+    from .video_io import to_uint8
+
     video = pipe(
-        prompt=scene.prompt, num_frames=frames, height=side, width=side, num_inference_steps=steps,
-        guidance_scale=guidance, max_sequence_length=TrainConfig.max_sequence_length,
+        prompt=scene.prompt, num_frames=config.frames, height=config.side, width=config.side,
+        num_inference_steps=steps, guidance_scale=guidance, max_sequence_length=config.max_sequence_length,
         generator=torch.Generator().manual_seed(seed), output_type="np",
     ).frames[0]
-    return (np.clip(video, 0, 1) * 255).round().astype(np.uint8)
+    return to_uint8(video)
 
 
-def write_samples(pipe, path: Path, work: Path, count: int = 6) -> None:
+def write_samples(config: TrainConfig, pipe, path: Path, work: Path, count: int = 6) -> None:
     """A strip of held-out prompts' clips (every other frame) with the judge's verdict in the log."""
     import cv2
 
     rows, right = [], [0, 0]
     for i, scene in enumerate(shapes.held_out_scenes(count, seed=1)):
-        clip = generate(pipe, scene, seed=i)
+        clip = generate(config, pipe, scene, seed=i)
         verdict = shapes.judge(clip, scene)
         right[0] += verdict.colour_right
         right[1] += verdict.direction_right
@@ -369,9 +377,8 @@ def write_samples(pipe, path: Path, work: Path, count: int = 6) -> None:
     _log(work, f"samples {path.name}: colour {right[0]}/{count}, direction {right[1]}/{count}")
 
 
-def finish(config: TrainConfig, pipe, pool: dict, out: Path) -> None:
-    """Write the latent statistics into the VAE config and save the pipeline (safetensors)."""
-    pipe.vae.register_to_config(latents_mean=pool["mean"].tolist(), latents_std=pool["std"].tolist())
+def finish(config: TrainConfig, pipe, out: Path) -> None:
+    """Save the pipeline (safetensors; its VAE config already carries the latent statistics)."""
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
     (out / "training.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
@@ -381,7 +388,6 @@ def train(config: TrainConfig, out: Path, work: Path, progress=None) -> None:
     from tqdm.auto import tqdm
 
     progress = progress or tqdm
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     work.mkdir(parents=True, exist_ok=True)
     settings = work / "config.json"
     wanted = json.dumps(dataclasses.asdict(config), indent=2)
@@ -389,13 +395,13 @@ def train(config: TrainConfig, out: Path, work: Path, progress=None) -> None:
         raise SystemExit(f"{work} holds a run with other settings ({settings}); use another --work folder")
     settings.write_text(wanted)
     vae = train_vae(config, work, progress)
-    pipe = build_pipeline(config.seed, vae=vae)
+    pipe = build_pipeline(config, vae=vae)
     pool = encode_pool(config, vae, pipe, work, progress)
     # The pipeline decodes latents * std + mean: its VAE config must carry the pool's statistics
     # before any sample is drawn.
     pipe.vae.register_to_config(latents_mean=pool["mean"].tolist(), latents_std=pool["std"].tolist())
     train_transformer(config, pipe, pool, work, progress)
-    finish(config, pipe, pool, out)
+    finish(config, pipe, out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                             default=getattr(defaults, field.name))
     args = parser.parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    torch.set_num_threads(max(1, os.cpu_count() or 1))  # here, not in train(): a caller keeps its own setting
     started = time.time()
     train(config, Path(args.out), Path(args.work))
     print(f"saved {args.out} after {(time.time() - started) / 60:.1f} min", file=sys.stderr)
