@@ -1,5 +1,8 @@
 """Command line: ``python -m vdtome compare --preset tiny-shapes --prompt "..." --method tome:ratio=0.5 --out DIR``.
 
+``python -m vdtome bench --preset P --prompts FILE --sweep SWEEP.yaml --out DIR`` runs a sweep over
+prompts and seeds (see :mod:`vdtome.bench`), in this process or on Ray (``--ray``).
+
 ``--method NAME[:field=value,...]`` is repeatable: the methods stack in the order given (``python -m
 vdtome methods`` lists them with their fields). Without ``--method``, the token-merging flags
 (``--ratio``, ``--stride``...) describe a stack of token merging alone, as before methods stacked.
@@ -65,6 +68,29 @@ def build_parser() -> argparse.ArgumentParser:
     tome.add_argument("--matching", choices=("shared", "per_sample"), default=None)
     tome.add_argument("--reuse-steps", type=int, default=None)
 
+    bench = commands.add_parser(
+        "bench", help="run a sweep of settings over prompts and seeds: rows file, summary, plots, HTML report",
+        description="Every setting of a sweep file on every prompt and seed; rows are appended to DIR/rows.jsonl "
+                    "as they finish and a rerun of the same command skips the finished ones.")
+    bench.add_argument("--preset", default="tiny-shapes", help="model preset (see `python -m vdtome presets`)")
+    bench.add_argument("--prompts", required=True,
+                       help="a text file (one prompt a line, # comments) or a prompt set (default, shapes)")
+    bench.add_argument("--limit", type=int, help="only the first N prompts")
+    bench.add_argument("--sweep", required=True,
+                       help="a sweep file (YAML) or a shipped sweep's name: " + ", ".join(_shipped_sweep_names()))
+    bench.add_argument("--seeds", default="0", help="e.g. 0,1,2 or 0-3 (default 0)")
+    bench.add_argument("--rounds", type=int, help="timing rounds per comparison (default: the sweep's, else the preset's)")
+    bench.add_argument("--out", required=True, help="results folder (rerun with the same folder to resume)")
+    bench.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    bench.add_argument("--retries", type=int, default=2, help="reruns of a (prompt, seed) group that raised (default 2)")
+    bench.add_argument("--ray", action="store_true", help="run the groups on Ray actors, one per device")
+    bench.add_argument("--ray-address", help="an existing Ray cluster (e.g. ray://head:10001 or auto); implies --ray")
+    bench.add_argument("--ray-workers", type=int,
+                       help="actors (default: one per GPU of the cluster, or one on a cluster without GPUs)")
+    bench.add_argument("--ray-cpus", type=float, default=None,
+                       help="CPUs per actor (default: 1 beside a GPU; without GPUs, the cluster's CPUs / workers)")
+    bench.add_argument("--no-report", action="store_true", help="rows and summary only (no plots, no HTML)")
+
     commands.add_parser("methods", help="list acceleration methods, their fields and the presets they support")
     commands.add_parser("presets", help="list model presets")
     prompts = commands.add_parser("prompts", help="print a prompt set")
@@ -88,7 +114,50 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print("\n".join(load_prompts(args.set)))
         return 0
+    if args.command == "bench":
+        return _bench(args)
     return _compare(args)
+
+
+def _shipped_sweep_names() -> list[str]:
+    from .sweep import shipped_sweeps
+
+    return list(shipped_sweeps())
+
+
+def _bench(args) -> int:
+    from .bench import BenchPlan, format_summary, parse_seeds, read_prompts, run_bench
+    from .pipelines import ModelUnavailableError
+    from .sweep import load_sweep
+    from .validation import RequestError
+
+    try:
+        plan = BenchPlan(preset=args.preset, prompts=read_prompts(args.prompts, args.limit),
+                         seeds=parse_seeds(args.seeds), sweep=load_sweep(args.sweep), rounds=args.rounds)
+        plan.check()
+        runner = None
+        if args.ray or args.ray_address:
+            from .bench_ray import RayRunner
+
+            runner = RayRunner(plan, address=args.ray_address, workers=args.ray_workers, cpus_per_worker=args.ray_cpus,
+                               device=args.device)
+        elif args.device:
+            from .bench import BenchWorker, run_serial
+
+            worker = BenchWorker(device=args.device)
+            runner = lambda groups: run_serial(plan, groups, worker)  # noqa: E731
+        outcome = run_bench(plan, args.out, runner=runner, retries=args.retries, report=not args.no_report)
+    except (RequestError, ModelUnavailableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_summary(outcome.summaries))
+    failed = sum(not row.ok for row in outcome.rows)
+    print(f"\n{len(outcome.rows)} of {len(plan.keys())} rows ({outcome.skipped} from an earlier run, {outcome.ran} now; "
+          f"{failed} failed). Files in {args.out}:")
+    for name, path in outcome.files.items():
+        if not name.startswith("plot: "):
+            print(f"  {name}: {path}")
+    return 0 if failed == 0 else 1
 
 
 def _compare(args) -> int:
@@ -175,8 +244,6 @@ def parse_method(text: str):
 
     name, _, settings = text.partition(":")
     method = method_named(name.strip())
-    fields = {f.name: f for f in method.fields}
-    fields |= {f.name.removeprefix(f"{method.name}_"): f for f in method.fields}
     overrides = {}
     try:
         for item in filter(None, (part.strip() for part in settings.split(","))):
@@ -184,10 +251,7 @@ def parse_method(text: str):
             key = key.strip()
             if not sep:
                 raise RequestError(f"{item!r} is not field=value")
-            if key not in fields:
-                short = ", ".join(f.name.removeprefix(f"{method.name}_") for f in method.fields)
-                raise RequestError(f"{method.name} has no field {key!r}; its fields: {short}")
-            form_field = fields[key]
+            form_field = method.field_named(key)
             if form_field.name in overrides:
                 raise RequestError(f"{key} is given twice")
             overrides[form_field.name] = form_field.from_text(value.strip())

@@ -397,11 +397,13 @@ class ComparisonEngine:
         progress: Progress | None = None,
         cancel: Any = None,
         source: str | None = None,
+        write: bool = True,
     ) -> ComparisonResult:
         """Compare; bad requests raise :class:`RequestError`, allocation failures and non-finite
         outputs come back in ``result.error`` with the pipeline still usable. ``cancel``: anything
         with ``is_set()`` (a ``threading.Event``, a :class:`vdtome.cancel.CancelFlag`), checked at
-        every denoising step."""
+        every denoising step. ``write=False``: return the result without writing videos, frames or
+        ``result.json`` (a benchmark keeps its rows only)."""
         try:
             preset = get_preset(request.preset)
         except KeyError as error:
@@ -412,11 +414,11 @@ class ComparisonEngine:
             notes = [*notes, *unknown_words_note(pipe, settings.prompt)]
             session = _Session(self, pipe, preset, settings, request.methods, progress, cancel)
             session.stop_if_cancelled()  # cancelled while the weights loaded
-            return self._compare(session, request, notes, out_dir, source)
+            return self._compare(session, request, notes, out_dir, source, write)
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _compare(self, session: _Session, request, notes, out_dir, source) -> ComparisonResult:
+    def _compare(self, session: _Session, request, notes, out_dir, source, write=True) -> ComparisonResult:
         pipe, settings, methods = session.pipe, session.settings, session.methods
         env = environment(pipe)
         key = (settings.video_key(), source, str(self.device), env.get("dtype"))
@@ -495,6 +497,8 @@ class ComparisonEngine:
             environment=env,
         )
         session.stop_if_cancelled()
+        if not write:
+            return result
         session.announce("writing the videos, frames and result.json")
         folder = Path(out_dir) if out_dir is not None else self._new_output_dir()
         return replace(result, files=write_outputs(result, folder))

@@ -218,6 +218,15 @@ class Method:
         checked = {f.name: f.parse(values.get(f.name, f.default)) for f in self.fields}
         return self.parse(checked)
 
+    def field_named(self, key: str) -> FormField:
+        """A field by its form name or without this method's prefix (``threshold`` for
+        ``first_block_cache_threshold``), as the command line and sweep files name them."""
+        for form_field in self.fields:
+            if key in (form_field.name, form_field.name.removeprefix(f"{self.name}_")):
+                return form_field
+        short = ", ".join(f.name.removeprefix(f"{self.name}_") for f in self.fields)
+        raise RequestError(f"{self.name} has no field {key!r}; its fields: {short}", key)
+
     def config_from(self, overrides: Mapping[str, Any]) -> Any:
         """The config from ``field=value`` overrides by form field name (the CLI's ``--method``)."""
         known = {f.name for f in self.fields}

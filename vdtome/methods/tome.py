@@ -12,7 +12,7 @@ from ..validation import RequestError
 from .base import Evidence, FormField, Method, MethodReport
 
 RATIO_STEP = 0.05
-MAX_STRIDE = 4
+MAX_STRIDE = 9  # the video ToMe study's widest cell is 4x6x9
 MAX_REUSE_STEPS = 10
 # Labels of the target checkboxes and the config field each one sets.
 TARGETS = {"self-attention": "merge_self_attn", "cross-attention queries": "merge_cross_attn",
