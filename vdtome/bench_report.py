@@ -158,7 +158,7 @@ def _distributions(rows: Sequence[BenchRow], summaries: Sequence[SettingSummary]
         positions = list(range(1, len(data) + 1))
         kept = [(p, d) for p, d in zip(positions, data) if d]
         if kept:
-            ax.boxplot([d for _, d in kept], positions=[p for p, _ in kept], vert=False, widths=0.6)
+            ax.boxplot([d for _, d in kept], positions=[p for p, _ in kept], orientation="horizontal", widths=0.6)
             for p, d in kept:
                 ax.scatter(d, [p] * len(d), s=10, alpha=0.6, color="#1f77b4")
         ax.set_yticks(positions, labels, fontsize=7)

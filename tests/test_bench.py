@@ -1,0 +1,277 @@
+"""Benchmarks: the smoke sweep end to end (rows, summary, plots, report), a killed run resumed, the
+same figures on Ray, and groups that raise retried then recorded."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vdtome.bench import (
+    DETERMINISTIC_COLUMNS,
+    BenchPlan,
+    BenchRow,
+    BenchWorker,
+    Group,
+    RowsFile,
+    Speed,
+    parse_seeds,
+    read_prompts,
+    run_bench,
+    run_serial,
+    summarise,
+)
+from vdtome.bench_report import pareto_front
+from vdtome.sweep import load_sweep, parse_sweep
+from vdtome.validation import RequestError
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ("a red fox running through snow", "waves crashing on a rocky shore at sunset")
+SMOKE_ROWS = 2 * 4  # two prompts x the smoke sweep's four settings
+
+
+def smoke_plan() -> BenchPlan:
+    return BenchPlan("tiny-wan", PROMPTS, (0,), load_sweep("smoke"))
+
+
+def bench_command(out: Path) -> list[str]:
+    prompts = out.parent / "prompts.txt"
+    prompts.write_text("# two prompts\n" + "\n".join(PROMPTS) + "\n")
+    return [sys.executable, "-m", "vdtome", "bench", "--preset", "tiny-wan", "--prompts", str(prompts),
+            "--sweep", "smoke", "--seeds", "0", "--out", str(out)]
+
+
+def bench_env() -> dict[str, str]:
+    # Two torch threads, as the Ray actor below: float reductions then split the same way.
+    return os.environ | {"OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+
+
+def deterministic_summary(folder: Path) -> list[dict[str, str]]:
+    with (folder / "summary.csv").open() as handle:
+        return [{name: row[name] for name in DETERMINISTIC_COLUMNS} for row in csv.DictReader(handle)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("serial") / "bench"
+    run = subprocess.run(bench_command(out), cwd=ROOT, env=bench_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out, run.stdout
+
+
+def test_smoke_sweep_writes_rows_summary_plots_and_report(uninterrupted):
+    out, stdout = uninterrupted
+    rows = RowsFile(out / "rows.jsonl").read()
+    assert len(rows) == SMOKE_ROWS and all(row.ok for row in rows)
+    assert {(row.prompt, row.seed) for row in rows} == {(p, 0) for p in PROMPTS}
+    for row in rows:  # every figure of the comparison, and where it ran
+        assert row.denoising.median > 0 and row.end_to_end.median > 0 and row.psnr_mean_db > 20
+        assert row.result["schema_version"] == 3 and row.result["timing"]["calls"]
+        assert row.environment["torch_num_threads"] == 2 and row.result["settings"]["rounds"] == 3
+    stacked = [row for row in rows if "+" in row.setting]
+    assert stacked and {e["method"] for e in stacked[0].evidence} == {"tome", "first_block_cache"}
+    # The baseline video of a (prompt, seed) is made once: every later setting reused it.
+    reused = [row.result["baseline_reused"] for row in rows if row.prompt == PROMPTS[0]]
+    assert reused == [False, True, True, True]
+
+    summary = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["setting"] for r in summary] == [s.label for s in load_sweep("smoke").settings]
+    assert all(r["rows"] == "2" and r["failed"] == "0" and float(r["denoising_speedup"]) > 0 for r in summary)
+    assert "ratio" in summary[0] and summary[0]["ratio"] == "0.25"
+    assert "denoising speedup" in stdout and "tome ratio 0.5 stride 1x2x2 + first_block_cache" in stdout
+    assert "8 of 8 rows (0 from an earlier run, 8 now; 0 failed)" in stdout
+
+    plots = sorted(p.name for p in (out / "plots").iterdir())
+    assert plots == ["axis-ratio.png", "distributions.png", "pareto.png", "prompt-length.png"]
+    assert all((out / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in plots)
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 4  # self-contained: the plots are inside
+    assert "src='http" not in report and 'src="http' not in report and "<link" not in report
+    assert "Pareto front" in report and PROMPTS[1] in report
+
+
+def test_a_killed_run_resumes_with_only_the_missing_rows(uninterrupted, tmp_path):
+    out = tmp_path / "bench"
+    command = bench_command(out)
+    process = subprocess.Popen(command, cwd=ROOT, env=bench_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    rows_file = out / "rows.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if rows_file.exists() and rows_file.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = RowsFile(rows_file).read()
+    assert 3 <= len(before) < SMOKE_ROWS, "the run must be killed mid-way for this test to mean anything"
+    with rows_file.open("a") as handle:  # a row torn by the kill, mid-write
+        handle.write('{"key": "torn row", "prompt": "a red')
+
+    rerun = subprocess.run(command, cwd=ROOT, env=bench_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (f"8 of 8 rows ({len(before)} from an earlier run, {SMOKE_ROWS - len(before)} now; 0 failed)"
+            in rerun.stdout)
+    after = RowsFile(rows_file).read()
+    assert [row.key for row in after[:len(before)]] == [row.key for row in before]  # nothing rewritten
+    assert len(after) == SMOKE_ROWS and len({row.key for row in after}) == SMOKE_ROWS
+    assert "torn row" not in rows_file.read_text()
+    assert deterministic_summary(out) == deterministic_summary(uninterrupted[0])
+
+    again = subprocess.run(command, cwd=ROOT, env=bench_env(), capture_output=True, text=True, timeout=600)
+    assert "(8 from an earlier run, 0 now; 0 failed)" in again.stdout
+    assert len(RowsFile(rows_file).read()) == SMOKE_ROWS
+
+
+# ---- retries: groups that raise -----------------------------------------------------------------
+
+
+class FlakyWorker(BenchWorker):
+    """Yields the first setting's row of each group, then raises for the prompts in ``failing``
+    (every time: a retry, which skips the finished first row, raises at once); other groups run in full."""
+
+    failing = (PROMPTS[1],)
+
+    def run_group(self, plan, group, skip=frozenset(), progress=None, cancel=None):
+        for row in super().run_group(plan, group, skip, progress, cancel):
+            if row.setting_key != plan.sweep.settings[0].key and group.prompt in self.failing:
+                raise RuntimeError(f"injected failure on {group.prompt!r}")
+            yield row
+
+
+class RecordingWorker(BenchWorker):
+    """No model: makes rows from the plan alone, counting how often each group ran."""
+
+    def __init__(self, failing=()):
+        self.failing, self.calls = failing, []
+
+    def run_group(self, plan, group, skip=frozenset(), progress=None, cancel=None):
+        self.calls.append(group)
+        for index, setting in enumerate(plan.sweep.settings):
+            key = plan.row_key(group, setting)
+            if key in skip:
+                continue
+            if index == 2 and group.prompt in self.failing:
+                raise RuntimeError("boom")
+            yield BenchRow(key=key, preset=plan.preset, prompt=group.prompt, seed=group.seed, setting=setting.label,
+                           setting_key=setting.key, values=dict(setting.values), ok=True,
+                           denoising=Speed(1.0 + index, None, None, "too few repeats"), psnr_mean_db=40.0 - index)
+
+
+def test_a_group_that_raises_is_retried_then_recorded_and_a_rerun_tries_it_again(tmp_path):
+    plan = BenchPlan("tiny-wan", ("one", "two", "three"), (0, 1), load_sweep("smoke"))
+    worker = RecordingWorker(failing=("two",))
+    outcome = run_bench(plan, tmp_path, runner=lambda todo: run_serial(plan, todo, worker), retries=2,
+                        show_progress=False, report=False)
+    failing = [Group("two", 0), Group("two", 1)]
+    assert [g for g in worker.calls if g.prompt == "two"] == failing * 3  # first try + 2 retries each
+    rows = RowsFile(tmp_path / "rows.jsonl").read()
+    assert len(rows) == len(plan.keys())  # every row is in the file, finished or failed
+    bad = [row for row in rows if not row.ok]
+    assert len(bad) == 2 * 2 and {row.prompt for row in bad} == {"two"}
+    assert all(row.error == "RuntimeError: boom" and row.attempts == 3 for row in bad)
+    good_two = [row for row in rows if row.ok and row.prompt == "two"]
+    assert len(good_two) == 2 * 2  # rows before the failure were kept, not rerun (each written once)
+    assert [s.failed for s in outcome.summaries] == [0, 0, 2, 2]
+
+    healed = RecordingWorker()
+    outcome = run_bench(plan, tmp_path, runner=lambda todo: run_serial(plan, todo, healed), show_progress=False,
+                        report=False)
+    assert healed.calls == failing and outcome.ran == 4 and outcome.skipped == len(plan.keys()) - 4
+    assert all(row.ok for row in outcome.rows) and [s.failed for s in outcome.summaries] == [0, 0, 0, 0]
+
+
+def test_ray_gives_the_serial_figures_and_retries_then_records_a_failing_group(uninterrupted, tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors get this module's workers
+    from vdtome.bench_ray import RayRunner
+
+    plan = smoke_plan()
+    try:
+        runner = RayRunner(plan, init={"num_cpus": 2})
+        assert len(runner.actors) == 1 and runner.description == "1 Ray actor (2 CPUs each)"
+        outcome = run_bench(plan, tmp_path / "ray", runner=runner, show_progress=False)
+        assert outcome.ran == SMOKE_ROWS and all(row.ok for row in outcome.rows)
+        assert deterministic_summary(tmp_path / "ray") == deterministic_summary(uninterrupted[0])
+        assert (tmp_path / "ray" / "report.html").exists()
+        runner.shutdown()
+
+        flaky = RayRunner(plan, worker_class=FlakyWorker)
+        outcome = run_bench(plan, tmp_path / "flaky", runner=flaky, retries=1, show_progress=False, report=False)
+        rows = RowsFile(tmp_path / "flaky" / "rows.jsonl").read()
+        assert len(rows) == SMOKE_ROWS
+        failed = [row for row in rows if not row.ok]
+        assert len(failed) == 3 and {row.prompt for row in failed} == {PROMPTS[1]}
+        assert all(row.attempts == 2 and row.error.startswith("RuntimeError: injected failure") for row in failed)
+        assert sum(row.ok and row.prompt == PROMPTS[1] for row in rows) == 1  # its first row, written once
+        assert all(row.ok for row in rows if row.prompt == PROMPTS[0])
+        flaky.shutdown()
+    finally:
+        ray.shutdown()
+
+
+# ---- pieces --------------------------------------------------------------------------------------
+
+
+def test_rows_file_cuts_a_torn_line_before_appending(tmp_path):
+    rows_file = RowsFile(tmp_path / "rows.jsonl")
+    plan = smoke_plan()
+    group, setting = Group(PROMPTS[0], 0), plan.sweep.settings[0]
+    row = BenchRow.failed(plan.row_key(group, setting), plan.preset, group, setting, "x")
+    rows_file.append(row)
+    with rows_file.path.open("a") as handle:
+        handle.write('{"key": "half a ro')
+    assert [r.key for r in rows_file.read()] == [row.key]
+    rows_file.append(row)
+    assert rows_file.path.read_text().count("\n") == 2 and "half a ro" not in rows_file.path.read_text()
+    assert json.loads(rows_file.path.read_text().splitlines()[1])["error"] == "x"
+
+
+def test_row_keys_follow_everything_the_figures_depend_on():
+    plan = smoke_plan()
+    group, setting = Group(PROMPTS[0], 0), plan.sweep.settings[0]
+    key = plan.row_key(group, setting)
+    assert key != plan.row_key(Group(PROMPTS[0], 1), setting)
+    assert key != BenchPlan("tiny-wan", PROMPTS, (0,), plan.sweep, rounds=5).row_key(group, setting)
+    assert key != BenchPlan("tiny-wan22", PROMPTS, (0,), plan.sweep).row_key(group, setting)
+    other = parse_sweep("stacks: [{tome: {ratio: 0.25, matching: per_sample}}]").settings[0]
+    assert other.label == setting.label and plan.row_key(group, other) != key  # same label, other config
+
+
+def test_pareto_front_and_summary_of_failed_rows():
+    plan = BenchPlan("tiny-wan", ("p",), (0,), parse_sweep("stacks: [{tome: {ratio: [0.1, 0.2, 0.3]}}]"))
+    rows = []
+    for setting, (speed, psnr) in zip(plan.sweep.settings, [(1.2, 40.0), (1.1, 35.0), (1.5, 30.0)]):
+        rows.append(BenchRow(key=plan.row_key(Group("p", 0), setting), preset="tiny-wan", prompt="p", seed=0,
+                             setting=setting.label, setting_key=setting.key, values={}, ok=True,
+                             denoising=Speed(speed, None, None, "faster"), psnr_mean_db=psnr))
+    summaries = summarise(rows, plan)
+    assert [s.setting for s in pareto_front(summaries)] == [summaries[2].setting, summaries[0].setting]
+    assert summaries[0].faster_rows == 1 and summaries[0].psnr_worst_db is None
+
+
+def test_plan_checks_every_request_before_running():
+    plan = BenchPlan("tiny-wan", PROMPTS, (0,), parse_sweep("request: {height: 65}\nstacks: [{tome: {ratio: 0.5}}]"))
+    with pytest.raises(RequestError, match="height"):
+        plan.check()
+    with pytest.raises(RequestError, match="seeds must differ"):
+        BenchPlan("tiny-wan", PROMPTS, (0, 0), plan.sweep)
+    assert parse_seeds("0,2-4") == (0, 2, 3, 4)
+    with pytest.raises(RequestError, match="seeds must be whole numbers"):
+        parse_seeds("1.5")
+    assert read_prompts("shapes", limit=2)[0].startswith("a ")
+    with pytest.raises(RequestError, match="neither a file nor a prompt set"):
+        read_prompts("no-such-set")
+
+
+def test_bad_command_line_input_is_refused_naming_it(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "vdtome", "bench", "--preset", "tiny-wan", "--prompts", "default",
+                          "--sweep", "nope", "--out", str(tmp_path)], cwd=ROOT, env=bench_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 2 and "no sweep file 'nope'; shipped sweeps:" in run.stderr
+    assert not (tmp_path / "rows.jsonl").exists()
