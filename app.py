@@ -42,6 +42,7 @@ os.environ["GRADIO_TEMP_DIR"] = str(GRADIO_CACHE)
 import dataclasses
 import inspect
 import re
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -51,6 +52,18 @@ import pandas as pd
 import torch
 from starlette.middleware import Middleware
 
+from vdtome.bench import (
+    SUMMARY_HEADER,
+    BenchOutcome,
+    BenchPlan,
+    BenchRow,
+    BenchWorker,
+    plan_from_form,
+    run_bench,
+    run_serial,
+    summary_cells,
+)
+from vdtome.bench_report import pareto_front
 from vdtome.cancel import CancelFlag, CancelFlags
 from vdtome.compare import (
     MAX_ROUNDS,
@@ -72,7 +85,8 @@ from vdtome.pipelines import (
     custom_model_source,
     custom_models_allowed,
 )
-from vdtome.presets import load_presets
+from vdtome.presets import load_presets, load_prompts, prompt_sets
+from vdtome.sweep import shipped_sweeps
 from vdtome.protocol import MAX_GPU_SECONDS
 from vdtome.page import CSS, cards_html, colour_bar_html, frame_psnr_chart, history_chart, latency_chart, metrics_html
 from vdtome.report import COLUMNS
@@ -250,6 +264,16 @@ def validator(names: tuple[str, ...], sweep: bool):
         return [gr.validate(True, "") for _ in names]
 
     return check
+
+
+def bench_validator(*values):
+    """The Benchmark form's check before it is queued: the message under the field that broke a rule."""
+    try:
+        bench_plan(dict(zip(BENCH_FIELDS, values)))
+    except RequestError as error:
+        at = BENCH_FIELDS.index(error.field) if error.field in BENCH_FIELDS else 0
+        return [gr.validate(index != at, str(error) if index == at else "") for index in range(len(BENCH_FIELDS))]
+    return [gr.validate(True, "") for _ in BENCH_FIELDS]
 
 
 # ---- event handlers ------------------------------------------------------------------------------
@@ -447,6 +471,125 @@ compare = _endpoint("compare", COMPARE_FIELDS, False,
 sweep = _endpoint("sweep", SWEEP_FIELDS, True,
                   "One comparison per value of the swept field (the baseline video is made once and reused; every "
                   "point is timed against fresh baseline calls): the speedup/fidelity curve.")
+
+# ---- the Benchmark tab: a sweep over prompts and seeds (vdtome.bench), in the same GPU queue -------
+
+BENCH_DIR = INSTANCE_DIR / "bench"
+KEEP_BENCHES = 4  # benchmark folders kept on disk (rows, plots, report)
+BENCH_FIELDS = ("bench_preset", "bench_prompts", "bench_seeds", "bench_sweep")
+BENCH_PROMPTS = 3  # prompts the tab starts with (of the preset's set)
+BENCH_SWEEP = "smoke"
+
+
+def bench_plan(values: dict) -> BenchPlan:
+    """The Benchmark form -> a plan, every rule checked (the same code before queueing and when it runs)."""
+    preset = values["bench_preset"]
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise RequestError(f"model preset must be one of {', '.join(PRESETS)}, got {shown(preset)}", "bench_preset")
+    if PRESETS[preset].requires_gpu and not HAS_GPU:
+        raise RequestError(f"{PRESETS[preset].label} needs a GPU and this machine has none; pick a tiny preset",
+                           "bench_preset")
+    plan = plan_from_form(preset, values["bench_prompts"], values["bench_seeds"], values["bench_sweep"])
+    for setting in plan.sweep.settings:
+        check_available(check_stack(setting.configs), pipeline_denoiser_types(PRESETS[preset].pipeline_class))
+    requests = [plan.request(group, setting) for group, setting in plan.keys().values()]
+    settings, _ = resolve(requests[0], PRESETS[preset])
+    LIMITS.check_work(PRESETS[preset], settings, points=len(requests), points_name="benchmark rows")
+    if ON_ZERO_GPU and PRESETS[preset].gpu_time is not None and _bench_gpu_seconds(plan) > MAX_GPU_SECONDS:
+        raise RequestError(f"this benchmark needs about {_bench_gpu_seconds(plan):.0f} s of GPU time; a ZeroGPU task "
+                           f"may take at most {MAX_GPU_SECONDS} s: fewer prompts, seeds or settings", "bench_prompts")
+    return plan
+
+
+def _bench_gpu_seconds(plan: BenchPlan) -> float:
+    """Each (prompt, seed) group is a sweep sharing one baseline."""
+    return sum(gpu_estimate([plan.request(group, s) for s in plan.sweep.settings]).total_s for group in plan.groups())
+
+
+def run_benchmark(plan: BenchPlan, folder: Path, cancel: CancelFlag, progress=gr.Progress()) -> BenchOutcome:
+    """Every row of the plan on the shared engine, one after another; progress over rows."""
+    worker = BenchWorker(engine=engine())
+    total = len(plan.keys())
+    state = {"done": 0, "row": ""}
+
+    def on_step(event: ProgressEvent) -> None:
+        within = event.done / max(event.total, 1)
+        progress((state["done"] + within) / total, desc=f"row {state['done'] + 1}/{total} · {event.label}")
+
+    def on_row(row: BenchRow, done: int, total_rows: int) -> None:
+        state["done"] = done
+
+    return run_bench(plan, folder, runner=lambda todo: run_serial(plan, todo, worker, progress=on_step, cancel=cancel),
+                     show_progress=False, on_row=on_row)
+
+
+def _bench_gpu_duration(plan: BenchPlan, folder: Path, cancel: CancelFlag, progress=None) -> int:
+    if PRESETS[plan.preset].gpu_time is None:
+        return TINY_GPU_SECONDS * max(1, len(plan.keys()) // 8)
+    return int(_bench_gpu_seconds(plan))
+
+
+if ON_ZERO_GPU:
+    run_benchmark = spaces.GPU(duration=_bench_gpu_duration)(run_benchmark)
+
+
+async def benchmark(bench_preset, bench_prompts, bench_seeds, bench_sweep, progress=gr.Progress()):
+    """Every setting of a sweep (YAML, see presets/sweeps) on every prompt (one a line) and seed ("0,1"):
+    the summary per setting, the plots and the report with every row."""
+    values = dict(zip(BENCH_FIELDS, (bench_preset, bench_prompts, bench_seeds, bench_sweep)))
+    try:
+        plan = bench_plan(values)
+    except RequestError as error:
+        raise gr.Error(str(error), title="Invalid input") from None
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    prune(BENCH_DIR, KEEP_BENCHES - 1, LIMITS.outputs_mb * 2**20)
+    folder = Path(tempfile.mkdtemp(prefix="bench-", dir=BENCH_DIR))
+    flag = CANCEL_FLAGS.new()
+
+    def stop(reason: str) -> None:
+        print(f"vdtome: stopping a benchmark: {reason}", flush=True)
+        flag.set()
+
+    try:
+        outcome = await run_until_abandoned(lambda: run_benchmark(plan, folder, flag, progress=progress), stop,
+                                            discard=lambda _: shutil.rmtree(folder, ignore_errors=True))
+    except (RequestError, ModelUnavailableError) as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise gr.Error(str(error), title="Cannot run this benchmark") from None
+    except Cancelled:
+        shutil.rmtree(folder, ignore_errors=True)  # nobody will be shown its rows
+        raise gr.Error("The benchmark was cancelled.", title="Cancelled") from None
+    finally:
+        flag.clear()
+    return bench_outputs(outcome)
+
+
+def bench_outputs(outcome: BenchOutcome) -> tuple:
+    """Status, summary table, plots and files of a finished benchmark."""
+    failed = sum(not row.ok for row in outcome.rows)
+    front = ", ".join(s.setting for s in pareto_front(outcome.summaries)) or "none"
+    status = (f"**{len(outcome.rows) - failed} of {len(outcome.plan.keys())} rows finished**"
+              f"{f', {failed} failed (see the report)' if failed else ''} · {outcome.plan.sweep.name} on "
+              f"{outcome.plan.preset}. Speedups: the median over prompts and seeds, the range over them in brackets; "
+              f"each row was timed against its own adjacent baseline calls. Pareto front (fastest first): {front}.")
+    table = pd.DataFrame([summary_cells(s) for s in outcome.summaries], columns=list(SUMMARY_HEADER))
+    plots = [(path, title[len("plot: "):]) for title, path in outcome.files.items() if title.startswith("plot: ")]
+    files = [outcome.files[name] for name in ("report", "summary", "rows") if name in outcome.files]
+    return status, table, plots, files
+
+
+def on_bench_preset(name: str) -> str:
+    return "\n".join(preset_prompts(PRESETS[name])[:BENCH_PROMPTS]) if name in PRESETS else ""
+
+
+def on_prompt_set(name: str) -> str:
+    return "\n".join(load_prompts(name)) if name in prompt_sets() else ""
+
+
+def on_shipped_sweep(name: str) -> str:
+    path = shipped_sweeps().get(name)
+    return path.read_text(encoding="utf-8") if path else ""
+
 
 CANCELLED = ("Cancelled. The run stopped at its next denoising step and saved nothing; the previous result was "
              "cleared (its settings were not these). Run is available again once it has stopped.")
@@ -785,6 +928,35 @@ def build_demo() -> gr.Blocks:
                 sweep_values = gr.Textbox(label="Sweep values", value=sweep_suggestion(sweep_choices()[0][1]),
                                           max_lines=1, scale=3, elem_id="sweep-ratios")
                 sweep_button = gr.Button("Run sweep", scale=1, elem_id="sweep")
+        with gr.Tab("Benchmark (prompts x settings)", elem_id="benchmark-tab"):
+            gr.Markdown("Every setting of a sweep on every prompt and seed: one comparison per row, the summary per "
+                        "setting, plots and an HTML report. The same runs from the command line, resumable and on "
+                        "Ray: `python -m vdtome bench` (README).")
+            with gr.Row(equal_height=False):
+                with gr.Column(scale=5, min_width=320):
+                    bench_preset = gr.Dropdown([(preset_choice_label(p, HAS_GPU), p.name) for p in PRESETS.values()],
+                                               value=preset.name, label="Model preset", elem_id="bench_preset")
+                    prompt_set = gr.Dropdown(prompt_sets(), value=None, label="Fill the prompts from a set",
+                                             elem_id="prompt-set")
+                    bench_prompts = gr.Textbox(label="Prompts (one a line)", value=on_bench_preset(preset.name),
+                                               lines=4, max_lines=12, elem_id="bench_prompts")
+                    bench_seeds = gr.Textbox(label="Seeds", value="0", info="e.g. 0,1,2 or 0-3", max_lines=1,
+                                             elem_id="bench_seeds")
+                    shipped = gr.Dropdown(list(shipped_sweeps()), value=BENCH_SWEEP, label="Start from a shipped sweep",
+                                          elem_id="shipped-sweep")
+                    bench_sweep = gr.Code(on_shipped_sweep(BENCH_SWEEP), language="yaml", interactive=True,
+                                          label="Sweep (YAML: stacks of method fields; a list is a grid axis)",
+                                          elem_id="bench_sweep")
+                with gr.Column(scale=7, min_width=320):
+                    with gr.Row():
+                        bench_button = gr.Button("Run benchmark", variant="primary", elem_id="bench-run", scale=3)
+                        bench_stop = gr.Button("Cancel", variant="stop", elem_id="bench-cancel", scale=1)
+                    bench_status = gr.Markdown(elem_id="bench-status")
+                    bench_summary = gr.Dataframe(headers=list(SUMMARY_HEADER), label="Summary per setting",
+                                                 interactive=False, wrap=True, elem_id="bench-summary")
+                    bench_plots = gr.Gallery(label="Plots", columns=1, height="auto", elem_id="bench-plots")
+                    bench_files = gr.File(label="Report (HTML, self-contained), summary (CSV), every row (JSONL)",
+                                          file_count="multiple", elem_id="bench-files")
         with gr.Tab("Examples (finished comparisons)"):
             examples = example_choices()
             gr.Markdown("Comparisons recorded earlier with this app, shown instantly with the hardware they ran on "
@@ -821,7 +993,17 @@ def build_demo() -> gr.Blocks:
                                          js=SCROLL_TO_RESULT, **generation)
         sweep_event.success(None, js=SCROLL_TO_CARDS)
         sweep_event.then(**keep)
+        bench_inputs = [bench_preset, bench_prompts, bench_seeds, bench_sweep]
+        bench_event = bench_button.click(
+            benchmark, bench_inputs, [bench_status, bench_summary, bench_plots, bench_files], api_name="benchmark",
+            validator=bench_validator, concurrency_id=GPU_QUEUE, concurrency_limit=1, preprocess=False,
+            show_progress_on=[bench_status])
         private = dict(api_visibility="private")
+        bench_stop.click(lambda: "Cancelled. The benchmark stopped at its next denoising step and kept nothing.",
+                         None, bench_status, cancels=[bench_event], queue=False, **private)
+        bench_preset.input(on_bench_preset, bench_preset, bench_prompts, **private)
+        prompt_set.input(on_prompt_set, prompt_set, bench_prompts, **private)
+        shipped.input(on_shipped_sweep, shipped, bench_sweep, **private)
         # Gradio cancels the events' tasks; run_until_abandoned turns that into the engine's stop.
         stop.click(cancel_requested, None, result_outputs, cancels=[run_event, sweep_event], queue=False, **private)
         frame.release(on_frame, [frame, current_view], [frame_view, frame_plot], **private)

@@ -154,3 +154,44 @@ def test_two_methods_stack_through_the_api_and_a_cache_threshold_sweeps(client):
     assert [row[2] for row in swept] == ["first_block_cache threshold 0", "first_block_cache threshold 1"]
     assert swept[0][3].startswith("first_block_cache: blocks skipped 0.0")  # threshold 0 never skips
     assert not swept[1][3].startswith("first_block_cache: blocks skipped 0.0,")
+
+
+BENCH_SWEEP = """
+name: api smoke
+request: {rounds: 2}
+stacks:
+  - tome: {ratio: [0.25, 0.5]}
+  - first_block_cache: {threshold: 0.2}
+"""
+
+
+def test_benchmark_tab_runs_a_sweep_over_prompts_and_returns_summary_plots_and_report(client):
+    prompts = "a red fox running through snow\n\nwaves crashing on a rocky shore\n"
+    status, summary, plots, files = client.predict(bench_preset="tiny-wan", bench_prompts=prompts, bench_seeds="0",
+                                                   bench_sweep=BENCH_SWEEP, api_name="/benchmark")
+    assert "6 of 6 rows finished" in status and "Pareto front" in status
+    table = {row[0]: row[1:] for row in summary["data"]}
+    assert list(table) == ["tome ratio 0.25 stride 1x2x2", "tome ratio 0.5 stride 1x2x2",
+                           "first_block_cache threshold 0.2"]
+    assert all(cells[0] == "2" and cells[1] == "0" for cells in table.values())  # 2 rows each, none failed
+    assert sorted(item["caption"] for item in plots) == ["against Merge ratio", "against prompt length",
+                                                         "per-prompt distributions", "speedup / fidelity Pareto front"]
+    names = sorted(Path(f).name for f in files)
+    assert names == ["report.html", "rows.jsonl", "summary.csv"]
+    report = Path(next(f for f in files if f.endswith("report.html"))).read_text()
+    assert report.count("data:image/png;base64,") == 4 and "waves crashing on a rocky shore" in report
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(bench_sweep="stacks: [{tome: {ratio: 0.9}}]"), "the sweep, stack 1, tome: merge ratio must be between 0"),
+    (dict(bench_sweep="stacks: [{tome: {ratio: 0.5}}]\nrequest: {height: 65}"), "height"),
+    (dict(bench_seeds="zero"), "seeds must be whole numbers"),
+    (dict(bench_prompts="  \n "), "prompts is empty"),
+    (dict(bench_preset="cogvideox-2b"), "needs a GPU"),
+    (dict(bench_prompts="\n".join(f"prompt {i}" for i in range(40))), "too large for this server"),
+])
+def test_benchmark_bad_input_is_refused_naming_the_field(client, overrides, message):
+    values = dict(bench_preset="tiny-wan", bench_prompts="a red fox", bench_seeds="0", bench_sweep=BENCH_SWEEP)
+    with pytest.raises(ValidationError) as error:
+        client.predict(**(values | overrides), api_name="/benchmark")
+    assert message in str(error.value)

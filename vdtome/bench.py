@@ -37,6 +37,7 @@ ROWS_FILE = "rows.jsonl"
 SUMMARY_FILE = "summary.csv"
 PLAN_FILE = "plan.json"
 DEFAULT_RETRIES = 2
+FORM_TEXT_CHARS = 20_000  # the app's prompt list and sweep editor
 # Summary columns that do not depend on timing: equal in every rerun on the same machine and
 # software (fidelity, temporal consistency, what the methods did), whatever the machine's load.
 DETERMINISTIC_COLUMNS = ("setting", "rows", "failed", "psnr_mean_db", "psnr_worst_db", "ssim_mean", "ssim_worst",
@@ -289,14 +290,14 @@ class BenchWorker:
     in-process runner and each Ray actor share. ``threads``: torch's CPU threads (a Ray worker
     starts with one; the driver passes its own so the figures match a serial run's)."""
 
-    def __init__(self, device: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, device: str | None = None, threads: int | None = None, engine: Any = None) -> None:
         import torch
 
         from .compare import ComparisonEngine
 
         if threads:
             torch.set_num_threads(threads)
-        self.engine = ComparisonEngine(device=device)
+        self.engine = engine or ComparisonEngine(device=device)
 
     def run_group(self, plan: BenchPlan, group: Group, skip: frozenset[str] = frozenset(),
                   progress: Callable | None = None, cancel: Any = None) -> Iterator[BenchRow]:
@@ -635,3 +636,25 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     if not seeds:
         raise RequestError("give at least one seed", "seeds")
     return tuple(seeds)
+
+
+def plan_from_form(preset: Any, prompts: Any, seeds: Any, sweep_text: Any, origin: str = "the sweep") -> BenchPlan:
+    """A plan from the app's Benchmark form (prompts one a line, seeds "0,1", the sweep's YAML),
+    every rule checked; errors name the field."""
+    from .sweep import parse_sweep
+    from .validation import text
+
+    lines = text("prompts", prompts, "bench_prompts", limit=FORM_TEXT_CHARS).splitlines()
+    chosen = tuple(dict.fromkeys(line.strip() for line in lines if line.strip()))
+    if not chosen:
+        raise RequestError("prompts is empty: one prompt a line", "bench_prompts")
+    try:
+        seed_list = parse_seeds(text("seeds", seeds, "bench_seeds"))
+        sweep = parse_sweep(text("sweep", sweep_text, "bench_sweep", limit=FORM_TEXT_CHARS), origin=origin)
+        plan = BenchPlan(preset=preset, prompts=chosen, seeds=seed_list, sweep=sweep)
+    except RequestError as error:
+        field_name = {"seeds": "bench_seeds", "sweep": "bench_sweep", "prompts": "bench_prompts"}.get(error.field,
+                                                                                                   error.field)
+        raise RequestError(str(error), field_name) from None
+    plan.check()
+    return plan

@@ -103,19 +103,21 @@ class ServiceLimits:
     def work_limit(self, preset: ModelPreset) -> int:
         return self.max_work.get(preset.name, DEFAULT_WORK_FACTOR * default_work(preset))
 
-    def check_work(self, preset: ModelPreset, settings: ResolvedSettings, points: int = 1) -> None:
-        """Refuse, before it is queued, a request above the preset's work limit, with its numbers."""
+    def check_work(self, preset: ModelPreset, settings: ResolvedSettings, points: int = 1,
+                   points_name: str = "sweep points") -> None:
+        """Refuse, before it is queued, a request above the preset's work limit, with its numbers.
+        ``points``: comparisons of these settings in the request (a sweep's points, a benchmark's rows)."""
         needed, limit = request_work(settings, points), self.work_limit(preset)
         if needed <= limit:
             return
         s = settings
-        sweep = f" x {points} sweep points" if points > 1 else ""
+        sweep = f" x {points} {points_name}" if points > 1 else ""
         per_step = needed // s.steps
         fit = f"; at these settings at most {limit // per_step} steps fit" if limit >= per_step else ""
         raise RequestError(
             f"this request is too large for this server: 2 sides x {s.rounds} timing rounds{sweep} x {s.steps} steps "
             f"x {s.frames} frames x {s.height}x{s.width} pixels = {needed:,} frame-pixel steps; the limit for "
-            f"{preset.label} is {limit:,}{fit}. Lower the steps, frames, size, timing rounds or sweep points.",
+            f"{preset.label} is {limit:,}{fit}. Lower the steps, frames, size, timing rounds or {points_name}.",
             "steps",
         )
 
