@@ -88,7 +88,16 @@ from vdtome.pipelines import (
 from vdtome.presets import load_presets, load_prompts, prompt_sets
 from vdtome.sweep import shipped_sweeps
 from vdtome.protocol import MAX_GPU_SECONDS
-from vdtome.page import CSS, cards_html, colour_bar_html, frame_psnr_chart, history_chart, latency_chart, metrics_html
+from vdtome.page import (
+    CSS,
+    cards_html,
+    colour_bar_html,
+    frame_psnr_chart,
+    history_chart,
+    latency_chart,
+    metrics_html,
+    table_html,
+)
 from vdtome.report import COLUMNS
 from vdtome.serving import ServiceGuard, StrictBlocks, limit_visitors, run_until_abandoned
 from vdtome.ui import (
@@ -575,7 +584,8 @@ def bench_outputs(outcome: BenchOutcome) -> tuple:
     table = pd.DataFrame([summary_cells(s) for s in outcome.summaries], columns=list(SUMMARY_HEADER))
     plots = [(path, title[len("plot: "):]) for title, path in outcome.files.items() if title.startswith("plot: ")]
     files = [outcome.files[name] for name in ("report", "summary", "rows") if name in outcome.files]
-    return status, table, plots, files
+    return status, table, plots, files, table_html(SUMMARY_HEADER, [summary_cells(x) for x in outcome.summaries],
+                                                   "bench-summary-table")
 
 
 def on_bench_preset(name: str) -> str:
@@ -909,7 +919,8 @@ def build_demo() -> gr.Blocks:
                 environment = gr.Markdown(elem_id="environment", label="environment")
                 notes = gr.Markdown(elem_id="notes", label="notes")
                 result_json = gr.File(label="All figures (JSON)", elem_id="result-json")
-        with gr.Tab("Session history (kept in this browser)"):
+        with gr.Tab("History", elem_id="history-tab"):
+            gr.Markdown("This session's runs, kept in this browser (a reload keeps them).")
             history_chart_plot = gr.Plot(show_label=False, elem_id="history-chart")
             # The chart's points as the API returned them before the chart above (hidden here).
             history_points = gr.ScatterPlot(x="PSNR vs baseline (dB)", y=PLOT_SPEEDUP, visible=False,
@@ -928,7 +939,7 @@ def build_demo() -> gr.Blocks:
                 sweep_values = gr.Textbox(label="Sweep values", value=sweep_suggestion(sweep_choices()[0][1]),
                                           max_lines=1, scale=3, elem_id="sweep-ratios")
                 sweep_button = gr.Button("Run sweep", scale=1, elem_id="sweep")
-        with gr.Tab("Benchmark (prompts x settings)", elem_id="benchmark-tab"):
+        with gr.Tab("Benchmark", elem_id="benchmark-tab"):
             gr.Markdown("Every setting of a sweep on every prompt and seed: one comparison per row, the summary per "
                         "setting, plots and an HTML report. The same runs from the command line, resumable and on "
                         "Ray: `python -m vdtome bench` (README).")
@@ -952,12 +963,15 @@ def build_demo() -> gr.Blocks:
                         bench_button = gr.Button("Run benchmark", variant="primary", elem_id="bench-run", scale=3)
                         bench_stop = gr.Button("Cancel", variant="stop", elem_id="bench-cancel", scale=1)
                     bench_status = gr.Markdown(elem_id="bench-status")
+                    bench_summary_view = gr.HTML(elem_id="bench-summary-box")
+                    # The same rows as a Dataframe: the API's value (hidden here; the HTML wraps on a phone).
                     bench_summary = gr.Dataframe(headers=list(SUMMARY_HEADER), label="Summary per setting",
-                                                 interactive=False, wrap=True, elem_id="bench-summary")
-                    bench_plots = gr.Gallery(label="Plots", columns=1, height="auto", elem_id="bench-plots")
+                                                 interactive=False, visible=False, elem_id="bench-summary")
+                    bench_plots = gr.Gallery(label="Plots (click one to enlarge)", columns=2, height="auto",
+                                             object_fit="contain", preview=False, elem_id="bench-plots")
                     bench_files = gr.File(label="Report (HTML, self-contained), summary (CSV), every row (JSONL)",
                                           file_count="multiple", elem_id="bench-files")
-        with gr.Tab("Examples (finished comparisons)"):
+        with gr.Tab("Examples", elem_id="examples-tab"):
             examples = example_choices()
             gr.Markdown("Comparisons recorded earlier with this app, shown instantly with the hardware they ran on "
                         "(the first line of each environment).")
@@ -995,7 +1009,8 @@ def build_demo() -> gr.Blocks:
         sweep_event.then(**keep)
         bench_inputs = [bench_preset, bench_prompts, bench_seeds, bench_sweep]
         bench_event = bench_button.click(
-            benchmark, bench_inputs, [bench_status, bench_summary, bench_plots, bench_files], api_name="benchmark",
+            benchmark, bench_inputs, [bench_status, bench_summary, bench_plots, bench_files, bench_summary_view],
+            api_name="benchmark",
             validator=bench_validator, concurrency_id=GPU_QUEUE, concurrency_limit=1, preprocess=False,
             show_progress_on=[bench_status])
         private = dict(api_visibility="private")

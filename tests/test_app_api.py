@@ -167,8 +167,8 @@ stacks:
 
 def test_benchmark_tab_runs_a_sweep_over_prompts_and_returns_summary_plots_and_report(client):
     prompts = "a red fox running through snow\n\nwaves crashing on a rocky shore\n"
-    status, summary, plots, files = client.predict(bench_preset="tiny-wan", bench_prompts=prompts, bench_seeds="0",
-                                                   bench_sweep=BENCH_SWEEP, api_name="/benchmark")
+    status, summary, plots, files, summary_html = client.predict(
+        bench_preset="tiny-wan", bench_prompts=prompts, bench_seeds="0", bench_sweep=BENCH_SWEEP, api_name="/benchmark")
     assert "6 of 6 rows finished" in status and "Pareto front" in status
     table = {row[0]: row[1:] for row in summary["data"]}
     assert list(table) == ["tome ratio 0.25 stride 1x2x2", "tome ratio 0.5 stride 1x2x2",

@@ -170,6 +170,36 @@ def test_two_methods_stack_through_the_page(page):
     page.locator("#use_first_block_cache input").uncheck()
 
 
+def test_a_benchmark_through_the_page_at_phone_width(browser, app_server):
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app_server)
+    page.get_by_role("tab", name="Benchmark").click()
+    page.locator("#bench_prompts textarea").fill("a red fox running through snow\nwaves on a rocky shore")
+    editor = page.locator("#bench_sweep .cm-content")
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type("stacks:\n- tome: {ratio: [0.25, 0.9]}\n")
+    page.locator("#bench-run").click()  # 0.9 is above the stride's cap: refused at the sweep, before it runs
+    page.locator("#bench_sweep").get_by_text("merge ratio must be between 0 and 0.75").wait_for(state="visible")
+    for close in page.locator(".toast-close").all():
+        close.click()
+    page.locator("#bench_sweep button[aria-label=Clear]").click()  # the message's x uncovers the editor
+    editor.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type("request: {rounds: 2}\nstacks:\n- tome: {ratio: [0.25, 0.5]}\n")
+    page.locator("#bench-run").click()
+    page.locator("#bench-status").get_by_text("4 of 4 rows finished").wait_for(state="visible")
+    settings = page.evaluate("() => [...document.querySelectorAll('#bench-summary-table tbody th')].map(c => c.innerText)")
+    assert settings == ["tome ratio 0.25 stride 1x2x2", "tome ratio 0.5 stride 1x2x2"]
+    width = page.evaluate("() => document.querySelector('#bench-summary-table').getBoundingClientRect().right")
+    assert width <= 390  # stacked rows on a phone: nothing cut off at the right
+    assert page.locator("#bench-plots img").count() == 4
+    files = page.locator("#bench-files").inner_text()
+    assert all(name in files.replace("\n", "") for name in ("report.html", "summary.csv", "rows.jsonl")), files
+    page.close()
+
+
 CARDS_IN_VIEW = """() => { const r = document.querySelector('#headline .cards').getBoundingClientRect();
     return r.top >= 0 && r.bottom <= window.innerHeight && r.height > 0; }"""
 LINES = "() => document.querySelectorAll('#history-chart g.mark-line path').length"

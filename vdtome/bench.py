@@ -258,7 +258,7 @@ class RowsFile:
     def append(self, row: BenchRow) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair()
-        line = json.dumps(row.to_dict(), allow_nan=False, default=str) + "\n"
+        line = json.dumps(_finite(row.to_dict()), allow_nan=False, default=str) + "\n"
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(line)
             handle.flush()
@@ -271,6 +271,17 @@ class RowsFile:
         if not data.endswith(b"\n"):
             with self.path.open("r+b") as handle:
                 handle.truncate(data.rfind(b"\n") + 1)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: such a figure is written as null (it was not measurable)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def latest_rows(rows: Iterable[BenchRow], keys: Iterable[str]) -> list[BenchRow]:
@@ -563,8 +574,10 @@ def summary_cells(summary: SettingSummary) -> tuple[str, ...]:
         return "-" if a is None else f"{a:.{digits}f} / {b:.{digits}f}"
 
     memory = "-" if summary.peak_memory_ratio is None else f"{summary.peak_memory_ratio:.2f}x of baseline"
-    if summary.memory_noise_rows:
-        memory += f" (within noise in {summary.memory_noise_rows}/{summary.rows})"
+    if summary.memory_noise_rows == summary.rows > 0:
+        memory = "within noise in every row"  # a ratio of two noisy figures would read as a change
+    elif summary.memory_noise_rows:
+        memory += f" (within noise in {summary.memory_noise_rows}/{summary.rows} rows)"
     return (
         summary.setting, str(summary.rows), str(summary.failed),
         speed_cell(summary.denoising_speedup, summary.denoising_low, summary.denoising_high),

@@ -44,13 +44,18 @@ def cards_html(view: ComparisonView | None, status: str = "") -> str:
 def metrics_html(rows: Sequence[Sequence[str]]) -> str:
     """Every metric row (no inner scroll); on a narrow screen each row becomes a block of labelled
     values (the CSS in :data:`CSS`)."""
-    head = "".join(f"<th>{_escape(c)}</th>" for c in COLUMNS)
+    return table_html(COLUMNS, rows, "metrics")
+
+
+def table_html(columns: Sequence[str], rows: Sequence[Sequence[str]], table_id: str) -> str:
+    """A table whose first column heads each row, styled as the metrics table (stacked on a phone)."""
+    head = "".join(f"<th>{_escape(c)}</th>" for c in columns)
     body = []
     for row in rows:
         cells = [f'<th scope="row">{_escape(row[0])}</th>']
-        cells += [f'<td data-label="{_escape(column)}">{_escape(value)}</td>' for column, value in zip(COLUMNS[1:], row[1:])]
+        cells += [f'<td data-label="{_escape(column)}">{_escape(value)}</td>' for column, value in zip(columns[1:], row[1:])]
         body.append(f"<tr>{''.join(cells)}</tr>")
-    return (f'<table id="metrics" class="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+    return (f'<table id="{table_id}" class="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
             f"</table>")
 
 
