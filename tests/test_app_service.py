@@ -210,7 +210,7 @@ BAD_INPUTS = [
     ("ratio above the stride's cap", with_value("ratio", 0.9), "ratio",
      "merge ratio must be between 0 and 0.75 for stride (1, 2, 2)"),
     ("text ratio", with_value("ratio", "half"), "ratio", "merge ratio must be a number, got 'half'"),
-    ("stride below the slider", with_value("stride_y", 0), "stride_y", "stride y must be between 1 and 4, got 0"),
+    ("stride below the slider", with_value("stride_y", 0), "stride_y", "stride y must be between 1 and 9, got 0"),
     ("unknown strategy", with_value("strategy", "random"), "strategy", "strategy must be one of 'bipartite', 'attnbin'"),
     ("list for a choice", with_value("blocks", ["all blocks"]), "blocks", "blocks must be one of"),
     ("unknown preset", with_value("preset", "nope"), "preset", "model preset must be one of tiny-shapes, tiny-wan"),
@@ -306,7 +306,7 @@ def test_no_uploads_and_unknown_endpoints_are_named(server):
     for path in ("gradio_api/call/nope", "gradio_api/call/v2/nope"):
         missing = httpx.post(url + path, json={"data": []})
         assert missing.status_code == 404
-        assert missing.json()["detail"] == "no API endpoint named /nope; this app's endpoints are /compare, /sweep"
+        assert missing.json()["detail"] == "no API endpoint named /nope; this app's endpoints are /benchmark, /compare, /sweep"
 
 
 def test_session_history_is_capped(server):

@@ -60,7 +60,7 @@ def test_form_values_become_the_config_they_name():
         (dict(ratio=float("nan")), "ratio", "merge ratio must be a number"),
         (dict(ratio=True), "ratio", "merge ratio must be a number"),
         (dict(stride_y=1, stride_x=1), "stride_x", "nothing can merge"),
-        (dict(stride_x=5), "stride_x", "stride x must be between 1 and 4"),
+        (dict(stride_x=10), "stride_x", "stride x must be between 1 and 9"),
         (dict(stride_y=2.5), "stride_y", "stride y must be a whole number"),
         (dict(strategy="random"), "strategy", "strategy must be one of"),
         (dict(blocks="some blocks"), "blocks", "blocks must be one of"),

@@ -339,14 +339,16 @@ Event = tuple[Group, "BenchRow | GroupFailure"]
 
 def run_serial(plan: BenchPlan, todo: Sequence[tuple[Group, frozenset[str]]], worker: BenchWorker,
                progress: Callable | None = None, cancel: Any = None) -> Iterator[Event]:
-    """Groups one after another in this process."""
+    """Groups one after another in this process. A cancel and a model that cannot load (no retry
+    helps either) end the whole benchmark."""
     from .compare import Cancelled
+    from .pipelines import ModelUnavailableError
 
     for group, skip in todo:
         try:
             for row in worker.run_group(plan, group, skip, progress=progress, cancel=cancel):
                 yield group, row
-        except Cancelled:
+        except (Cancelled, ModelUnavailableError):
             raise
         except Exception as error:  # noqa: BLE001 - recorded with its type, retried by the driver
             yield group, GroupFailure(group, _error_text(error))

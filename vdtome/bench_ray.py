@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench import BenchPlan, BenchWorker, Event, Group, GroupFailure
+from .pipelines import ModelUnavailableError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # What the workers do not need from the repository (Ray's working_dir excludes, gitignore-style).
@@ -88,6 +89,8 @@ class RayRunner:
                 idle.append(actor)
                 continue
             except ray.exceptions.RayError as error:  # the task raised, or its actor died (Ray restarts it)
+                if isinstance(getattr(error, "cause", None), ModelUnavailableError):
+                    raise error.cause from None  # no retry loads a model that is not there
                 del running[stream]
                 idle.append(actor)
                 yield group, GroupFailure(group, _ray_error_text(error))

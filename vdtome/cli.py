@@ -147,7 +147,7 @@ def _bench(args) -> int:
             worker = BenchWorker(device=args.device)
             runner = lambda groups: run_serial(plan, groups, worker)  # noqa: E731
         outcome = run_bench(plan, args.out, runner=runner, retries=args.retries, report=not args.no_report)
-    except (RequestError, ModelUnavailableError) as error:
+    except (RequestError, ModelUnavailableError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_summary(outcome.summaries))
