@@ -197,7 +197,7 @@ h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid
 table{border-collapse:collapse;font-size:.85rem;margin:8px 0;width:100%}
 th,td{border:1px solid #dde;padding:4px 6px;text-align:left;vertical-align:top}
 th{background:#f3f4f8}tr.front td{background:#fff6e0}td.num{text-align:right;white-space:nowrap}
-img{max-width:100%;border:1px solid #eee;margin:6px 0}.muted{color:#667}.bad{color:#b00020}
+img{max-width:100%;border:1px solid #eee;margin:6px 0}.scroll{overflow-x:auto}.muted{color:#667}.bad{color:#b00020}
 details{margin:8px 0}code{background:#f3f4f8;padding:1px 4px;border-radius:3px}
 @media (max-width:700px){table{font-size:.75rem}}
 """
@@ -248,25 +248,25 @@ def write_report(plan: BenchPlan, rows: Sequence[BenchRow], summaries: Sequence[
     if busy:
         parts.append(f"<p class='bad'>{busy} rows ran while the machine was busy (their own noise checks said so): "
                      "their speedups are unreliable; rerun them on a quiet machine.</p>")
-    parts.append("<h2>Summary per setting</h2><table><tr>"
+    parts.append("<h2>Summary per setting</h2><div class='scroll'><table><tr>"
                  + "".join(f"<th>{e(h)}</th>" for h in SUMMARY_HEADER) + "</tr>")
     for summary in summaries:
         cells = summary_cells(summary)
         css = " class='front'" if summary.setting_key in front else ""
         parts.append(f"<tr{css}><td>{e(cells[0])}</td>" + "".join(f"<td class='num'>{e(c)}</td>" for c in cells[1:])
                      + "</tr>")
-    parts.append("</table>")
+    parts.append("</table></div>")
     parts.append("<h2>Plots</h2>")
     for title, path in plots.items():
         data = base64.b64encode(path.read_bytes()).decode()
         parts.append(f"<h3>{e(title[:1].upper() + title[1:])}</h3><img alt='{e(title)}' src='data:image/png;base64,{data}'>")
     if failed:
-        parts.append(f"<h2 class='bad'>Failed rows ({len(failed)})</h2><table><tr><th>setting</th><th>prompt</th>"
+        parts.append(f"<h2 class='bad'>Failed rows ({len(failed)})</h2><div class='scroll'><table><tr><th>setting</th><th>prompt</th>"
                      "<th>seed</th><th>attempts</th><th>error</th></tr>")
         parts += [f"<tr><td>{e(r.setting)}</td><td>{e(r.prompt)}</td><td>{r.seed}</td><td>{r.attempts}</td>"
                   f"<td>{e(r.error or '')}</td></tr>" for r in failed]
-        parts.append("</table>")
-    parts.append(f"<details><summary>Every row ({len(rows)})</summary><table><tr><th>setting</th><th>prompt</th>"
+        parts.append("</table></div>")
+    parts.append(f"<details><summary>Every row ({len(rows)})</summary><div class='scroll'><table><tr><th>setting</th><th>prompt</th>"
                  "<th>seed</th><th>denoising speedup (interval)</th><th>verdict</th><th>PSNR dB</th><th>SSIM</th>"
                  "<th>host</th></tr>")
     for r in rows:
@@ -277,7 +277,7 @@ def write_report(plan: BenchPlan, rows: Sequence[BenchRow], summaries: Sequence[
         parts.append(f"<tr><td>{e(r.setting)}</td><td>{e(r.prompt)}</td><td>{r.seed}</td><td class='num'>{e(speed)}"
                      f"</td><td>{e(verdict)}</td><td class='num'>{psnr}</td><td class='num'>{ssim}</td>"
                      f"<td>{e(r.host)}</td></tr>")
-    parts.append("</table></details>")
+    parts.append("</table></div></details>")
     parts.append("<p class='muted'>Every figure, every timed call and the environment of each row: "
                  "<code>rows.jsonl</code> beside this file; the summary as numbers: <code>summary.csv</code>.</p>")
     parts.append("</body></html>")
