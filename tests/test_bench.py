@@ -147,8 +147,8 @@ class FlakyWorker(BenchWorker):
 class RecordingWorker(BenchWorker):
     """No model: makes rows from the plan alone, counting how often each group ran."""
 
-    def __init__(self, failing=()):
-        self.failing, self.calls = failing, []
+    def __init__(self, failing=(), out_of_memory=()):
+        self.failing, self.out_of_memory, self.calls = failing, out_of_memory, []
 
     def run_group(self, plan, group, skip=frozenset(), progress=None, cancel=None):
         self.calls.append(group)
@@ -158,6 +158,9 @@ class RecordingWorker(BenchWorker):
                 continue
             if index == 2 and group.prompt in self.failing:
                 raise RuntimeError("boom")
+            if index == 1 and group.prompt in self.out_of_memory:  # a comparison that failed, not raised
+                yield BenchRow.failed(key, plan.preset, group, setting, "out of memory during the baseline run")
+                continue
             yield BenchRow(key=key, preset=plan.preset, prompt=group.prompt, seed=group.seed, setting=setting.label,
                            setting_key=setting.key, values=dict(setting.values), ok=True,
                            denoising=Speed(1.0 + index, None, None, "too few repeats"), psnr_mean_db=40.0 - index)
@@ -184,6 +187,17 @@ def test_a_group_that_raises_is_retried_then_recorded_and_a_rerun_tries_it_again
                         report=False)
     assert healed.calls == failing and outcome.ran == 4 and outcome.skipped == len(plan.keys()) - 4
     assert all(row.ok for row in outcome.rows) and [s.failed for s in outcome.summaries] == [0, 0, 0, 0]
+
+
+def test_a_failed_row_keeps_its_own_error_when_its_group_later_raises(tmp_path):
+    plan = BenchPlan("tiny-wan", ("one",), (0,), load_sweep("smoke"))
+    worker = RecordingWorker(failing=("one",), out_of_memory=("one",))
+    run_bench(plan, tmp_path, runner=lambda todo: run_serial(plan, todo, worker), retries=1, show_progress=False,
+              report=False)
+    rows = RowsFile(tmp_path / "rows.jsonl").read()
+    assert len(rows) == 4 and len({row.key for row in rows}) == 4  # each row written once, retries included
+    assert [row.error for row in rows] == [None, "out of memory during the baseline run", "RuntimeError: boom",
+                                           "RuntimeError: boom"]
 
 
 def test_ray_gives_the_serial_figures_and_retries_then_records_a_failing_group(uninterrupted, tmp_path):

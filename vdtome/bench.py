@@ -374,13 +374,15 @@ class BenchOutcome:
 
 def run_bench(plan: BenchPlan, out_dir: str | Path, runner: Runner | None = None, retries: int = DEFAULT_RETRIES,
               show_progress: bool = True, on_row: Callable[[BenchRow, int, int], None] | None = None,
-              report: bool = True) -> BenchOutcome:
+              report: bool = True, device: str | None = None) -> BenchOutcome:
     """Run what ``out_dir`` is missing, then write the summary, plots and report.
 
-    ``runner``: runs groups and streams their rows (default: in this process on one engine);
-    ``retries``: how many times a group that raised runs again before its missing rows are
-    recorded as failed; ``on_row(row, done, total)``: called after each row is written.
+    ``runner``: runs groups and streams their rows (default: in this process, on one engine on
+    ``device``); ``retries``: how many times a group that raised runs again before its missing
+    rows are recorded as failed; ``on_row(row, done, total)``: called after each row is written.
     """
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise RequestError(f"retries must be a whole number of at least 0, got {retries!r}", "retries")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / PLAN_FILE).write_text(json.dumps(plan.describe(), indent=2))
@@ -392,43 +394,48 @@ def run_bench(plan: BenchPlan, out_dir: str | Path, runner: Runner | None = None
     total, done, ran, skipped = len(keys), len(finished), 0, len(finished)
     bar = _ProgressBar(total, done, plan) if show_progress else None
     if runner is None:
-        worker = BenchWorker()
+        worker = BenchWorker(device=device)
 
         def runner(groups):
             return run_serial(plan, groups, worker, progress=bar.stage if bar else None)
     attempts: dict[Group, int] = {}
+    written = set(finished)  # a row written in this run (finished or failed) is not run again in it
     pending = todo
+
+    def write(row: BenchRow) -> None:
+        nonlocal done, ran
+        rows_file.append(row)
+        written.add(row.key)
+        if row.ok:
+            finished.add(row.key)
+        done, ran = done + 1, ran + 1
+        if bar:
+            bar.advance(row)
+        if on_row:
+            on_row(row, done, total)
+
     try:
         while pending:
             again = []
             for group, item in runner(pending):
-                if isinstance(item, GroupFailure):
-                    attempts[group] = attempts.get(group, 1) + 1
-                    if attempts[group] <= retries + 1:
-                        print(f"group {group.prompt!r} seed {group.seed} failed ({item.error}); attempt "
-                              f"{attempts[group]} of {retries + 1}", file=sys.stderr)
-                        again.append(group)
-                        continue
-                    for setting in plan.sweep.settings:  # out of attempts: its missing rows say why
-                        key = plan.row_key(group, setting)
-                        if key not in finished:
-                            row = BenchRow.failed(key, plan.preset, group, setting, item.error, attempts[group] - 1)
-                            rows_file.append(row)
-                            done, ran = done + 1, ran + 1
-                            if bar:
-                                bar.advance(row)
-                            if on_row:
-                                on_row(row, done, total)
+                if not isinstance(item, GroupFailure):
+                    write(item)
                     continue
-                rows_file.append(item)
-                if item.ok:
-                    finished.add(item.key)
-                done, ran = done + 1, ran + 1
-                if bar:
-                    bar.advance(item)
-                if on_row:
-                    on_row(item, done, total)
-            pending = [(group, frozenset(k for k in finished if keys[k][0] == group)) for group in again]
+                attempts[group] = attempts.get(group, 1) + 1
+                if attempts[group] <= retries + 1:
+                    message = (f"group {group.prompt!r} seed {group.seed} failed ({item.error}); attempt "
+                               f"{attempts[group]} of {retries + 1}")
+                    if bar:
+                        bar.bar.write(message)
+                    else:
+                        print(message, file=sys.stderr)
+                    again.append(group)
+                    continue
+                for setting in plan.sweep.settings:  # out of attempts: its missing rows say why
+                    key = plan.row_key(group, setting)
+                    if key not in written:
+                        write(BenchRow.failed(key, plan.preset, group, setting, item.error, attempts[group] - 1))
+            pending = [(group, frozenset(k for k in written if k in keys and keys[k][0] == group)) for group in again]
     finally:
         if bar:
             bar.close()

@@ -141,12 +141,8 @@ def _bench(args) -> int:
 
             runner = RayRunner(plan, address=args.ray_address, workers=args.ray_workers, cpus_per_worker=args.ray_cpus,
                                device=args.device)
-        elif args.device:
-            from .bench import BenchWorker, run_serial
-
-            worker = BenchWorker(device=args.device)
-            runner = lambda groups: run_serial(plan, groups, worker)  # noqa: E731
-        outcome = run_bench(plan, args.out, runner=runner, retries=args.retries, report=not args.no_report)
+        outcome = run_bench(plan, args.out, runner=runner, retries=args.retries, report=not args.no_report,
+                            device=args.device)
     except (RequestError, ModelUnavailableError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
