@@ -57,6 +57,7 @@ from vdtome.bench import (
     BenchOutcome,
     BenchPlan,
     BenchRow,
+    FORM_FIELDS,
     BenchWorker,
     plan_from_form,
     run_bench,
@@ -491,7 +492,8 @@ BENCH_SWEEP = "smoke"
 
 
 def bench_plan(values: dict) -> BenchPlan:
-    """The Benchmark form -> a plan, every rule checked (the same code before queueing and when it runs)."""
+    """The Benchmark form -> a plan, every rule checked (the same code before queueing and when it
+    runs). The size of the whole benchmark is checked first: it is cheap, the rest is per setting."""
     preset = values["bench_preset"]
     if not isinstance(preset, str) or preset not in PRESETS:
         raise RequestError(f"model preset must be one of {', '.join(PRESETS)}, got {shown(preset)}", "bench_preset")
@@ -499,11 +501,22 @@ def bench_plan(values: dict) -> BenchPlan:
         raise RequestError(f"{PRESETS[preset].label} needs a GPU and this machine has none; pick a tiny preset",
                            "bench_preset")
     plan = plan_from_form(preset, values["bench_prompts"], values["bench_seeds"], values["bench_sweep"])
-    for setting in plan.sweep.settings:
-        check_available(check_stack(setting.configs), pipeline_denoiser_types(PRESETS[preset].pipeline_class))
-    requests = [plan.request(group, setting) for group, setting in plan.keys().values()]
-    settings, _ = resolve(requests[0], PRESETS[preset])
-    LIMITS.check_work(PRESETS[preset], settings, points=len(requests), points_name="benchmark rows")
+    rows = len(plan.groups()) * len(plan.sweep.settings)
+    try:
+        settings, _ = resolve(plan.request(plan.groups()[0], plan.sweep.settings[0]), PRESETS[preset])
+    except RequestError as error:
+        raise RequestError(f"{plan.sweep.name}: {error}", FORM_FIELDS.get(error.field, "bench_sweep")) from None
+    try:
+        LIMITS.check_work(PRESETS[preset], settings, points=rows, points_name="benchmark rows")
+    except RequestError as error:
+        raise RequestError(f"{len(plan.prompts)} prompts x {len(plan.seeds)} seeds x {len(plan.sweep.settings)} "
+                           f"settings = {rows} comparisons is more than this server takes at once ({error}) Use "
+                           "fewer prompts, seeds or settings, or run it with `python -m vdtome bench`.",
+                           "bench_prompts") from None
+    try:
+        plan.check()
+    except RequestError as error:
+        raise RequestError(str(error), FORM_FIELDS.get(error.field, "bench_sweep")) from None
     if ON_ZERO_GPU and PRESETS[preset].gpu_time is not None and _bench_gpu_seconds(plan) > MAX_GPU_SECONDS:
         raise RequestError(f"this benchmark needs about {_bench_gpu_seconds(plan):.0f} s of GPU time; a ZeroGPU task "
                            f"may take at most {MAX_GPU_SECONDS} s: fewer prompts, seeds or settings", "bench_prompts")
@@ -1014,7 +1027,8 @@ def build_demo() -> gr.Blocks:
             validator=bench_validator, concurrency_id=GPU_QUEUE, concurrency_limit=1, preprocess=False,
             show_progress_on=[bench_status])
         private = dict(api_visibility="private")
-        bench_stop.click(lambda: "Cancelled. The benchmark stopped at its next denoising step and kept nothing.",
+        bench_stop.click(lambda: "Cancel pressed: a running benchmark stops at its next denoising step and keeps "
+                                 "nothing.",
                          None, bench_status, cancels=[bench_event], queue=False, **private)
         bench_preset.input(on_bench_preset, bench_preset, bench_prompts, **private)
         prompt_set.input(on_prompt_set, prompt_set, bench_prompts, **private)

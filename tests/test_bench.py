@@ -215,6 +215,8 @@ def test_ray_gives_the_serial_figures_and_retries_then_records_a_failing_group(u
         assert (tmp_path / "ray" / "report.html").exists()
         runner.shutdown()
 
+        with pytest.raises(ValueError, match="3 workers x 1 CPUs need 3 CPUs; the cluster has 2"):
+            RayRunner(plan, workers=3)  # Ray would wait forever for the third actor's CPU
         flaky = RayRunner(plan, worker_class=FlakyWorker)
         outcome = run_bench(plan, tmp_path / "flaky", runner=flaky, retries=1, show_progress=False, report=False)
         rows = RowsFile(tmp_path / "flaky" / "rows.jsonl").read()
@@ -276,11 +278,25 @@ def test_plan_checks_every_request_before_running():
     with pytest.raises(RequestError, match="seeds must differ"):
         BenchPlan("tiny-wan", PROMPTS, (0, 0), plan.sweep)
     assert parse_seeds("0,2-4") == (0, 2, 3, 4)
-    with pytest.raises(RequestError, match="seeds must be whole numbers"):
-        parse_seeds("1.5")
+    for text, message in (("1.5", "seeds must be whole numbers"), ("0,3-1", "runs backwards: write 1-3"),
+                          ("0-100000000", "at most 1000 seeds"), ("1,0-2", "seed 1 is given twice")):
+        with pytest.raises(RequestError, match=message):
+            parse_seeds(text)
+    unavailable = BenchPlan("tiny-wan", PROMPTS, (0,), parse_sweep("stacks: [{pyramid_attention_broadcast: {}}]"))
+    with pytest.raises(RequestError, match="pyramid attention broadcast is unavailable for this model"):
+        unavailable.check()  # before any weights load, not as a failed row per prompt
+    with pytest.raises(RequestError, match="listed twice"):
+        BenchPlan("tiny-wan", ("a", "b", "a"), (0,), plan.sweep)
     assert read_prompts("shapes", limit=2)[0].startswith("a ")
     with pytest.raises(RequestError, match="neither a file nor a prompt set"):
         read_prompts("no-such-set")
+
+
+def test_ray_client_addresses_are_refused_with_the_reason():
+    from vdtome.bench_ray import RayRunner
+
+    with pytest.raises(ValueError, match="Ray Client .* cannot stream"):
+        RayRunner(smoke_plan(), address="ray://head:10001")
 
 
 def test_bad_command_line_input_is_refused_naming_it(tmp_path):

@@ -59,7 +59,10 @@ def test_list_valued_fields_take_plus_joined_items():
     ("stacks: [{tome: {ratio: [0.5, 0.9]}}]", ["mine.yaml, stack 1, tome", "merge ratio", "0.75"]),
     ("stacks: [{tome: {speed: 2}}]", ["stack 1, tome", "no field 'speed'", "ratio"]),
     ("stacks: [{tome: {}}, {nope: {}}]", ["stack 2", "unknown method 'nope'"]),
-    ("stacks: [{tome: {ratio: 0.5}}, {tome: {ratio: 0.5}}]", ["stack 2", "listed twice"]),
+    ("stacks: [{tome: {ratio: 0.5}}, {tome: {ratio: 0.5}}]", ["stack 2", "same configuration as an earlier"]),
+    ("stacks: [{tome: {strategy: attnbin, local_window: [true, false]}}]", ["local_window False", "changes nothing"]),
+    ("stacks:\n- tome: {ratio: 0.5}\n  tome: {ratio: 0.3}\n", ["'tome' is given twice", "line 3"]),
+    ("name: a\nname: b\nstacks: [{tome: {}}]", ["'name' is given twice"]),
     ("stacks: [{pyramid_attention_broadcast: {}, tome: {ratio: 0.5}}]", ["stack 1", "token merging"]),
     ("stacks: [{first_block_cache: {}, mag_cache: {}}]", ["stack 1", "diffusers"]),
     ("stacks: [{tome: {ratio: []}}]", ["ratio has an empty list"]),
@@ -79,3 +82,15 @@ def test_errors_name_the_place_and_the_rule(text, words):
 def test_unknown_sweep_file_names_the_shipped_ones(tmp_path):
     with pytest.raises(RequestError, match="shipped sweeps: .*smoke"):
         load_sweep(tmp_path / "absent.yaml")
+
+
+def test_settings_with_one_label_are_named_apart_and_anchors_merge():
+    sweep = parse_sweep("""
+x-base: &base {ratio: 0.3, stride_y: 1}
+stacks:
+  - tome: {ratio: 0.5, matching: [shared, per_sample]}
+  - tome: {<<: *base, ratio: 0.25}
+""")
+    assert [s.label for s in sweep.settings] == ["tome ratio 0.5 stride 1x2x2 (matching shared)",
+                                                 "tome ratio 0.5 stride 1x2x2 (matching per_sample)",
+                                                 "tome ratio 0.25 stride 1x1x2"]  # the anchor's ratio overridden

@@ -70,8 +70,9 @@ class BenchPlan:
             raise RequestError("the benchmark needs at least one seed", "seeds")
         if len(set(self.seeds)) != len(self.seeds):
             raise RequestError(f"seeds must differ, got {list(self.seeds)}", "seeds")
-        if len(set(self.prompts)) != len(self.prompts):
-            raise RequestError("a prompt is listed twice", "prompts")
+        twice = next((p for i, p in enumerate(self.prompts) if p in self.prompts[:i]), None)
+        if twice is not None:
+            raise RequestError(f"the prompt {twice[:80]!r} is listed twice", "prompts")
 
     @property
     def request_fields(self) -> dict[str, Any]:
@@ -99,21 +100,32 @@ class BenchPlan:
                 for setting in self.sweep.settings}
 
     def check(self) -> None:
-        """Every request valid before anything runs (a bad size or an unsound stack named now,
-        not after an hour of rows)."""
+        """Every request valid before anything runs: each setting's stack on this model (its
+        availability, the stacking rules, the sweep's request fields) and each prompt. A bad size
+        or a method the model cannot take is named now, not after an hour of rows."""
         from .compare import resolve
+        from .denoisers import pipeline_denoiser_types
+        from .methods import check_available, check_stack
         from .presets import get_preset
 
         try:
             preset = get_preset(self.preset)
         except KeyError as error:
             raise RequestError(str(error.args[0]) if error.args else str(error), "preset") from None
+        denoisers = pipeline_denoiser_types(preset.pipeline_class)
+        first = self.groups()[0]
         for setting in self.sweep.settings:
-            for group in self.groups():
-                try:
-                    resolve(self.request(group, setting), preset)
-                except RequestError as error:
-                    raise RequestError(f"{setting.label}: {error}", error.field) from None
+            try:
+                check_available(check_stack(setting.configs), denoisers)
+                resolve(self.request(first, setting), preset)
+            except RequestError as error:
+                field_name = "prompts" if error.field in ("prompt", "negative_prompt") else "sweep"
+                raise RequestError(f"{self.sweep.name}: {setting.label}: {error}", field_name) from None
+        for prompt in self.prompts:  # the prompt is the only part of a request that differs between groups
+            try:
+                resolve(self.request(Group(prompt, self.seeds[0]), self.sweep.settings[0]), preset)
+            except RequestError as error:
+                raise RequestError(f"prompt {prompt[:60]!r}: {error}", "prompts") from None
 
     def describe(self) -> dict[str, Any]:
         return {"preset": self.preset, "prompts": list(self.prompts), "seeds": list(self.seeds),
@@ -174,9 +186,12 @@ class BenchRow:
     @classmethod
     def from_result(cls, key: str, group: Group, setting: Setting, result) -> BenchRow:
         timing, fid = result.timing, result.fidelity
-        # Whole calls when both sides' are comparable (CUDA; or no cached baseline), else the
-        # denoising-only calls, which both sides always make within this request.
-        memory = next((m for m in (timing.memory if timing is not None else ()) if m.comparable), None)
+        # The same scope in every row: the denoising-only calls, which both sides make in every
+        # request (with 2+ rounds); whole calls only where there are none. Whole calls would
+        # compare the first setting of a group (its baseline decoded here) on another scope than
+        # the rest (their baseline video cached).
+        figures = [m for m in (timing.memory if timing is not None else ()) if m.comparable]
+        memory = next((m for m in figures if m.scope == "denoising"), figures[0] if figures else None)
         base, fast = result.baseline, result.accelerated
         return cls(
             key=key, preset=result.settings.preset, prompt=group.prompt, seed=group.seed, setting=setting.label,
@@ -479,7 +494,8 @@ class SettingSummary:
     """One setting over every prompt and seed. Speedups: the median of the rows' medians and
     their range over rows (each row's own interval is in the rows file); fidelity: the mean over
     rows and the worst row (its worst frame); memory: the median ratio of the accelerated to the
-    baseline peak (whole calls where comparable, else the denoising calls); temporal: mean warp error of each side's videos (lower is steadier)."""
+    baseline peak of the denoising calls over the rows whose change exceeds the spread of repeated
+    calls (none: within noise); temporal: mean warp error of each side's videos (lower is steadier)."""
 
     setting: str
     setting_key: str
@@ -516,8 +532,8 @@ def summarise(rows: Sequence[BenchRow], plan: BenchPlan) -> list[SettingSummary]
         good = [row for row in mine if row.ok]
         denoising = [row.denoising.median for row in good if row.denoising is not None]
         end_to_end = [row.end_to_end.median for row in good if row.end_to_end is not None]
-        memory = [row.accelerated_peak_bytes / row.baseline_peak_bytes for row in good
-                  if row.baseline_peak_bytes and row.accelerated_peak_bytes is not None]
+        memory = [row.accelerated_peak_bytes / row.baseline_peak_bytes for row in good  # noise says nothing
+                  if row.baseline_peak_bytes and row.accelerated_peak_bytes is not None and not row.memory_within_noise]
         out.append(SettingSummary(
             setting=setting.label, setting_key=setting.key, values=dict(setting.values), rows=len(good),
             failed=len(mine) - len(good),
@@ -586,7 +602,7 @@ def summary_cells(summary: SettingSummary) -> tuple[str, ...]:
     if summary.memory_noise_rows == summary.rows > 0:
         memory = "within noise in every row"  # a ratio of two noisy figures would read as a change
     elif summary.memory_noise_rows:
-        memory += f" (within noise in {summary.memory_noise_rows}/{summary.rows} rows)"
+        memory += f" ({summary.rows - summary.memory_noise_rows} rows; {summary.memory_noise_rows} within noise)"
     return (
         summary.setting, str(summary.rows), str(summary.failed),
         speed_cell(summary.denoising_speedup, summary.denoising_low, summary.denoising_high),
@@ -639,44 +655,58 @@ def read_prompts(source: str, limit: int | None = None) -> tuple[str, ...]:
         except KeyError as error:
             raise RequestError(f"--prompts {source!r} is neither a file nor a prompt set ({error.args[0]})",
                                "prompts") from None
-    prompts = list(dict.fromkeys(prompts))
     if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise RequestError(f"--limit must be a whole number of at least 1, got {limit!r}", "limit")
         prompts = prompts[:limit]
     if not prompts:
         raise RequestError(f"no prompts in {source!r}", "prompts")
+    twice = next((p for i, p in enumerate(prompts) if p in prompts[:i]), None)
+    if twice is not None:
+        raise RequestError(f"the prompt {twice[:80]!r} is listed twice in {source}", "prompts")
     return tuple(prompts)
 
 
+MAX_SEEDS = 1000
+
+
 def parse_seeds(text: str) -> tuple[int, ...]:
-    """"0,1,2" or a range "0-3" -> seeds."""
+    """"0,1,2" or a range "0-3" -> seeds (at most :data:`MAX_SEEDS`, each once)."""
     seeds: list[int] = []
     for part in filter(None, (p.strip() for p in str(text).split(","))):
         first, sep, last = part.partition("-")
         if not first.isdigit() or (sep and not last.isdigit()):
             raise RequestError(f"seeds must be whole numbers like 0,1,2 or 0-3, got {part!r}", "seeds")
+        if sep and int(last) < int(first):
+            raise RequestError(f"seed range {part} runs backwards: write {last}-{first}", "seeds")
+        if (int(last) - int(first) + 1 if sep else 1) + len(seeds) > MAX_SEEDS:
+            raise RequestError(f"at most {MAX_SEEDS} seeds, got more with {part}", "seeds")
         seeds += range(int(first), int(last) + 1) if sep else [int(first)]
     if not seeds:
         raise RequestError("give at least one seed", "seeds")
+    if len(set(seeds)) != len(seeds):
+        raise RequestError(f"seed {next(x for x in seeds if seeds.count(x) > 1)} is given twice", "seeds")
     return tuple(seeds)
 
 
+# The app's Benchmark form: which of its fields a plan's error belongs to.
+FORM_FIELDS = {"preset": "bench_preset", "prompts": "bench_prompts", "prompt": "bench_prompts", "seeds": "bench_seeds",
+               "sweep": "bench_sweep"}
+
+
 def plan_from_form(preset: Any, prompts: Any, seeds: Any, sweep_text: Any, origin: str = "the sweep") -> BenchPlan:
-    """A plan from the app's Benchmark form (prompts one a line, seeds "0,1", the sweep's YAML),
-    every rule checked; errors name the field."""
+    """A plan from the app's Benchmark form (prompts one a line, seeds "0,1", the sweep's YAML);
+    errors name the form's field. Its requests are checked by :meth:`BenchPlan.check`."""
     from .sweep import parse_sweep
     from .validation import text
 
     lines = text("prompts", prompts, "bench_prompts", limit=FORM_TEXT_CHARS).splitlines()
-    chosen = tuple(dict.fromkeys(line.strip() for line in lines if line.strip()))
+    chosen = tuple(line.strip() for line in lines if line.strip())
     if not chosen:
         raise RequestError("prompts is empty: one prompt a line", "bench_prompts")
     try:
         seed_list = parse_seeds(text("seeds", seeds, "bench_seeds"))
         sweep = parse_sweep(text("sweep", sweep_text, "bench_sweep", limit=FORM_TEXT_CHARS), origin=origin)
-        plan = BenchPlan(preset=preset, prompts=chosen, seeds=seed_list, sweep=sweep)
+        return BenchPlan(preset=preset, prompts=chosen, seeds=seed_list, sweep=sweep)
     except RequestError as error:
-        field_name = {"seeds": "bench_seeds", "sweep": "bench_sweep", "prompts": "bench_prompts"}.get(error.field,
-                                                                                                   error.field)
-        raise RequestError(str(error), field_name) from None
-    plan.check()
-    return plan
+        raise RequestError(str(error), FORM_FIELDS.get(error.field, error.field)) from None

@@ -47,6 +47,10 @@ class RayRunner:
         import ray
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # the driver never reports usage
+        if address and address.startswith("ray://"):
+            raise ValueError(f"--ray-address {address}: Ray Client (ray://) cannot stream a task's results, which "
+                             "this runner needs; run the command on a node of the cluster with --ray-address auto "
+                             "(or HEAD:6379)")
         self.plan = plan
         if not ray.is_initialized():
             runtime_env = {"working_dir": str(REPO_ROOT), "excludes": SHIPPING_EXCLUDES,
@@ -61,7 +65,11 @@ class RayRunner:
             raise ValueError(f"--ray-workers must be at least 1, got {count}")
         if gpus and count > gpus:
             raise ValueError(f"{count} workers asked for, but the cluster has {gpus} GPUs (one per worker)")
-        cpus = cpus_per_worker or (1.0 if gpus else max(1.0, float(int(resources.get("CPU", 1)) // count)))
+        total_cpus = float(resources.get("CPU", 0))
+        cpus = cpus_per_worker or (1.0 if gpus else max(1.0, float(int(total_cpus) // count)))
+        if cpus * count > total_cpus:  # Ray would wait for resources that never come
+            raise ValueError(f"{count} workers x {cpus:g} CPUs need {cpus * count:g} CPUs; the cluster has "
+                             f"{total_cpus:g}: use fewer --ray-workers or --ray-cpus")
         device = device or ("cuda" if gpus else "cpu")
         actor = ray.remote(worker_class).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_restarts=MAX_RESTARTS,
                                                  max_task_retries=0)

@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     bench.add_argument("--retries", type=int, default=2, help="reruns of a (prompt, seed) group that raised (default 2)")
     bench.add_argument("--ray", action="store_true", help="run the groups on Ray actors, one per device")
-    bench.add_argument("--ray-address", help="an existing Ray cluster (e.g. ray://head:10001 or auto); implies --ray")
+    bench.add_argument("--ray-address", help="an existing Ray cluster, from one of its nodes: auto or HEAD:6379 (not ray://); implies --ray")
     bench.add_argument("--ray-workers", type=int,
                        help="actors (default: one per GPU of the cluster, or one on a cluster without GPUs)")
     bench.add_argument("--ray-cpus", type=float, default=None,
@@ -146,6 +146,10 @@ def _bench(args) -> int:
     except (RequestError, ModelUnavailableError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished rows are in {args.out}/rows.jsonl; run the same command again to go on",
+              file=sys.stderr)
+        return 130
     print(format_summary(outcome.summaries))
     failed = sum(not row.ok for row in outcome.rows)
     print(f"\n{len(outcome.rows)} of {len(plan.keys())} rows ({outcome.skipped} from an earlier run, {outcome.ran} now; "

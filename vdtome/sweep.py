@@ -23,6 +23,7 @@ value is checked by its field's rules; an error names the file, the entry and th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -30,6 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .methods import check_stack, config_fields, method_named, method_of, stack_label
 from .validation import RequestError
@@ -42,14 +45,17 @@ MAX_SETTINGS = 1000
 
 @dataclass(frozen=True)
 class Setting:
-    """One point of a sweep: the stack it runs and the field values the sweep file gave it."""
+    """One point of a sweep: the stack it runs and the field values the sweep file gave it.
+    ``name``: how tables and plots call it (the stack's label, plus the values that tell it apart
+    from another setting with the same label)."""
 
     configs: tuple[Any, ...]
     values: tuple[tuple[str, Any], ...]  # (form field name, value) in file order
+    name: str = ""
 
     @property
     def label(self) -> str:
-        return stack_label(self.configs)
+        return self.name or stack_label(self.configs)
 
     @property
     def key(self) -> str:
@@ -124,10 +130,8 @@ def load_sweep(source: str | Path) -> Sweep:
 
 def parse_sweep(text: str, origin: str = "sweep", default_name: str = "sweep") -> Sweep:
     """A sweep from YAML text; errors name ``origin``, the entry and the field."""
-    import yaml
-
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise RequestError(f"{origin} is not valid YAML: {error}", "sweep") from None
     if not isinstance(document, Mapping):
@@ -149,16 +153,57 @@ def parse_sweep(text: str, origin: str = "sweep", default_name: str = "sweep") -
         where = f"{origin}, stack {number}"
         for setting in _expand_stack(entry, where):
             if setting.key in settings:
-                raise RequestError(f"{where}: {setting.label} is listed twice", "sweep")
+                raise RequestError(f"{where}: {setting.label} gives the same configuration as an earlier setting "
+                                   f"({_values_text(settings[setting.key].values)} and "
+                                   f"{_values_text(setting.values)}): a value that changes nothing here, or a "
+                                   "setting listed twice", "sweep")
             settings[setting.key] = setting
             if len(settings) > MAX_SETTINGS:
                 raise RequestError(f"{origin} expands to more than {MAX_SETTINGS} settings", "sweep")
     return Sweep(
         name=str(document.get("name") or default_name),
         description=str(document.get("description") or ""),
-        settings=tuple(settings.values()),
+        settings=_named(tuple(settings.values())),
         request=tuple((key, request[key]) for key in REQUEST_FIELDS if key in request),
     )
+
+
+def _values_text(values: tuple[tuple[str, Any], ...]) -> str:
+    return ", ".join(f"{name} {value}" for name, value in values) or "the defaults"
+
+
+def _named(settings: tuple[Setting, ...]) -> tuple[Setting, ...]:
+    """Settings whose stack labels coincide (the label leaves some fields out, e.g. ``matching``)
+    are named with the values that tell them apart."""
+    by_label: dict[str, list[Setting]] = {}
+    for setting in settings:
+        by_label.setdefault(setting.label, []).append(setting)
+    named = []
+    for setting in settings:
+        twins = by_label[setting.label]
+        if len(twins) > 1:
+            names = {name for twin in twins for name, _ in twin.values}
+            differing = [(name, value) for name, value in setting.values
+                         if len({json.dumps(twin.value(name), default=str) for twin in twins}) > 1 and name in names]
+            setting = dataclasses.replace(setting, name=f"{setting.label} ({_values_text(tuple(differing))})")
+        named.append(setting)
+    return tuple(named)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the plain loader keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:  # the mapping's own keys (a merged anchor's keys may be overridden)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key_node.value!r} is given twice in one mapping (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _expand_stack(entry: Any, where: str) -> list[Setting]:
