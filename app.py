@@ -980,7 +980,7 @@ def build_demo() -> gr.Blocks:
                     # The same rows as a Dataframe: the API's value (hidden here; the HTML wraps on a phone).
                     bench_summary = gr.Dataframe(headers=list(SUMMARY_HEADER), label="Summary per setting",
                                                  interactive=False, visible=False, elem_id="bench-summary")
-                    bench_plots = gr.Gallery(label="Plots (click one to enlarge)", columns=2, height="auto",
+                    bench_plots = gr.Gallery(label="Plots (click one to enlarge)", columns=2, rows=2, height=720,
                                              object_fit="contain", preview=False, elem_id="bench-plots")
                     bench_files = gr.File(label="Report (HTML, self-contained), summary (CSV), every row (JSONL)",
                                           file_count="multiple", elem_id="bench-files")
