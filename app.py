@@ -260,30 +260,25 @@ def _source(custom_model) -> str | None:
 
 
 def validator(names: tuple[str, ...], sweep: bool):
-    """Gradio's validator for an endpoint whose inputs are ``names``: runs :func:`plan` when the
-    request is submitted, so a bad one is refused with the message beside its field before it
-    takes a queue place."""
+    """Gradio's validator for the comparison endpoints (see :func:`field_validator`)."""
+    return field_validator(names, lambda fields: plan(fields, sweep))
+
+
+def field_validator(names: tuple[str, ...], planner):
+    """Gradio's validator for an endpoint whose inputs are ``names``: runs ``planner`` (the same
+    check the handler runs) when the request is submitted, so a bad one is refused with the message
+    beside its field before it takes a queue place."""
 
     def check(*values):
         fields = dict(zip(names, values))
         try:
-            plan(fields, sweep)
+            planner(fields)
         except RequestError as error:
             at = names.index(error.field) if error.field in names else 0
             return [gr.validate(index != at, str(error) if index == at else "") for index in range(len(names))]
         return [gr.validate(True, "") for _ in names]
 
     return check
-
-
-def bench_validator(*values):
-    """The Benchmark form's check before it is queued: the message under the field that broke a rule."""
-    try:
-        bench_plan(dict(zip(BENCH_FIELDS, values)))
-    except RequestError as error:
-        at = BENCH_FIELDS.index(error.field) if error.field in BENCH_FIELDS else 0
-        return [gr.validate(index != at, str(error) if index == at else "") for index in range(len(BENCH_FIELDS))]
-    return [gr.validate(True, "") for _ in BENCH_FIELDS]
 
 
 # ---- event handlers ------------------------------------------------------------------------------
@@ -489,6 +484,7 @@ KEEP_BENCHES = 4  # benchmark folders kept on disk (rows, plots, report)
 BENCH_FIELDS = ("bench_preset", "bench_prompts", "bench_seeds", "bench_sweep")
 BENCH_PROMPTS = 3  # prompts the tab starts with (of the preset's set)
 BENCH_SWEEP = "smoke"
+BENCH_CANCELLED = "Cancel pressed: a running benchmark stops at its next denoising step and keeps nothing."
 
 
 def bench_plan(values: dict) -> BenchPlan:
@@ -1023,13 +1019,10 @@ def build_demo() -> gr.Blocks:
         bench_inputs = [bench_preset, bench_prompts, bench_seeds, bench_sweep]
         bench_event = bench_button.click(
             benchmark, bench_inputs, [bench_status, bench_summary, bench_plots, bench_files, bench_summary_view],
-            api_name="benchmark",
-            validator=bench_validator, concurrency_id=GPU_QUEUE, concurrency_limit=1, preprocess=False,
-            show_progress_on=[bench_status])
+            api_name="benchmark", validator=field_validator(BENCH_FIELDS, bench_plan), concurrency_id=GPU_QUEUE,
+            concurrency_limit=1, preprocess=False, show_progress_on=[bench_status])
         private = dict(api_visibility="private")
-        bench_stop.click(lambda: "Cancel pressed: a running benchmark stops at its next denoising step and keeps "
-                                 "nothing.",
-                         None, bench_status, cancels=[bench_event], queue=False, **private)
+        bench_stop.click(lambda: BENCH_CANCELLED, None, bench_status, cancels=[bench_event], queue=False, **private)
         bench_preset.input(on_bench_preset, bench_preset, bench_prompts, **private)
         prompt_set.input(on_prompt_set, prompt_set, bench_prompts, **private)
         shipped.input(on_shipped_sweep, shipped, bench_sweep, **private)
