@@ -60,9 +60,11 @@ class RayRunner:
                      **(init or {}))
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
+        if workers is not None and workers < 1:
+            raise ValueError(f"--ray-workers must be at least 1, got {workers}")
+        if cpus_per_worker is not None and cpus_per_worker <= 0:
+            raise ValueError(f"--ray-cpus must be above 0, got {cpus_per_worker:g}")
         count = workers or max(gpus, 1)
-        if count < 1:
-            raise ValueError(f"--ray-workers must be at least 1, got {count}")
         if gpus and count > gpus:
             raise ValueError(f"{count} workers asked for, but the cluster has {gpus} GPUs (one per worker)")
         total_cpus = float(resources.get("CPU", 0))
