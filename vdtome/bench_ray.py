@@ -51,6 +51,10 @@ class RayRunner:
             raise ValueError(f"--ray-address {address}: Ray Client (ray://) cannot stream a task's results, which "
                              "this runner needs; run the command on a node of the cluster with --ray-address auto "
                              "(or HEAD:6379)")
+        if workers is not None and workers < 1:
+            raise ValueError(f"--ray-workers must be at least 1, got {workers}")
+        if cpus_per_worker is not None and cpus_per_worker <= 0:
+            raise ValueError(f"--ray-cpus must be above 0, got {cpus_per_worker:g}")
         self.plan = plan
         if not ray.is_initialized():
             runtime_env = {"working_dir": str(REPO_ROOT), "excludes": SHIPPING_EXCLUDES,
@@ -60,10 +64,6 @@ class RayRunner:
                      **(init or {}))
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        if workers is not None and workers < 1:
-            raise ValueError(f"--ray-workers must be at least 1, got {workers}")
-        if cpus_per_worker is not None and cpus_per_worker <= 0:
-            raise ValueError(f"--ray-cpus must be above 0, got {cpus_per_worker:g}")
         count = workers or max(gpus, 1)
         if gpus and count > gpus:
             raise ValueError(f"{count} workers asked for, but the cluster has {gpus} GPUs (one per worker)")
