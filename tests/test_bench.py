@@ -292,11 +292,15 @@ def test_plan_checks_every_request_before_running():
         read_prompts("no-such-set")
 
 
-def test_ray_client_addresses_are_refused_with_the_reason():
+def test_ray_flags_that_cannot_work_are_refused_before_ray_starts():
     from vdtome.bench_ray import RayRunner
 
     with pytest.raises(ValueError, match="Ray Client .* cannot stream"):
         RayRunner(smoke_plan(), address="ray://head:10001")
+    with pytest.raises(ValueError, match="--ray-workers must be at least 1, got 0"):
+        RayRunner(smoke_plan(), workers=0)
+    with pytest.raises(ValueError, match="--ray-cpus must be above 0"):
+        RayRunner(smoke_plan(), cpus_per_worker=-1)
 
 
 def test_bad_command_line_input_is_refused_naming_it(tmp_path):

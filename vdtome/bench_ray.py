@@ -64,7 +64,7 @@ class RayRunner:
                      **(init or {}))
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
-        count = workers or max(gpus, 1)
+        count = workers if workers is not None else max(gpus, 1)
         if gpus and count > gpus:
             raise ValueError(f"{count} workers asked for, but the cluster has {gpus} GPUs (one per worker)")
         total_cpus = float(resources.get("CPU", 0))
