@@ -528,7 +528,7 @@ def run_benchmark(plan: BenchPlan, folder: Path, cancel: CancelFlag, progress=gr
     """Every row of the plan on the shared engine, one after another; progress over rows."""
     worker = BenchWorker(engine=engine())
     total = len(plan.keys())
-    state = {"done": 0, "row": ""}
+    state = {"done": 0}
 
     def on_step(event: ProgressEvent) -> None:
         within = event.done / max(event.total, 1)
@@ -585,7 +585,7 @@ async def benchmark(bench_preset, bench_prompts, bench_seeds, bench_sweep, progr
 def bench_outputs(outcome: BenchOutcome) -> tuple:
     """Status, summary table, plots and files of a finished benchmark."""
     failed = sum(not row.ok for row in outcome.rows)
-    front = ", ".join(s.setting for s in pareto_front(outcome.summaries)) or "none"
+    front = ", ".join(s.setting for s in pareto_front(outcome.summaries)) or "none (no setting was faster)"
     status = (f"**{len(outcome.rows) - failed} of {len(outcome.plan.keys())} rows finished**"
               f"{f', {failed} failed (see the report)' if failed else ''} · {outcome.plan.sweep.name} on "
               f"{outcome.plan.preset}. Speedups: the median over prompts and seeds, the range over them in brackets; "
