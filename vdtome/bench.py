@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .stats import range_phrase, speed_phrase
 from .sweep import Setting, Sweep
 from .validation import RequestError
 
@@ -585,12 +586,13 @@ SUMMARY_HEADER = ("setting", "rows", "failed", "denoising speedup (median, range
 
 
 def speed_cell(median: float | None, low: float | None, high: float | None) -> str:
-    """"1.42x (1.30-1.51)"; below 1 reads as a slowdown's ratio, never hidden."""
+    """"1.42x faster (1.30-1.51x faster)", "1.30x slower (...)": the protocol's own phrases (a
+    slowdown is never written as a speedup below 1); the CSV keeps the ratios."""
     if median is None:
         return "-"
     if low is None or high is None or low == high:
-        return f"{median:.2f}x"
-    return f"{median:.2f}x ({low:.2f}-{high:.2f})"
+        return speed_phrase(median)
+    return f"{speed_phrase(median)} ({range_phrase(low, high)})"
 
 
 def summary_cells(summary: SettingSummary) -> tuple[str, ...]:

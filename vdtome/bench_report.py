@@ -236,9 +236,9 @@ def write_report(plan: BenchPlan, rows: Sequence[BenchRow], summaries: Sequence[
         "seed, timed in alternating rounds within that comparison (the baseline video is made once per prompt "
         "and seed and reused; its timing is measured again next to each setting).</li>",
         "<li><b>Speedup</b>: baseline time / accelerated time of the denoising loop, the median of each row's "
-        "paired ratios; the table gives the median over rows and, in brackets, the range over rows. Below 1x "
-        "is a slowdown. <b>faster / slower rows</b>: rows whose own interval excludes 1 (the rest are within "
-        "noise or had too few rounds to tell). End-to-end adds the text encoder and decoder, which no method "
+        "paired ratios; the table gives the median over rows and, in brackets, the range over rows, written "
+        "as faster or slower (summary.csv keeps the ratios: below 1 is a slowdown). <b>faster / slower "
+        "rows</b>: rows whose own interval excludes 1 (the rest are within noise or had too few rounds to tell). End-to-end adds the text encoder and decoder, which no method "
         "touches (projected from the same calls).</li>",
         "<li><b>Fidelity</b>: PSNR / SSIM of the accelerated video to the baseline's, frame by frame; mean over "
         f"rows and the worst frame of any row. {PSNR_CAP_DB:g} dB means identical. <b>Warp error</b>: "
