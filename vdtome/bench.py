@@ -367,10 +367,11 @@ def run_serial(plan: BenchPlan, todo: Sequence[tuple[Group, frozenset[str]]], wo
         except (Cancelled, ModelUnavailableError):
             raise
         except Exception as error:  # noqa: BLE001 - recorded with its type, retried by the driver
-            yield group, GroupFailure(group, _error_text(error))
+            yield group, GroupFailure(group, error_text(error))
 
 
-def _error_text(error: BaseException) -> str:
+def error_text(error: BaseException) -> str:
+    """"RuntimeError: its first line" (at most 300 characters), as a failed row records it."""
     first = (str(error).splitlines() or [""])[0][:300]
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 

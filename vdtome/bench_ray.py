@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .bench import BenchPlan, BenchWorker, Event, Group, GroupFailure
+from .bench import BenchPlan, BenchWorker, Event, Group, GroupFailure, error_text
 from .pipelines import ModelUnavailableError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -118,8 +118,4 @@ class RayRunner:
 def _ray_error_text(error: BaseException) -> str:
     """The user's exception inside a RayTaskError ("RuntimeError: boom"), else Ray's own first line."""
     cause = getattr(error, "cause", None)
-    if cause is not None and not isinstance(cause, type(error)):
-        first = (str(cause).splitlines() or [""])[0][:300]
-        return f"{type(cause).__name__}: {first}"
-    first = (str(error).splitlines() or [""])[0][:300]
-    return f"{type(error).__name__}: {first}"
+    return error_text(cause if cause is not None and not isinstance(cause, type(error)) else error)

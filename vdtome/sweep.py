@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from .methods import check_stack, config_fields, method_named, method_of, stack_label
+from .methods import check_stack, config_fields, field_owner, method_named, method_of, stack_label
 from .validation import RequestError
 
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "presets" / "sweeps"
@@ -270,13 +270,8 @@ def _grid_points(method, grid: Mapping[str, Any], where: str) -> list[tuple[Any,
 
 def field_label(name: str) -> str:
     """A swept field's label for plots and tables ("Merge ratio"), found in the registry."""
-    from .methods import METHODS
-
-    for method in METHODS.values():
-        for form_field in method.fields:
-            if form_field.name == name:
-                return form_field.label
-    return name
+    owner = field_owner(name)
+    return name if owner is None else owner[1].label
 
 
 def axis_label(axis: tuple[str, ...]) -> str:

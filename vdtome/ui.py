@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from .compare import ComparisonRequest, ComparisonResult, ResolvedSettings, resolve
-from .methods import METHODS, FormField, Method, check_stack, method_of
+from .methods import METHODS, FormField, Method, check_stack, field_owner, method_of
 from .metrics import PSNR_CAP_DB
 from .presets import ModelPreset, get_preset, load_prompts
 from .protocol import GpuEstimate, estimate_gpu_time
@@ -103,10 +103,9 @@ def sweep_label(name: Any) -> str:
 
 
 def _sweepable(name: Any) -> tuple[Method, FormField]:
-    for method in METHODS.values():
-        for form_field in method.fields:
-            if form_field.sweepable and form_field.name == name:
-                return method, form_field
+    owner = field_owner(name)
+    if owner is not None and owner[1].sweepable:
+        return owner
     names = ", ".join(name for _, name in sweep_choices())
     raise RequestError(f"sweep field must be a sweepable field ({names}), got {name!r}", SWEEP_FIELD)
 

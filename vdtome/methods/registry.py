@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..validation import RequestError
-from .base import Method
+from .base import FormField, Method
 
 METHODS: dict[str, Method] = {}
 
@@ -36,3 +36,12 @@ def method_of(config: Any) -> Method:
             return method
     known = ", ".join(m.config_type.__name__ for m in METHODS.values())
     raise RequestError(f"unknown acceleration config {type(config).__name__}; known: {known}")
+
+
+def field_owner(name: Any) -> tuple[Method, FormField] | None:
+    """The method and form field named ``name`` (form field names are unique across methods)."""
+    for method in METHODS.values():
+        for form_field in method.fields:
+            if form_field.name == name:
+                return method, form_field
+    return None
