@@ -513,9 +513,11 @@ def bench_plan(values: dict) -> BenchPlan:
         plan.check()
     except RequestError as error:
         raise RequestError(str(error), FORM_FIELDS.get(error.field, "bench_sweep")) from None
-    if ON_ZERO_GPU and PRESETS[preset].gpu_time is not None and _bench_gpu_seconds(plan) > MAX_GPU_SECONDS:
-        raise RequestError(f"this benchmark needs about {_bench_gpu_seconds(plan):.0f} s of GPU time; a ZeroGPU task "
-                           f"may take at most {MAX_GPU_SECONDS} s: fewer prompts, seeds or settings", "bench_prompts")
+    if ON_ZERO_GPU and PRESETS[preset].gpu_time is not None:
+        seconds = _bench_gpu_seconds(plan)
+        if seconds > MAX_GPU_SECONDS:
+            raise RequestError(f"this benchmark needs about {seconds:.0f} s of GPU time; a ZeroGPU task may take at "
+                               f"most {MAX_GPU_SECONDS} s: fewer prompts, seeds or settings", "bench_prompts")
     return plan
 
 

@@ -71,7 +71,7 @@ class BenchPlan:
             raise RequestError("the benchmark needs at least one seed", "seeds")
         if len(set(self.seeds)) != len(self.seeds):
             raise RequestError(f"seeds must differ, got {list(self.seeds)}", "seeds")
-        twice = next((p for i, p in enumerate(self.prompts) if p in self.prompts[:i]), None)
+        twice = first_repeat(self.prompts)
         if twice is not None:
             raise RequestError(f"the prompt {twice[:80]!r} is listed twice", "prompts")
 
@@ -405,9 +405,16 @@ def run_bench(plan: BenchPlan, out_dir: str | Path, runner: Runner | None = None
     (out / PLAN_FILE).write_text(json.dumps(plan.describe(), indent=2))
     rows_file = RowsFile(out / ROWS_FILE)
     keys = plan.keys()
+    group_keys: dict[Group, list[str]] = {}
+    for key, (group, _) in keys.items():
+        group_keys.setdefault(group, []).append(key)
     finished = {row.key for row in rows_file.read() if row.ok and row.key in keys}
-    todo = [(group, frozenset(k for k in finished if keys[k][0] == group)) for group in plan.groups()
-            if any(plan.row_key(group, s) not in finished for s in plan.sweep.settings)]
+    written = set(finished)  # a row written in this run (finished or failed) is not run again in it
+
+    def with_skip(groups: Iterable[Group]) -> list[tuple[Group, frozenset[str]]]:
+        return [(group, frozenset(k for k in group_keys[group] if k in written)) for group in groups]
+
+    todo = with_skip(group for group in plan.groups() if not written.issuperset(group_keys[group]))
     total, done, ran, skipped = len(keys), len(finished), 0, len(finished)
     bar = _ProgressBar(total, done, plan) if show_progress else None
     if runner is None:
@@ -416,7 +423,6 @@ def run_bench(plan: BenchPlan, out_dir: str | Path, runner: Runner | None = None
         def runner(groups):
             return run_serial(plan, groups, worker, progress=bar.stage if bar else None)
     attempts: dict[Group, int] = {}
-    written = set(finished)  # a row written in this run (finished or failed) is not run again in it
     pending = todo
 
     def write(row: BenchRow) -> None:
@@ -443,16 +449,15 @@ def run_bench(plan: BenchPlan, out_dir: str | Path, runner: Runner | None = None
                     message = (f"group {group.prompt!r} seed {group.seed} failed ({item.error}); attempt "
                                f"{attempts[group]} of {retries + 1}")
                     if bar:
-                        bar.bar.write(message)
+                        bar.note(message)
                     else:
                         print(message, file=sys.stderr)
                     again.append(group)
                     continue
-                for setting in plan.sweep.settings:  # out of attempts: its missing rows say why
-                    key = plan.row_key(group, setting)
+                for key in group_keys[group]:  # out of attempts: its missing rows say why
                     if key not in written:
-                        write(BenchRow.failed(key, plan.preset, group, setting, item.error, attempts[group] - 1))
-            pending = [(group, frozenset(k for k in written if k in keys and keys[k][0] == group)) for group in again]
+                        write(BenchRow.failed(key, plan.preset, group, keys[key][1], item.error, attempts[group] - 1))
+            pending = with_skip(again)
     finally:
         if bar:
             bar.close()
@@ -479,10 +484,13 @@ class _ProgressBar:
     def stage(self, event) -> None:
         self.bar.set_postfix_str(event.label[:60], refresh=False)
 
+    def note(self, message: str) -> None:
+        self.bar.write(message)  # above the bar, which stays at the bottom
+
     def advance(self, row: BenchRow) -> None:
         self.bar.update(1)
         if not row.ok:
-            self.bar.write(f"failed: {row.setting} on {row.prompt!r} seed {row.seed}: {row.error}")
+            self.note(f"failed: {row.setting} on {row.prompt!r} seed {row.seed}: {row.error}")
 
     def close(self) -> None:
         self.bar.close()
@@ -644,6 +652,16 @@ def _csv_value(value: Any) -> Any:
     return value
 
 
+def first_repeat(items: Iterable[Any]) -> Any:
+    """The first item that came before (None if each is new)."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
+
+
 def read_prompts(source: str, limit: int | None = None) -> tuple[str, ...]:
     """Prompts from a text file (one a line, ``#`` comments) or a shipped prompt set's name."""
     from .presets import load_prompts
@@ -664,7 +682,7 @@ def read_prompts(source: str, limit: int | None = None) -> tuple[str, ...]:
         prompts = prompts[:limit]
     if not prompts:
         raise RequestError(f"no prompts in {source!r}", "prompts")
-    twice = next((p for i, p in enumerate(prompts) if p in prompts[:i]), None)
+    twice = first_repeat(prompts)
     if twice is not None:
         raise RequestError(f"the prompt {twice[:80]!r} is listed twice in {source}", "prompts")
     return tuple(prompts)
@@ -687,8 +705,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         seeds += range(int(first), int(last) + 1) if sep else [int(first)]
     if not seeds:
         raise RequestError("give at least one seed", "seeds")
-    if len(set(seeds)) != len(seeds):
-        raise RequestError(f"seed {next(x for x in seeds if seeds.count(x) > 1)} is given twice", "seeds")
+    twice = first_repeat(seeds)
+    if twice is not None:
+        raise RequestError(f"seed {twice} is given twice", "seeds")
     return tuple(seeds)
 
 
