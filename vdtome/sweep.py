@@ -23,11 +23,12 @@ value is checked by its field's rules; an error names the file, the entry and th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,16 +207,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+@contextlib.contextmanager
+def _located(where: str) -> Iterator[None]:
+    """A field's refusal inside the sweep, prefixed with where it stands ("mine.yaml, stack 2, tome")."""
+    try:
+        yield
+    except RequestError as error:
+        raise RequestError(f"{where}: {error}", "sweep") from None
+
+
 def _expand_stack(entry: Any, where: str) -> list[Setting]:
     """Every setting of one stack entry: the product over its methods of each method's grid points."""
     if not isinstance(entry, Mapping) or not entry:
         raise RequestError(f"{where} must map method names to their fields, e.g. {{tome: {{ratio: 0.5}}}}", "sweep")
     per_method = []
     for name, grids in entry.items():
-        try:
+        with _located(where):
             method = method_named(name)
-        except RequestError as error:
-            raise RequestError(f"{where}: {error}", "sweep") from None
         if grids is None:
             grids = {}
         grids = grids if isinstance(grids, list) else [grids]
@@ -224,47 +232,36 @@ def _expand_stack(entry: Any, where: str) -> list[Setting]:
             if not isinstance(grid, Mapping):
                 raise RequestError(f"{where}, {name}: fields must be a mapping (field: value or [values]), got "
                                    f"{grid!r}", "sweep")
-            points += _grid_points(method, grid, f"{where}, {name}")
+            with _located(f"{where}, {name}"):
+                points += _grid_points(method, grid)
         per_method.append(points)
     settings = []
     for combination in itertools.product(*per_method):
         configs = tuple(config for config, _ in combination)
-        try:
+        with _located(where):
             check_stack(configs)
-        except RequestError as error:
-            raise RequestError(f"{where}: {error}", "sweep") from None
         settings.append(Setting(configs, tuple(item for _, values in combination for item in values)))
     return settings
 
 
-def _grid_points(method, grid: Mapping[str, Any], where: str) -> list[tuple[Any, tuple[tuple[str, Any], ...]]]:
+def _grid_points(method, grid: Mapping[str, Any]) -> list[tuple[Any, tuple[tuple[str, Any], ...]]]:
     """(config, values) for every point of one method's grid; every value checked by its field."""
     axes = []
     for key, given in grid.items():
-        try:
-            form_field = method.field_named(str(key))
-        except RequestError as error:
-            raise RequestError(f"{where}: {error}", "sweep") from None
+        form_field = method.field_named(str(key))
         values = given if isinstance(given, list) else [given]
         if not values:
-            raise RequestError(f"{where}: {key} has an empty list of values", "sweep")
+            raise RequestError(f"{key} has an empty list of values", "sweep")
         axes.append((form_field, values))
     points = []
     for combination in itertools.product(*(values for _, values in axes)):
         overrides: dict[str, Any] = {}
         shown: list[tuple[str, Any]] = []
         for (form_field, _), value in zip(axes, combination):
-            try:
-                checked = form_field.from_text(value) if isinstance(value, str) else form_field.parse(value)
-            except RequestError as error:
-                raise RequestError(f"{where}: {error}", "sweep") from None
+            checked = form_field.from_text(value) if isinstance(value, str) else form_field.parse(value)
             overrides[form_field.name] = checked
             shown.append((form_field.name, list(checked) if isinstance(checked, tuple) else checked))
-        try:
-            config = method.config_from(overrides)
-        except RequestError as error:
-            raise RequestError(f"{where}: {error}", "sweep") from None
-        points.append((config, tuple(shown)))
+        points.append((method.config_from(overrides), tuple(shown)))
     return points
 
 
