@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .stats import range_phrase, speed_phrase
+from .stats import median, range_phrase, speed_phrase
 from .sweep import Setting, Sweep
 from .validation import RequestError
 
@@ -571,7 +571,7 @@ def _present(values: Iterable[float | None]) -> list[float]:
 
 def _median(values: Iterable[float | None]) -> float | None:
     values = _present(values)
-    return statistics.median(values) if values else None
+    return median(values) if values else None
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
