@@ -701,7 +701,8 @@ def _negative_prompt_box(preset, value: str = "") -> gr.Textbox:
     return gr.Textbox(value=value, interactive=True, info=None)
 
 
-ROUNDS_INFO = f"1-{MAX_ROUNDS} pairs of back-to-back calls; 6+ give an interval from rounds alone"
+ROUNDS_INFO = (f"1-{MAX_ROUNDS} pairs of back-to-back calls, each one repeat; 6 or more give an interval and a "
+               "verdict, fewer are shown as not tested")
 GPU_POINTER = ("To run it: duplicate this Space with GPU hardware (Settings → Duplicate this Space), or on a GPU "
                "machine run `python -m vdtome compare --preset {name} --prompt \"...\"`.")
 

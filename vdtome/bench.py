@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .stats import median, range_phrase, speed_phrase
+from .stats import Verdict, median, range_phrase, speed_phrase
 from .sweep import Setting, Sweep
 from .validation import RequestError
 
@@ -520,6 +520,7 @@ class SettingSummary:
     end_to_end_high: float | None
     faster_rows: int
     slower_rows: int
+    did_nothing_rows: int  # rows where no method acted: their measured ratio is noise, left out above
     peak_memory_ratio: float | None
     memory_noise_rows: int  # rows whose memory change was within the spread of repeated calls
     memory_kind: str | None
@@ -540,8 +541,10 @@ def summarise(rows: Sequence[BenchRow], plan: BenchPlan) -> list[SettingSummary]
     for setting in plan.sweep.settings:
         mine = [row for row in rows if row.setting_key == setting.key]
         good = [row for row in mine if row.ok]
-        denoising = [row.denoising.median for row in good if row.denoising is not None]
-        end_to_end = [row.end_to_end.median for row in good if row.end_to_end is not None]
+        idle = [row for row in good if row.denoising is not None and row.denoising.verdict == Verdict.DID_NOTHING.value]
+        acted = [row for row in good if row not in idle]  # a method that did nothing gets no speed figure
+        denoising = [row.denoising.median for row in acted if row.denoising is not None]
+        end_to_end = [row.end_to_end.median for row in acted if row.end_to_end is not None]
         memory = [row.accelerated_peak_bytes / row.baseline_peak_bytes for row in good  # noise says nothing
                   if row.baseline_peak_bytes and row.accelerated_peak_bytes is not None and not row.memory_within_noise]
         out.append(SettingSummary(
@@ -551,6 +554,7 @@ def summarise(rows: Sequence[BenchRow], plan: BenchPlan) -> list[SettingSummary]
             end_to_end_speedup=_median(end_to_end), end_to_end_low=_min(end_to_end), end_to_end_high=_max(end_to_end),
             faster_rows=sum(row.denoising is not None and row.denoising.verdict == "faster" for row in good),
             slower_rows=sum(row.denoising is not None and row.denoising.verdict == "slower" for row in good),
+            did_nothing_rows=len(idle),
             peak_memory_ratio=_median(memory),
             memory_noise_rows=sum(row.memory_within_noise for row in good),
             memory_kind=next((row.memory_kind for row in good if row.memory_kind), None),
@@ -614,11 +618,17 @@ def summary_cells(summary: SettingSummary) -> tuple[str, ...]:
         memory = "within noise in every row"  # a ratio of two noisy figures would read as a change
     elif summary.memory_noise_rows:
         memory += f" ({summary.rows - summary.memory_noise_rows} rows; {summary.memory_noise_rows} within noise)"
+    def speed(median: float | None, low: float | None, high: float | None) -> str:
+        if summary.did_nothing_rows and summary.did_nothing_rows == summary.rows:
+            return "did nothing (no claim)"
+        cell = speed_cell(median, low, high)
+        return cell + (f"; {summary.did_nothing_rows} rows did nothing" if summary.did_nothing_rows else "")
+
     return (
         summary.setting, str(summary.rows), str(summary.failed),
-        speed_cell(summary.denoising_speedup, summary.denoising_low, summary.denoising_high),
+        speed(summary.denoising_speedup, summary.denoising_low, summary.denoising_high),
         f"{summary.faster_rows} / {summary.slower_rows}",
-        speed_cell(summary.end_to_end_speedup, summary.end_to_end_low, summary.end_to_end_high),
+        speed(summary.end_to_end_speedup, summary.end_to_end_low, summary.end_to_end_high),
         memory, pair(summary.psnr_mean_db, summary.psnr_worst_db, 1), pair(summary.ssim_mean, summary.ssim_worst, 3),
         pair(summary.warp_error_baseline, summary.warp_error_accelerated, 4),
     )

@@ -25,6 +25,7 @@ from .bench import (
     summary_cells,
 )
 from .metrics import PSNR_CAP_DB
+from .stats import Verdict
 from .methods import method_of
 from .sweep import axis_label, field_label
 
@@ -274,6 +275,8 @@ def write_report(plan: BenchPlan, rows: Sequence[BenchRow], summaries: Sequence[
                  "<th>host</th></tr>")
     for r in rows:
         speed = "-" if r.denoising is None else speed_cell(r.denoising.median, r.denoising.low, r.denoising.high)
+        if r.denoising is not None and r.denoising.verdict in (Verdict.DID_NOTHING.value, Verdict.TOO_FEW_REPEATS.value):
+            speed = f"no claim (measured ratio {r.denoising.median:.2f})"  # noise, never written as a speed
         verdict = "failed" if not r.ok else ("-" if r.denoising is None else r.denoising.verdict)
         psnr = "-" if r.psnr_mean_db is None else f"{r.psnr_mean_db:.2f}"
         ssim = "-" if r.ssim_mean is None else f"{r.ssim_mean:.4f}"

@@ -48,7 +48,21 @@ from .methods import AppliedStack, CallPlan, MethodReport, check_available, chec
 from .metrics import Fidelity, Temporal, check_finite, fidelity, temporal_consistency
 from .pipelines import ModelUnavailableError, PipelineCache, default_device
 from .presets import ModelPreset, get_preset
-from .protocol import ACCELERATED, BASELINE, TimedCall, TimingSummary, round_order, summarise
+from .host_load import HostLoadMonitor
+from .noise import NoiseStore, NoiseThreshold, default_noise_dir
+from .protocol import (
+    ACCELERATED,
+    BASELINE,
+    MIN_TIMING_STEPS,
+    PIPELINE_WARMUP,
+    TIMED,
+    Schedule,
+    TimedCall,
+    TimingSummary,
+    aa_log_ratios,
+    plan_calls,
+    summarise,
+)
 from .stats import Ratio
 from .storage import prune
 from .tome import ToMeConfig
@@ -103,7 +117,9 @@ class ComparisonRequest:
 
     ``methods``: the stack, registered method configs applied in this order (see
     :mod:`vdtome.methods`; a single config is a stack of one); ``rounds``:
-    timing rounds (see :mod:`vdtome.protocol`); ``snap``: move invalid frame counts and sizes to
+    timing rounds, each a pair of calls (see :mod:`vdtome.protocol`); ``timing_steps``: steps of
+    the rounds after the first when the stack's steps all cost alike (None: the preset's choice;
+    0: full length); ``snap``: move invalid frame counts and sizes to
     the nearest valid ones (the result says so) instead of refusing them; ``reuse_baseline``: take
     the baseline *video* from the cache when the same inputs ran before (its timing is measured
     again either way).
@@ -120,6 +136,7 @@ class ComparisonRequest:
     guidance: float | None = None
     methods: tuple[Any, ...] = field(default_factory=lambda: (ToMeConfig(),))
     rounds: int | None = None
+    timing_steps: int | None = None
     warmup_steps: int = 2
     snap: bool = True
     reuse_baseline: bool = True
@@ -160,6 +177,17 @@ class ResolvedSettings:
     rounds: int
     warmup_steps: int
     max_sequence_length: int | None = None  # the preset's text length (a model trained at one length)
+    timing_steps: int | None = None  # steps of the rounds after the first (None: as many as ``steps``)
+
+    @property
+    def round_steps(self) -> int:
+        """Steps of the rounds after the first."""
+        return self.steps if self.timing_steps is None else self.timing_steps
+
+    @property
+    def short_rounds(self) -> bool:
+        """The later rounds are shorter than the first: calls are compared by their mean step."""
+        return self.round_steps < self.steps and self.rounds > 1
 
     def video_key(self) -> tuple:
         """Everything that shapes the baseline video (not how it is timed)."""
@@ -284,14 +312,28 @@ def resolve(request: ComparisonRequest, preset: ModelPreset) -> tuple[ResolvedSe
         raise RequestError(f"guidance must be a finite number, got {shown(guidance)}", "guidance")
     if not 0.0 <= guidance <= MAX_GUIDANCE:
         raise RequestError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {guidance:g}", "guidance")
-    for method in check_stack(request.methods):  # unknown methods and unsound stacks fail here, before any work
+    methods = check_stack(request.methods)  # unknown methods and unsound stacks fail here, before any work
+    for method in methods:
         if method.needs_guidance and guidance <= 1.0:
             raise RequestError(f"{method.label} needs classifier-free guidance (guidance above 1), got {guidance:g}",
                                "guidance")
+    asked = preset.timing_steps if request.timing_steps is None else request.timing_steps
+    if asked is None or asked == 0:
+        timing_steps = None
+    else:
+        timing_steps = whole_number("timing steps", asked, MIN_TIMING_STEPS, MAX_STEPS, "timing_steps")
     frames = whole_number("frames", preset.num_frames if request.frames is None else request.frames, 1, 10_000, "frames")
     height = whole_number("height", preset.height if request.height is None else request.height, 1, 10_000, "height")
     width = whole_number("width", preset.width if request.width is None else request.width, 1, 10_000, "width")
     notes: list[str] = []
+    if timing_steps is not None and timing_steps < steps and rounds > 1:
+        differ = [m.label for m, c in zip(methods, request.methods) if not m.steps_alike(c)]
+        if differ:
+            notes.append(f"every round runs all {steps} steps: the steps of {', '.join(differ)} differ in cost, so "
+                         f"short rounds of {timing_steps} steps would misjudge it")
+            timing_steps = None
+    if timing_steps is not None and timing_steps >= steps:
+        timing_steps = None
     problems = preset.constraints.check(frames, height, width)
     if problems:
         if not request.snap:
@@ -312,6 +354,7 @@ def resolve(request: ComparisonRequest, preset: ModelPreset) -> tuple[ResolvedSe
         rounds=rounds,
         warmup_steps=warmup,
         max_sequence_length=preset.extras.get("max_sequence_length"),
+        timing_steps=timing_steps,
     )
     return settings, notes
 
@@ -378,13 +421,18 @@ class ComparisonEngine:
         keep_bytes: int = 2 * 2**30,
         pipelines: PipelineCache | None = None,
         baselines: BaselineCache | None = None,
+        noise_dir: str | Path | None | bool = True,
     ) -> None:
+        """``noise_dir``: where this host's A/A pairs are kept (:mod:`vdtome.noise`; True: the
+        default folder, None: in memory for this engine only)."""
         self.device = torch.device(device) if device is not None else default_device()
         self.output_root = Path(output_root or Path(tempfile.gettempdir()) / "vdtome-outputs")
         self.keep_outputs = keep_outputs
         self.keep_bytes = keep_bytes
         self.pipelines = pipelines or PipelineCache()
         self.baselines = baselines or BaselineCache()
+        self.noise_dir = default_noise_dir() if noise_dir is True else noise_dir
+        self._noise: NoiseStore | None = None
         self._warmed: weakref.WeakKeyDictionary[Any, set[tuple[int, int, int]]] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
@@ -423,35 +471,38 @@ class ComparisonEngine:
         env = environment(pipe)
         key = (settings.video_key(), source, str(self.device), env.get("dtype"))
         cached = self.baselines.get(key) if request.reuse_baseline else None
-        session.plan(warm_pipeline=(settings.frames, settings.height, settings.width) not in self._warmed.get(pipe, ()),
-                     rounds=settings.rounds)
+        size = (settings.frames, settings.height, settings.width)
+        schedule = plan_calls(settings.rounds, settings.steps, settings.round_steps, settings.warmup_steps,
+                              warm_pipeline=size not in self._warmed.get(pipe, ()), decode_baseline=cached is None)
+        session.plan(schedule)
         videos: dict[str, VideoRun | None] = {BASELINE: cached, ACCELERATED: None}
         calls: list[TimedCall] = []
         reports: tuple[MethodReport, ...] = ()
         error = None
+        load = HostLoadMonitor()
         try:
             # A method the model cannot take fails before any work (a calibration that runs out of
             # memory is reported like any other allocation failure).
             session.check_methods()
-            if session.warm_pipeline:
-                session.warm_up(BASELINE, decode=True)
-                self._warmed.setdefault(pipe, set()).add((settings.frames, settings.height, settings.width))
-            session.warm_up(BASELINE)
-            for round_number in range(1, settings.rounds + 1):
-                if round_number == 2:
+            for planned in schedule.calls:
+                if planned.kind != TIMED:
+                    session.warm_up(planned.side, decode=planned.kind == PIPELINE_WARMUP)
+                    if planned.kind == PIPELINE_WARMUP:
+                        self._warmed.setdefault(pipe, set()).add(size)
+                    continue
+                if not calls:
+                    load.__enter__()  # from the first timed call: what else ran while they did
+                elif planned.round == 2 and calls[-1].round == 1:
                     gc.collect()  # once: the timed calls themselves run with collection paused
-                for side in round_order(round_number):
-                    if side == ACCELERATED and round_number == 1:
-                        session.warm_up(ACCELERATED)  # after the baseline video: a failure here keeps it
-                    decode = round_number == 1 and (side == ACCELERATED or cached is None)
-                    call, video, side_reports = session.timed(side, round_number, decode)
-                    calls.append(call)
-                    if video is not None:
-                        videos[side] = video
-                        if side == BASELINE and video.nonfinite_values == 0:
-                            self.baselines.put(key, video)
-                    if side_reports is not None and decode:
-                        reports = side_reports
+                call, video, side_reports = session.timed(planned.side, planned.round, planned.decode, planned.steps)
+                calls.append(call)
+                if video is not None:
+                    videos[planned.side] = video
+                    if planned.side == BASELINE and video.nonfinite_values == 0:
+                        self.baselines.put(key, video)
+                if side_reports is not None and planned.decode:
+                    reports = side_reports
+            load.__exit__(None, None, None)
         except (RuntimeError, MemoryError) as failure:
             if isinstance(failure, Cancelled) or not is_allocation_failure(failure):
                 raise
@@ -466,8 +517,13 @@ class ComparisonEngine:
         if error is None:
             touches = frozenset().union(*(m.touches for m in methods))
             steps_alike = all(m.steps_alike(c) for m, c in zip(methods, request.methods))
-            timing = summarise(calls, touches, steps_alike,
-                               None if cached is None else cached.memory)
+            timing = summarise(calls, touches, steps_alike, None if cached is None else cached.memory,
+                               per_step=settings.short_rounds, noise=self._noise_threshold(settings, env, calls),
+                               host_load=load.load)
+            idle = [m.label for m, r in zip(methods, reports) if r.evidence and not r.acted]
+            if reports and len(idle) == len(methods):
+                timing = timing.without_claim(f"{' and '.join(idle)} did nothing in this run (every evidence count is "
+                                              "0), so both sides computed the same")
         base, fast = videos[BASELINE], videos[ACCELERATED]
         fid = None
         if base is not None and fast is not None and not base.nonfinite_values and not fast.nonfinite_values:
@@ -503,6 +559,18 @@ class ComparisonEngine:
         folder = Path(out_dir) if out_dir is not None else self._new_output_dir()
         return replace(result, files=write_outputs(result, folder))
 
+    def _noise_threshold(self, settings: ResolvedSettings, env: dict[str, Any],
+                         calls: list[TimedCall]) -> NoiseThreshold:
+        """This request's A/A pairs added to this host's record for the same preset, size and
+        step counts; the noise threshold for its number of rounds from all of them."""
+        if self._noise is None:
+            self._noise = NoiseStore(self.noise_dir, env)
+        s = settings
+        key = (f"{s.preset}|{s.frames}x{s.height}x{s.width}|{s.steps}+{s.round_steps} steps|"
+               f"{'mean step' if s.short_rounds else 'loop'}|{env.get('device')}|{env.get('dtype')}")
+        pooled = self._noise.add(key, aa_log_ratios(calls, s.short_rounds))
+        return NoiseThreshold.from_pairs(pooled, s.rounds)
+
     def discard(self, files: dict[str, str]) -> None:
         """Delete the output folder of a result nobody will be shown (only under ``output_root``)."""
         root = self.output_root.resolve()
@@ -530,7 +598,6 @@ class _Session:
         self.progress, self.cancel = progress, cancel
         self.parameters = frozenset(inspect.signature(type(pipe).__call__).parameters)
         self.stage = "loading"
-        self.warm_pipeline = False
         self.done = self.total = 0
         self.last_step_end = 0.0
         self.last_step_s: float | None = None  # wall time of the latest denoising step (after a call's first)
@@ -539,9 +606,8 @@ class _Session:
     def warmup_steps(self) -> int:
         return min(self.settings.warmup_steps, self.settings.steps)
 
-    def plan(self, warm_pipeline: bool, rounds: int) -> None:
-        self.warm_pipeline = warm_pipeline
-        self.total = (int(warm_pipeline) + 2) * self.warmup_steps + 2 * rounds * self.settings.steps
+    def plan(self, schedule: Schedule) -> None:
+        self.total = schedule.total_steps
 
     def stop_if_cancelled(self) -> None:
         """Raise :class:`Cancelled` when the caller asked to stop (checked at every denoising step,
@@ -566,7 +632,7 @@ class _Session:
         model cannot take is refused before any work, never mid-run."""
         check_available(self.methods, denoiser_types(self.pipe))
         try:
-            for steps in sorted({self.warmup_steps, self.settings.steps}):  # calibrations (if any) run here
+            for steps in sorted({self.warmup_steps, self.settings.steps, self.settings.round_steps}):  # calibrations run here
                 AppliedStack(self.pipe, self.configs_for(steps)).remove()
         except (TypeError, ValueError) as error:
             raise RequestError(str(error)) from None
@@ -601,18 +667,17 @@ class _Session:
         with self._applied(side, self.warmup_steps):
             self.pipe(**self._kwargs(label, None, self.warmup_steps, decode))
 
-    def timed(self, side: str, round_number: int,
-              decode: bool) -> tuple[TimedCall, VideoRun | None, tuple[MethodReport, ...] | None]:
+    def timed(self, side: str, round_number: int, decode: bool,
+              steps: int) -> tuple[TimedCall, VideoRun | None, tuple[MethodReport, ...] | None]:
         self.stop_if_cancelled()  # before the call's text encoding: no step would check for a while
         self.stage = f"the {side} run (round {round_number})"
         if decode:
             gc.collect()  # garbage left by earlier calls must not count toward this video's memory peak
         device = self.engine.device
-        with self._applied(side, self.settings.steps) as applied:
+        with self._applied(side, steps) as applied:
             started = time.time()
             with MemoryMonitor(device) as monitor:
-                output, timing = timed_call(self.pipe, device=device,
-                                            **self._kwargs(side, round_number, self.settings.steps, decode))
+                output, timing = timed_call(self.pipe, device=device, **self._kwargs(side, round_number, steps, decode))
             reports = None if applied is None else applied.reports()
         self.stop_if_cancelled()  # a decode has no step to stop at
         call = TimedCall(side, round_number, decode, timing, monitor.report, started)
@@ -692,10 +757,10 @@ def download_stem(result: ComparisonResult) -> str:
 
 
 def side_caption(name: str, result: ComparisonResult) -> str:
-    """A player's caption: the side and its median denoising time in this request."""
-    timing = result.timing
-    ms = None if timing is None else getattr(timing.denoising, f"{name}_ms")
-    return name if ms is None else f"{name} {ms / 1000:.2f} s"
+    """A player's caption: the side and its median denoising time in this request (the figure the
+    headline card compares)."""
+    median = None if result.timing is None else result.timing.denoising.median_text(name)
+    return name if median is None else f"{name}: {median} denoising"
 
 
 def write_outputs(result: ComparisonResult, folder: Path) -> dict[str, str]:

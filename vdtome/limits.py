@@ -3,7 +3,8 @@
 A public app is a shared machine: one visitor must not fill the queue, and one allowed request
 must not hold the only GPU for an hour. The work of a request is counted in the unit its cost
 grows with, frame-pixel steps (denoising steps x frames x height x width), summed over every
-timed denoising call (2 sides x timing rounds x sweep points). Warm-ups and decoding are small
+timed denoising call (2 sides x timing rounds x sweep points; short timing rounds count their
+own steps). Warm-ups and decoding are small
 beside it and not counted.
 """
 
@@ -45,20 +46,24 @@ COUNT_SETTINGS = {
 }
 
 
-def work(rounds: int, steps: int, frames: int, height: int, width: int, points: int = 1) -> int:
-    """Frame-pixel steps of the timed denoising calls: 2 sides x rounds x sweep points x steps x
-    frames x height x width."""
-    return 2 * rounds * points * steps * frames * height * width
+def work(rounds: int, steps: int, frames: int, height: int, width: int, points: int = 1,
+         round_steps: int | None = None) -> int:
+    """Frame-pixel steps of the timed denoising calls: 2 sides x sweep points x the steps of every
+    round (the first of ``steps``, the others of ``round_steps``, short rounds; default ``steps``)
+    x frames x height x width."""
+    per_side = steps + (rounds - 1) * (steps if round_steps is None else round_steps)
+    return 2 * points * per_side * frames * height * width
 
 
 def default_work(preset: ModelPreset) -> int:
     """Frame-pixel steps of one request at the preset's defaults."""
-    return work(preset.timing_rounds, preset.num_inference_steps, preset.num_frames, preset.height, preset.width)
+    return work(preset.timing_rounds, preset.num_inference_steps, preset.num_frames, preset.height, preset.width,
+                round_steps=min(preset.timing_steps or preset.num_inference_steps, preset.num_inference_steps))
 
 
 def request_work(settings: ResolvedSettings, points: int = 1) -> int:
     s = settings
-    return work(s.rounds, s.steps, s.frames, s.height, s.width, points)
+    return work(s.rounds, s.steps, s.frames, s.height, s.width, points, s.round_steps)
 
 
 @dataclass(frozen=True)
@@ -112,12 +117,19 @@ class ServiceLimits:
             return
         s = settings
         sweep = f" x {points} {points_name}" if points > 1 else ""
-        per_step = needed // s.steps
-        fit = f"; at these settings at most {limit // per_step} steps fit" if limit >= per_step else ""
+        pixels = 2 * points * s.frames * s.height * s.width
+        later = (s.rounds - 1) * s.round_steps  # steps of the rounds after the first, per side
+        if s.round_steps == s.steps:
+            rounds = f"{s.rounds} timing rounds{sweep} x {s.steps} steps"
+        else:
+            rounds = (f"{s.steps + later} steps per side (timing rounds: the first of {s.steps} steps, "
+                      f"{s.rounds - 1} of {s.round_steps}){sweep}")
+        most = limit // pixels - later if s.round_steps != s.steps else limit // (pixels * s.rounds)
+        fit = f"; at these settings at most {most} steps fit" if most >= 1 else ""
         raise RequestError(
-            f"this request is too large for this server: 2 sides x {s.rounds} timing rounds{sweep} x {s.steps} steps "
-            f"x {s.frames} frames x {s.height}x{s.width} pixels = {needed:,} frame-pixel steps; the limit for "
-            f"{preset.label} is {limit:,}{fit}. Lower the steps, frames, size, timing rounds or {points_name}.",
+            f"this request is too large for this server: 2 sides x {rounds} x {s.frames} frames x {s.height}x{s.width} "
+            f"pixels = {needed:,} frame-pixel steps; the limit for {preset.label} is {limit:,}{fit}. Lower the steps, "
+            f"frames, size, timing rounds or {points_name}.",
             "steps",
         )
 

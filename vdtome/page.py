@@ -15,7 +15,8 @@ import pandas as pd
 
 from .metrics import PSNR_CAP_DB
 from .report import COLUMNS
-from .ui import PLOT_SPEEDUP, ComparisonView
+from .stats import Verdict
+from .ui import CLAIMS, PLOT_SPEEDUP, ComparisonView
 from .video_io import heat_scale_stops
 
 # Charts draw as SVG: crisp in screenshots, and their marks are elements a test can count.
@@ -109,56 +110,81 @@ def _differing(records: Sequence[dict[str, Any]]) -> list[str]:
     """Per record, the settings whose value is not the same in every record, as text."""
     keys = sorted({key for r in records for key in r.get("settings", {})})
     varying = [k for k in keys if len({r.get("settings", {}).get(k) for r in records}) > 1]
-    return ["; ".join(f"{k}={r.get('settings', {}).get(k, 'n/a')}" for k in varying) or "(same settings)"
+    def shown(value: Any) -> str:
+        text = str(value)
+        return text if len(text) <= 40 else text[:39] + "…"
+
+    return ["; ".join(f"{k}={shown(r.get('settings', {}).get(k, 'n/a'))}" for k in varying) or "(same settings)"
             for r in records]
 
 
 def history_points(history: Sequence[dict[str, Any]]) -> pd.DataFrame:
-    """The chart's points: every run with a speedup and a PSNR; identical videos (ratio 0) are the
-    anchor at the PSNR cap."""
+    """The chart's points: every run with a speedup and a PSNR, its interval and what it claims;
+    identical videos (ratio 0) are the anchor at the PSNR cap."""
     records = [r for r in history if r.get("point") is not None]
     rows = []
     for record, differs in zip(records, _differing(records)):
         point = record["point"]
         psnr = point[PSNR_AXIS]
+        claim = point.get("claim") or CLAIMS.get(Verdict(point["verdict"]), point["verdict"])
         rows.append({
             "run": point["run"], PSNR_AXIS: psnr, PLOT_SPEEDUP: point[PLOT_SPEEDUP],
-            "interval": point["interval"], "verdict": point["verdict"], "methods": point["methods"],
+            "low": point.get("low"), "high": point.get("high"),
+            "interval": point["interval"], "verdict": point["verdict"], "claim": claim,
+            "tested": Verdict(point["verdict"]).tested, "methods": point["methods"],
             "series": record.get("series") or "single runs", "sweep": bool(record.get("series")),
             "anchor": psnr >= PSNR_CAP_DB, "what differs": differs,
         })
-    return pd.DataFrame(rows, columns=["run", PSNR_AXIS, PLOT_SPEEDUP, "interval", "verdict", "methods", "series",
-                                       "sweep", "anchor", "what differs"])
+    return pd.DataFrame(rows, columns=["run", PSNR_AXIS, PLOT_SPEEDUP, "low", "high", "interval", "verdict", "claim",
+                                       "tested", "methods", "series", "sweep", "anchor", "what differs"])
 
 
 def history_chart(history: Sequence[dict[str, Any]]) -> alt.LayerChart | None:
-    """Speedup against fidelity: a 1x line, each sweep a connected curve in its own colour, single
-    runs as points, identical-output runs as diamonds at the PSNR cap; axes padded."""
+    """Speedup against fidelity: a 1x line; every point with its interval (a vertical bar); tested
+    verdicts as filled marks in their sweep's colour, shaped by what they claim; untested runs and
+    runs whose method did nothing as grey open crosses (their ratio is noise, not a speed); each
+    sweep a connected curve; identical-output runs at the PSNR cap. Fills its container's width,
+    legends below the plot (readable at a phone's 390 px)."""
     data = history_points(history)
     if data.empty:
         return None
-    x = alt.X(f"{PSNR_AXIS}:Q", title=f"PSNR vs baseline (dB; identical videos at the {PSNR_CAP_DB:g} dB cap)",
+    x = alt.X(f"{PSNR_AXIS}:Q", title=["PSNR vs baseline (dB)", f"identical videos at the {PSNR_CAP_DB:g} dB cap"],
               scale=alt.Scale(zero=False, padding=24, nice=False))
-    y = alt.Y(f"{PLOT_SPEEDUP}:Q", scale=alt.Scale(zero=False, padding=24, nice=False))
-    tooltip = ["run", "methods", alt.Tooltip(f"{PLOT_SPEEDUP}:Q", format=".3f"), "interval", "verdict",
-               alt.Tooltip(f"{PSNR_AXIS}:Q", format=".2f"), "what differs", "series"]
-    colour = alt.Color("series:N", title="series")
-    base = alt.Chart(data).encode(x=x, y=y, tooltip=tooltip, color=colour)
+    y = alt.Y(f"{PLOT_SPEEDUP}:Q", title=["end-to-end speedup", "(below 1 = slower)"],
+              scale=alt.Scale(zero=False, padding=24, nice=False))
+    tooltip = ["run", "methods", alt.Tooltip(f"{PLOT_SPEEDUP}:Q", format=".3f", title="speedup (median)"), "interval",
+               "claim", alt.Tooltip(f"{PSNR_AXIS}:Q", format=".2f"), "what differs", "series"]
+    colour = alt.Color("series:N", title="series", legend=alt.Legend(labelLimit=320))
+    base = alt.Chart(data).encode(x=x, y=y, tooltip=tooltip)
+    tested = base.transform_filter("datum.tested")
+    untested = base.transform_filter("!datum.tested")
     one = alt.Chart(pd.DataFrame({PLOT_SPEEDUP: [1.0]})).mark_rule(strokeDash=[6, 4], color="#475569").encode(
         y=f"{PLOT_SPEEDUP}:Q")
-    layers = [one,
-              base.transform_filter("datum.sweep").mark_line(strokeWidth=2).encode(order="run:Q",
-                                                                                      detail="series:N"),
-              base.mark_point(filled=True, size=70).encode(
-                  shape=alt.Shape("anchor:N", title="identical to baseline",
-                                  scale=alt.Scale(domain=[False, True], range=["circle", "diamond"])))]
+    claim_order = list(CLAIMS.values())
+    shapes = alt.Scale(domain=claim_order, range=["triangle-up", "triangle-down", "circle", "cross", "cross"])
+    layers = [
+        one,
+        tested.transform_filter("datum.low != null").mark_rule(strokeWidth=2, opacity=0.6).encode(
+            y="low:Q", y2="high:Q", color=colour),
+        untested.transform_filter("datum.low != null").mark_rule(strokeWidth=1, strokeDash=[2, 2],
+                                                                 color="#94a3b8").encode(y="low:Q", y2="high:Q"),
+        base.transform_filter("datum.sweep").mark_line(strokeWidth=1.5, opacity=0.7).encode(
+            order="run:Q", detail="series:N", color=colour),
+        tested.mark_point(filled=True, size=90, opacity=1).encode(
+            color=colour, shape=alt.Shape("claim:N", title="what the run shows", scale=shapes,
+                                          legend=alt.Legend(labelLimit=320))),
+        untested.mark_point(filled=False, size=90, color="#64748b", strokeWidth=1.5).encode(
+            shape=alt.Shape("claim:N", scale=shapes)),
+    ]
     if data["anchor"].any():
-        cap = alt.Chart(pd.DataFrame({PSNR_AXIS: [PSNR_CAP_DB], "label": ["PSNR cap (identical)"]}))
+        cap = alt.Chart(pd.DataFrame({PSNR_AXIS: [PSNR_CAP_DB], "label": ["PSNR cap"]}))
         layers += [cap.mark_rule(color="#94a3b8", strokeDash=[2, 2]).encode(x=f"{PSNR_AXIS}:Q"),
                    cap.mark_text(align="right", dx=-4, dy=-6, color="#475569", baseline="bottom").encode(
                        x=f"{PSNR_AXIS}:Q", y=alt.value(0), text="label:N")]
-    return alt.layer(*layers, title="Speedup against fidelity (1x line: as fast as the baseline)").properties(
-        height=320, usermeta=SVG)
+    title = alt.TitleParams("Speedup against fidelity", subtitle=["bars: each run's interval; open grey marks:",
+                                                                  "not tested or did nothing (no claim)"])
+    return alt.layer(*layers, title=title).resolve_scale(shape="shared").properties(
+        height=320, width="container", usermeta=SVG).configure_legend(orient="bottom", direction="vertical", columns=1)
 
 
 CSS = """
@@ -172,6 +198,8 @@ CSS = """
 .headline .tone-better { background: #dcfce7; border-color: #16a34a; color: #14532d; }
 .headline .tone-worse { background: #fee2e2; border-color: #dc2626; color: #7f1d1d; }
 .headline .tone-neutral { background: #f1f5f9; border-color: #94a3b8; color: #1e293b; }
+.headline .tone-untested { background: #f8fafc; border: 1px dashed #94a3b8; color: #475569; }
+.headline .tone-untested .card-value { font-weight: 400; font-style: italic; }
 .headline .result-title { margin: 0 0 6px 0; font-weight: 600; }
 .headline.stale { opacity: 0.55; }
 .headline .result-error { color: #b91c1c; }

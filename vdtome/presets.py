@@ -240,7 +240,9 @@ class ModelPreset:
     ``extras`` holds model-specific loading hints (``component_dtypes``, ``max_sequence_length``,
     ``scheduler``, ...). Treat the dict fields as read-only.
 
-    ``timing_rounds``: default number of timing rounds (see :mod:`vdtome.protocol`); ``gpu_memory_gb``:
+    ``timing_rounds``: default number of timing rounds (see :mod:`vdtome.protocol`); ``timing_steps``:
+    steps of the rounds after the first for a stack whose steps all cost alike (None: full
+    length); ``gpu_memory_gb``:
     the GPU memory the loader needs at the defaults (everything on the GPU, no offload); ``gpu_time``:
     GPU-seconds estimates for ZeroGPU; ``vae_tiling``: decode in tiles (as the model's own example
     does); ``negative_prompt_unsupported``: why the model takes no negative prompt (None: it does).
@@ -269,6 +271,7 @@ class ModelPreset:
     extras: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
     timing_rounds: int = 1
+    timing_steps: int | None = None
     gpu_memory_gb: float | None = None
     gpu_time: GpuTime | None = None
     vae_tiling: bool = False
@@ -422,6 +425,9 @@ def _parse_preset(path: Path, index: int, raw: Any) -> ModelPreset:
     if guidance < 0:
         defaults.fail("guidance_scale", f"must be >= 0, got {guidance}")
     rounds = defaults.positive_int("timing_rounds")
+    timing_steps = defaults.get("timing_steps", int, required=False)
+    if timing_steps is not None and timing_steps < 3:
+        defaults.fail("timing_steps", f"must be at least 3 (a step after the first to measure), got {timing_steps}")
     requires_gpu = r.get("requires_gpu", bool)
     gpu_memory_gb = r.get("gpu_memory_gb", (int, float), required=requires_gpu)
     if gpu_memory_gb is not None and gpu_memory_gb <= 0:
@@ -453,6 +459,7 @@ def _parse_preset(path: Path, index: int, raw: Any) -> ModelPreset:
         extras=dict(r.get("extras", dict, required=False, default={})),
         notes=r.get("notes", str, required=False, default=""),
         timing_rounds=rounds,
+        timing_steps=timing_steps,
         gpu_memory_gb=None if gpu_memory_gb is None else float(gpu_memory_gb),
         gpu_time=gpu_time,
         vae_tiling=r.get("vae_tiling", bool, required=False, default=False),

@@ -1,6 +1,8 @@
 """The timing protocol: which calls a comparison makes, in what order, and what may be concluded.
 
-One request makes these calls on one loaded pipeline, in one process, on one device:
+One request makes these calls on one loaded pipeline, in one process, on one device
+(:func:`plan_calls` writes the schedule once; the engine, the progress bar, the work limit and
+the GPU-time estimate all read it):
 
 1. **Warm-ups, untimed.** Once per loaded pipeline and video size, a short full call (text
    encoder and VAE decoder included). Then, in every request, a short denoiser-only call
@@ -9,29 +11,38 @@ One request makes these calls on one loaded pipeline, in one process, on one dev
    alternates from round to round (baseline first in odd rounds) so neither side always runs
    second. Round 1 holds the calls that decode the videos (the baseline's only when its video is
    not cached); later rounds stop at the latents. A cached baseline gives its video and fidelity
-   only: its timing is always measured again in this request's rounds.
-3. **Figures.** The denoising speedup is the median of paired ratios with a distribution-free
-   interval (:mod:`vdtome.stats`): a pair is a round when there are at least
-   :data:`~vdtome.stats.MIN_PAIRS` rounds; with fewer rounds, and a method whose steps all cost
-   alike, a pair is one denoising step of the two calls of a round (the steps are the repeats).
-   End-to-end is projected (Amdahl): the denoising times plus the untouched time (text encoding,
-   decode, set-up) measured in this request's decoding calls, the same on both sides; its interval
-   spans the denoising interval and the range of the untouched times measured. Phases the method
-   does not touch are shown as unchanged and double as a noise check: when they differ between
-   the sides by more than :data:`BUSY_THRESHOLD`, or their paired ratios (or the denoising
-   loop's) spread over more than :data:`BUSY_SPREAD`, the machine was busy and the result says so.
+   only: its timing is always measured again in this request's rounds. When every denoising step
+   of the stack costs alike (token merging without matching reuse), the later rounds may be
+   *short*: a few steps each (``timing_steps``), and every round is then compared by its mean
+   step after the first (the first also carries the loop's one-off costs).
+3. **Figures.** The denoising speedup is the median of the rounds' paired ratios with a
+   distribution-free interval (:mod:`vdtome.stats`). A pair is always a pair of *calls*: the
+   steps of one call share its conditions and are never counted as repeats, so fewer than
+   :data:`~vdtome.stats.MIN_PAIRS` rounds give no interval and no verdict ("not tested"). The
+   noise threshold under which a significant change is still called noise is measured: the
+   consecutive calls of one side are identical work, so their ratios are A/A pairs, kept per host
+   and preset (:mod:`vdtome.noise`). End-to-end is projected (Amdahl): the denoising times plus
+   the untouched time (text encoding, decode, set-up) measured in this request's decoding calls,
+   the same on both sides; its interval spans the denoising interval and the range of the
+   untouched times measured. Phases the method does not touch are shown as unchanged and double
+   as a noise check: when they differ between the sides by more than :data:`BUSY_THRESHOLD`, or
+   their paired ratios (or the denoising loop's) spread over more than :data:`BUSY_SPREAD`, or
+   other processes used the cores this request needs (:class:`~vdtome.measure.HostLoad`), the
+   machine was busy and the result says so.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .host_load import HostLoad
 from .measure import DENOISING, END_TO_END, TEXT_ENCODING, VAE_DECODE, MemoryReport, TimingReport
+from .noise import NoiseThreshold
 from .presets import ModelPreset
-from .stats import MIN_PAIRS, Ratio, diluted, median, paired_ratio
+from .stats import Ratio, diluted, median, paired_ratio
 
 BASELINE = "baseline"
 ACCELERATED = "accelerated"
@@ -62,6 +73,68 @@ def round_order(round_number: int) -> tuple[str, str]:
     return (BASELINE, ACCELERATED) if round_number % 2 else (ACCELERATED, BASELINE)
 
 
+#: A short timing round needs a step after the first to measure (the first carries one-off costs).
+MIN_TIMING_STEPS = 3
+PIPELINE_WARMUP, WARMUP, TIMED = "pipeline warm-up", "warm-up", "timed"
+
+
+@dataclass(frozen=True)
+class PlannedCall:
+    """One pipeline call of a request: ``kind`` (:data:`PIPELINE_WARMUP` with the text encoder and
+    decoder, :data:`WARMUP` denoiser only, :data:`TIMED`), side, round (timed calls), steps,
+    whether it decodes a video."""
+
+    kind: str
+    side: str
+    round: int | None
+    steps: int
+    decode: bool
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Every call of one request in order (see the module docstring)."""
+
+    calls: tuple[PlannedCall, ...]
+
+    @property
+    def total_steps(self) -> int:
+        """Denoising steps of every call: the progress bar's total."""
+        return sum(call.steps for call in self.calls)
+
+    @property
+    def timed_steps(self) -> int:
+        return sum(call.steps for call in self.calls if call.kind == TIMED)
+
+    @property
+    def warmup_steps(self) -> int:
+        return sum(call.steps for call in self.calls if call.kind != TIMED)
+
+    @property
+    def decodes(self) -> int:
+        return sum(call.decode for call in self.calls)
+
+    def __add__(self, other: "Schedule") -> "Schedule":
+        return Schedule(self.calls + other.calls)
+
+
+def plan_calls(rounds: int, steps: int, timing_steps: int, warmup_steps: int, warm_pipeline: bool,
+               decode_baseline: bool = True) -> Schedule:
+    """The calls of one comparison. ``timing_steps``: steps of the rounds after the first
+    (``steps`` for full rounds); ``warm_pipeline``: this pipeline has not run at this size yet;
+    ``decode_baseline``: the baseline video is not cached."""
+    warm = min(warmup_steps, steps)
+    calls = [PlannedCall(PIPELINE_WARMUP, BASELINE, None, warm, True)] if warm_pipeline else []
+    calls.append(PlannedCall(WARMUP, BASELINE, None, warm, False))
+    for round_number in range(1, rounds + 1):
+        for side in round_order(round_number):
+            if side == ACCELERATED and round_number == 1:  # after the baseline video: a failure here keeps it
+                calls.append(PlannedCall(WARMUP, ACCELERATED, None, warm, False))
+            decode = round_number == 1 and (side == ACCELERATED or decode_baseline)
+            calls.append(PlannedCall(TIMED, side, round_number, steps if round_number == 1 else timing_steps, decode))
+    return Schedule(tuple(calls))
+
+
 @dataclass(frozen=True)
 class TimedCall:
     """One timed pipeline call of the protocol."""
@@ -90,7 +163,9 @@ class PhaseFigures:
 
     ``touched``: the method can change this phase. For an untouched phase, ``check`` says what its
     noise check found, in words, and ``busy`` the reason it says the machine was busy (None when
-    the two sides agree within the expected noise, or the phase cannot tell).
+    the two sides agree within the expected noise, or the phase cannot tell). ``per_step``: the
+    milliseconds are the mean step after the first of each call (short timing rounds), not the
+    whole loop.
     """
 
     phase: str
@@ -100,10 +175,18 @@ class PhaseFigures:
     touched: bool
     busy: str | None = None
     check: str = ""
+    per_step: bool = False
 
     @property
     def label(self) -> str:
         return PHASE_LABELS.get(self.phase, self.phase)
+
+    def median_text(self, side: str) -> str | None:
+        """A side's median as the cards and the players' captions write it (None: not measured)."""
+        ms = getattr(self, f"{side}_ms")
+        if ms is None:
+            return None
+        return f"{ms:.1f} ms/step" if self.per_step else f"{ms / 1000:.2f} s"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -115,6 +198,7 @@ class PhaseFigures:
             "touched": self.touched,
             "busy": self.busy,
             "check": self.check,
+            "per_step": self.per_step,
         }
 
 
@@ -200,13 +284,17 @@ class TimingSummary:
     memory: tuple[MemoryFigures, ...]  # whole call, then denoising (each where both sides have one)
     steps_alike: bool = True
     calls: tuple[TimedCall, ...] = field(repr=False, default=())
+    noise: NoiseThreshold | None = None  # the verdicts' noise threshold and what it rests on
+    host_load: HostLoad | None = None  # what other processes did to the cores meanwhile
 
     @property
     def busy_warning(self) -> str | None:
-        """Why the machine looks busy: an untouched phase that differs between the sides, or any
-        phase (the denoising loop included) whose paired ratios spread over :data:`BUSY_SPREAD`
-        between rounds (the same calls repeated should give the same ratio)."""
-        reasons = [phase.busy for phase in self.untouched if phase.busy]
+        """Why the machine looks busy: other processes used the cores this request needed, an
+        untouched phase differs between the sides, or any phase (the denoising loop included) has
+        paired ratios spread over :data:`BUSY_SPREAD` between rounds (the same calls repeated
+        should give the same ratio)."""
+        reasons = [self.host_load.busy] if self.host_load is not None and self.host_load.busy else []
+        reasons += [phase.busy for phase in self.untouched if phase.busy]
         ratio = self.denoising.ratio
         if ratio is not None and ratio.unit == "rounds" and ratio.has_interval and ratio.spread > BUSY_SPREAD:
             reasons.append(f"the denoising ratio itself varied {ratio.spread:.1f}x between rounds "
@@ -219,6 +307,13 @@ class TimingSummary:
             "unreliable; rerun when the machine is quiet."
         )
 
+    def without_claim(self, reason: str) -> "TimingSummary":
+        """The same figures with no speed verdict (``reason``: why, e.g. no method acted)."""
+        def unclaimed(figures: PhaseFigures) -> PhaseFigures:
+            return figures if figures.ratio is None else replace(figures, ratio=figures.ratio.without_claim(reason))
+
+        return replace(self, denoising=unclaimed(self.denoising), end_to_end=unclaimed(self.end_to_end))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "rounds": self.rounds,
@@ -228,6 +323,8 @@ class TimingSummary:
             "seconds_per_step": {"baseline": self.seconds_per_step[0], "accelerated": self.seconds_per_step[1],
                                  "statistic": "median step" if self.steps_alike else "mean step of the loop"},
             "memory": [figures.to_dict() for figures in self.memory],
+            "noise": None if self.noise is None else self.noise.to_dict(),
+            "host_load": None if self.host_load is None else self.host_load.to_dict(),
             "busy_warning": self.busy_warning,
             "calls": [call.to_dict() for call in self.calls],
         }
@@ -254,32 +351,48 @@ def _phase_pairs(pairs: Sequence[tuple[TimedCall, TimedCall]], phase: str) -> tu
     return base, fast
 
 
-def _step_pairs(pairs: Sequence[tuple[TimedCall, TimedCall]]) -> tuple[list[float], list[float]]:
-    """Step i of a round's baseline call with step i of its accelerated call, from step 1 on:
-    step 0 also carries the loop's one-off costs, so it is not like the others."""
+def call_time(call: TimedCall, per_step: bool) -> float | None:
+    """What a call is compared by: its denoising loop, or (``per_step``: rounds of different
+    lengths) its mean step after the first, which carries the loop's one-off costs."""
+    if not per_step:
+        return call.timing.get(DENOISING)
+    steps = [t for t in call.timing.steps_ms[1:] if t]
+    return sum(steps) / len(steps) if steps else None
+
+
+def _call_pairs(pairs: Sequence[tuple[TimedCall, TimedCall]], per_step: bool) -> tuple[list[float], list[float]]:
     base, fast = [], []
     for b, a in pairs:
-        for tb, ta in zip(b.timing.steps_ms[1:], a.timing.steps_ms[1:]):
-            if tb and ta:
-                base.append(tb)
-                fast.append(ta)
+        tb, ta = call_time(b, per_step), call_time(a, per_step)
+        if tb and ta:
+            base.append(tb)
+            fast.append(ta)
     return base, fast
+
+
+def aa_log_ratios(calls: Iterable[TimedCall], per_step: bool) -> list[float]:
+    """A/A measurements of this request: log time ratios of consecutive calls of one side (the
+    same work twice), both sides, in round order."""
+    out = []
+    for side in SIDES:
+        times = [call_time(c, per_step) for c in sorted((c for c in calls if c.side == side), key=lambda c: c.round)]
+        out += [math.log(a / b) for a, b in zip(times, times[1:]) if a and b]
+    return out
 
 
 def _median_or_none(values: Sequence[float]) -> float | None:
     return median(values) if values else None
 
 
-def denoising_ratio(pairs: Sequence[tuple[TimedCall, TimedCall]], steps_alike: bool) -> Ratio | None:
-    """Rounds as the repeats when there are enough; else the steps, when they all cost alike."""
-    base, fast = _phase_pairs(pairs, DENOISING)
+def denoising_ratio(pairs: Sequence[tuple[TimedCall, TimedCall]], per_step: bool = False,
+                    noise: NoiseThreshold | None = None) -> Ratio | None:
+    """The rounds' paired ratio, judged against ``noise``'s threshold (the default without one)."""
+    base, fast = _call_pairs(pairs, per_step)
     if not base:
         return None
-    if len(base) < MIN_PAIRS and steps_alike:
-        step_base, step_fast = _step_pairs(pairs)
-        if len(step_base) >= MIN_PAIRS:
-            return paired_ratio(step_base, step_fast, unit="steps")
-    return paired_ratio(base, fast, unit="rounds")
+    if noise is None:
+        return paired_ratio(base, fast)
+    return paired_ratio(base, fast, threshold=noise.threshold, threshold_source=noise.source)
 
 
 def _noise_check(phase: str, ratio: Ratio | None, gpu_clock: bool, median_ms: float | None) -> tuple[str, str | None]:
@@ -361,47 +474,57 @@ def summarise(
     touched: Iterable[str] = (DENOISING,),
     steps_alike: bool = True,
     cached_baseline_memory: MemoryReport | None = None,
+    per_step: bool = False,
+    noise: NoiseThreshold | None = None,
+    host_load: HostLoad | None = None,
 ) -> TimingSummary:
-    """The figures of one request's calls (see the module docstring for the rules)."""
+    """The figures of one request's calls (see the module docstring for the rules). ``per_step``:
+    the rounds differ in length (short timing rounds) and are compared by their mean step after
+    the first; ``noise``: the verdicts' noise threshold (the default without one)."""
     pairs = _by_round(calls)
     if not pairs:
         raise ValueError("no complete round: nothing to compare")
     touched = frozenset(touched)
-    base_ms, fast_ms = _phase_pairs(pairs, DENOISING)
-    ratio = denoising_ratio(pairs, steps_alike)
-    denoising = PhaseFigures(DENOISING, _median_or_none(base_ms), _median_or_none(fast_ms), ratio, touched=True)
-
+    base_ms, fast_ms = _call_pairs(pairs, per_step)
+    ratio = denoising_ratio(pairs, per_step, noise)
+    denoising = PhaseFigures(DENOISING, _median_or_none(base_ms), _median_or_none(fast_ms), ratio, touched=True,
+                             per_step=per_step)
+    # The loops the end-to-end projection adds the untouched time to: full length (a short round's
+    # mean step times the full call's steps).
+    full_steps = max((len(c.timing.steps_ms) for c in calls if c.decoded), default=0)
+    scale = full_steps if per_step else 1
     rest = _untouched_ms(calls)
-    if ratio is not None and rest and denoising.accelerated_ms:
+    if ratio is not None and rest and denoising.accelerated_ms and scale:
         untouched_ms = sum(rest) / len(rest)
-        whole = diluted(ratio, denoising.accelerated_ms, untouched_ms, (min(rest), max(rest)))
-        end_to_end = PhaseFigures(
-            END_TO_END, denoising.baseline_ms + untouched_ms, denoising.accelerated_ms + untouched_ms, whole, touched=True
-        )
+        base_loop, fast_loop = denoising.baseline_ms * scale, denoising.accelerated_ms * scale
+        whole = diluted(ratio, fast_loop, untouched_ms, (min(rest), max(rest)))
+        end_to_end = PhaseFigures(END_TO_END, base_loop + untouched_ms, fast_loop + untouched_ms, whole, touched=True)
     else:
         end_to_end = PhaseFigures(END_TO_END, None, None, None, touched=True)
 
     untouched = tuple(_untouched_phase(calls, pairs, phase) for phase in (TEXT_ENCODING, VAE_DECODE)
                       if phase not in touched)
-    per_step = []
+    seconds_per_step = []
     for side_index in (0, 1):
         if steps_alike:
             steps = [t for pair in pairs for t in pair[side_index].timing.steps_ms if t]
-            per_step.append(median(steps) / 1000 if steps else None)
+            seconds_per_step.append(median(steps) / 1000 if steps else None)
             continue
         loops = [(pair[side_index].timing.phases_ms.get(DENOISING), len(pair[side_index].timing.steps_ms))
                  for pair in pairs]
         means = [ms / count / 1000 for ms, count in loops if ms and count]
-        per_step.append(median(means) if means else None)
+        seconds_per_step.append(median(means) if means else None)
     return TimingSummary(
         rounds=len(pairs),
         denoising=denoising,
         end_to_end=end_to_end,
         untouched=untouched,
-        seconds_per_step=(per_step[0], per_step[1]),
+        seconds_per_step=(seconds_per_step[0], seconds_per_step[1]),
         steps_alike=steps_alike,
         memory=tuple(m for m in (_memory(calls, True, cached_baseline_memory), _memory(calls, False, None)) if m),
         calls=tuple(calls),
+        noise=noise,
+        host_load=host_load,
     )
 
 
@@ -447,11 +570,13 @@ class GpuEstimate:
 
 
 def estimate_gpu_time(preset: ModelPreset, steps: int, frames: int, height: int, width: int, rounds: int,
-                      points: int = 1, warmup_steps: int = 2, calibrates: bool = False) -> GpuEstimate:
+                      points: int = 1, warmup_steps: int = 2, calibrates: bool = False,
+                      timing_steps: int | None = None) -> GpuEstimate:
     """GPU seconds for ``points`` comparisons of one sweep (one baseline video, then one accelerated
-    video per point), each with ``rounds`` timing rounds, following the protocol's plan.
-    ``calibrates``: a method of the stack calibrates first (one untimed run at the warm-up's step
-    count and one at the request's; a ZeroGPU worker forgets calibrations, so always counted)."""
+    video per point), each following :func:`plan_calls` with ``rounds`` timing rounds
+    (``timing_steps``: the later rounds' steps; None: full length). ``calibrates``: a method of the
+    stack calibrates first (one untimed run at the warm-up's step count and one at the request's; a
+    ZeroGPU worker forgets calibrations, so always counted)."""
     gpu = preset.gpu_time
     if gpu is None:
         raise ValueError(f"preset {preset.name!r} has no gpu_time figures")
@@ -459,14 +584,18 @@ def estimate_gpu_time(preset: ModelPreset, steps: int, frames: int, height: int,
     # Attention grows with the square of the token count: above the defaults, scale quadratically.
     step_s = gpu.step_s * (volume**2 if volume > 1 else max(volume, 0.1))
     decode_s = gpu.decode_s * max(volume, 0.1)
+    schedule = Schedule(())
+    for point in range(points):  # the pipeline warms up and the baseline video is made once
+        schedule += plan_calls(rounds, steps, timing_steps or steps, warmup_steps, warm_pipeline=point == 0,
+                               decode_baseline=point == 0)
+    warm_decodes = sum(call.decode for call in schedule.calls if call.kind == PIPELINE_WARMUP)
     warmup = min(warmup_steps, steps)
-    calls = points * (2 + 2 * rounds) + 1  # warm-ups and timed calls, plus the pipeline warm-up
     parts = dict(
         load_s=gpu.load_s,
-        warmup_s=(warmup + points * 2 * warmup) * step_s + decode_s,
-        denoising_s=points * rounds * 2 * steps * step_s,
-        decode_s=(1 + points) * decode_s,
-        text_s=(calls + 2 * calibrates) * gpu.text_s,
+        warmup_s=schedule.warmup_steps * step_s + warm_decodes * decode_s,
+        denoising_s=schedule.timed_steps * step_s,
+        decode_s=(schedule.decodes - warm_decodes) * decode_s,
+        text_s=(len(schedule.calls) + 2 * calibrates) * gpu.text_s,
         calibration_s=calibrates * (warmup + steps) * step_s,
     )
     margin = sum(parts.values()) * (GPU_TIME_MARGIN - 1) + GPU_TIME_SLACK_S
@@ -479,12 +608,18 @@ __all__ = [
     "BUSY_THRESHOLD",
     "GpuEstimate",
     "MAX_GPU_SECONDS",
+    "MIN_TIMING_STEPS",
     "MemoryFigures",
     "PhaseFigures",
+    "PlannedCall",
+    "Schedule",
     "TimedCall",
     "TimingSummary",
+    "aa_log_ratios",
+    "call_time",
     "denoising_ratio",
     "estimate_gpu_time",
+    "plan_calls",
     "round_order",
     "summarise",
 ]

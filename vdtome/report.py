@@ -14,7 +14,6 @@ from .compare import ComparisonResult
 from .measure import environment_line
 from .metrics import PSNR_CAP_DB
 from .protocol import MemoryFigures, PhaseFigures
-from .stats import NOISE_THRESHOLD
 
 COLUMNS = ("metric", "baseline", "accelerated", "change", "better")
 END_TO_END_LABEL = "end-to-end (projected: denoising + untouched phases measured here)"
@@ -23,6 +22,10 @@ NA = "n/a"
 
 def _seconds(ms: float | None) -> str:
     return NA if ms is None else f"{ms / 1000:.3f} s"
+
+
+def _milliseconds(ms: float | None) -> str:
+    return NA if ms is None else f"{ms:.1f} ms / step"
 
 
 def _mib(value: float | None) -> str:
@@ -38,18 +41,19 @@ def _timing_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str
     timing = result.timing
     if timing is None:
         return [("denoising loop", NA, NA, "not measured: the comparison did not finish", "lower")]
-    ratio = timing.denoising.ratio
-    if ratio is not None and ratio.unit == "steps":
-        repeats = f"{timing.rounds} round{'s' if timing.rounds != 1 else ''}; steps 2-{result.settings.steps} as the repeats"
-    else:
-        repeats = f"median of {timing.rounds} round{'s' if timing.rounds != 1 else ''}"
+    rounds = f"{timing.rounds} round{'s' if timing.rounds != 1 else ''}"
 
     def touched(figures: PhaseFigures, label: str) -> tuple[str, str, str, str, str]:
         change = NA if figures.ratio is None else figures.ratio.text()
+        if figures.per_step:
+            return (label, _milliseconds(figures.baseline_ms), _milliseconds(figures.accelerated_ms), change, "lower")
         return (label, _seconds(figures.baseline_ms), _seconds(figures.accelerated_ms), change, "lower")
 
+    denoising = (f"denoising, mean step after the first (median of {rounds}: the first of "
+                 f"{result.settings.steps} steps, the others of {result.settings.round_steps})"
+                 if timing.denoising.per_step else f"denoising loop (median of {rounds})")
     rows = [
-        touched(timing.denoising, f"denoising loop ({repeats})"),
+        touched(timing.denoising, denoising),
         touched(timing.end_to_end, END_TO_END_LABEL),
     ]
     base_step, fast_step = timing.seconds_per_step
@@ -125,14 +129,20 @@ def protocol_line(result: ComparisonResult) -> str:
     timing = result.timing
     if timing is None:
         return ""
-    unit = timing.denoising.ratio.unit if timing.denoising.ratio is not None else "rounds"
-    repeats = "denoising steps of each round" if unit == "steps" else "rounds"
+    s = result.settings
+    rounds = (f"{timing.rounds} round(s) of baseline and accelerated calls made back to back in this request "
+              "(order alternating, after untimed warm-ups)")
+    if timing.denoising.per_step:
+        rounds += (f", the first of {s.steps} steps, the others of {s.round_steps} (the stack's steps all cost alike: "
+                   "calls compared by their mean step after the first)")
+    ratio = timing.denoising.ratio
+    threshold = "" if ratio is None else f"changes under the {ratio.threshold_text()} or "
     return (
-        f"Timing: {timing.rounds} round(s) of baseline and accelerated calls made back to back in this request "
-        f"(order alternating, after untimed warm-ups); a change is the median of paired ratios over the {repeats} "
-        "(so it need not equal the ratio of the two medians shown) with a distribution-free interval; end-to-end "
-        "is projected from the denoising times and this request's measured untouched phases; changes under "
-        f"{NOISE_THRESHOLD:.0%} or with an interval that includes 1 are not called faster or slower."
+        f"Timing: {rounds}; a change is the median of paired ratios over the rounds, each pair two calls (the steps "
+        "of one call are never counted as repeats; so it need not equal the ratio of the two medians shown) with "
+        f"a distribution-free interval, and fewer than 6 rounds are not tested; end-to-end is projected from the "
+        f"denoising times and this request's measured untouched phases; {threshold}with an interval that includes "
+        "1 are not called faster or slower."
     )
 
 

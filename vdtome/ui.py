@@ -19,7 +19,7 @@ from .compare import ComparisonRequest, ComparisonResult, ResolvedSettings, reso
 from .methods import METHODS, FormField, Method, check_stack, field_owner, method_of
 from .metrics import PSNR_CAP_DB
 from .presets import ModelPreset, get_preset, load_prompts
-from .protocol import GpuEstimate, estimate_gpu_time
+from .protocol import GpuEstimate, PhaseFigures, estimate_gpu_time
 from .measure import environment_line
 from .report import metric_rows, protocol_line
 from .stats import Ratio, Verdict, speed_phrase
@@ -159,6 +159,8 @@ class HistoryEntry:
 
     run: int
     model: str
+    prompt: str
+    seed: int
     stack: str
     evidence: str
     end_to_end: Ratio | None
@@ -175,6 +177,8 @@ class HistoryEntry:
         return [
             self.run,
             self.model,
+            self.prompt,
+            self.seed,
             self.stack,
             self.evidence,
             "n/a" if self.end_to_end is None else self.end_to_end.short(),
@@ -185,8 +189,14 @@ class HistoryEntry:
             "from cache" if self.baseline_cached else "made",
         ]
 
+    def figures(self) -> dict[str, Any]:
+        """The speedups as numbers (value, interval, verdict) for the CSV export."""
+        return {name: _ratio_numbers(ratio) for name, ratio in (("denoising", self.denoising),
+                                                                ("end_to_end", self.end_to_end))}
+
     def point(self) -> dict[str, Any] | None:
-        """The run on the speedup / fidelity chart (None without both figures)."""
+        """The run on the speedup / fidelity chart (None without both figures). ``claim``: the
+        verdict in the words of the chart's legend; only tested verdicts are drawn as claims."""
         if self.end_to_end is None or self.psnr_db is None:
             return None
         ratio = self.end_to_end
@@ -198,11 +208,32 @@ class HistoryEntry:
             "verdict": ratio.verdict.value,
             "methods": self.stack,
             "model": self.model,
+            "low": None if not ratio.has_interval else round(ratio.low, 4),
+            "high": None if not ratio.has_interval else round(ratio.high, 4),
+            "claim": CLAIMS[ratio.verdict],
         }
 
 
-HISTORY_COLUMNS = ("run", "model", "methods", "what they did", "end-to-end", "denoising", "PSNR dB", "SSIM",
-                   "peak memory change", "baseline video")
+#: The chart legend's words for each verdict: tested or not is what a reader must see first.
+CLAIMS = {
+    Verdict.FASTER: "faster (interval above 1)",
+    Verdict.SLOWER: "slower (interval below 1)",
+    Verdict.NO_DIFFERENCE: "no significant difference",
+    Verdict.TOO_FEW_REPEATS: "not tested (too few rounds)",
+    Verdict.DID_NOTHING: "did nothing (no claim)",
+}
+
+
+def _ratio_numbers(ratio: Ratio | None) -> dict[str, Any]:
+    if ratio is None:
+        return {"speedup": None, "low": None, "high": None, "verdict": "not measured"}
+    return {"speedup": round(ratio.value, 4), "low": None if ratio.low is None else round(ratio.low, 4),
+            "high": None if ratio.high is None else round(ratio.high, 4), "verdict": ratio.verdict.value}
+
+
+HISTORY_COLUMNS = ("run", "model", "prompt", "seed", "methods", "what they did", "end-to-end", "denoising", "PSNR dB",
+                   "SSIM", "peak memory change", "baseline video")
+HISTORY_METHODS = HISTORY_COLUMNS.index("methods")
 PLOT_COLUMNS = ("run", "PSNR vs baseline (dB)", PLOT_SPEEDUP, "interval", "verdict", "methods", "model")
 
 
@@ -228,6 +259,8 @@ def history_entry(result: ComparisonResult, run: int) -> HistoryEntry:
     return HistoryEntry(
         run=run,
         model=result.settings.preset,
+        prompt=result.settings.prompt,
+        seed=result.settings.seed,
         stack=result.stack,
         evidence=evidence,
         end_to_end=result.speedup("end_to_end"),
@@ -241,8 +274,8 @@ def history_entry(result: ComparisonResult, run: int) -> HistoryEntry:
 
 @dataclass(frozen=True)
 class Card:
-    """One headline figure above the player. ``tone``: "better", "worse" or "neutral" (within
-    noise, untested, or a figure with no better direction)."""
+    """One headline figure above the player. ``tone``: "better", "worse", "neutral" (within noise,
+    or a figure with no better direction) or "untested" (no verdict: drawn plain and grey)."""
 
     title: str
     value: str
@@ -250,15 +283,26 @@ class Card:
     tone: str
 
 
-def _speed_card(title: str, ratio: Ratio | None) -> Card:
+def _speed_card(title: str, figures: PhaseFigures | None) -> Card:
+    """A speedup with the two medians it compares (the same figures the players' captions show).
+    Only a tested verdict is coloured; an untested figure or a method that did nothing is grey,
+    in plain type, and says so first."""
+    ratio = None if figures is None else figures.ratio
     if ratio is None:
         return Card(title, "n/a", "not measured", "neutral")
-    if ratio.verdict in (Verdict.FASTER, Verdict.SLOWER):
-        return Card(title, speed_phrase(ratio.value), ratio.interval_text(),
+    medians = ""
+    if figures.baseline_ms is not None and figures.accelerated_ms is not None:
+        medians = f"; medians {figures.median_text('baseline')} → {figures.median_text('accelerated')}"
+    if ratio.verdict.claims_change:
+        return Card(title, speed_phrase(ratio.value), ratio.interval_text() + medians,
                     "better" if ratio.verdict is Verdict.FASTER else "worse")
     if ratio.verdict is Verdict.TOO_FEW_REPEATS:
-        return Card(title, f"{speed_phrase(ratio.value)} (untested)", ratio.interval_text(), "neutral")
-    return Card(title, ratio.short(), f"median {speed_phrase(ratio.value)}; {ratio.interval_text()}", "neutral")
+        return Card(title, "not tested", f"measured {ratio.value:.2f}x, no interval: {ratio.interval_text()}{medians}",
+                    "untested")
+    if ratio.verdict is Verdict.DID_NOTHING:
+        return Card(title, "did nothing", f"no speed claim: {ratio.no_claim}; measured ratio {ratio.value:.2f}{medians}",
+                    "untested")
+    return Card(title, ratio.short(), f"median {speed_phrase(ratio.value)}; {ratio.interval_text()}{medians}", "neutral")
 
 
 def _fidelity_card(result: ComparisonResult) -> Card:
@@ -292,22 +336,31 @@ def _memory_card(result: ComparisonResult) -> Card:
 
 def headline_cards(result: ComparisonResult) -> tuple[Card, ...]:
     """Denoising and end-to-end speedup (with their interval), fidelity, peak memory change."""
-    return (_speed_card("Denoising", result.speedup("denoising")),
-            _speed_card("End to end (projected)", result.speedup("end_to_end")),
+    timing = result.timing
+    return (_speed_card("Denoising", None if timing is None else timing.denoising),
+            _speed_card("End to end (projected)", None if timing is None else timing.end_to_end),
             _fidelity_card(result), _memory_card(result))
 
 
 def latency_breakdown(result: ComparisonResult) -> list[tuple[str, str, float]]:
-    """(side, phase, seconds): median phase times of each side in this request, for the chart."""
+    """(side, phase, seconds): median phase times of each side in this request, for the chart. A
+    denoising loop timed in short rounds is its median step times the full call's steps; a phase
+    measured on one side only (the decode of a cached baseline) is drawn on both, as the method
+    cannot touch it, and named so."""
     timing = result.timing
     if timing is None:
         return []
     rows = []
+    scale = result.settings.steps if timing.denoising.per_step else 1
     for figures, label in ((timing.denoising, "denoising"), *((p, p.label) for p in timing.untouched)):
-        for side in ("baseline", "accelerated"):
-            ms = getattr(figures, f"{side}_ms")
-            if ms is not None:
-                rows.append((side, label, round(ms / 1000, 4)))
+        times = {side: getattr(figures, f"{side}_ms") for side in ("baseline", "accelerated")}
+        if figures.touched or all(ms is not None for ms in times.values()):
+            rows += [(side, label, round(ms * scale / 1000, 4)) for side, ms in times.items() if ms is not None]
+            continue
+        measured = next((ms for ms in times.values() if ms is not None), None)
+        if measured is not None:
+            rows += [(side, f"{label} (measured on one side; untouched, so equal)", round(measured / 1000, 4))
+                     for side in times]
     return rows
 
 
@@ -341,17 +394,16 @@ def _default_of(f: dataclasses.Field) -> Any:
 
 
 def run_settings(settings: ResolvedSettings, configs: tuple[Any, ...]) -> dict[str, str]:
-    """Every setting of a run as short text, for the chart's "what differs" tooltip."""
+    """Every setting of a run as text (one CSV column each; the chart's "what differs" tooltip)."""
     s = settings
-    values = {"model": s.preset, "prompt": s.prompt if len(s.prompt) <= 40 else s.prompt[:39] + "…",
+    values = {"model": s.preset, "prompt": s.prompt, "negative prompt": s.negative_prompt,
               "seed": str(s.seed), "frames": str(s.frames), "size": f"{s.height}x{s.width}", "steps": str(s.steps),
-              "guidance": f"{s.guidance:g}", "rounds": str(s.rounds)}
+              "guidance": f"{s.guidance:g}", "rounds": str(s.rounds), "timing steps": str(s.round_steps)}
     for config in configs:
         method = method_of(config)
         for f in dataclasses.fields(config):
-            value = getattr(config, f.name)
-            if f.init and len(repr(value)) <= 40:
-                values[f"{method.name}.{f.name}"] = str(value)
+            if f.init:
+                values[f"{method.name}.{f.name}"] = str(getattr(config, f.name))
     return values
 
 
@@ -436,7 +488,8 @@ def comparison_view(result: ComparisonResult, configs: tuple[Any, ...] = ()) -> 
 
 def history_record(entry: HistoryEntry, settings: dict[str, str], series: str | None = None) -> dict[str, Any]:
     """A history entry as the browser keeps it (plain JSON)."""
-    return {"row": entry.row(), "point": entry.point(), "settings": settings, "series": series, "folder": None}
+    return {"row": entry.row(), "point": entry.point(), "figures": entry.figures(), "settings": settings,
+            "series": series, "folder": None}
 
 
 def gpu_estimate(requests: list[ComparisonRequest]) -> GpuEstimate:
@@ -447,7 +500,7 @@ def gpu_estimate(requests: list[ComparisonRequest]) -> GpuEstimate:
     calibrates = any(method.prepare is not None for request in requests for method in check_stack(request.methods))
     return estimate_gpu_time(preset, settings.steps, settings.frames, settings.height, settings.width,
                              settings.rounds, points=len(requests), warmup_steps=settings.warmup_steps,
-                             calibrates=calibrates)
+                             calibrates=calibrates, timing_steps=settings.round_steps)
 
 
 # ---- a link that restores the form -----------------------------------------------------------------
