@@ -104,6 +104,7 @@ from vdtome.serving import ServiceGuard, StrictBlocks, limit_visitors, run_until
 from vdtome.ui import (
     CUSTOM_MODEL,
     HISTORY_COLUMNS,
+    HISTORY_METHODS,
     PLOT_COLUMNS,
     PLOT_SPEEDUP,
     SWEEP_FIELD,
@@ -116,6 +117,7 @@ from vdtome.ui import (
     settings_from_query,
     settings_query,
     gpu_estimate,
+    history_export,
     method_defaults,
     preset_choice_label,
     preset_info,
@@ -322,7 +324,7 @@ def _history_outputs(history: list[dict]):
     # Identical videos (ratio 0) have no finite PSNR: in the point list they are left out.
     points = pd.DataFrame([entry["point"] for entry in history if entry.get("point") is not None
                            and entry["point"]["PSNR vs baseline (dB)"] < PSNR_CAP_DB], columns=list(PLOT_COLUMNS))
-    runs = [(f"run {entry['row'][0]}: {entry['row'][2]}" + (f" ({entry['series']})" if entry.get("series") else ""),
+    runs = [(f"run {entry['row'][0]}: {entry['row'][HISTORY_METHODS]}" + (f" ({entry['series']})" if entry.get("series") else ""),
              entry["row"][0]) for entry in history if entry.get("folder")]
     try:
         chart = history_chart(history)
@@ -639,10 +641,7 @@ def history_csv(history):
     folder.mkdir(parents=True, exist_ok=True)
     prune(folder, 20, 50 * 2**20)
     path = Path(tempfile.mkdtemp(dir=folder)) / "vdtome-history.csv"
-    table = pd.DataFrame([entry["row"] for entry in history], columns=list(HISTORY_COLUMNS))
-    table["settings"] = ["; ".join(f"{k}={v}" for k, v in entry.get("settings", {}).items()) for entry in history]
-    table["series"] = [entry.get("series") or "" for entry in history]
-    table.to_csv(path, index=False)
+    pd.DataFrame(history_export(history)).to_csv(path, index=False)
     return gr.update(value=str(path), visible=True)
 
 

@@ -94,7 +94,7 @@ def test_negative_prompt_box_follows_the_preset():
     assert box.interactive is False and box.value == "" and "guidance-distilled" in box.info
     box = app.on_preset("tiny-wan", "blurry")[1]
     assert box.interactive is True and box.value == "blurry"
-    assert app.on_preset("cogvideox-2b", "")[7].value == 1 and app.on_preset("tiny-ltx", "")[7].value == 7
+    assert app.on_preset("cogvideox-2b", "")[7].value == 7 and app.on_preset("tiny-ltx", "")[7].value == 7
 
 
 def test_a_preset_this_machine_cannot_run_cannot_be_submitted_and_says_how_to_run_it():
@@ -141,11 +141,20 @@ def test_the_shipped_examples_load_instantly_naming_their_hardware():
 
 
 def test_history_runs_are_shown_again_and_exported_and_a_forged_entry_is_refused():
-    history = [{"row": [1, "tiny-wan", "tome ratio 0.5 stride 1x2x2", "", "n/a", "n/a", 50.0, 0.9, "n/a", "made"],
-                "point": None, "settings": {"seed": "0"}, "series": None, "folder": "../../etc"}]
+    prompt = "a red circle moving right quickly on a black background, then a long tail of words"
+    history = [{"row": [1, "tiny-wan", prompt, 0, "tome ratio 0.5 stride 1x2x2", "", "1.20x faster", "1.30x faster",
+                        50.0, 0.9, "n/a", "made"],
+                "point": None, "figures": {"denoising": {"speedup": 1.3, "low": 1.2, "high": 1.4, "verdict": "faster"},
+                                           "end_to_end": {"speedup": 1.2, "low": 1.1, "high": 1.3, "verdict": "faster"}},
+                "settings": {"prompt": prompt, "seed": "0", "tome.ratio": "0.5", "tome.stride": "(1, 2, 2)"},
+                "series": None, "folder": "../../etc"}]
     with pytest.raises(gr.Error, match="the files of run 1 are gone"):
         app.show_run(1, history)
     csv = app.history_csv(history)["value"]
-    text = Path(csv).read_text()
-    assert text.splitlines()[0].startswith("run,model,methods") and "seed=0" in text
+    with open(csv, newline="") as handle:
+        rows = list(__import__("csv").DictReader(handle))
+    assert rows[0]["prompt"] == prompt and rows[0]["seed"] == "0"  # the whole prompt, its own column
+    assert rows[0]["denoising speedup"] == "1.3" and rows[0]["denoising low"] == "1.2"
+    assert rows[0]["denoising high"] == "1.4" and rows[0]["denoising verdict"] == "faster"
+    assert rows[0]["end_to_end speedup"] == "1.2" and rows[0]["tome.ratio"] == "0.5" and rows[0]["tome.stride"] == "(1, 2, 2)"
     assert app._checked_history([{"row": "not a list"}]) == []  # a value of another shape is dropped

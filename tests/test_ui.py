@@ -132,7 +132,7 @@ def test_gpu_presets_are_marked_unavailable_without_a_gpu():
 
 def test_preset_info_states_the_memory_and_the_default_timing_rounds():
     info = preset_info(get_preset("wan2.1-t2v-1.3b"), has_gpu=True)
-    assert "~20 GB VRAM" in info and "no offload" in info and "Timing rounds by default: 1." in info
+    assert "~20 GB VRAM" in info and "no offload" in info and "Timing rounds by default: 7 (after the first, 3 steps each" in info
     assert "Timing rounds by default: 7." in preset_info(get_preset("tiny-wan"), has_gpu=False)
 
 
@@ -172,21 +172,35 @@ def test_a_shared_link_restores_the_form_and_names_what_it_cannot_use():
     assert any(p.startswith("ratio: merge ratio must be between") for p in problems)
 
 
-def test_history_chart_draws_one_line_per_sweep_a_1x_rule_and_anchors():
+def test_history_chart_draws_intervals_one_line_per_sweep_a_1x_rule_and_untested_points_apart():
     from vdtome.page import history_chart, history_points
 
-    def record(run, psnr, speedup, series=None, ratio="0.5"):
-        point = {"run": run, "PSNR vs baseline (dB)": psnr, PLOT_SPEEDUP: speedup, "interval": "0.9-1.1",
-                 "verdict": "faster", "methods": f"tome ratio {ratio}", "model": "tiny-wan"}
+    def record(run, psnr, speedup, series=None, ratio="0.5", verdict="faster", low=0.9, high=1.1):
+        point = {"run": run, "PSNR vs baseline (dB)": psnr, PLOT_SPEEDUP: speedup, "interval": f"{low}-{high}",
+                 "verdict": verdict, "methods": f"tome ratio {ratio}", "model": "tiny-wan", "low": low, "high": high}
         return {"row": [run], "point": point, "settings": {"tome.ratio": ratio, "seed": "0"}, "series": series}
 
-    history = [record(1, 100.0, 1.0, ratio="0"), record(2, 40.0, 1.3),
-               *(record(3 + i, 50.0 - 5 * i, 1.1 + 0.1 * i, "sweep from run 3", r) for i, r in enumerate("123"))]
+    history = [record(1, 100.0, 1.3, ratio="0", verdict="did nothing"), record(2, 40.0, 1.3, low=1.2, high=1.4),
+               record(3, 45.0, 1.2, verdict="not tested", low=None, high=None),
+               *(record(4 + i, 50.0 - 5 * i, 1.1 + 0.1 * i, "sweep from run 4", r, "no significant difference")
+                 for i, r in enumerate("123"))]
     points = history_points(history)
-    assert list(points["anchor"]) == [True, False, False, False, False]
-    assert points["what differs"][0] == "tome.ratio=0" and set(points["series"]) == {"single runs", "sweep from run 3"}
+    assert list(points["anchor"]) == [True, False, False, False, False, False]
+    assert list(points["tested"]) == [False, True, False, True, True, True]
+    assert list(points["claim"][:3]) == ["did nothing (no claim)", "faster (interval above 1)",
+                                         "not tested (too few rounds)"]  # words in the legend, never true/false
+    assert points["what differs"][0] == "tome.ratio=0" and set(points["series"]) == {"single runs", "sweep from run 4"}
     spec = history_chart(history).to_dict()
-    marks = [layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"] for layer in spec["layer"]]
-    assert marks[:3] == ["rule", "line", "point"] and "text" in marks  # 1x line, curves, points, the cap's label
-    assert spec["datasets"][spec["layer"][0]["data"]["name"]] == [{PLOT_SPEEDUP: 1.0}]
+    layers = spec["layer"]
+    marks = [layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"] for layer in layers]
+    assert marks[:6] == ["rule", "rule", "rule", "line", "point", "point"] and "text" in marks
+    assert spec["datasets"][layers[0]["data"]["name"]] == [{PLOT_SPEEDUP: 1.0}]  # the 1x line
+    # every point's interval is a bar from low to high; tested points filled, the others open and grey
+    assert layers[1]["encoding"]["y"]["field"] == "low" and layers[1]["encoding"]["y2"]["field"] == "high"
+    assert layers[4]["mark"]["filled"] is True and layers[5]["mark"]["filled"] is False
+    assert layers[5]["mark"]["color"] == "#64748b" and "color" not in layers[5]["encoding"]
+    # fits a phone: the container's width, legends below the plot
+    assert spec["width"] == "container" and spec["config"]["legend"]["orient"] == "bottom"
     assert history_chart([]) is None
+
+

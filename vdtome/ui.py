@@ -142,7 +142,9 @@ def preset_prompts(preset: ModelPreset) -> list[str]:
 def preset_info(preset: ModelPreset, has_gpu: bool) -> str:
     """Markdown shown under the model picker: hardware note and the model's input rules."""
     lines = [f"**{preset.label}**", f"Hardware: {preset.hardware}", f"Inputs: {preset.constraints.describe()}.",
-             f"Timing rounds by default: {preset.timing_rounds}."]
+             f"Timing rounds by default: {preset.timing_rounds}" + (
+                 f" (after the first, {preset.timing_steps} steps each when every step of the stack costs alike)."
+                 if preset.timing_steps else ".")]
     if preset.requires_gpu and not has_gpu:
         lines.insert(1, "**Unavailable here: this machine has no GPU.**")
     if preset.local:
@@ -490,6 +492,26 @@ def history_record(entry: HistoryEntry, settings: dict[str, str], series: str | 
     """A history entry as the browser keeps it (plain JSON)."""
     return {"row": entry.row(), "point": entry.point(), "figures": entry.figures(), "settings": settings,
             "series": series, "folder": None}
+
+
+def history_export(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history as CSV rows: the table's columns (the full prompt), each speedup as numbers
+    (median, interval low and high, verdict), then one column per setting of any run."""
+    setting_names = list(dict.fromkeys(name for entry in history for name in entry.get("settings", {})
+                                       if name not in ("model", "prompt", "seed")))
+    rows = []
+    for entry in history:
+        row = dict(zip(HISTORY_COLUMNS, entry["row"]))
+        for phase in ("denoising", "end_to_end"):
+            row.pop(phase.replace("_", "-"), None)  # the table's phrase: replaced by the numbers
+            numbers = (entry.get("figures") or {}).get(phase) or {}
+            for key in ("speedup", "low", "high", "verdict"):
+                row[f"{phase} {key}"] = numbers.get(key)
+        row["series"] = entry.get("series") or ""
+        settings = entry.get("settings", {})
+        row.update({name: settings.get(name, "") for name in setting_names})
+        rows.append(row)
+    return rows
 
 
 def gpu_estimate(requests: list[ComparisonRequest]) -> GpuEstimate:
