@@ -176,6 +176,12 @@ def test_bad_requests_fail_clearly_and_the_next_succeeds(engine, overrides, mess
 def test_ratio_out_of_range_is_refused_when_building_the_config():
     with pytest.raises(ValueError, match=r"ratio must be a number in \[0, 1\)"):
         ToMeConfig(ratio=1.5)
+    # Above the stride's cap the config refuses, naming it, rather than running at the cap.
+    with pytest.raises(ValueError, match=r"ratio must be at most 1 - 1/\(st\*sy\*sx\) = 0.75 for stride \(1, 2, 2\)"):
+        ToMeConfig(ratio=0.9)
+    assert ToMeConfig(ratio=0.75).max_ratio == 0.75 and ToMeConfig(ratio=0.85, stride=(1, 3, 3)).ratio == 0.85
+    with pytest.raises(ValueError, match="makes every token a destination"):
+        ToMeConfig(ratio=0.1, stride=(1, 1, 1))
 
 
 def test_invalid_sizes_are_snapped_and_reported(engine):

@@ -62,6 +62,13 @@ class ToMeConfig:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
         object.__setattr__(self, "stride", _positive_triple("stride", self.stride))
+        cells = self.stride[0] * self.stride[1] * self.stride[2]
+        if self.ratio > 0 and cells == 1:
+            raise ValueError(f"stride {self.stride} makes every token a destination: nothing can merge")
+        if self.ratio > self.max_ratio + 1e-9:  # refused, never silently run at the cap
+            raise ValueError(
+                f"ratio must be at most 1 - 1/(st*sy*sx) = {self.max_ratio:.4g} for stride {self.stride} (one token in "
+                f"every {cells} is a destination and cannot merge), got {self.ratio!r}")
         if self.strategy not in ("bipartite", "attnbin"):
             raise ValueError(f"strategy must be 'bipartite' or 'attnbin', got {self.strategy!r}")
         if self.matching not in ("shared", "per_sample"):
@@ -87,6 +94,11 @@ class ToMeConfig:
             object.__setattr__(self, "match_window", _positive_triple("match_window", self.match_window))
         if not isinstance(self.max_score_elements, int) or self.max_score_elements < 1:
             raise ValueError(f"max_score_elements must be a positive integer, got {self.max_score_elements!r}")
+
+    @property
+    def max_ratio(self) -> float:
+        """The largest ratio the stride allows: only the cells' non-destination tokens can merge."""
+        return 1.0 - 1.0 / (self.stride[0] * self.stride[1] * self.stride[2])
 
     @property
     def targets(self) -> frozenset[str]:
