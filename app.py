@@ -40,7 +40,9 @@ GRADIO_CACHE = INSTANCE_DIR / "gradio"
 os.environ["GRADIO_TEMP_DIR"] = str(GRADIO_CACHE)
 
 import dataclasses
+import functools
 import inspect
+import json
 import re
 import shutil
 import signal
@@ -97,6 +99,7 @@ from vdtome.page import (
     history_chart,
     latency_chart,
     metrics_html,
+    refusal_html,
     table_html,
 )
 from vdtome.report import COLUMNS
@@ -116,8 +119,10 @@ from vdtome.ui import (
     comparison_view,
     settings_from_query,
     settings_query,
+    field_bound,
     gpu_estimate,
     history_export,
+    panel_title,
     method_defaults,
     preset_choice_label,
     preset_info,
@@ -126,6 +131,7 @@ from vdtome.ui import (
     sweep_label,
     sweep_choices,
     sweep_suggestion,
+    sweep_forms,
     sweep_stacks,
 )
 from vdtome.validation import RequestError, shown
@@ -146,6 +152,8 @@ CANCEL_FLAGS = CancelFlags(INSTANCE_DIR / "cancel")
 # The endpoints' parameters in the order the page and the API send them (declared by vdtome.ui).
 COMPARE_FIELDS = api_fields(sweep=False)
 SWEEP_FIELDS = api_fields(sweep=True)
+# The form's values a run keeps and a shown run restores (custom weights are not part of a run's form).
+FORM_FIELDS = tuple(name for name in COMPARE_FIELDS if name != CUSTOM_MODEL)
 
 
 def engine() -> ComparisonEngine:
@@ -158,9 +166,10 @@ def engine() -> ComparisonEngine:
 
 
 def run_requests(requests: list[ComparisonRequest], source: str | None, cancel: CancelFlag,
-                 progress=gr.Progress()) -> list[ComparisonView]:
+                 progress=gr.Progress(), forms: list[dict] | None = None) -> list[ComparisonView]:
     """Run one comparison per request on the shared engine; stops early when cancelled, and then
-    deletes what the earlier points of a sweep wrote (nobody will be shown them)."""
+    deletes what the earlier points of a sweep wrote (nobody will be shown them). ``forms``: the
+    form's values of each request, saved with its view (showing it again restores them)."""
     views: list[ComparisonView] = []
     try:
         for index, request in enumerate(requests):
@@ -172,6 +181,8 @@ def run_requests(requests: list[ComparisonRequest], source: str | None, cancel: 
             progress(index / len(requests), desc=f"{prefix}loading {request.preset}")
             result = engine().run(request, progress=report, cancel=cancel, source=source)
             view = comparison_view(result, request.methods)
+            if forms is not None:
+                view = dataclasses.replace(view, form=forms[index])
             view.save()  # beside the videos: the history shows this run again from it
             views.append(view)
             if not result.ok:
@@ -191,7 +202,8 @@ def _discard(views: list[ComparisonView]) -> None:
 TINY_GPU_SECONDS = 60  # built-in tiny models run in seconds; they carry no GPU figures
 
 
-def _gpu_duration(requests: list[ComparisonRequest], source: str | None, cancel: CancelFlag, progress=None) -> int:
+def _gpu_duration(requests: list[ComparisonRequest], source: str | None, cancel: CancelFlag, progress=None,
+                  forms=None) -> int:
     """Seconds to ask ZeroGPU for: loading, warm-ups, every timed round and both decodes."""
     if PRESETS[requests[0].preset].gpu_time is None:
         return TINY_GPU_SECONDS
@@ -286,7 +298,8 @@ def field_validator(names: tuple[str, ...], planner):
 # ---- event handlers ------------------------------------------------------------------------------
 
 
-async def _execute(requests: list[ComparisonRequest], source: str | None, progress) -> list[ComparisonView]:
+async def _execute(requests: list[ComparisonRequest], source: str | None, progress,
+                   forms: list[dict] | None = None) -> list[ComparisonView]:
     """Run in a worker thread; a cancelled event or a departed client stops it at the next step."""
     flag = CANCEL_FLAGS.new()
     prune(GRADIO_CACHE, KEEP_CACHE_ENTRIES, LIMITS.cache_mb * 2**20)  # before this run's files arrive
@@ -296,8 +309,8 @@ async def _execute(requests: list[ComparisonRequest], source: str | None, progre
         flag.set()
 
     try:
-        return await run_until_abandoned(lambda: run_requests(requests, source, flag, progress=progress), stop,
-                                         discard=_discard)
+        return await run_until_abandoned(lambda: run_requests(requests, source, flag, progress=progress, forms=forms),
+                                         stop, discard=_discard)
     except (RequestError, ModelUnavailableError) as error:
         raise gr.Error(str(error), title="Cannot run this comparison") from None
     except Cancelled as error:
@@ -373,18 +386,14 @@ PAGE_OUTPUTS = ("headline", "metrics_html", "colour_bar", "latency_plot", "frame
                 "current_view")
 
 
-def _page(view: ComparisonView | None, status: str = "", toast: bool = True) -> dict[str, object]:
-    """Every result component's value for ``view`` (None: an empty result with ``status``)."""
+def _page(view: ComparisonView | None, status: str = "") -> dict[str, object]:
+    """Every result component's value for ``view`` (None: an empty result with ``status``). Its
+    warnings and error are shown in the headline and the notes, never as toasts over the cards."""
     files = view.files if view is not None else {}
     notes = [] if view is None else [f"- {note}" for note in view.notes]
     if view is not None:
-        for warning in view.warnings:
-            if toast:
-                gr.Warning(warning, title="Measurement warning")
-            notes.insert(0, f"**Warning:** {warning}")
+        notes[:0] = [f"**Warning:** {warning}" for warning in view.warnings]
         if view.error:
-            if toast:
-                gr.Warning(view.error, title="The comparison failed")
             notes.insert(0, f"**Error:** {view.error}")
     frame = _worst_frame(view)
     frames = len(view.frame_psnr) if view is not None else 0
@@ -414,9 +423,9 @@ def _view_from_state(value) -> ComparisonView | None:
     return ComparisonView.from_dict(value) if value else None
 
 
-def _result_values(view: ComparisonView | None, status: str = "", toast: bool = True) -> tuple:
+def _result_values(view: ComparisonView | None, status: str = "") -> tuple:
     """:func:`_page` in the order of the result components (Cancel, a past run, an example)."""
-    page = _page(view, status, toast)
+    page = _page(view, status)
     return tuple(page[name] for name in (*RESULT_OUTPUTS, *PAGE_OUTPUTS))
 
 
@@ -436,12 +445,21 @@ async def _run_form(values: dict, sweep: bool, history, progress):
         requests, source = plan(values, sweep)
     except RequestError as error:
         raise gr.Error(str(error), title="Invalid input") from None
-    views = await _execute(requests, source, progress)
+    form = {name: value for name, value in values.items() if name in FORM_FIELDS}
+    forms = [{name: value for name, value in point.items() if name in FORM_FIELDS} for point in sweep_forms(values)] \
+        if sweep else [form]
+    views = await _execute(requests, source, progress, forms)
     history = _record(history, views, sweep_label(values.get(SWEEP_FIELD, "ratio")) if sweep else None)
     page = _page(views[-1])
     table, points, chart, runs = _history_outputs(history)
     return (*(page[name] for name in RESULT_OUTPUTS), history, table, points,
-            *(page[name] for name in PAGE_OUTPUTS), chart, runs)
+            *(page[name] for name in PAGE_OUTPUTS), chart, runs, result_data(views[-1]))
+
+
+def result_data(view: ComparisonView):
+    """The comparison's whole ``result.json`` as the API's JSON output (None if none was written)."""
+    path = view.files.get("json")
+    return json.loads(Path(path).read_text()) if path and Path(path).exists() else None
 
 
 def _endpoint(name: str, fields: tuple[str, ...], sweep: bool, doc: str):
@@ -656,7 +674,8 @@ def show_run(run, history):
     if path is None or not (path / VIEW_FILE).exists():
         raise gr.Error(f"the files of run {run} are gone: this server keeps its last {KEEP_OUTPUTS} comparisons, "
                        "and a restart clears them", title="Run not available")
-    return _result_values(ComparisonView.load(path), f"Run {run} of your history · ", toast=False)
+    view = ComparisonView.load(path)
+    return (*_result_values(view, f"Run {run} of your history · "), *_restored_form(view, f"run {run}"))
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
@@ -678,7 +697,18 @@ def show_example(name):
     if name not in names:
         raise gr.Error(f"no example named {shown(name)}", title="Example not found")
     view = ComparisonView.load(EXAMPLES_DIR / name)
-    return _result_values(view, f"Example recorded earlier ({view.environment.split(' · ')[0]}): ", toast=False)
+    return (*_result_values(view, f"Example recorded earlier ({view.environment.split(' · ')[0]}): "),
+            *_restored_form(view, "this example"))
+
+
+def _restored_form(view: ComparisonView, what: str) -> tuple:
+    """The form set to the settings of a shown run, so Run reproduces it; a view saved before
+    runs kept their form leaves the form as it is, and says so."""
+    if view.form is None:
+        return _form_updates({}, [], f"The settings of {what} were not recorded: the form is unchanged, so Run "
+                                     "would not reproduce it.")
+    values = {name: value for name, value in view.form.items() if name in FORM_FIELDS}
+    return _form_updates(values, [], f"The form now holds the settings of {what}: Run reproduces it.")
 
 
 def share_link(*values):
@@ -766,6 +796,14 @@ def restore_from_link(request: gr.Request):
     named in the notice, never silently changed."""
     params = dict(request.query_params) if request is not None else {}
     values, problems = settings_from_query(params)
+    notice = "" if not problems else "**This link had settings the form cannot take; they were left as they were:** " + \
+        "; ".join(problems)
+    return _form_updates(values, problems, notice)
+
+
+def _form_updates(values: dict, problems: list[str], notice: str) -> tuple:
+    """Updates of the form (:data:`FORM_OUTPUTS` order) to ``values``: fields, switches (locked
+    where the preset cannot take a method), the preset's notes, Run and the notice."""
     name = values.get("preset")
     if name is not None and name not in PRESETS:
         problems.append(f"preset: no preset named {shown(name)}")
@@ -784,18 +822,64 @@ def restore_from_link(request: gr.Request):
     reasons = _unavailable(preset)
     switches = [gr.Checkbox(**_switch(method, reasons[key], values.get(method.enable_field)))
                 for key, method in METHODS.items()]
-    notice = "" if not problems else "**This link had settings the form cannot take; they were left as they were:** " + \
-        "; ".join(problems)
+    if problems and not notice:
+        notice = "**Some settings could not be restored:** " + "; ".join(problems)
     run_button, sweep_button, gpu_notice = run_notice(preset)
     info = preset_info(preset, HAS_GPU)
     return (*updates, *switches, info, run_button, sweep_button, "\n\n".join(x for x in (gpu_notice, notice) if x))
 
 
+def check_form(*values):
+    """What Run would be refused for, shown at the Run button and the headline with a link to the
+    field (the validator's message sits under the field, which may be far up the page)."""
+    fields = dict(zip(COMPARE_FIELDS, values))
+    try:
+        plan(fields)
+    except RequestError as error:
+        return _refusal(error)
+    return ""
+
+
+def check_sweep(*values):
+    try:
+        plan(dict(zip(SWEEP_FIELDS, values)), sweep=True)
+    except RequestError as error:
+        return _refusal(error)
+    return ""
+
+
+def _refusal(error: RequestError) -> str:
+    """The refusal with a link to its field: its label, and the folded groups that hold it."""
+    name = error.field
+    for key, method in METHODS.items():
+        if name == method.enable_field:
+            return refusal_html(str(error), name, f"Use {method.label}", [f"method-{key}"])
+        for form_field in method.fields:
+            if form_field.name == name:
+                panels = [f"method-{key}"] + ([f"method-{key}-more"] if form_field.advanced else [])
+                return refusal_html(str(error), name, f"{method.label}: {form_field.label}", panels)
+    return refusal_html(str(error), FIELD_ELEMENTS.get(name, name or "prompt"), REQUEST_LABELS.get(name, "the form"), [])
+
+
+# Labels of the request's own fields (a refusal's link names them); elements whose id is not the
+# field's name.
+REQUEST_LABELS = {"preset": "Model preset", "prompt": "Prompt", "negative_prompt": "Negative prompt", "seed": "Seed",
+                  "frames": "Frames", "height": "Height", "width": "Width", "steps": "Steps", "guidance": "Guidance",
+                  "rounds": "Timing rounds", CUSTOM_MODEL: "Custom weights", SWEEP_VALUES: "Sweep values",
+                  SWEEP_FIELD: "Sweep over"}
+FIELD_ELEMENTS = {SWEEP_VALUES: "sweep-ratios"}
+
+
 def _widget(form_field: FormField):
-    """The Gradio input for a method's field (elem_id = its API name)."""
+    """The Gradio input for a method's field (elem_id = its API name). A field whose valid range
+    depends on other fields starts at the bound of their defaults."""
     common = dict(label=form_field.label, info=form_field.help or None, elem_id=form_field.name)
     if form_field.kind in ("number", "integer"):
-        return gr.Slider(form_field.minimum, form_field.maximum, value=form_field.default, step=form_field.step
+        bound = field_bound(form_field, {f.name: f.default for m in METHODS.values() for f in m.fields})
+        if bound is not None:
+            common["info"] = f"{form_field.help}; {bound[1]}"
+        return gr.Slider(form_field.minimum, form_field.maximum if bound is None else bound[0],
+                         value=form_field.default, step=form_field.step
                          or (1 if form_field.kind == "integer" else None), **common)
     if form_field.kind == "boolean":
         return gr.Checkbox(value=form_field.default, **common)
@@ -804,13 +888,35 @@ def _widget(form_field: FormField):
     return gr.CheckboxGroup(list(form_field.options), value=list(form_field.default), **common)
 
 
-def method_panel(preset) -> tuple[dict[str, gr.components.Component], list[gr.Checkbox]]:
-    """One group per registered method: its switch, its fields, the advanced ones folded."""
+def on_bound(form_field: FormField, value, *others):
+    """A field's slider follows the bound the other fields set (the stride's cap of the merge
+    ratio); a value already above it is kept and named, never moved: Run would refuse it."""
+    bound = field_bound(form_field, dict(zip(form_field.bound_by, others)))
+    if bound is None:
+        return gr.update()
+    limit, rule = bound
+    if isinstance(value, (int, float)) and value > limit + 1e-9:
+        return gr.update(maximum=value, info=f"{form_field.help}; {rule}: {value:g} is above it, Run would refuse it")
+    return gr.update(maximum=limit, info=f"{form_field.help}; {rule}")
+
+
+def on_panel(method, *values):
+    """A method's group title after any of its inputs changed."""
+    names = (method.enable_field, *(f.name for f in method.fields))
+    return gr.update(label=panel_title(method, dict(zip(names, values))))
+
+
+def method_panel(preset) -> tuple[dict[str, gr.components.Component], list[gr.Checkbox], dict[str, gr.Accordion]]:
+    """One group per registered method, titled with whether it is on and its settings: its
+    switch, its fields, the advanced ones folded."""
     widgets: dict[str, gr.components.Component] = {}
     switches = []
+    panels = {}
     reasons = _unavailable(preset)
+    defaults = method_defaults()
     for name, method in METHODS.items():
-        with gr.Accordion(method.label, open=method.on_by_default, elem_id=f"method-{name}"):
+        title = panel_title(method, defaults | {method.enable_field: method.on_by_default and not reasons[name]})
+        with gr.Accordion(title, open=method.on_by_default, elem_id=f"method-{name}") as panels[name]:
             switch = gr.Checkbox(label=f"Use {method.label}", elem_id=method.enable_field,
                                  **_switch(method, reasons[name]))
             widgets[method.enable_field] = switch
@@ -820,10 +926,10 @@ def method_panel(preset) -> tuple[dict[str, gr.components.Component], list[gr.Ch
                     widgets[form_field.name] = _widget(form_field)
             advanced = [f for f in method.fields if f.advanced]
             if advanced:
-                with gr.Accordion("More options", open=False):
+                with gr.Accordion("More options", open=False, elem_id=f"method-{name}-more"):
                     for form_field in advanced:
                         widgets[form_field.name] = _widget(form_field)
-    return widgets, switches
+    return widgets, switches, panels
 
 
 # The fields a shared link restores (the switches travel separately: they lock per preset).
@@ -835,6 +941,31 @@ LINK_FIELDS = tuple(name for name in COMPARE_FIELDS if name not in {m.enable_fie
 SCROLL_TO_RESULT = ("(...values) => { document.getElementById('result-column')?.scrollIntoView({behavior: 'instant', "
                     "block: 'start'}); return values; }")
 SCROLL_TO_CARDS = "() => { document.getElementById('headline')?.scrollIntoView({behavior: 'instant', block: 'nearest'}); }"
+# A past run or an example shown: its result is at the top of the page, far from the pickers.
+SCROLL_TO_HEADLINE = ("() => { document.getElementById('result-column')?.scrollIntoView({behavior: 'instant', "
+                      "block: 'start'}); }")
+# The refusal box's links: open the folded groups that hold the field (a folded group's fields are
+# not in the page until it opens), then scroll to the field and focus it.
+FIELD_LINKS = """
+element.addEventListener('click', async (event) => {
+  const link = event.target.closest('a[data-field]');
+  if (!link) return;
+  event.preventDefault();
+  const settle = () => new Promise((done) => setTimeout(done, 60));
+  for (const id of (link.dataset.panels || '').split(' ').filter(Boolean)) {
+    const toggle = document.getElementById(id)?.querySelector(':scope > button.label-wrap');
+    if (toggle && !toggle.classList.contains('open')) { toggle.click(); await settle(); }
+  }
+  let target = null;
+  for (let tries = 0; tries < 20 && !target; tries++) {
+    target = document.getElementById(link.dataset.field);
+    if (!target) await settle();
+  }
+  if (!target) return;
+  target.scrollIntoView({behavior: 'instant', block: 'center'});
+  target.querySelector('input, textarea')?.focus({preventScroll: true});
+});
+"""
 FULL_LINK = ("(query) => { const link = window.location.origin + window.location.pathname + query; "
              "navigator.clipboard?.writeText(link).catch(() => {}); return link; }")
 
@@ -867,30 +998,31 @@ def build_demo() -> gr.Blocks:
                 model_info = gr.Markdown(preset_info(preset, HAS_GPU))
                 custom_model = gr.Textbox(
                     label="Custom weights (hub id or local folder, loaded with the preset's pipeline class)",
-                    value="", visible=custom_models_allowed(), max_lines=1,
+                    value="", visible=custom_models_allowed(), max_lines=1, elem_id=CUSTOM_MODEL,
                 )
                 prompts = preset_prompts(preset)
                 prompt = gr.Textbox(label="Prompt", value=prompts[0], lines=2, max_lines=6, elem_id="prompt")
                 prompt_examples = gr.Examples([[p] for p in prompts], inputs=[prompt], examples_per_page=6,
                                               label=_examples_label(preset))
-                negative = gr.Textbox(label="Negative prompt", value="", max_lines=2,
+                negative = gr.Textbox(label="Negative prompt", value="", max_lines=2, elem_id="negative_prompt",
                                       interactive=not preset.negative_prompt_unsupported)
                 with gr.Row():
                     seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed", min_width=80)
                     frames = gr.Number(label="Frames", value=preset.num_frames, precision=0,
-                                       info=_frames_info(rules), min_width=80)
+                                       info=_frames_info(rules), min_width=80, elem_id="frames")
                     height = gr.Number(label="Height", value=preset.height, precision=0,
-                                       info=_side_info(rules), min_width=80)
+                                       info=_side_info(rules), min_width=80, elem_id="height")
                     width = gr.Number(label="Width", value=preset.width, precision=0,
-                                      info=_side_info(rules), min_width=80)
+                                      info=_side_info(rules), min_width=80, elem_id="width")
                 with gr.Row():
-                    steps = gr.Number(label="Steps", value=preset.num_inference_steps, precision=0, min_width=80)
-                    guidance = gr.Number(label="Guidance", value=preset.guidance_scale, min_width=80)
+                    steps = gr.Number(label="Steps", value=preset.num_inference_steps, precision=0, min_width=80,
+                                      elem_id="steps")
+                    guidance = gr.Number(label="Guidance", value=preset.guidance_scale, min_width=80, elem_id="guidance")
                     # No precision: the engine refuses 2.5 with the rule instead of the page rounding it.
                     rounds = gr.Number(label="Timing rounds", value=preset.timing_rounds, step=1,
                                        info=ROUNDS_INFO, elem_id="rounds", min_width=80)
                 gr.Markdown("### Acceleration\nSwitch on any methods to stack them (applied in this order).")
-                method_widgets, switches = method_panel(preset)
+                method_widgets, switches, panels = method_panel(preset)
                 with gr.Accordion("Share and reproduce", open=False, elem_id="share"):
                     share_button = gr.Button("Link to these settings (copied to the clipboard)", size="sm",
                                              elem_id="share-button")
@@ -903,15 +1035,17 @@ def build_demo() -> gr.Blocks:
                     run = gr.Button("Run comparison", variant="primary", elem_id="run", scale=3)
                     stop = gr.Button("Cancel", variant="stop", elem_id="cancel", scale=1)
                 notice = gr.Markdown(run_notice(preset)[2], elem_id="run-notice")
-                headline = gr.HTML(cards_html(None), elem_id="headline-box", min_height=90)
-                side_by_side = gr.Video(show_label=False, autoplay=True, loop=True, buttons=["download"],
+                # What Run was refused for, with a link that opens and scrolls to the field.
+                refusal = gr.HTML("", elem_id="refusal-box", js_on_load=FIELD_LINKS)
+                headline = gr.HTML(cards_html(None), label="headline", elem_id="headline-box", min_height=90)
+                side_by_side = gr.Video(label="side by side", show_label=False, autoplay=True, loop=True, buttons=["download"],
                                         elem_id="side-by-side", height=360)
                 with gr.Tab("Frame by frame"):
                     frame = gr.Slider(0, 1, value=0, step=1, label="Frame", elem_id="frame-picker")
                     frame_view = gr.ImageSlider(label="baseline (left) | accelerated (right): drag to compare",
                                                 type="filepath", elem_id="frame-slider", max_height=360,
                                                 interactive=False)
-                    frame_plot = gr.Plot(show_label=False, elem_id="frame-psnr")
+                    frame_plot = gr.Plot(label="PSNR per frame", show_label=False, elem_id="frame-psnr")
                 with gr.Tab("Each video"):
                     with gr.Row():
                         baseline_video = gr.Video(label="baseline", loop=True, buttons=["download"],
@@ -920,22 +1054,24 @@ def build_demo() -> gr.Blocks:
                                                      elem_id="accelerated-video", height=220, min_width=120)
                         difference_video = gr.Video(label="difference (heat map)", loop=True, buttons=["download"],
                                                     elem_id="difference-video", height=220, min_width=120)
-                    colour_bar = gr.HTML(elem_id="colour-bar-box")
+                    colour_bar = gr.HTML(label="colour bar", elem_id="colour-bar-box")
                 with gr.Tab("Latency"):
-                    latency_plot = gr.Plot(show_label=False, elem_id="latency-plot")
-                metrics_view = gr.HTML(elem_id="metrics-box")
+                    latency_plot = gr.Plot(label="latency by phase", show_label=False, elem_id="latency-plot")
+                metrics_view = gr.HTML(label="metrics table", elem_id="metrics-box")
                 # The same rows as a Dataframe: the API's value since the first version (hidden here).
                 metrics = gr.Dataframe(headers=list(COLUMNS), label="Metrics", interactive=False, visible=False,
                                        column_count=len(COLUMNS), elem_id="metrics-table")
                 environment = gr.Markdown(elem_id="environment", label="environment")
                 notes = gr.Markdown(elem_id="notes", label="notes")
                 result_json = gr.File(label="All figures (JSON)", elem_id="result-json")
+                # The API's machine-readable result: result.json's content (appended last to the outputs).
+                result_data_output = gr.JSON(label="result", visible=False, elem_id="result-data")
         with gr.Tab("History", elem_id="history-tab"):
             gr.Markdown("This session's runs, kept in this browser (a reload keeps them).")
-            history_chart_plot = gr.Plot(show_label=False, elem_id="history-chart")
+            history_chart_plot = gr.Plot(label="history chart", show_label=False, elem_id="history-chart")
             # The chart's points as the API returned them before the chart above (hidden here).
             history_points = gr.ScatterPlot(x="PSNR vs baseline (dB)", y=PLOT_SPEEDUP, visible=False,
-                                            elem_id="history-plot")
+                                            label="history points", elem_id="history-plot")
             history_table = gr.Dataframe(headers=list(HISTORY_COLUMNS), label="Runs", interactive=False,
                                          elem_id="history-table", column_count=len(HISTORY_COLUMNS), max_height=600)
             with gr.Row():
@@ -1000,12 +1136,19 @@ def build_demo() -> gr.Blocks:
                    "code": code, "current_view": current_view}
         result_outputs = [by_name[name] for name in (*RESULT_OUTPUTS, *PAGE_OUTPUTS)]
         shown = [*(by_name[name] for name in RESULT_OUTPUTS), history, history_table, history_points,
-                 *(by_name[name] for name in PAGE_OUTPUTS), history_chart_plot, run_picker]
+                 *(by_name[name] for name in PAGE_OUTPUTS), history_chart_plot, run_picker, result_data_output]
         # Values reach the handlers as the client sent them (preprocess=False): Gradio would round
         # 1.5 to 2 and read "false" as true; the validator refuses them, naming the field, before
         # the request takes a queue place. One progress display: over the headline cards.
         generation = dict(concurrency_id=GPU_QUEUE, concurrency_limit=1, preprocess=False,
                           show_progress_on=[headline])
+        private = dict(api_visibility="private")
+        # What Run is refused for, at the Run button: registered before the run (the page sends a
+        # click's events in order and stops at a refused one); its own quick queue, never behind a
+        # generation; values as sent, as the validator sees them.
+        checks = dict(preprocess=False, show_progress="hidden", concurrency_id="form-check", concurrency_limit=4,
+                      **private)
+        run.click(check_form, [components[name] for name in COMPARE_FIELDS], refusal, **checks)
         run_event = run.click(compare, [*(components[name] for name in COMPARE_FIELDS), history], shown,
                               api_name="compare", validator=validator((*COMPARE_FIELDS, "history"), sweep=False),
                               js=SCROLL_TO_RESULT, **generation)
@@ -1013,6 +1156,7 @@ def build_demo() -> gr.Blocks:
         keep = dict(fn=_checked_history, inputs=history, outputs=stored_history, api_visibility="private",
                     show_progress="hidden")
         run_event.then(**keep)
+        sweep_button.click(check_sweep, [components[name] for name in SWEEP_FIELDS], refusal, **checks)
         sweep_event = sweep_button.click(sweep, [*(components[name] for name in SWEEP_FIELDS), history], shown,
                                          api_name="sweep", validator=validator((*SWEEP_FIELDS, "history"), sweep=True),
                                          js=SCROLL_TO_RESULT, **generation)
@@ -1023,7 +1167,6 @@ def build_demo() -> gr.Blocks:
             benchmark, bench_inputs, [bench_status, bench_summary, bench_plots, bench_files, bench_summary_view],
             api_name="benchmark", validator=field_validator(BENCH_FIELDS, bench_plan), concurrency_id=GPU_QUEUE,
             concurrency_limit=1, preprocess=False, show_progress_on=[bench_status])
-        private = dict(api_visibility="private")
         bench_stop.click(lambda: BENCH_CANCELLED, None, bench_status, cancels=[bench_event], queue=False, **private)
         bench_preset.input(on_bench_preset, bench_preset, bench_prompts, **private)
         prompt_set.input(on_prompt_set, prompt_set, bench_prompts, **private)
@@ -1034,8 +1177,23 @@ def build_demo() -> gr.Blocks:
         clear_button.click(clear_history, None, [history, history_table, history_points, history_chart_plot,
                                                  run_picker], **private).then(**keep)
         export_button.click(history_csv, history, export_file, **private)
-        run_picker.input(show_run, [run_picker, history], result_outputs, **private)
-        example_picker.input(show_example, example_picker, result_outputs, **private)
+        form_outputs = [*(components[name] for name in LINK_FIELDS), *switches, model_info, run, sweep_button, notice]
+        run_picker.input(show_run, [run_picker, history], [*result_outputs, *form_outputs], **private).success(
+            None, js=SCROLL_TO_HEADLINE)
+        example_picker.input(show_example, example_picker, [*result_outputs, *form_outputs], **private).success(
+            None, js=SCROLL_TO_HEADLINE)
+        # Each method's title says whether it is on and its settings; a bounded slider follows its bound.
+        for name, method in METHODS.items():
+            inputs = [method_widgets[method.enable_field], *(method_widgets[f.name] for f in method.fields)]
+            for widget in inputs:
+                widget.change(functools.partial(on_panel, method), inputs, panels[name], show_progress="hidden",
+                              **private)
+            for form_field in method.fields:
+                if form_field.bound is not None:
+                    others = [method_widgets[other] for other in form_field.bound_by]
+                    for other in others:
+                        other.change(functools.partial(on_bound, form_field), [method_widgets[form_field.name], *others],
+                                     method_widgets[form_field.name], show_progress="hidden", **private)
         share_button.click(share_link, [components[name] for name in COMPARE_FIELDS], share_query, **private).then(
             None, share_query, share_box, js=FULL_LINK)
         # .input, not .change: a link restoring a preset and its sizes must not be overwritten.
@@ -1044,8 +1202,7 @@ def build_demo() -> gr.Blocks:
         model.input(on_preset_methods, [model, *switches], switches, **private)
         model.input(on_preset_prompts, model, prompt_examples.dataset, **private)
         sweep_field.change(sweep_suggestion, sweep_field, sweep_values, **private)
-        demo.load(restore_from_link, None, [*(components[name] for name in LINK_FIELDS), *switches, model_info, run,
-                                            sweep_button, notice], show_progress="hidden", **private).then(
+        demo.load(restore_from_link, None, form_outputs, show_progress="hidden", **private).then(
             on_preset_prompts, model, prompt_examples.dataset, show_progress="hidden", **private)
         demo.load(restore_history, stored_history, [history, history_table, history_points, history_chart_plot,
                                                     run_picker], show_progress="hidden", **private)

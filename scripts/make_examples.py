@@ -13,9 +13,11 @@ import argparse
 import shutil
 from pathlib import Path
 
-from vdtome.cli import parse_method
+from dataclasses import replace
+
+from vdtome.cli import method_overrides, parse_method
 from vdtome.compare import ComparisonEngine, ComparisonRequest
-from vdtome.ui import comparison_view
+from vdtome.ui import comparison_view, form_values
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 PROMPT = "A paper boat drifts down a rain-filled gutter, leaves swirling past it."
@@ -36,7 +38,9 @@ def record(engine: ComparisonEngine, name: str, preset: str, methods: list[str],
     result = engine.run(ComparisonRequest(preset, prompt, seed=seed, methods=configs), out_dir=folder)
     if not result.ok:
         raise SystemExit(f"{name}: {result.error}")
-    comparison_view(result, configs).save()
+    overrides = {method.name: fields for method, fields in map(method_overrides, methods)}
+    # the form's values too: showing the example restores them, so Run reproduces it
+    replace(comparison_view(result, configs), form=form_values(result.settings, overrides)).save()
     return folder
 
 

@@ -239,6 +239,17 @@ def parse_method(text: str):
     """``NAME[:field=value,...]`` -> that method's config (every value checked by its form's rules).
     A field may be named without its method's prefix (``first_block_cache:threshold=0.2``); a
     list takes ``+`` between its items (``tome:targets=self-attention+feed-forward``)."""
+    from .validation import RequestError
+
+    method, overrides = method_overrides(text)
+    try:
+        return method.config_from(overrides)
+    except RequestError as error:
+        raise RequestError(f"--method {text}: {error}", error.field) from None
+
+
+def method_overrides(text: str):
+    """``NAME[:field=value,...]`` -> (the method, its form fields given), each value checked alone."""
     from .methods import method_named
     from .validation import RequestError
 
@@ -255,9 +266,9 @@ def parse_method(text: str):
             if form_field.name in overrides:
                 raise RequestError(f"{key} is given twice")
             overrides[form_field.name] = form_field.from_text(value.strip())
-        return method.config_from(overrides)
     except RequestError as error:
         raise RequestError(f"--method {text}: {error}", error.field) from None
+    return method, overrides
 
 
 def _methods_text() -> str:

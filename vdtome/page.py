@@ -38,8 +38,17 @@ def cards_html(view: ComparisonView | None, status: str = "") -> str:
         f'<div class="card-value">{_escape(card.value)}</div><div class="card-detail">{_escape(card.detail)}</div></div>'
         for card in view.cards)
     error = f'<p class="result-error"><b>Error:</b> {_escape(view.error)}</p>' if view.error else ""
+    warnings = "".join(f'<p class="result-warning"><b>Measurement warning:</b> {_escape(w)}</p>' for w in view.warnings)
     head = f'<p class="result-title">{_escape(status)}{_escape(view.title)}</p>'
-    return f'<div id="headline" class="headline">{head}{error}<div class="cards">{cards}</div></div>'
+    return f'<div id="headline" class="headline">{head}{error}{warnings}<div class="cards">{cards}</div></div>'
+
+
+def refusal_html(message: str, element: str, label: str, panels: Sequence[str] = ()) -> str:
+    """Why Run was refused, beside the Run button, with a link that opens the folded groups
+    ``panels`` (element ids, outermost first) and scrolls to the field's element."""
+    return (f'<div id="refusal" class="refusal" role="alert"><b>Not run:</b> {_escape(message)} '
+            f'<a href="#{_escape(element)}" data-field="{_escape(element)}" data-panels="{_escape(" ".join(panels))}">'
+            f'Go to {_escape(label)}</a></div>')
 
 
 def metrics_html(rows: Sequence[Sequence[str]]) -> str:
@@ -203,6 +212,12 @@ CSS = """
 .headline .result-title { margin: 0 0 6px 0; font-weight: 600; }
 .headline.stale { opacity: 0.55; }
 .headline .result-error { color: #b91c1c; }
+.headline .result-warning { background: #fef3c7; border: 1px solid #d97706; color: #78350f; border-radius: 6px;
+  padding: 4px 8px; font-size: 0.85em; }
+.refusal { background: #fee2e2; border: 1px solid #dc2626; color: #7f1d1d; border-radius: 8px; padding: 8px 10px; }
+.refusal a { font-weight: 600; color: #991b1b; text-decoration: underline; margin-left: 4px; }
+/* toasts at the bottom of the screen, never over the headline cards */
+.toast-wrap { top: auto !important; bottom: var(--size-4, 16px) !important; }
 table.metrics { width: 100%; border-collapse: collapse; font-size: 0.85em; font-variant-numeric: tabular-nums; }
 table.metrics th, table.metrics td { border-bottom: 1px solid var(--border-color-primary); padding: 4px 6px;
   text-align: left; vertical-align: top; }

@@ -110,22 +110,64 @@ def _sweepable(name: Any) -> tuple[Method, FormField]:
     raise RequestError(f"sweep field must be a sweepable field ({names}), got {name!r}", SWEEP_FIELD)
 
 
-def sweep_stacks(values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
-    """One stack per value of the swept field, in ascending order (each checked by its method's
-    rules: a value a method refuses is refused naming the sweep and the rule)."""
+def sweep_forms(values: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The form's values of every point of a sweep, in ascending order of the swept value."""
     method, form_field = _sweepable(values.get(SWEEP_FIELD, "ratio"))
     if not boolean(f"use {method.label}", values.get(method.enable_field, method.on_by_default), method.enable_field):
         raise RequestError(f"the sweep varies {form_field.label.lower()} of {method.label}, which is switched off",
                            SWEEP_FIELD)
     numbers = sorted(decimal_list("sweep values", values.get(SWEEP_VALUES), SWEEP_VALUES, MAX_SWEEP_POINTS))
+    return [{**values, form_field.name: int(n) if form_field.kind == "integer" and float(n).is_integer() else n}
+            for n in numbers]
+
+
+def sweep_stacks(values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """One stack per value of the swept field, in ascending order (each checked by its method's
+    rules: a value a method refuses is refused naming the sweep and the rule)."""
+    method, form_field = _sweepable(values.get(SWEEP_FIELD, "ratio"))
     stacks = []
-    for number in numbers:
-        point = int(number) if form_field.kind == "integer" and float(number).is_integer() else number
+    for point in sweep_forms(values):
         try:
-            stacks.append(stack_from_form({**values, form_field.name: point}))
+            stacks.append(stack_from_form(point))
         except RequestError as error:
-            raise RequestError(f"sweep value {number:g}: {error}", SWEEP_VALUES) from None
+            raise RequestError(f"sweep value {point[form_field.name]:g}: {error}", SWEEP_VALUES) from None
     return stacks
+
+
+def form_values(settings: ResolvedSettings, overrides: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The form that reproduces a comparison: its request fields, every method's switch, and
+    every field at its default but for ``overrides`` (method name -> form field -> value) of the
+    methods switched on (as the command line's ``--method NAME:field=value`` gives them)."""
+    form: dict[str, Any] = {name: getattr(settings, name) for name in REQUEST_FIELDS}
+    for method in METHODS.values():
+        form[method.enable_field] = method.name in overrides
+        form.update({name: list(v) if isinstance(v, tuple) else v for name, v in method.form_defaults().items()})
+    for name, fields in overrides.items():
+        form.update({key: list(v) if isinstance(v, (tuple, frozenset)) else v for key, v in fields.items()})
+    return form
+
+
+def panel_title(method: Method, values: Mapping[str, Any]) -> str:
+    """A method's group title: whether it is on and its settings, so a folded group still says
+    what will run ("token merging (ToMe) · on · ratio 0.5 stride 1x2x2"); settings the method
+    refuses are named as such."""
+    if not values.get(method.enable_field):
+        return f"{method.label} · off"
+    try:
+        return f"{method.label} · on · {method.summary(method.from_form(values))}"
+    except RequestError as error:
+        return f"{method.label} · on · not runnable: {error}"
+
+
+def field_bound(form_field: FormField, values: Mapping[str, Any]) -> tuple[float, str] | None:
+    """A field's largest valid value for the other fields' current values (None: its fixed
+    maximum applies, or those values are not valid yet)."""
+    if form_field.bound is None:
+        return None
+    try:
+        return form_field.bound({name: values[name] for name in form_field.bound_by})
+    except (KeyError, TypeError, ValueError, ArithmeticError):
+        return None
 
 
 def preset_choice_label(preset: ModelPreset, has_gpu: bool) -> str:
@@ -428,6 +470,7 @@ class ComparisonView:
     code: str = ""
     title: str = ""  # preset, stack, seed: what the result belongs to
     history: dict[str, Any] | None = None  # the history entry (None when the comparison failed)
+    form: dict[str, Any] | None = None  # the form's values that reproduce it (None: not recorded)
 
     def to_json(self) -> str:
         """``files`` as names relative to the folder the view is saved in."""
@@ -444,7 +487,8 @@ class ComparisonView:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ComparisonView":
         """The view from ``dataclasses.asdict`` of one (or its JSON): lists back to tuples, cards typed."""
-        return cls(**(dict(data) | {
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**({k: v for k, v in data.items() if k in known} | {
             "rows": [tuple(r) for r in data["rows"]], "notes": tuple(data["notes"]),
             "warnings": tuple(data["warnings"]), "cards": tuple(Card(**c) for c in data["cards"]),
             "latency": tuple(tuple(r) for r in data["latency"]), "frame_psnr": tuple(data["frame_psnr"])}))

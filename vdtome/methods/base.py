@@ -26,7 +26,10 @@ REUSES_BLOCKS = "block residuals"
 @dataclass(frozen=True)
 class FormField:
     """One input of a method's form. ``name`` is the request / API parameter name, unique across
-    every registered method; ``sweepable`` numeric fields can be swept by the app and the CLI."""
+    every registered method; ``sweepable`` numeric fields can be swept by the app and the CLI.
+    ``bound``: for a field whose largest valid value depends on other fields (their names in
+    ``bound_by``), that value from the form's values, with the rule in words (the form's slider
+    follows it; the method's parse enforces it)."""
 
     name: str
     kind: FieldKind
@@ -40,6 +43,8 @@ class FormField:
     sweepable: bool = False
     advanced: bool = False  # shown folded ("more options")
     sweep_example: str = ""  # values a sweep over this field starts from (default: spread over its range)
+    bound: Callable[[Mapping[str, Any]], tuple[float, str]] | None = None
+    bound_by: tuple[str, ...] = ()
 
     def sweep_suggestion(self) -> str:
         """Four values to sweep this field over, as the form's sweep box offers them."""

@@ -33,6 +33,11 @@ def stride_ratio_cap(stride: tuple[int, int, int]) -> float:
     return round(math.floor((1.0 - 1.0 / cells) / RATIO_STEP + 1e-9) * RATIO_STEP, 2)
 
 
+def _ratio_bound(values: Mapping[str, Any]) -> tuple[float, str]:
+    stride = (values["stride_t"], values["stride_y"], values["stride_x"])
+    return stride_ratio_cap(stride), f"at most {stride_ratio_cap(stride):.2f} for stride {'x'.join(map(str, stride))}"
+
+
 def _stride_field(axis: str, default: int) -> FormField:
     return FormField(f"stride_{axis}", "integer", default, f"Stride {axis}", f"cell size along {axis}",
                      1, MAX_STRIDE, 1)
@@ -42,7 +47,7 @@ FIELDS = (
     FormField("ratio", "number", 0.5, "Merge ratio",
               "share of video tokens merged before each patched sub-layer; at most 1 - 1/(st*sy*sx) "
               "(0.75 for stride 1x2x2)", 0.0, stride_ratio_cap((MAX_STRIDE,) * 3), RATIO_STEP, sweepable=True,
-              sweep_example="0.1, 0.3, 0.5, 0.7"),
+              sweep_example="0.1, 0.3, 0.5, 0.7", bound=_ratio_bound, bound_by=("stride_t", "stride_y", "stride_x")),
     _stride_field("t", 1),
     _stride_field("y", 2),
     _stride_field("x", 2),
