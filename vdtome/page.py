@@ -235,4 +235,6 @@ table.metrics thead th { background: var(--background-fill-secondary); }
 #side-by-side video, #baseline-video video, #accelerated-video video, #difference-video video, #frame-slider img {
   image-rendering: pixelated; }
 #status { font-weight: 600; }
+/* charts sized to their container (the history chart): vega-embed sits in a flex row with no width of its own */
+#history-chart .vega-embed { width: 100%; }
 """
