@@ -153,7 +153,7 @@ CANCEL_FLAGS = CancelFlags(INSTANCE_DIR / "cancel")
 COMPARE_FIELDS = api_fields(sweep=False)
 SWEEP_FIELDS = api_fields(sweep=True)
 # The form's values a run keeps and a shown run restores (custom weights are not part of a run's form).
-FORM_FIELDS = tuple(name for name in COMPARE_FIELDS if name != CUSTOM_MODEL)
+RUN_FIELDS = tuple(name for name in COMPARE_FIELDS if name != CUSTOM_MODEL)
 
 
 def engine() -> ComparisonEngine:
@@ -445,8 +445,8 @@ async def _run_form(values: dict, sweep: bool, history, progress):
         requests, source = plan(values, sweep)
     except RequestError as error:
         raise gr.Error(str(error), title="Invalid input") from None
-    form = {name: value for name, value in values.items() if name in FORM_FIELDS}
-    forms = [{name: value for name, value in point.items() if name in FORM_FIELDS} for point in sweep_forms(values)] \
+    form = {name: value for name, value in values.items() if name in RUN_FIELDS}
+    forms = [{name: value for name, value in point.items() if name in RUN_FIELDS} for point in sweep_forms(values)] \
         if sweep else [form]
     views = await _execute(requests, source, progress, forms)
     history = _record(history, views, sweep_label(values.get(SWEEP_FIELD, "ratio")) if sweep else None)
@@ -707,7 +707,7 @@ def _restored_form(view: ComparisonView, what: str) -> tuple:
     if view.form is None:
         return _form_updates({}, [], f"The settings of {what} were not recorded: the form is unchanged, so Run "
                                      "would not reproduce it.")
-    values = {name: value for name, value in view.form.items() if name in FORM_FIELDS}
+    values = {name: value for name, value in view.form.items() if name in RUN_FIELDS}
     return _form_updates(values, [], f"The form now holds the settings of {what}: Run reproduces it.")
 
 

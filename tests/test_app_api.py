@@ -10,7 +10,6 @@ from gradio_client.exceptions import ValidationError
 
 from vdtome.video_io import probe
 
-from conftest import a_a_attempts
 
 PROMPT = "A paper boat drifts down a rain-filled gutter past glowing shop windows."
 END_TO_END = "end-to-end (projected: denoising + untouched phases measured here)"
@@ -55,6 +54,11 @@ def test_compare_returns_playable_videos_and_metrics(client):
     assert "/" not in json.dumps(result["files"])  # file names only: no server paths
     assert history["data"][-1][1] == "tiny-wan"
     assert all(Path(path).name.startswith("tiny-wan_tome-ratio-0.5-stride-1x2x2_seed7_") for path in outputs[:5])
+    # The whole result as one JSON output named "result", appended last: equal to result.json.
+    assert outputs[-1] == result
+    returns = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/compare"]["returns"]
+    assert returns[-1]["label"] == "result" and returns[-1]["component"] == "Json"
+    assert not [r["label"] for r in returns if r["label"].startswith("value_")]  # every output named
 
     # The page's own views, appended after the API's first values.
     headline, table_html, colour_bar, latency, frame, frame_pair, frame_plot, code = outputs[10:18]
@@ -72,18 +76,19 @@ def test_compare_returns_playable_videos_and_metrics(client):
     assert namespace["request"].seed == 7 and namespace["request"].methods[0].ratio == 0.5  # the snippet runs as is
 
 
-def test_ratio_zero_is_identical_and_the_baseline_is_reused(client):
+def test_ratio_zero_is_identical_claims_no_speed_and_the_baseline_is_reused(client):
     client.predict(prompt=PROMPT, seed=3, ratio=0.3, api_name="/compare")
-    attempts = a_a_attempts(
-        lambda: client.predict(prompt=PROMPT, seed=3, ratio=0.0, api_name="/compare"),
-        lambda outputs: rows(outputs[5])["denoising loop (median of 7 rounds)"][2].startswith("no significant"))
-    outputs = attempts[-1]
+    outputs = client.predict(prompt=PROMPT, seed=3, ratio=0.0, api_name="/compare")
     figures = rows(outputs[5])
     assert figures["PSNR vs baseline"][1] == "identical"
     assert float(figures["SSIM vs baseline"][1]) == 1.0
     assert figures["baseline video"][0].startswith("from cache")  # only the ratio changed
     assert figures["baseline video"][2] == "timing measured again in this request"
-    assert figures["denoising loop (median of 7 rounds)"][2].startswith("no significant difference")  # A/A
+    # Nothing was merged: no speed verdict, whatever the two identical sides measured.
+    assert figures["denoising loop (median of 7 rounds)"][2].startswith("no speed claim: token merging (ToMe) did nothing")
+    assert outputs[-1]["timing"]["denoising"]["ratio"]["verdict"] == "did nothing"
+    assert 'data-tone="untested"' in outputs[10] and "did nothing" in outputs[10]  # the headline: grey, plain
+    assert outputs[8]["data"][-1][7] == "did nothing"  # the history's denoising column
     assert "its timing was measured again" in outputs[7]
 
 
@@ -118,7 +123,8 @@ def test_sweep_runs_each_ratio_once_on_one_baseline(client):
     outputs = client.predict(prompt=PROMPT, seed=11, ratios="0.5, 0.1 0.3", api_name="/sweep")
     history = outputs[8]["data"]
     swept = history[-3:]
-    assert [row[2] for row in swept] == [f"tome ratio {r} stride 1x2x2" for r in ("0.1", "0.3", "0.5")]  # sorted
+    assert [row[4] for row in swept] == [f"tome ratio {r} stride 1x2x2" for r in ("0.1", "0.3", "0.5")]  # sorted
+    assert {(row[2], row[3]) for row in swept} == {(PROMPT, 11)}  # each row names its prompt and seed
     assert [row[-1] for row in swept] == ["made", "from cache", "from cache"]  # one baseline video for the curve
     plot = outputs[9]
     assert len(plot["data"]) >= 3  # every non-identical run is a point on the speedup/fidelity chart
@@ -141,7 +147,7 @@ def test_two_methods_stack_through_the_api_and_a_cache_threshold_sweeps(client):
     assert figures["token merging (ToMe): merge ratio (requested / effective)"][1] == "0.50 / 0.50"
     skipped = figures["first block cache: transformer-block computations skipped (each CFG sample counted)"][1]
     assert skipped.split(" of ")[0] != "0"
-    assert outputs[8]["data"][-1][2] == result["stack"]  # the history names the whole stack
+    assert outputs[8]["data"][-1][4] == result["stack"]  # the history names the whole stack
 
     # A stack the rules refuse is refused when submitted, naming the rule; the next good one runs.
     with pytest.raises(ValidationError, match="diffusers keeps one cache per model"):
@@ -151,9 +157,11 @@ def test_two_methods_stack_through_the_api_and_a_cache_threshold_sweeps(client):
     outputs = client.predict(prompt=PROMPT, seed=5, use_tome=False, use_first_block_cache=True,
                              ratios="0, 1", sweep_field="first_block_cache_threshold", api_name="/sweep")
     swept = outputs[8]["data"][-2:]
-    assert [row[2] for row in swept] == ["first_block_cache threshold 0", "first_block_cache threshold 1"]
-    assert swept[0][3].startswith("first_block_cache: blocks skipped 0.0")  # threshold 0 never skips
-    assert not swept[1][3].startswith("first_block_cache: blocks skipped 0.0,")
+    assert [row[4] for row in swept] == ["first_block_cache threshold 0", "first_block_cache threshold 1"]
+    assert swept[0][5].startswith("first_block_cache: blocks skipped 0.0")  # threshold 0 never skips
+    assert not swept[1][5].startswith("first_block_cache: blocks skipped 0.0,")
+    # A cache that never skipped claims no speed, in the history too.
+    assert swept[0][6] == swept[0][7] == "did nothing" and swept[1][7] != "did nothing"
 
 
 BENCH_SWEEP = """
