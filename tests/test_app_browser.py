@@ -118,6 +118,61 @@ def test_compare_in_the_browser_then_bad_input_then_again(page, tmp_path):
 
 
 
+IN_VIEW = """(selector) => { const r = document.querySelector(selector)?.getBoundingClientRect();
+    return !!r && r.height > 0 && r.top >= 0 && r.bottom <= window.innerHeight; }"""
+
+
+@pytest.mark.parametrize("width, height", [(1400, 900), (390, 844)])
+def test_a_refusal_is_shown_where_the_visitor_looks_and_leads_to_its_field(browser, app_server, width, height):
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(TIMEOUT_MS)
+    # A shared link that switches on two diffusers caches: a stack the rules refuse, its groups folded.
+    page.goto(app_server + "?use_first_block_cache=true&use_mag_cache=true&height=70")
+    page.wait_for_function("() => document.querySelector('#method-mag_cache .label-wrap')?.innerText.includes('on')")
+    titles = page.evaluate("() => [...document.querySelectorAll('[id^=method-] > button.label-wrap')].map(b => b.innerText)")
+    assert any(t.startswith("token merging (ToMe) · on · ratio 0.5 stride 1x2x2") for t in titles), titles
+    assert any(t.startswith("MagCache · on · ") for t in titles) and any(t.startswith("SeaCache · off") for t in titles)
+    page.locator("#run").click()
+    refusal = page.locator("#refusal")
+    refusal.wait_for(state="visible")
+    assert "cannot stack: diffusers keeps one cache per model" in refusal.inner_text()
+    page.wait_for_function(IN_VIEW, arg="#refusal", timeout=10_000)  # at the Run button, without scrolling
+    assert page.locator("#mag_cache_threshold").count() == 0  # its group is folded: the field is not in the page
+    page.locator("#refusal a").click()  # opens the group, then scrolls to the switch
+    page.wait_for_function(IN_VIEW, arg="#use_mag_cache", timeout=10_000)
+    page.locator("#use_mag_cache .validation-error button[aria-label=Clear]").click()  # Gradio's message over the field
+    page.locator("#use_mag_cache input").uncheck()
+    page.wait_for_function("() => document.querySelector('#method-mag_cache .label-wrap').innerText.startsWith('MagCache · off')")
+    page.locator("#run").click()
+    page.wait_for_function("() => document.querySelector('#refusal')?.innerText.includes('height must be a multiple of 16')")
+    page.wait_for_function(IN_VIEW, arg="#refusal", timeout=10_000)
+    page.locator("#refusal a").click()
+    page.wait_for_function(IN_VIEW, arg="#height", timeout=10_000)  # the link leads to the field
+    # The merge ratio's slider follows the stride's cap.
+    stride = page.locator("#stride_t input[type=number]")
+    stride.fill("2")
+    stride.press("Enter")
+    page.wait_for_function("() => document.querySelector('#ratio input[type=number]').max === '0.85'")
+    page.close()
+
+
+def test_a_past_run_restores_its_settings_and_comes_into_view(browser, app_server):
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(app_server)
+    set_ratio(page, "0.4")
+    page.locator("#run").click()
+    page.wait_for_function(f"() => ({HISTORY_ROWS})() >= 1", timeout=TIMEOUT_MS)
+    set_ratio(page, "0.2")
+    page.locator("#run-picker").scroll_into_view_if_needed()
+    page.locator("#run-picker input").click()
+    page.get_by_role("option").last.click()
+    page.wait_for_function("() => document.querySelector('#ratio input[type=number]').value === '0.4'")
+    assert "Run reproduces it" in page.locator("#run-notice").inner_text()
+    page.wait_for_function(IN_VIEW, arg="#headline .cards", timeout=10_000)
+    page.close()
+
+
 def test_a_bad_value_is_shown_at_its_field_and_cancel_stops_a_run(page):
     runs = page.evaluate(HISTORY_ROWS)
     seed = page.get_by_role("spinbutton", name="Seed")
@@ -225,7 +280,7 @@ def test_the_result_page_at_desktop_and_phone_widths(browser, default_app_server
     page.wait_for_selector("#headline .cards")
     page.wait_for_function(CARDS_IN_VIEW, timeout=10_000)  # in view without the visitor scrolling
     tones = page.evaluate("() => [...document.querySelectorAll('#headline .card')].map(c => c.dataset.tone)")
-    assert len(tones) == 4 and set(tones) <= {"better", "worse", "neutral"}
+    assert len(tones) == 4 and set(tones) <= {"better", "worse", "neutral", "untested"}
 
     # Every metric row is on the page (no inner scroll), readable at this width.
     rows = page.locator("#metrics tbody tr")
