@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--guidance", type=float)
     compare.add_argument("--rounds", type=int,
                          help="timing rounds: baseline and accelerated calls back to back, order alternating "
-                              "(default: the preset's; 6 or more give an interval from rounds alone)")
+                              "(default: the preset's; each a repeat: 6 or more give an interval, fewer are not tested)")
+    compare.add_argument("--timing-steps", type=int,
+                         help="steps of the rounds after the first when every step of the stack costs alike "
+                              "(default: the preset's; 0: every round runs all steps)")
     compare.add_argument("--warmup-steps", type=int, default=2, help="steps of each untimed warm-up call (>= 2)")
     compare.add_argument("--no-snap", action="store_true", help="refuse invalid sizes instead of snapping them")
     compare.add_argument("--no-baseline-cache", action="store_true")
@@ -178,6 +181,7 @@ def _compare(args) -> int:
             guidance=args.guidance,
             methods=_stack(args),
             rounds=args.rounds,
+            timing_steps=args.timing_steps,
             warmup_steps=args.warmup_steps,
             snap=not args.no_snap,
             reuse_baseline=not args.no_baseline_cache,

@@ -248,6 +248,7 @@ class ComparisonResult:
     error: str | None = None
     environment: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    elapsed_s: float | None = None  # wall seconds of the request: loading, every call, metrics (not the files)
 
     @property
     def ok(self) -> bool:
@@ -281,6 +282,7 @@ class ComparisonResult:
             "timing": None if self.timing is None else self.timing.to_dict(),
             "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
             "environment": self.environment,
+            "elapsed_s": self.elapsed_s,
             "files": {name: Path(path).name for name, path in self.files.items()},
         }
 
@@ -458,15 +460,17 @@ class ComparisonEngine:
             raise RequestError(str(error.args[0]) if error.args else str(error)) from None
         settings, notes = resolve(request, preset)
         with self._lock:
+            started = time.perf_counter()
             pipe = self.pipelines.get(preset, self.device, source)
             notes = [*notes, *unknown_words_note(pipe, settings.prompt)]
             session = _Session(self, pipe, preset, settings, request.methods, progress, cancel)
             session.stop_if_cancelled()  # cancelled while the weights loaded
-            return self._compare(session, request, notes, out_dir, source, write)
+            return self._compare(session, request, notes, out_dir, source, write, started)
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _compare(self, session: _Session, request, notes, out_dir, source, write=True) -> ComparisonResult:
+    def _compare(self, session: _Session, request, notes, out_dir, source, write=True,
+                 started: float | None = None) -> ComparisonResult:
         pipe, settings, methods = session.pipe, session.settings, session.methods
         env = environment(pipe)
         key = (settings.video_key(), source, str(self.device), env.get("dtype"))
@@ -551,6 +555,7 @@ class ComparisonEngine:
             notes=tuple(notes),
             error=error,
             environment=env,
+            elapsed_s=None if started is None else time.perf_counter() - started,
         )
         session.stop_if_cancelled()
         if not write:
