@@ -32,3 +32,12 @@ def test_the_library_snippet_reproduces_the_apps_figures(capsys):
     printed = capsys.readouterr().out
     assert f"PSNR {result.fidelity.psnr_mean:.2f} dB" in printed and "effective ratio 0.50" in printed
     assert "first_block_cache" in printed and "tome" in printed
+
+
+def test_the_readme_quotes_the_committed_example_results():
+    """The examples' table is written from their result.json: no figure drifts from its source."""
+    from scripts import readme_figures
+
+    text = README.read_text(encoding="utf-8")
+    assert readme_figures.render(text) == text, "README.md is out of date: run python -m scripts.readme_figures"
+    assert "1.24x slower" not in text  # the old hand-written figure, not in any committed result
