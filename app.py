@@ -705,8 +705,9 @@ def _restored_form(view: ComparisonView, what: str) -> tuple:
     """The form set to the settings of a shown run, so Run reproduces it; a view saved before
     runs kept their form leaves the form as it is, and says so."""
     if view.form is None:
-        return _form_updates({}, [], f"The settings of {what} were not recorded: the form is unchanged, so Run "
-                                     "would not reproduce it.")
+        unchanged = [gr.update()] * (len(LINK_FIELDS) + len(METHODS) + 3)  # fields, switches, info, Run, Run sweep
+        return (*unchanged, f"The settings of {what} were not recorded: the form is unchanged, so Run would not "
+                            "reproduce it.")
     values = {name: value for name, value in view.form.items() if name in RUN_FIELDS}
     return _form_updates(values, [], f"The form now holds the settings of {what}: Run reproduces it.")
 
@@ -802,8 +803,9 @@ def restore_from_link(request: gr.Request):
 
 
 def _form_updates(values: dict, problems: list[str], notice: str) -> tuple:
-    """Updates of the form (:data:`FORM_OUTPUTS` order) to ``values``: fields, switches (locked
-    where the preset cannot take a method), the preset's notes, Run and the notice."""
+    """Updates of the form to ``values``, in the order of the form outputs: the fields of
+    :data:`LINK_FIELDS`, the switches (locked where the preset cannot take a method), the preset's
+    notes, Run, Run sweep and the notice."""
     name = values.get("preset")
     if name is not None and name not in PRESETS:
         problems.append(f"preset: no preset named {shown(name)}")
@@ -830,19 +832,19 @@ def _form_updates(values: dict, problems: list[str], notice: str) -> tuple:
 
 
 def check_form(*values):
-    """What Run would be refused for, shown at the Run button and the headline with a link to the
-    field (the validator's message sits under the field, which may be far up the page)."""
-    fields = dict(zip(COMPARE_FIELDS, values))
-    try:
-        plan(fields)
-    except RequestError as error:
-        return _refusal(error)
-    return ""
+    """What Run would be refused for, shown at the Run button with a link to the field (the
+    validator's message sits under the field, which may be far up the page)."""
+    return _check(dict(zip(COMPARE_FIELDS, values)), sweep=False)
 
 
 def check_sweep(*values):
+    """The same for Run sweep."""
+    return _check(dict(zip(SWEEP_FIELDS, values)), sweep=True)
+
+
+def _check(fields: dict, sweep: bool) -> str:
     try:
-        plan(dict(zip(SWEEP_FIELDS, values)), sweep=True)
+        plan(fields, sweep)
     except RequestError as error:
         return _refusal(error)
     return ""

@@ -135,12 +135,13 @@ def history_points(history: Sequence[dict[str, Any]]) -> pd.DataFrame:
     for record, differs in zip(records, _differing(records)):
         point = record["point"]
         psnr = point[PSNR_AXIS]
-        claim = point.get("claim") or CLAIMS.get(Verdict(point["verdict"]), point["verdict"])
+        verdict = next((v for v in Verdict if v.value == point["verdict"]), None)  # a stored point may be older
+        claim = point.get("claim") or (CLAIMS[verdict] if verdict is not None else str(point["verdict"]))
         rows.append({
             "run": point["run"], PSNR_AXIS: psnr, PLOT_SPEEDUP: point[PLOT_SPEEDUP],
             "low": point.get("low"), "high": point.get("high"),
             "interval": point["interval"], "verdict": point["verdict"], "claim": claim,
-            "tested": Verdict(point["verdict"]).tested, "methods": point["methods"],
+            "tested": verdict is not None and verdict.tested, "methods": point["methods"],
             "series": record.get("series") or "single runs", "sweep": bool(record.get("series")),
             "anchor": psnr >= PSNR_CAP_DB, "what differs": differs,
         })
