@@ -6,6 +6,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from dataclasses import replace
 from fastapi import HTTPException
 
 from vdtome.compare import ComparisonRequest, RequestError, resolve
@@ -59,6 +60,16 @@ def test_the_work_limit_refuses_with_the_numbers_and_what_fits():
     assert "is 33,030,144; at these settings at most 64 steps fit" in str(error.value)
     with pytest.raises(RequestError, match="x 17 sweep points"):
         limits.check_work(PRESETS["tiny-wan"], settings(), points=17)
+    # Short timing rounds count their own steps: a real preset's default request fits its default limit,
+    # 500 steps do not, and the message names both kinds of round.
+    cog = PRESETS["cogvideox-2b"]
+    default = resolve(ComparisonRequest("cogvideox-2b", "a kite", methods=ToMeConfig(ratio=0.5)), cog)[0]
+    assert default.round_steps == 3 and default_work(cog) == 2 * (50 + 6 * 3) * 49 * 480 * 720
+    limits.check_work(cog, default)
+    tight = ServiceLimits.from_env(PRESETS, {"VDTOME_MAX_WORK": "cogvideox-2b=1e10"})
+    with pytest.raises(RequestError, match=r"2 sides x 518 steps per side \(timing rounds: the first of 500 steps, "
+                                           r"6 of 3\) x 49 frames .* at these settings at most 277 steps fit"):
+        tight.check_work(cog, replace(default, steps=500))
 
 
 def make_entry(path, size, age):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .compare import RequestError, ResolvedSettings
 from .presets import ModelPreset
+from .protocol import plan_calls
 
 # Without an operator setting a preset allows this multiple of its default request's work: a
 # sweep of the default 4 ratios, or twice the frames at the default size, fits; 500 steps do not.
@@ -48,11 +49,12 @@ COUNT_SETTINGS = {
 
 def work(rounds: int, steps: int, frames: int, height: int, width: int, points: int = 1,
          round_steps: int | None = None) -> int:
-    """Frame-pixel steps of the timed denoising calls: 2 sides x sweep points x the steps of every
-    round (the first of ``steps``, the others of ``round_steps``, short rounds; default ``steps``)
-    x frames x height x width."""
-    per_side = steps + (rounds - 1) * (steps if round_steps is None else round_steps)
-    return 2 * points * per_side * frames * height * width
+    """Frame-pixel steps of the timed denoising calls of the protocol's schedule (2 sides, the
+    first round of ``steps``, the others of ``round_steps``: short rounds; default ``steps``) x
+    sweep points x frames x height x width."""
+    schedule = plan_calls(rounds, steps, steps if round_steps is None else round_steps, warmup_steps=2,
+                          warm_pipeline=False)
+    return points * schedule.timed_steps * frames * height * width
 
 
 def default_work(preset: ModelPreset) -> int:

@@ -27,7 +27,7 @@ the GPU-time estimate all read it):
    untouched times measured. Phases the method does not touch are shown as unchanged and double
    as a noise check: when they differ between the sides by more than :data:`BUSY_THRESHOLD`, or
    their paired ratios (or the denoising loop's) spread over more than :data:`BUSY_SPREAD`, or
-   other processes used the cores this request needs (:class:`~vdtome.measure.HostLoad`), the
+   other processes used the cores this request needs (:class:`~vdtome.host_load.HostLoad`), the
    machine was busy and the result says so.
 """
 
