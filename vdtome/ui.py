@@ -341,7 +341,7 @@ def _speed_card(title: str, figures: PhaseFigures | None) -> Card:
         return Card(title, speed_phrase(ratio.value), ratio.interval_text() + medians,
                     "better" if ratio.verdict is Verdict.FASTER else "worse")
     if ratio.verdict is Verdict.TOO_FEW_REPEATS:
-        return Card(title, "not tested", f"measured {ratio.value:.2f}x, no interval: {ratio.interval_text()}{medians}",
+        return Card(title, "not tested", f"{ratio.interval_text()}; measured ratio {ratio.value:.2f}{medians}",
                     "untested")
     if ratio.verdict is Verdict.DID_NOTHING:
         return Card(title, "did nothing", f"no speed claim: {ratio.no_claim}; measured ratio {ratio.value:.2f}{medians}",
