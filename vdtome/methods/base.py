@@ -180,8 +180,8 @@ class Method:
     field; the generic type and range checks have run already). ``unavailable``: why it cannot
     serve these denoiser classes (None if it can): asked of a preset before its weights load. ``touches``: the
     phases it can change (the others are shown unchanged and double as a noise check).
-    ``steps_alike``: every denoising step of the config costs the same (single steps may then
-    serve as the timing protocol's repeats). ``reuses_across_steps``: what it carries from one
+    ``steps_alike``: every denoising step of the config costs the same (the timing protocol may
+    then time short rounds of a few steps, compared by their mean step). ``reuses_across_steps``: what it carries from one
     step to the next ("attention outputs", "block residuals", ...; None: nothing), and
     ``matching_varies``: whether its token layout changes between steps: the stacking rules of
     :mod:`vdtome.methods.stack` read these two. ``diffusers_cache``: a diffusers cache hook
