@@ -87,7 +87,7 @@ def test_verdicts_need_an_interval_that_excludes_one_and_a_change_above_the_nois
     assert paired_ratio([1.03, 1.02, 1.04, 1.03, 1.03, 1.03, 1.03], [1.0] * 7, threshold=0.02).verdict is Verdict.FASTER
     single = paired_ratio([2.0], [1.0])
     assert single.verdict is Verdict.TOO_FEW_REPEATS and not single.has_interval
-    assert single.text().startswith("not tested: 1 round: no interval (6 or more give one)")
+    assert single.text().startswith("not tested: 1 round, too few for an interval (6 or more give one); measured ratio 2.00")
     assert single.short() == "not tested (1 round)" and not single.verdict.tested
 
 

@@ -174,8 +174,8 @@ class Ratio:
         if self.verdict is Verdict.NO_DIFFERENCE:
             return f"no significant difference (median {speed_phrase(self.value)}; {self.interval_text()})"
         if self.verdict is Verdict.TOO_FEW_REPEATS:
-            return (f"not tested: {self.interval_text()} (measured {self.plain_text().split(';')[0]}, "
-                    "which may be noise between calls)")
+            return (f"not tested: {self._pairs_text()}, too few for an interval ({MIN_PAIRS} or more give one); "
+                    f"measured ratio {self.value:.2f}, which may be noise between calls")
         return f"{speed_phrase(self.value)} ({self.interval_text()})"
 
     def short(self) -> str:
