@@ -1180,10 +1180,12 @@ def build_demo() -> gr.Blocks:
                                                  run_picker], **private).then(**keep)
         export_button.click(history_csv, history, export_file, **private)
         form_outputs = [*(components[name] for name in LINK_FIELDS), *switches, model_info, run, sweep_button, notice]
-        run_picker.input(show_run, [run_picker, history], [*result_outputs, *form_outputs], **private).success(
-            None, js=SCROLL_TO_HEADLINE)
-        example_picker.input(show_example, example_picker, [*result_outputs, *form_outputs], **private).success(
-            None, js=SCROLL_TO_HEADLINE)
+        # A shown run or example: its result into view, the example prompts of its preset.
+        for picker, shower, inputs in ((run_picker, show_run, [run_picker, history]),
+                                       (example_picker, show_example, [example_picker])):
+            shown_event = picker.input(shower, inputs, [*result_outputs, *form_outputs], **private)
+            shown_event.success(None, js=SCROLL_TO_HEADLINE)
+            shown_event.success(on_preset_prompts, model, prompt_examples.dataset, show_progress="hidden", **private)
         # Each method's title says whether it is on and its settings; a bounded slider follows its bound.
         for name, method in METHODS.items():
             inputs = [method_widgets[method.enable_field], *(method_widgets[f.name] for f in method.fields)]

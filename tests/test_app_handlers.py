@@ -156,5 +156,5 @@ def test_history_runs_are_shown_again_and_exported_and_a_forged_entry_is_refused
     assert rows[0]["prompt"] == prompt and rows[0]["seed"] == "0"  # the whole prompt, its own column
     assert rows[0]["denoising speedup"] == "1.3" and rows[0]["denoising low"] == "1.2"
     assert rows[0]["denoising high"] == "1.4" and rows[0]["denoising verdict"] == "faster"
-    assert rows[0]["end_to_end speedup"] == "1.2" and rows[0]["tome.ratio"] == "0.5" and rows[0]["tome.stride"] == "(1, 2, 2)"
+    assert rows[0]["end-to-end speedup"] == "1.2" and rows[0]["tome.ratio"] == "0.5" and rows[0]["tome.stride"] == "(1, 2, 2)"
     assert app._checked_history([{"row": "not a list"}]) == []  # a value of another shape is dropped

@@ -87,7 +87,7 @@ def test_verdicts_need_an_interval_that_excludes_one_and_a_change_above_the_nois
     assert paired_ratio([1.03, 1.02, 1.04, 1.03, 1.03, 1.03, 1.03], [1.0] * 7, threshold=0.02).verdict is Verdict.FASTER
     single = paired_ratio([2.0], [1.0])
     assert single.verdict is Verdict.TOO_FEW_REPEATS and not single.has_interval
-    assert single.text().startswith("not tested: 1 round, too few for an interval (6 or more give one); measured ratio 2.00")
+    assert single.text().startswith("not tested: 1 round, too few for an interval (6 or more give one); measured 2.00x faster")
     assert single.short() == "not tested (1 round)" and not single.verdict.tested
 
 
@@ -336,6 +336,10 @@ def test_the_noise_threshold_comes_from_this_hosts_a_a_pairs(tmp_path):
     again = ComparisonEngine(device="cpu", output_root=tmp_path / "out", noise_dir=tmp_path / "noise")
     second = again.run(ComparisonRequest("tiny-wan", PROMPT, seed=7, methods=ToMeConfig(ratio=0.5)), write=False)
     assert second.timing.noise.aa_pairs == 24
+    # A busy request uses the record but does not add to it (a neighbour's load is not this host's noise).
+    calls = list(second.timing.calls)
+    assert again._noise_threshold(second.settings, second.environment, calls, keep=False).aa_pairs == 36
+    assert again._noise_threshold(second.settings, second.environment, calls, keep=True).aa_pairs == 36
 
 
 def test_a_busy_machine_is_read_from_the_other_processes_cpu_time():

@@ -375,6 +375,9 @@ def unknown_words_note(pipe: Any, prompt: str) -> list[str]:
         return []
     unique = list(dict.fromkeys(words))
     listed = ", ".join(repr(word) for word in unique[:12]) + (f" and {len(unique) - 12} more" if len(unique) > 12 else "")
+    if len(unique) == 1:
+        return [f"the model does not know the word {listed} (its tokenizer reads it as an unknown token): the video "
+                "cannot follow it"]
     return [f"the model does not know the words {listed} (its tokenizer reads each as one unknown token): "
             "the video cannot follow them"]
 
@@ -522,8 +525,8 @@ class ComparisonEngine:
             touches = frozenset().union(*(m.touches for m in methods))
             steps_alike = all(m.steps_alike(c) for m, c in zip(methods, request.methods))
             timing = summarise(calls, touches, steps_alike, None if cached is None else cached.memory,
-                               per_step=settings.short_rounds, noise=self._noise_threshold(settings, env, calls),
-                               host_load=load.load)
+                               per_step=settings.short_rounds, host_load=load.load,
+                               noise=self._noise_threshold(settings, env, calls, keep=load.load is None or not load.load.busy))
             idle = [m.label for m, r in zip(methods, reports) if r.evidence and not r.acted]
             if reports and len(idle) == len(methods):
                 timing = timing.without_claim(f"{' and '.join(idle)} did nothing in this run (every evidence count is "
@@ -564,16 +567,19 @@ class ComparisonEngine:
         folder = Path(out_dir) if out_dir is not None else self._new_output_dir()
         return replace(result, files=write_outputs(result, folder))
 
-    def _noise_threshold(self, settings: ResolvedSettings, env: dict[str, Any],
-                         calls: list[TimedCall]) -> NoiseThreshold:
-        """This request's A/A pairs added to this host's record for the same preset, size and
-        step counts; the noise threshold for its number of rounds from all of them."""
+    def _noise_threshold(self, settings: ResolvedSettings, env: dict[str, Any], calls: list[TimedCall],
+                         keep: bool = True) -> NoiseThreshold:
+        """This request's A/A pairs with this host's record for the same preset, size and step
+        counts; the noise threshold for its number of rounds from all of them. ``keep``: add them
+        to the record (not when other processes shared the cores: the record is of this host's
+        own noise, and a neighbour's load would raise every later threshold)."""
         if self._noise is None:
             self._noise = NoiseStore(self.noise_dir, env)
         s = settings
         key = (f"{s.preset}|{s.frames}x{s.height}x{s.width}|{s.steps}+{s.round_steps} steps|"
                f"{'mean step' if s.short_rounds else 'loop'}|{env.get('device')}|{env.get('dtype')}")
-        pooled = self._noise.add(key, aa_log_ratios(calls, s.short_rounds))
+        pairs = aa_log_ratios(calls, s.short_rounds)
+        pooled = self._noise.add(key, pairs) if keep else self._noise.pairs(key) + pairs
         return NoiseThreshold.from_pairs(pooled, s.rounds)
 
     def discard(self, files: dict[str, str]) -> None:

@@ -151,15 +151,17 @@ def history_points(history: Sequence[dict[str, Any]]) -> pd.DataFrame:
 
 def history_chart(history: Sequence[dict[str, Any]]) -> alt.LayerChart | None:
     """Speedup against fidelity: a 1x line; every point with its interval (a vertical bar); tested
-    verdicts as filled marks in their sweep's colour, shaped by what they claim; untested runs and
-    runs whose method did nothing as grey open crosses (their ratio is noise, not a speed); each
-    sweep a connected curve; identical-output runs at the PSNR cap. Fills its container's width,
+    verdicts as filled marks in their sweep's colour, shaped by what they claim; untested runs
+    (crosses) and runs whose method did nothing (squares) as open grey marks (their ratio is noise,
+    not a speed); each sweep a connected curve; identical-output runs at the PSNR cap. Fills its container's width,
     legends below the plot (readable at a phone's 390 px)."""
     data = history_points(history)
     if data.empty:
         return None
-    x = alt.X(f"{PSNR_AXIS}:Q", title=["PSNR vs baseline (dB)", f"identical videos at the {PSNR_CAP_DB:g} dB cap"],
-              scale=alt.Scale(zero=False, padding=24, nice=False))
+    x_title = ["PSNR vs baseline (dB)", f"identical videos at the {PSNR_CAP_DB:g} dB cap"] if data["anchor"].any() \
+        else "PSNR vs baseline (dB)"
+    x = alt.X(f"{PSNR_AXIS}:Q", title=x_title, scale=alt.Scale(zero=False, padding=24, nice=False),
+              axis=alt.Axis(format=".1f"))
     y = alt.Y(f"{PLOT_SPEEDUP}:Q", title=["end-to-end speedup", "(below 1 = slower)"],
               scale=alt.Scale(zero=False, padding=24, nice=False))
     tooltip = ["run", "methods", alt.Tooltip(f"{PLOT_SPEEDUP}:Q", format=".3f", title="speedup (median)"), "interval",
@@ -171,7 +173,7 @@ def history_chart(history: Sequence[dict[str, Any]]) -> alt.LayerChart | None:
     one = alt.Chart(pd.DataFrame({PLOT_SPEEDUP: [1.0]})).mark_rule(strokeDash=[6, 4], color="#475569").encode(
         y=f"{PLOT_SPEEDUP}:Q")
     claim_order = list(CLAIMS.values())
-    shapes = alt.Scale(domain=claim_order, range=["triangle-up", "triangle-down", "circle", "cross", "cross"])
+    shapes = alt.Scale(domain=claim_order, range=["triangle-up", "triangle-down", "circle", "cross", "square"])
     layers = [
         one,
         tested.transform_filter("datum.low != null").mark_rule(strokeWidth=2, opacity=0.6).encode(

@@ -303,8 +303,8 @@ class TimingSummary:
             return None
         return (
             "the machine was busy during this request: " + "; ".join(reasons) + ". Repeated calls should give "
-            "the same ratio and phases the method does not touch the same time, so the figures above are "
-            "unreliable; rerun when the machine is quiet."
+            "the same ratio and phases the method does not touch the same time, so this request's timing "
+            "figures are unreliable; rerun when the machine is quiet."
         )
 
     def without_claim(self, reason: str) -> "TimingSummary":
@@ -410,7 +410,10 @@ def _noise_check(phase: str, ratio: Ratio | None, gpu_clock: bool, median_ms: fl
                 f"under {MIN_CPU_CHECK_MS:.0f} ms is scheduler jitter)"), None
     if not ratio.has_interval and not gpu_clock:
         apart = math.exp(abs(math.log(ratio.value))) - 1
-        return f"one call per side ({apart:.0%} apart): a single CPU pair is no noise check", None
+        if ratio.pairs == 1:
+            return f"one call per side ({apart:.0%} apart): a single CPU pair is no noise check", None
+        return (f"{ratio.pairs} calls per side (median {apart:.0%} apart): too few for an interval, so no noise "
+                "check"), None
     label = PHASE_LABELS[phase]
     reason = None
     if ratio.has_interval and ratio.spread > BUSY_SPREAD:

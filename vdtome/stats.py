@@ -175,7 +175,7 @@ class Ratio:
             return f"no significant difference (median {speed_phrase(self.value)}; {self.interval_text()})"
         if self.verdict is Verdict.TOO_FEW_REPEATS:
             return (f"not tested: {self._pairs_text()}, too few for an interval ({MIN_PAIRS} or more give one); "
-                    f"measured ratio {self.value:.2f}, which may be noise between calls")
+                    f"measured {speed_phrase(self.value)}, which may be noise between calls")
         return f"{speed_phrase(self.value)} ({self.interval_text()})"
 
     def short(self) -> str:
@@ -198,6 +198,9 @@ class Ratio:
         out = asdict(self)
         out["verdict"] = self.verdict.value if verdict else None
         out["text"] = self.text() if verdict else self.plain_text()
+        if not verdict:  # no verdict, so no threshold to judge it by
+            for key in ("threshold", "threshold_source", "no_claim"):
+                del out[key]
         return out
 
 

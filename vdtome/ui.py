@@ -547,10 +547,11 @@ def history_export(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for entry in history:
         row = dict(zip(HISTORY_COLUMNS, entry["row"]))
         for phase in ("denoising", "end_to_end"):
-            row.pop(phase.replace("_", "-"), None)  # the table's phrase: replaced by the numbers
+            column = phase.replace("_", "-")
+            row.pop(column, None)  # the table's phrase: replaced by the numbers
             numbers = (entry.get("figures") or {}).get(phase) or {}
             for key in ("speedup", "low", "high", "verdict"):
-                row[f"{phase} {key}"] = numbers.get(key)
+                row[f"{column} {key}"] = numbers.get(key)
         row["series"] = entry.get("series") or ""
         settings = entry.get("settings", {})
         row.update({name: settings.get(name, "") for name in setting_names})
