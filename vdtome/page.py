@@ -161,7 +161,7 @@ def history_chart(history: Sequence[dict[str, Any]]) -> alt.LayerChart | None:
     x_title = ["PSNR vs baseline (dB)", f"identical videos at the {PSNR_CAP_DB:g} dB cap"] if data["anchor"].any() \
         else "PSNR vs baseline (dB)"
     x = alt.X(f"{PSNR_AXIS}:Q", title=x_title, scale=alt.Scale(zero=False, padding=24, nice=False),
-              axis=alt.Axis(format=".1f"))
+              axis=alt.Axis(format=".1~f", tickCount=6))
     y = alt.Y(f"{PLOT_SPEEDUP}:Q", title=["end-to-end speedup", "(below 1 = slower)"],
               scale=alt.Scale(zero=False, padding=24, nice=False))
     tooltip = ["run", "methods", alt.Tooltip(f"{PLOT_SPEEDUP}:Q", format=".3f", title="speedup (median)"), "interval",
