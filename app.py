@@ -468,7 +468,7 @@ def _endpoint(name: str, fields: tuple[str, ...], sweep: bool, doc: str):
     Gradio reads the parameter names (the API's) from the signature and passes every value; a
     Python caller may leave out the methods' fields (their defaults apply; any other missing value
     is refused naming its field)."""
-    defaults = method_defaults() | {CUSTOM_MODEL: ""}
+    defaults = method_defaults(PRESETS[DEFAULT_PRESET]) | {CUSTOM_MODEL: ""}
     signature = inspect.Signature([
         *(inspect.Parameter(field, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults.get(field))
           for field in fields),
@@ -478,8 +478,12 @@ def _endpoint(name: str, fields: tuple[str, ...], sweep: bool, doc: str):
 
     async def handler(*arguments, **named):
         bound = signature.bind(*arguments, **named)
+        given = set(bound.arguments)
         bound.apply_defaults()
         values = dict(bound.arguments)
+        if values.get("preset") in PRESETS:  # a method field left out takes its default on the chosen model
+            chosen = method_defaults(PRESETS[values["preset"]])
+            values.update({field: chosen[field] for field in METHOD_FIELDS if field not in given and field in values})
         history, progress = values.pop("history"), values.pop("progress")
         return await _run_form(values, sweep, history, progress)
 
@@ -792,6 +796,17 @@ def on_preset_methods(name: str, *switches: bool):
             for (key, method), value in zip(METHODS.items(), switches)]
 
 
+# Every method field, in registry order (the outputs of on_preset_fields).
+METHOD_FIELDS = tuple(f.name for method in METHODS.values() for f in method.fields)
+
+
+def on_preset_fields(name: str):
+    """The methods' fields take the new preset's defaults (token merging's are chosen per model)."""
+    defaults = method_defaults(PRESETS[name])
+    return [gr.update(value=list(defaults[field]) if isinstance(defaults[field], tuple) else defaults[field])
+            for field in METHOD_FIELDS]
+
+
 def restore_from_link(request: gr.Request):
     """Form values from the page address's query string (a shared link); what cannot be used is
     named in the notice, never silently changed."""
@@ -813,7 +828,8 @@ def _form_updates(values: dict, problems: list[str], notice: str) -> tuple:
     updates: list[object] = []
     preset = PRESETS[values.get("preset", DEFAULT_PRESET)]
     defaults = {"frames": preset.num_frames, "height": preset.height, "width": preset.width,
-                "steps": preset.num_inference_steps, "guidance": preset.guidance_scale, "rounds": preset.timing_rounds}
+                "steps": preset.num_inference_steps, "guidance": preset.guidance_scale, "rounds": preset.timing_rounds,
+                **method_defaults(preset)}
     for field in LINK_FIELDS:
         if field in values:
             updates.append(gr.update(value=values[field]))
@@ -872,22 +888,22 @@ REQUEST_LABELS = {"preset": "Model preset", "prompt": "Prompt", "negative_prompt
 FIELD_ELEMENTS = {SWEEP_VALUES: "sweep-ratios"}
 
 
-def _widget(form_field: FormField):
-    """The Gradio input for a method's field (elem_id = its API name). A field whose valid range
-    depends on other fields starts at the bound of their defaults."""
+def _widget(form_field: FormField, defaults: dict):
+    """The Gradio input for a method's field (elem_id = its API name) at its value in ``defaults``
+    (the default preset's). A field whose valid range depends on other fields starts at their bound."""
     common = dict(label=form_field.label, info=form_field.help or None, elem_id=form_field.name)
+    value = defaults[form_field.name]
     if form_field.kind in ("number", "integer"):
-        bound = field_bound(form_field, {f.name: f.default for m in METHODS.values() for f in m.fields})
+        bound = field_bound(form_field, defaults)
         if bound is not None:
             common["info"] = f"{form_field.help}; {bound[1]}"
         return gr.Slider(form_field.minimum, form_field.maximum if bound is None else bound[0],
-                         value=form_field.default, step=form_field.step
-                         or (1 if form_field.kind == "integer" else None), **common)
+                         value=value, step=form_field.step or (1 if form_field.kind == "integer" else None), **common)
     if form_field.kind == "boolean":
-        return gr.Checkbox(value=form_field.default, **common)
+        return gr.Checkbox(value=value, **common)
     if form_field.kind == "choice":
-        return gr.Radio(list(form_field.options), value=form_field.default, **common)
-    return gr.CheckboxGroup(list(form_field.options), value=list(form_field.default), **common)
+        return gr.Radio(list(form_field.options), value=value, **common)
+    return gr.CheckboxGroup(list(form_field.options), value=list(value), **common)
 
 
 def on_bound(form_field: FormField, value, *others):
@@ -915,7 +931,7 @@ def method_panel(preset) -> tuple[dict[str, gr.components.Component], list[gr.Ch
     switches = []
     panels = {}
     reasons = _unavailable(preset)
-    defaults = method_defaults()
+    defaults = method_defaults(preset)
     for name, method in METHODS.items():
         title = panel_title(method, defaults | {method.enable_field: method.on_by_default and not reasons[name]})
         with gr.Accordion(title, open=method.on_by_default, elem_id=f"method-{name}") as panels[name]:
@@ -925,12 +941,12 @@ def method_panel(preset) -> tuple[dict[str, gr.components.Component], list[gr.Ch
             switches.append(switch)
             for form_field in method.fields:
                 if not form_field.advanced:
-                    widgets[form_field.name] = _widget(form_field)
+                    widgets[form_field.name] = _widget(form_field, defaults)
             advanced = [f for f in method.fields if f.advanced]
             if advanced:
                 with gr.Accordion("More options", open=False, elem_id=f"method-{name}-more"):
                     for form_field in advanced:
-                        widgets[form_field.name] = _widget(form_field)
+                        widgets[form_field.name] = _widget(form_field, defaults)
     return widgets, switches, panels
 
 
@@ -1204,6 +1220,7 @@ def build_demo() -> gr.Blocks:
         model.input(on_preset, [model, negative], [model_info, negative, frames, height, width, steps, guidance,
                                                    rounds, run, sweep_button, notice], **private)
         model.input(on_preset_methods, [model, *switches], switches, **private)
+        model.input(on_preset_fields, model, [method_widgets[field] for field in METHOD_FIELDS], **private)
         model.input(on_preset_prompts, model, prompt_examples.dataset, **private)
         sweep_field.change(sweep_suggestion, sweep_field, sweep_values, **private)
         demo.load(restore_from_link, None, form_outputs, show_progress="hidden", **private).then(

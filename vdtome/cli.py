@@ -11,6 +11,7 @@ vdtome methods`` lists them with their fields). Without ``--method``, the token-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -58,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a method of the stack, repeatable, applied in the order given, e.g. tome:ratio=0.5 "
                               "first_block_cache:threshold=0.2 (see `python -m vdtome methods`)")
     tome = compare.add_argument_group("token merging alone (when no --method is given)")
-    tome.add_argument("--ratio", type=float, default=None, help="default 0.5")
-    tome.add_argument("--stride", type=int, nargs=3, default=None, metavar=("ST", "SY", "SX"), help="default 1 2 2")
+    tome.add_argument("--ratio", type=float, default=None, help="default: the preset's (`python -m vdtome presets`)")
+    tome.add_argument("--stride", type=int, nargs=3, default=None, metavar=("ST", "SY", "SX"), help="default: the preset's")
     tome.add_argument("--strategy", choices=("bipartite", "attnbin"), default=None)
     tome.add_argument("--blocks", type=_blocks, default=None, help="all | every_other | 0,2,5")
     tome.add_argument("--merge-cross-attn", action="store_true", default=None)
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPUs per actor (default: 1 beside a GPU; without GPUs, the cluster's CPUs / workers)")
     bench.add_argument("--no-report", action="store_true", help="rows and summary only (no plots, no HTML)")
 
+    from .gpucheck import add_parser as add_gpucheck
+
+    add_gpucheck(commands)
     commands.add_parser("methods", help="list acceleration methods, their fields and the presets they support")
     commands.add_parser("presets", help="list model presets")
     prompts = commands.add_parser("prompts", help="print a prompt set")
@@ -119,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         return _bench(args)
+    if args.command == "gpucheck":
+        from .gpucheck import main as gpucheck
+
+        return gpucheck(args)
     return _compare(args)
 
 
@@ -210,17 +218,22 @@ TOME_FLAGS = ("ratio", "stride", "strategy", "blocks", "merge_cross_attn", "merg
 
 
 def _stack(args) -> tuple:
-    """The stack: the ``--method`` items in order, or token merging from its own flags."""
+    """The stack: the ``--method`` items in order, or token merging from its own flags; fields
+    not given take the preset's defaults."""
+    from .presets import get_preset
+
+    preset = get_preset(args.preset)
     flags = [name for name in TOME_FLAGS if getattr(args, name) is not None]
     if not args.method:
-        return (_tome_from_flags(args),)
+        return (_tome_from_flags(args, preset),)
     if flags:
         raise ValueError(f"--{flags[0].replace('_', '-')} describes token merging alone; with --method, give "
                          "its fields as --method tome:ratio=0.5,stride_y=2,...")
-    return tuple(parse_method(text) for text in args.method)  # the engine checks the stacking rules
+    return tuple(parse_method(text, preset) for text in args.method)  # the engine checks the stacking rules
 
 
-def _tome_from_flags(args):
+def _tome_from_flags(args, preset):
+    from .methods import default_stack
     from .tome import ToMeConfig
 
     given = {
@@ -236,18 +249,22 @@ def _tome_from_flags(args):
         "matching": args.matching,
         "reuse_steps": args.reuse_steps,
     }
-    return ToMeConfig(**{name: value for name, value in given.items() if value is not None})
+    base = next(config for config in default_stack(preset) if isinstance(config, ToMeConfig))
+    return dataclasses.replace(base, **{name: value for name, value in given.items() if value is not None})
 
 
-def parse_method(text: str):
-    """``NAME[:field=value,...]`` -> that method's config (every value checked by its form's rules).
+def parse_method(text: str, preset=None):
+    """``NAME[:field=value,...]`` -> that method's config (every value checked by its form's rules;
+    the fields not given at ``preset``'s defaults, or the method's own without one).
     A field may be named without its method's prefix (``first_block_cache:threshold=0.2``); a
     list takes ``+`` between its items (``tome:targets=self-attention+feed-forward``)."""
     from .validation import RequestError
 
+    from .methods import preset_form_defaults
+
     method, overrides = method_overrides(text)
     try:
-        return method.config_from(overrides)
+        return method.config_from(overrides, None if preset is None else preset_form_defaults(method, preset))
     except RequestError as error:
         raise RequestError(f"--method {text}: {error}", error.field) from None
 

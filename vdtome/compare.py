@@ -44,7 +44,8 @@ from .measure import (
     timed_call,
 )
 from .denoisers import denoiser_types
-from .methods import AppliedStack, CallPlan, MethodReport, check_available, check_stack, config_fields, stack_label
+from .methods import (AppliedStack, CallPlan, MethodReport, check_available, check_stack, config_fields, default_stack,
+                      stack_label)
 from .metrics import Fidelity, Temporal, check_finite, fidelity, temporal_consistency
 from .pipelines import ModelUnavailableError, PipelineCache, default_device
 from .presets import ModelPreset, get_preset
@@ -65,7 +66,6 @@ from .protocol import (
 )
 from .stats import Ratio
 from .storage import prune
-from .tome import ToMeConfig
 from .validation import RequestError, shown, text, whole_number
 
 # 3: "methods" lists the stack (method, config, report); 2 had one "acceleration" and "method_report".
@@ -116,7 +116,7 @@ class ComparisonRequest:
     """What to compare. ``None`` sizes, steps, guidance and rounds take the preset's defaults.
 
     ``methods``: the stack, registered method configs applied in this order (see
-    :mod:`vdtome.methods`; a single config is a stack of one); ``rounds``:
+    :mod:`vdtome.methods`; a single config is a stack of one; None: the preset's default stack); ``rounds``:
     timing rounds, each a pair of calls (see :mod:`vdtome.protocol`); ``timing_steps``: steps of
     the rounds after the first when the stack's steps all cost alike (None: the preset's choice;
     0: full length); ``snap``: move invalid frame counts and sizes to
@@ -134,7 +134,7 @@ class ComparisonRequest:
     width: int | None = None
     steps: int | None = None
     guidance: float | None = None
-    methods: tuple[Any, ...] = field(default_factory=lambda: (ToMeConfig(),))
+    methods: tuple[Any, ...] | None = None
     rounds: int | None = None
     timing_steps: int | None = None
     warmup_steps: int = 2
@@ -142,6 +142,11 @@ class ComparisonRequest:
     reuse_baseline: bool = True
 
     def __post_init__(self) -> None:
+        if self.methods is None:  # the preset's default stack (token merging at its settings for this model)
+            try:
+                object.__setattr__(self, "methods", default_stack(get_preset(self.preset)))
+            except (KeyError, ValueError):  # an unknown preset: resolve() refuses it, naming the presets
+                object.__setattr__(self, "methods", ())
         if not isinstance(self.methods, (tuple, list)):
             object.__setattr__(self, "methods", (self.methods,))
         object.__setattr__(self, "methods", tuple(self.methods))

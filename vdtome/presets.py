@@ -276,6 +276,9 @@ class ModelPreset:
     gpu_time: GpuTime | None = None
     vae_tiling: bool = False
     negative_prompt_unsupported: str | None = None
+    # Per method name, the form fields whose defaults differ on this model ({"tome": {"ratio": 0.5}}):
+    # chosen for the model (e.g. by a sweep), checked by the method's own fields where they are used.
+    method_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def is_builtin(self) -> bool:
@@ -388,6 +391,16 @@ def _parse_constraints(r: _Reader) -> Constraints:
         r.fail("", str(exc))
 
 
+def _parse_method_defaults(r: _Reader) -> dict[str, dict[str, Any]]:
+    """``method_defaults``: method name -> {form field: value}; the values' own rules are the
+    method's (checked by :func:`vdtome.methods.preset_form_defaults`, and for every shipped preset by a test)."""
+    table = r.get("method_defaults", dict, required=False, default={})
+    for method, values in table.items():
+        if not isinstance(values, Mapping):
+            r.fail(f"method_defaults.{method}", f"must be an object of form fields, got {values!r}")
+    return {method: dict(values) for method, values in table.items()}
+
+
 def _parse_preset(path: Path, index: int, raw: Any) -> ModelPreset:
     name = raw.get("name") if isinstance(raw, Mapping) else None
     r = _Reader(path, f"presets[{index}]" + (f" ({name})" if isinstance(name, str) else ""), raw)
@@ -458,6 +471,7 @@ def _parse_preset(path: Path, index: int, raw: Any) -> ModelPreset:
         motion_adapter=motion_adapter,
         extras=dict(r.get("extras", dict, required=False, default={})),
         notes=r.get("notes", str, required=False, default=""),
+        method_defaults=_parse_method_defaults(r),
         timing_rounds=rounds,
         timing_steps=timing_steps,
         gpu_memory_gb=None if gpu_memory_gb is None else float(gpu_memory_gb),

@@ -37,10 +37,12 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 #: Unit motion per direction in image coordinates (x right, y down).
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-#: Pixels per frame at 64 x 64 (scaled with the side for other sizes).
-SPEEDS: dict[str, float] = {"slowly": 1.5, "quickly": 3.0}
+#: Share of the frame side a shape travels over the whole clip, whatever its length and size
+#: (9 frames of 64 x 64: 1.5 and 3 px per frame; 17 frames of 128 x 128: the same 1.5 and 3 px).
+SPEEDS: dict[str, float] = {"slowly": 0.1875, "quickly": 0.375}
 
-#: Half the side of a shape's bounding box, as a share of the frame side (64 px -> 11 px).
+#: Half the side of a shape's bounding box, as a share of the frame side (64 px -> 11 px, 128 px -> 22 px):
+#: a circle covers 9.1 % of the frame, a square 9.4 %, a triangle 5.8 %.
 SHAPE_RADIUS = 0.17
 PROMPT_TEMPLATE = "a {colour} {shape} moving {direction} {speed} on a {background} background"
 PROMPT_PATTERN = re.compile(
@@ -146,9 +148,9 @@ def render(scene: Scene, rng: random.Random, frames: int = 9, side: int = 64, su
     The start is drawn so the whole path stays inside the frame; across the path the position is free.
     """
     radius = SHAPE_RADIUS * side
-    step = SPEEDS[scene.speed] * side / 64
+    travel = SPEEDS[scene.speed] * side
+    step = travel / max(frames - 1, 1)
     dx, dy = DIRECTIONS[scene.direction]
-    travel = step * (frames - 1)
     margin = radius + 1
     along = rng.uniform(margin, side - margin - travel)  # start, measured along the motion
     across = rng.uniform(margin, side - margin)

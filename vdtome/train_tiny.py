@@ -1,6 +1,8 @@
 """Train the small offline text-to-video model (preset ``tiny-shapes``) on two CPU cores.
 
     python -m vdtome.train_tiny --out models/tiny-shapes [--work .train_tiny]
+    python -m vdtome.train_tiny --out models/tiny-shapes-128 --work .train_tiny_128 \
+        --init-from models/tiny-shapes --frames 17 --side 128 ...   (progressive: see ``PROGRESSIVE_128``)
 
 Why: offline the app can only build random-weight models, whose videos are noise. This script trains
 a real ``WanPipeline`` (``AutoencoderKLWan`` + ``WanTransformer3DModel`` + UMT5 + UniPC flow scheduler,
@@ -20,6 +22,11 @@ Stages, each checkpointed in ``--work`` (rerun the same command to resume where 
    conditioned on the prompt through the pipeline's own ``encode_prompt`` (frozen tiny UMT5 with a
    word-level tokenizer of the prompt vocabulary), 10 % of prompts dropped for classifier-free guidance;
 4. the pipeline is saved with ``save_pretrained`` (safetensors) to ``--out``.
+
+With ``--init-from`` a saved pipeline's weights (tokenizer, text encoder, VAE and transformer) are the
+start: stage 1 fine-tunes its VAE at the new size and stage 3 its transformer. Both models are
+size-agnostic (convolutions; patch embedding and rotary positions in the transformer), so a model
+trained at 9 frames of 64 x 64 needs far fewer steps at 17 frames of 128 x 128 than one from scratch.
 
 Every random draw comes from a generator seeded by (seed, stage, step), so a resumed run draws the same
 data as an uninterrupted one. Every ``--sample-every`` transformer steps a strip of generated held-out
@@ -74,13 +81,17 @@ class TrainConfig:
     max_sequence_length: int = 16
     checkpoint_every: int = 100
     sample_every: int = 1000  # 0: no samples
+    init_from: str = ""  # a saved pipeline to start from (progressive training); "" = from scratch
+    vae_pool_batch: int = 32  # clips encoded at once for the pool (smaller at large sizes: memory)
 
     def __post_init__(self) -> None:
         if (self.frames - 1) % 4:
             raise ValueError(f"frames must be 4k + 1 (the VAE's chunking), got {self.frames}")
         if self.side % 16:
             raise ValueError(f"side must be a multiple of 16, got {self.side}")
-        for name in ("vae_steps", "vae_batch", "pool_clips", "transformer_steps", "transformer_batch"):
+        if self.vae_steps < (0 if self.init_from else 1):
+            raise ValueError(f"vae_steps must be at least 1 without init_from, got {self.vae_steps}")
+        for name in ("vae_batch", "pool_clips", "transformer_steps", "transformer_batch", "vae_pool_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.prompt_dropout < 1:
@@ -114,12 +125,35 @@ def build_vae(seed: int):
         )
 
 
+def _load_init(config: TrainConfig):
+    """The pipeline ``init_from`` names (progressive training), components in training precision."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline.from_pretrained(config.init_from)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def initial_vae(config: TrainConfig):
+    """The VAE stage 1 starts from: a fresh one, or ``init_from``'s."""
+    if not config.init_from:
+        return build_vae(config.seed)
+    return _load_init(config).vae.train().requires_grad_(True)
+
+
 def build_pipeline(config: TrainConfig, vae=None):
-    """The untrained pipeline (or with ``vae``): tokenizer and text encoder are final at this point."""
+    """The pipeline before stage 3 (or with ``vae``): tokenizer and text encoder are final at this point."""
     from diffusers import WanPipeline
 
     from .tiny import _wan_flow_scheduler, tiny_tokenizer, tiny_umt5_encoder, tiny_wan_transformer
 
+    if config.init_from:
+        pipe = _load_init(config)
+        if vae is not None:
+            pipe.vae = vae
+        pipe.text_encoder.eval().requires_grad_(False)
+        pipe.transformer.requires_grad_(True)
+        return pipe
     words = shapes.vocabulary()
     tokenizer = tiny_tokenizer(model_max_length=config.max_sequence_length, words=words)
     pipe = WanPipeline(
@@ -225,7 +259,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def train_vae(config: TrainConfig, work: Path, progress):
-    vae = build_vae(config.seed)
+    vae = initial_vae(config)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     path = work / VAE_CHECKPOINT
     step = _resume(vae, optimizer, path)
@@ -264,8 +298,8 @@ def encode_pool(config: TrainConfig, vae, pipe, work: Path, progress) -> dict:
     scenes = [shapes.random_training_scene(rng) for _ in range(config.pool_clips)]
     latents, masks = [], []
     bar = progress(total=config.pool_clips, desc="2/3 encode", unit="clip")
-    for start in range(0, config.pool_clips, 32):
-        chunk = scenes[start : start + 32]
+    for start in range(0, config.pool_clips, config.vae_pool_batch):
+        chunk = scenes[start : start + config.vae_pool_batch]
         x = clips_to_tensor([shapes.render(s, rng, frames=config.frames, side=config.side) for s in chunk])
         latents.append(vae.encode(x).latent_dist.mode())
         masks.append(latent_shape_mask(shape_pixels(x), spatial=vae.config.scale_factor_spatial))

@@ -16,7 +16,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from .compare import ComparisonRequest, ComparisonResult, ResolvedSettings, resolve
-from .methods import METHODS, FormField, Method, check_stack, field_owner, method_of
+from .methods import METHODS, FormField, Method, check_stack, field_owner, method_of, preset_form_defaults
 from .metrics import PSNR_CAP_DB
 from .presets import ModelPreset, get_preset, load_prompts
 from .protocol import GpuEstimate, PhaseFigures, estimate_gpu_time
@@ -62,13 +62,21 @@ def appended_from(sweep: bool) -> int:
     return len(REQUEST_FIELDS) + len(first.fields) + 1 + int(sweep)
 
 
-def method_defaults() -> dict[str, Any]:
-    """Every method field's default and every switch (on for methods on by default)."""
+def method_defaults(preset: ModelPreset | None = None) -> dict[str, Any]:
+    """Every method field's default (``preset``'s where it sets one, see ``method_defaults`` in
+    presets/models.json) and every switch (on for methods on by default)."""
     values: dict[str, Any] = {}
     for method in METHODS.values():
         values[method.enable_field] = method.on_by_default
-        values.update(method.form_defaults())
+        values.update(method.form_defaults() if preset is None else preset_form_defaults(method, preset))
     return values | {SWEEP_FIELD: sweep_choices()[0][1]}
+
+
+def _preset_or_none(name: Any) -> ModelPreset | None:
+    try:
+        return get_preset(name)
+    except (KeyError, ValueError):
+        return None
 
 
 def stack_from_form(values: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -139,9 +147,11 @@ def form_values(settings: ResolvedSettings, overrides: Mapping[str, Mapping[str,
     every field at its default but for ``overrides`` (method name -> form field -> value) of the
     methods switched on (as the command line's ``--method NAME:field=value`` gives them)."""
     form: dict[str, Any] = {name: getattr(settings, name) for name in REQUEST_FIELDS}
+    preset = _preset_or_none(settings.preset)
     for method in METHODS.values():
         form[method.enable_field] = method.name in overrides
-        form.update({name: list(v) if isinstance(v, tuple) else v for name, v in method.form_defaults().items()})
+        defaults = method.form_defaults() if preset is None else preset_form_defaults(method, preset)
+        form.update({name: list(v) if isinstance(v, tuple) else v for name, v in defaults.items()})
     for name, fields in overrides.items():
         form.update({key: list(v) if isinstance(v, (tuple, frozenset)) else v for key, v in fields.items()})
     return form
@@ -587,8 +597,8 @@ def _as_text(value: Any) -> str:
 
 def settings_query(values: Mapping[str, Any]) -> str:
     """The form as a query string ("?preset=tiny-wan&prompt=...&ratio=0.5"): the request's fields,
-    and each method's switch and fields where they differ from their defaults."""
-    defaults = method_defaults()
+    and each method's switch and fields where they differ from their defaults on the form's preset."""
+    defaults = method_defaults(_preset_or_none(values.get("preset")))
     pairs = [(name, values[name]) for name in SHARED_REQUEST_FIELDS if values.get(name) not in (None, "")]
     pairs += [(name, value) for name, value in values.items()
               if name in defaults and name != SWEEP_FIELD and value is not None and _as_text(value) != _as_text(defaults[name])]

@@ -7,7 +7,7 @@ report, the app's form and the CLI read everything else from the registry.
 import importlib
 
 from .base import Applied, CallPlan, Evidence, FormField, Method, MethodReport, config_fields
-from .registry import METHODS, field_owner, method_named, method_of, register
+from .registry import METHODS, default_stack, field_owner, method_named, method_of, preset_form_defaults, register
 from .stack import AppliedStack, apply_stack, check_available, check_stack, stack_label
 
 # The methods, in the order the form lists them: adding one is one line here.
@@ -24,5 +24,5 @@ for _module in REGISTERED:
     register(importlib.import_module(f".{_module}", __name__).METHOD)
 
 __all__ = ["METHODS", "Applied", "AppliedStack", "CallPlan", "Evidence", "FormField", "Method", "MethodReport", "apply_stack",
-           "check_available", "check_stack", "config_fields", "field_owner", "method_named", "method_of", "register",
+           "check_available", "check_stack", "config_fields", "default_stack", "field_owner", "method_named", "method_of", "preset_form_defaults", "register",
            "stack_label"]

@@ -232,14 +232,15 @@ class Method:
         short = ", ".join(f.name.removeprefix(f"{self.name}_") for f in self.fields)
         raise RequestError(f"{self.name} has no field {key!r}; its fields: {short}", key)
 
-    def config_from(self, overrides: Mapping[str, Any]) -> Any:
-        """The config from ``field=value`` overrides by form field name (the CLI's ``--method``)."""
+    def config_from(self, overrides: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> Any:
+        """The config from ``field=value`` overrides by form field name (the CLI's ``--method``) on
+        top of ``defaults`` (a preset's, see :func:`vdtome.methods.preset_form_defaults`; None: the method's own)."""
         known = {f.name for f in self.fields}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise RequestError(f"{self.name} has no field {unknown[0]!r}; its fields: {', '.join(sorted(known))}",
                                unknown[0])
-        return self.from_form({**self.form_defaults(), **overrides})
+        return self.from_form({**(self.form_defaults() if defaults is None else defaults), **overrides})
 
 
 def check_whole_number(name: str, value: Any, low: int, high: int) -> None:

@@ -45,3 +45,23 @@ def field_owner(name: Any) -> tuple[Method, FormField] | None:
             if form_field.name == name:
                 return method, form_field
     return None
+
+
+def preset_form_defaults(method: Method, preset: Any) -> dict[str, Any]:
+    """``method``'s form defaults on ``preset``: its own, overlaid with the preset's
+    ``method_defaults`` (fields named with or without the method's prefix), each value checked by
+    its field. A preset whose value breaks a field's rule fails here, naming both."""
+    values = method.form_defaults()
+    for key, value in getattr(preset, "method_defaults", {}).get(method.name, {}).items():
+        try:
+            form_field = method.field_named(key)
+            values[form_field.name] = form_field.parse(list(value) if isinstance(value, (list, tuple)) else value)
+        except RequestError as error:
+            raise ValueError(f"preset {preset.name!r}: method_defaults.{method.name}.{key}: {error}") from None
+    return values
+
+
+def default_stack(preset: Any) -> tuple[Any, ...]:
+    """The stack a request that names none runs: the methods on by default, at ``preset``'s defaults."""
+    return tuple(method.from_form(preset_form_defaults(method, preset))
+                 for method in METHODS.values() if method.on_by_default)
