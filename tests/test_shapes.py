@@ -146,3 +146,29 @@ def test_the_shapes_prompt_set_covers_what_the_model_knows():
     assert {s.colour for s in scenes} == set(shapes.COLOURS)
     assert {s.direction for s in scenes} == set(shapes.DIRECTIONS)
     assert {s.shape for s in scenes} == set(shapes.SHAPES) and {s.background for s in scenes} == set(shapes.BACKGROUNDS)
+
+
+def test_tuning_prompts_are_held_out_and_disjoint_from_the_evaluation_prompts():
+    """The token-merging defaults are chosen on the tuning prompts and judged on the evaluation ones."""
+    from vdtome.presets import load_prompts
+
+    tuning = [shapes.Scene.from_prompt(p) for p in load_prompts("shapes-tuning")]
+    evaluation = shapes.held_out_scenes(20, seed=0)  # scripts/evaluate_tiny_shapes.py's
+    assert len(tuning) >= 3 and all(scene.combination in shapes.HELD_OUT for scene in tuning)
+    assert not {s.combination for s in tuning} & {s.combination for s in evaluation}
+
+
+@pytest.mark.parametrize("frames, side", [(9, 64), (17, 128)])
+def test_a_clip_crosses_the_same_share_of_the_frame_at_any_size(frames, side):
+    """Speeds are shares of the frame per clip: at 17 x 128 x 128 a shape moves as far, relative to the
+    frame, as at 9 x 64 x 64, and its whole path stays inside the frame."""
+    for speed, share in shapes.SPEEDS.items():
+        scene = shapes.Scene("red", "circle", "right", speed, "black")
+        clip = shapes.render(scene, random.Random(3), frames=frames, side=side)
+        verdict = shapes.judge(clip, scene)
+        masks, _ = shapes.foreground_masks(clip)
+        assert verdict.direction_right and masks[0].sum() == pytest.approx(masks[-1].sum(), rel=0.05)
+        # the judge averages a third of the frames at each end: two thirds of the path lie between
+        k = max(1, frames // 3)
+        expected = share * side * (frames - k) / (frames - 1)
+        assert verdict.displacement[0] == pytest.approx(expected, rel=0.1)
