@@ -136,7 +136,7 @@ from vdtome.ui import (
 )
 from vdtome.validation import RequestError, shown
 
-DEFAULT_PRESET = os.environ.get("VDTOME_DEFAULT_PRESET", "tiny-shapes")
+DEFAULT_PRESET = os.environ.get("VDTOME_DEFAULT_PRESET", "tiny-shapes-128")
 KEEP_OUTPUTS = 24  # comparison folders kept on disk (a sweep writes up to 8)
 KEEP_CACHE_ENTRIES = 200  # files Gradio keeps to serve (about 5 per comparison); older ones go first
 GPU_QUEUE = "gpu"  # every generation event shares one queue: two runs on one GPU would time each other

@@ -22,26 +22,30 @@ measures without it; the faults per forward are printed either way.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import itertools
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers import WanTransformer3DModel  # noqa: E402
 
+from benchmarks._common import (  # noqa: E402
+    GRIDS,
+    alternated_times,
+    architecture_of,
+    forward_macs,
+    linear_macs_counted,
+    quartiles,
+    synchronize,
+)
 from vdtome.measure import benchmark_allocator  # noqa: E402
 from vdtome.tome import ToMeConfig, apply_tome  # noqa: E402
 
 TEXT_TOKENS = 64
-GRIDS = {4096: (4, 32, 32), 8192: (8, 32, 32), 16384: (16, 32, 32), 32768: (8, 64, 64)}
 
 
 @dataclass(frozen=True)
@@ -81,133 +85,6 @@ def inputs(grid, shape: Shape, device: str, dtype: torch.dtype, batch: int):
     text = torch.randn(batch, TEXT_TOKENS, shape.dim, generator=generator)
     timestep = torch.full((batch,), 500.0)
     return latent.to(device, dtype), timestep.to(device), text.to(device, dtype)
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed_forward(model, args, device: str) -> float:
-    """Seconds of one forward; CUDA events on GPU, perf_counter on CPU."""
-    if device.startswith("cuda"):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        model(*args)
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1e3
-    begin = time.perf_counter()
-    model(*args)
-    return time.perf_counter() - begin
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Seconds of every measured forward per variant, in the order they ran (index i of each list
-    comes from the same round), and minor page faults per forward (None off Linux / on CUDA)."""
-
-    seconds: dict[str, list[float]]
-    faults: dict[str, float | None]
-
-    def median(self, name: str) -> float:
-        return statistics.median(self.seconds[name])
-
-    def paired_speedups(self, name: str) -> list[float]:
-        """base / variant within each round: drift between rounds cancels out of each ratio."""
-        return [b / v for b, v in zip(self.seconds["base"], self.seconds[name])]
-
-
-def _minor_faults() -> int | None:
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def alternated_times(model, args, config: ToMeConfig, device: str, warmup: int, repeat: int):
-    """The baseline, ToMe and oracle forwards, measured alternately in rounds.
-
-    Alternating the three (run, patch, run, unpatch, slice, run) inside one loop cancels the drift
-    of clock speed and background load that separate loops would fold into the ratios. The
-    rounds cycle through all six orders, so over a multiple of six rounds each variant runs
-    first, and right after each other variant, equally often: what one run leaves behind
-    (caches, sleeping threads) favours none.
-    """
-    with apply_tome(model, config) as handle, torch.inference_mode():
-        model(*args)
-        kept = handle.stats().sites[0].tokens_out
-    variants = {
-        "base": contextlib.nullcontext,
-        "tome": lambda: apply_tome(model, config),
-        "oracle": lambda: sliced_self_attention(model, kept),
-    }
-    seconds = {name: [] for name in variants}
-    faults = {name: 0 for name in variants}
-    count_faults = not device.startswith("cuda") and _minor_faults() is not None
-    with torch.inference_mode():
-        orders = list(itertools.permutations(variants))
-        for index in range(warmup + repeat):
-            for name in orders[(index - warmup) % len(orders)]:
-                with variants[name]():
-                    synchronize(device)
-                    before = _minor_faults() if count_faults else 0
-                    elapsed = timed_forward(model, args, device)
-                    after = _minor_faults() if count_faults else 0
-                if index >= warmup:
-                    seconds[name].append(elapsed)
-                    faults[name] += after - before
-    per_forward = {name: (total / repeat if count_faults else None) for name, total in faults.items()}
-    return Timings(seconds, per_forward), kept
-
-
-@contextlib.contextmanager
-def sliced_self_attention(model, keep: int):
-    """The best any token reduction can do with these kernels: every attn1 runs on its first
-    ``keep`` video tokens (a free slice, RoPE sliced alike) and the output is padded back with one
-    copy. No matching, no gathers: the gap to ToMe is ToMe's own overhead."""
-    full = {}
-
-    def shrink(module, args, kwargs):
-        hidden, *rest = args
-        full["tokens"] = hidden.shape[1]
-        if len(rest) >= 3:
-            rest[2] = tuple(t[:, :keep] for t in rest[2])
-        else:
-            kwargs = kwargs | {"rotary_emb": tuple(t[:, :keep] for t in kwargs["rotary_emb"])}
-        return (hidden[:, :keep], *rest), kwargs
-
-    def restore(module, args, kwargs, output):
-        return torch.cat([output, output[:, : full["tokens"] - keep]], dim=1)
-
-    handles = []
-    for block in model.blocks:
-        handles.append(block.attn1.register_forward_pre_hook(shrink, with_kwargs=True))
-        handles.append(block.attn1.register_forward_hook(restore, with_kwargs=True))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def model_macs(shape: Shape, batch: int, tokens: int, self_tokens: int, cross_tokens: int, ffn_tokens: int) -> float:
-    """Multiply-adds of one forward; ``*_tokens`` are the video tokens entering each sub-layer."""
-    c, f, l = shape.dim, shape.ffn_mult * shape.dim, TEXT_TOKENS
-    per_block = (
-        4 * self_tokens * c * c + 2 * self_tokens * self_tokens * c  # self-attention
-        + 2 * cross_tokens * c * c + 2 * l * c * c + 2 * cross_tokens * l * c  # cross-attention
-        + 2 * ffn_tokens * c * f  # feed-forward
-    )
-    outside = tokens * c * 16 * 4 + tokens * c * 16 * 4 + 2 * l * c * c  # patchify, proj_out, text
-    return batch * (shape.layers * per_block + outside)
-
-
-def linear_macs_counted(model, args) -> float:
-    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model(*args)
-    return counter.get_total_flops() / 2
 
 
 def overhead_share(model, args, device: str, repeat: int = 3) -> tuple[float, dict[str, float]]:
@@ -265,6 +142,7 @@ def main() -> None:
           f"{TEXT_TOKENS} text tokens; ToMe ratio {args.ratio}, stride (1, 2, 2), self-attention merged in every block")
     print("FLOP model: analytic MACs (linears + attention), matching excluded\n")
 
+    architecture = architecture_of(model, TEXT_TOKENS)
     windows = {"auto": "auto", "global": None}
     header = (f"{'tokens':>7} {'matching':>10} {'base ms':>9} {'tome ms':>9} {'speedup':>8} {'IQR':>11} {'ideal':>6} "
               f"{'effic.':>7} {'oracle':>7} {'vs oracle':>9} {'overhead':>9}  (match / merge / unmerge)  faults/fwd base / tome")
@@ -274,8 +152,7 @@ def main() -> None:
         grid = GRIDS[tokens]
         call = inputs(grid, shape, args.device, dtype, args.batch)
         counted = linear_macs_counted(model, call)
-        analytic_linear = model_macs(shape, args.batch, tokens, tokens, tokens, tokens) - \
-            args.batch * shape.layers * (2 * tokens * tokens * shape.dim + 2 * tokens * TEXT_TOKENS * shape.dim)
+        full = forward_macs(architecture, shape.layers, args.batch, tokens)
         for label in args.windows.split(","):
             window = windows.get(label) if label in windows else tuple(int(v) for v in label.split(":"))
             config = ToMeConfig(ratio=args.ratio, stride=(1, 2, 2), match_window=window)
@@ -286,12 +163,8 @@ def main() -> None:
                 share, parts = overhead_share(model, call, args.device)
             finally:
                 handle.remove()
-            ideal = model_macs(shape, args.batch, tokens, tokens, tokens, tokens) / model_macs(
-                shape, args.batch, tokens, kept, tokens, tokens
-            )
-            paired = timings.paired_speedups("tome")
-            speedup = statistics.median(paired)
-            low, _, high = statistics.quantiles(paired, n=4, method="inclusive") if len(paired) > 1 else (speedup,) * 3
+            ideal = full.total / forward_macs(architecture, shape.layers, args.batch, tokens, self_tokens=kept).total
+            low, speedup, high = quartiles(timings.paired_speedups("tome"))
             oracle = statistics.median(timings.paired_speedups("oracle"))
             detail = " / ".join(f"{100 * parts.get(key, 0.0):.1f}%" for key in ("match", "merge", "unmerge"))
             window_name = "global" if config.match_window is None else "x".join(map(str, config.match_window))
@@ -299,7 +172,7 @@ def main() -> None:
             print(f"{tokens:>7} {window_name:>10} {base * 1e3:>9.1f} {tome * 1e3:>9.1f} {speedup:>7.2f}x "
                   f"{low:>5.2f}-{high:.2f} {ideal:>5.2f}x {speedup / ideal:>7.2f} {oracle:>6.2f}x {speedup / oracle:>9.2f} "
                   f"{100 * share:>8.1f}%  ({detail})  {faults}")
-        print(f"{'':>7} linear MACs: flop_counter {counted / 1e9:.3f} G vs model {analytic_linear / 1e9:.3f} G")
+        print(f"{'':>7} linear MACs: flop_counter {counted / 1e9:.3f} G vs model {full.linear / 1e9:.3f} G")
     print("\nbase / tome ms: medians over the rounds; speedup = median over rounds of base / tome within the round, IQR its"
           "\ninterquartile range; ideal = FLOP-model speedup; efficiency = speedup / ideal;"
           "\noracle = speedup when every attn1 simply runs on its first N - r tokens (same kernels, no matching, one copy back):"

@@ -17,16 +17,17 @@ from dataclasses import replace
 
 from vdtome.cli import method_overrides, parse_method
 from vdtome.compare import ComparisonEngine, ComparisonRequest
+from vdtome.presets import get_preset
 from vdtome.ui import comparison_view, form_values
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 PROMPT = "A paper boat drifts down a rain-filled gutter, leaves swirling past it."
-TINY = (  # name, preset, stack (the CLI's --method syntax), prompt: the trained offline model's own kind
-    ("tiny-shapes-tome-0.5", "tiny-shapes", ["tome:ratio=0.5"],
+TINY = (  # name, preset, stack (the CLI's --method syntax; fields not named take the preset's defaults), prompt
+    ("tiny-shapes-128-tome", "tiny-shapes-128", ["tome"],
      "a red circle moving right quickly on a black background"),
-    ("tiny-shapes-tome-0.5-first-block-cache", "tiny-shapes", ["tome:ratio=0.5", "first_block_cache:threshold=0.2"],
+    ("tiny-shapes-128-tome-first-block-cache", "tiny-shapes-128", ["tome", "first_block_cache:threshold=0.2"],
      "a blue square moving left quickly on a white background"),
-    ("tiny-shapes-first-block-cache", "tiny-shapes", ["first_block_cache:threshold=0.2"],
+    ("tiny-shapes-128-first-block-cache", "tiny-shapes-128", ["first_block_cache:threshold=0.2"],
      "a yellow triangle moving down slowly on a gray background"),
 )
 
@@ -34,7 +35,7 @@ TINY = (  # name, preset, stack (the CLI's --method syntax), prompt: the trained
 def record(engine: ComparisonEngine, name: str, preset: str, methods: list[str], prompt: str, seed: int) -> Path:
     folder = EXAMPLES / name
     shutil.rmtree(folder, ignore_errors=True)
-    configs = tuple(parse_method(spec) for spec in methods)
+    configs = tuple(parse_method(spec, get_preset(preset)) for spec in methods)
     result = engine.run(ComparisonRequest(preset, prompt, seed=seed, methods=configs), out_dir=folder)
     if not result.ok:
         raise SystemExit(f"{name}: {result.error}")

@@ -66,7 +66,7 @@ def stop_app(process: subprocess.Popen) -> None:
 def app_server(tmp_path_factory):
     """One app server for the API and browser tests of the app's mechanics (starting one costs ~10 s on
     2 cores). It defaults to the random tiny Wan (4 steps, 48 tokens: a run in about a second) rather
-    than the trained tiny-shapes (20 steps, 320 tokens), so the many runs these tests make stay quick;
+    than the trained tiny-shapes-128 (12 steps, 2,304 tokens), so the many runs these tests make stay quick;
     ``default_app_server`` serves the page as a visitor gets it."""
     tmp_dir = tmp_path_factory.mktemp("app")
     process, url, log = start_app(tmp_dir, {"VDTOME_DEFAULT_PRESET": "tiny-wan"})
@@ -78,7 +78,7 @@ def app_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def default_app_server(tmp_path_factory):
-    """The app exactly as ``make run`` serves it (the trained tiny-shapes model by default)."""
+    """The app exactly as ``make run`` serves it (the trained tiny-shapes-128 model by default)."""
     tmp_dir = tmp_path_factory.mktemp("default-app")
     process, url, log = start_app(tmp_dir)
     try:

@@ -267,7 +267,7 @@ def close_toasts(page) -> None:
 
 @pytest.mark.parametrize("width, height, name", [(1400, 900, "screenshot.png"), (390, 844, "screenshot-phone.png")])
 def test_the_result_page_at_desktop_and_phone_widths(browser, default_app_server, width, height, name, tmp_path):
-    """The page as a visitor first gets it: the trained tiny-shapes model and its first known prompt."""
+    """The page as a visitor first gets it: the trained tiny-shapes-128 model and its first known prompt."""
     page = browser.new_page(viewport={"width": width, "height": height})
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(default_app_server)

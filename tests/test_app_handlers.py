@@ -113,7 +113,7 @@ def test_the_example_prompts_follow_the_preset():
     assert [row[0] for row in trained.raw_samples] == load_prompts("shapes") and "tiny-shapes knows" in trained.label
     general = app.on_preset_prompts("tiny-wan")
     assert [row[0] for row in general.raw_samples] == load_prompts("default") and general.label == "Example prompts"
-    assert app.DEFAULT_PRESET == "tiny-shapes"
+    assert app.DEFAULT_PRESET == "tiny-shapes-128"
 
 
 def test_a_method_the_model_cannot_take_is_switched_off_and_locked_with_the_reason():

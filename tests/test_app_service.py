@@ -213,7 +213,7 @@ BAD_INPUTS = [
     ("stride below the slider", with_value("stride_y", 0), "stride_y", "stride y must be between 1 and 9, got 0"),
     ("unknown strategy", with_value("strategy", "random"), "strategy", "strategy must be one of 'bipartite', 'attnbin'"),
     ("list for a choice", with_value("blocks", ["all blocks"]), "blocks", "blocks must be one of"),
-    ("unknown preset", with_value("preset", "nope"), "preset", "model preset must be one of tiny-shapes, tiny-wan"),
+    ("unknown preset", with_value("preset", "nope"), "preset", "model preset must be one of tiny-shapes-128, tiny-shapes, tiny-wan"),
     ("GPU preset on a CPU host", with_value("preset", "cogvideox-2b"), "preset", "needs a GPU"),
     ("negative guidance", with_value("guidance", -1), "guidance", "guidance must be between 0 and 50, got -1"),
     ("height off the grid", with_value("height", 70), "height", "height must be a multiple of 16"),

@@ -23,6 +23,7 @@ from vdtome.presets import (
 )
 
 EXPECTED = {
+    "tiny-shapes-128",
     "tiny-shapes",
     "tiny-wan",
     "tiny-cogvideox",

@@ -1,4 +1,4 @@
-"""Command line: ``python -m vdtome compare --preset tiny-shapes --prompt "..." --method tome:ratio=0.5 --out DIR``.
+"""Command line: ``python -m vdtome compare --preset tiny-shapes-128 --prompt "..." --method tome:ratio=0.5 --out DIR``.
 
 ``python -m vdtome bench --preset P --prompts FILE --sweep SWEEP.yaml --out DIR`` runs a sweep over
 prompts and seeds (see :mod:`vdtome.bench`), in this process or on Ray (``--ray``).
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     compare = commands.add_parser("compare", help="run baseline and accelerated, print figures, write files")
-    compare.add_argument("--preset", default="tiny-shapes", help="model preset (see `python -m vdtome presets`)")
+    compare.add_argument("--preset", default="tiny-shapes-128", help="model preset (see `python -m vdtome presets`)")
     compare.add_argument("--prompt", required=True)
     compare.add_argument("--negative-prompt", default="")
     compare.add_argument("--seed", type=int, default=0)
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="run a sweep of settings over prompts and seeds: rows file, summary, plots, HTML report",
         description="Every setting of a sweep file on every prompt and seed; rows are appended to DIR/rows.jsonl "
                     "as they finish and a rerun of the same command skips the finished ones.")
-    bench.add_argument("--preset", default="tiny-shapes", help="model preset (see `python -m vdtome presets`)")
+    bench.add_argument("--preset", default="tiny-shapes-128", help="model preset (see `python -m vdtome presets`)")
     bench.add_argument("--prompts", required=True,
                        help="a text file (one prompt a line, # comments) or a prompt set (default, shapes)")
     bench.add_argument("--limit", type=int, help="only the first N prompts")

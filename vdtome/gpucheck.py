@@ -25,7 +25,9 @@ Timing: warm-up first (a plain loop, then one loop per variant, untimed, each in
 round, every loop timed alone with CUDA events after a synchronisation (:class:`~vdtome.measure.Stopwatch`),
 garbage collection paused. A method's speedup is the median of its per-round ratios baseline / method
 (:func:`~vdtome.stats.paired_ratio`: with 6 or more rounds also a 95% interval), with their min-max.
-Fidelity: relative L2 distance of the final latent to the baseline's (same inputs, same seed).
+Fidelity: relative L2 distance of the final latent to the baseline's (same inputs, same seed; the
+last update goes to the scheduler's terminal sigma 0, so the final latent is the loop's prediction of
+the clean latent), and of what the steps added to the initial latent.
 
 Time budget (H100 / H200, bf16, torch SDPA; an estimate from FLOPs, not yet measured): a Wan forward at
 32,760 tokens is ~285 TFLOP (~200 of it attention), ~0.6 s; a baseline loop of 4 steps x 2 calls ~5 s;
@@ -271,7 +273,8 @@ class MethodRow:
     tokens_out: int
     evidence: tuple[dict[str, Any], ...]
     acted: bool
-    relative_l2: float | None
+    relative_l2: float | None  # of the final latent, to the baseline's
+    relative_l2_update: float | None  # of what the steps added to the initial latent: few steps move it little
     notes: tuple[str, ...] = ()
 
     @property
@@ -287,6 +290,7 @@ class MethodRow:
             "baseline_memory": asdict(self.baseline_memory), "memory": asdict(self.memory),
             "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
             "evidence": list(self.evidence), "acted": self.acted, "relative_l2": self.relative_l2,
+            "relative_l2_update": self.relative_l2_update,
             "notes": list(self.notes),
         }
 
@@ -342,7 +346,7 @@ class GpuCheck:
                          f"{model.spec.text_tokens} text tokens per block, {model.layers} layers, {model.steps} steps "
                          f"({model.spec.cfg}), {model.rounds} rounds" + (f": **failed**: {model.error}" if model.error else ""))
         lines += ["", "| model | method | tokens/block | baseline loop ms | method loop ms | speedup (min-max) | "
-                      "peak MiB base / method | evidence | rel. L2 |", "|" + "---|" * 9]
+                      "peak MiB base / method | evidence | rel. L2 latent / update |", "|" + "---|" * 9]
         for model in self.models:
             for row in model.rows:
                 lines.append("| " + " | ".join((
@@ -352,12 +356,16 @@ class GpuCheck:
                     + ("" if row.acted else ", did nothing: no claim"),
                     f"{_mib(row.baseline_memory.peak_bytes)} / {_mib(row.memory.peak_bytes)}",
                     "; ".join(_evidence_text(item) for item in row.evidence) or "-",
-                    "-" if row.relative_l2 is None else f"{row.relative_l2:.3g}")) + " |")
+                    f"{_number(row.relative_l2)} / {_number(row.relative_l2_update)}")) + " |")
         return "\n".join(lines) + "\n"
 
 
 def _spread(values: Sequence[float]) -> str:
     return f"{median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def _mib(value: int | None) -> str:
@@ -462,7 +470,7 @@ def check_model(spec: ModelSpec, stacks: Sequence[tuple[Any, ...]], device: torc
             log(f"  round {index + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.0f} ms" for n in names))
     baseline = Timing(tuple(times[BASELINE]), steps)
     rows = tuple(_row(spec, name, configs[name], baseline, Timing(tuple(times[name]), steps), memory,
-                      reports[name], latents[name], latents[BASELINE]) for name in names[1:])
+                      reports[name], latents[name], latents[BASELINE], inputs.latents) for name in names[1:])
     nvml = nvml_facts(device)
     del model, pipe, inputs, latents
     return ModelResult(spec, layers, steps, rounds, build_s, time.perf_counter() - began, rows, nvml)
@@ -473,7 +481,8 @@ def _name(stack: Sequence[Any]) -> str:
 
 
 def _row(spec: ModelSpec, name: str, configs: tuple, baseline: Timing, accelerated: Timing,
-         memory: Mapping[str, Memory], reports: tuple, latent: torch.Tensor, reference: torch.Tensor) -> MethodRow:
+         memory: Mapping[str, Memory], reports: tuple, latent: torch.Tensor, reference: torch.Tensor,
+         initial: torch.Tensor) -> MethodRow:
     evidence = tuple({"method": report.method, **asdict(item)} for report in reports for item in report.evidence)
     acted = any(report.acted for report in reports)
     ratio = paired_ratio(baseline.loop_ms, accelerated.loop_ms)
@@ -485,15 +494,21 @@ def _row(spec: ModelSpec, name: str, configs: tuple, baseline: Timing, accelerat
         merged = [site["tokens_out"] for site in sites if site["target"] == "self_attn" and site["calls"]]
         if merged:
             tokens_out = min(merged)
-    difference = torch.linalg.vector_norm((latent - reference).float()) / torch.linalg.vector_norm(reference.float())
-    relative_l2 = float(difference)
+    relative_l2 = _relative(latent - reference, reference)
+    relative_l2_update = _relative(latent - reference, reference - initial)
     return MethodRow(
         model=spec.name, method=name, stack=stack_label(configs), baseline=baseline, accelerated=accelerated,
         ratio=ratio, baseline_memory=memory[BASELINE], memory=memory[name], tokens_in=spec.video_tokens,
         tokens_out=tokens_out, evidence=evidence, acted=acted,
-        relative_l2=relative_l2 if math.isfinite(relative_l2) else None,
+        relative_l2=relative_l2, relative_l2_update=relative_l2_update,
         notes=tuple(note for report in reports for note in report.notes)
-        + (() if math.isfinite(relative_l2) else ("the latent is not finite (random weights overflowed)",)))
+        + (() if relative_l2 is not None else ("no finite relative L2 (random weights overflowed?)",)))
+
+
+def _relative(difference: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """||difference|| / ||reference||, None when not finite (JSON has no NaN)."""
+    value = float(torch.linalg.vector_norm(difference.float()) / torch.linalg.vector_norm(reference.float()))
+    return value if math.isfinite(value) else None
 
 
 def run_gpucheck(out: str | Path, *, models: Sequence[str] = MODELS, methods: Sequence[Any] | None = None,

@@ -412,10 +412,16 @@ def write_samples(config: TrainConfig, pipe, path: Path, work: Path, count: int 
 
 
 def finish(config: TrainConfig, pipe, out: Path) -> None:
-    """Save the pipeline (safetensors; its VAE config already carries the latent statistics)."""
+    """Save the pipeline (safetensors; its VAE config already carries the latent statistics) and how it
+    was trained: this run's settings, then those of the pipeline it started from, so a chain of
+    progressive runs stays reproducible from one file."""
+    record = dataclasses.asdict(config)
+    parent = Path(config.init_from) / "training.json" if config.init_from else None
+    if parent is not None and parent.exists():
+        record["init_from_training"] = json.loads(parent.read_text())
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out, safe_serialization=True)
-    (out / "training.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def train(config: TrainConfig, out: Path, work: Path, progress=None) -> None:
