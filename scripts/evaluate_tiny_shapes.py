@@ -2,6 +2,7 @@
 
     python -m scripts.evaluate_tiny_shapes [--preset tiny-shapes-128] [--prompts 20] [--sheet FILE.png]
         [--method NAME[:field=value,...] ...] [--no-method]
+    python -m scripts.evaluate_tiny_shapes --prompt-set shapes-tuning --sweep shapes-tome-tuning
 
 Prints, per prompt, the colour and motion direction the judge reads from the generated clip, then the
 share right and the clips' flow-compensated warp error beside that of uniform noise and of the
@@ -10,6 +11,10 @@ combinations of colour, shape, direction and background never shown in training 
 tuning prompts, presets/prompts/shapes-tuning.txt). Each prompt is also generated with the stack the
 preset runs by default (its token-merging defaults), or the ``--method`` stack, and judged alike, with
 its PSNR to the baseline. Exits 1 when a share falls under the preset's acceptance targets.
+
+With ``--prompt-set shapes-tuning --sweep shapes-tome-tuning`` it judges every setting of the tuning
+sweep on the tuning prompts instead (one baseline per prompt): the quality half of choosing a preset's
+defaults, beside ``python -m vdtome bench``'s speed half.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from vdtome.compare import ComparisonRequest, resolve
 from vdtome.methods import apply_stack, default_stack, stack_label
 from vdtome.metrics import fidelity, temporal_consistency
 from vdtome.pipelines import load_pipeline
-from vdtome.presets import get_preset
+from vdtome.presets import get_preset, load_prompts
+from vdtome.sweep import load_sweep
 from vdtome.video_io import to_uint8
 
 #: Shares of the held-out prompts the judge must find right: (colour, direction) of the baseline,
@@ -54,31 +60,48 @@ def _shares(name: str, verdicts: list, targets: tuple[float, float]) -> tuple[st
             f"(target {targets[1]:.0%}){'' if met else '  BELOW TARGET'}"), met
 
 
+def _candidates(args, preset) -> list[tuple[str, tuple]]:
+    """The stacks to judge beside the baseline: a sweep's settings, the ``--method`` stack, or the
+    preset's default stack (none with ``--no-method``)."""
+    if args.no_method:
+        return []
+    if args.sweep:
+        return [(setting.label, setting.configs) for setting in load_sweep(args.sweep).settings]
+    stack = tuple(parse_method(text, preset) for text in args.method) or default_stack(preset)
+    return [(stack_label(stack), stack)] if stack else []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.evaluate_tiny_shapes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny-shapes-128")
     parser.add_argument("--prompts", type=int, default=20, help="held-out prompts to judge")
+    parser.add_argument("--prompt-set", default=None,
+                        help="judge this prompt set's prompts (e.g. shapes-tuning) instead of the evaluation prompts")
     parser.add_argument("--seed", type=int, default=0, help="first generation seed (prompt i uses seed + i)")
-    parser.add_argument("--sheet", default=None, help="write every clip (every other frame) to this PNG")
+    parser.add_argument("--sheet", default=None, help="write every baseline clip (every other frame) to this PNG")
     parser.add_argument("--method", action="append", default=[], metavar="NAME[:FIELD=VALUE,...]",
                         help="the accelerated stack (as the CLI's --method; default: the preset's default stack)")
+    parser.add_argument("--sweep", default=None,
+                        help="judge every setting of this sweep (a shipped name or a YAML file), one baseline per prompt")
     parser.add_argument("--no-method", action="store_true", help="judge the baseline only")
     args = parser.parse_args(argv)
 
     preset = get_preset(args.preset)
     pipe = load_pipeline(preset, device="cpu")
-    scenes = shapes.held_out_scenes(args.prompts, seed=args.seed)
-    stack = () if args.no_method else (tuple(parse_method(text, preset) for text in args.method)
-                                       or default_stack(preset))
-    baseline_verdicts, fast_verdicts, psnrs = [], [], []
-    warp, rows = [], []
+    scenes = ([shapes.Scene.from_prompt(p) for p in load_prompts(args.prompt_set)] if args.prompt_set
+              else shapes.held_out_scenes(args.prompts, seed=args.seed))
+    candidates = _candidates(args, preset)
+    baseline_verdicts, warp, rows = [], [], []
+    fast_verdicts = {label: [] for label, _ in candidates}
+    psnrs = {label: [] for label, _ in candidates}
     for i, scene in enumerate(scenes):
         # The app's own resolution of the request: the call is exactly what a comparison's baseline makes.
         settings, _ = resolve(ComparisonRequest(preset=preset.name, prompt=scene.prompt, seed=args.seed + i), preset)
         call = settings.call_kwargs()
         if i == 0:
             shown_call = {k: v for k, v in call.items() if k not in ("prompt", "negative_prompt")}
-            print(f"{preset.name}: {len(scenes)} held-out prompts, {shown_call}; accelerated: {stack_label(stack)}")
+            print(f"{preset.name}: {len(scenes)} {args.prompt_set or 'held-out'} prompts, {shown_call}; "
+                  f"accelerated: {'; '.join(label for label, _ in candidates) or 'none'}")
             print(f"{'':3}{'prompt':<64} {'baseline colour/direction':<28}{'accelerated':<28}PSNR")
         video = pipe(**call, generator=torch.Generator().manual_seed(settings.seed), output_type="np").frames[0]
         clip = to_uint8(video)
@@ -86,18 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         baseline_verdicts.append(verdict)
         warp.append(temporal_consistency(video).warp_error_mean)
         rows.append(np.concatenate(list(clip[::2]), axis=1))
-        fast_shown = psnr_shown = ""
-        if stack:
+        print(f"{i:2d} {scene.prompt:<64} {shown:<28}", end="")
+        for n, (label, stack) in enumerate(candidates):
             applied = apply_stack(pipe, stack)
             try:
                 fast = pipe(**call, generator=torch.Generator().manual_seed(settings.seed), output_type="np").frames[0]
             finally:
                 applied.remove()
             fast_verdict, fast_shown = _judged(to_uint8(fast), scene)
-            fast_verdicts.append(fast_verdict)
-            psnrs.append(fidelity(video, fast).psnr_mean)
-            psnr_shown = f"{psnrs[-1]:5.1f} dB"
-        print(f"{i:2d} {scene.prompt:<64} {shown:<28}{fast_shown:<28}{psnr_shown}  warp error {warp[-1]:.4f}")
+            fast_verdicts[label].append(fast_verdict)
+            psnrs[label].append(fidelity(video, fast).psnr_mean)
+            lead = "" if n == 0 else f"{'':96}"
+            tail = f"  {label}" if len(candidates) > 1 else ""
+            print(f"{lead}{fast_shown:<28}{psnrs[label][-1]:5.1f} dB{tail}")
+        print(f"{'':96}warp error {warp[-1]:.4f}")
 
     frames, side = settings.frames, settings.height
     rng = np.random.default_rng(0)
@@ -109,10 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     base_targets, fast_targets = TARGETS.get(preset.name, ((0.0, 0.0), (0.0, 0.0)))
     line, met = _shares("baseline", baseline_verdicts, base_targets)
     print(line)
-    if stack:
-        fast_line, fast_met = _shares(f"accelerated ({stack_label(stack)})", fast_verdicts, fast_targets)
-        print(fast_line + f"; PSNR to the baseline mean {np.mean(psnrs):.1f} dB (lowest {np.min(psnrs):.1f})")
-        met = met and fast_met
+    for label, _ in candidates:
+        fast_line, fast_met = _shares(f"accelerated ({label})", fast_verdicts[label], fast_targets)
+        print(fast_line + f"; PSNR to the baseline mean {np.mean(psnrs[label]):.1f} dB "
+              f"(lowest {np.min(psnrs[label]):.1f})")
+        met = met and (fast_met or bool(args.sweep))  # a sweep reports every setting; it is no acceptance run
     print(f"warp error (mean absolute, 0-1 scale): generated {np.mean(warp):.4f} (worst {np.max(warp):.4f}), "
           f"rendered data {data:.4f}, uniform noise {noise:.4f}")
     if args.sheet:

@@ -110,11 +110,17 @@ def test_ratio_zero_is_identical_claims_no_speed_and_the_baseline_is_reused(clie
         (dict(custom_model="someone/some-model"), "VDTOME_ALLOW_CUSTOM_MODEL=1"),
     ],
 )
-def test_bad_input_gets_a_message_naming_the_rule_and_the_app_keeps_serving(client, overrides, message):
+def test_bad_input_gets_a_message_naming_the_rule(client, overrides, message):
     # Refused when submitted (Gradio's validator), before the request takes a queue place.
     with pytest.raises(ValidationError) as error:
         client.predict(**({"prompt": PROMPT} | overrides), api_name="/compare")
     assert message in str(error.value)
+
+
+def test_after_the_refusals_the_app_keeps_serving(client):
+    for overrides in (dict(prompt="   "), dict(ratio=0.9), dict(rounds=2.5), dict(preset="cogvideox-2b")):
+        with pytest.raises(ValidationError):
+            client.predict(**({"prompt": PROMPT} | overrides), api_name="/compare")
     outputs = client.predict(prompt=PROMPT, seed=1, ratio=0.25, api_name="/compare")
     assert rows(outputs[5])["merge ratio (requested / effective)"][1] == "0.25 / 0.25"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from vdtome import cli
 from vdtome.bench import (
     DETERMINISTIC_COLUMNS,
     BenchPlan,
@@ -95,7 +96,7 @@ def test_smoke_sweep_writes_rows_summary_plots_and_report(uninterrupted):
     assert "Pareto front" in report and PROMPTS[1] in report
 
 
-def test_a_killed_run_resumes_with_only_the_missing_rows(uninterrupted, tmp_path):
+def test_a_killed_run_resumes_with_only_the_missing_rows(uninterrupted, tmp_path, capsys):
     out = tmp_path / "bench"
     command = bench_command(out)
     process = subprocess.Popen(command, cwd=ROOT, env=bench_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -123,8 +124,8 @@ def test_a_killed_run_resumes_with_only_the_missing_rows(uninterrupted, tmp_path
     assert "torn row" not in rows_file.read_text()
     assert deterministic_summary(out) == deterministic_summary(uninterrupted[0])
 
-    again = subprocess.run(command, cwd=ROOT, env=bench_env(), capture_output=True, text=True, timeout=600)
-    assert "(8 from an earlier run, 0 now; 0 failed)" in again.stdout
+    assert cli.main(command[3:]) == 0  # in-process: a finished run runs nothing again
+    assert "(8 from an earlier run, 0 now; 0 failed)" in capsys.readouterr().out
     assert len(RowsFile(rows_file).read()) == SMOKE_ROWS
 
 
@@ -303,9 +304,7 @@ def test_ray_flags_that_cannot_work_are_refused_before_ray_starts():
         RayRunner(smoke_plan(), cpus_per_worker=-1)
 
 
-def test_bad_command_line_input_is_refused_naming_it(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "vdtome", "bench", "--preset", "tiny-wan", "--prompts", "default",
-                          "--sweep", "nope", "--out", str(tmp_path)], cwd=ROOT, env=bench_env(), capture_output=True,
-                         text=True, timeout=120)
-    assert run.returncode == 2 and "no sweep file 'nope'; shipped sweeps:" in run.stderr
+def test_bad_command_line_input_is_refused_naming_it(tmp_path, capsys):
+    code = cli.main(["bench", "--preset", "tiny-wan", "--prompts", "default", "--sweep", "nope", "--out", str(tmp_path)])
+    assert code == 2 and "no sweep file 'nope'; shipped sweeps:" in capsys.readouterr().err
     assert not (tmp_path / "rows.jsonl").exists()

@@ -1,8 +1,19 @@
 """Train the small offline text-to-video model (preset ``tiny-shapes``) on two CPU cores.
 
     python -m vdtome.train_tiny --out models/tiny-shapes [--work .train_tiny]
+
+    # tiny-shapes-128, progressively from the 64 px model in two runs (models/tiny-shapes-128/training.json
+    # records both): the VAE fine-tuned at 17 x 128 x 128 and the transformer trained there, then more
+    # transformer steps on a fresh pool (seed 1) at a lower rate; the second run's output replaced the first's
     python -m vdtome.train_tiny --out models/tiny-shapes-128 --work .train_tiny_128 \
-        --init-from models/tiny-shapes --frames 17 --side 128 ...   (progressive: see ``PROGRESSIVE_128``)
+        --init-from models/tiny-shapes --frames 17 --side 128 --vae-steps 300 --vae-batch 2 --vae-frames 17 \
+        --vae-lr 0.0005 --pool-clips 1200 --vae-pool-batch 8 --transformer-steps 1200 --transformer-batch 4 \
+        --transformer-lr 0.0003 --checkpoint-every 50 --sample-every 300
+    python -m vdtome.train_tiny --out models/tiny-shapes-128-b --work .train_tiny_128b \
+        --init-from models/tiny-shapes-128 --seed 1 --frames 17 --side 128 --vae-steps 0 --vae-batch 2 \
+        --vae-frames 17 --vae-lr 0.0005 --pool-clips 1200 --vae-pool-batch 8 --transformer-steps 1200 \
+        --transformer-batch 4 --transformer-lr 0.0002 --checkpoint-every 50 --sample-every 600
+    rm -r models/tiny-shapes-128 && mv models/tiny-shapes-128-b models/tiny-shapes-128
 
 Why: offline the app can only build random-weight models, whose videos are noise. This script trains
 a real ``WanPipeline`` (``AutoencoderKLWan`` + ``WanTransformer3DModel`` + UMT5 + UniPC flow scheduler,
