@@ -272,6 +272,9 @@ def test_a_sweep_is_one_curve_on_the_chart_and_the_history_survives_a_reload(pag
     runs = page.evaluate(HISTORY_ROWS)
     stored = page.evaluate(STORED)
     page.locator("#sweep-ratios input").fill("0.2, 0.4, 0.6")
+    rounds = page.locator("#rounds input")
+    rounds.fill("2")  # the curve is what this checks: 3 points of 2 rounds each, not 3 x 7
+    rounds.press("Enter")
     page.locator("#sweep").click()
     # Sized to its work: each point is a whole comparison on a 2-core machine shared with the browser.
     page.wait_for_function(f"() => ({HISTORY_ROWS})() === {runs + 3}", timeout=3 * TIMEOUT_MS)
