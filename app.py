@@ -1,7 +1,7 @@
 """vdtome web app: the same prompt and seed through the baseline and the accelerated pipeline.
 
-Widgets only: requests are checked and run by :mod:`vdtome.compare` (through the helpers in
-:mod:`vdtome.ui`). Runs offline on the built-in tiny models; on a GPU (or a ZeroGPU Space) the
+Widgets only: requests are checked and run by :mod:`vdtome.engine` (through the helpers in
+:mod:`vdtome.web.ui`). Runs offline on the built-in tiny models; on a GPU (or a ZeroGPU Space) the
 real presets load from the Hugging Face cache or hub.
 """
 
@@ -33,7 +33,7 @@ ON_ZERO_GPU = _on_zero_gpu()
 
 # Every instance works in a private folder (outputs, Gradio's cache, cancel flags): two instances
 # on one host never prune or serve each other's files. Set before Gradio reads GRADIO_TEMP_DIR.
-from vdtome.storage import instance_folder, prune
+from vdtome.engine.storage import instance_folder, prune
 
 INSTANCE_DIR = instance_folder(os.environ.get("GRADIO_TEMP_DIR") or None, prefix="vdtome-app-")
 GRADIO_CACHE = INSTANCE_DIR / "gradio"
@@ -54,44 +54,39 @@ import pandas as pd
 import torch
 from starlette.middleware import Middleware
 
-from vdtome.bench import (
+from vdtome.bench.report import pareto_front
+from vdtome.bench.runner import (
+    FORM_FIELDS,
     SUMMARY_HEADER,
     BenchOutcome,
     BenchPlan,
     BenchRow,
-    FORM_FIELDS,
     BenchWorker,
     plan_from_form,
     run_bench,
     run_serial,
     summary_cells,
 )
-from vdtome.bench_report import pareto_front
-from vdtome.cancel import CancelFlag, CancelFlags
-from vdtome.compare import (
-    MAX_ROUNDS,
-    Cancelled,
-    ComparisonEngine,
-    ComparisonRequest,
-    ProgressEvent,
-    default_engine,
-    resolve,
-)
-from vdtome.denoisers import pipeline_denoiser_types
-from vdtome.limits import ServiceLimits
-from vdtome.methods import METHODS, FormField, check_available, check_stack, stack_label
-from vdtome.metrics import PSNR_CAP_DB
-from vdtome.pipelines import (
+from vdtome.bench.sweep import shipped_sweeps
+from vdtome.core.denoisers import pipeline_denoiser_types
+from vdtome.core.presets import load_presets, load_prompts, prompt_sets
+from vdtome.core.validation import RequestError, shown
+from vdtome.engine.engine import Cancelled, ComparisonEngine, ProgressEvent, default_engine
+from vdtome.engine.fidelity import PSNR_CAP_DB
+from vdtome.engine.pipelines import (
     ALLOW_CUSTOM_MODEL_ENV,
     CustomModelRefused,
     ModelUnavailableError,
     custom_model_source,
     custom_models_allowed,
 )
-from vdtome.presets import load_presets, load_prompts, prompt_sets
-from vdtome.sweep import shipped_sweeps
-from vdtome.protocol import MAX_GPU_SECONDS
-from vdtome.page import (
+from vdtome.engine.report import COLUMNS
+from vdtome.engine.request import MAX_ROUNDS, ComparisonRequest, resolve
+from vdtome.measure.protocol import MAX_GPU_SECONDS
+from vdtome.methods import METHODS, FormField, check_available, check_stack, stack_label
+from vdtome.web.cancel import CancelFlag, CancelFlags
+from vdtome.web.limits import ServiceLimits
+from vdtome.web.page import (
     CSS,
     cards_html,
     colour_bar_html,
@@ -102,9 +97,8 @@ from vdtome.page import (
     refusal_html,
     table_html,
 )
-from vdtome.report import COLUMNS
-from vdtome.serving import ServiceGuard, StrictBlocks, limit_visitors, run_until_abandoned
-from vdtome.ui import (
+from vdtome.web.serving import ServiceGuard, StrictBlocks, limit_visitors, run_until_abandoned
+from vdtome.web.ui import (
     CUSTOM_MODEL,
     HISTORY_COLUMNS,
     HISTORY_METHODS,
@@ -117,24 +111,23 @@ from vdtome.ui import (
     api_fields,
     appended_from,
     comparison_view,
-    settings_from_query,
-    settings_query,
     field_bound,
     gpu_estimate,
     history_export,
-    panel_title,
     method_defaults,
+    panel_title,
     preset_choice_label,
     preset_info,
     preset_prompts,
+    settings_from_query,
+    settings_query,
     stack_from_form,
-    sweep_label,
     sweep_choices,
-    sweep_suggestion,
     sweep_forms,
+    sweep_label,
     sweep_stacks,
+    sweep_suggestion,
 )
-from vdtome.validation import RequestError, shown
 
 DEFAULT_PRESET = os.environ.get("VDTOME_DEFAULT_PRESET", "tiny-shapes-128")
 KEEP_OUTPUTS = 24  # comparison folders kept on disk (a sweep writes up to 8)
@@ -146,10 +139,10 @@ LIMITS = ServiceLimits.from_env(PRESETS)
 # ZeroGPU attaches a GPU to each call (the app's own process has none); elsewhere ask torch.
 HAS_GPU = ON_ZERO_GPU or torch.cuda.is_available()
 
-# Files, not events: they reach the ZeroGPU worker that generates (see vdtome.cancel).
+# Files, not events: they reach the ZeroGPU worker that generates (see vdtome.web.cancel).
 CANCEL_FLAGS = CancelFlags(INSTANCE_DIR / "cancel")
 
-# The endpoints' parameters in the order the page and the API send them (declared by vdtome.ui).
+# The endpoints' parameters in the order the page and the API send them (declared by vdtome.web.ui).
 COMPARE_FIELDS = api_fields(sweep=False)
 SWEEP_FIELDS = api_fields(sweep=True)
 # The form's values a run keeps and a shown run restores (custom weights are not part of a run's form).
@@ -157,7 +150,7 @@ RUN_FIELDS = tuple(name for name in COMPARE_FIELDS if name != CUSTOM_MODEL)
 
 
 def engine() -> ComparisonEngine:
-    """The process's one engine (vdtome.compare.default_engine), with this instance's folders."""
+    """The process's one engine (vdtome.engine.engine.default_engine), with this instance's folders."""
     return default_engine(output_root=INSTANCE_DIR / "outputs", keep_outputs=KEEP_OUTPUTS,
                           keep_bytes=LIMITS.outputs_mb * 2**20)
 
@@ -464,7 +457,7 @@ def result_data(view: ComparisonView):
 
 def _endpoint(name: str, fields: tuple[str, ...], sweep: bool, doc: str):
     """An event handler taking the form's ``fields`` by name (then the session's history): the
-    form is declared once (vdtome.ui), so a new method adds parameters without editing this file.
+    form is declared once (vdtome.web.ui), so a new method adds parameters without editing this file.
     Gradio reads the parameter names (the API's) from the signature and passes every value; a
     Python caller may leave out the methods' fields (their defaults apply; any other missing value
     is refused naming its field)."""
@@ -501,7 +494,7 @@ sweep = _endpoint("sweep", SWEEP_FIELDS, True,
                   "One comparison per value of the swept field (the baseline video is made once and reused; every "
                   "point is timed against fresh baseline calls): the speedup/fidelity curve.")
 
-# ---- the Benchmark tab: a sweep over prompts and seeds (vdtome.bench), in the same GPU queue -------
+# ---- the Benchmark tab: a sweep over prompts and seeds (vdtome.bench.runner), in the same GPU queue -------
 
 BENCH_DIR = INSTANCE_DIR / "bench"
 KEEP_BENCHES = 4  # benchmark folders kept on disk (rows, plots, report)
@@ -578,7 +571,7 @@ if ON_ZERO_GPU:
 
 
 async def benchmark(bench_preset, bench_prompts, bench_seeds, bench_sweep, progress=gr.Progress()):
-    """Every setting of a sweep (YAML, see presets/sweeps) on every prompt (one a line) and seed ("0,1"):
+    """Every setting of a sweep (YAML, see vdtome/data/presets/sweeps) on every prompt (one a line) and seed ("0,1"):
     the summary per setting, the plots and the report with every row."""
     values = dict(zip(BENCH_FIELDS, (bench_preset, bench_prompts, bench_seeds, bench_sweep)))
     try:
@@ -751,7 +744,7 @@ def run_notice(preset) -> tuple[dict, dict, str]:
 
 def _examples_label(preset) -> str:
     if preset.prompts:
-        return f"Prompts {preset.name} knows (presets/prompts/{preset.prompts}.txt)"
+        return f"Prompts {preset.name} knows (vdtome/data/presets/prompts/{preset.prompts}.txt)"
     return "Example prompts"
 
 

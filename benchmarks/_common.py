@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vdtome.tome import ToMeConfig, apply_tome
 from vdtome.tome.adapters import find_adapter
-from vdtome.tome.hooks import _Call  # bound arguments rewritable by name, **kwargs included
+from vdtome.tome.hooks import _Call
 
 # Video tokens per block -> latent token grid (frames, height, width after patching).
 GRIDS = {
@@ -135,7 +135,7 @@ def alternated_times(model, inputs, config: ToMeConfig, device: str, warmup: int
 
 
 class _FirstTokens:
-    """Stands in for a :class:`vdtome.merge.Merge` in an adapter's argument transforms (rotary
+    """Stands in for a :class:`vdtome.tome.merge.Merge` in an adapter's argument transforms (rotary
     tables, masks): "gathers" the first ``keep`` tokens with a free slice, for the whole batch."""
 
     shared = True

@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vdtome.cli import parse_method  # noqa: E402
-from vdtome.compare import ComparisonEngine, ComparisonRequest  # noqa: E402
-from vdtome.presets import get_preset, load_prompts  # noqa: E402
+from vdtome.core.presets import get_preset, load_prompts
+from vdtome.engine.engine import ComparisonEngine
+from vdtome.engine.request import ComparisonRequest
+from vdtome.methods import parse_method_spec
 
 
 def main() -> None:
@@ -38,11 +39,11 @@ def main() -> None:
     parser.add_argument("--retain-freed", action="store_true", help="glibc keeps freed memory (no page-fault churn)")
     args = parser.parse_args()
     if args.retain_freed:
-        from vdtome.measure import retain_freed_host_memory
+        from vdtome.measure.memory import retain_freed_host_memory
         print(retain_freed_host_memory())
     preset = get_preset(args.preset)
     prompt = args.prompt or load_prompts(preset.prompts or "default")[0]
-    methods = tuple(parse_method(spec) for spec in (args.method or ["tome:ratio=0.5"]))
+    methods = tuple(parse_method_spec(spec) for spec in (args.method or ["tome:ratio=0.5"]))
     engine = ComparisonEngine(noise_dir=args.noise_dir or tempfile.mkdtemp(prefix="vdtome-coverage-"))
     request = ComparisonRequest(args.preset, prompt, methods=methods, rounds=args.rounds)
     ratios = []

@@ -62,12 +62,13 @@ from benchmarks._common import (  # noqa: E402
     synchronize,
     timed_forward,
 )
-from vdtome.host_load import HostLoadMonitor  # noqa: E402
-from vdtome.measure import benchmark_allocator, environment, environment_line  # noqa: E402
-from vdtome.merge import merge_count  # noqa: E402
-from vdtome.methods import METHODS, CallPlan, apply_stack, method_of, stack_label  # noqa: E402
-from vdtome.methods.evidence import ComputeSpy  # noqa: E402
-from vdtome.tome import ToMeConfig  # noqa: E402
+from vdtome.measure.environment import environment, environment_line
+from vdtome.measure.host_load import HostLoadMonitor
+from vdtome.measure.memory import benchmark_allocator
+from vdtome.methods import METHODS, CallPlan, apply_stack, method_of, stack_label
+from vdtome.methods.evidence import ComputeSpy
+from vdtome.tome import ToMeConfig
+from vdtome.tome.merge import merge_count
 
 QUICK = dict(heads=1, tokens=[256, 512], stack_tokens=[256, 512], rounds=1, warmup=1, stack_rounds=1, steps=4)
 # Token counts to mark on the plot: the offline model's and the released models' at their sizes.

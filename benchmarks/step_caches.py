@@ -13,9 +13,9 @@ merging alone, and for token merging stacked with each cache the stacking rules 
   attention a cache answered from its store never reaches its first projection);
 * **fidelity** of the final latents to the baseline's (same seed, same noise): PSNR in dB with the
   baseline latents' peak-to-peak as the signal range, and SSIM per latent frame over the 16 latent
-  channels (scikit-image, as :mod:`vdtome.metrics` uses).
+  channels (scikit-image, as :mod:`vdtome.engine.fidelity` uses).
 
-The pipeline is a real ``WanPipeline`` called with ``output_type="latent"``: :mod:`vdtome.tiny`'s
+The pipeline is a real ``WanPipeline`` called with ``output_type="latent"``: :mod:`vdtome.offline.tiny`'s
 text encoder, VAE (configuration only: nothing is decoded) and UniPC flow scheduler, with a larger
 random-weight ``WanTransformer3DModel``. So the pipeline's own loop drives the caches: classifier-free
 guidance with one denoiser call per branch inside ``cache_context("cond")`` / ``cache_context("uncond")``,
@@ -24,13 +24,13 @@ guidance with one denoiser call per branch inside ``cache_context("cond")`` / ``
 the call's step count (MagCache's calibration) is prepared as the engine does: one untimed plain run.
 A cache that cannot serve Wan, or a pair the stacking rules refuse, is skipped with the reason.
 
-Denoising time is :func:`vdtome.measure.timed_call`'s ``denoising`` phase (first denoiser call to the
+Denoising time is :func:`vdtome.measure.timing.timed_call`'s ``denoising`` phase (first denoiser call to the
 end of the last one). With random weights the caches' skip decisions are not those of a trained
 model, and at this CPU-sized width (``--heads`` x ``--head-dim``) self-attention is nearly all of a
 block's work, more than in the released models: read the ratios as how each method behaves in a real
 loop, not as the speedups a trained Wan reaches.
 
-On CPU the script first makes glibc keep freed memory (``vdtome.measure.retain_freed_host_memory``),
+On CPU the script first makes glibc keep freed memory (``vdtome.measure.memory.retain_freed_host_memory``),
 as benchmarks/tome_speed.py does, so page faults do not differ between runs, and computes on one
 thread (``--threads``): when other processes share the cores, torch's OpenMP threads wait for each
 other at every parallel region and a forward takes 3-20x longer at random, which no pairing undoes.
@@ -61,13 +61,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusers import WanPipeline  # noqa: E402
 from skimage.metrics import structural_similarity  # noqa: E402
 
-from vdtome import tiny  # noqa: E402
-from vdtome.denoisers import denoiser_types  # noqa: E402
-from vdtome.measure import benchmark_allocator, environment, environment_line, timed_call  # noqa: E402
-from vdtome.methods import METHODS, CallPlan, apply_stack, check_stack, method_of, stack_label  # noqa: E402
-from vdtome.methods.evidence import ComputeSpy  # noqa: E402
-from vdtome.metrics import psnr_from_mse  # noqa: E402
-from vdtome.validation import RequestError  # noqa: E402
+from vdtome.core.denoisers import denoiser_types
+from vdtome.core.validation import RequestError
+from vdtome.engine.fidelity import psnr_from_mse
+from vdtome.measure.environment import environment, environment_line
+from vdtome.measure.memory import benchmark_allocator
+from vdtome.measure.timing import timed_call
+from vdtome.methods import METHODS, CallPlan, apply_stack, check_stack, method_of, stack_label
+from vdtome.methods.evidence import ComputeSpy
+from vdtome.offline import tiny
 
 PROMPT = "a red fox running through fresh snow at sunrise"
 NEGATIVE = "blurry, low quality"
@@ -179,7 +181,7 @@ def configs_for(pipe, variant: Variant, kwargs: dict[str, Any], steps: int, unti
 
 
 def latent_fidelity(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
-    """PSNR (dB, signal range = the reference's peak-to-peak, capped as vdtome.metrics caps it) and
+    """PSNR (dB, signal range = the reference's peak-to-peak, capped as vdtome.engine.fidelity caps it) and
     mean SSIM over latent frames of two (1, C, F, H, W) latents."""
     ref = reference.detach().to("cpu", torch.float64).numpy()[0]
     out = other.detach().to("cpu", torch.float64).numpy()[0]

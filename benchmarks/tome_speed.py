@@ -10,7 +10,7 @@ FLOP model: analytic multiply-adds of every linear / conv layer and of attention
 ``torch.utils.flop_counter`` on the baseline (the counter cannot see CPU flash attention).
 
 On CPU the script first makes glibc serve every block from its heap and keep what is freed
-(``vdtome.measure.retain_freed_host_memory``):
+(``vdtome.measure.memory.retain_freed_host_memory``):
 by default every forward page-faults its activations in afresh, tens of thousands of faults whose
 cost varies from run to run, which a GPU's caching allocator never pays. ``--system-malloc``
 measures without it; the faults per forward are printed either way.
@@ -42,8 +42,8 @@ from benchmarks._common import (  # noqa: E402
     quartiles,
     synchronize,
 )
-from vdtome.measure import benchmark_allocator  # noqa: E402
-from vdtome.tome import ToMeConfig, apply_tome  # noqa: E402
+from vdtome.measure.memory import benchmark_allocator
+from vdtome.tome import ToMeConfig, apply_tome
 
 TEXT_TOKENS = 64
 
@@ -177,7 +177,7 @@ def main() -> None:
           "\ninterquartile range; ideal = FLOP-model speedup; efficiency = speedup / ideal;"
           "\noracle = speedup when every attn1 simply runs on its first N - r tokens (same kernels, no matching, one copy back):"
           "\nthe most any token reduction can gain here; vs oracle = speedup / oracle, i.e. how much of that ToMe keeps;"
-          "\noverhead = time in vdtome.match + vdtome.merge + vdtome.unmerge over the patched forward (profiler, which"
+          "\noverhead = time in vdtome.match + vdtome.tome.merge + vdtome.unmerge over the patched forward (profiler, which"
           "\nadds its own per-op cost to these many small ops); faults/fwd = minor page faults per forward.")
 
 

@@ -8,7 +8,7 @@ Prints, per prompt, the colour and motion direction the judge reads from the gen
 share right and the clips' flow-compensated warp error beside that of uniform noise and of the
 rendered training data (smooth clips sit near the data, far below noise). The prompts come from
 combinations of colour, shape, direction and background never shown in training (and not among the
-tuning prompts, presets/prompts/shapes-tuning.txt). Each prompt is also generated with the stack the
+tuning prompts, vdtome/data/presets/prompts/shapes-tuning.txt). Each prompt is also generated with the stack the
 preset runs by default (its token-merging defaults), or the ``--method`` stack, and judged alike, with
 its PSNR to the baseline. Exits 1 when a share falls under the preset's acceptance targets.
 
@@ -26,15 +26,14 @@ import sys
 import numpy as np
 import torch
 
-from vdtome import shapes
-from vdtome.cli import parse_method
-from vdtome.compare import ComparisonRequest, resolve
-from vdtome.methods import apply_stack, default_stack, stack_label
-from vdtome.metrics import fidelity, temporal_consistency
-from vdtome.pipelines import load_pipeline
-from vdtome.presets import get_preset, load_prompts
-from vdtome.sweep import load_sweep
-from vdtome.video_io import to_uint8
+from vdtome.bench.sweep import load_sweep
+from vdtome.core.frames import to_uint8
+from vdtome.core.presets import get_preset, load_prompts
+from vdtome.engine.fidelity import fidelity, temporal_consistency
+from vdtome.engine.pipelines import load_pipeline
+from vdtome.engine.request import ComparisonRequest, resolve
+from vdtome.methods import apply_stack, default_stack, parse_method_spec, stack_label
+from vdtome.offline import shapes
 
 #: Shares of the held-out prompts the judge must find right: (colour, direction) of the baseline,
 #: then of the accelerated clips. tiny-shapes-128's are its acceptance targets (19/20, 17/20 and with
@@ -67,7 +66,7 @@ def _candidates(args, preset) -> list[tuple[str, tuple]]:
         return []
     if args.sweep:
         return [(setting.label, setting.configs) for setting in load_sweep(args.sweep).settings]
-    stack = tuple(parse_method(text, preset) for text in args.method) or default_stack(preset)
+    stack = tuple(parse_method_spec(text, preset) for text in args.method) or default_stack(preset)
     return [(stack_label(stack), stack)] if stack else []
 
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
-from dataclasses import replace
-
-from vdtome.cli import method_overrides, parse_method
-from vdtome.compare import ComparisonEngine, ComparisonRequest
-from vdtome.presets import get_preset
-from vdtome.ui import comparison_view, form_values
+from vdtome.core.presets import get_preset
+from vdtome.engine.engine import ComparisonEngine
+from vdtome.engine.request import ComparisonRequest
+from vdtome.methods import method_overrides, parse_method_spec
+from vdtome.web.ui import comparison_view, form_values
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 PROMPT = "A paper boat drifts down a rain-filled gutter, leaves swirling past it."
@@ -35,7 +35,7 @@ TINY = (  # name, preset, stack (the CLI's --method syntax; fields not named tak
 def record(engine: ComparisonEngine, name: str, preset: str, methods: list[str], prompt: str, seed: int) -> Path:
     folder = EXAMPLES / name
     shutil.rmtree(folder, ignore_errors=True)
-    configs = tuple(parse_method(spec, get_preset(preset)) for spec in methods)
+    configs = tuple(parse_method_spec(spec, get_preset(preset)) for spec in methods)
     result = engine.run(ComparisonRequest(preset, prompt, seed=seed, methods=configs), out_dir=folder)
     if not result.ok:
         raise SystemExit(f"{name}: {result.error}")

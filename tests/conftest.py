@@ -5,7 +5,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-# A/A pairs (vdtome.noise) of this test session only: never a developer's own record, never stale.
+# A/A pairs (vdtome.measure.noise) of this test session only: never a developer's own record, never stale.
 import tempfile
 
 os.environ["VDTOME_NOISE_DIR"] = tempfile.mkdtemp(prefix="vdtome-test-noise-")

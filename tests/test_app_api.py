@@ -8,8 +8,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import ValidationError
 
-from vdtome.video_io import probe
-
+from vdtome.engine.video_io import probe
 
 PROMPT = "A paper boat drifts down a rain-filled gutter past glowing shop windows."
 END_TO_END = "end-to-end (projected: denoising + untouched phases measured here)"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vdtome.presets import load_prompts
+from vdtome.core.presets import load_prompts
 
 CHROMIUM = os.environ.get("VDTOME_CHROMIUM", "/usr/bin/chromium")
 FLAGS = [

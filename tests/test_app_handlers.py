@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import app
-from vdtome.presets import load_prompts
+from vdtome.core.presets import load_prompts
 from vdtome.tome.hooks import is_registered
 
 # The form as the page sends it: preset, prompt, negative, seed, frames, height, width, steps,

@@ -10,12 +10,12 @@ import time
 
 import httpx
 import pytest
+from conftest import start_app, stop_app
 from gradio_client import Client
 from gradio_client.exceptions import ValidationError
 from gradio_client.utils import QueueError
 
-from conftest import start_app, stop_app
-from vdtome.ui import api_fields, method_defaults
+from vdtome.web.ui import api_fields, method_defaults
 
 PROMPT = "A paper boat drifts down a rain-filled gutter past glowing shop windows."
 # A run of about two minutes on 2 cores (7 rounds x 2 sides x 500 steps, each call about 5 s),

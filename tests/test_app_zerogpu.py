@@ -60,7 +60,7 @@ def GPU(fn=None, duration=60):
 ZERO_GPU_SCRIPT = '''
 import json, os, threading, time
 import app, spaces
-from vdtome.compare import Cancelled, ComparisonRequest, RequestError
+from vdtome.engine import Cancelled, ComparisonRequest, RequestError
 from vdtome.tome import ToMeConfig
 
 
@@ -107,9 +107,9 @@ print(json.dumps(report))
 CPU_HOST_SCRIPT = '''
 import json
 import app, spaces
-from vdtome.compare import ComparisonRequest
+from vdtome.engine import ComparisonRequest
 from vdtome.tome import ToMeConfig
-from vdtome.ui import preset_choice_label
+from vdtome.web.ui import preset_choice_label
 
 views = app.run_requests([ComparisonRequest(preset="tiny-wan", prompt="a kite", steps=2, methods=ToMeConfig())],
                          None, app.CANCEL_FLAGS.new())

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from vdtome import cli
-from vdtome.bench import (
+from vdtome.bench.report import pareto_front
+from vdtome.bench.runner import (
     DETERMINISTIC_COLUMNS,
     BenchPlan,
     BenchRow,
@@ -27,9 +28,8 @@ from vdtome.bench import (
     run_serial,
     summarise,
 )
-from vdtome.bench_report import pareto_front
-from vdtome.sweep import load_sweep, parse_sweep
-from vdtome.validation import RequestError
+from vdtome.bench.sweep import load_sweep, parse_sweep
+from vdtome.core.validation import RequestError
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ("a red fox running through snow", "waves crashing on a rocky shore at sunset")
@@ -204,7 +204,7 @@ def test_a_failed_row_keeps_its_own_error_when_its_group_later_raises(tmp_path):
 def test_ray_gives_the_serial_figures_and_retries_then_records_a_failing_group(uninterrupted, tmp_path):
     ray = pytest.importorskip("ray")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors get this module's workers
-    from vdtome.bench_ray import RayRunner
+    from vdtome.bench.ray_runner import RayRunner
 
     plan = smoke_plan()
     try:
@@ -294,7 +294,7 @@ def test_plan_checks_every_request_before_running():
 
 
 def test_ray_flags_that_cannot_work_are_refused_before_ray_starts():
-    from vdtome.bench_ray import RayRunner
+    from vdtome.bench.ray_runner import RayRunner
 
     with pytest.raises(ValueError, match="Ray Client .* cannot stream"):
         RayRunner(smoke_plan(), address="ray://head:10001")

@@ -15,22 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from vdtome import tiny
-from vdtome.compare import (
-    download_stem,
-    Cancelled,
-    ComparisonEngine,
-    ComparisonRequest,
-    RequestError,
-    resolve,
-    run_comparison,
-)
-from vdtome.metrics import PSNR_CAP_DB
-from vdtome.pipelines import ModelUnavailableError, from_pretrained
-from vdtome.presets import get_preset
+import vdtome
+from vdtome import cli
+from vdtome.core.presets import get_preset
+from vdtome.engine.engine import Cancelled, ComparisonEngine
+from vdtome.engine.fidelity import PSNR_CAP_DB
+from vdtome.engine.outputs import download_stem
+from vdtome.engine.pipelines import ModelUnavailableError, from_pretrained
+from vdtome.engine.request import ComparisonRequest, RequestError, resolve
+from vdtome.engine.video_io import display_factor, probe
+from vdtome.offline import tiny
 from vdtome.tome import ToMeConfig
 from vdtome.tome.hooks import is_registered
-from vdtome.video_io import display_factor, probe
 
 PROMPT = "a paper boat drifts down a rain-filled gutter"
 
@@ -214,7 +210,7 @@ def test_allocation_failure_in_the_accelerated_run_keeps_the_baseline_and_frees_
         assert held and held[0]() is None, "memory released while the exception still held the failed run's tensors"
         releases.append(device)
 
-    monkeypatch.setattr("vdtome.compare.release_memory", release)
+    monkeypatch.setattr("vdtome.engine.release_memory", release)
     hook = pipe.transformer.register_forward_pre_hook(exhaust)
     try:
         result = engine.run(request(seed=21, methods=ToMeConfig(ratio=0.5)))
@@ -233,7 +229,7 @@ def test_allocation_failure_in_the_accelerated_run_keeps_the_baseline_and_frees_
 def test_allocation_failure_message_names_the_request_size_and_the_preset_need():
     from types import SimpleNamespace
 
-    from vdtome.compare import _allocation_message
+    from vdtome.engine.engine import _allocation_message
 
     preset = get_preset("hunyuanvideo")
     settings, _ = resolve(request("hunyuanvideo", frames=129, height=720, width=1280), preset)
@@ -320,9 +316,14 @@ def test_gpu_presets_are_refused_on_cpu(tmp_path):
         engine.run(request("cogvideox-2b"))
 
 
-def test_module_level_run_comparison(tmp_path):
-    result = run_comparison(request(methods=ToMeConfig(ratio=0.5)), out_dir=tmp_path)
-    assert result.ok and Path(result.files["json"]).parent == tmp_path and Path(result.files["json"]).exists()
+def test_the_public_compare_takes_a_request_or_its_fields(tmp_path):
+    result = vdtome.compare("tiny-wan", PROMPT, methods=(vdtome.ToMeConfig(ratio=0.5),), rounds=2, out_dir=tmp_path)
+    assert isinstance(result, vdtome.ComparisonResult) and result.ok and result.stack.startswith("tome ratio 0.5")
+    assert Path(result.files["json"]).parent == tmp_path and Path(result.files["json"]).exists()
+    again = vdtome.compare(request(methods=ToMeConfig(ratio=0.5), rounds=2), write=False)
+    assert again.baseline_reused and not again.files  # the same engine: its baseline video cache answered
+    with pytest.raises(TypeError, match="not both"):
+        vdtome.compare(request(), PROMPT)
 
 
 def test_cli_prints_a_table_and_writes_the_files(tmp_path):
@@ -338,15 +339,21 @@ def test_cli_prints_a_table_and_writes_the_files(tmp_path):
     stem = "tiny-wan_tome-ratio-0.5-stride-1x2x2_seed0"
     assert {p.name for p in out.iterdir()} >= {f"{stem}_{name}" for name in (
         "baseline.mp4", "accelerated.mp4", "side-by-side.mp4", "difference.mp4", "result.json")} | {"frames"}
-    bad = subprocess.run(
-        [sys.executable, "-m", "vdtome", "compare", "--preset", "tiny-wan", "--prompt", PROMPT, "--ratio", "1.2"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert bad.returncode == 2 and "ratio must be a number in [0, 1)" in bad.stderr
+
+
+def test_a_field_flag_and_its_method_spec_are_refused_alike(capsys):
+    """``--ratio 0.9`` goes through token merging's own parser, as ``--method tome:ratio=0.9`` does."""
+    refusals = []
+    for given in (["--ratio", "0.9"], ["--method", "tome:ratio=0.9"], ["--ratio", "1.2"], ["--method", "tome:ratio=1.2"]):
+        assert cli.main(["compare", "--preset", "tiny-wan", "--prompt", PROMPT, *given]) == 2
+        refusals.append(capsys.readouterr().err.strip())
+    assert refusals[0] == refusals[1] == ("error: tome: merge ratio must be between 0 and 0.75 for stride (1, 2, 2) "
+                                          "(one token in every 4 is a destination and cannot merge), got 0.9")
+    assert refusals[2] == refusals[3] and "ratio" in refusals[2] and "1.2" in refusals[2]
 
 
 def test_the_app_and_the_library_share_one_engine(monkeypatch):
-    import vdtome.compare as compare
+    import vdtome.engine.engine as compare
 
     monkeypatch.setattr(compare, "_default_engine", None)
     monkeypatch.setattr(compare, "_default_settings", {})

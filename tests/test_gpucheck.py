@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from vdtome import gpucheck
+from vdtome.bench.runner import gpucheck
 from vdtome.cli import build_parser
+from vdtome.core.validation import RequestError
 from vdtome.methods.pyramid_attention_broadcast import PyramidAttentionBroadcast
 from vdtome.tome import ToMeConfig
-from vdtome.validation import RequestError
 
 METHODS = ("tome", "first_block_cache", "tome+first_block_cache")
 

@@ -17,22 +17,21 @@ import numpy as np
 import pytest
 import torch
 
-from vdtome import measure
-from vdtome.measure import (
+from vdtome.measure.environment import environment, environment_line
+from vdtome.measure.memory import MemoryMonitor, MemoryReport
+from vdtome.measure.timing import (
     DENOISING,
     END_TO_END,
     TEXT_ENCODING,
     VAE_DECODE,
-    MemoryMonitor,
-    MemoryReport,
     PhaseTimer,
     StepTimer,
     Stopwatch,
-    environment,
     phase_hooks,
+    sync,
     timed_call,
 )
-from vdtome.tiny import tiny_wan_pipeline
+from vdtome.offline.tiny import tiny_wan_pipeline
 
 STEPS = 3
 CALL = dict(
@@ -222,7 +221,7 @@ def test_memory_monitor_cpu_detects_allocation():
 
 
 def test_memory_monitor_sampling_only(monkeypatch):
-    monkeypatch.setattr(measure, "_reset_vm_hwm", lambda: False)  # as on a non-Linux system
+    monkeypatch.setattr("vdtome.measure.memory._reset_vm_hwm", lambda: False)  # as on a non-Linux system
     with MemoryMonitor("cpu", interval_s=0.002) as mon:
         block = np.ones(200 * MB // 8)
         time.sleep(0.05)
@@ -264,16 +263,16 @@ def test_cpu_measurement_never_touches_torch_cuda(pipe, monkeypatch):
         "current_device",
     ):
         monkeypatch.setattr(torch.cuda, name, forbidden)
-    # is_available may be called by diffusers itself; it must not be called by vdtome.measure
+    # is_available may be called by diffusers itself; it must not be called by vdtome.measure's modules
     real_is_available = torch.cuda.is_available
 
     def is_available():
         caller = sys._getframe(1).f_globals.get("__name__")
-        assert caller != "vdtome.measure", "vdtome.measure asked torch.cuda.is_available on CPU"
+        assert not (caller or "").startswith("vdtome.measure"), "vdtome.measure asked torch.cuda.is_available on CPU"
         return real_is_available()
 
     monkeypatch.setattr(torch.cuda, "is_available", is_available)
-    measure.sync("cpu")
+    sync("cpu")
     with Stopwatch("cpu"):
         pass
     with MemoryMonitor(pipe) as mon:
@@ -444,9 +443,9 @@ def test_environment_line_on_fake_cuda(fake_cuda, monkeypatch):
     nvml = sys.modules["pynvml"]
     nvml.nvmlSystemGetDriverVersion = lambda: b"550.54.15"  # older nvidia-ml-py returns bytes
     nvml.nvmlSystemGetCudaDriverVersion = lambda: 12060
-    env = measure.environment(torch.device("cuda"), torch.bfloat16)
+    env = environment(torch.device("cuda"), torch.bfloat16)
     json.dumps(env)
-    line = measure.environment_line(env)
+    line = environment_line(env)
     parts = line.split(" · ")
     assert parts[0] == "Fake H100"
     assert "driver 550.54.15" in parts
@@ -463,14 +462,14 @@ def test_environment_line_leaves_unknown_parts_out(fake_cuda, monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     monkeypatch.setattr(torch.backends.cudnn, "version", lambda: None)
     monkeypatch.setitem(sys.modules, "pynvml", None)  # NVML not importable: no driver, no driver CUDA
-    line = measure.environment_line(measure.environment("cuda"))
+    line = environment_line(environment("cuda"))
     assert line.startswith("Fake H100 · torch ") and "driver" not in line and "CUDA" not in line
     assert "dtype" not in line and "?" not in line and "None" not in line
-    cpu = measure.environment_line(measure.environment("cpu", torch.float32))
+    cpu = environment_line(environment("cpu", torch.float32))
     assert "driver" not in cpu and "CUDA" not in cpu and "dtype float32" in cpu
-    assert measure.environment_line({}) == ""  # nothing known, nothing invented
+    assert environment_line({}) == ""  # nothing known, nothing invented
     old = {"device": "cuda:0", "device_name": "A100", "versions": {"torch": "2.4.0"}, "cudnn_version": 8902}
-    assert measure.environment_line(old) == "A100 · cuDNN 8.9.2 · torch 2.4.0"
+    assert environment_line(old) == "A100 · cuDNN 8.9.2 · torch 2.4.0"
 
 
 # ------------------------------------------------------------------------------------------ environment
@@ -493,7 +492,7 @@ def test_environment_is_json_and_names_versions(pipe):
 
 _FAULTS_SCRIPT = """
 import resource, sys, torch
-from vdtome.measure import retain_freed_host_memory
+from vdtome.measure.memory import retain_freed_host_memory
 if sys.argv[1] == "retain":
     assert retain_freed_host_memory() is not None, "glibc refused the settings"
 def forward():  # several activations live at once, all freed by the end

@@ -1,4 +1,4 @@
-"""Unit tests of the pure merge math (vdtome.merge)."""
+"""Unit tests of the pure merge math (vdtome.tome.merge)."""
 
 import math
 import subprocess
@@ -8,14 +8,8 @@ import textwrap
 import pytest
 import torch
 
-import vdtome.merge as merge_module
-from vdtome.merge import (
-    Merge,
-    attnbin_matching,
-    bipartite_soft_matching_3d,
-    max_merge_ratio,
-    merge_count,
-)
+import vdtome.tome.merge as merge_module
+from vdtome.tome.merge import Merge, attnbin_matching, bipartite_soft_matching_3d, max_merge_ratio, merge_count
 
 
 def tokens(batch, n, channels=16, seed=0, dtype=torch.float64):
@@ -275,7 +269,7 @@ def test_chunked_scores_bound_peak_memory():
     script = textwrap.dedent(
         """
         import resource, torch
-        from vdtome.merge import bipartite_soft_matching_3d
+        from vdtome.tome.merge import bipartite_soft_matching_3d
         torch.set_num_threads(1)
         x = torch.randn(1, 32768, 16)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

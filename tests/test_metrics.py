@@ -1,4 +1,4 @@
-"""vdtome.metrics: known-answer checks for fidelity and temporal-consistency metrics."""
+"""vdtome.engine.fidelity: known-answer checks for fidelity and temporal-consistency metrics."""
 
 import dataclasses
 import json
@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from vdtome.metrics import PSNR_CAP_DB, Fidelity, Temporal, check_finite, fidelity, temporal_consistency
+from vdtome.core.frames import check_finite
+from vdtome.engine.fidelity import PSNR_CAP_DB, Fidelity, Temporal, fidelity, temporal_consistency
 
 
 def smooth_texture(h=64, w=64, seed=0):

@@ -1,4 +1,4 @@
-"""Token-merging defaults live in the preset (presets/models.json ``method_defaults``): a request,
+"""Token-merging defaults live in the preset (vdtome/data/presets/models.json ``method_defaults``): a request,
 the command line, the form and the API that name no setting all run the preset's, and a preset's
 value breaking a field's rule is refused naming both."""
 
@@ -7,11 +7,11 @@ import dataclasses
 import pytest
 
 from vdtome import cli
-from vdtome.compare import ComparisonRequest
+from vdtome.core.presets import load_presets
+from vdtome.engine.request import ComparisonRequest
 from vdtome.methods import METHODS, default_stack, preset_form_defaults
-from vdtome.presets import load_presets
 from vdtome.tome import ToMeConfig
-from vdtome.ui import form_values, method_defaults, settings_query
+from vdtome.web.ui import form_values, method_defaults, settings_query
 
 PRESETS = load_presets()
 TOME = METHODS["tome"]
@@ -55,7 +55,7 @@ def test_a_preset_default_is_checked_by_the_methods_own_rules():
 def test_the_command_line_starts_from_the_presets_defaults(monkeypatch):
     preset = _with_tome("tiny-wan", ratio=0.3, stride_t=2, blocks="every other block")
     parser = cli.build_parser()
-    monkeypatch.setattr("vdtome.presets.get_preset", lambda name, presets=None: preset)
+    monkeypatch.setattr("vdtome.core.presets.get_preset", lambda name, presets=None: preset)
     (plain,) = cli._stack(parser.parse_args(["compare", "--preset", "tiny-wan", "--prompt", "p"]))
     assert (plain.ratio, plain.stride, plain.blocks) == (0.3, (2, 2, 2), "every_other")
     (flagged,) = cli._stack(parser.parse_args(["compare", "--preset", "tiny-wan", "--prompt", "p", "--ratio", "0.6"]))
@@ -69,7 +69,7 @@ def test_the_command_line_starts_from_the_presets_defaults(monkeypatch):
 
 def test_the_form_and_its_links_follow_the_preset(monkeypatch):
     preset = _with_tome("tiny-wan", ratio=0.3)
-    monkeypatch.setattr("vdtome.ui.get_preset", lambda name, presets=None: preset)
+    monkeypatch.setattr("vdtome.web.ui.get_preset", lambda name, presets=None: preset)
     defaults = method_defaults(preset)
     assert defaults["ratio"] == 0.3 and method_defaults()["ratio"] == ToMeConfig().ratio
     # A shared link leaves out what equals the preset's default, and names what differs from it.

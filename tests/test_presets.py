@@ -1,4 +1,4 @@
-"""vdtome.presets: model presets and prompt sets from presets/ (no network, nothing downloaded)."""
+"""vdtome.core.presets: model presets and prompt sets from presets/ (no network, nothing downloaded)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from pathlib import Path
 import diffusers
 import pytest
 
-from vdtome import tiny
-from vdtome.presets import (
+from vdtome.core.presets import (
     PRESETS_DIR,
     Constraints,
     ModelPreset,
@@ -21,6 +20,7 @@ from vdtome.presets import (
     load_prompts,
     prompt_sets,
 )
+from vdtome.offline import tiny
 
 EXPECTED = {
     "tiny-shapes-128",
@@ -76,11 +76,11 @@ def test_tiny_presets_name_real_builders(presets):
 
 def test_tiny_preset_builds_the_declared_pipeline_class(presets):
     preset = presets["tiny-cogvideox-rotary"]
-    pipe = preset.build_tiny()
+    pipe = tiny.build_tiny(preset)
     assert type(pipe).__name__ == preset.pipeline_class
     assert pipe.transformer.config.use_rotary_positional_embeddings
     with pytest.raises(ValueError, match="hub"):
-        presets["cogvideox-2b"].build_tiny()
+        tiny.build_tiny(presets["cogvideox-2b"])
 
 
 def test_hub_presets(presets):
@@ -115,7 +115,7 @@ def test_model_specific_facts(presets):
 
 def test_tiny_input_rules_are_stated_once(presets):
     """models.json's constraints are the only statement of the tiny pipelines' input rules:
-    vdtome.tiny names the presets and the facts the rules follow from, never the rules themselves
+    vdtome.offline.tiny names the presets and the facts the rules follow from, never the rules themselves
     (tests/test_tiny.py checks the rules against the built pipelines)."""
     named = {name: key for key, spec in tiny.TINY_CONSTRAINTS.items() for name in spec.get("presets", ())}
     assert set(named) == {p.name for p in presets.values() if p.is_builtin}
@@ -257,14 +257,14 @@ def test_validation_errors_name_file_and_field(tmp_path):
 def test_the_trained_preset_loads_a_folder_shipped_in_the_repository(presets, tmp_path):
     """tiny-shapes names its folder relative to models.json; the loader reads it with from_pretrained,
     and a checkout without it is told how to get it back, not sent to the hub."""
-    from vdtome.pipelines import ModelUnavailableError, load_pipeline
+    from vdtome.engine.pipelines import ModelUnavailableError, load_pipeline
 
     preset = presets["tiny-shapes"]
     assert preset.local == str((PRESETS_DIR.parent / "models" / "tiny-shapes").resolve())
     assert (Path(preset.local) / "model_index.json").is_file() and preset.weights == preset.local
     assert not preset.is_builtin and preset.hub_id is None and preset.prompts == "shapes"
     moved = dataclasses.replace(preset, local=str(tmp_path / "tiny-shapes"))
-    with pytest.raises(ModelUnavailableError, match=r"folder 'tiny-shapes' is missing.*vdtome.train_tiny"):
+    with pytest.raises(ModelUnavailableError, match=r"folder 'tiny-shapes' is missing.*vdtome.offline.train"):
         load_pipeline(moved, device="cpu")
 
 

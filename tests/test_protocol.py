@@ -11,15 +11,17 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import a_a_attempts
 
-from vdtome import tiny
-from vdtome.compare import ComparisonEngine, ComparisonRequest, RequestError, resolve
-from vdtome.measure import MemoryReport, TimingReport
-from vdtome.pipelines import load_pipeline
-from vdtome.presets import get_preset
-from vdtome.host_load import HostLoad
-from vdtome.noise import KEPT_PAIRS, NoiseStore, NoiseThreshold
-from vdtome.protocol import (
+from vdtome.core.presets import get_preset
+from vdtome.engine.engine import ComparisonEngine
+from vdtome.engine.pipelines import load_pipeline
+from vdtome.engine.report import metric_rows
+from vdtome.engine.request import ComparisonRequest, RequestError, resolve
+from vdtome.measure.host_load import HostLoad
+from vdtome.measure.memory import MemoryReport
+from vdtome.measure.noise import KEPT_PAIRS, NoiseStore, NoiseThreshold
+from vdtome.measure.protocol import (
     ACCELERATED,
     BASELINE,
     MAX_GPU_SECONDS,
@@ -30,8 +32,7 @@ from vdtome.protocol import (
     round_order,
     summarise,
 )
-from vdtome.report import metric_rows
-from vdtome.stats import (
+from vdtome.measure.stats import (
     MIN_AA_PAIRS,
     MIN_NOISE_THRESHOLD,
     MIN_PAIRS,
@@ -44,11 +45,11 @@ from vdtome.stats import (
     range_phrase,
     speed_phrase,
 )
-from vdtome.tome import ToMeConfig
+from vdtome.measure.timing import TimingReport
 from vdtome.methods.mag_cache import MagCache
-from vdtome.ui import gpu_estimate, headline_cards
-
-from conftest import a_a_attempts
+from vdtome.offline import tiny
+from vdtome.tome import ToMeConfig
+from vdtome.web.ui import gpu_estimate, headline_cards
 
 PROMPT = "a lighthouse beam sweeps over a stormy sea at night"
 

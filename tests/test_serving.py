@@ -3,19 +3,19 @@
 import asyncio
 import os
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
-from dataclasses import replace
 from fastapi import HTTPException
 
-from vdtome.compare import ComparisonRequest, RequestError, resolve
-from vdtome.limits import DEFAULT_WORK_FACTOR, ServiceLimits, default_work
-from vdtome.pipelines import CustomModelRefused, ModelUnavailableError, custom_model_source, from_pretrained
-from vdtome.presets import load_presets
-from vdtome.serving import client_address, limit_visitors
-from vdtome.storage import prune
+from vdtome.core.presets import load_presets
+from vdtome.engine.pipelines import CustomModelRefused, ModelUnavailableError, custom_model_source, from_pretrained
+from vdtome.engine.request import ComparisonRequest, RequestError, resolve
+from vdtome.engine.storage import prune
 from vdtome.tome import ToMeConfig
+from vdtome.web.limits import DEFAULT_WORK_FACTOR, ServiceLimits, default_work
+from vdtome.web.serving import client_address, limit_visitors
 
 PRESETS = load_presets()
 

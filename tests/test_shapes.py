@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from vdtome import shapes, train_tiny
-from vdtome.compare import unknown_words_note
-from vdtome.tiny import tiny_tokenizer
+from vdtome.engine.request import unknown_words_note
+from vdtome.offline import shapes
+from vdtome.offline import train as train_tiny
+from vdtome.offline.tiny import tiny_tokenizer
 
 
 def test_held_out_combinations_never_reach_training():
@@ -125,8 +126,8 @@ def _mkdir(path):
 
 
 def test_training_writes_a_pipeline_that_loads_with_from_pretrained(tmp_path):
-    from vdtome.pipelines import from_pretrained
-    from vdtome.presets import get_preset
+    from vdtome.core.presets import get_preset
+    from vdtome.engine.pipelines import from_pretrained
 
     out = tmp_path / "model"
     train_tiny.train(SMALL, out, tmp_path / "work", progress=_quiet)
@@ -140,7 +141,7 @@ def test_training_writes_a_pipeline_that_loads_with_from_pretrained(tmp_path):
 
 
 def test_the_shapes_prompt_set_covers_what_the_model_knows():
-    from vdtome.presets import get_preset, load_prompts
+    from vdtome.core.presets import get_preset, load_prompts
 
     scenes = [shapes.Scene.from_prompt(p) for p in load_prompts(get_preset("tiny-shapes").prompts)]
     assert {s.colour for s in scenes} == set(shapes.COLOURS)
@@ -150,7 +151,7 @@ def test_the_shapes_prompt_set_covers_what_the_model_knows():
 
 def test_tuning_prompts_are_held_out_and_disjoint_from_the_evaluation_prompts():
     """The token-merging defaults are chosen on the tuning prompts and judged on the evaluation ones."""
-    from vdtome.presets import load_prompts
+    from vdtome.core.presets import load_prompts
 
     tuning = [shapes.Scene.from_prompt(p) for p in load_prompts("shapes-tuning")]
     evaluation = shapes.held_out_scenes(20, seed=0)  # scripts/evaluate_tiny_shapes.py's

@@ -15,7 +15,9 @@ from unittest import mock
 import pytest
 import torch
 
-from vdtome.denoisers import denoisers_of, pipeline_denoiser_types
+from vdtome.core.denoisers import denoisers_of, pipeline_denoiser_types
+from vdtome.core.presets import get_preset
+from vdtome.core.validation import RequestError
 from vdtome.methods import METHODS, CallPlan, apply_stack, check_stack, method_of
 from vdtome.methods.base import REUSES_ATTENTION, REUSES_BLOCKS
 from vdtome.methods.evidence import ComputeSpy
@@ -25,10 +27,9 @@ from vdtome.methods.mag_cache import CALIBRATIONS, MagCache
 from vdtome.methods.pyramid_attention_broadcast import PyramidAttentionBroadcast
 from vdtome.methods.sea_cache import SeaCache
 from vdtome.methods.taylorseer_cache import TaylorSeerCache
-from vdtome.presets import get_preset
+from vdtome.offline import tiny
 from vdtome.tome import ToMeConfig
 from vdtome.tome.hooks import is_registered
-from vdtome.validation import RequestError
 
 # diffusers' FasterCache calls torch.meshgrid without ``indexing``.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid:UserWarning")
@@ -84,7 +85,7 @@ def one_thread():
 
 
 def build(preset_name: str):
-    pipe = get_preset(preset_name).build_tiny()
+    pipe = tiny.build_tiny(get_preset(preset_name))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1,11 +1,11 @@
-"""The shared denoising-step context (vdtome.steps): counted from the scheduler, reversible."""
+"""The shared denoising-step context (vdtome.core.steps): counted from the scheduler, reversible."""
 
 import inspect
 
 import torch
 
-from vdtome import tiny
-from vdtome.steps import StepContext
+from vdtome.core.steps import StepContext
+from vdtome.offline import tiny
 
 
 def run(pipe, steps=3):

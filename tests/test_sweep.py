@@ -2,10 +2,10 @@
 
 import pytest
 
+from vdtome.bench.sweep import axis_label, load_sweep, parse_sweep, shipped_sweeps
+from vdtome.core.validation import RequestError
 from vdtome.methods.first_block_cache import FirstBlockCache
-from vdtome.sweep import axis_label, load_sweep, parse_sweep, shipped_sweeps
 from vdtome.tome import ToMeConfig
-from vdtome.validation import RequestError
 
 
 def test_grids_expand_in_order_and_stack():

@@ -1,4 +1,4 @@
-"""The tiny random-weight pipelines and models (vdtome.tiny): they run, are deterministic and offline."""
+"""The tiny random-weight pipelines and models (vdtome.offline.tiny): they run, are deterministic and offline."""
 
 import os
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from vdtome import tiny
-from vdtome.presets import load_presets
-from vdtome.tiny import TINY_CONSTRAINTS
+from vdtome.core.presets import load_presets
+from vdtome.offline import tiny
+from vdtome.offline.tiny import TINY_CONSTRAINTS
 
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast:UserWarning")  # Mochi RoPE, harmless
 
@@ -221,7 +221,7 @@ def test_clip_tokenizer_is_real_bpe_with_whole_words(tmp_path):
     assert CLIPTokenizer.from_pretrained(tmp_path)(PROMPT).input_ids == tok(PROMPT).input_ids
 
 
-# The tiny presets' constraints (presets/models.json) are the one statement of the builders' input
+# The tiny presets' constraints (vdtome/data/presets/models.json) are the one statement of the builders' input
 # rules; TINY_CONSTRAINTS names, per pipeline, the presets and the facts those rules follow from.
 TINY_PRESETS = {name: preset for name, preset in load_presets().items() if preset.is_builtin}
 RULES_KEY = {name: key for key, spec in TINY_CONSTRAINTS.items() for name in spec.get("presets", ())}
@@ -249,7 +249,7 @@ def test_every_tiny_preset_is_a_tiny_pipeline():
 @pytest.mark.parametrize("name", sorted(TINY_PRESETS))
 def test_preset_rules_follow_from_the_pipeline(name):
     preset, key = TINY_PRESETS[name], RULES_KEY[name]
-    rules, facts, pipe = preset.constraints, TINY_CONSTRAINTS[key], preset.build_tiny()
+    rules, facts, pipe = preset.constraints, TINY_CONSTRAINTS[key], tiny.build_tiny(preset)
     assert (rules.frames_multiple, rules.frames_offset, rules.side_multiple) == implied_rules(pipe, key)
     vae = facts["vae_scale_factor"]
     if key == "ltx":
@@ -277,7 +277,7 @@ def honoured(pipe, key, frames, height, width):
 def test_pipeline_accepts_exactly_what_its_preset_allows(name):
     """Runs at the rules' extremes give the size asked for; one step off a rule does not."""
     preset, key = TINY_PRESETS[name], RULES_KEY[name]
-    rules, pipe = preset.constraints, preset.build_tiny()
+    rules, pipe = preset.constraints, tiny.build_tiny(preset)
     (f_lo, f_hi), (s_lo, s_hi), m = rules.valid_frame_range, rules.valid_side_range, rules.side_multiple
     for size in ((f_lo, s_lo, s_lo + m), (f_hi, s_lo, s_lo), (f_lo, s_hi, s_lo)):
         assert not rules.check(*size)

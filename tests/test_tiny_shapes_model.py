@@ -9,15 +9,15 @@ method seam (``apply_stack``), and the judge reads colour and direction from the
 import pytest
 import torch
 
-from vdtome import shapes
 from vdtome.cli import build_parser
-from vdtome.compare import ComparisonRequest, resolve
+from vdtome.core.presets import get_preset
+from vdtome.engine.fidelity import fidelity
+from vdtome.engine.pipelines import load_pipeline
+from vdtome.engine.request import ComparisonRequest, resolve
+from vdtome.core.frames import to_uint8
 from vdtome.methods import apply_stack, default_stack
-from vdtome.metrics import fidelity
-from vdtome.pipelines import load_pipeline
-from vdtome.presets import get_preset
+from vdtome.offline import shapes
 from vdtome.tome.config import ToMeConfig
-from vdtome.video_io import to_uint8
 
 DEFAULT = build_parser().parse_args(["compare", "--prompt", "x"]).preset  # the CLI's (and the app's) default
 #: Held-out evaluation prompts with the seeds scripts/evaluate_tiny_shapes.py gives them (its prompts 0,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from vdtome import tiny
-from vdtome.steps import StepContext
+from vdtome.core.steps import StepContext
+from vdtome.offline import tiny
 from vdtome.tome import SUPPORTED_MODELS, ToMeConfig, apply_tome, remove_tome
 from vdtome.tome.hooks import BlockMatcher, is_registered
 
@@ -570,7 +570,7 @@ def test_ltx_explicit_video_coords_are_refused():
 def test_animatediff_level_grids_match_the_unet_at_every_size_its_preset_accepts():
     """Every (height, width) of the AnimateDiff preset: the level grids the adapter infers from a
     token count are the shapes the UNet's stride-2 downsampling convolutions really produce."""
-    from vdtome.presets import get_preset
+    from vdtome.core.presets import get_preset
     from vdtome.tome.adapters.animatediff import _level_grid
     from vdtome.tome.hooks import DenoiserState
 

@@ -1,15 +1,15 @@
-"""The app's form logic (vdtome.ui): what a user can type becomes a config or a clear refusal."""
+"""The app's form logic (vdtome.web.ui): what a user can type becomes a config or a clear refusal."""
 
 import math
 
 import pytest
 
-from vdtome.compare import RequestError
-from vdtome.merge import max_merge_ratio
-from vdtome.presets import get_preset
+from vdtome.core.presets import get_preset
+from vdtome.engine.request import RequestError
 from vdtome.methods import METHODS, method_of
 from vdtome.methods.tome import stride_ratio_cap
-from vdtome.ui import (
+from vdtome.tome.merge import max_merge_ratio
+from vdtome.web.ui import (
     PLOT_SPEEDUP,
     api_fields,
     appended_from,
@@ -156,7 +156,7 @@ def test_the_sweep_box_suggests_values_each_sweepable_field_accepts():
 def test_a_shared_link_restores_the_form_and_names_what_it_cannot_use():
     from urllib.parse import parse_qsl
 
-    from vdtome.ui import settings_from_query, settings_query
+    from vdtome.web.ui import settings_from_query, settings_query
 
     form = {"preset": "tiny-wan", "prompt": "a fox & a hen", "negative_prompt": "", "seed": 3, "frames": 9,
             "height": 64, "width": 64, "steps": 4, "guidance": 5.0, "rounds": 7, "ratio": 0.3, "use_tome": True,
@@ -173,7 +173,7 @@ def test_a_shared_link_restores_the_form_and_names_what_it_cannot_use():
 
 
 def test_history_chart_draws_intervals_one_line_per_sweep_a_1x_rule_and_untested_points_apart():
-    from vdtome.page import history_chart, history_points
+    from vdtome.web.page import history_chart, history_points
 
     def record(run, psnr, speedup, series=None, ratio="0.5", verdict="faster", low=0.9, high=1.1):
         point = {"run": run, "PSNR vs baseline (dB)": psnr, PLOT_SPEEDUP: speedup, "interval": f"{low}-{high}",

@@ -1,10 +1,10 @@
-"""vdtome.video_io: MP4 encoding properties, composition and difference videos."""
+"""vdtome.engine.video_io: MP4 encoding properties, composition and difference videos."""
 
+import imageio_ffmpeg
 import numpy as np
 import pytest
 
-import imageio_ffmpeg
-from vdtome.video_io import (
+from vdtome.engine.video_io import (
     difference_heat_map,
     display_factor,
     enlarge,

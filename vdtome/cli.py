@@ -1,32 +1,24 @@
 """Command line: ``python -m vdtome compare --preset tiny-shapes-128 --prompt "..." --method tome:ratio=0.5 --out DIR``.
 
 ``python -m vdtome bench --preset P --prompts FILE --sweep SWEEP.yaml --out DIR`` runs a sweep over
-prompts and seeds (see :mod:`vdtome.bench`), in this process or on Ray (``--ray``).
+prompts and seeds (see :mod:`vdtome.bench.runner`), in this process or on Ray (``--ray``).
 
 ``--method NAME[:field=value,...]`` is repeatable: the methods stack in the order given (``python -m
-vdtome methods`` lists them with their fields). Without ``--method``, the token-merging flags
-(``--ratio``, ``--stride``...) describe a stack of token merging alone, as before methods stacked.
+vdtome methods`` lists them with their fields). Every form field of every registered method is also a
+flag of its own (``--ratio 0.3``, ``--first-block-cache-threshold 0.05``), generated from the registry:
+it sets that field of its method in the stack (without ``--method``, the preset's default stack), and
+goes through the method's own parser, so a value is refused with the same message either way.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-
-def _blocks(value: str):
-    if value in ("all", "every_other"):
-        return value
-    try:
-        return tuple(int(part) for part in value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"blocks must be 'all', 'every_other' or indices like 0,2,5; got {value!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,19 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--method", action="append", default=[], metavar="NAME[:FIELD=VALUE,...]",
                          help="a method of the stack, repeatable, applied in the order given, e.g. tome:ratio=0.5 "
                               "first_block_cache:threshold=0.2 (see `python -m vdtome methods`)")
-    tome = compare.add_argument_group("token merging alone (when no --method is given)")
-    tome.add_argument("--ratio", type=float, default=None, help="default: the preset's (`python -m vdtome presets`)")
-    tome.add_argument("--stride", type=int, nargs=3, default=None, metavar=("ST", "SY", "SX"), help="default: the preset's")
-    tome.add_argument("--strategy", choices=("bipartite", "attnbin"), default=None)
-    tome.add_argument("--blocks", type=_blocks, default=None, help="all | every_other | 0,2,5")
-    tome.add_argument("--merge-cross-attn", action="store_true", default=None)
-    tome.add_argument("--merge-ffn", action="store_true", default=None)
-    tome.add_argument("--no-self-attn", action="store_true", default=None, help="do not merge before self-attention")
-    tome.add_argument("--fixed-destinations", action="store_true", default=None,
-                      help="first token of each cell, not random")
-    tome.add_argument("--tome-seed", type=int, default=None)
-    tome.add_argument("--matching", choices=("shared", "per_sample"), default=None)
-    tome.add_argument("--reuse-steps", type=int, default=None)
+    _add_method_flags(compare)
 
     bench = commands.add_parser(
         "bench", help="run a sweep of settings over prompts and seeds: rows file, summary, plots, HTML report",
@@ -95,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPUs per actor (default: 1 beside a GPU; without GPUs, the cluster's CPUs / workers)")
     bench.add_argument("--no-report", action="store_true", help="rows and summary only (no plots, no HTML)")
 
-    from .gpucheck import add_parser as add_gpucheck
+    from vdtome.bench.gpucheck import add_parser as add_gpucheck
 
     add_gpucheck(commands)
     commands.add_parser("methods", help="list acceleration methods, their fields and the presets they support")
@@ -111,36 +91,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_methods_text())
         return 0
     if args.command == "presets":
-        from .presets import load_presets
+        from vdtome.core.presets import load_presets
 
         for preset in load_presets().values():
             print(f"{preset.name:24} {preset.label}\n{'':24} {preset.hardware}")
         return 0
     if args.command == "prompts":
-        from .presets import load_prompts
+        from vdtome.core.presets import load_prompts
 
         print("\n".join(load_prompts(args.set)))
         return 0
     if args.command == "bench":
         return _bench(args)
     if args.command == "gpucheck":
-        from .gpucheck import main as gpucheck
+        from vdtome.bench.gpucheck import main as gpucheck
 
         return gpucheck(args)
     return _compare(args)
 
 
 def _shipped_sweep_names() -> list[str]:
-    from .sweep import shipped_sweeps
+    from vdtome.bench.sweep import shipped_sweeps
 
     return list(shipped_sweeps())
 
 
 def _bench(args) -> int:
-    from .bench import BenchPlan, format_summary, parse_seeds, read_prompts, run_bench
-    from .pipelines import ModelUnavailableError
-    from .sweep import load_sweep
-    from .validation import RequestError
+    from vdtome.bench.runner import BenchPlan, format_summary, parse_seeds, read_prompts, run_bench
+    from vdtome.bench.sweep import load_sweep
+    from vdtome.core.validation import RequestError
+    from vdtome.engine.pipelines import ModelUnavailableError
 
     try:
         plan = BenchPlan(preset=args.preset, prompts=read_prompts(args.prompts, args.limit),
@@ -148,7 +128,7 @@ def _bench(args) -> int:
         plan.check()
         runner = None
         if args.ray or args.ray_address:
-            from .bench_ray import RayRunner
+            from vdtome.bench.ray_runner import RayRunner
 
             runner = RayRunner(plan, address=args.ray_address, workers=args.ray_workers, cpus_per_worker=args.ray_cpus,
                                device=args.device)
@@ -172,9 +152,10 @@ def _bench(args) -> int:
 
 
 def _compare(args) -> int:
-    from .compare import ComparisonEngine, ComparisonRequest, RequestError
-    from .pipelines import ModelUnavailableError
-    from .report import format_table
+    from vdtome.engine.engine import ComparisonEngine
+    from vdtome.engine.pipelines import ModelUnavailableError
+    from vdtome.engine.report import format_table
+    from vdtome.engine.request import ComparisonRequest, RequestError
 
     try:
         request = ComparisonRequest(
@@ -213,89 +194,55 @@ def _compare(args) -> int:
     return 0 if result.ok else 1
 
 
-TOME_FLAGS = ("ratio", "stride", "strategy", "blocks", "merge_cross_attn", "merge_ffn", "no_self_attn",
-              "fixed_destinations", "tome_seed", "matching", "reuse_steps")
+FIELD_FLAG = "method_field:"  # argparse destination prefix of the flags made from form fields
+
+
+def _add_method_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--FIELD`` flag per form field of every registered method, read as text and parsed by
+    the method (the registry is the one schema: a new method's fields appear here by themselves)."""
+    from vdtome.methods import METHODS
+
+    for method in METHODS.values():
+        group = parser.add_argument_group(f"{method.label} (method {method.name}; adds it to the stack)")
+        for form_field in method.fields:
+            group.add_argument(f"--{form_field.name.replace('_', '-')}", dest=FIELD_FLAG + form_field.name,
+                               metavar="VALUE", default=None,
+                               help="default " + form_field.describe().split(" = ", 1)[1].replace("%", "%%"))
 
 
 def _stack(args) -> tuple:
-    """The stack: the ``--method`` items in order, or token merging from its own flags; fields
-    not given take the preset's defaults."""
-    from .presets import get_preset
+    """The stack: the ``--method`` items in order (none: the preset's default stack), each method's
+    field flags applied to it; a flag of a method not in the stack adds that method at the end."""
+    from vdtome.core.presets import get_preset
+    from vdtome.methods import (
+        add_override,
+        config_from_overrides,
+        default_stack,
+        field_owner,
+        method_of,
+        method_overrides,
+    )
 
     preset = get_preset(args.preset)
-    flags = [name for name in TOME_FLAGS if getattr(args, name) is not None]
-    if not args.method:
-        return (_tome_from_flags(args, preset),)
-    if flags:
-        raise ValueError(f"--{flags[0].replace('_', '-')} describes token merging alone; with --method, give "
-                         "its fields as --method tome:ratio=0.5,stride_y=2,...")
-    return tuple(parse_method(text, preset) for text in args.method)  # the engine checks the stacking rules
-
-
-def _tome_from_flags(args, preset):
-    from .methods import default_stack
-    from .tome import ToMeConfig
-
-    given = {
-        "ratio": args.ratio,
-        "stride": None if args.stride is None else tuple(args.stride),
-        "strategy": args.strategy,
-        "blocks": args.blocks,
-        "merge_self_attn": None if args.no_self_attn is None else not args.no_self_attn,
-        "merge_cross_attn": args.merge_cross_attn,
-        "merge_ffn": args.merge_ffn,
-        "random_destinations": None if args.fixed_destinations is None else not args.fixed_destinations,
-        "seed": args.tome_seed,
-        "matching": args.matching,
-        "reuse_steps": args.reuse_steps,
-    }
-    base = next(config for config in default_stack(preset) if isinstance(config, ToMeConfig))
-    return dataclasses.replace(base, **{name: value for name, value in given.items() if value is not None})
-
-
-def parse_method(text: str, preset=None):
-    """``NAME[:field=value,...]`` -> that method's config (every value checked by its form's rules;
-    the fields not given at ``preset``'s defaults, or the method's own without one).
-    A field may be named without its method's prefix (``first_block_cache:threshold=0.2``); a
-    list takes ``+`` between its items (``tome:targets=self-attention+feed-forward``)."""
-    from .validation import RequestError
-
-    from .methods import preset_form_defaults
-
-    method, overrides = method_overrides(text)
-    try:
-        return method.config_from(overrides, None if preset is None else preset_form_defaults(method, preset))
-    except RequestError as error:
-        raise RequestError(f"--method {text}: {error}", error.field) from None
-
-
-def method_overrides(text: str):
-    """``NAME[:field=value,...]`` -> (the method, its form fields given), each value checked alone."""
-    from .methods import method_named
-    from .validation import RequestError
-
-    name, _, settings = text.partition(":")
-    method = method_named(name.strip())
-    overrides = {}
-    try:
-        for item in filter(None, (part.strip() for part in settings.split(","))):
-            key, sep, value = item.partition("=")
-            key = key.strip()
-            if not sep:
-                raise RequestError(f"{item!r} is not field=value")
-            form_field = method.field_named(key)
-            if form_field.name in overrides:
-                raise RequestError(f"{key} is given twice")
-            overrides[form_field.name] = form_field.from_text(value.strip())
-    except RequestError as error:
-        raise RequestError(f"--method {text}: {error}", error.field) from None
-    return method, overrides
+    if args.method:
+        items = [method_overrides(text) for text in args.method]
+    else:
+        items = [(method_of(config), {}) for config in default_stack(preset)]
+    for dest, value in vars(args).items():
+        if not dest.startswith(FIELD_FLAG) or value is None:
+            continue
+        method, _ = field_owner(dest.removeprefix(FIELD_FLAG))
+        overrides = next((given for owner, given in items if owner is method), None)
+        if overrides is None:
+            items.append((method, overrides := {}))
+        add_override(method, overrides, dest.removeprefix(FIELD_FLAG), value)
+    return tuple(config_from_overrides(method, overrides, preset) for method, overrides in items)
 
 
 def _methods_text() -> str:
-    from .denoisers import pipeline_denoiser_types
-    from .methods import METHODS
-    from .presets import load_presets
+    from vdtome.core.denoisers import pipeline_denoiser_types
+    from vdtome.core.presets import load_presets
+    from vdtome.methods import METHODS
 
     presets = load_presets()
     lines = []

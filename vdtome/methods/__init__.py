@@ -6,9 +6,21 @@ report, the app's form and the CLI read everything else from the registry.
 
 import importlib
 
-from .base import Applied, CallPlan, Evidence, FormField, Method, MethodReport, config_fields
-from .registry import METHODS, default_stack, field_owner, method_named, method_of, preset_form_defaults, register
-from .stack import AppliedStack, apply_stack, check_available, check_stack, stack_label
+from vdtome.methods.base import Applied, CallPlan, Evidence, FormField, Method, MethodReport, config_fields
+from vdtome.methods.registry import (
+    METHODS,
+    add_override,
+    config_from_overrides,
+    default_stack,
+    field_owner,
+    method_named,
+    method_of,
+    method_overrides,
+    parse_method_spec,
+    preset_form_defaults,
+    register,
+)
+from vdtome.methods.stack import AppliedStack, apply_stack, check_available, check_stack, stack_label
 
 # The methods, in the order the form lists them: adding one is one line here.
 REGISTERED = (
@@ -23,6 +35,6 @@ REGISTERED = (
 for _module in REGISTERED:
     register(importlib.import_module(f".{_module}", __name__).METHOD)
 
-__all__ = ["METHODS", "Applied", "AppliedStack", "CallPlan", "Evidence", "FormField", "Method", "MethodReport", "apply_stack",
-           "check_available", "check_stack", "config_fields", "default_stack", "field_owner", "method_named", "method_of", "preset_form_defaults", "register",
+__all__ = ["METHODS", "add_override", "config_from_overrides", "Applied", "AppliedStack", "CallPlan", "Evidence", "FormField", "Method", "MethodReport", "apply_stack",
+           "check_available", "check_stack", "config_fields", "default_stack", "field_owner", "method_named", "method_of", "method_overrides", "parse_method_spec", "preset_form_defaults", "register",
            "stack_label"]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from ..validation import PLAIN_DECIMAL, RequestError, boolean, choice, choices, finite_number, whole_number
+from vdtome.core.validation import PLAIN_DECIMAL, RequestError, boolean, choice, choices, finite_number, whole_number
 
 FieldKind = Literal["number", "integer", "boolean", "choice", "choices"]
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from ..denoisers import denoiser_types, denoisers_of
-from .base import FormField, Method, MethodReport
-from ..steps import StepContext
-from .evidence import ComputeSpy
+from vdtome.core.denoisers import denoiser_types, denoisers_of
+from vdtome.core.steps import StepContext
+from vdtome.methods.base import FormField, Method, MethodReport
+from vdtome.methods.evidence import ComputeSpy
 
 
 def host_timestep(pipe: Any) -> Callable[[], float | None]:

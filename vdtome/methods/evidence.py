@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .base import Evidence
+from vdtome.methods.base import Evidence
 
 # diffusers' names for the ModuleLists that hold transformer blocks (Hunyuan has two).
 BLOCK_LISTS = ("blocks", "transformer_blocks", "single_transformer_blocks", "temporal_transformer_blocks", "layers")

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..validation import RequestError
-from .base import REUSES_ATTENTION, FormField, check_whole_number
-from .diffusers_cache import cache_method, cache_unavailable, first_refusal, host_timestep
+from vdtome.core.validation import RequestError
+from vdtome.methods.base import REUSES_ATTENTION, FormField, check_whole_number
+from vdtome.methods.diffusers_cache import cache_method, cache_unavailable, first_refusal, host_timestep
 
 NAME = "faster_cache"
 MAX_SKIP = 10

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import REUSES_BLOCKS, FormField
-from .diffusers_cache import block_cache_unavailable, cache_method
+from vdtome.methods.base import REUSES_BLOCKS, FormField
+from vdtome.methods.diffusers_cache import block_cache_unavailable, cache_method
 
 NAME = "first_block_cache"
 

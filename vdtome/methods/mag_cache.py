@@ -19,9 +19,9 @@ from weakref import WeakKeyDictionary
 
 import torch
 
-from ..denoisers import denoisers_of
-from .base import REUSES_BLOCKS, CallPlan, FormField, MethodReport, check_whole_number
-from .diffusers_cache import AppliedCache, block_cache_unavailable, cache_method
+from vdtome.core.denoisers import denoisers_of
+from vdtome.methods.base import REUSES_BLOCKS, CallPlan, FormField, MethodReport, check_whole_number
+from vdtome.methods.diffusers_cache import AppliedCache, block_cache_unavailable, cache_method
 
 NAME = "mag_cache"
 MAX_SKIP_STEPS = 10

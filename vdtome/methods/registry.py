@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..validation import RequestError
-from .base import FormField, Method
+from vdtome.core.validation import RequestError
+from vdtome.methods.base import FormField, Method
 
 METHODS: dict[str, Method] = {}
 
@@ -65,3 +65,44 @@ def default_stack(preset: Any) -> tuple[Any, ...]:
     """The stack a request that names none runs: the methods on by default, at ``preset``'s defaults."""
     return tuple(method.from_form(preset_form_defaults(method, preset))
                  for method in METHODS.values() if method.on_by_default)
+
+
+def method_overrides(text: str) -> tuple[Method, dict[str, Any]]:
+    """``NAME[:field=value,...]`` -> (the method, its form fields given), each value checked alone.
+    A field may be named without its method's prefix; a list takes ``+`` between its items."""
+    name, _, settings = text.partition(":")
+    method = method_named(name.strip())
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in settings.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RequestError(f"{method.name}: {item!r} is not field=value", "method")
+        add_override(method, overrides, key.strip(), value.strip())
+    return method, overrides
+
+
+def add_override(method: Method, overrides: dict[str, Any], key: str, value: str) -> None:
+    """Check ``value`` (text) by ``method``'s form field ``key`` and add it to ``overrides``."""
+    try:
+        form_field = method.field_named(key)
+        if form_field.name in overrides:
+            raise RequestError(f"{key} is given twice", form_field.name)
+        overrides[form_field.name] = form_field.from_text(value)
+    except RequestError as error:
+        raise RequestError(f"{method.name}: {error}", error.field) from None
+
+
+def config_from_overrides(method: Method, overrides: dict[str, Any], preset: Any = None) -> Any:
+    """``method``'s config: ``overrides`` on top of ``preset``'s defaults (the method's own without
+    one), every cross-field rule checked. Errors name the method, however the fields were given."""
+    try:
+        return method.config_from(overrides, None if preset is None else preset_form_defaults(method, preset))
+    except RequestError as error:
+        raise RequestError(f"{method.name}: {error}", error.field) from None
+
+
+def parse_method_spec(text: str, preset: Any = None) -> Any:
+    """``NAME[:field=value,...]`` -> that method's config (``tome:ratio=0.5,stride_y=1``,
+    ``first_block_cache:threshold=0.05``); fields not given at ``preset``'s defaults."""
+    method, overrides = method_overrides(text)
+    return config_from_overrides(method, overrides, preset)

@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import REUSES_BLOCKS, FormField, check_whole_number
-from .diffusers_cache import block_cache_unavailable, cache_method, first_refusal
+from vdtome.methods.base import REUSES_BLOCKS, FormField, check_whole_number
+from vdtome.methods.diffusers_cache import block_cache_unavailable, cache_method, first_refusal
 
 NAME = "sea_cache"
 MAX_STEPS = 100

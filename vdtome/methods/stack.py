@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..denoisers import denoiser_types
-from ..validation import RequestError
-from .base import REUSES_ATTENTION, Applied, Method, MethodReport
-from .registry import METHODS, method_of
+from vdtome.core.denoisers import denoiser_types
+from vdtome.core.validation import RequestError
+from vdtome.methods.base import REUSES_ATTENTION, Applied, Method, MethodReport
+from vdtome.methods.registry import METHODS, method_of
 
 
 def check_stack(configs: Sequence[Any]) -> tuple[Method, ...]:

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import REUSES_ATTENTION, FormField, check_whole_number
-from .diffusers_cache import cache_method
+from vdtome.methods.base import REUSES_ATTENTION, FormField, check_whole_number
+from vdtome.methods.diffusers_cache import cache_method
 
 NAME = "taylorseer_cache"
 MAX_INTERVAL = 10

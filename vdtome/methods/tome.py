@@ -7,9 +7,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from ..tome import ToMeConfig, apply_tome
-from ..validation import RequestError
-from .base import Evidence, FormField, Method, MethodReport
+from vdtome.core.validation import RequestError
+from vdtome.methods.base import Evidence, FormField, Method, MethodReport
+from vdtome.tome import ToMeConfig, apply_tome
 
 RATIO_STEP = 0.05
 MAX_STRIDE = 9  # the video ToMe study's widest cell is 4x6x9
@@ -153,7 +153,7 @@ class AppliedToMe:
 
 
 def _unavailable(denoiser_types: tuple[type, ...]) -> str | None:
-    from ..tome import SUPPORTED_MODELS
+    from vdtome.tome import SUPPORTED_MODELS
 
     if any(cls.__name__ in SUPPORTED_MODELS for cls in denoiser_types):
         return None

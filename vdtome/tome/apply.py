@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..denoisers import denoisers_of
-from ..steps import StepContext
-from .adapters import find_adapter
-from .config import ToMeConfig
-from .hooks import (
+from vdtome.core.denoisers import denoisers_of
+from vdtome.core.steps import StepContext
+from vdtome.tome.adapters import find_adapter
+from vdtome.tome.config import ToMeConfig
+from vdtome.tome.hooks import (
     BlockMatcher,
     DenoiserHook,
     MergeSiteHook,
@@ -20,7 +20,6 @@ from .hooks import (
     register,
     unregister,
 )
-
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ..merge import DEFAULT_MAX_SCORE_ELEMENTS
+from vdtome.tome.merge import DEFAULT_MAX_SCORE_ELEMENTS
 
 Strategy = Literal["bipartite", "attnbin"]
 Matching = Literal["shared", "per_sample"]

@@ -10,7 +10,7 @@ Three pieces, all reversible: removing them restores the original ``forward`` of
   rotary tables / masks that go with them), runs the sub-layer, and unmerges its output.
 
 Matching, merging and unmerging run under ``torch.profiler.record_function`` ranges named
-``vdtome.match``, ``vdtome.merge`` and ``vdtome.unmerge`` so their cost shows in any profile.
+``vdtome.match``, ``vdtome.tome.merge`` and ``vdtome.unmerge`` so their cost shows in any profile.
 
 The block's own normalisation, adaLN modulation, gates and residuals run at full size, so nothing
 outside the patched sub-layers sees a change of sequence length.
@@ -27,9 +27,9 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.profiler import record_function
 
-from ..merge import Grid, Merge, attnbin_matching, bipartite_soft_matching_3d, merge_count
-from ..steps import StepContext
-from .config import ToMeConfig
+from vdtome.core.steps import StepContext
+from vdtome.tome.config import ToMeConfig
+from vdtome.tome.merge import Grid, Merge, attnbin_matching, bipartite_soft_matching_3d, merge_count
 
 HOOK_NAME = "vdtome_tome"
 
@@ -67,7 +67,7 @@ class SiteStats:
 @dataclass
 class DenoiserState:
     """What one denoiser call tells the blocks: the grid, and where the call is in the denoising
-    loop (copied from the pipeline's shared :class:`vdtome.steps.StepContext`)."""
+    loop (copied from the pipeline's shared :class:`vdtome.core.steps.StepContext`)."""
 
     grid: Grid | None = None
     latent_size: Grid | None = None
@@ -230,7 +230,7 @@ class MergeSiteHook(ModelHook):
         self._record(num_video, merge.num_kept)
         if merge.num_merged == 0:
             return self.fn_ref.original_forward(*args, **kwargs)
-        with record_function("vdtome.merge"):
+        with record_function("vdtome.tome.merge"):
             call.set(site.tokens, _merge_after(tokens, prefix, merge))
             for name, transform in site.transforms:
                 value = call.get(name)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ...denoisers import unwrap
-from . import animatediff, cogvideox, hunyuan_video, ltx, mochi, wan
-from .base import Adapter
+from vdtome.core.denoisers import unwrap
+from vdtome.tome.adapters import animatediff, cogvideox, hunyuan_video, ltx, mochi, wan
+from vdtome.tome.adapters.base import Adapter
 
 ADAPTERS: tuple[Adapter, ...] = (
     wan.ADAPTER,

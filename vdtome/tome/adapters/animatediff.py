@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 
-from ...merge import Grid
-from ..hooks import DenoiserState, MergeSite
-from .base import Adapter
+from vdtome.tome.adapters.base import Adapter
+from vdtome.tome.hooks import DenoiserState, MergeSite
+from vdtome.tome.merge import Grid
 
 SITES = (
     MergeSite("self_attn", "attn1"),

@@ -8,8 +8,8 @@ from typing import Callable
 
 import torch
 
-from ...merge import Grid
-from ..hooks import DenoiserState, MergeSite
+from vdtome.tome.hooks import DenoiserState, MergeSite
+from vdtome.tome.merge import Grid
 
 
 def latent_grid(latent: torch.Tensor, patch: tuple[int, int, int], frames_dim: int = 2) -> Grid:

@@ -9,8 +9,8 @@ broadcast over the batch, hence a shared matching.
 
 from __future__ import annotations
 
-from ..hooks import MergeSite, gather_rotary
-from .base import Adapter
+from vdtome.tome.adapters.base import Adapter
+from vdtome.tome.hooks import MergeSite, gather_rotary
 
 SITES = (
     MergeSite(

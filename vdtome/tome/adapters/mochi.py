@@ -6,8 +6,8 @@ which the processor broadcasts correctly. The encoder mask covers text only and 
 
 from __future__ import annotations
 
-from ..hooks import MergeSite, gather_rotary
-from .base import Adapter, latent_grid
+from vdtome.tome.adapters.base import Adapter, latent_grid
+from vdtome.tome.hooks import MergeSite, gather_rotary
 
 SITES = (
     MergeSite(

@@ -1,0 +1,522 @@
+"""Baseline vs accelerated on one loaded pipeline: same prompt, same seed, everything measured.
+
+``compare(request)`` resolves the request against its preset (snapping or rejecting sizes
+the model cannot take), loads the pipeline once (cached) and runs the timing protocol of
+:mod:`vdtome.measure.protocol`: warm-ups, then rounds of one baseline and one accelerated call made back
+to back in alternating order, the first round decoding both videos (the baseline's comes from the
+cache when the same inputs ran before: its video is reused, never its timing). It returns a
+:class:`ComparisonResult` with the protocol's figures (paired speedups with intervals, untouched
+phases as a noise check, peak memory), method statistics, fidelity to the baseline and temporal
+consistency, plus the videos and a JSON file on disk.
+
+Fidelity compares the pipelines' float outputs, not the re-encoded mp4 files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vdtome.core.denoisers import denoiser_types
+from vdtome.core.frames import check_finite
+from vdtome.core.presets import ModelPreset, get_preset
+from vdtome.core.validation import RequestError
+from vdtome.engine.fidelity import fidelity, temporal_consistency
+from vdtome.engine.outputs import write_outputs
+from vdtome.engine.pipelines import PipelineCache, default_device
+from vdtome.engine.request import (
+    ComparisonRequest,
+    ComparisonResult,
+    MethodResult,
+    ResolvedSettings,
+    VideoRun,
+    resolve,
+    unknown_words_note,
+)
+from vdtome.engine.storage import prune
+from vdtome.measure.environment import environment
+from vdtome.measure.host_load import HostLoadMonitor
+from vdtome.measure.memory import MemoryMonitor, is_allocation_failure, release_memory
+from vdtome.measure.noise import NoiseStore, NoiseThreshold, default_noise_dir
+from vdtome.measure.protocol import (
+    ACCELERATED,
+    BASELINE,
+    PIPELINE_WARMUP,
+    TIMED,
+    Schedule,
+    TimedCall,
+    aa_log_ratios,
+    plan_calls,
+    summarise,
+)
+from vdtome.measure.timing import timed_call
+from vdtome.methods import (
+    AppliedStack,
+    CallPlan,
+    MethodReport,
+    check_available,
+    check_stack,
+    config_fields,
+    stack_label,
+)
+
+
+class Cancelled(RuntimeError):
+    """The caller asked the comparison to stop."""
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One finished denoising step of the protocol.
+
+    ``stage``: ``"baseline"`` or ``"accelerated"`` in a round, else the warm-up that runs (e.g.
+    ``"warm-up · accelerated"``); ``round``: 1-based (None in warm-ups); ``done`` / ``total``: steps of the whole request, for one progress bar;
+    ``decoding``: this was the last step of a call that now decodes its video. Work outside the
+    denoising loops (metrics, writing) is announced with ``steps == 0``: no stretch goes unnamed.
+    """
+
+    stage: str
+    round: int | None
+    rounds: int
+    step: int
+    steps: int
+    done: int
+    total: int
+    decoding: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.steps == 0:  # work between denoising loops (metrics, writing the files)
+            return self.stage
+        where = f"round {self.round}/{self.rounds} · {self.stage}" if self.round else self.stage
+        if self.decoding:
+            return f"{where} · decoding the video"
+        return f"{where} · step {self.step}/{self.steps}"
+
+
+Progress = Callable[[ProgressEvent], None]
+
+
+# ---- the engine ----------------------------------------------------------------------------------
+
+
+class BaselineCache:
+    """Baseline videos by everything that determines them; least recently used first out."""
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self._runs: OrderedDict[tuple, VideoRun] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> VideoRun | None:
+        with self._lock:
+            run = self._runs.get(key)
+            if run is not None:
+                self._runs.move_to_end(key)
+            return run
+
+    def put(self, key: tuple, run: VideoRun) -> None:
+        with self._lock:
+            self._runs[key] = run
+            self._runs.move_to_end(key)
+            while len(self._runs) > self.capacity:
+                self._runs.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._runs.clear()
+
+
+class ComparisonEngine:
+    """Loaded pipelines, cached baseline videos and output folders shared by every comparison.
+
+    One comparison runs at a time (a lock): two runs sharing a device would time each other.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str | None = None,
+        output_root: str | Path | None = None,
+        keep_outputs: int = 16,
+        keep_bytes: int = 2 * 2**30,
+        pipelines: PipelineCache | None = None,
+        baselines: BaselineCache | None = None,
+        noise_dir: str | Path | None | bool = True,
+    ) -> None:
+        """``noise_dir``: where this host's A/A pairs are kept (:mod:`vdtome.measure.noise`; True: the
+        default folder, None: in memory for this engine only)."""
+        self.device = torch.device(device) if device is not None else default_device()
+        self.output_root = Path(output_root or Path(tempfile.gettempdir()) / "vdtome-outputs")
+        self.keep_outputs = keep_outputs
+        self.keep_bytes = keep_bytes
+        self.pipelines = pipelines or PipelineCache()
+        self.baselines = baselines or BaselineCache()
+        self.noise_dir = default_noise_dir() if noise_dir is True else noise_dir
+        self._noise: NoiseStore | None = None
+        self._warmed: weakref.WeakKeyDictionary[Any, set[tuple[int, int, int]]] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def run(
+        self,
+        request: ComparisonRequest,
+        out_dir: str | Path | None = None,
+        progress: Progress | None = None,
+        cancel: Any = None,
+        source: str | None = None,
+        write: bool = True,
+    ) -> ComparisonResult:
+        """Compare; bad requests raise :class:`RequestError`, allocation failures and non-finite
+        outputs come back in ``result.error`` with the pipeline still usable. ``cancel``: anything
+        with ``is_set()`` (a ``threading.Event``, a :class:`vdtome.web.cancel.CancelFlag`), checked at
+        every denoising step. ``write=False``: return the result without writing videos, frames or
+        ``result.json`` (a benchmark keeps its rows only)."""
+        try:
+            preset = get_preset(request.preset)
+        except KeyError as error:
+            raise RequestError(str(error.args[0]) if error.args else str(error)) from None
+        settings, notes = resolve(request, preset)
+        with self._lock:
+            started = time.perf_counter()
+            pipe = self.pipelines.get(preset, self.device, source)
+            notes = [*notes, *unknown_words_note(pipe, settings.prompt)]
+            session = _Session(self, pipe, preset, settings, request.methods, progress, cancel)
+            session.stop_if_cancelled()  # cancelled while the weights loaded
+            return self._compare(session, request, notes, out_dir, source, write, started)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _compare(self, session: _Session, request, notes, out_dir, source, write=True,
+                 started: float | None = None) -> ComparisonResult:
+        pipe, settings, methods = session.pipe, session.settings, session.methods
+        env = environment(pipe)
+        key = (settings.video_key(), source, str(self.device), env.get("dtype"))
+        cached = self.baselines.get(key) if request.reuse_baseline else None
+        size = (settings.frames, settings.height, settings.width)
+        schedule = plan_calls(settings.rounds, settings.steps, settings.round_steps, settings.warmup_steps,
+                              warm_pipeline=size not in self._warmed.get(pipe, ()), decode_baseline=cached is None)
+        session.plan(schedule)
+        videos: dict[str, VideoRun | None] = {BASELINE: cached, ACCELERATED: None}
+        calls: list[TimedCall] = []
+        reports: tuple[MethodReport, ...] = ()
+        error = None
+        load = HostLoadMonitor()
+        try:
+            # A method the model cannot take fails before any work (a calibration that runs out of
+            # memory is reported like any other allocation failure).
+            session.check_methods()
+            for planned in schedule.calls:
+                if planned.kind != TIMED:
+                    session.warm_up(planned.side, decode=planned.kind == PIPELINE_WARMUP)
+                    if planned.kind == PIPELINE_WARMUP:
+                        self._warmed.setdefault(pipe, set()).add(size)
+                    continue
+                if not calls:
+                    load.__enter__()  # from the first timed call: what else ran while they did
+                elif planned.round == 2 and calls[-1].round == 1:
+                    gc.collect()  # once: the timed calls themselves run with collection paused
+                call, video, side_reports = session.timed(planned.side, planned.round, planned.decode, planned.steps)
+                calls.append(call)
+                if video is not None:
+                    videos[planned.side] = video
+                    if planned.side == BASELINE and video.nonfinite_values == 0:
+                        self.baselines.put(key, video)
+                if side_reports is not None and planned.decode:
+                    reports = side_reports
+            load.__exit__(None, None, None)
+        except (RuntimeError, MemoryError) as failure:
+            if isinstance(failure, Cancelled) or not is_allocation_failure(failure):
+                raise
+            error = _allocation_message(failure, session)
+        if error is not None:
+            release_memory(self.device)  # the exception and its frames (the failed run's tensors) are gone now
+
+        for name, run in (("baseline", videos[BASELINE]), ("accelerated", videos[ACCELERATED])):
+            if run is not None and run.nonfinite_values:
+                error = error or f"the {name} video has {run.nonfinite_values} NaN/inf values; fidelity is not computed"
+        timing = None
+        if error is None:
+            touches = frozenset().union(*(m.touches for m in methods))
+            steps_alike = all(m.steps_alike(c) for m, c in zip(methods, request.methods))
+            timing = summarise(calls, touches, steps_alike, None if cached is None else cached.memory,
+                               per_step=settings.short_rounds, host_load=load.load,
+                               noise=self._noise_threshold(settings, env, calls, keep=load.load is None or not load.load.busy))
+            idle = [m.label for m, r in zip(methods, reports) if r.evidence and not r.acted]
+            if reports and len(idle) == len(methods):
+                timing = timing.without_claim(f"{' and '.join(idle)} did nothing in this run (every evidence count is "
+                                              "0), so both sides computed the same")
+        base, fast = videos[BASELINE], videos[ACCELERATED]
+        fid = None
+        if base is not None and fast is not None and not base.nonfinite_values and not fast.nonfinite_values:
+            session.announce("fidelity to the baseline (PSNR, SSIM)")
+            fid = fidelity(base.frames, fast.frames)
+        notes = list(notes) + [note for report in reports for note in report.notes]
+        notes += [f"{method.label} did nothing in this run (every evidence count is 0): its settings never "
+                  "triggered here, so its side computed what the baseline did"
+                  for method, report in zip(methods, reports) if report.evidence and not report.acted]
+        if cached is not None:
+            made = time.strftime("%H:%M:%S", time.localtime(cached.measured_at))
+            notes.append(f"baseline video reused from the cache (made at {made}); its timing was measured again "
+                         "in this request's rounds")
+        result = ComparisonResult(
+            settings=settings,
+            methods=tuple(MethodResult(m.name, m.label, config_fields(c), r) for m, c, r in zip(
+                methods, session.configs_for(settings.steps) if reports else request.methods,
+                reports or tuple(MethodReport(m.name) for m in methods))),
+            stack=stack_label(request.methods),
+            baseline=base,
+            accelerated=fast,
+            baseline_reused=cached is not None,
+            timing=timing,
+            fidelity=fid,
+            notes=tuple(notes),
+            error=error,
+            environment=env,
+            elapsed_s=None if started is None else time.perf_counter() - started,
+        )
+        session.stop_if_cancelled()
+        if not write:
+            return result
+        session.announce("writing the videos, frames and result.json")
+        folder = Path(out_dir) if out_dir is not None else self._new_output_dir()
+        return replace(result, files=write_outputs(result, folder))
+
+    def _noise_threshold(self, settings: ResolvedSettings, env: dict[str, Any], calls: list[TimedCall],
+                         keep: bool = True) -> NoiseThreshold:
+        """This request's A/A pairs with this host's record for the same preset, size and step
+        counts; the noise threshold for its number of rounds from all of them. ``keep``: add them
+        to the record (not when other processes shared the cores: the record is of this host's
+        own noise, and a neighbour's load would raise every later threshold)."""
+        if self._noise is None:
+            self._noise = NoiseStore(self.noise_dir, env)
+        s = settings
+        key = (f"{s.preset}|{s.frames}x{s.height}x{s.width}|{s.steps}+{s.round_steps} steps|"
+               f"{'mean step' if s.short_rounds else 'loop'}|{env.get('device')}|{env.get('dtype')}")
+        pairs = aa_log_ratios(calls, s.short_rounds)
+        pooled = self._noise.add(key, pairs) if keep else self._noise.pairs(key) + pairs
+        return NoiseThreshold.from_pairs(pooled, s.rounds)
+
+    def discard(self, files: dict[str, str]) -> None:
+        """Delete the output folder of a result nobody will be shown (only under ``output_root``)."""
+        root = self.output_root.resolve()
+        for folder in {Path(path).resolve().parent for path in files.values()}:
+            if folder.is_relative_to(root) and folder != root:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _new_output_dir(self) -> Path:
+        """A fresh folder under ``output_root``; the older ones are pruned to ``keep_outputs``
+        folders and ``keep_bytes`` (the new one's videos come on top)."""
+        self.output_root.mkdir(parents=True, exist_ok=True)
+        prune(self.output_root, max(self.keep_outputs - 1, 0), self.keep_bytes)
+        return Path(tempfile.mkdtemp(prefix="run-", dir=self.output_root))
+
+
+class _Session:
+    """The calls of one comparison on one pipeline: warm-ups and timed calls, with progress,
+    cancellation and the acceleration applied only around the accelerated calls."""
+
+    def __init__(self, engine: ComparisonEngine, pipe, preset: ModelPreset, settings: ResolvedSettings,
+                 configs: tuple[Any, ...], progress: Progress | None, cancel: Any) -> None:
+        self.engine, self.pipe, self.preset, self.settings, self.configs = engine, pipe, preset, settings, configs
+        self.methods = check_stack(configs)
+        self._prepared: dict[int, tuple[Any, ...]] = {}
+        self.progress, self.cancel = progress, cancel
+        self.parameters = frozenset(inspect.signature(type(pipe).__call__).parameters)
+        self.stage = "loading"
+        self.done = self.total = 0
+        self.last_step_end = 0.0
+        self.last_step_s: float | None = None  # wall time of the latest denoising step (after a call's first)
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(self.settings.warmup_steps, self.settings.steps)
+
+    def plan(self, schedule: Schedule) -> None:
+        self.total = schedule.total_steps
+
+    def stop_if_cancelled(self) -> None:
+        """Raise :class:`Cancelled` when the caller asked to stop (checked at every denoising step,
+        before and after every call and before anything is written: abandoned work leaves no files)."""
+        if self.cancel is not None and self.cancel.is_set():
+            message = f"comparison cancelled after {self.done} of {self.total} denoising steps"
+            set_at = getattr(self.cancel, "set_at", lambda: None)()
+            if set_at is not None:
+                message += f", {1000 * (time.time() - set_at):.0f} ms after the cancel"
+                if self.last_step_s is not None:
+                    message += f" (the last step took {1000 * self.last_step_s:.0f} ms)"
+            raise Cancelled(message)
+
+    def announce(self, stage: str) -> None:
+        """Name work that has no denoising steps (the progress display shows it)."""
+        self.stage = stage
+        if self.progress is not None:
+            self.progress(ProgressEvent(stage, None, self.settings.rounds, 0, 0, self.done, self.total))
+
+    def check_methods(self) -> None:
+        """Every method can serve this model and its config applies (then removed): a stack the
+        model cannot take is refused before any work, never mid-run."""
+        check_available(self.methods, denoiser_types(self.pipe))
+        try:
+            for steps in sorted({self.warmup_steps, self.settings.steps, self.settings.round_steps}):  # calibrations run here
+                AppliedStack(self.pipe, self.configs_for(steps)).remove()
+        except (TypeError, ValueError) as error:
+            raise RequestError(str(error)) from None
+
+    def configs_for(self, steps: int) -> tuple[Any, ...]:
+        """The stack's configs for calls of ``steps`` steps: methods with a ``prepare`` (a step
+        count, a calibration run) fill theirs in once per step count, untimed."""
+        if steps not in self._prepared:
+            configs = []
+            for method, config in zip(self.methods, self.configs):
+                if method.prepare is not None:
+                    s = self.settings
+                    call = CallPlan(steps, s.frames, s.height, s.width, s.guidance)
+                    stage = f"calibrating {method.label} ({steps} steps)"
+                    config = method.prepare(self.pipe, config, call, lambda: self._untimed(stage, steps))
+                configs.append(config)
+            self._prepared[steps] = tuple(configs)
+        return self._prepared[steps]
+
+    def _untimed(self, stage: str, steps: int) -> None:
+        """A plain pipeline call at the request's settings (latents only), e.g. for a calibration."""
+        self.stop_if_cancelled()
+        self.stage = stage
+        self.total += steps
+        self.pipe(**self._kwargs(stage, None, steps, decode=False))
+
+    def warm_up(self, side: str, decode: bool = False) -> None:
+        """An untimed short call: denoiser only, or (once per pipeline and size) the whole pipeline."""
+        self.stop_if_cancelled()
+        self.stage = f"the {side} {'pipeline warm-up' if decode else 'warm-up'}"
+        label = "warming up the pipeline (text encoder and decoder)" if decode else f"warm-up · {side}"
+        with self._applied(side, self.warmup_steps):
+            self.pipe(**self._kwargs(label, None, self.warmup_steps, decode))
+
+    def timed(self, side: str, round_number: int, decode: bool,
+              steps: int) -> tuple[TimedCall, VideoRun | None, tuple[MethodReport, ...] | None]:
+        self.stop_if_cancelled()  # before the call's text encoding: no step would check for a while
+        self.stage = f"the {side} run (round {round_number})"
+        if decode:
+            gc.collect()  # garbage left by earlier calls must not count toward this video's memory peak
+        device = self.engine.device
+        with self._applied(side, steps) as applied:
+            started = time.time()
+            with MemoryMonitor(device) as monitor:
+                output, timing = timed_call(self.pipe, device=device, **self._kwargs(side, round_number, steps, decode))
+            reports = None if applied is None else applied.reports()
+        self.stop_if_cancelled()  # a decode has no step to stop at
+        call = TimedCall(side, round_number, decode, timing, monitor.report, started)
+        if not decode:
+            return call, None, reports
+        frames = np.asarray(output.frames[0])
+        nonfinite = check_finite(frames, side)
+        if nonfinite == 0:
+            self.announce(f"temporal consistency of the {side} video (optical flow)")
+        temporal = temporal_consistency(frames) if nonfinite == 0 else None
+        return call, VideoRun(frames, monitor.report, temporal, nonfinite, started), reports
+
+    # -- helpers
+
+    @contextlib.contextmanager
+    def _applied(self, side: str, steps: int) -> Iterator[AppliedStack | None]:
+        """The stack applied for the duration of the block on the accelerated side only."""
+        applied = AppliedStack(self.pipe, self.configs_for(steps)) if side == ACCELERATED else None
+        try:
+            yield applied
+        finally:
+            if applied is not None:
+                applied.remove()
+
+    def _kwargs(self, stage: str, round_number: int | None, steps: int, decode: bool) -> dict[str, Any]:
+        rounds = self.settings.rounds
+
+        def on_step_end(pipe, step_index, timestep, callback_kwargs):
+            now = time.time()
+            if step_index > 0:
+                self.last_step_s = now - self.last_step_end
+            self.last_step_end = now
+            self.stop_if_cancelled()
+            self.done += 1
+            if self.progress is not None:
+                self.progress(ProgressEvent(stage, round_number, rounds, step_index + 1, steps, self.done,
+                                            self.total, decoding=decode and step_index + 1 == steps))
+            return callback_kwargs
+
+        call = self.settings.call_kwargs(self.parameters) | {"num_inference_steps": steps}
+        # A CPU generator: the same seed gives the same initial noise on every device.
+        return call | dict(
+            generator=torch.Generator("cpu").manual_seed(self.settings.seed),
+            output_type="np" if decode else "latent",
+            callback_on_step_end=on_step_end,
+        )
+
+
+def _allocation_message(error: BaseException, session: _Session) -> str:
+    """What ran out, where, at which size, and what the preset needs (no tensors kept)."""
+    s, preset = session.settings, session.preset
+    first_line = (str(error).splitlines() or [type(error).__name__])[0][:200]
+    kind = "out of memory" if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in \
+        first_line.lower() else "a memory allocation failed"
+    need = ""
+    if preset.gpu_memory_gb is not None:
+        need = (f"; {preset.label} needs about {preset.gpu_memory_gb:g} GB of GPU memory at its defaults "
+                f"({preset.num_frames} frames, {preset.height}x{preset.width})")
+    device = session.engine.device
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory / 2**30
+        need += f"; this GPU has {total:.0f} GB"
+    return (
+        f"{kind} during {session.stage} at {s.frames} frames, {s.height}x{s.width}, {s.steps} steps{need}. "
+        f"Try fewer frames or a smaller size. ({first_line})"
+    )
+
+
+
+
+_default_engine: ComparisonEngine | None = None
+_default_settings: dict[str, Any] = {}
+_default_lock = threading.Lock()
+
+
+def default_engine(**settings: Any) -> ComparisonEngine:
+    """The process's one engine (loaded pipelines, cached baselines), shared by the library's
+    :func:`compare` and the app. ``settings`` (``ComparisonEngine`` arguments) configure it
+    on first use; asking again with other settings is an error rather than a second engine."""
+    global _default_engine, _default_settings
+    with _default_lock:
+        if _default_engine is None:
+            _default_engine, _default_settings = ComparisonEngine(**settings), settings
+        elif settings and settings != _default_settings:
+            raise RuntimeError(f"the default engine was already created with {_default_settings}; got {settings}")
+        return _default_engine
+
+
+def compare(request: ComparisonRequest | str, prompt: str | None = None, *, out_dir: str | Path | None = None,
+            progress: Progress | None = None, cancel: Any = None, write: bool = True,
+            **settings: Any) -> ComparisonResult:
+    """One comparison with the process-wide engine (its pipeline and baseline caches are shared).
+
+    ``compare("tiny-shapes-128", "a red circle moving right slowly on a white background",
+    methods=(ToMeConfig(ratio=0.3),))`` or ``compare(ComparisonRequest(...))``; ``settings`` are
+    :class:`ComparisonRequest`'s fields. Bad requests raise :class:`RequestError`."""
+    if isinstance(request, ComparisonRequest):
+        if prompt is not None or settings:
+            raise TypeError("give either a ComparisonRequest or a preset name with its settings, not both")
+    else:
+        request = ComparisonRequest(preset=request, prompt="" if prompt is None else prompt, **settings)
+    return default_engine().run(request, out_dir=out_dir, progress=progress, cancel=cancel, write=write)

@@ -1,0 +1,165 @@
+"""A comparison result as rows of human-readable figures (shared by the CLI table and the app).
+
+Every row has its unit and says which direction is better; speedups come from the timing
+protocol (:mod:`vdtome.measure.protocol`) with their interval and verdict, slowdowns read as slowdowns,
+phases the method does not touch are shown as unchanged, and memory changes within the
+measurement's noise are labelled so.
+"""
+
+from __future__ import annotations
+
+import time
+
+from vdtome.engine.fidelity import PSNR_CAP_DB
+from vdtome.engine.request import ComparisonResult
+from vdtome.measure.environment import environment_line
+from vdtome.measure.protocol import MemoryFigures, PhaseFigures
+
+COLUMNS = ("metric", "baseline", "accelerated", "change", "better")
+END_TO_END_LABEL = "end-to-end (projected: denoising + untouched phases measured here)"
+NA = "n/a"
+
+
+def _seconds(ms: float | None) -> str:
+    return NA if ms is None else f"{ms / 1000:.3f} s"
+
+
+def _milliseconds(ms: float | None) -> str:
+    return NA if ms is None else f"{ms:.1f} ms / step"
+
+
+def _mib(value: float | None) -> str:
+    return NA if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def method_label(result: ComparisonResult) -> str:
+    """The stack as people read it: "token merging (ToMe) + First Block Cache"."""
+    return " + ".join(method.label for method in result.methods) or "no method"
+
+
+def _timing_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str]]:
+    timing = result.timing
+    if timing is None:
+        return [("denoising loop", NA, NA, "not measured: the comparison did not finish", "lower")]
+    rounds = f"{timing.rounds} round{'s' if timing.rounds != 1 else ''}"
+
+    def touched(figures: PhaseFigures, label: str) -> tuple[str, str, str, str, str]:
+        change = NA if figures.ratio is None else figures.ratio.text()
+        if figures.per_step:
+            return (label, _milliseconds(figures.baseline_ms), _milliseconds(figures.accelerated_ms), change, "lower")
+        return (label, _seconds(figures.baseline_ms), _seconds(figures.accelerated_ms), change, "lower")
+
+    denoising = (f"denoising, mean step after the first (median of {rounds}: the first of "
+                 f"{result.settings.steps} steps, the others of {result.settings.round_steps})"
+                 if timing.denoising.per_step else f"denoising loop (median of {rounds})")
+    rows = [
+        touched(timing.denoising, denoising),
+        touched(timing.end_to_end, END_TO_END_LABEL),
+    ]
+    base_step, fast_step = timing.seconds_per_step
+    per_step = "seconds per step (median)" if timing.steps_alike else "seconds per step (mean: the method's steps differ)"
+    rows.append((per_step, NA if base_step is None else f"{base_step:.4f} s",
+                 NA if fast_step is None else f"{fast_step:.4f} s", "", "lower"))
+    label = method_label(result)
+    for phase in timing.untouched:
+        if phase.ratio is None:
+            base = "from cache, not re-timed" if result.baseline_reused else NA
+            rows.append((f"{phase.label} (not touched by {label})", base, _seconds(phase.accelerated_ms),
+                         "unchanged by design", "lower"))
+            continue
+        rows.append((f"{phase.label} (not touched by {label})", _seconds(phase.baseline_ms),
+                     _seconds(phase.accelerated_ms), f"unchanged by design; {phase.check}", "lower"))
+    return rows
+
+
+def _memory_row(figures: MemoryFigures) -> tuple[str, str, str, str, str]:
+    label = f"{figures.kind}, {figures.scope}"
+    change = figures.change_bytes
+    if change is None:
+        text = ""
+    elif figures.exact:
+        text = f"{change / 2**20:+.1f} MiB"
+    elif not figures.comparable:
+        text = f"{change / 2**20:+.1f} MiB (not comparable: the baseline ran in another request)"
+    elif figures.noise_bytes is None:
+        text = f"{change / 2**20:+.1f} MiB (within noise: one sample per side, RSS growth cannot tell)"
+    elif figures.within_noise:
+        text = (f"{change / 2**20:+.1f} MiB (within sampling noise: repeated calls of one side vary by "
+                f"{figures.noise_bytes / 2**20:.1f} MiB)")
+    else:
+        text = f"{change / 2**20:+.1f} MiB (beyond the {figures.noise_bytes / 2**20:.1f} MiB spread of repeated calls)"
+    return (label, _mib(figures.baseline), _mib(figures.accelerated), text, "lower")
+
+
+def metric_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str]]:
+    base, fast = result.baseline, result.accelerated
+    rows = _timing_rows(result)
+    if result.timing is not None:
+        rows.extend(_memory_row(figures) for figures in result.timing.memory)
+    for method in result.methods:
+        prefix = f"{method.label}: " if len(result.methods) > 1 else ""
+        report = method.report
+        rows.extend((prefix + metric, "", value, note, "") for metric, value, note in report.rows)
+        verdict = "evidence that it acted" if report.acted else "it did nothing in this run"
+        rows.extend((prefix + item.label, "", item.text(), verdict, "") for item in report.evidence)
+    fid = result.fidelity
+    if fid is not None:
+        psnr = "identical" if fid.identical else f"{fid.psnr_mean:.2f} dB"
+        if not fid.identical and fid.psnr_mean >= PSNR_CAP_DB:
+            psnr = f">= {PSNR_CAP_DB:.0f} dB"
+        rows.append(("PSNR vs baseline", "reference", psnr, "", "higher"))
+        rows.append(("SSIM vs baseline", "reference", f"{fid.ssim_mean:.4f}", "", "higher (1 = same)"))
+        rows.append(("MSE vs baseline", "reference", f"{fid.mse_mean:.3g}", "", "lower"))
+    for label, attribute in (("warp error (optical flow)", "warp_error_mean"),
+                             ("frame-to-frame difference", "frame_diff_mean")):
+        values = [
+            None if run is None or run.temporal is None else getattr(run.temporal, attribute) for run in (base, fast)
+        ]
+        rows.append((label, *(NA if v is None else f"{v:.4f}" for v in values), "", "closer to baseline"))
+    if result.baseline_reused and base is not None:
+        made = time.strftime("%H:%M:%S", time.localtime(base.measured_at))
+        rows.append(("baseline video", f"from cache (made {made})", "", "timing measured again in this request", ""))
+    else:
+        rows.append(("baseline video", "made in this request", "", "", ""))
+    return rows
+
+
+def protocol_line(result: ComparisonResult) -> str:
+    """How the figures were taken, in one sentence the page and the CLI print under the table."""
+    timing = result.timing
+    if timing is None:
+        return ""
+    s = result.settings
+    rounds = (f"{timing.rounds} round(s) of baseline and accelerated calls made back to back in this request "
+              "(order alternating, after untimed warm-ups)")
+    if timing.denoising.per_step:
+        rounds += (f", the first of {s.steps} steps, the others of {s.round_steps} (the stack's steps all cost alike: "
+                   "calls compared by their mean step after the first)")
+    ratio = timing.denoising.ratio
+    threshold = "" if ratio is None else f"changes under the {ratio.threshold_text()} or "
+    return (
+        f"Timing: {rounds}; a change is the median of paired ratios over the rounds, each pair two calls (the steps "
+        "of one call are never counted as repeats; so it need not equal the ratio of the two medians shown) with "
+        f"a distribution-free interval, and fewer than 6 rounds are not tested; end-to-end is projected from the "
+        f"denoising times and this request's measured untouched phases; {threshold}with an interval that includes "
+        "1 are not called faster or slower."
+    )
+
+
+def format_table(result: ComparisonResult) -> str:
+    rows = [COLUMNS, *metric_rows(result)]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(COLUMNS))]
+    lines = [" | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-+-".join("-" * width for width in widths))
+    s = result.settings
+    head = [
+        f"{s.preset}: {s.frames} frames, {s.height}x{s.width}, {s.steps} steps, guidance {s.guidance:g}, seed {s.seed}",
+        environment_line(result.environment),
+    ]
+    tail = [protocol_line(result)] if result.timing is not None else []
+    tail += [f"warning: {warning}" for warning in result.warnings]
+    tail += [f"note: {note}" for note in result.notes]
+    if result.error:
+        tail.append(f"error: {result.error}")
+    tail += [f"{name}: {path}" for name, path in result.files.items()]
+    return "\n".join(head + [""] + lines + [""] + tail)
