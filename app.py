@@ -54,7 +54,7 @@ import pandas as pd
 import torch
 from starlette.middleware import Middleware
 
-from vdtome.bench.report import pareto_front
+from vdtome.bench.report import pareto_front, write_report
 from vdtome.bench.runner import (
     FORM_FIELDS,
     SUMMARY_HEADER,
@@ -557,7 +557,7 @@ def run_benchmark(plan: BenchPlan, folder: Path, cancel: CancelFlag, progress=gr
         state["done"] = done
 
     return run_bench(plan, folder, runner=lambda todo: run_serial(plan, todo, worker, progress=on_step, cancel=cancel),
-                     show_progress=False, on_row=on_row)
+                     show_progress=False, on_row=on_row, report=write_report)
 
 
 def _bench_gpu_duration(plan: BenchPlan, folder: Path, cancel: CancelFlag, progress=None) -> int:

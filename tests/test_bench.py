@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vdtome import cli
-from vdtome.bench.report import pareto_front
+from vdtome.bench.report import pareto_front, write_report
 from vdtome.bench.runner import (
     DETERMINISTIC_COLUMNS,
     BenchPlan,
@@ -171,7 +171,7 @@ def test_a_group_that_raises_is_retried_then_recorded_and_a_rerun_tries_it_again
     plan = BenchPlan("tiny-wan", ("one", "two", "three"), (0, 1), load_sweep("smoke"))
     worker = RecordingWorker(failing=("two",))
     outcome = run_bench(plan, tmp_path, runner=lambda todo: run_serial(plan, todo, worker), retries=2,
-                        show_progress=False, report=False)
+                        show_progress=False, report=None)
     failing = [Group("two", 0), Group("two", 1)]
     assert [g for g in worker.calls if g.prompt == "two"] == failing * 3  # first try + 2 retries each
     rows = RowsFile(tmp_path / "rows.jsonl").read()
@@ -185,7 +185,7 @@ def test_a_group_that_raises_is_retried_then_recorded_and_a_rerun_tries_it_again
 
     healed = RecordingWorker()
     outcome = run_bench(plan, tmp_path, runner=lambda todo: run_serial(plan, todo, healed), show_progress=False,
-                        report=False)
+                        report=None)
     assert healed.calls == failing and outcome.ran == 4 and outcome.skipped == len(plan.keys()) - 4
     assert all(row.ok for row in outcome.rows) and [s.failed for s in outcome.summaries] == [0, 0, 0, 0]
 
@@ -194,7 +194,7 @@ def test_a_failed_row_keeps_its_own_error_when_its_group_later_raises(tmp_path):
     plan = BenchPlan("tiny-wan", ("one",), (0,), load_sweep("smoke"))
     worker = RecordingWorker(failing=("one",), out_of_memory=("one",))
     run_bench(plan, tmp_path, runner=lambda todo: run_serial(plan, todo, worker), retries=1, show_progress=False,
-              report=False)
+              report=None)
     rows = RowsFile(tmp_path / "rows.jsonl").read()
     assert len(rows) == 4 and len({row.key for row in rows}) == 4  # each row written once, retries included
     assert [row.error for row in rows] == [None, "out of memory during the baseline run", "RuntimeError: boom",
@@ -210,7 +210,7 @@ def test_ray_gives_the_serial_figures_and_retries_then_records_a_failing_group(u
     try:
         runner = RayRunner(plan, init={"num_cpus": 2})
         assert len(runner.actors) == 1 and runner.description == "1 Ray actor (2 CPUs each)"
-        outcome = run_bench(plan, tmp_path / "ray", runner=runner, show_progress=False)
+        outcome = run_bench(plan, tmp_path / "ray", runner=runner, show_progress=False, report=write_report)
         assert outcome.ran == SMOKE_ROWS and all(row.ok for row in outcome.rows)
         assert deterministic_summary(tmp_path / "ray") == deterministic_summary(uninterrupted[0])
         assert (tmp_path / "ray" / "report.html").exists()
@@ -219,7 +219,7 @@ def test_ray_gives_the_serial_figures_and_retries_then_records_a_failing_group(u
         with pytest.raises(ValueError, match="3 workers x 1 CPUs need 3 CPUs; the cluster has 2"):
             RayRunner(plan, workers=3)  # Ray would wait forever for the third actor's CPU
         flaky = RayRunner(plan, worker_class=FlakyWorker)
-        outcome = run_bench(plan, tmp_path / "flaky", runner=flaky, retries=1, show_progress=False, report=False)
+        outcome = run_bench(plan, tmp_path / "flaky", runner=flaky, retries=1, show_progress=False, report=None)
         rows = RowsFile(tmp_path / "flaky" / "rows.jsonl").read()
         assert len(rows) == SMOKE_ROWS
         failed = [row for row in rows if not row.ok]

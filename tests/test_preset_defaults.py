@@ -63,7 +63,7 @@ def test_the_command_line_starts_from_the_presets_defaults(monkeypatch):
     (named,) = cli._stack(parser.parse_args(["compare", "--preset", "tiny-wan", "--prompt", "p",
                                              "--method", "tome:ratio=0.4"]))
     assert (named.ratio, named.stride, named.blocks) == (0.4, (2, 2, 2), "every_other")
-    with pytest.raises(ValueError, match="0.875 for stride"):  # the cap of 2x2x2 is 1 - 1/8
+    with pytest.raises(ValueError, match="0.85 for stride"):  # the form's cap of 2x2x2: 1 - 1/8 to the 0.05 step
         cli._stack(parser.parse_args(["compare", "--preset", "tiny-wan", "--prompt", "p", "--ratio", "0.9"]))
 
 

@@ -117,6 +117,7 @@ def _shipped_sweep_names() -> list[str]:
 
 
 def _bench(args) -> int:
+    from vdtome.bench.report import write_report
     from vdtome.bench.runner import BenchPlan, format_summary, parse_seeds, read_prompts, run_bench
     from vdtome.bench.sweep import load_sweep
     from vdtome.core.validation import RequestError
@@ -132,7 +133,8 @@ def _bench(args) -> int:
 
             runner = RayRunner(plan, address=args.ray_address, workers=args.ray_workers, cpus_per_worker=args.ray_cpus,
                                device=args.device)
-        outcome = run_bench(plan, args.out, runner=runner, retries=args.retries, report=not args.no_report,
+        outcome = run_bench(plan, args.out, runner=runner, retries=args.retries,
+                            report=None if args.no_report else write_report,
                             device=args.device)
     except (RequestError, ModelUnavailableError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

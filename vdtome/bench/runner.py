@@ -389,10 +389,15 @@ class BenchOutcome:
     skipped: int  # rows a previous run had finished
 
 
+# Writes the plots and HTML report of a finished run: (plan, rows, summaries, folder) -> {name: path}.
+ReportWriter = Callable[["BenchPlan", Sequence["BenchRow"], Sequence["SettingSummary"], Path], dict[str, str]]
+
+
 def run_bench(plan: BenchPlan, out_dir: str | Path, runner: Runner | None = None, retries: int = DEFAULT_RETRIES,
               show_progress: bool = True, on_row: Callable[[BenchRow, int, int], None] | None = None,
-              report: bool = True, device: str | None = None) -> BenchOutcome:
-    """Run what ``out_dir`` is missing, then write the summary, plots and report.
+              report: ReportWriter | None = None, device: str | None = None) -> BenchOutcome:
+    """Run what ``out_dir`` is missing, then write the summary (and with ``report``, e.g.
+    :func:`vdtome.bench.report.write_report`, the plots and HTML report, whose files it returns).
 
     ``runner``: runs groups and streams their rows (default: in this process, on one engine on
     ``device``); ``retries``: how many times a group that raised runs again before its missing
@@ -466,9 +471,7 @@ def run_bench(plan: BenchPlan, out_dir: str | Path, runner: Runner | None = None
     files = {"rows": str(rows_file.path), "plan": str(out / PLAN_FILE),
              "summary": str(write_summary_csv(summaries, plan, out / SUMMARY_FILE))}
     if report:
-        from vdtome.bench.report import write_report
-
-        files |= write_report(plan, rows, summaries, out)
+        files |= report(plan, rows, summaries, out)
     return BenchOutcome(plan, rows, summaries, files, ran, skipped)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DATA_DIR",
     "PRESETS_DIR",
     "Constraints",
     "GpuTime",
@@ -318,124 +319,6 @@ class ModelPreset:
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": self.guidance_scale,
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# -------------------------------------------------------------------------------------------- presets
-
-
-@dataclass(frozen=True)
-class GpuTime:
-    """Rough GPU seconds of one request's parts at the preset's defaults, to ask ZeroGPU for enough
-    time (too little kills the run, too much costs queue priority). Estimates, not measurements.
-
-    ``load_s``: loading the weights onto the GPU; ``step_s``: one denoising step (every CFG branch);
-    ``decode_s``: one VAE decode; ``text_s``: one prompt encoding (prompt and negative prompt).
-    """
-
-    load_s: float
-    step_s: float
-    decode_s: float
-    text_s: float
-
-
-@dataclass(frozen=True)
-class ModelPreset:
-    """One model preset. Exactly one of ``hub_id`` / ``builtin`` / ``local`` is set.
-
-    ``local``: a folder written by ``save_pretrained`` (absolute; the presets file names it relative to
-    itself), loaded through the same ``from_pretrained`` path as a hub id.
-
-    ``dtype`` is a canonical torch dtype name (``"float32"``, ``"float16"``, ``"bfloat16"``);
-    ``extras`` holds model-specific loading hints (``component_dtypes``, ``max_sequence_length``,
-    ``scheduler``, ...). Treat the dict fields as read-only.
-
-    ``timing_rounds``: default number of timing rounds (see :mod:`vdtome.measure.protocol`); ``timing_steps``:
-    steps of the rounds after the first for a stack whose steps all cost alike (None: full
-    length); ``gpu_memory_gb``:
-    the GPU memory the loader needs at the defaults (everything on the GPU, no offload); ``gpu_time``:
-    GPU-seconds estimates for ZeroGPU; ``vae_tiling``: decode in tiles (as the model's own example
-    does); ``negative_prompt_unsupported``: why the model takes no negative prompt (None: it does).
-    """
-
-    name: str
-    label: str
-    family: str
-    pipeline_class: str
-    dtype: str
-    num_frames: int
-    height: int
-    width: int
-    num_inference_steps: int
-    guidance_scale: float
-    fps: int
-    constraints: Constraints
-    hardware: str
-    requires_gpu: bool
-    hub_id: str | None = None
-    builtin: str | None = None
-    builtin_kwargs: dict[str, Any] = field(default_factory=dict)
-    local: str | None = None
-    prompts: str | None = None  # the prompt set the model knows (vdtome/data/presets/prompts/<name>.txt)
-    motion_adapter: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    notes: str = ""
-    timing_rounds: int = 1
-    timing_steps: int | None = None
-    gpu_memory_gb: float | None = None
-    gpu_time: GpuTime | None = None
-    vae_tiling: bool = False
-    negative_prompt_unsupported: str | None = None
-    # Per method name, the form fields whose defaults differ on this model ({"tome": {"ratio": 0.5}}):
-    # chosen for the model (e.g. by a sweep), checked by the method's own fields where they are used.
-    method_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    @property
-    def is_builtin(self) -> bool:
-        return self.builtin is not None
-
-    @property
-    def weights(self) -> str | None:
-        """What ``from_pretrained`` loads: the local folder or the hub id (None for built-in presets)."""
-        return self.local or self.hub_id
-
-    @property
-    def source(self) -> dict[str, Any]:
-        if self.builtin is not None:
-            return {"builtin": self.builtin, "kwargs": dict(self.builtin_kwargs)}
-        if self.local is not None:
-            return {"local": self.local}
-        out: dict[str, Any] = {"hub_id": self.hub_id}
-        if self.motion_adapter:
-            out["motion_adapter"] = self.motion_adapter
-        return out
-
-    @property
-    def torch_dtype(self):
-        import torch
-
-        return getattr(torch, self.dtype)
-
-    def defaults(self) -> dict[str, Any]:
-        """Default pipeline call arguments (``fps`` is for the video file, not the pipeline)."""
-        return {
-            "num_frames": self.num_frames,
-            "height": self.height,
-            "width": self.width,
-            "num_inference_steps": self.num_inference_steps,
-            "guidance_scale": self.guidance_scale,
-        }
-
-    def build_tiny(self, seed: int = 0):
-        """Build a tiny preset's pipeline from :mod:`vdtome.offline.tiny` (no download). Hub presets raise."""
-        if self.builtin is None:
-            where = f"the folder {Path(self.local).name!r}" if self.local else f"{self.hub_id!r} from the hub"
-            raise ValueError(f"preset {self.name!r} loads {where}; it is not built in code")
-        from vdtome.offline import tiny
-
-        return getattr(tiny, self.builtin)(seed=seed, **self.builtin_kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
