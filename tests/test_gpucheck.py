@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from vdtome.bench.runner import gpucheck
+from vdtome.bench import gpucheck
 from vdtome.cli import build_parser
 from vdtome.core.validation import RequestError
 from vdtome.methods.pyramid_attention_broadcast import PyramidAttentionBroadcast
