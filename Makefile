@@ -8,14 +8,17 @@ CHROMIUM ?= /usr/bin/chromium
 export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install browser run test bench screenshot clean
+.PHONY: install browser run test test-fast bench screenshot clean
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+# The pinned dependencies, then the package itself, editable (pyproject.toml; its own dependencies are
+# those pins already, so nothing else is resolved).
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 # The browser test drives Debian's Chromium (never a downloaded one). Installed when missing and
@@ -39,6 +42,10 @@ run: $(STAMP)
 test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
+# The unit tier alone: in-process tests of a few seconds at most (no server, no browser, no long runs).
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m unit
+
 bench: $(STAMP)
 	$(PY) benchmarks/tome_speed.py
 
@@ -47,4 +54,4 @@ screenshot: $(STAMP) browser
 	HF_HUB_OFFLINE=1 VDTOME_SCREENSHOTS=assets $(PY) -m pytest -q tests/test_app_browser.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache build *.egg-info

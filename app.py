@@ -43,7 +43,6 @@ import dataclasses
 import functools
 import inspect
 import json
-import re
 import shutil
 import signal
 import tempfile
@@ -56,13 +55,11 @@ from starlette.middleware import Middleware
 
 from vdtome.bench.report import pareto_front, write_report
 from vdtome.bench.runner import (
-    FORM_FIELDS,
     SUMMARY_HEADER,
     BenchOutcome,
     BenchPlan,
     BenchRow,
     BenchWorker,
-    plan_from_form,
     run_bench,
     run_serial,
     summary_cells,
@@ -74,17 +71,16 @@ from vdtome.core.validation import RequestError, shown
 from vdtome.engine.engine import Cancelled, ComparisonEngine, ProgressEvent, default_engine
 from vdtome.engine.fidelity import PSNR_CAP_DB
 from vdtome.engine.pipelines import (
-    ALLOW_CUSTOM_MODEL_ENV,
-    CustomModelRefused,
     ModelUnavailableError,
-    custom_model_source,
     custom_models_allowed,
 )
 from vdtome.engine.report import COLUMNS
-from vdtome.engine.request import MAX_ROUNDS, ComparisonRequest, resolve
-from vdtome.measure.protocol import MAX_GPU_SECONDS
-from vdtome.methods import METHODS, FormField, check_available, check_stack, stack_label
+from vdtome.engine.request import MAX_ROUNDS, ComparisonRequest
+from vdtome.methods import METHODS, FormField, stack_label
+from vdtome.web import history as history_runs
 from vdtome.web.cancel import CancelFlag, CancelFlags
+from vdtome.web.gates import RequestGates
+from vdtome.web.gpu_budget import benchmark_duration, comparison_duration
 from vdtome.web.limits import ServiceLimits
 from vdtome.web.page import (
     CSS,
@@ -101,7 +97,6 @@ from vdtome.web.serving import ServiceGuard, StrictBlocks, limit_visitors, run_u
 from vdtome.web.ui import (
     CUSTOM_MODEL,
     HISTORY_COLUMNS,
-    HISTORY_METHODS,
     PLOT_COLUMNS,
     PLOT_SPEEDUP,
     SWEEP_FIELD,
@@ -112,7 +107,6 @@ from vdtome.web.ui import (
     appended_from,
     comparison_view,
     field_bound,
-    gpu_estimate,
     history_export,
     method_defaults,
     panel_title,
@@ -121,11 +115,9 @@ from vdtome.web.ui import (
     preset_prompts,
     settings_from_query,
     settings_query,
-    stack_from_form,
     sweep_choices,
     sweep_forms,
     sweep_label,
-    sweep_stacks,
     sweep_suggestion,
 )
 
@@ -138,6 +130,7 @@ PRESETS = load_presets()
 LIMITS = ServiceLimits.from_env(PRESETS)
 # ZeroGPU attaches a GPU to each call (the app's own process has none); elsewhere ask torch.
 HAS_GPU = ON_ZERO_GPU or torch.cuda.is_available()
+GATES = RequestGates(PRESETS, LIMITS, HAS_GPU, ON_ZERO_GPU)
 
 # Files, not events: they reach the ZeroGPU worker that generates (see vdtome.web.cancel).
 CANCEL_FLAGS = CancelFlags(INSTANCE_DIR / "cancel")
@@ -192,15 +185,10 @@ def _discard(views: list[ComparisonView]) -> None:
         engine().discard(view.files)
 
 
-TINY_GPU_SECONDS = 60  # built-in tiny models run in seconds; they carry no GPU figures
-
-
 def _gpu_duration(requests: list[ComparisonRequest], source: str | None, cancel: CancelFlag, progress=None,
                   forms=None) -> int:
     """Seconds to ask ZeroGPU for: loading, warm-ups, every timed round and both decodes."""
-    if PRESETS[requests[0].preset].gpu_time is None:
-        return TINY_GPU_SECONDS
-    return gpu_estimate(requests).seconds
+    return comparison_duration(PRESETS[requests[0].preset], requests)
 
 
 if ON_ZERO_GPU:
@@ -211,59 +199,9 @@ if ON_ZERO_GPU:
 
 
 def plan(values: dict, sweep: bool = False) -> tuple[list[ComparisonRequest], str | None]:
-    """Requests (one, or one per value of the swept field for a sweep) and the custom-weights
-    source from the form's values exactly as the client sent them; raises RequestError naming the
-    field and the rule."""
-    preset = values["preset"]
-    if not isinstance(preset, str) or preset not in PRESETS:
-        raise RequestError(f"model preset must be one of {', '.join(PRESETS)}, got {shown(preset)}", "preset")
-    if PRESETS[preset].requires_gpu and not HAS_GPU:
-        raise RequestError(f"{PRESETS[preset].label} needs a GPU and this machine has none; pick a tiny preset", "preset")
-    stack = stack_from_form(values)
-    check_available(check_stack(stack), pipeline_denoiser_types(PRESETS[preset].pipeline_class))
-    numbers = {name: _number(values[name], name) for name in ("seed", "frames", "height", "width", "steps", "guidance",
-                                                             "rounds")}
-    base = ComparisonRequest(
-        preset=preset, prompt=values["prompt"], negative_prompt=values["negative_prompt"], methods=stack,
-        snap=False,  # the page says what is wrong instead of silently running another size
-        **numbers,
-    )
-    settings, _ = resolve(base, PRESETS[preset])  # every model rule, before the request is queued
-    requests = [base]
-    if sweep:
-        requests = [dataclasses.replace(base, methods=point) for point in sweep_stacks(values)]
-    if ON_ZERO_GPU and PRESETS[preset].gpu_time is not None:
-        estimate = gpu_estimate(requests)
-        if not estimate.fits:
-            parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in estimate.parts().items())
-            raise RequestError(
-                f"this request needs about {estimate.total_s:.0f} s of GPU time ({parts}); a ZeroGPU task may "
-                f"take at most {MAX_GPU_SECONDS} s: lower the steps, frames, size, timing rounds or sweep points",
-                "steps",
-            )
-    LIMITS.check_work(PRESETS[preset], settings, points=len(requests))
-    return requests, _source(values[CUSTOM_MODEL])
-
-
-def _number(value, name: str):
-    """Empty boxes are refused here; every other rule is checked by the engine (never coerced)."""
-    if value is None or value == "":
-        raise RequestError(f"{name} is empty: enter a number", name)
-    return value
-
-
-def _source(custom_model) -> str | None:
-    if custom_model is not None and not isinstance(custom_model, str):
-        raise RequestError(f"custom weights must be text, got {shown(custom_model)}", "custom_model")
-    if not (custom_model or "").strip():
-        return None
-    if not custom_models_allowed():
-        raise RequestError(f"custom model ids are switched off; the operator can allow them with "
-                           f"{ALLOW_CUSTOM_MODEL_ENV}=1", "custom_model")
-    try:
-        return custom_model_source(custom_model, LIMITS.custom_model_root)
-    except CustomModelRefused as error:
-        raise RequestError(str(error), "custom_model") from None
+    """Requests and the custom-weights source from the form's values, every rule checked
+    (:meth:`vdtome.web.gates.RequestGates.comparison`)."""
+    return GATES.comparison(values, sweep)
 
 
 def validator(names: tuple[str, ...], sweep: bool):
@@ -313,45 +251,18 @@ async def _execute(requests: list[ComparisonRequest], source: str | None, progre
         flag.clear()
 
 
-def _checked_history(history) -> list[dict]:
-    """The history as the browser sent it, if it has the shape this page writes (else empty: an old
-    or edited value is dropped, never trusted)."""
-    if not isinstance(history, list):
-        return []
-    good = [entry for entry in history if isinstance(entry, dict) and isinstance(entry.get("row"), list)
-            and len(entry["row"]) == len(HISTORY_COLUMNS) and isinstance(entry.get("settings", {}), dict)
-            and (entry.get("point") is None or isinstance(entry.get("point"), dict))]
-    return good if len(good) == len(history) else []
-
-
 def _history_outputs(history: list[dict]):
     """Table, the API's point list (unchanged since before the chart), the chart, the run picker."""
     table = pd.DataFrame([entry["row"] for entry in history], columns=list(HISTORY_COLUMNS))
     # Identical videos (ratio 0) have no finite PSNR: in the point list they are left out.
     points = pd.DataFrame([entry["point"] for entry in history if entry.get("point") is not None
                            and entry["point"]["PSNR vs baseline (dB)"] < PSNR_CAP_DB], columns=list(PLOT_COLUMNS))
-    runs = [(f"run {entry['row'][0]}: {entry['row'][HISTORY_METHODS]}" + (f" ({entry['series']})" if entry.get("series") else ""),
-             entry["row"][0]) for entry in history if entry.get("folder")]
+    runs = history_runs.run_choices(history)
     try:
         chart = history_chart(history)
     except (KeyError, TypeError, ValueError):  # a stored point of another shape: the table still shows
         chart = None
     return table, points, chart, gr.Dropdown(choices=runs, value=None)
-
-
-def _record(history: list[dict], views: list[ComparisonView], series: str | None = None) -> list[dict]:
-    """History with the new runs appended, the oldest dropped beyond the operator's cap."""
-    history = _checked_history(history)
-    first = history[-1]["row"][0] + 1 if history else 1
-    series = f"sweep from run {first}: {series}" if series else None
-    for view in views:
-        if view.history is not None:
-            run = history[-1]["row"][0] + 1 if history else 1
-            entry = dict(view.history, series=series, folder=Path(view.files["json"]).parent.name)
-            entry["row"] = [run, *entry["row"][1:]]
-            entry["point"] = None if entry["point"] is None else dict(entry["point"], run=run)
-            history.append(entry)
-    return history[-LIMITS.history_rows:]
 
 
 FRAME_SIDES = ("baseline", "accelerated")
@@ -442,7 +353,8 @@ async def _run_form(values: dict, sweep: bool, history, progress):
     forms = [{name: value for name, value in point.items() if name in RUN_FIELDS} for point in sweep_forms(values)] \
         if sweep else [form]
     views = await _execute(requests, source, progress, forms)
-    history = _record(history, views, sweep_label(values.get(SWEEP_FIELD, "ratio")) if sweep else None)
+    history = history_runs.record(history, views, LIMITS.history_rows,
+                                  sweep_label(values.get(SWEEP_FIELD, "ratio")) if sweep else None)
     page = _page(views[-1])
     table, points, chart, runs = _history_outputs(history)
     return (*(page[name] for name in RESULT_OUTPUTS), history, table, points,
@@ -505,42 +417,8 @@ BENCH_CANCELLED = "Cancel pressed: a running benchmark stops at its next denoisi
 
 
 def bench_plan(values: dict) -> BenchPlan:
-    """The Benchmark form -> a plan, every rule checked (the same code before queueing and when it
-    runs). The size of the whole benchmark is checked first: it is cheap, the rest is per setting."""
-    preset = values["bench_preset"]
-    if not isinstance(preset, str) or preset not in PRESETS:
-        raise RequestError(f"model preset must be one of {', '.join(PRESETS)}, got {shown(preset)}", "bench_preset")
-    if PRESETS[preset].requires_gpu and not HAS_GPU:
-        raise RequestError(f"{PRESETS[preset].label} needs a GPU and this machine has none; pick a tiny preset",
-                           "bench_preset")
-    plan = plan_from_form(preset, values["bench_prompts"], values["bench_seeds"], values["bench_sweep"])
-    rows = len(plan.groups()) * len(plan.sweep.settings)
-    try:
-        settings, _ = resolve(plan.request(plan.groups()[0], plan.sweep.settings[0]), PRESETS[preset])
-    except RequestError as error:
-        raise RequestError(f"{plan.sweep.name}: {error}", FORM_FIELDS.get(error.field, "bench_sweep")) from None
-    try:
-        LIMITS.check_work(PRESETS[preset], settings, points=rows, points_name="benchmark rows")
-    except RequestError as error:
-        raise RequestError(f"{len(plan.prompts)} prompts x {len(plan.seeds)} seeds x {len(plan.sweep.settings)} "
-                           f"settings = {rows} comparisons is more than this server takes at once ({error}) Use "
-                           "fewer prompts, seeds or settings, or run it with `python -m vdtome bench`.",
-                           "bench_prompts") from None
-    try:
-        plan.check()
-    except RequestError as error:
-        raise RequestError(str(error), FORM_FIELDS.get(error.field, "bench_sweep")) from None
-    if ON_ZERO_GPU and PRESETS[preset].gpu_time is not None:
-        seconds = _bench_gpu_seconds(plan)
-        if seconds > MAX_GPU_SECONDS:
-            raise RequestError(f"this benchmark needs about {seconds:.0f} s of GPU time; a ZeroGPU task may take at "
-                               f"most {MAX_GPU_SECONDS} s: fewer prompts, seeds or settings", "bench_prompts")
-    return plan
-
-
-def _bench_gpu_seconds(plan: BenchPlan) -> float:
-    """Each (prompt, seed) group is a sweep sharing one baseline."""
-    return sum(gpu_estimate([plan.request(group, s) for s in plan.sweep.settings]).total_s for group in plan.groups())
+    """The Benchmark form -> a plan, every rule checked (:meth:`vdtome.web.gates.RequestGates.benchmark`)."""
+    return GATES.benchmark(values)
 
 
 def run_benchmark(plan: BenchPlan, folder: Path, cancel: CancelFlag, progress=gr.Progress()) -> BenchOutcome:
@@ -561,9 +439,7 @@ def run_benchmark(plan: BenchPlan, folder: Path, cancel: CancelFlag, progress=gr
 
 
 def _bench_gpu_duration(plan: BenchPlan, folder: Path, cancel: CancelFlag, progress=None) -> int:
-    if PRESETS[plan.preset].gpu_time is None:
-        return TINY_GPU_SECONDS * max(1, len(plan.keys()) // 8)
-    return int(_bench_gpu_seconds(plan))
+    return benchmark_duration(PRESETS[plan.preset], plan)
 
 
 if ON_ZERO_GPU:
@@ -639,7 +515,7 @@ def cancel_requested():
 
 def restore_history(stored):
     """The history kept in this browser, when the page loads (a value of another shape is dropped)."""
-    history = _checked_history(stored)
+    history = history_runs.checked(stored)
     return history, *_history_outputs(history)
 
 
@@ -649,7 +525,7 @@ def clear_history():
 
 def history_csv(history):
     """The history table as a CSV file to download."""
-    history = _checked_history(history)
+    history = history_runs.checked(history)
     if not history:
         raise gr.Error("the history is empty: run a comparison first", title="Nothing to export")
     folder = INSTANCE_DIR / "exports"
@@ -660,15 +536,10 @@ def history_csv(history):
     return gr.update(value=str(path), visible=True)
 
 
-RUN_FOLDER = re.compile(r"run-[A-Za-z0-9_]+")
-
-
 def show_run(run, history):
     """A past run of the history (a sweep's point included) shown again from its saved view."""
-    entry = next((e for e in _checked_history(history) if e["row"][0] == run), None)
-    folder = None if entry is None else entry.get("folder")
-    path = engine().output_root / folder if isinstance(folder, str) and RUN_FOLDER.fullmatch(folder) else None
-    if path is None or not (path / VIEW_FILE).exists():
+    path = history_runs.run_folder(history, run, engine().output_root)
+    if path is None:
         raise gr.Error(f"the files of run {run} are gone: this server keeps its last {KEEP_OUTPUTS} comparisons, "
                        "and a restart clears them", title="Run not available")
     view = ComparisonView.load(path)
@@ -1164,7 +1035,7 @@ def build_demo() -> gr.Blocks:
                               api_name="compare", validator=validator((*COMPARE_FIELDS, "history"), sweep=False),
                               js=SCROLL_TO_RESULT, **generation)
         run_event.success(None, js=SCROLL_TO_CARDS)
-        keep = dict(fn=_checked_history, inputs=history, outputs=stored_history, api_visibility="private",
+        keep = dict(fn=history_runs.checked, inputs=history, outputs=stored_history, api_visibility="private",
                     show_progress="hidden")
         run_event.then(**keep)
         sweep_button.click(check_sweep, [components[name] for name in SWEEP_FIELDS], refusal, **checks)

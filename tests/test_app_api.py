@@ -71,7 +71,7 @@ def test_compare_returns_playable_videos_and_metrics(client):
     assert images[0].shape == (64, 64, 3) and (images[0] != images[1]).any()  # the worst frame differs
     namespace = {}
     assert code.splitlines()[-1].startswith("print(result.speedup")
-    exec(code.rsplit("\n", 1)[0].replace("result = run_comparison(", "request = ("), namespace)
+    exec(code.rsplit("\n", 1)[0].replace("result = vdtome.compare(", "request = ("), namespace)
     assert namespace["request"].seed == 7 and namespace["request"].methods[0].ratio == 0.5  # the snippet runs as is
 
 

@@ -60,7 +60,9 @@ def GPU(fn=None, duration=60):
 ZERO_GPU_SCRIPT = '''
 import json, os, threading, time
 import app, spaces
-from vdtome.engine import Cancelled, ComparisonRequest, RequestError
+from vdtome.core.validation import RequestError
+from vdtome.engine.engine import Cancelled
+from vdtome.engine.request import ComparisonRequest
 from vdtome.tome import ToMeConfig
 
 
@@ -107,7 +109,7 @@ print(json.dumps(report))
 CPU_HOST_SCRIPT = '''
 import json
 import app, spaces
-from vdtome.engine import ComparisonRequest
+from vdtome.engine.request import ComparisonRequest
 from vdtome.tome import ToMeConfig
 from vdtome.web.ui import preset_choice_label
 

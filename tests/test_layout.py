@@ -132,3 +132,28 @@ def test_the_library_works_without_the_app_and_benchmark_dependencies():
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(LIBRARY_WITHOUT_THE_APP)], capture_output=True,
                           text=True, cwd=PACKAGE.parent, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_private_diffusers_api_is_used_in_one_module_only():
+    """Private diffusers names (``_helpers``, ``_MAG_CACHE_BLOCK_HOOK``, ``_diffusers_hook``...) appear
+    in vdtome.core.diffusers_compat and nowhere else, and what it reads exists in this diffusers."""
+    private = []
+    for name, path in MODULES.items():
+        if name == "vdtome.core.diffusers_compat":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("diffusers"):
+                if any(part.startswith("_") for part in node.module.split(".")) or any(
+                        alias.name.startswith("_") for alias in node.names):
+                    private.append(f"{name}: from {node.module} import {', '.join(a.name for a in node.names)}")
+            elif isinstance(node, ast.Constant) and node.value in ("_diffusers_hook", "_cache_config"):
+                private.append(f"{name}: {node.value!r}")
+            elif isinstance(node, ast.Attribute) and node.attr in ("_diffusers_hook", "_cache_config"):
+                private.append(f"{name}: .{node.attr}")
+    assert not private, "\n".join(private)
+
+    from vdtome.core import diffusers_compat
+
+    assert "WanTransformerBlock" in diffusers_compat.block_cache_classes()
+    assert isinstance(diffusers_compat.mag_cache_block_hook_name(), str)
+    assert diffusers_compat.active_attention_backend()

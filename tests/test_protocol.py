@@ -49,7 +49,8 @@ from vdtome.measure.timing import TimingReport
 from vdtome.methods.mag_cache import MagCache
 from vdtome.offline import tiny
 from vdtome.tome import ToMeConfig
-from vdtome.web.ui import gpu_estimate, headline_cards
+from vdtome.web.gpu_budget import comparison_estimate
+from vdtome.web.ui import headline_cards
 
 PROMPT = "a lighthouse beam sweeps over a stormy sea at night"
 
@@ -451,7 +452,7 @@ def test_presets_that_tile_their_vae_do_so_when_loaded(tmp_path):
 def test_gpu_estimate_of_a_default_real_request_covers_loading_warmups_runs_and_decodes():
     preset = get_preset("wan2.1-t2v-1.3b")
     gpu = preset.gpu_time
-    estimate = gpu_estimate([ComparisonRequest("wan2.1-t2v-1.3b", PROMPT)])
+    estimate = comparison_estimate([ComparisonRequest("wan2.1-t2v-1.3b", PROMPT)])
     assert estimate.load_s == gpu.load_s > 0
     assert estimate.decode_s == pytest.approx(2 * gpu.decode_s)  # the baseline's and the accelerated video
     assert estimate.warmup_s >= gpu.decode_s  # the pipeline warm-up decodes once
@@ -461,10 +462,10 @@ def test_gpu_estimate_of_a_default_real_request_covers_loading_warmups_runs_and_
     assert estimate.text_s > 0 and estimate.margin_s > 0
     assert estimate.seconds == math.ceil(estimate.total_s) and estimate.fits
     # More rounds, more sweep points and bigger videos ask for more; an impossible request does not fit.
-    assert gpu_estimate([ComparisonRequest("wan2.1-t2v-1.3b", PROMPT, rounds=9)]).total_s > estimate.total_s
-    assert gpu_estimate([ComparisonRequest("wan2.1-t2v-1.3b", PROMPT)] * 3).total_s > estimate.total_s
+    assert comparison_estimate([ComparisonRequest("wan2.1-t2v-1.3b", PROMPT, rounds=9)]).total_s > estimate.total_s
+    assert comparison_estimate([ComparisonRequest("wan2.1-t2v-1.3b", PROMPT)] * 3).total_s > estimate.total_s
     # MagCache calibrates first: one untimed run at the warm-up's step count and one at the request's.
-    calibrating = gpu_estimate([ComparisonRequest("wan2.1-t2v-1.3b", PROMPT, methods=MagCache())])
+    calibrating = comparison_estimate([ComparisonRequest("wan2.1-t2v-1.3b", PROMPT, methods=MagCache())])
     assert estimate.calibration_s == 0 and "calibration" not in estimate.parts()
     assert calibrating.calibration_s == pytest.approx((2 + preset.num_inference_steps) * gpu.step_s)
     # MagCache's steps differ: its rounds all run the full 50 steps.

@@ -127,12 +127,6 @@ class Constraints:
         m = self.side_multiple
         return math.ceil(self.min_side / m) * m, math.floor(self.max_side / m) * m
 
-    def frames_ok(self, frames: int) -> bool:
-        return (frames - self.frames_offset) % self.frames_multiple == 0 and self.min_frames <= frames <= self.max_frames
-
-    def side_ok(self, side: int) -> bool:
-        return side % self.side_multiple == 0 and self.min_side <= side <= self.max_side
-
     def nearest_frames(self, frames: int) -> int:
         return _nearest_on_grid(int(frames), self.frames_multiple, self.frames_offset, self.min_frames, self.max_frames)
 

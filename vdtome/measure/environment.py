@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from vdtome.core.diffusers_compat import active_attention_backend
 from vdtome.measure.timing import is_cuda, pipeline_components, resolve_device
 
 # --------------------------------------------------------------------------------------- environment
@@ -72,10 +73,7 @@ def attention_info(pipe: Any = None, device: Any = None) -> dict[str, Any]:
     """
     info: dict[str, Any] = {"dispatch_backend": None, "env_DIFFUSERS_ATTN_BACKEND": os.environ.get("DIFFUSERS_ATTN_BACKEND")}
     try:
-        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-        backend = _AttentionBackendRegistry._active_backend
-        info["dispatch_backend"] = getattr(backend, "value", str(backend))
+        info["dispatch_backend"] = active_attention_backend()
     except Exception as exc:
         info["dispatch_backend_unavailable"] = f"{type(exc).__name__}: {exc}"
     processors: dict[str, list[str]] = {}

@@ -178,8 +178,7 @@ class Method:
 
     ``parse``: form values by field name -> config (raises :class:`RequestError` naming the
     field; the generic type and range checks have run already). ``unavailable``: why it cannot
-    serve these denoiser classes (None if it can): asked of a preset before its weights load. ``touches``: the
-    phases it can change (the others are shown unchanged and double as a noise check).
+    serve these denoiser classes (None if it can): asked of a preset before its weights load.
     ``steps_alike``: every denoising step of the config costs the same (the timing protocol may
     then time short rounds of a few steps, compared by their mean step). ``reuses_across_steps``: what it carries from one
     step to the next ("attention outputs", "block residuals", ...; None: nothing), and
@@ -201,7 +200,6 @@ class Method:
     summary: Callable[[Any], str]
     unavailable: Callable[[tuple[type, ...]], str | None] = lambda denoiser_types: None
     on_by_default: bool = False
-    touches: frozenset[str] = frozenset({"denoising"})
     steps_alike: Callable[[Any], bool] = lambda config: False
     reuses_across_steps: str | None = None
     matching_varies: Callable[[Any], bool] = lambda config: False

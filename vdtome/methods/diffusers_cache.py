@@ -8,13 +8,20 @@ removes it (``disable_cache``) and reports the computations a :class:`ComputeSpy
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from vdtome.core.denoisers import denoiser_types, denoisers_of
+from vdtome.core.diffusers_compat import (
+    block_cache_classes,
+    cache_config_of,
+    forget_cache_config,
+    hooks_under,
+    module_defines_any,
+    remove_hook_at,
+)
 from vdtome.core.steps import StepContext
 from vdtome.methods.base import FormField, Method, MethodReport
 from vdtome.methods.evidence import ComputeSpy
@@ -48,13 +55,10 @@ def block_cache_unavailable(denoiser_types: tuple[type, ...]) -> str | None:
     """Why a block-level diffusers cache cannot serve these classes: it must know where a block
     takes and returns its hidden states, which diffusers' ``TransformerBlockRegistry`` records per
     block class. A model's block classes are read from its module, so no weights are needed."""
-    from diffusers.hooks._helpers import TransformerBlockRegistry
-
-    TransformerBlockRegistry._register()  # diffusers fills its registry lazily
-    known = {block.__name__ for block in TransformerBlockRegistry._registry}
+    known = block_cache_classes()
 
     def refuses(cls: type) -> str | None:
-        if known & set(vars(sys.modules[cls.__module__])):
+        if module_defines_any(cls, known):
             return None
         return (f"diffusers' TransformerBlockRegistry knows no transformer block of {cls.__name__}, so its "
                 "block-level caches cannot tell where a block's hidden states go in and come out")
@@ -89,15 +93,15 @@ class AppliedCache:
             for model in denoisers_of(pipe):
                 if model.is_cache_enabled:
                     raise ValueError(f"vdtome: {type(model).__name__} already has a diffusers cache "
-                                     f"({type(model._cache_config).__name__}); diffusers keeps one per model")
-                before = _hooks(model)
+                                     f"({type(cache_config_of(model)).__name__}); diffusers keeps one per model")
+                before = hooks_under(model)
                 try:
                     model.enable_cache(build(config, pipe, model))
                 except BaseException:
                     _remove_new_hooks(model, before)  # what a half-done enable_cache left
                     raise
                 self.models.append(model)
-                if _hooks(model) == before:  # e.g. no attention module matched its identifiers
+                if hooks_under(model) == before:  # e.g. no attention module matched its identifiers
                     raise ValueError(f"vdtome: {name}: diffusers found nothing to cache in {type(model).__name__}")
         except BaseException:
             self.remove()
@@ -139,17 +143,7 @@ def _share(part: int, whole: int) -> float:
     return round(part / whole, 3) if whole else 0.0
 
 
-def _hooks(model: torch.nn.Module) -> set[tuple[str, str]]:
-    """(module path, hook name) of every diffusers hook under ``model``."""
-    found = set()
-    for path, module in model.named_modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        if registry is not None:
-            found.update((path, name) for name in registry.hooks)
-    return found
-
-
 def _remove_new_hooks(model: torch.nn.Module, before: set[tuple[str, str]]) -> None:
-    for path, name in sorted(_hooks(model) - before, reverse=True):
-        model.get_submodule(path)._diffusers_hook.remove_hook(name, recurse=False)
-    model._cache_config = None
+    for path, name in sorted(hooks_under(model) - before, reverse=True):
+        remove_hook_at(model, path, name)
+    forget_cache_config(model)

@@ -20,6 +20,7 @@ from weakref import WeakKeyDictionary
 import torch
 
 from vdtome.core.denoisers import denoisers_of
+from vdtome.core.diffusers_compat import hook_registry, mag_cache_block_hook_name
 from vdtome.methods.base import REUSES_BLOCKS, CallPlan, FormField, MethodReport, check_whole_number
 from vdtome.methods.diffusers_cache import AppliedCache, block_cache_unavailable, cache_method
 
@@ -159,11 +160,10 @@ def calibrate(pipe: Any, call: CallPlan, run_untimed: Callable[[], None]) -> Non
 
 def _tail_hook(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
     """The model's last block and diffusers' hook on it (the one that records the ratios)."""
-    from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK
-
+    name = mag_cache_block_hook_name()
     for module in model.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        hook = None if registry is None else registry.get_hook(_MAG_CACHE_BLOCK_HOOK)
+        registry = hook_registry(module)
+        hook = None if registry is None else registry.get_hook(name)
         if hook is not None and hook.is_tail:
             return module, hook
     raise ValueError(f"vdtome: mag_cache: diffusers put no tail hook on {type(model).__name__}")

@@ -32,15 +32,6 @@ class ToMeStats:
     blocks_total: int
     sites: tuple[SiteStats, ...]
 
-    def as_dict(self) -> dict:
-        return {
-            "requested_ratio": self.requested_ratio,
-            "effective_ratio": self.effective_ratio,
-            "blocks_patched": self.blocks_patched,
-            "blocks_total": self.blocks_total,
-            "sites": [vars(site).copy() for site in self.sites],
-        }
-
 
 @dataclass
 class _Patched:
@@ -57,7 +48,6 @@ class ToMeHandle:
 
     config: ToMeConfig
     patched: list[_Patched] = field(default_factory=list)
-    unavailable_targets: frozenset[str] = frozenset()
     active: bool = True
 
     @property
@@ -159,7 +149,6 @@ def apply_tome(pipe_or_model, config: ToMeConfig | None = None) -> ToMeHandle:
         denoiser.attach(model)
         invalidate_registry_caches(model)
         handle.patched.append(patched)
-    handle.unavailable_targets = frozenset(config.targets - available) if available else frozenset()
     if config.ratio > 0.0 and not any(p.sites for p in handle.patched):
         handle.remove()
         names = ", ".join(type(m).__name__ for m in models)

@@ -27,6 +27,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.profiler import record_function
 
+from vdtome.core.diffusers_compat import hook_registry
 from vdtome.core.steps import StepContext
 from vdtome.tome.config import ToMeConfig
 from vdtome.tome.merge import Grid, Merge, attnbin_matching, bipartite_soft_matching_3d, merge_count
@@ -372,7 +373,7 @@ def denoiser_hooks(model: torch.nn.Module) -> list[DenoiserHook]:
 
 
 def _site_registries(model: torch.nn.Module) -> list[HookRegistry]:
-    registries = (getattr(module, "_diffusers_hook", None) for module in model.modules())
+    registries = (hook_registry(module) for module in model.modules())
     return [r for r in registries if r is not None and r.get_hook(HOOK_NAME) is not None]
 
 
@@ -392,6 +393,6 @@ def unregister(model: torch.nn.Module) -> None:
 
 def invalidate_registry_caches(model: torch.nn.Module) -> None:
     """Diffusers caches which sub-modules carry hooks; adding or removing ours stales that list."""
-    registry = getattr(model, "_diffusers_hook", None)
+    registry = hook_registry(model)
     if registry is not None:
         registry.invalidate_child_registries_cache()

@@ -8,6 +8,7 @@ checked here (and tested) with messages that name the field and the rule.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,14 +16,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from vdtome.core.presets import ModelPreset, get_preset, load_prompts
+from vdtome.core.presets import DATA_DIR, ModelPreset, get_preset, load_prompts
 from vdtome.core.validation import PLAIN_DECIMAL, RequestError, boolean, decimal_list
 from vdtome.engine.fidelity import PSNR_CAP_DB
 from vdtome.engine.report import metric_rows, protocol_line
-from vdtome.engine.request import ComparisonRequest, ComparisonResult, ResolvedSettings, resolve
+from vdtome.engine.request import ComparisonResult, ResolvedSettings
 from vdtome.engine.video_io import difference_scale
 from vdtome.measure.environment import environment_line
-from vdtome.measure.protocol import GpuEstimate, PhaseFigures, estimate_gpu_time
+from vdtome.measure.protocol import PhaseFigures
 from vdtome.measure.stats import Ratio, Verdict, speed_phrase
 from vdtome.methods import METHODS, FormField, Method, check_stack, field_owner, method_of, preset_form_defaults
 
@@ -40,26 +41,35 @@ SWEEP_VALUES = "ratios"
 SWEEP_FIELD = "sweep_field"
 
 
+# The endpoints' parameter order as published (vdtome/data/api_parameters.json): data, not code, so
+# no method's place in it is assumed here.
+API_PARAMETERS = DATA_DIR / "api_parameters.json"
+
+
+@functools.cache
+def _published(endpoint: str) -> tuple[tuple[str, ...], int]:
+    spec = json.loads(API_PARAMETERS.read_text(encoding="utf-8"))[endpoint]
+    return tuple(spec["parameters"]), int(spec["required"])
+
+
 def api_fields(sweep: bool) -> tuple[str, ...]:
-    """The endpoints' parameters in order. New parameters are only ever appended, so positional API
-    calls written before them keep working: the request's fields, the first registered method's
-    fields (token merging: the app's only method before plug-ins) and the custom weights, then (for a
-    sweep) the values to sweep; then the first method's switch and (for a sweep) the field to sweep;
-    then one block per other method, its switch and its fields, in registration order (a new method
-    registers last)."""
-    first, *others = METHODS.values()
-    names = [*REQUEST_FIELDS, *(f.name for f in first.fields), CUSTOM_MODEL]
-    names += [SWEEP_VALUES, first.enable_field, SWEEP_FIELD] if sweep else [first.enable_field]
-    for method in others:
-        names += [method.enable_field, *(f.name for f in method.fields)]
-    return tuple(names)
+    """The endpoints' parameters in order: the published order, then each method registered since
+    (its switch, then its fields), in registration order. Only ever appended to, so positional API
+    calls written before keep working; a published parameter that no longer exists is an error."""
+    published, _ = _published("sweep" if sweep else "compare")
+    current = [*REQUEST_FIELDS, CUSTOM_MODEL, *((SWEEP_VALUES, SWEEP_FIELD) if sweep else ())]
+    for method in METHODS.values():
+        current += [method.enable_field, *(f.name for f in method.fields)]
+    gone = sorted(set(published) - set(current))
+    if gone:
+        raise RuntimeError(f"published API parameters {gone} are gone; parameters may only be appended")
+    return (*published, *(name for name in current if name not in published))
 
 
 def appended_from(sweep: bool) -> int:
-    """How many of :func:`api_fields` a client must send: those of the app before methods stacked;
-    the ones after were appended later and take their defaults when left out."""
-    first = next(iter(METHODS.values()))
-    return len(REQUEST_FIELDS) + len(first.fields) + 1 + int(sweep)
+    """How many of :func:`api_fields` a client must send (those of the first published order); the
+    ones after take their defaults when left out."""
+    return _published("sweep" if sweep else "compare")[1]
 
 
 def method_defaults(preset: ModelPreset | None = None) -> dict[str, Any]:
@@ -421,7 +431,7 @@ def latency_breakdown(result: ComparisonResult) -> list[tuple[str, str, float]]:
 def code_snippet(settings: ResolvedSettings, configs: tuple[Any, ...]) -> str:
     """The library call that reproduces a comparison (method fields left at their defaults omitted)."""
     imports = sorted({(type(c).__module__, type(c).__name__) for c in configs})
-    lines = ["from vdtome.engine import ComparisonRequest, run_comparison"]
+    lines = ["import vdtome"]
     lines += [f"from {module} import {name}" for module, name in imports]
 
     def short(config: Any) -> str:
@@ -432,7 +442,7 @@ def code_snippet(settings: ResolvedSettings, configs: tuple[Any, ...]) -> str:
     stack = ", ".join(short(c) for c in configs) + ("," if len(configs) == 1 else "")
     s = settings
     negative = f"\n    negative_prompt={s.negative_prompt!r}," if s.negative_prompt else ""
-    lines += ["", "result = run_comparison(ComparisonRequest(",
+    lines += ["", "result = vdtome.compare(vdtome.ComparisonRequest(",
               f"    preset={s.preset!r},", f"    prompt={s.prompt!r},{negative}",
               f"    seed={s.seed}, frames={s.frames}, height={s.height}, width={s.width}, steps={s.steps}, "
               f"guidance={s.guidance!r}, rounds={s.rounds},",
@@ -567,17 +577,6 @@ def history_export(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row.update({name: settings.get(name, "") for name in setting_names})
         rows.append(row)
     return rows
-
-
-def gpu_estimate(requests: list[ComparisonRequest]) -> GpuEstimate:
-    """GPU time for a list of requests that share a baseline (one comparison or one sweep);
-    validates the first request (a :class:`RequestError` names the broken rule)."""
-    preset = get_preset(requests[0].preset)
-    settings, _ = resolve(requests[0], preset)
-    calibrates = any(method.prepare is not None for request in requests for method in check_stack(request.methods))
-    return estimate_gpu_time(preset, settings.steps, settings.frames, settings.height, settings.width,
-                             settings.rounds, points=len(requests), warmup_steps=settings.warmup_steps,
-                             calibrates=calibrates, timing_steps=settings.round_steps)
 
 
 # ---- a link that restores the form -----------------------------------------------------------------

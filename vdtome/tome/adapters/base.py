@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,7 +48,3 @@ class Adapter:
         return type(model).__name__ in self.model_classes
 
 
-def check_tokens(grid: Grid, name: str) -> Grid:
-    if math.prod(grid) < 1:
-        raise ValueError(f"vdtome: {name} latent gives an empty token grid {grid}")
-    return grid

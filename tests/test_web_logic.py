@@ -1,0 +1,124 @@
+"""The app's logic without a server: request gates, GPU-time budgets, the browser-kept history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vdtome.bench.runner import BenchPlan
+from vdtome.bench.sweep import load_sweep, shipped_sweeps
+from vdtome.core.presets import load_presets
+from vdtome.core.validation import RequestError
+from vdtome.engine.request import ComparisonRequest
+from vdtome.measure.protocol import MAX_GPU_SECONDS
+from vdtome.web import history
+from vdtome.web.gates import RequestGates
+from vdtome.web.gpu_budget import TINY_GPU_SECONDS, benchmark_duration, comparison_duration, comparison_estimate
+from vdtome.web.limits import ServiceLimits
+from vdtome.web.ui import HISTORY_COLUMNS, VIEW_FILE, api_fields, method_defaults
+
+pytestmark = pytest.mark.unit
+
+PRESETS = load_presets()
+LIMITS = ServiceLimits.from_env(PRESETS, environ={})
+CPU = RequestGates(PRESETS, LIMITS, has_gpu=False)
+
+
+def form(**changes) -> dict:
+    """The compare form at its defaults for tiny-wan, as the page sends it."""
+    values = {"preset": "tiny-wan", "prompt": "a boat", "negative_prompt": "", "seed": 0, "frames": 9, "height": 64,
+              "width": 64, "steps": 4, "guidance": 5.0, "rounds": 2, "custom_model": "", "ratios": "0.3, 0.5",
+              "sweep_field": "ratio", **method_defaults()}
+    assert set(api_fields(sweep=True)) <= set(values)
+    return values | changes
+
+
+def refusal(call, *args) -> RequestError:
+    with pytest.raises(RequestError) as refused:
+        call(*args)
+    return refused.value
+
+
+def test_a_good_form_becomes_its_request_and_a_sweep_one_request_per_value():
+    (request,), source = CPU.comparison(form())
+    assert source is None and request.preset == "tiny-wan" and request.steps == 4 and not request.snap
+    assert request.methods[0].ratio == method_defaults()["ratio"]
+    requests, _ = CPU.comparison(form(), sweep=True)
+    assert [r.methods[0].ratio for r in requests] == [0.3, 0.5]
+
+
+@pytest.mark.parametrize(("changes", "field", "words"), [
+    ({"preset": "nope"}, "preset", "model preset must be one of"),
+    ({"preset": "cogvideox-2b"}, "preset", "needs a GPU and this machine has none"),
+    ({"steps": ""}, "steps", "steps is empty"),
+    ({"frames": 10}, "frames", "frames"),
+    ({"ratio": 0.9}, "ratio", "merge ratio must be between 0 and 0.75"),
+    ({"custom_model": "someone/weights"}, "custom_model", "custom model ids are switched off"),
+    ({"custom_model": 3}, "custom_model", "custom weights must be text"),
+])
+def test_a_bad_form_is_refused_naming_its_field(changes, field, words):
+    error = refusal(CPU.comparison, form(**changes))
+    assert error.field == field and words in str(error)
+
+
+def test_the_operators_work_limit_and_the_zero_gpu_budget_are_enforced():
+    small = RequestGates(PRESETS, ServiceLimits.from_env(PRESETS, environ={"VDTOME_MAX_WORK": "tiny-wan=1"}), has_gpu=False)
+    error = refusal(small.comparison, form())
+    assert error.field == "steps"
+    zero_gpu = RequestGates(PRESETS, LIMITS, has_gpu=True, on_zero_gpu=True)
+    real = form(preset="wan2.1-t2v-1.3b", prompt="a kite", frames=81, height=480, width=832, steps=500, rounds=20)
+    error = refusal(zero_gpu.comparison, real)
+    assert error.field == "steps" and f"at most {MAX_GPU_SECONDS} s" in str(error)
+    CPU.comparison(form())  # a tiny preset carries no GPU figures: never refused for time
+
+
+def test_gpu_durations_follow_the_protocols_schedule():
+    tiny = [ComparisonRequest("tiny-wan", "a boat")]
+    assert comparison_duration(PRESETS["tiny-wan"], tiny) == TINY_GPU_SECONDS
+    real = [ComparisonRequest("wan2.1-t2v-1.3b", "a kite")]
+    one, three = comparison_duration(PRESETS["wan2.1-t2v-1.3b"], real), comparison_estimate(real * 3).seconds
+    assert TINY_GPU_SECONDS < one < three
+    plan = BenchPlan("tiny-wan", ("one", "two"), (0, 1), load_sweep("smoke"))
+    assert benchmark_duration(PRESETS["tiny-wan"], plan) == TINY_GPU_SECONDS * max(1, len(plan.keys()) // 8)
+
+
+def test_the_benchmark_gate_checks_the_preset_its_size_and_its_sweep():
+    values = {"bench_preset": "tiny-wan", "bench_prompts": "one\ntwo", "bench_seeds": "0",
+              "bench_sweep": shipped_sweeps()["smoke"].read_text(encoding="utf-8")}  # the form holds the file
+    plan = CPU.benchmark(values)
+    assert plan.prompts == ("one", "two") and plan.sweep.name == "smoke"
+    assert refusal(CPU.benchmark, values | {"bench_preset": "cogvideox-2b"}).field == "bench_preset"
+    assert refusal(CPU.benchmark, values | {"bench_sweep": "nope: ["}).field == "bench_sweep"
+
+
+def entry(run: int, folder: str | None = "run-abc") -> dict:
+    row = [run, "tiny-wan", "a boat", 0, "tome ratio 0.5 stride 1x2x2", *[""] * (len(HISTORY_COLUMNS) - 5)]
+    return {"row": row, "point": None, "settings": {}, "series": None, "folder": folder}
+
+
+def test_the_history_drops_what_it_did_not_write_and_caps_its_rows(tmp_path):
+    good = [entry(1), entry(2, folder=None)]
+    assert history.checked(good) == good
+    assert history.checked([*good, {"row": "not a list"}]) == []  # one forged entry: nothing is trusted
+    assert history.checked("a string") == [] and history.checked(None) == []
+    assert history.run_choices(good) == [("run 1: tome ratio 0.5 stride 1x2x2", 1)]  # only runs with files
+
+    class View:  # what record reads of a ComparisonView
+        def __init__(self, folder: str) -> None:
+            self.history, self.files = entry(0), {"json": str(tmp_path / folder / "result.json")}
+
+    grown = history.record(good, [View("run-x"), View("run-y")], keep=3, series="ratio")
+    assert [e["row"][0] for e in grown] == [2, 3, 4]  # numbered on from the last run; the oldest dropped
+    assert grown[-1]["folder"] == "run-y" and grown[-1]["series"] == "sweep from run 3: ratio"
+
+
+def test_a_past_run_is_found_only_in_a_folder_this_server_could_have_written(tmp_path):
+    (tmp_path / "run-abc").mkdir()
+    assert history.run_folder([entry(1)], 1, tmp_path) is None  # no saved view (yet, or any more)
+    (tmp_path / "run-abc" / VIEW_FILE).write_text("{}")
+    assert history.run_folder([entry(1)], 1, tmp_path) == tmp_path / "run-abc"
+    assert history.run_folder([entry(1)], 2, tmp_path) is None  # no such run
+    for forged in ("../../etc", "run-abc/../..", "/etc"):
+        assert history.run_folder([entry(1, folder=forged)], 1, tmp_path) is None
+    assert history.run_folder([entry(1)], 1, Path("/nonexistent")) is None

@@ -1,0 +1,76 @@
+"""Every use of diffusers' private API, in one place.
+
+vdtome builds on diffusers' public hooks and caches, but a few things it must know have no public
+API: which block classes the block-level caches can serve, the hook registry a module carries, a
+model's cache config, MagCache's tail hook, the globally active attention backend. They are read
+here only, so a diffusers release that moves them breaks one module, and its tests say which name.
+Tested against diffusers 0.42.1 (requirements.txt).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+#: The attribute diffusers' ``HookRegistry.check_if_exists_or_initialize`` stores a module's registry in.
+HOOK_REGISTRY_ATTRIBUTE = "_diffusers_hook"
+
+
+def hook_registry(module: torch.nn.Module) -> Any | None:
+    """The diffusers ``HookRegistry`` ``module`` carries, or None (never creates one)."""
+    return getattr(module, HOOK_REGISTRY_ATTRIBUTE, None)
+
+
+def hooks_under(model: torch.nn.Module) -> set[tuple[str, str]]:
+    """(module path, hook name) of every diffusers hook under ``model``."""
+    found = set()
+    for path, module in model.named_modules():
+        registry = hook_registry(module)
+        if registry is not None:
+            found.update((path, name) for name in registry.hooks)
+    return found
+
+
+def remove_hook_at(model: torch.nn.Module, path: str, name: str) -> None:
+    """Remove the hook ``name`` from the sub-module at ``path`` only (not its children)."""
+    hook_registry(model.get_submodule(path)).remove_hook(name, recurse=False)
+
+
+def cache_config_of(model: torch.nn.Module) -> Any | None:
+    """The cache config ``CacheMixin.enable_cache`` stored on ``model`` (None: no cache)."""
+    return getattr(model, "_cache_config", None)
+
+
+def forget_cache_config(model: torch.nn.Module) -> None:
+    """What ``CacheMixin.disable_cache`` does besides removing hooks: mark the model cache-free."""
+    model._cache_config = None
+
+
+def block_cache_classes() -> set[str]:
+    """Names of the transformer block classes diffusers' block-level caches know how to hook."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+
+    TransformerBlockRegistry._register()  # diffusers fills its registry lazily
+    return {block.__name__ for block in TransformerBlockRegistry._registry}
+
+
+def module_defines_any(cls: type, names: set[str]) -> bool:
+    """Whether ``cls``'s module defines one of the classes ``names``."""
+    return bool(names & set(vars(sys.modules[cls.__module__])))
+
+
+def mag_cache_block_hook_name() -> str:
+    """The name diffusers registers MagCache's per-block hooks under."""
+    from diffusers.hooks.mag_cache import _MAG_CACHE_BLOCK_HOOK
+
+    return _MAG_CACHE_BLOCK_HOOK
+
+
+def active_attention_backend() -> str:
+    """diffusers' globally active attention backend (``attention_dispatch``), as text."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    backend = _AttentionBackendRegistry._active_backend
+    return getattr(backend, "value", str(backend))
