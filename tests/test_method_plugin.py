@@ -3,6 +3,7 @@ appears on the form, the API, the command line and in result.json, with nothing 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from vdtome.core.validation import RequestError
 from vdtome.engine.engine import ComparisonEngine
 from vdtome.engine.request import ComparisonRequest
 from vdtome.methods import METHODS, Evidence, FormField, Method, MethodReport, register
+from vdtome.methods.schema import SCHEMA, config_values, form_fields
 from vdtome.web.ui import api_fields, method_defaults, settings_from_query, stack_from_form
 
 pytestmark = pytest.mark.unit
@@ -121,3 +123,24 @@ def test_result_json_carries_the_new_methods_report(registered, tmp_path):
     # transformer call each (WanPipeline runs the two CFG branches as separate calls).
     assert entry["report"]["detail"] == {"denoiser_calls": 6, "counted": 6}
     assert stored["stack"] == "count_calls every 1"
+
+
+SCHEMA_METHODS = [m for m in METHODS.values() if any(SCHEMA in f.metadata for f in dataclasses.fields(m.config_type))]
+
+
+@pytest.mark.parametrize("method", SCHEMA_METHODS, ids=lambda m: m.name)
+def test_a_config_built_in_code_obeys_its_forms_rules_word_for_word(method):
+    """The config dataclass is the one schema: the form's fields come from it, and a config built
+    in code is refused by the same rule, with the same message, naming the same field."""
+    assert method.fields == form_fields(method.config_type, method.name)
+    numeric = [f for f in method.fields if f.kind in ("integer", "number")]
+    assert numeric
+    for form_field in numeric:
+        for outside in (form_field.minimum - 1, form_field.maximum + 1):
+            values = method.form_defaults() | {form_field.name: outside}
+            with pytest.raises(RequestError) as from_form:
+                method.from_form(values)
+            with pytest.raises(RequestError) as in_code:
+                method.config_type(**config_values(method.config_type, method.name, values))
+            assert str(in_code.value) == str(from_form.value) and in_code.value.field == form_field.name
+    assert method.from_form(method.form_defaults()) == method.config_type()  # one set of defaults

@@ -241,12 +241,6 @@ class Method:
         return self.from_form({**(self.form_defaults() if defaults is None else defaults), **overrides})
 
 
-def check_whole_number(name: str, value: Any, low: int, high: int) -> None:
-    """A config field's rule: an int (not a bool, not 2.0) in [low, high]; ValueError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
-
-
 def config_fields(config: Any) -> dict[str, Any]:
     """A config's fields, JSON-safe (tuples as lists)."""
     return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(config).items()}

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vdtome.core.validation import RequestError
-from vdtome.methods.base import REUSES_ATTENTION, FormField, check_whole_number
+from vdtome.methods.base import REUSES_ATTENTION
 from vdtome.methods.diffusers_cache import cache_method, cache_unavailable, first_refusal, host_timestep
+from vdtome.methods.schema import Part, check_increasing, check_settings, config_values, form_fields, setting
 
 NAME = "faster_cache"
 MAX_SKIP = 10
@@ -32,10 +32,10 @@ WHY_NOT = {
 }
 
 
-def _check_range(what: str, value: tuple[int, int]) -> None:
-    low, high = value
-    if not -1 <= low < high <= 1000:
-        raise ValueError(f"{what} timestep range must satisfy -1 <= from < to <= 1000, got {value}")
+def _timesteps(what: str, default: tuple[int, int], label: str) -> Any:
+    return setting(default, label, "", -1, 1000, 1, advanced=True, name=what, parts=(
+        Part("from", f"{label} above timestep", "reuse only at timesteps strictly between the bounds (-1 includes "
+             "timestep 0)"), Part("to", f"{label} below timestep")))
 
 
 @dataclass(frozen=True)
@@ -47,67 +47,32 @@ class FasterCache:
     ``alpha_low_frequency`` / ``alpha_high_frequency``: scales of the stored branch difference
     (1: unscaled). Defaults are diffusers'."""
 
-    spatial_skip_range: int = 2
-    spatial_timestep_range: tuple[int, int] = (-1, 681)
-    uncond_skip_range: int = 5
-    uncond_timestep_range: tuple[int, int] = (-1, 641)
-    attention_weight: float = 0.5
-    alpha_low_frequency: float = 1.1
-    alpha_high_frequency: float = 1.1
+    spatial_skip_range: int = setting(2, "Self-attention: compute every N calls", "in between, its output is "
+                                      "extrapolated from the last two computed (1: always computes)", 1, MAX_SKIP, 1,
+                                      sweepable=True, name="spatial_skip")
+    uncond_skip_range: int = setting(5, "Unconditional branch: compute every M steps", "in between, it is approximated "
+                                     "from the conditional branch (1: always computes)", 1, MAX_SKIP, 1,
+                                     name="uncond_skip")
+    attention_weight: float = setting(0.5, "Extrapolation weight", "weight of the last change when self-attention is "
+                                      "extrapolated", 0.0, 1.0, 0.05, advanced=True)
+    alpha_low_frequency: float = setting(1.1, "Low-frequency scale", "scale of the stored low-frequency branch "
+                                         "difference", 0.5, 2.0, 0.05, advanced=True, name="alpha_low")
+    alpha_high_frequency: float = setting(1.1, "High-frequency scale", "scale of the stored high-frequency branch "
+                                          "difference", 0.5, 2.0, 0.05, advanced=True, name="alpha_high")
+    spatial_timestep_range: tuple[int, int] = _timesteps("spatial", (-1, 681), "Self-attention reuse")
+    uncond_timestep_range: tuple[int, int] = _timesteps("uncond", (-1, 641), "Unconditional reuse")
 
     def __post_init__(self) -> None:
-        for what in ("spatial_skip_range", "uncond_skip_range"):
-            check_whole_number(what, getattr(self, what), 1, MAX_SKIP)
-        _check_range("spatial attention", self.spatial_timestep_range)
-        _check_range("unconditional branch", self.uncond_timestep_range)
-        if not 0.0 <= self.attention_weight <= 1.0:
-            raise ValueError(f"attention weight must be between 0 and 1, got {self.attention_weight}")
-        for what in ("alpha_low_frequency", "alpha_high_frequency"):
-            if not 0.5 <= getattr(self, what) <= 2.0:
-                raise ValueError(f"{what} must be between 0.5 and 2, got {getattr(self, what)}")
+        check_settings(self, NAME)
+        check_increasing(self, NAME, "spatial_timestep_range", "spatial reuse")
+        check_increasing(self, NAME, "uncond_timestep_range", "uncond reuse")
 
 
-def _timestep_field(what: str, bound: str, default: int, label: str) -> FormField:
-    return FormField(f"{NAME}_{what}_{bound}", "integer", default, label,
-                     "reuse only at timesteps strictly between the bounds (-1 includes timestep 0)",
-                     -1, 1000, 1, advanced=True)
-
-
-FIELDS = (
-    FormField(f"{NAME}_spatial_skip", "integer", 2, "Self-attention: compute every N calls",
-              "in between, its output is extrapolated from the last two computed (1: always computes)",
-              1, MAX_SKIP, 1, sweepable=True),
-    FormField(f"{NAME}_uncond_skip", "integer", 5, "Unconditional branch: compute every M steps",
-              "in between, it is approximated from the conditional branch (1: always computes)", 1, MAX_SKIP, 1),
-    FormField(f"{NAME}_attention_weight", "number", 0.5, "Extrapolation weight",
-              "weight of the last change when self-attention is extrapolated", 0.0, 1.0, 0.05, advanced=True),
-    FormField(f"{NAME}_alpha_low", "number", 1.1, "Low-frequency scale",
-              "scale of the stored low-frequency branch difference", 0.5, 2.0, 0.05, advanced=True),
-    FormField(f"{NAME}_alpha_high", "number", 1.1, "High-frequency scale",
-              "scale of the stored high-frequency branch difference", 0.5, 2.0, 0.05, advanced=True),
-    _timestep_field("spatial", "from", -1, "Self-attention reuse above timestep"),
-    _timestep_field("spatial", "to", 681, "Self-attention reuse below timestep"),
-    _timestep_field("uncond", "from", -1, "Unconditional reuse above timestep"),
-    _timestep_field("uncond", "to", 641, "Unconditional reuse below timestep"),
-)
+FIELDS = form_fields(FasterCache, NAME)
 
 
 def parse(values: Mapping[str, Any]) -> FasterCache:
-    ranges = {}
-    for what in ("spatial", "uncond"):
-        low, high = values[f"{NAME}_{what}_from"], values[f"{NAME}_{what}_to"]
-        if low >= high:
-            raise RequestError(f"the {what} reuse timestep range is empty: {low} to {high}", f"{NAME}_{what}_to")
-        ranges[what] = (low, high)
-    return FasterCache(
-        spatial_skip_range=values[f"{NAME}_spatial_skip"],
-        spatial_timestep_range=ranges["spatial"],
-        uncond_skip_range=values[f"{NAME}_uncond_skip"],
-        uncond_timestep_range=ranges["uncond"],
-        attention_weight=values[f"{NAME}_attention_weight"],
-        alpha_low_frequency=values[f"{NAME}_alpha_low"],
-        alpha_high_frequency=values[f"{NAME}_alpha_high"],
-    )
+    return FasterCache(**config_values(FasterCache, NAME, values))
 
 
 def summary(config: FasterCache) -> str:

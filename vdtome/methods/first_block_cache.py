@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vdtome.methods.base import REUSES_BLOCKS, FormField
+from vdtome.methods.base import REUSES_BLOCKS
 from vdtome.methods.diffusers_cache import block_cache_unavailable, cache_method
+from vdtome.methods.schema import check_settings, config_values, form_fields, setting
 
 NAME = "first_block_cache"
 
@@ -22,22 +23,18 @@ class FirstBlockCache:
     """``threshold``: the first block's relative residual change below which the other blocks are
     skipped (0 never skips; larger skips more)."""
 
-    threshold: float = 0.05
+    threshold: float = setting(0.05, "Residual threshold", "skip the other blocks while the first block's residual "
+                               "changes less than this (0: never skip)", 0.0, 1.0, 0.01, sweepable=True)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"first block cache threshold must be between 0 and 1, got {self.threshold}")
+        check_settings(self, NAME)
 
 
-FIELDS = (
-    FormField(f"{NAME}_threshold", "number", FirstBlockCache.threshold, "Residual threshold",
-              "skip the other blocks while the first block's residual changes less than this (0: never skip)",
-              0.0, 1.0, 0.01, sweepable=True),
-)
+FIELDS = form_fields(FirstBlockCache, NAME)
 
 
 def parse(values: Mapping[str, Any]) -> FirstBlockCache:
-    return FirstBlockCache(threshold=values[f"{NAME}_threshold"])
+    return FirstBlockCache(**config_values(FirstBlockCache, NAME, values))
 
 
 def summary(config: FirstBlockCache) -> str:

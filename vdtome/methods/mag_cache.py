@@ -21,8 +21,9 @@ import torch
 
 from vdtome.core.denoisers import denoisers_of
 from vdtome.core.diffusers_compat import hook_registry, mag_cache_block_hook_name
-from vdtome.methods.base import REUSES_BLOCKS, CallPlan, FormField, MethodReport, check_whole_number
+from vdtome.methods.base import REUSES_BLOCKS, CallPlan, MethodReport
 from vdtome.methods.diffusers_cache import AppliedCache, block_cache_unavailable, cache_method
+from vdtome.methods.schema import check_settings, config_values, form_fields, setting
 
 NAME = "mag_cache"
 MAX_SKIP_STEPS = 10
@@ -39,19 +40,18 @@ class MagCache:
     always computed. Filled in by ``prepare``: ``num_inference_steps`` (the calibrated step count)
     and ``mag_ratios`` (one row per denoiser, in the pipeline's order). Defaults are diffusers'."""
 
-    threshold: float = 0.06
-    max_skip_steps: int = 3
-    retention_ratio: float = 0.2
+    threshold: float = setting(0.06, "Error threshold", "skip a step's blocks while the error predicted from the "
+                               "calibrated magnitude ratios stays below this (0: never skip)", 0.0, 1.0, 0.01,
+                               sweepable=True)
+    max_skip_steps: int = setting(3, "Most steps skipped in a row", "", 1, MAX_SKIP_STEPS, 1)
+    retention_ratio: float = setting(0.2, "Steps always computed first", "share of the first steps never skipped "
+                                     "(1: never skip)", 0.0, 1.0, 0.05, advanced=True)
     num_inference_steps: int | None = None
     mag_ratios: tuple[tuple[float, ...], ...] | None = None
     calibrated_on: str | None = None  # the calls' settings and when, for the report
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"MagCache threshold must be between 0 and 1, got {self.threshold}")
-        check_whole_number("max_skip_steps", self.max_skip_steps, 1, MAX_SKIP_STEPS)
-        if not 0.0 <= self.retention_ratio <= 1.0:
-            raise ValueError(f"retention ratio must be between 0 and 1, got {self.retention_ratio}")
+        check_settings(self, NAME)
         if (self.num_inference_steps is None) != (self.mag_ratios is None):
             raise ValueError("num_inference_steps and mag_ratios are calibrated together: set both or neither")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
@@ -64,19 +64,11 @@ class MagCache:
                              "at most one per step")
 
 
-FIELDS = (
-    FormField(f"{NAME}_threshold", "number", 0.06, "Error threshold",
-              "skip a step's blocks while the error predicted from the calibrated magnitude ratios stays below "
-              "this (0: never skip)", 0.0, 1.0, 0.01, sweepable=True),
-    FormField(f"{NAME}_max_skip_steps", "integer", 3, "Most steps skipped in a row", "", 1, MAX_SKIP_STEPS, 1),
-    FormField(f"{NAME}_retention_ratio", "number", 0.2, "Steps always computed first",
-              "share of the first steps never skipped (1: never skip)", 0.0, 1.0, 0.05, advanced=True),
-)
+FIELDS = form_fields(MagCache, NAME)
 
 
 def parse(values: Mapping[str, Any]) -> MagCache:
-    return MagCache(threshold=values[f"{NAME}_threshold"], max_skip_steps=values[f"{NAME}_max_skip_steps"],
-                    retention_ratio=values[f"{NAME}_retention_ratio"])
+    return MagCache(**config_values(MagCache, NAME, values))
 
 
 def summary(config: MagCache) -> str:

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vdtome.core.validation import RequestError
-from vdtome.methods.base import REUSES_ATTENTION, FormField, check_whole_number
+from vdtome.methods.base import REUSES_ATTENTION
 from vdtome.methods.diffusers_cache import cache_method, cache_unavailable, first_refusal, host_timestep
+from vdtome.methods.schema import Part, check_increasing, check_settings, config_values, form_fields, setting
 
 NAME = "pyramid_attention_broadcast"
 # Denoisers whose pipelines call them once per CFG branch, with diffusers' one store per module.
@@ -24,46 +24,36 @@ MAX_SKIP = 10
 KINDS = ("spatial", "temporal", "cross")
 
 
+def _skip(kind: str, default: int, sweepable: bool = False) -> Any:
+    return setting(default, f"{kind.capitalize()} attention: compute every N calls",
+                   f"{kind} attention reuses its output for N - 1 calls in between (1: never reuses)", 1, MAX_SKIP, 1,
+                   sweepable=sweepable, name=f"{kind}_skip")
+
+
 @dataclass(frozen=True)
 class PyramidAttentionBroadcast:
     """``*_skip_range``: an attention of that kind computes every N-th call and reuses its output
     in between (1: always computes); ``timestep_range``: reuse only at timesteps strictly between
     these bounds (diffusers' defaults: 100, 800)."""
 
-    spatial_skip_range: int = 2
-    temporal_skip_range: int = 1
-    cross_skip_range: int = 1
-    timestep_range: tuple[int, int] = (100, 800)
+    spatial_skip_range: int = _skip("spatial", 2, sweepable=True)
+    temporal_skip_range: int = _skip("temporal", 1)
+    cross_skip_range: int = _skip("cross", 1)
+    timestep_range: tuple[int, int] = setting(
+        (100, 800), "Reuse between timesteps", "", 0, 1000, 1, advanced=True, name="timestep",
+        parts=(Part("from", "Reuse above timestep", "outputs are reused only at timesteps strictly between the two "
+                    "bounds"), Part("to", "Reuse below timestep")))
 
     def __post_init__(self) -> None:
-        for kind in KINDS:
-            check_whole_number(f"{kind} attention skip range", getattr(self, f"{kind}_skip_range"), 1, MAX_SKIP)
-        low, high = self.timestep_range
-        if not 0 <= low < high <= 1000:
-            raise ValueError(f"timestep range must satisfy 0 <= from < to <= 1000, got {self.timestep_range}")
+        check_settings(self, NAME)
+        check_increasing(self, NAME, "timestep_range", "reuse")
 
 
-def _skip_field(kind: str, default: int, sweepable: bool = False) -> FormField:
-    return FormField(f"{NAME}_{kind}_skip", "integer", default, f"{kind.capitalize()} attention: compute every N calls",
-                     f"{kind} attention reuses its output for N - 1 calls in between (1: never reuses)",
-                     1, MAX_SKIP, 1, sweepable=sweepable)
-
-
-FIELDS = (
-    _skip_field("spatial", 2, sweepable=True),
-    _skip_field("temporal", 1),
-    _skip_field("cross", 1),
-    FormField(f"{NAME}_timestep_from", "integer", 100, "Reuse above timestep",
-              "outputs are reused only at timesteps strictly between the two bounds", 0, 1000, 1, advanced=True),
-    FormField(f"{NAME}_timestep_to", "integer", 800, "Reuse below timestep", "", 0, 1000, 1, advanced=True),
-)
+FIELDS = form_fields(PyramidAttentionBroadcast, NAME)
 
 
 def parse(values: Mapping[str, Any]) -> PyramidAttentionBroadcast:
-    low, high = values[f"{NAME}_timestep_from"], values[f"{NAME}_timestep_to"]
-    if low >= high:
-        raise RequestError(f"the reuse timestep range is empty: {low} to {high}", f"{NAME}_timestep_to")
-    return PyramidAttentionBroadcast(*(values[f"{NAME}_{kind}_skip"] for kind in KINDS), timestep_range=(low, high))
+    return PyramidAttentionBroadcast(**config_values(PyramidAttentionBroadcast, NAME, values))
 
 
 def summary(config: PyramidAttentionBroadcast) -> str:

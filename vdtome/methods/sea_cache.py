@@ -9,13 +9,13 @@ it ships both for Wan text-to-video and Cosmos 3 only (elsewhere it silently run
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vdtome.methods.base import REUSES_BLOCKS, FormField, check_whole_number
+from vdtome.methods.base import REUSES_BLOCKS
 from vdtome.methods.diffusers_cache import block_cache_unavailable, cache_method, first_refusal
+from vdtome.methods.schema import check_settings, config_values, form_fields, setting
 
 NAME = "sea_cache"
 MAX_STEPS = 100
@@ -32,43 +32,26 @@ class SeaCache:
     ``max_consecutive_cached``: most skips in a row (0: no limit); ``power_exp``: exponent of the
     spectral prior (3 for video). Defaults are diffusers'."""
 
-    threshold: float = 0.25
-    residual_order: int = 1
-    retention_steps: int = 1
-    cache_end_steps: int = 1
-    max_consecutive_cached: int = 2
-    power_exp: float = 3.0
+    threshold: float = setting(0.25, "Change threshold", "skip the blocks while the filtered latents' accumulated "
+                               "relative change stays below this (0: never skip)", 0.0, 2.0, 0.01, sweepable=True)
+    residual_order: int = setting(1, "Residual order", "0 reuses the last residual, 1 extrapolates from the last two",
+                                  0, 1, 1)
+    max_consecutive_cached: int = setting(2, "Most steps skipped in a row", "0: no limit", 0, MAX_CONSECUTIVE, 1,
+                                          name="max_consecutive")
+    retention_steps: int = setting(1, "First steps always computed", "", 0, MAX_STEPS, 1, advanced=True)
+    cache_end_steps: int = setting(1, "Last steps always computed", "", 0, MAX_STEPS, 1, advanced=True,
+                                   name="end_steps")
+    power_exp: float = setting(3.0, "Spectral prior exponent", "3 for video features", 0.5, 6.0, 0.5, advanced=True)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.threshold <= 2.0:
-            raise ValueError(f"SeaCache threshold must be between 0 and 2, got {self.threshold}")
-        for what, low, high in (("residual_order", 0, 1), ("retention_steps", 0, MAX_STEPS),
-                                ("cache_end_steps", 0, MAX_STEPS), ("max_consecutive_cached", 0, MAX_CONSECUTIVE)):
-            check_whole_number(what, getattr(self, what), low, high)
-        if not (math.isfinite(self.power_exp) and 0.5 <= self.power_exp <= 6.0):
-            raise ValueError(f"power_exp must be between 0.5 and 6, got {self.power_exp}")
+        check_settings(self, NAME)
 
 
-FIELDS = (
-    FormField(f"{NAME}_threshold", "number", 0.25, "Change threshold",
-              "skip the blocks while the filtered latents' accumulated relative change stays below this "
-              "(0: never skip)", 0.0, 2.0, 0.01, sweepable=True),
-    FormField(f"{NAME}_residual_order", "integer", 1, "Residual order",
-              "0 reuses the last residual, 1 extrapolates from the last two", 0, 1, 1),
-    FormField(f"{NAME}_max_consecutive", "integer", 2, "Most steps skipped in a row", "0: no limit",
-              0, MAX_CONSECUTIVE, 1),
-    FormField(f"{NAME}_retention_steps", "integer", 1, "First steps always computed", "", 0, MAX_STEPS, 1,
-              advanced=True),
-    FormField(f"{NAME}_end_steps", "integer", 1, "Last steps always computed", "", 0, MAX_STEPS, 1, advanced=True),
-    FormField(f"{NAME}_power_exp", "number", 3.0, "Spectral prior exponent", "3 for video features",
-              0.5, 6.0, 0.5, advanced=True),
-)
+FIELDS = form_fields(SeaCache, NAME)
 
 
 def parse(values: Mapping[str, Any]) -> SeaCache:
-    return SeaCache(threshold=values[f"{NAME}_threshold"], residual_order=values[f"{NAME}_residual_order"],
-                    retention_steps=values[f"{NAME}_retention_steps"], cache_end_steps=values[f"{NAME}_end_steps"],
-                    max_consecutive_cached=values[f"{NAME}_max_consecutive"], power_exp=values[f"{NAME}_power_exp"])
+    return SeaCache(**config_values(SeaCache, NAME, values))
 
 
 def summary(config: SeaCache) -> str:

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from vdtome.methods.base import REUSES_ATTENTION, FormField, check_whole_number
+from vdtome.methods.base import REUSES_ATTENTION
 from vdtome.methods.diffusers_cache import cache_method
+from vdtome.methods.schema import check_settings, config_values, form_fields, setting
 
 NAME = "taylorseer_cache"
 MAX_INTERVAL = 10
@@ -33,36 +34,25 @@ class TaylorSeerCache:
     ``max_order``: the series' order (0 reuses the last output); ``factors_dtype``: the dtype its
     factors are stored in. Defaults are diffusers'."""
 
-    cache_interval: int = 5
-    disable_cache_before_step: int = 3
-    max_order: int = 1
-    factors_dtype: str = "bfloat16"
+    cache_interval: int = setting(5, "Compute every N steps", "after the warm-up, attention computes once every N "
+                                  "steps and is forecast in between (1: always)", 1, MAX_INTERVAL, 1, sweepable=True,
+                                  name="interval")
+    disable_cache_before_step: int = setting(3, "Full steps first", "steps computed in full before any forecast, to "
+                                             "fit the series", 1, MAX_WARMUP, 1, name="warmup_steps")
+    max_order: int = setting(1, "Taylor order", "0 reuses the last output; higher orders extrapolate", 0, MAX_ORDER, 1,
+                             advanced=True, name="order")
+    factors_dtype: str = setting("bfloat16", "Factor dtype", "dtype the series' factors are stored in", options=DTYPES,
+                                 advanced=True, name="dtype")
 
     def __post_init__(self) -> None:
-        for what, low, high in (("cache_interval", 1, MAX_INTERVAL), ("disable_cache_before_step", 1, MAX_WARMUP),
-                                ("max_order", 0, MAX_ORDER)):
-            check_whole_number(what, getattr(self, what), low, high)
-        if self.factors_dtype not in DTYPES:
-            raise ValueError(f"factors_dtype must be one of {', '.join(DTYPES)}, got {self.factors_dtype!r}")
+        check_settings(self, NAME)
 
 
-FIELDS = (
-    FormField(f"{NAME}_interval", "integer", 5, "Compute every N steps",
-              "after the warm-up, attention computes once every N steps and is forecast in between (1: always)",
-              1, MAX_INTERVAL, 1, sweepable=True),
-    FormField(f"{NAME}_warmup_steps", "integer", 3, "Full steps first",
-              "steps computed in full before any forecast, to fit the series", 1, MAX_WARMUP, 1),
-    FormField(f"{NAME}_order", "integer", 1, "Taylor order", "0 reuses the last output; higher orders extrapolate",
-              0, MAX_ORDER, 1, advanced=True),
-    FormField(f"{NAME}_dtype", "choice", "bfloat16", "Factor dtype", "dtype the series' factors are stored in",
-              options=DTYPES, advanced=True),
-)
+FIELDS = form_fields(TaylorSeerCache, NAME)
 
 
 def parse(values: Mapping[str, Any]) -> TaylorSeerCache:
-    return TaylorSeerCache(cache_interval=values[f"{NAME}_interval"],
-                           disable_cache_before_step=values[f"{NAME}_warmup_steps"],
-                           max_order=values[f"{NAME}_order"], factors_dtype=values[f"{NAME}_dtype"])
+    return TaylorSeerCache(**config_values(TaylorSeerCache, NAME, values))
 
 
 def summary(config: TaylorSeerCache) -> str:
