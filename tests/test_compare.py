@@ -210,7 +210,7 @@ def test_allocation_failure_in_the_accelerated_run_keeps_the_baseline_and_frees_
         assert held and held[0]() is None, "memory released while the exception still held the failed run's tensors"
         releases.append(device)
 
-    monkeypatch.setattr("vdtome.engine.release_memory", release)
+    monkeypatch.setattr("vdtome.engine.engine.release_memory", release)
     hook = pipe.transformer.register_forward_pre_hook(exhaust)
     try:
         result = engine.run(request(seed=21, methods=ToMeConfig(ratio=0.5)))

@@ -55,11 +55,12 @@ from typing import Any
 
 import torch
 
+from vdtome.core.validation import RequestError
 from vdtome.measure.environment import environment, environment_line
 from vdtome.measure.memory import MemoryMonitor, _nvml_handle
 from vdtome.measure.stats import median, paired_ratio
 from vdtome.measure.timing import Stopwatch, gc_paused, sync
-from vdtome.methods import apply_stack, check_stack, method_of, stack_label
+from vdtome.methods import METHODS, apply_stack, check_stack, method_of, parse_method_spec, stack_label
 
 MODELS = ("wan", "cogvideox")
 DEFAULT_METHODS = ("tome", "first_block_cache")
@@ -537,7 +538,6 @@ def run_gpucheck(out: str | Path, *, models: Sequence[str] = MODELS, methods: Se
     if unknown:
         raise ValueError(f"unknown model {unknown[0]!r}; known: {', '.join(SPECS)}")
     if methods is None:
-        from vdtome.methods import METHODS
 
         methods = [METHODS[name].config_from({}) for name in DEFAULT_METHODS]
     stacks = [(config,) for config in methods] + ([tuple(methods)] if len(methods) > 1 else [])
@@ -597,8 +597,6 @@ def add_parser(commands) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    from vdtome.core.validation import RequestError
-    from vdtome.methods import parse_method_spec
 
     try:
         methods = [parse_method_spec(text) for text in args.method] or None

@@ -19,6 +19,7 @@ from typing import Any
 from vdtome.bench.runner import SUMMARY_HEADER, BenchPlan, BenchRow, SettingSummary, speed_cell, summary_cells
 from vdtome.bench.sweep import axis_label, field_label
 from vdtome.engine.fidelity import PSNR_CAP_DB
+from vdtome.measure.environment import environment_line
 from vdtome.measure.stats import Verdict
 from vdtome.methods import method_of
 
@@ -206,7 +207,6 @@ def write_report(plan: BenchPlan, rows: Sequence[BenchRow], summaries: Sequence[
     front = {s.setting_key for s in pareto_front(summaries)}
     e = html.escape
     environment = next((r.environment for r in rows if r.environment), {})
-    from vdtome.measure.environment import environment_line
 
     hosts = sorted({r.host for r in rows if r.host})
     failed = [r for r in rows if not r.ok]

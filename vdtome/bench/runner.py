@@ -30,9 +30,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from vdtome.bench.sweep import Setting, Sweep
-from vdtome.core.validation import RequestError
+from vdtome.bench.sweep import Setting, Sweep, parse_sweep
+from vdtome.core.denoisers import pipeline_denoiser_types
+from vdtome.core.presets import get_preset, load_prompts
+from vdtome.core.validation import RequestError, text
+from vdtome.engine.engine import Cancelled, ComparisonEngine
+from vdtome.engine.pipelines import ModelUnavailableError
+from vdtome.engine.request import ComparisonRequest, resolve
 from vdtome.measure.stats import Verdict, median, range_phrase, speed_phrase
+from vdtome.methods import check_available, check_stack
 
 ROWS_FILE = "rows.jsonl"
 SUMMARY_FILE = "summary.csv"
@@ -86,7 +92,6 @@ class BenchPlan:
         return tuple(Group(prompt, seed) for prompt in self.prompts for seed in self.seeds)
 
     def request(self, group: Group, setting: Setting):
-        from vdtome.engine.request import ComparisonRequest
 
         return ComparisonRequest(preset=self.preset, prompt=group.prompt, seed=group.seed, methods=setting.configs,
                                  snap=False, **self.request_fields)
@@ -104,10 +109,6 @@ class BenchPlan:
         """Every request valid before anything runs: each setting's stack on this model (its
         availability, the stacking rules, the sweep's request fields) and each prompt. A bad size
         or a method the model cannot take is named now, not after an hour of rows."""
-        from vdtome.core.denoisers import pipeline_denoiser_types
-        from vdtome.core.presets import get_preset
-        from vdtome.engine.request import resolve
-        from vdtome.methods import check_available, check_stack
 
         try:
             preset = get_preset(self.preset)
@@ -320,7 +321,6 @@ class BenchWorker:
     def __init__(self, device: str | None = None, threads: int | None = None, engine: Any = None) -> None:
         import torch
 
-        from vdtome.engine.engine import ComparisonEngine
 
         if threads:
             torch.set_num_threads(threads)
@@ -357,8 +357,6 @@ def run_serial(plan: BenchPlan, todo: Sequence[tuple[Group, frozenset[str]]], wo
                progress: Callable | None = None, cancel: Any = None) -> Iterator[Event]:
     """Groups one after another in this process. A cancel and a model that cannot load (no retry
     helps either) end the whole benchmark."""
-    from vdtome.engine.engine import Cancelled
-    from vdtome.engine.pipelines import ModelUnavailableError
 
     for group, skip in todo:
         try:
@@ -677,7 +675,6 @@ def first_repeat(items: Iterable[Any]) -> Any:
 
 def read_prompts(source: str, limit: int | None = None) -> tuple[str, ...]:
     """Prompts from a text file (one a line, ``#`` comments) or a shipped prompt set's name."""
-    from vdtome.core.presets import load_prompts
 
     path = Path(source)
     if path.is_file():
@@ -732,8 +729,6 @@ FORM_FIELDS = {"preset": "bench_preset", "prompts": "bench_prompts", "prompt": "
 def plan_from_form(preset: Any, prompts: Any, seeds: Any, sweep_text: Any, origin: str = "the sweep") -> BenchPlan:
     """A plan from the app's Benchmark form (prompts one a line, seeds "0,1", the sweep's YAML);
     errors name the form's field. Its requests are checked by :meth:`BenchPlan.check`."""
-    from vdtome.bench.sweep import parse_sweep
-    from vdtome.core.validation import text
 
     lines = text("prompts", prompts, "bench_prompts", limit=FORM_TEXT_CHARS).splitlines()
     chosen = tuple(line.strip() for line in lines if line.strip())

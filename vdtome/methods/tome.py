@@ -9,7 +9,7 @@ from typing import Any
 
 from vdtome.core.validation import RequestError
 from vdtome.methods.base import Evidence, FormField, Method, MethodReport
-from vdtome.tome import ToMeConfig, apply_tome
+from vdtome.tome import SUPPORTED_MODELS, ToMeConfig, apply_tome
 
 RATIO_STEP = 0.05
 MAX_STRIDE = 9  # the video ToMe study's widest cell is 4x6x9
@@ -153,7 +153,6 @@ class AppliedToMe:
 
 
 def _unavailable(denoiser_types: tuple[type, ...]) -> str | None:
-    from vdtome.tome import SUPPORTED_MODELS
 
     if any(cls.__name__ in SUPPORTED_MODELS for cls in denoiser_types):
         return None

@@ -60,7 +60,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vdtome.core.frames import to_uint8
 from vdtome.offline import shapes
+from vdtome.offline.tiny import _seeded, _wan_flow_scheduler, tiny_tokenizer, tiny_umt5_encoder, tiny_wan_transformer
 
 # Checkpoint file names in the work folder.
 VAE_CHECKPOINT = "vae.pt"
@@ -117,7 +119,6 @@ def build_vae(seed: int):
     2x temporal compression, 16 latent channels (as Wan 2.1's transformer expects)."""
     from diffusers import AutoencoderKLWan
 
-    from vdtome.offline.tiny import _seeded
 
     with _seeded(seed):
         return AutoencoderKLWan(
@@ -156,7 +157,6 @@ def build_pipeline(config: TrainConfig, vae=None):
     """The pipeline before stage 3 (or with ``vae``): tokenizer and text encoder are final at this point."""
     from diffusers import WanPipeline
 
-    from vdtome.offline.tiny import _wan_flow_scheduler, tiny_tokenizer, tiny_umt5_encoder, tiny_wan_transformer
 
     if config.init_from:
         pipe = _load_init(config)
@@ -395,7 +395,6 @@ def train_transformer(config: TrainConfig, pipe, pool: dict, work: Path, progres
 def generate(config: TrainConfig, pipe, scene: shapes.Scene, seed: int, steps: int = 20,
              guidance: float = 5.0) -> np.ndarray:
     """One clip (F, H, W, 3) uint8 through the real pipeline call, at the training clips' size."""
-    from vdtome.core.frames import to_uint8
 
     video = pipe(
         prompt=scene.prompt, num_frames=config.frames, height=config.side, width=config.side,
