@@ -229,26 +229,35 @@ def field_validator(names: tuple[str, ...], planner):
 # ---- event handlers ------------------------------------------------------------------------------
 
 
-async def _execute(requests: list[ComparisonRequest], source: str | None, progress,
-                   forms: list[dict] | None = None) -> list[ComparisonView]:
-    """Run in a worker thread; a cancelled event or a departed client stops it at the next step."""
+async def _cancellable(what: str, work, discard, cleanup=lambda: None):
+    """Run ``work(flag)`` in a worker thread until it ends; a cancelled event or a departed client
+    sets the flag, which stops it at its next denoising step. ``discard`` gets what an abandoned run
+    returned; ``cleanup`` runs when it failed or was cancelled (nobody will be shown its files)."""
     flag = CANCEL_FLAGS.new()
-    prune(GRADIO_CACHE, KEEP_CACHE_ENTRIES, LIMITS.cache_mb * 2**20)  # before this run's files arrive
 
     def stop(reason: str) -> None:
-        print(f"vdtome: stopping a comparison: {reason}", flush=True)
+        print(f"vdtome: stopping a {what}: {reason}", flush=True)
         flag.set()
 
     try:
-        return await run_until_abandoned(lambda: run_requests(requests, source, flag, progress=progress, forms=forms),
-                                         stop, discard=_discard)
+        return await run_until_abandoned(lambda: work(flag), stop, discard=discard)
     except (RequestError, ModelUnavailableError) as error:
-        raise gr.Error(str(error), title="Cannot run this comparison") from None
+        cleanup()
+        raise gr.Error(str(error), title=f"Cannot run this {what}") from None
     except Cancelled as error:
-        print(f"vdtome: {error}; nothing was written", flush=True)
-        raise gr.Error("The comparison was cancelled.", title="Cancelled") from None
+        cleanup()
+        print(f"vdtome: {error}; nothing was kept", flush=True)
+        raise gr.Error(f"The {what} was cancelled.", title="Cancelled") from None
     finally:
         flag.clear()
+
+
+async def _execute(requests: list[ComparisonRequest], source: str | None, progress,
+                   forms: list[dict] | None = None) -> list[ComparisonView]:
+    """One comparison or a sweep, cancellable (see :func:`_cancellable`)."""
+    prune(GRADIO_CACHE, KEEP_CACHE_ENTRIES, LIMITS.cache_mb * 2**20)  # before this run's files arrive
+    return await _cancellable("comparison", lambda flag: run_requests(requests, source, flag, progress=progress,
+                                                                      forms=forms), _discard)
 
 
 def _history_outputs(history: list[dict]):
@@ -457,23 +466,9 @@ async def benchmark(bench_preset, bench_prompts, bench_seeds, bench_sweep, progr
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     prune(BENCH_DIR, KEEP_BENCHES - 1, LIMITS.outputs_mb * 2**20)
     folder = Path(tempfile.mkdtemp(prefix="bench-", dir=BENCH_DIR))
-    flag = CANCEL_FLAGS.new()
-
-    def stop(reason: str) -> None:
-        print(f"vdtome: stopping a benchmark: {reason}", flush=True)
-        flag.set()
-
-    try:
-        outcome = await run_until_abandoned(lambda: run_benchmark(plan, folder, flag, progress=progress), stop,
-                                            discard=lambda _: shutil.rmtree(folder, ignore_errors=True))
-    except (RequestError, ModelUnavailableError) as error:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise gr.Error(str(error), title="Cannot run this benchmark") from None
-    except Cancelled:
-        shutil.rmtree(folder, ignore_errors=True)  # nobody will be shown its rows
-        raise gr.Error("The benchmark was cancelled.", title="Cancelled") from None
-    finally:
-        flag.clear()
+    remove = functools.partial(shutil.rmtree, folder, ignore_errors=True)
+    outcome = await _cancellable("benchmark", lambda flag: run_benchmark(plan, folder, flag, progress=progress),
+                                 discard=lambda _: remove(), cleanup=remove)
     return bench_outputs(outcome)
 
 

@@ -20,6 +20,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+TIERS = ("slow", "server", "browser")  # anything not marked one of these is a unit test (pytest.ini)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test belongs to exactly one tier, so ``-m unit`` is the fast tier and nothing else."""
+    for item in items:
+        marked = [tier for tier in TIERS if item.get_closest_marker(tier)]
+        if len(marked) > 1:
+            raise pytest.UsageError(f"{item.nodeid} is marked {' and '.join(marked)}: one tier only")
+        if not marked:
+            item.add_marker(pytest.mark.unit)
 
 
 def _free_port() -> int:

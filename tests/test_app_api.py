@@ -10,6 +10,8 @@ from gradio_client.exceptions import ValidationError
 
 from vdtome.engine.video_io import probe
 
+pytestmark = pytest.mark.server
+
 PROMPT = "A paper boat drifts down a rain-filled gutter past glowing shop windows."
 END_TO_END = "end-to-end (projected: denoising + untouched phases measured here)"
 

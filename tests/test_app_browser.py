@@ -8,11 +8,14 @@ screenshots are made this way: ``make screenshot``).
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from vdtome.core.presets import load_prompts
+
+pytestmark = pytest.mark.browser
 
 CHROMIUM = os.environ.get("VDTOME_CHROMIUM", "/usr/bin/chromium")
 FLAGS = [
@@ -25,6 +28,28 @@ FLAGS = [
     "--disable-quic",
 ]
 TIMEOUT_MS = 120_000
+# What a run shows while it works: Gradio's progress bars ("round 2/7 · baseline · step 3/20").
+PROGRESS_TEXT = "() => [...document.querySelectorAll('.progress-level-inner')].map(bar => bar.textContent).join(' | ')"
+
+
+def wait_for_work(page, done: str, stall_ms: int = TIMEOUT_MS) -> None:
+    """Wait until ``done`` holds for as long as the work takes while it visibly advances (a busy
+    machine only makes it slower); fail when the progress text stood still for ``stall_ms``: a run
+    that is stuck, not one that is slow."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    last, since = None, time.monotonic()
+    while True:
+        try:
+            page.wait_for_function(done, timeout=5_000)
+            return
+        except PlaywrightTimeout:
+            shown = page.evaluate(PROGRESS_TEXT)
+            if shown != last:
+                last, since = shown, time.monotonic()
+            elif time.monotonic() - since > stall_ms / 1000:
+                raise AssertionError(f"no progress for {stall_ms / 1000:.0f} s waiting for {done} "
+                                     f"(the page last showed {shown!r})") from None
 
 BOTH_PLAYABLE = """() => ['#side-by-side'].every(id => {
     const v = document.querySelector(id + ' video');
@@ -79,7 +104,7 @@ def test_compare_in_the_browser_then_bad_input_then_again(page, tmp_path):
     set_ratio(page, "0.3")
     page.locator("#run").click()
 
-    page.wait_for_function(BOTH_PLAYABLE, timeout=TIMEOUT_MS)
+    wait_for_work(page, BOTH_PLAYABLE)
     page.wait_for_function(f"() => ({METRICS})()['merge ratio (requested / effective)'] !== undefined")
     metrics = page.evaluate(METRICS)
     requested, effective = metrics["merge ratio (requested / effective)"][1].split(" / ")
@@ -104,8 +129,8 @@ def test_compare_in_the_browser_then_bad_input_then_again(page, tmp_path):
     frames.fill("13")
     set_ratio(page, "0.5")
     page.locator("#run").click()
-    page.wait_for_function(f"() => ({HISTORY_ROWS})() === 2", timeout=TIMEOUT_MS)
-    page.wait_for_function(BOTH_PLAYABLE, timeout=TIMEOUT_MS)
+    wait_for_work(page, f"() => ({HISTORY_ROWS})() === 2")
+    wait_for_work(page, BOTH_PLAYABLE)
     metrics = page.evaluate(METRICS)
     assert metrics["merge ratio (requested / effective)"][1] == "0.50 / 0.50"
     page.get_by_role("tab", name="Each video").click()
@@ -160,7 +185,7 @@ def test_a_past_run_restores_its_settings_and_comes_into_view(browser, app_serve
     page.goto(app_server)
     set_ratio(page, "0.4")
     page.locator("#run").click()
-    page.wait_for_function(f"() => ({HISTORY_ROWS})() >= 1", timeout=TIMEOUT_MS)
+    wait_for_work(page, f"() => ({HISTORY_ROWS})() >= 1")
     set_ratio(page, "0.2")
     page.locator("#run-picker").scroll_into_view_if_needed()
     page.locator("#run-picker input").click()
@@ -212,8 +237,8 @@ def test_two_methods_stack_through_the_page(page):
         close.click()
 
     page.locator("#run").click()
-    page.wait_for_function(f"() => ({HISTORY_ROWS})() === {runs + 1}", timeout=TIMEOUT_MS)
-    page.wait_for_function(BOTH_PLAYABLE, timeout=TIMEOUT_MS)
+    wait_for_work(page, f"() => ({HISTORY_ROWS})() === {runs + 1}")
+    wait_for_work(page, BOTH_PLAYABLE)
     metrics = page.evaluate(METRICS)
     assert metrics["token merging (ToMe): merge ratio (requested / effective)"][1].startswith("0.50 / ")
     skipped = metrics["first block cache: transformer-block computations skipped (each CFG sample counted)"][1]
@@ -276,8 +301,8 @@ def test_a_sweep_is_one_curve_on_the_chart_and_the_history_survives_a_reload(pag
     rounds.fill("2")  # the curve is what this checks: 3 points of 2 rounds each, not 3 x 7
     rounds.press("Enter")
     page.locator("#sweep").click()
-    # Sized to its work: each point is a whole comparison on a 2-core machine shared with the browser.
-    page.wait_for_function(f"() => ({HISTORY_ROWS})() === {runs + 3}", timeout=3 * TIMEOUT_MS)
+    # Three whole comparisons on a 2-core machine shared with the browser: as long as they advance.
+    wait_for_work(page, f"() => ({HISTORY_ROWS})() === {runs + 3}")
     page.wait_for_function(f"() => ({LINES})() === 1", timeout=10_000)
     page.wait_for_function(f"() => ({STORED})() !== {stored}", timeout=10_000)  # saved in the browser
     page.reload()

@@ -29,6 +29,7 @@ def output_folders() -> set:
     return set(root.iterdir()) if root.exists() else set()
 
 
+@pytest.mark.slow
 def test_a_cancelled_event_stops_at_the_next_step_writes_nothing_and_the_next_run_succeeds():
     """Gradio cancels an event by cancelling its task (the API's /cancel, the page's Cancel): the
     worker thread must stop too, and the event must not end before it has."""
@@ -68,6 +69,7 @@ def test_a_cancelled_event_stops_at_the_next_step_writes_nothing_and_the_next_ru
     lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB"),
     lambda: RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
 ])
+@pytest.mark.slow
 def test_allocation_failure_is_shown_not_fatal_and_not_recorded(failure):
     pipe = tiny_wan_pipe()
 

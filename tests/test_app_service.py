@@ -17,6 +17,8 @@ from gradio_client.utils import QueueError
 
 from vdtome.web.ui import api_fields, method_defaults
 
+pytestmark = pytest.mark.server
+
 PROMPT = "A paper boat drifts down a rain-filled gutter past glowing shop windows."
 # A run of about two minutes on 2 cores (7 rounds x 2 sides x 500 steps, each call about 5 s),
 # allowed by this server's work limit; a quick one (1 round, 2 steps) for "the next request

@@ -8,6 +8,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # the app imported in subprocesses (a fake ZeroGPU), comparisons run end to end
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A stand-in for the `spaces` package: like ZeroGPU it runs the decorated function in a forked

@@ -65,6 +65,7 @@ def uninterrupted(tmp_path_factory) -> tuple[Path, str]:
     return out, run.stdout
 
 
+@pytest.mark.slow
 def test_smoke_sweep_writes_rows_summary_plots_and_report(uninterrupted):
     out, stdout = uninterrupted
     rows = RowsFile(out / "rows.jsonl").read()
@@ -96,6 +97,7 @@ def test_smoke_sweep_writes_rows_summary_plots_and_report(uninterrupted):
     assert "Pareto front" in report and PROMPTS[1] in report
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_with_only_the_missing_rows(uninterrupted, tmp_path, capsys):
     out = tmp_path / "bench"
     command = bench_command(out)
@@ -201,6 +203,7 @@ def test_a_failed_row_keeps_its_own_error_when_its_group_later_raises(tmp_path):
                                            "RuntimeError: boom"]
 
 
+@pytest.mark.slow
 def test_ray_gives_the_serial_figures_and_retries_then_records_a_failing_group(uninterrupted, tmp_path):
     ray = pytest.importorskip("ray")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors get this module's workers

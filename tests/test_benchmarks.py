@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_step_caches_quick_runs_a_cache_tome_and_the_stack():
     command = [sys.executable, "benchmarks/step_caches.py", "--quick", "--methods", "first_block_cache",
                "--set", "first_block_cache_threshold=1.0"]  # 1.0: skips whenever it may, so the spy sees it

@@ -28,6 +28,8 @@ from vdtome.offline import tiny
 from vdtome.tome import ToMeConfig
 from vdtome.tome.hooks import is_registered
 
+pytestmark = pytest.mark.slow  # whole pipelines and comparisons, run end to end
+
 PROMPT = "a paper boat drifts down a rain-filled gutter"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.unit
+
 
 PACKAGE = Path(__file__).resolve().parents[1] / "vdtome"
 # Lowest first: a module may import from its own layer and those before it, never after.
@@ -126,6 +126,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 def test_the_library_works_without_the_app_and_benchmark_dependencies():
     """``import vdtome``, token merging applied and removed (bitwise), a stack and the engine, with
     gradio, altair, matplotlib, ray (and FastAPI, pandas, spaces) unimportable."""

@@ -519,6 +519,7 @@ def _transparent_huge_pages() -> str:
 @pytest.mark.skipif(
     _transparent_huge_pages() == "always", reason="huge pages back fresh mappings: ten times fewer faults to count"
 )
+@pytest.mark.slow
 def test_retain_freed_host_memory_stops_page_fault_churn():
     """From glibc's initial state (blocks over 128 KiB mapped afresh and unmapped on free, pinned
     here by its own environment variable: its adaptive threshold makes the default path-dependent)

@@ -264,6 +264,7 @@ def test_low_precision_inputs(dtype, window):
     assert torch.equal(merge.unmerge(merged), merge.unmerge(merge.merge(x.float())).to(dtype))
 
 
+@pytest.mark.slow
 def test_chunked_scores_bound_peak_memory():
     """Global matching of 24k sources x 8k destinations would need a 768 MiB score matrix."""
     script = textwrap.dedent(

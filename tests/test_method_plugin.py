@@ -21,7 +21,7 @@ from vdtome.methods import METHODS, Evidence, FormField, Method, MethodReport, r
 from vdtome.methods.schema import SCHEMA, config_values, form_fields
 from vdtome.web.ui import api_fields, method_defaults, settings_from_query, stack_from_form
 
-pytestmark = pytest.mark.unit
+
 
 
 # ---- the method's module: a config, its form, what it does (counts denoiser calls), its report ----
@@ -111,6 +111,7 @@ def _compare_help(parser) -> str:
     return action.choices["compare"].format_help()
 
 
+@pytest.mark.slow
 def test_result_json_carries_the_new_methods_report(registered, tmp_path):
     engine = ComparisonEngine(device="cpu", output_root=tmp_path / "outputs", noise_dir=tmp_path / "noise")
     result = engine.run(ComparisonRequest(preset="tiny-wan", prompt="a boat", methods=(CountCalls(every=1),),

@@ -41,7 +41,6 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-@pytest.mark.unit
 def test_requirements_txt_pins_exactly_the_library_and_the_apps_extras():
     """The Space installs requirements.txt: the library, the app and the benchmark extras, at the
     versions the suite ran with, which are pyproject's lower bounds."""
@@ -53,7 +52,6 @@ def test_requirements_txt_pins_exactly_the_library_and_the_apps_extras():
     assert "vdtome[bench]" in extras["app"] and "vdtome[app]" in extras["dev"]
 
 
-@pytest.mark.unit
 def test_the_data_is_package_data():
     from vdtome.bench.sweep import SWEEPS_DIR
     from vdtome.core.presets import DATA_DIR, PRESETS_DIR, get_preset

@@ -267,6 +267,7 @@ def engine(tmp_path_factory):
     return ComparisonEngine(device="cpu", output_root=tmp_path_factory.mktemp("protocol"), keep_outputs=4)
 
 
+@pytest.mark.slow
 def test_each_round_is_two_adjacent_calls_in_alternating_order(engine):
     result = engine.run(ComparisonRequest("tiny-wan", PROMPT, seed=1, methods=ToMeConfig(ratio=0.5), rounds=4))
     calls = sorted(result.timing.calls, key=lambda c: c.started_at)
@@ -276,6 +277,7 @@ def test_each_round_is_two_adjacent_calls_in_alternating_order(engine):
     assert [c.decoded for c in calls] == [True, True] + [False] * 6
 
 
+@pytest.mark.slow
 def test_ratio_zero_did_nothing_and_claims_no_speed(engine):
     """Ratio 0 patches nothing: the page claims no speed, and the A/A measurement behind it has an
     interval that holds 1 (the protocol's own check; one rerun allowed, see a_a_attempts)."""
@@ -293,6 +295,7 @@ def test_ratio_zero_did_nothing_and_claims_no_speed(engine):
     assert rows["denoising loop (median of 7 rounds)"][3].startswith("no speed claim: token merging (ToMe) did nothing")
 
 
+@pytest.mark.slow
 def test_one_pair_gets_no_interval_and_no_verdict(engine):
     result = engine.run(ComparisonRequest("tiny-wan", PROMPT, seed=5, methods=ToMeConfig(ratio=0.5), rounds=1))
     for phase in ("denoising", "end_to_end"):
@@ -302,6 +305,7 @@ def test_one_pair_gets_no_interval_and_no_verdict(engine):
     assert card.value == "not tested" and card.tone == "untested"
 
 
+@pytest.mark.slow
 def test_the_schedule_is_followed_call_by_call(engine):
     schedule = plan_calls(rounds=3, steps=8, timing_steps=3, warmup_steps=2, warm_pipeline=True)
     assert [(c.kind, c.side, c.round, c.steps, c.decode) for c in schedule.calls] == [
@@ -327,6 +331,7 @@ def test_the_schedule_is_followed_call_by_call(engine):
     assert any("every round runs all 8 steps" in note for note in reused.notes)
 
 
+@pytest.mark.slow
 def test_the_noise_threshold_comes_from_this_hosts_a_a_pairs(tmp_path):
     engine = ComparisonEngine(device="cpu", output_root=tmp_path / "out", noise_dir=tmp_path / "noise")
     first = engine.run(ComparisonRequest("tiny-wan", PROMPT, seed=7, methods=ToMeConfig(ratio=0.5)), write=False)
@@ -351,6 +356,7 @@ def test_a_busy_machine_is_read_from_the_other_processes_cpu_time():
     assert "stolen by the hypervisor" in HostLoad(10.0, 8.0, 2.0, 2, 2).busy
 
 
+@pytest.mark.slow
 def test_identical_requests_give_intervals_that_agree(tmp_path):
     """Coverage across requests: the same request sent 8 times. Every interval must overlap every
     other, and at least 6 of 8 must hold the median of all medians (each covers 98 % if the
@@ -372,6 +378,7 @@ def test_identical_requests_give_intervals_that_agree(tmp_path):
     assert attempts[-1][0], attempts
 
 
+@pytest.mark.slow
 def test_phases_the_method_cannot_touch_are_shown_unchanged(engine):
     result = engine.run(ComparisonRequest("tiny-wan", PROMPT, seed=3, methods=ToMeConfig(ratio=0.5)))
     rows = {row[0]: row for row in metric_rows(result)}
@@ -383,6 +390,7 @@ def test_phases_the_method_cannot_touch_are_shown_unchanged(engine):
                for row in rows.values())
 
 
+@pytest.mark.slow
 def test_reruns_under_cpu_load_give_overlapping_intervals(engine):
     """A busy machine (a second process spinning on one of the two cores, stopped after at most
     3 minutes): five reruns of identical settings must agree within their intervals."""
@@ -406,6 +414,7 @@ def test_reruns_under_cpu_load_give_overlapping_intervals(engine):
     assert max(r.low for r in ratios) <= min(r.high for r in ratios), [(r.low, r.high) for r in ratios]
 
 
+@pytest.mark.slow
 def test_ltx_is_called_with_the_frame_rate_its_video_is_written_at(engine, monkeypatch):
     from diffusers import LTXPipeline
 

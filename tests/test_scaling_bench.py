@@ -19,6 +19,7 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_figure_and_resumes(tmp_path, capsys, restore_threads):
     # --system-malloc: the default changes glibc's malloc for the whole process, which other tests measure.
     argv = ["--quick", "--system-malloc", "--out", str(tmp_path)]

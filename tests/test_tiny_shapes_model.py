@@ -19,6 +19,8 @@ from vdtome.methods import apply_stack, default_stack
 from vdtome.offline import shapes
 from vdtome.tome.config import ToMeConfig
 
+pytestmark = pytest.mark.slow  # whole pipelines and comparisons, run end to end
+
 DEFAULT = build_parser().parse_args(["compare", "--prompt", "x"]).preset  # the CLI's (and the app's) default
 #: Held-out evaluation prompts with the seeds scripts/evaluate_tiny_shapes.py gives them (its prompts 0,
 #: 8 and 18). The default merge (ratio 0.3) keeps colour and direction in 18 of the 20 today; these are

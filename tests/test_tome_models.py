@@ -544,6 +544,7 @@ def test_model_cpu_offload_keeps_tome_until_removed(attention_calls):
     torch.testing.assert_close(run_pipeline(pipe, size, steps=2)[0], baseline, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_torch_compile_keeps_matching_eager():
     case = make_case("wan")
     with apply_tome(case.model, ToMeConfig(ratio=0.5)):

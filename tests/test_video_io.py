@@ -141,6 +141,7 @@ def test_enlarge_is_nearest_neighbour_by_a_whole_factor():
     assert enlarge(video, 1) is video
 
 
+@pytest.mark.slow
 def test_write_frames_is_lossless(tmp_path):
     video = (np.random.default_rng(0).random((3, 10, 14, 3)) * 255).astype(np.uint8)
     paths = write_frames(video, tmp_path / "frames", "baseline")

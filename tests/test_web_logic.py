@@ -18,7 +18,7 @@ from vdtome.web.gpu_budget import TINY_GPU_SECONDS, benchmark_duration, comparis
 from vdtome.web.limits import ServiceLimits
 from vdtome.web.ui import HISTORY_COLUMNS, VIEW_FILE, api_fields, method_defaults
 
-pytestmark = pytest.mark.unit
+
 
 PRESETS = load_presets()
 LIMITS = ServiceLimits.from_env(PRESETS, environ={})

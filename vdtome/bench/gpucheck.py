@@ -57,7 +57,7 @@ import torch
 
 from vdtome.core.validation import RequestError
 from vdtome.measure.environment import environment, environment_line
-from vdtome.measure.memory import MemoryMonitor, _nvml_handle
+from vdtome.measure.memory import MemoryMonitor, nvml_handle
 from vdtome.measure.stats import median, paired_ratio
 from vdtome.measure.timing import Stopwatch, gc_paused, sync
 from vdtome.methods import METHODS, apply_stack, check_stack, method_of, parse_method_spec, stack_label
@@ -395,7 +395,7 @@ def nvml_facts(device: torch.device) -> dict[str, Any]:
     except Exception as exc:
         return {"unavailable": f"NVML: {exc}"}
     try:
-        handle = _nvml_handle(pynvml, device)
+        handle = nvml_handle(pynvml, device)
         reads = {
             "name": lambda: pynvml.nvmlDeviceGetName(handle),
             "driver_version": pynvml.nvmlSystemGetDriverVersion,

@@ -229,7 +229,7 @@ class MemoryMonitor:
             return
         self._nvml = pynvml
         try:
-            self._nvml_handle = _nvml_handle(pynvml, self.device)
+            self._nvml_handle = nvml_handle(pynvml, self.device)
             self._nvml_baseline = int(pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle).used)
             self._nvml_peak = self._nvml_baseline
         except Exception as exc:
@@ -382,7 +382,7 @@ class MemoryMonitor:
         )
 
 
-def _nvml_handle(pynvml: Any, device: torch.device) -> Any:
+def nvml_handle(pynvml: Any, device: torch.device) -> Any:
     """NVML handle of a torch CUDA device: by UUID (robust to CUDA_VISIBLE_DEVICES and ordering),
     then by torch's own index mapping, then by the plain index."""
     index = device.index if device.index is not None else torch.cuda.current_device()
