@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-
-
 PACKAGE = Path(__file__).resolve().parents[1] / "vdtome"
 # Lowest first: a module may import from its own layer and those before it, never after.
 LAYERS = ("core", "tome", "methods", "measure", "offline", "engine", "bench", "web")

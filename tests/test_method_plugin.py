@@ -21,9 +21,6 @@ from vdtome.methods import METHODS, Evidence, FormField, Method, MethodReport, r
 from vdtome.methods.schema import SCHEMA, config_values, form_fields
 from vdtome.web.ui import api_fields, method_defaults, settings_from_query, stack_from_form
 
-
-
-
 # ---- the method's module: a config, its form, what it does (counts denoiser calls), its report ----
 
 

@@ -17,6 +17,7 @@ def library_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
+@pytest.mark.slow
 def test_the_library_snippet_reproduces_the_apps_figures(capsys):
     comparison, own_pipeline, stack = library_blocks()[:3]
     assert "tests/test_readme.py" in README.read_text().split(own_pipeline)[0][-200:]  # the marked block

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from vdtome.cli import build_parser
+from vdtome.core.frames import to_uint8
 from vdtome.core.presets import get_preset
 from vdtome.engine.fidelity import fidelity
 from vdtome.engine.pipelines import load_pipeline
 from vdtome.engine.request import ComparisonRequest, resolve
-from vdtome.core.frames import to_uint8
 from vdtome.methods import apply_stack, default_stack
 from vdtome.offline import shapes
 from vdtome.tome.config import ToMeConfig

@@ -18,8 +18,6 @@ from vdtome.web.gpu_budget import TINY_GPU_SECONDS, benchmark_duration, comparis
 from vdtome.web.limits import ServiceLimits
 from vdtome.web.ui import HISTORY_COLUMNS, VIEW_FILE, api_fields, method_defaults
 
-
-
 PRESETS = load_presets()
 LIMITS = ServiceLimits.from_env(PRESETS, environ={})
 CPU = RequestGates(PRESETS, LIMITS, has_gpu=False)
