@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from vdtome.core.presets import load_presets
 from vdtome.core.validation import RequestError
 from vdtome.engine.request import ComparisonRequest
 from vdtome.measure.protocol import MAX_GPU_SECONDS
+from vdtome.methods import METHODS, method_of
 from vdtome.web import history
 from vdtome.web.gates import RequestGates
 from vdtome.web.gpu_budget import TINY_GPU_SECONDS, benchmark_duration, comparison_duration, comparison_estimate
@@ -120,3 +122,22 @@ def test_a_past_run_is_found_only_in_a_folder_this_server_could_have_written(tmp
     for forged in ("../../etc", "run-abc/../..", "/etc"):
         assert history.run_folder([entry(1, folder=forged)], 1, tmp_path) is None
     assert history.run_folder([entry(1)], 1, Path("/nonexistent")) is None
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "assets" / "examples").glob("*/view.json"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.parent.name)
+def test_a_shipped_examples_code_builds_the_request_it_shows(path):
+    """The Examples tab's "reproduce it" code runs against today's public API (the call itself is
+    left out) and asks for the settings its form records."""
+    view = json.loads(path.read_text(encoding="utf-8"))
+    code, call = view["code"].rsplit("\n", 1)
+    assert call.startswith("print(result.speedup") and code.startswith("import vdtome\n")
+    namespace: dict = {}
+    exec(code.replace("result = vdtome.compare(", "request = ("), namespace)
+    request, form = namespace["request"], view["form"]
+    assert (request.preset, request.prompt, request.seed, request.steps) == (form["preset"], form["prompt"],
+                                                                           form["seed"], form["steps"])
+    assert [method_of(config).name for config in request.methods] == [
+        name for name in METHODS if form.get(f"use_{name}")]
