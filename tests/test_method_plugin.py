@@ -90,6 +90,19 @@ def test_the_form_and_the_api_take_the_new_method(registered):
     assert refused.value.field == "count_calls_every"  # the form marks the field
 
 
+def test_the_pages_form_shows_the_new_method(registered):
+    import gradio as gr
+
+    import app
+
+    with gr.Blocks():
+        widgets, switches, panels = app.method_panel(app.PRESETS["tiny-wan"])
+    assert "count_calls" in panels and widgets["use_count_calls"] in switches
+    assert widgets["use_count_calls"].value is False  # not on by default
+    field = widgets["count_calls_every"]
+    assert (field.label, field.minimum, field.maximum, field.value) == ("Count every", 1, 5, 1)
+
+
 def test_the_command_line_takes_the_new_method(registered, capsys):
     parser = cli.build_parser()
     assert "--count-calls-every" in parser.format_help() or "--count-calls-every" in _compare_help(parser)
