@@ -107,6 +107,7 @@ from vdtome.web.ui import (
     appended_from,
     comparison_view,
     field_bound,
+    form_targets,
     history_export,
     method_defaults,
     panel_title,
@@ -680,22 +681,8 @@ def _form_updates(values: dict, problems: list[str], notice: str) -> tuple:
     """Updates of the form to ``values``, in the order of the form outputs: the fields of
     :data:`LINK_FIELDS`, the switches (locked where the preset cannot take a method), the preset's
     notes, Run, Run sweep and the notice."""
-    name = values.get("preset")
-    if name is not None and name not in PRESETS:
-        problems.append(f"preset: no preset named {shown(name)}")
-        values.pop("preset")
-    updates: list[object] = []
-    preset = PRESETS[values.get("preset", DEFAULT_PRESET)]
-    defaults = {"frames": preset.num_frames, "height": preset.height, "width": preset.width,
-                "steps": preset.num_inference_steps, "guidance": preset.guidance_scale, "rounds": preset.timing_rounds,
-                **method_defaults(preset)}
-    for field in LINK_FIELDS:
-        if field in values:
-            updates.append(gr.update(value=values[field]))
-        elif "preset" in values and field in defaults:
-            updates.append(gr.update(value=defaults[field]))
-        else:
-            updates.append(gr.update())
+    preset, targets = form_targets(values, problems, PRESETS, DEFAULT_PRESET, LINK_FIELDS)
+    updates = [gr.update(value=targets[field]) if field in targets else gr.update() for field in LINK_FIELDS]
     reasons = _unavailable(preset)
     switches = [gr.Checkbox(**_switch(method, reasons[key], values.get(method.enable_field)))
                 for key, method in METHODS.items()]

@@ -18,7 +18,7 @@ from vdtome.web import history
 from vdtome.web.gates import RequestGates
 from vdtome.web.gpu_budget import TINY_GPU_SECONDS, benchmark_duration, comparison_duration, comparison_estimate
 from vdtome.web.limits import ServiceLimits
-from vdtome.web.ui import HISTORY_COLUMNS, VIEW_FILE, api_fields, method_defaults
+from vdtome.web.ui import HISTORY_COLUMNS, VIEW_FILE, api_fields, form_targets, method_defaults
 
 PRESETS = load_presets()
 LIMITS = ServiceLimits.from_env(PRESETS, environ={})
@@ -141,3 +141,16 @@ def test_a_shipped_examples_code_builds_the_request_it_shows(path):
                                                                            form["seed"], form["steps"])
     assert [method_of(config).name for config in request.methods] == [
         name for name in METHODS if form.get(f"use_{name}")]
+
+
+def test_a_link_takes_the_form_to_its_values_and_a_new_presets_defaults():
+    fields = ("preset", "prompt", "steps", "frames", "ratio")
+    problems: list[str] = []
+    preset, targets = form_targets({"preset": "tiny-ltx", "steps": 3}, problems, PRESETS, "tiny-wan", fields)
+    assert preset.name == "tiny-ltx" and not problems
+    assert targets == {"preset": "tiny-ltx", "steps": 3, "frames": PRESETS["tiny-ltx"].num_frames,
+                       "ratio": method_defaults(PRESETS["tiny-ltx"])["ratio"]}  # the prompt is left as it is
+    preset, targets = form_targets({"prompt": "a kite"}, problems, PRESETS, "tiny-wan", fields)
+    assert preset.name == "tiny-wan" and targets == {"prompt": "a kite"}  # same preset: nothing else moves
+    preset, targets = form_targets({"preset": "nope", "steps": 3}, problems, PRESETS, "tiny-wan", fields)
+    assert problems == ["preset: no preset named 'nope'"] and preset.name == "tiny-wan" and targets == {"steps": 3}

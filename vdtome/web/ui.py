@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from vdtome.core.presets import DATA_DIR, ModelPreset, get_preset, load_prompts
-from vdtome.core.validation import PLAIN_DECIMAL, RequestError, boolean, decimal_list
+from vdtome.core.validation import PLAIN_DECIMAL, RequestError, boolean, decimal_list, shown
 from vdtome.engine.fidelity import PSNR_CAP_DB
 from vdtome.engine.report import metric_rows, protocol_line
 from vdtome.engine.request import ComparisonResult, ResolvedSettings
@@ -605,6 +605,29 @@ def settings_query(values: Mapping[str, Any]) -> str:
 
 
 NUMBER_FIELDS = ("seed", "frames", "height", "width", "steps", "guidance", "rounds")
+
+
+def form_targets(values: dict[str, Any], problems: list[str], presets: Mapping[str, ModelPreset], default: str,
+                 fields: tuple[str, ...]) -> tuple[ModelPreset, dict[str, Any]]:
+    """Where a restored link (or a shown run) takes the form: the preset it will show and the new
+    value of each of ``fields`` that changes (the value given, else the new preset's default when
+    the preset changes; a field left out stays as it is). An unknown preset is dropped and named in
+    ``problems``, never guessed."""
+    name = values.get("preset")
+    if name is not None and name not in presets:
+        problems.append(f"preset: no preset named {shown(name)}")
+        values = {key: value for key, value in values.items() if key != "preset"}
+    preset = presets[values.get("preset", default)]
+    defaults = {"frames": preset.num_frames, "height": preset.height, "width": preset.width,
+                "steps": preset.num_inference_steps, "guidance": preset.guidance_scale, "rounds": preset.timing_rounds,
+                **method_defaults(preset)}
+    targets = {}
+    for field in fields:
+        if field in values:
+            targets[field] = values[field]
+        elif "preset" in values and field in defaults:
+            targets[field] = defaults[field]
+    return preset, targets
 
 
 def settings_from_query(params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
