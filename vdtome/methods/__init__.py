@@ -35,6 +35,7 @@ REGISTERED = (
 for _module in REGISTERED:
     register(importlib.import_module(f".{_module}", __name__).METHOD)
 
-__all__ = ["METHODS", "add_override", "config_from_overrides", "Applied", "AppliedStack", "CallPlan", "Evidence", "FormField", "Method", "MethodReport", "apply_stack",
-           "check_available", "check_stack", "config_fields", "default_stack", "field_owner", "method_named", "method_of", "method_overrides", "parse_method_spec", "preset_form_defaults", "register",
-           "stack_label"]
+__all__ = ["METHODS", "Applied", "AppliedStack", "CallPlan", "Evidence", "FormField", "Method", "MethodReport",
+           "add_override", "apply_stack", "check_available", "check_stack", "config_fields",
+           "config_from_overrides", "default_stack", "field_owner", "method_named", "method_of",
+           "method_overrides", "parse_method_spec", "preset_form_defaults", "register", "stack_label"]
