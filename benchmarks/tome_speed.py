@@ -177,7 +177,7 @@ def main() -> None:
           "\ninterquartile range; ideal = FLOP-model speedup; efficiency = speedup / ideal;"
           "\noracle = speedup when every attn1 simply runs on its first N - r tokens (same kernels, no matching, one copy back):"
           "\nthe most any token reduction can gain here; vs oracle = speedup / oracle, i.e. how much of that ToMe keeps;"
-          "\noverhead = time in vdtome.match + vdtome.tome.merge + vdtome.unmerge over the patched forward (profiler, which"
+          "\noverhead = time in vdtome.match + vdtome.merge + vdtome.unmerge over the patched forward (profiler, which"
           "\nadds its own per-op cost to these many small ops); faults/fwd = minor page faults per forward.")
 
 

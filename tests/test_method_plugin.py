@@ -76,6 +76,14 @@ def registered():
         METHODS.pop(METHOD.name)
 
 
+def test_a_method_cannot_take_a_name_the_request_uses():
+    clash = dataclasses.replace(METHOD, name="clash", config_type=type("Clash", (), {}),
+                                fields=(dataclasses.replace(FIELDS[0], name="steps"),))
+    with pytest.raises(ValueError, match="'steps' is a name the request or the app uses itself"):
+        register(clash)
+    assert "clash" not in METHODS
+
+
 def test_the_form_and_the_api_take_the_new_method(registered):
     for sweep in (False, True):
         assert api_fields(sweep)[-2:] == ("use_count_calls", "count_calls_every")  # appended, nothing moved

@@ -1,4 +1,4 @@
-"""vdtome.core.presets: model presets and prompt sets from presets/ (no network, nothing downloaded)."""
+"""vdtome.core.presets: model presets and prompt sets from vdtome/data/presets/ (no network, nothing downloaded)."""
 
 from __future__ import annotations
 

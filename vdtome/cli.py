@@ -154,10 +154,11 @@ def _bench(args) -> int:
 
 
 def _compare(args) -> int:
+    from vdtome.core.validation import RequestError
     from vdtome.engine.engine import ComparisonEngine
     from vdtome.engine.pipelines import ModelUnavailableError
     from vdtome.engine.report import format_table
-    from vdtome.engine.request import ComparisonRequest, RequestError
+    from vdtome.engine.request import ComparisonRequest
 
     try:
         request = ComparisonRequest(
@@ -205,11 +206,13 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     from vdtome.methods import METHODS
 
     for method in METHODS.values():
-        group = parser.add_argument_group(f"{method.label} (method {method.name}; adds it to the stack)")
+        group = parser.add_argument_group(
+            f"{method.label} (method {method.name}; adds it to the stack; a preset may set other defaults: "
+            "`python -m vdtome presets`)")
         for form_field in method.fields:
             group.add_argument(f"--{form_field.name.replace('_', '-')}", dest=FIELD_FLAG + form_field.name,
                                metavar="VALUE", default=None,
-                               help="default " + form_field.describe().split(" = ", 1)[1].replace("%", "%%"))
+                               help="method default " + form_field.describe().split(" = ", 1)[1].replace("%", "%%"))
 
 
 def _stack(args) -> tuple:

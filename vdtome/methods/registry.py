@@ -8,6 +8,13 @@ from vdtome.core.validation import RequestError
 from vdtome.methods.base import FormField, Method
 
 METHODS: dict[str, Method] = {}
+# Names the request, the app's form and the command line use themselves: a method's field may not
+# take one (its generated --FIELD flag and its API parameter would clash with theirs).
+RESERVED_NAMES = frozenset({
+    "preset", "prompt", "negative_prompt", "seed", "frames", "height", "width", "steps", "guidance", "rounds",
+    "timing_steps", "warmup_steps", "snap", "methods", "method", "custom_model", "ratios", "sweep_field",
+    "history", "device", "out", "json", "no_snap", "no_baseline_cache",
+})
 
 
 def register(method: Method) -> Method:
@@ -16,6 +23,8 @@ def register(method: Method) -> Method:
         raise ValueError(f"a method named {method.name!r} is registered already")
     taken = {f.name for m in METHODS.values() for f in m.fields} | {m.enable_field for m in METHODS.values()}
     for name in (method.enable_field, *(f.name for f in method.fields)):
+        if name in RESERVED_NAMES:
+            raise ValueError(f"{method.name}: form field {name!r} is a name the request or the app uses itself")
         if name in taken:
             raise ValueError(f"{method.name}: form field {name!r} is taken by another method")
     if any(m.config_type is method.config_type for m in METHODS.values()):

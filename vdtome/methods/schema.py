@@ -56,6 +56,8 @@ def setting(default: Any, label: str, help: str = "", minimum: float | None = No
             step: float | None = None, *, options: tuple[str, ...] = (), sweepable: bool = False,
             advanced: bool = False, name: str | None = None, parts: tuple[Part, ...] = ()) -> Any:
     """A config field that is also a form field (see the module's docstring)."""
+    if sweepable and (parts or not isinstance(default, (int, float)) or isinstance(default, bool)):
+        raise TypeError(f"{label}: only a single number can be swept")
     spec = Setting(label, help, minimum, maximum, step, tuple(options), sweepable, advanced, name, tuple(parts))
     return dataclasses.field(default=default, metadata={SCHEMA: spec})
 
@@ -86,7 +88,7 @@ def form_fields(config_type: type, prefix: str) -> tuple[FormField, ...]:
             (base, spec.label, spec.help, config_field.default)]
         for index, (name, label, help_text, default) in enumerate(pieces):
             out.append(FormField(name, _kind(default, spec), default, label, help_text, spec.minimum, spec.maximum,
-                                 spec.step, spec.options, sweepable=spec.sweepable and index == 0,
+                                 spec.step, spec.options, sweepable=spec.sweepable,
                                  advanced=spec.advanced))
     return tuple(out)
 
@@ -108,8 +110,12 @@ def check_settings(config: Any, prefix: str) -> None:
     fields = iter(form_fields(type(config), prefix))
     for config_field, spec in _settings(type(config)):
         value = getattr(config, config_field.name)
+        if spec.parts and isinstance(value, list):  # as result.json writes a pair
+            value = tuple(value)
+            object.__setattr__(config, config_field.name, value)
         if spec.parts and (not isinstance(value, tuple) or len(value) != len(spec.parts)):
-            raise RequestError(f"{config_field.name} must be a pair (from, to), got {value!r}", config_field.name)
+            first = f"{prefix}_{spec.name or config_field.name}_{spec.parts[0].name}"
+            raise RequestError(f"{config_field.name} must be a pair (from, to), got {value!r}", first)
         for piece in (value if spec.parts else (value,)):
             next(fields).parse(piece)
 

@@ -10,7 +10,7 @@ Three pieces, all reversible: removing them restores the original ``forward`` of
   rotary tables / masks that go with them), runs the sub-layer, and unmerges its output.
 
 Matching, merging and unmerging run under ``torch.profiler.record_function`` ranges named
-``vdtome.match``, ``vdtome.tome.merge`` and ``vdtome.unmerge`` so their cost shows in any profile.
+``vdtome.match``, ``vdtome.merge`` and ``vdtome.unmerge`` so their cost shows in any profile.
 
 The block's own normalisation, adaLN modulation, gates and residuals run at full size, so nothing
 outside the patched sub-layers sees a change of sequence length.
@@ -231,7 +231,7 @@ class MergeSiteHook(ModelHook):
         self._record(num_video, merge.num_kept)
         if merge.num_merged == 0:
             return self.fn_ref.original_forward(*args, **kwargs)
-        with record_function("vdtome.tome.merge"):
+        with record_function("vdtome.merge"):
             call.set(site.tokens, _merge_after(tokens, prefix, merge))
             for name, transform in site.transforms:
                 value = call.get(name)
