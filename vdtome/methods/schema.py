@@ -66,6 +66,11 @@ def _settings(config_type: type) -> list[tuple[dataclasses.Field, Setting]]:
     return [(f, f.metadata[SCHEMA]) for f in dataclasses.fields(config_type) if SCHEMA in f.metadata]
 
 
+def _form_name(prefix: str, config_field: dataclasses.Field, spec: Setting, part: Part | None = None) -> str:
+    base = f"{prefix}_{spec.name or config_field.name}"
+    return base if part is None else f"{base}_{part.name}"
+
+
 def _kind(default: Any, spec: Setting) -> str:
     if isinstance(default, bool):
         return "boolean"
@@ -82,11 +87,10 @@ def form_fields(config_type: type, prefix: str) -> tuple[FormField, ...]:
     """The form fields of ``config_type``'s settings, in declaration order."""
     out = []
     for config_field, spec in _settings(config_type):
-        base = f"{prefix}_{spec.name or config_field.name}"
-        pieces = [(f"{base}_{part.name}", part.label, part.help, value)
+        pieces = [(_form_name(prefix, config_field, spec, part), part.label, part.help, value)
                   for part, value in zip(spec.parts, config_field.default)] if spec.parts else [
-            (base, spec.label, spec.help, config_field.default)]
-        for index, (name, label, help_text, default) in enumerate(pieces):
+            (_form_name(prefix, config_field, spec), spec.label, spec.help, config_field.default)]
+        for name, label, help_text, default in pieces:
             out.append(FormField(name, _kind(default, spec), default, label, help_text, spec.minimum, spec.maximum,
                                  spec.step, spec.options, sweepable=spec.sweepable,
                                  advanced=spec.advanced))
@@ -97,9 +101,8 @@ def config_values(config_type: type, prefix: str, values: Mapping[str, Any]) -> 
     """The config's keyword arguments from checked form values (pairs joined again)."""
     kwargs = {}
     for config_field, spec in _settings(config_type):
-        base = f"{prefix}_{spec.name or config_field.name}"
-        kwargs[config_field.name] = (tuple(values[f"{base}_{part.name}"] for part in spec.parts) if spec.parts
-                                     else values[base])
+        kwargs[config_field.name] = (tuple(values[_form_name(prefix, config_field, spec, part)] for part in spec.parts)
+                                     if spec.parts else values[_form_name(prefix, config_field, spec)])
     return kwargs
 
 
@@ -114,8 +117,8 @@ def check_settings(config: Any, prefix: str) -> None:
             value = tuple(value)
             object.__setattr__(config, config_field.name, value)
         if spec.parts and (not isinstance(value, tuple) or len(value) != len(spec.parts)):
-            first = f"{prefix}_{spec.name or config_field.name}_{spec.parts[0].name}"
-            raise RequestError(f"{config_field.name} must be a pair (from, to), got {value!r}", first)
+            raise RequestError(f"{config_field.name} must be a pair (from, to), got {value!r}",
+                               _form_name(prefix, config_field, spec, spec.parts[0]))
         for piece in (value if spec.parts else (value,)):
             next(fields).parse(piece)
 
@@ -123,7 +126,7 @@ def check_settings(config: Any, prefix: str) -> None:
 def check_increasing(config: Any, prefix: str, name: str, what: str) -> None:
     """A paired setting's rule ``from < to``, naming its second form field."""
     low, high = getattr(config, name)
-    spec = next(spec for config_field, spec in _settings(type(config)) if config_field.name == name)
+    config_field, spec = next(item for item in _settings(type(config)) if item[0].name == name)
     if low >= high:
         raise RequestError(f"the {what} timestep range is empty: {low} to {high}",
-                           f"{prefix}_{spec.name or name}_{spec.parts[-1].name}")
+                           _form_name(prefix, config_field, spec, spec.parts[-1]))
