@@ -251,9 +251,10 @@ class ComparisonEngine:
                 error = error or f"the {name} video has {run.nonfinite_values} NaN/inf values; fidelity is not computed"
         timing = None
         if error is None:
-            # Every registered method acts inside the denoising loop; the other phases are shown
+            # The phases the stack acted in, as its methods report them; the other phases are shown
             # unchanged and double as a noise check.
-            touches = frozenset({DENOISING}) if methods else frozenset()
+            touches = frozenset().union(*(r.phases for r in reports)) if reports else \
+                frozenset({DENOISING}) if methods else frozenset()
             steps_alike = all(m.steps_alike(c) for m, c in zip(methods, request.methods))
             timing = summarise(calls, touches, steps_alike, None if cached is None else cached.memory,
                                per_step=settings.short_rounds, host_load=load.load,

@@ -12,10 +12,13 @@ import platform
 import re
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from vdtome.measure.timing import is_cuda, resolve_device
 
@@ -393,3 +396,51 @@ def nvml_handle(pynvml: Any, device: torch.device) -> Any:
     with contextlib.suppress(Exception):
         return pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(index))
     return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+class TensorMemoryMeter(TorchDispatchMode):
+    """Peak bytes of the tensors the code inside ``with TensorMemoryMeter() as meter:`` holds at once.
+
+    Every operator's outputs are counted once per storage (views share theirs) from when an op
+    returns them until the last reference goes, so the figure is what a non-caching allocator would
+    need on top of what was live at entry: deterministic, on any device, and not blurred by glibc or
+    CUDA keeping freed memory (which is what the RSS and allocator peaks of :class:`MemoryMonitor`
+    show). What a kernel allocates privately (e.g. a fused attention's scratch) is not seen.
+    Every op pays a Python call: for sizing memory (tests, the plan's check, the memory benchmark),
+    never inside a timed call. ``peak_bytes`` also has ``peaks``: the peak so far at each
+    :meth:`mark` (e.g. per phase).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self._live: dict[int, int] = {}
+        self._section_peak = 0
+        self.peaks: dict[str, int] = {}
+
+    def mark(self, name: str) -> None:
+        """Close a section: ``peaks[name]`` is the peak since the previous mark (or entry)."""
+        self.peaks[name] = self._section_peak
+        self._section_peak = self.current_bytes
+
+    def _forget(self, key: int) -> None:
+        self.current_bytes -= self._live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for item in tree_leaves(out):
+            if not isinstance(item, torch.Tensor) or item.device.type == "meta":
+                continue
+            storage = item.untyped_storage()
+            size = storage.nbytes()
+            key = storage.data_ptr()
+            if size == 0 or key in self._live:
+                continue
+            self._live[key] = size
+            self.current_bytes += size
+            weakref.finalize(storage, self._forget, key)
+            if self.current_bytes > self._section_peak:
+                self._section_peak = self.current_bytes
+                self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        return out

@@ -52,12 +52,7 @@ from typing import Any
 import torch
 
 from vdtome.core.denoisers import named_denoisers
-
-TEXT_ENCODING = "text_encoding"
-DENOISING = "denoising"
-VAE_DECODE = "vae_decode"
-END_TO_END = "end_to_end"
-PHASES = (TEXT_ENCODING, DENOISING, VAE_DECODE, END_TO_END)
+from vdtome.core.phases import DENOISING, END_TO_END, PHASES, TEXT_ENCODING, VAE_DECODE  # noqa: F401 (re-exported)
 
 
 

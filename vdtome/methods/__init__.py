@@ -31,6 +31,8 @@ REGISTERED = (
     "taylorseer_cache",
     "mag_cache",
     "sea_cache",
+    "slicing",
+    "step_rehash",
 )
 for _module in REGISTERED:
     register(importlib.import_module(f".{_module}", __name__).METHOD)

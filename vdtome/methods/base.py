@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from vdtome.core.phases import DENOISING
 from vdtome.core.validation import PLAIN_DECIMAL, RequestError, boolean, choice, choices, finite_number, whole_number
 
 FieldKind = Literal["number", "integer", "boolean", "choice", "choices"]
@@ -124,7 +125,9 @@ class MethodReport:
 
     ``summary``: short columns for history rows, sweeps and plots (``{"ratio": 0.5}``);
     ``rows``: metric-table rows (metric, value, note); ``detail``: JSON-safe figures for
-    ``result.json``; ``evidence``: counts that prove it acted (all zero: it did nothing).
+    ``result.json``; ``evidence``: counts that prove it acted (all zero: it did nothing);
+    ``phases``: the phases of a call it acted in (:mod:`vdtome.core.phases`): the timing claims a
+    change there only, and shows the other phases as a noise check.
     """
 
     method: str
@@ -133,6 +136,7 @@ class MethodReport:
     notes: tuple[str, ...] = ()
     detail: Mapping[str, Any] = field(default_factory=dict)
     evidence: tuple[Evidence, ...] = ()
+    phases: frozenset[str] = frozenset({DENOISING})
 
     @property
     def acted(self) -> bool:
@@ -144,6 +148,7 @@ class MethodReport:
             "evidence": [dataclasses.asdict(item) for item in self.evidence],
             "notes": list(self.notes),
             "detail": dict(self.detail),
+            "phases": sorted(self.phases),
         }
 
 
