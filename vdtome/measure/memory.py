@@ -429,13 +429,15 @@ class TensorMemoryMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # An output that shares an input's storage (a view, an in-place op) allocated nothing.
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for item in tree_leaves(out):
             if not isinstance(item, torch.Tensor) or item.device.type == "meta":
                 continue
             storage = item.untyped_storage()
             size = storage.nbytes()
             key = storage.data_ptr()
-            if size == 0 or key in self._live:
+            if size == 0 or key in self._live or key in inputs:
                 continue
             self._live[key] = size
             self.current_bytes += size

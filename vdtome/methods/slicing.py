@@ -164,9 +164,7 @@ class AppliedSlicing:
             self.vae.use_slicing = True
 
     def reset(self) -> None:
-        self.stats = SliceStats()
-        for module in self.modules:
-            module._diffusers_hook.get_hook(HOOK).stats = self.stats
+        self.stats.__init__()
         self.decodes.update({"decoder calls": 0, "one frame": 0})
 
     def remove(self) -> None:

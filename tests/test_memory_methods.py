@@ -1,0 +1,241 @@
+"""Memory methods on the tiny random-weight pipelines and at real widths (CPU, offline).
+
+Slicing must compute exactly what the model computes (bitwise for the feed-forward chunks) while
+the tensors held at once really shrink (counted by :class:`TensorMemoryMeter`); step rehash must
+really skip deep UNet blocks, say how many, and change nothing when it may not reuse. Removal
+leaves no hook and the output as before.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vdtome.core.phases import DENOISING, VAE_DECODE
+from vdtome.core.presets import get_preset
+from vdtome.core.validation import RequestError
+from vdtome.measure.memory import TensorMemoryMeter
+from vdtome.methods import METHODS, apply_stack
+from vdtome.methods.slicing import Slicing, chunk_rows
+from vdtome.methods.step_rehash import StepRehash, deep_blocks
+from vdtome.offline import tiny
+from vdtome.tome import ToMeConfig
+
+TRANSFORMERS = ("tiny-wan", "tiny-wan22", "tiny-cogvideox", "tiny-cogvideox-rotary", "tiny-ltx")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(preset_name: str):
+    pipe = tiny.build_tiny(get_preset(preset_name))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, preset_name: str, steps: int = 4, output_type: str = "latent", **size) -> torch.Tensor:
+    preset = get_preset(preset_name)
+    call = dict(num_frames=preset.num_frames, height=preset.height, width=preset.width) | size
+    output = pipe(prompt="a red fox", num_inference_steps=steps, guidance_scale=preset.guidance_scale,
+                  generator=torch.Generator("cpu").manual_seed(0), output_type=output_type, **call)
+    return output.frames
+
+
+def leftover_hooks(*models) -> list[str]:
+    found = []
+    for model in models:
+        for path, module in model.named_modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and registry.hooks:
+                found.append(f"{path or 'model'}: {', '.join(registry.hooks)}")
+            if module._forward_pre_hooks or module._forward_hooks:
+                found.append(f"{path or 'model'}: torch hooks")
+    return found
+
+
+# ---- the meter
+
+
+def test_the_tensor_meter_counts_what_is_held_at_once_and_what_is_freed():
+    with TensorMemoryMeter() as meter:
+        a = torch.ones(1000, 1000)  # 4 MB
+        b = a * 2  # 4 MB more
+        view = b.view(-1)  # shares b's storage: nothing more
+        del a
+        held = meter.current_bytes
+        c = view + 1  # 4 MB while b is alive: the peak stays 8 MB
+        meter.mark("first")
+        del b, view, c
+    assert held == 4_000_000
+    assert meter.peak_bytes == 8_000_000 and meter.peaks["first"] == 8_000_000
+    assert meter.current_bytes == 0
+
+
+# ---- slicing
+
+
+@pytest.mark.parametrize("preset", (*TRANSFORMERS, "tiny-animatediff"))
+def test_slicing_computes_exactly_what_the_model_computes(preset):
+    pipe = build(preset)
+    before = generate(pipe, preset)
+    with apply_stack(pipe, [Slicing(chunk_tokens=16)]) as stack:
+        sliced = generate(pipe, preset)
+        report = stack.reports()[0]
+    assert torch.equal(sliced, before)
+    calls = report.evidence[0]
+    assert calls.label == "feed-forward calls run in chunks" and calls.count == calls.of > 0
+    assert report.detail["chunks"] > calls.count  # more than one chunk per call
+    assert leftover_hooks(*[m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]) == []
+    assert torch.equal(generate(pipe, preset), before)
+
+
+def test_auto_chunks_keep_the_inner_activation_no_wider_than_the_input():
+    assert chunk_rows(rows=10_000, width=1536, inner=8960, chunk_tokens=0) == 1714
+    assert chunk_rows(rows=10_000, width=1536, inner=8960, chunk_tokens=512) == 512
+    assert 1714 * 8960 <= 10_000 * 1536
+
+
+def test_slicing_lowers_the_peak_of_a_real_width_wan_block_and_changes_no_value():
+    """Wan 2.1 1.3B's widths (1536 wide, 12 heads, feed-forward 8960), one block, 768 tokens: the
+    feed-forward's 8960-wide activation (and GELU's copy of it) is the largest thing a block holds."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                                  out_channels=16, text_dim=64, freq_dim=256, ffn_dim=8960, num_layers=1,
+                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                                  rope_max_seq_len=1024).eval()
+    inputs = dict(hidden_states=torch.randn(1, 16, 3, 32, 32), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 16, 64), return_dict=False)
+
+    def forward() -> tuple[torch.Tensor, int]:
+        with torch.no_grad(), TensorMemoryMeter() as meter:
+            out = model(**inputs)[0]
+        return out, meter.peak_bytes
+
+    plain, plain_peak = forward()
+    with apply_stack(model, [Slicing()]) as stack:
+        sliced, sliced_peak = forward()
+        report = stack.reports()[0]
+    assert torch.equal(sliced, plain)
+    inner = 768 * 8960 * 4
+    assert report.detail["widest_unsliced_bytes"] == inner
+    assert report.detail["widest_sliced_bytes"] <= 768 * 1536 * 4
+    # Two full-width activations (the linear's output and GELU's) are gone.
+    assert plain_peak - sliced_peak > 1.5 * inner * (1 - 1536 / 8960)
+    assert leftover_hooks(model) == []
+
+
+def test_slicing_decodes_animatediff_frame_by_frame_with_a_lower_peak():
+    pipe = build("tiny-animatediff")
+    size = dict(num_frames=16, height=128, width=128)
+
+    def video() -> tuple[torch.Tensor, int]:
+        with TensorMemoryMeter() as meter:
+            frames = generate(pipe, "tiny-animatediff", steps=2, output_type="pt", **size)
+        return frames, meter.peak_bytes
+
+    plain, plain_peak = video()
+    with apply_stack(pipe, [Slicing()]) as stack:
+        sliced, sliced_peak = video()
+        report = stack.reports()[0]
+    assert report.phases == {DENOISING, VAE_DECODE}
+    decoded = report.evidence[1]
+    assert decoded.label == "VAE decoder calls on one frame" and decoded.count == decoded.of == 16
+    assert sliced_peak < 0.8 * plain_peak
+    # A convolution over a batch of 16 and over one frame may round differently: float tolerance.
+    assert torch.allclose(sliced, plain, atol=1e-4)
+    assert pipe.vae.use_slicing is False
+    assert leftover_hooks(pipe.unet, pipe.vae) == []
+
+
+def test_slicing_says_a_video_vae_is_left_as_it_was():
+    pipe = build("tiny-wan")
+    with apply_stack(pipe, [Slicing()]) as stack:
+        generate(pipe, "tiny-wan", steps=1, output_type="np")
+        report = stack.reports()[0]
+    assert report.phases == {DENOISING}
+    assert any("AutoencoderKLWan as it was" in note for note in report.notes)
+
+
+def test_slicing_stacks_with_token_merging():
+    pipe = build("tiny-wan")
+    merged = apply_stack(pipe, [ToMeConfig(ratio=0.5)])
+    try:
+        expected = generate(pipe, "tiny-wan")
+    finally:
+        merged.remove()
+    with apply_stack(pipe, [ToMeConfig(ratio=0.5), Slicing(chunk_tokens=16)]) as stack:
+        both = generate(pipe, "tiny-wan")
+        reports = stack.reports()
+    assert torch.equal(both, expected)
+    assert [r.method for r in reports] == ["tome", "slicing"] and all(r.acted for r in reports)
+
+
+def test_slicing_fields_are_checked_naming_the_form_field():
+    with pytest.raises(RequestError, match="tokens per chunk") as caught:
+        Slicing(chunk_tokens=-1)
+    assert caught.value.field == "slicing_chunk_tokens"
+    assert METHODS["slicing"].from_form({"slicing_chunk_tokens": 512}) == Slicing(chunk_tokens=512)
+
+
+# ---- step rehash
+
+
+STEPS = 10
+
+
+def test_step_rehash_in_interval_mode_skips_the_deep_blocks_between_full_steps():
+    pipe = build("tiny-animatediff")
+    before = generate(pipe, "tiny-animatediff", steps=STEPS)
+    deep = len(deep_blocks(pipe.unet))
+    with apply_stack(pipe, [StepRehash(mode="interval", interval=3)]) as stack:
+        reused = generate(pipe, "tiny-animatediff", steps=STEPS)
+        report = stack.reports()[0]
+    # Full steps 0, 3, 6, 9 (one CFG-batched UNet call each); the other six reuse every deep block.
+    assert report.detail["reused_calls"] == 6 and report.detail["calls"] == STEPS
+    assert report.evidence[0].count == 6 * deep and report.evidence[0].of == STEPS * deep
+    assert not torch.equal(reused, before)
+    assert leftover_hooks(pipe.unet) == []
+    assert torch.equal(generate(pipe, "tiny-animatediff", steps=STEPS), before)
+
+
+def test_step_rehash_by_similarity_reuses_only_below_its_threshold():
+    pipe = build("tiny-animatediff")
+    before = generate(pipe, "tiny-animatediff", steps=STEPS)
+    with apply_stack(pipe, [StepRehash(threshold=0.0)]) as stack:
+        never = generate(pipe, "tiny-animatediff", steps=STEPS)
+        never_report = stack.reports()[0]
+    with apply_stack(pipe, [StepRehash(threshold=1.0, interval=3)]) as stack:
+        often = generate(pipe, "tiny-animatediff", steps=STEPS)
+        stack_report = stack.reports()[0]
+        stack.reset()
+        again = generate(pipe, "tiny-animatediff", steps=STEPS)
+    assert torch.equal(never, before) and not never_report.acted
+    assert len(never_report.detail["changes"]) == STEPS - 1  # every step after the first was measured
+    assert any("never reused" in note for note in never_report.notes)
+    # At most interval - 1 = 2 reused steps in a row: steps 1, 2, 4, 5, 7, 8 reuse.
+    assert stack_report.detail["reused_calls"] == 6 and stack_report.acted
+    assert torch.equal(often, again) and not torch.equal(often, before)
+
+
+def test_step_rehash_stacks_with_token_merging_on_animatediff():
+    pipe = build("tiny-animatediff")
+    with apply_stack(pipe, [ToMeConfig(ratio=0.5), StepRehash(mode="interval", interval=2)]) as stack:
+        generate(pipe, "tiny-animatediff", steps=4)
+        reports = stack.reports()
+    assert [r.method for r in reports] == ["tome", "step_rehash"] and all(r.acted for r in reports)
+    assert leftover_hooks(pipe.unet) == []
+
+
+@pytest.mark.parametrize("preset", TRANSFORMERS)
+def test_step_rehash_is_refused_for_transformers_with_the_reason(preset):
+    pipe = build(preset)
+    with pytest.raises(RequestError, match="is a transformer: step rehash reuses a UNet's deep"):
+        apply_stack(pipe, [StepRehash()])
+    assert leftover_hooks(*[m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]) == []
