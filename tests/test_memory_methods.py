@@ -17,7 +17,9 @@ from vdtome.core.validation import RequestError
 from vdtome.measure.memory import TensorMemoryMeter
 from vdtome.methods import METHODS, apply_stack
 from vdtome.methods.slicing import Slicing, chunk_rows
+from vdtome.methods.layerwise_casting import LayerwiseCasting
 from vdtome.methods.step_rehash import StepRehash, deep_blocks
+from vdtome.methods.vae_tiling import VaeTiling
 from vdtome.offline import tiny
 from vdtome.tome import ToMeConfig
 
@@ -239,3 +241,77 @@ def test_step_rehash_is_refused_for_transformers_with_the_reason(preset):
     with pytest.raises(RequestError, match="is a transformer: step rehash reuses a UNet's deep"):
         apply_stack(pipe, [StepRehash()])
     assert leftover_hooks(*[m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]) == []
+
+
+# ---- diffusers' weight and decode placement
+
+
+def state_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("preset", ["tiny-wan", "tiny-wan22", "tiny-animatediff"])
+def test_layerwise_casting_stores_fp8_weights_and_removal_restores_them_bitwise(preset):
+    pipe = build(preset)
+    models = [m for m in (getattr(pipe, n, None) for n in ("transformer", "transformer_2", "unet")) if m is not None]
+    states = [state_of(m) for m in models]
+    before = generate(pipe, preset, steps=2)
+    with apply_stack(pipe, [LayerwiseCasting()]) as stack:
+        cast = generate(pipe, preset, steps=2)
+        report = stack.reports()[0]
+        dtypes = {p.dtype for m in models for p in m.parameters()}
+    assert torch.float8_e4m3fn in dtypes
+    assert report.acted and 0 < report.detail["weight_bytes_after"] < report.detail["weight_bytes_before"]
+    assert report.detail["denoiser_calls"] > 0
+    # Slightly different (float8 weights), not broken.
+    assert not torch.equal(cast, before) and (cast - before).abs().mean() < 0.1 * before.abs().mean()
+    assert leftover_hooks(*models) == []
+    for model, state in zip(models, states):
+        after = model.state_dict()
+        assert all(torch.equal(after[name], tensor) and after[name].dtype == tensor.dtype for name, tensor in state.items())
+    assert torch.equal(generate(pipe, preset, steps=2), before)
+
+
+def test_vae_tiling_decodes_in_tiles_with_a_lower_peak_and_removal_restores_the_vae():
+    pipe = build("tiny-wan")
+    size = dict(num_frames=9, height=256, width=256)
+    saved = {name: getattr(pipe.vae, name) for name in ("use_tiling", "tile_sample_min_height",
+                                                         "tile_sample_stride_height")}
+
+    def video() -> tuple[torch.Tensor, int]:
+        with TensorMemoryMeter() as meter:
+            frames = generate(pipe, "tiny-wan", steps=1, output_type="pt", **size)
+        return frames, meter.peak_bytes
+
+    plain, plain_peak = video()
+    with apply_stack(pipe, [VaeTiling(tile_px=128)]) as stack:
+        tiled, tiled_peak = video()
+        report = stack.reports()[0]
+    assert report.phases == {VAE_DECODE}
+    assert report.detail["tiled_decodes"] == 1 and report.evidence[0].count > 0
+    assert tiled_peak < 0.9 * plain_peak
+    assert tiled.shape == plain.shape and not torch.equal(tiled, plain)
+    assert {name: getattr(pipe.vae, name) for name in saved} == saved
+    assert "tiled_decode" not in vars(pipe.vae) and leftover_hooks(pipe.vae) == []
+    assert torch.equal(video()[0], plain)
+
+
+def test_vae_tiling_says_when_the_preset_tiles_already():
+    pipe = build("tiny-wan")
+    pipe.vae.enable_tiling(tile_sample_min_height=128, tile_sample_min_width=128)
+    with apply_stack(pipe, [VaeTiling()]) as stack:
+        generate(pipe, "tiny-wan", steps=1, output_type="pt", num_frames=5, height=256, width=256)
+        report = stack.reports()[0]
+    assert not report.acted and report.detail["tile_decoder_calls"] > 0
+    assert any("decodes in tiles of the VAE's default size already" in note for note in report.notes)
+    assert pipe.vae.use_tiling is True
+
+
+def test_a_tile_size_cogvideox_cannot_take_is_refused_and_leaves_nothing():
+    pipe = build("tiny-cogvideox")
+    with pytest.raises(TypeError, match="decodes in tiles of its own size only"):
+        apply_stack(pipe, [VaeTiling(tile_px=128)])
+    assert pipe.vae.use_tiling is False and leftover_hooks(pipe.vae) == []
+    with pytest.raises(RequestError, match="at least 32 px") as caught:
+        VaeTiling(tile_px=16)
+    assert caught.value.field == "vae_tiling_tile_px"

@@ -74,3 +74,19 @@ def active_attention_backend() -> str:
 
     backend = _AttentionBackendRegistry._active_backend
     return getattr(backend, "value", str(backend))
+
+
+def remove_layerwise_casting(model: torch.nn.Module) -> None:
+    """Take diffusers' layerwise-casting hooks off ``model`` without their ``deinitalize_hook`` (which
+    refuses: casting back cannot restore lost bits; the caller puts the original weights back)."""
+    from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK
+
+    for module in model.modules():
+        registry = hook_registry(module)
+        hook = None if registry is None else registry.get_hook(_LAYERWISE_CASTING_HOOK)
+        if hook is not None:
+            hook.deinitalize_hook = lambda module: module
+            registry.remove_hook(_LAYERWISE_CASTING_HOOK, recurse=False)
+    registry = hook_registry(model)
+    if registry is not None:
+        registry.invalidate_child_registries_cache()

@@ -33,6 +33,8 @@ REGISTERED = (
     "sea_cache",
     "slicing",
     "step_rehash",
+    "vae_tiling",
+    "layerwise_casting",
 )
 for _module in REGISTERED:
     register(importlib.import_module(f".{_module}", __name__).METHOD)
