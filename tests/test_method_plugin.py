@@ -153,7 +153,6 @@ def test_a_config_built_in_code_obeys_its_forms_rules_word_for_word(method):
     in code is refused by the same rule, with the same message, naming the same field."""
     assert method.fields == form_fields(method.config_type, method.name)
     numeric = [f for f in method.fields if f.kind in ("integer", "number")]
-    assert numeric
     for form_field in numeric:
         for outside in (form_field.minimum - 1, form_field.maximum + 1):
             values = method.form_defaults() | {form_field.name: outside}

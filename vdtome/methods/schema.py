@@ -50,15 +50,18 @@ class Setting:
     advanced: bool
     name: str | None
     parts: tuple[Part, ...]
+    sweep_example: str
 
 
 def setting(default: Any, label: str, help: str = "", minimum: float | None = None, maximum: float | None = None,
             step: float | None = None, *, options: tuple[str, ...] = (), sweepable: bool = False,
-            advanced: bool = False, name: str | None = None, parts: tuple[Part, ...] = ()) -> Any:
+            advanced: bool = False, name: str | None = None, parts: tuple[Part, ...] = (),
+            sweep_example: str = "") -> Any:
     """A config field that is also a form field (see the module's docstring)."""
     if sweepable and (parts or not isinstance(default, (int, float)) or isinstance(default, bool)):
         raise TypeError(f"{label}: only a single number can be swept")
-    spec = Setting(label, help, minimum, maximum, step, tuple(options), sweepable, advanced, name, tuple(parts))
+    spec = Setting(label, help, minimum, maximum, step, tuple(options), sweepable, advanced, name, tuple(parts),
+                   sweep_example)
     return dataclasses.field(default=default, metadata={SCHEMA: spec})
 
 
@@ -93,7 +96,7 @@ def form_fields(config_type: type, prefix: str) -> tuple[FormField, ...]:
         for name, label, help_text, default in pieces:
             out.append(FormField(name, _kind(default, spec), default, label, help_text, spec.minimum, spec.maximum,
                                  spec.step, spec.options, sweepable=spec.sweepable,
-                                 advanced=spec.advanced))
+                                 advanced=spec.advanced, sweep_example=spec.sweep_example))
     return tuple(out)
 
 

@@ -37,7 +37,7 @@ class VaeTiling:
 
     tile_px: int = setting(0, "Tile size (px)", "decode in tiles of this many pixels a side, overlapping by a quarter; "
                            "0: the VAE's own default (frames no larger than one tile are not tiled)", 0, 2048, 16,
-                           sweepable=True)
+                           sweepable=True, sweep_example="64, 128, 256, 512")
 
     def __post_init__(self) -> None:
         check_settings(self, NAME)
