@@ -17,7 +17,9 @@ from vdtome.core.validation import RequestError
 from vdtome.measure.memory import TensorMemoryMeter
 from vdtome.methods import METHODS, apply_stack
 from vdtome.methods.slicing import Slicing, chunk_rows
+from vdtome.core.diffusers_compat import hooks_under
 from vdtome.methods.layerwise_casting import LayerwiseCasting
+from vdtome.methods.offload import Offload, OffloadedPipeline
 from vdtome.methods.step_rehash import StepRehash, deep_blocks
 from vdtome.methods.vae_tiling import VaeTiling
 from vdtome.offline import tiny
@@ -315,3 +317,36 @@ def test_a_tile_size_cogvideox_cannot_take_is_refused_and_leaves_nothing():
     with pytest.raises(RequestError, match="at least 32 px") as caught:
         VaeTiling(tile_px=16)
     assert caught.value.field == "vae_tiling_tile_px"
+
+
+def test_offloading_is_refused_on_a_cpu_pipeline_naming_the_reason():
+    pipe = build("tiny-wan")
+    with pytest.raises(TypeError, match="computes on the CPU, where there is nothing to offload to"):
+        apply_stack(pipe, [Offload()])
+    assert leftover_hooks(pipe.transformer, pipe.vae, pipe.text_encoder) == []
+
+
+@pytest.mark.parametrize("mode", ["model", "group_block", "group_leaf"])
+@pytest.mark.parametrize("preset", ["tiny-wan", "tiny-animatediff"])
+def test_offloading_hooks_apply_and_remove_exactly(preset, mode):
+    """On the CPU nothing moves, but diffusers' hooks are attached and taken off as on a GPU: the
+    output is unchanged while they run and nothing of them is left after."""
+    pipe = build(preset)
+    modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+    before = generate(pipe, preset, steps=2, output_type="pt")
+    offloaded = OffloadedPipeline(pipe, Offload(mode=mode), torch.device("cpu"))
+    try:
+        if mode == "model":
+            assert any(hasattr(m, "_hf_hook") for m in modules)
+        else:
+            assert all(hooks_under(m) for m in modules if list(m.parameters()))
+        during = generate(pipe, preset, steps=2, output_type="pt")
+        report = offloaded.report()
+    finally:
+        offloaded.remove()
+    assert torch.equal(during, before)
+    assert not report.acted and report.notes == ("computing on the CPU: nothing moved",)
+    assert report.phases == {"text_encoding", "denoising", "vae_decode"}
+    assert not any(hasattr(sub, "_hf_hook") for m in modules for sub in m.modules())
+    assert leftover_hooks(*modules) == []
+    assert torch.equal(generate(pipe, preset, steps=2, output_type="pt"), before)

@@ -90,3 +90,21 @@ def remove_layerwise_casting(model: torch.nn.Module) -> None:
     registry = hook_registry(model)
     if registry is not None:
         registry.invalidate_child_registries_cache()
+
+
+def remove_group_offloading(module: torch.nn.Module) -> None:
+    """Take diffusers' group-offloading hooks off ``module`` (diffusers has no public way to)."""
+    from diffusers.hooks.group_offloading import (
+        _GROUP_OFFLOADING,
+        _LAYER_EXECUTION_TRACKER,
+        _LAZY_PREFETCH_GROUP_OFFLOADING,
+    )
+
+    for sub in module.modules():  # block-level offloading may leave the top module without a registry
+        registry = hook_registry(sub)
+        for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+            if registry is not None and registry.get_hook(name) is not None:
+                registry.remove_hook(name, recurse=False)
+    registry = hook_registry(module)
+    if registry is not None:
+        registry.invalidate_child_registries_cache()

@@ -35,6 +35,7 @@ REGISTERED = (
     "step_rehash",
     "vae_tiling",
     "layerwise_casting",
+    "offload",
 )
 for _module in REGISTERED:
     register(importlib.import_module(f".{_module}", __name__).METHOD)
