@@ -277,6 +277,9 @@ class ModelPreset:
     # Per method name, the form fields whose defaults differ on this model ({"tome": {"ratio": 0.5}}):
     # chosen for the model (e.g. by a sweep), checked by the method's own fields where they are used.
     method_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # How the memory plan sizes a hub model without its weights (vdtome.engine.plan): the denoiser's
+    # and VAE's diffusers classes and configs, and the other components' published sizes.
+    memory: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_builtin(self) -> bool:
@@ -467,6 +470,7 @@ def _parse_preset(path: Path, index: int, raw: Any) -> ModelPreset:
         gpu_time=gpu_time,
         vae_tiling=r.get("vae_tiling", bool, required=False, default=False),
         negative_prompt_unsupported=unsupported,
+        memory=dict(r.get("memory", dict, required=False, default={})),
     )
 
 

@@ -401,14 +401,14 @@ def nvml_handle(pynvml: Any, device: torch.device) -> Any:
 class TensorMemoryMeter(TorchDispatchMode):
     """Peak bytes of the tensors the code inside ``with TensorMemoryMeter() as meter:`` holds at once.
 
-    Every operator's outputs are counted once per storage (views share theirs) from when an op
-    returns them until the last reference goes, so the figure is what a non-caching allocator would
-    need on top of what was live at entry: deterministic, on any device, and not blurred by glibc or
-    CUDA keeping freed memory (which is what the RSS and allocator peaks of :class:`MemoryMonitor`
-    show). What a kernel allocates privately (e.g. a fused attention's scratch) is not seen.
-    Every op pays a Python call: for sizing memory (tests, the plan's check, the memory benchmark),
-    never inside a timed call. ``peak_bytes`` also has ``peaks``: the peak so far at each
-    :meth:`mark` (e.g. per phase).
+    Every operator's outputs are counted once per storage (views share theirs; an output that
+    shares an input's storage allocated nothing) from when an op returns them until the last
+    reference goes, so the figure is what a non-caching allocator would need on top of what was live
+    at entry: deterministic, on any device, and not blurred by glibc or CUDA keeping freed memory
+    (which the RSS and allocator peaks of :class:`MemoryMonitor` show). On the meta device it sizes
+    a run without computing it (the memory plan). What a kernel allocates privately (a fused
+    attention's scratch, a cuDNN workspace) is not seen. Every op pays a Python call: for sizing
+    memory, never inside a timed call. ``peaks``: the peak of each section closed by :meth:`mark`.
     """
 
     def __init__(self) -> None:
@@ -429,14 +429,15 @@ class TensorMemoryMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        # An output that shares an input's storage (a view, an in-place op) allocated nothing.
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        # Storages are keyed by their Python object, which torch keeps for as long as the storage
+        # lives (meta storages have no address to key by).
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for item in tree_leaves(out):
-            if not isinstance(item, torch.Tensor) or item.device.type == "meta":
+            if not isinstance(item, torch.Tensor):
                 continue
             storage = item.untyped_storage()
             size = storage.nbytes()
-            key = storage.data_ptr()
+            key = id(storage)
             if size == 0 or key in self._live or key in inputs:
                 continue
             self._live[key] = size

@@ -1,0 +1,419 @@
+"""The memory plan: a request's peak, estimated without running it, and the cheapest methods that fit.
+
+The denoiser and the VAE are built on the meta device (no weights, no compute) and one denoiser
+forward and one decode run there at the request's shapes under :class:`TensorMemoryMeter`: every
+activation is sized exactly as the model's own code makes it, with and without the memory methods
+applied (their hooks run on meta tensors too). Attention is counted as a fused kernel does it (its
+output only, never the score matrix): flash and memory-efficient attention on a GPU, and PyTorch's
+CPU attention, do not hold the scores. Weights are counted from the meta modules in the preset's
+dtypes; a hub preset's text encoders, which this plan does not trace, are counted from their
+published sizes (``memory`` in ``models.json``). The peak of a call is the largest over its phases
+of the weights held then plus that phase's activations.
+
+What it cannot see: a kernel's private workspace (cuDNN, a fused attention's scratch), the CUDA
+context (~0.3-0.5 GB), allocator fragmentation. Tests check the estimate against a measured peak
+on the tiny presets.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from vdtome.core.phases import DENOISING, TEXT_ENCODING, VAE_DECODE
+from vdtome.core.presets import ModelPreset, get_preset
+from vdtome.core.validation import RequestError
+from vdtome.measure.memory import TensorMemoryMeter
+from vdtome.methods import apply_stack
+from vdtome.methods.layerwise_casting import LayerwiseCasting
+from vdtome.methods.offload import Offload
+from vdtome.methods.slicing import Slicing, decodes_frames_as_batch
+from vdtome.methods.vae_tiling import VaeTiling
+
+GIB = 2**30
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# How each pipeline family calls its denoiser: the batch of one call (CFG branches batched or not)
+# and the text tokens it passes.
+CALLS = {"wan": (1, 512), "cogvideox": (2, 226), "ltx": (2, 128), "hunyuan_video": (1, 256), "animatediff": (2, 77)}
+ANIMATEDIFF_DECODE_CHUNK = 16  # AnimateDiffPipeline.decode_latents' default
+
+
+def parse_budget(text: str) -> int:
+    """"24GB", "24 GiB", "80", "7.5GB" -> bytes (GB as GPUs are sold: 2^30 bytes)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(GB|GiB|G)?\s*", str(text), re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise RequestError(f"budget must be a size such as 24GB, got {text!r}", "budget")
+    return int(float(match.group(1)) * GIB)
+
+
+# ---- the models on the meta device
+
+
+@dataclass
+class MetaModels:
+    """What the plan traces and counts for one preset."""
+
+    family: str
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module
+    other_weights: dict[str, int]  # components other than the denoiser and VAE: bytes as loaded
+    batch: int
+    text_tokens: int
+    text_encoders: list[torch.nn.Module] = field(default_factory=list)  # where the preset has them built
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def _to_meta(module: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(module).to("meta")
+
+
+def meta_models(preset: ModelPreset) -> MetaModels:
+    batch, tokens = CALLS[preset.family]
+    if preset.hub_id is None:  # built in code or shipped: build it (cheap) and read its real components
+        from vdtome.engine.pipelines import load_pipeline
+
+        pipe = load_pipeline(preset, "cpu")
+        denoiser = pipe.unet if preset.family == "animatediff" else pipe.transformer
+        others = {name: _bytes(c) for name, c in pipe.components.items()
+                  if isinstance(c, torch.nn.Module) and name not in ("transformer", "unet", "vae", "motion_adapter")}
+        if getattr(pipe, "transformer_2", None) is not None:
+            others["transformer_2"] = _bytes(pipe.transformer_2)
+        tokens = preset.extras.get("max_sequence_length", tokens)
+        # Text encoders look at their inputs' values (.item()): run for real, on one padded prompt (cheap here).
+        encoders = [c for name, c in pipe.components.items()
+                    if name.startswith("text_encoder") and isinstance(c, torch.nn.Module)]
+        return MetaModels(preset.family, _to_meta(denoiser), _to_meta(pipe.vae), others, batch, tokens, encoders)
+    spec = preset.memory
+    if not spec:
+        raise RequestError(f"{preset.label} has no memory description in models.json; the plan cannot size it",
+                           "preset")
+    import diffusers
+
+    dtypes = preset.extras.get("component_dtypes", {})
+    with torch.device("meta"):
+        if preset.family == "animatediff":
+            unet = diffusers.UNet2DConditionModel(**spec["denoiser"].get("unet2d", {}))
+            denoiser = diffusers.UNetMotionModel.from_unet2d(unet, diffusers.MotionAdapter(**spec["denoiser"].get(
+                "motion_adapter", {})))
+        else:
+            denoiser = getattr(diffusers, spec["denoiser"]["class"])(**spec["denoiser"].get("config", {}))
+        vae = getattr(diffusers, spec["vae"]["class"])(**spec["vae"].get("config", {}))
+    denoiser_name = "unet" if preset.family == "animatediff" else "transformer"
+    denoiser.to(DTYPES[dtypes.get(denoiser_name, preset.dtype)])
+    vae.to(DTYPES[dtypes.get("vae", preset.dtype)])
+    others = {name: int(gb * 1e9) for name, gb in spec.get("other_weights_gb", {}).items()}
+    return MetaModels(preset.family, denoiser, vae, others, batch, preset.extras.get("max_sequence_length", tokens))
+
+
+# ---- tracing
+
+
+class _FusedAttention(TorchFunctionMode):
+    """``scaled_dot_product_attention`` as a fused kernel holds it: its output, not the scores."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            query = args[0] if args else kwargs["query"]
+            value = args[2] if len(args) > 2 else kwargs["value"]
+            return query.new_empty((*query.shape[:-1], value.shape[-1]))
+        return func(*args, **kwargs)
+
+
+@contextmanager
+def _traced() -> Iterator[TensorMemoryMeter]:
+    with torch.no_grad(), _FusedAttention(), TensorMemoryMeter() as meter:
+        yield meter
+
+
+def _vae_factors(family: str, vae: Any) -> tuple[int, int]:
+    """(temporal, spatial) compression of the VAE, as the pipelines compute them."""
+    if family == "wan":
+        return vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+    if family in ("ltx", "hunyuan_video"):
+        return vae.temporal_compression_ratio, vae.spatial_compression_ratio
+    if family == "cogvideox":
+        return vae.config.temporal_compression_ratio, 2 ** (len(vae.config.block_out_channels) - 1)
+    return 1, 2 ** (len(vae.config.block_out_channels) - 1)  # animatediff: an image VAE
+
+
+def _latent_size(models: MetaModels, frames: int, height: int, width: int) -> tuple[int, int, int]:
+    temporal, spatial = _vae_factors(models.family, models.vae)
+    latent_frames = frames if temporal == 1 else (frames - 1) // temporal + 1
+    return latent_frames, height // spatial, width // spatial
+
+
+def _denoiser_inputs(models: MetaModels, frames: int, height: int, width: int) -> dict[str, Any]:
+    m, config = models.denoiser, models.denoiser.config
+    dtype = next(p.dtype for p in m.parameters() if p.is_floating_point())
+    b, tokens = models.batch, models.text_tokens
+    t, h, w = _latent_size(models, frames, height, width)
+
+    def empty(*shape, dtype=dtype):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    timestep = torch.full((b,), 500, device="meta", dtype=torch.long)
+    if models.family == "wan":
+        return dict(hidden_states=empty(b, config.in_channels, t, h, w), timestep=timestep,
+                    encoder_hidden_states=empty(b, tokens, config.text_dim), return_dict=False)
+    if models.family == "cogvideox":
+        return dict(hidden_states=empty(b, t, config.in_channels, h, w), timestep=timestep,
+                    encoder_hidden_states=empty(b, config.max_text_seq_length, config.text_embed_dim), return_dict=False)
+    if models.family == "ltx":
+        temporal, spatial = _vae_factors("ltx", models.vae)
+        return dict(hidden_states=empty(b, t * h * w, config.in_channels), timestep=timestep,
+                    encoder_hidden_states=empty(b, tokens, config.caption_channels),
+                    encoder_attention_mask=empty(b, tokens, dtype=torch.long), num_frames=t, height=h, width=w,
+                    rope_interpolation_scale=(temporal / 25, spatial, spatial), return_dict=False)
+    if models.family == "hunyuan_video":
+        return dict(hidden_states=empty(b, config.in_channels, t, h, w), timestep=timestep,
+                    encoder_hidden_states=empty(b, tokens, config.text_embed_dim),
+                    encoder_attention_mask=empty(b, tokens, dtype=torch.long),
+                    pooled_projections=empty(b, config.pooled_projection_dim),
+                    guidance=torch.full((b,), 6000.0, device="meta"), return_dict=False)
+    # AnimateDiffPipeline repeats the prompt embeddings for every frame.
+    return dict(sample=empty(b, config.in_channels, t, h, w), timestep=timestep,
+                encoder_hidden_states=empty(b * t, tokens, config.cross_attention_dim), return_dict=False)
+
+
+def trace_denoiser(models: MetaModels, frames: int, height: int, width: int, sliced: bool = False) -> int:
+    """Peak activation bytes of one denoiser call at this size."""
+    inputs = _denoiser_inputs(models, frames, height, width)
+    with apply_stack(models.denoiser, [Slicing(vae=False)] if sliced else []), _traced() as meter:
+        models.denoiser(**inputs)
+    return meter.peak_bytes + sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
+
+
+def trace_text(models: MetaModels) -> int | None:
+    """Peak activation bytes of encoding one prompt (pipelines encode the prompt and the negative
+    one in separate calls); None where the text encoders are only counted, not built."""
+    if not models.text_encoders:
+        return None
+    peaks = []
+    for encoder in models.text_encoders:
+        ids = torch.zeros(1, models.text_tokens, dtype=torch.long, device=next(encoder.parameters()).device)
+        with _traced() as meter:
+            encoder(input_ids=ids, attention_mask=torch.ones_like(ids))
+        peaks.append(meter.peak_bytes)
+    return max(peaks)
+
+
+def _video_bytes(frames: int, height: int, width: int) -> int:
+    return 3 * frames * height * width * 4
+
+
+def trace_decode(models: MetaModels, frames: int, height: int, width: int, tiled: bool = False,
+                 sliced: bool = False) -> int:
+    """Peak activation bytes of decoding the video at this size (with its output)."""
+    vae = models.vae
+    t, h, w = _latent_size(models, frames, height, width)
+    dtype = next(p.dtype for p in vae.parameters())
+    channels = vae.config.latent_channels if models.family != "wan" else vae.config.z_dim
+    saved = (getattr(vae, "use_tiling", False), getattr(vae, "use_slicing", False))
+    try:
+        vae.use_tiling = False
+        if tiled:
+            vae.enable_tiling()
+        # After the decode the pipeline's VideoProcessor holds the float32 video, (video / 2 + 0.5)
+        # and its clamp at once.
+        postprocess = 3 * _video_bytes(frames, height, width)
+        if models.family == "animatediff":
+            vae.use_slicing = sliced
+            chunk = min(ANIMATEDIFF_DECODE_CHUNK, frames)
+            with _traced() as meter:
+                out = vae.decode(torch.empty(chunk, channels, h, w, device="meta", dtype=dtype)).sample
+            # Chunks are decoded one after another; the ones before the last are held meanwhile.
+            before_last = _video_bytes(frames - chunk, height, width) * out.element_size() // 4
+            return max(meter.peak_bytes + before_last, postprocess)
+        with _traced() as meter:
+            vae.decode(torch.empty(1, channels, t, h, w, device="meta", dtype=dtype))
+        return max(meter.peak_bytes, postprocess)
+    finally:
+        vae.use_tiling, vae.use_slicing = saved
+
+
+# ---- candidates
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A combination of memory methods and its estimated peak (bytes)."""
+
+    name: str
+    configs: tuple[Any, ...]
+    phases: dict[str, int]  # phase -> weights held then + its activations
+    weights_bytes: int  # weights held during denoising
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.phases.values())
+
+    def describe(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    preset: str
+    frames: int
+    height: int
+    width: int
+    budget_bytes: int | None
+    weights: dict[str, int]
+    denoise_activation: dict[str, int]  # "plain" / "sliced"
+    decode_activation: dict[str, int]  # "plain" / "tiled" / "sliced"
+    candidates: tuple[Candidate, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def baseline(self) -> Candidate:
+        return self.candidates[0]
+
+    @property
+    def choice(self) -> Candidate | None:
+        """The first candidate (cheapest in time) that fits the budget; None if none does."""
+        if self.budget_bytes is None:
+            return None
+        return next((c for c in self.candidates if c.peak_bytes <= self.budget_bytes), None)
+
+    @property
+    def smallest(self) -> Candidate:
+        return min(self.candidates, key=lambda c: c.peak_bytes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "preset": self.preset, "frames": self.frames, "height": self.height, "width": self.width,
+            "budget_bytes": self.budget_bytes, "weights": dict(self.weights),
+            "denoise_activation": dict(self.denoise_activation), "decode_activation": dict(self.decode_activation),
+            "candidates": [{"name": c.name, "peak_bytes": c.peak_bytes, "phases": dict(c.phases),
+                            "methods": [type(x).__name__ for x in c.configs]} for c in self.candidates],
+            "choice": None if self.choice is None else self.choice.name, "notes": list(self.notes),
+        }
+
+
+def _block_sizes(module: torch.nn.Module) -> tuple[int, int]:
+    """(largest block, bytes outside the blocks) for diffusers' block-level group offloading: the
+    blocks are the entries of the module's direct ModuleList / Sequential children."""
+    blocks = [_bytes(block) for child in module.children()
+              if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)) for block in child]
+    return max(blocks, default=0), _bytes(module) - sum(blocks)
+
+
+def _cast_bytes(denoiser: torch.nn.Module) -> int:
+    """The denoiser's weights under layerwise casting to float8, as diffusers stores them."""
+    cast = copy.deepcopy(denoiser)
+    cast.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                  compute_dtype=next(p.dtype for p in denoiser.parameters()))
+    return _bytes(cast)
+
+
+def make_plan(preset_name: str, frames: int | None = None, height: int | None = None, width: int | None = None,
+              budget_bytes: int | None = None, progress: Callable[[str], None] | None = None) -> MemoryPlan:
+    """Estimate the preset's request at this size with each candidate combination of memory methods."""
+    preset = get_preset(preset_name)
+    frames, height, width = frames or preset.num_frames, height or preset.height, width or preset.width
+    say = progress or (lambda text: None)
+    say(f"building {preset.label} on the meta device")
+    models = meta_models(preset)
+    denoiser_bytes, vae_bytes = _bytes(models.denoiser), _bytes(models.vae)
+    weights = {"denoiser": denoiser_bytes, "vae": vae_bytes, **models.other_weights}
+    text_bytes = sum(v for k, v in models.other_weights.items() if k.startswith("text_encoder"))
+    other_denoisers = sum(v for k, v in models.other_weights.items() if k.startswith("transformer"))
+    say("tracing one denoiser call, plain and sliced")
+    denoise = {"plain": trace_denoiser(models, frames, height, width),
+               "sliced": trace_denoiser(models, frames, height, width, sliced=True)}
+    text_activation = trace_text(models)
+    say("tracing the decode, whole, tiled and sliced")
+    tiled_by_preset = preset.vae_tiling
+    decode = {"plain": trace_decode(models, frames, height, width, tiled=tiled_by_preset),
+              "tiled": trace_decode(models, frames, height, width, tiled=True)}
+    frame_slicing = decodes_frames_as_batch(models.vae)
+    if frame_slicing:
+        decode["sliced"] = trace_decode(models, frames, height, width, tiled=tiled_by_preset, sliced=True)
+    cast = _cast_bytes(models.denoiser)
+    largest_block, outside = _block_sizes(models.denoiser)
+    total = sum(weights.values())
+
+    def candidate(name: str, sliced=False, tiled=False, casting=False, offload: str | None = None) -> Candidate:
+        denoiser_weights = cast if casting else denoiser_bytes
+        everything = total - denoiser_bytes + denoiser_weights
+        denoising = denoise["sliced" if sliced else "plain"]
+        decoding = decode["tiled" if tiled else "sliced" if sliced and frame_slicing else "plain"]
+        if offload == "model":  # one component on the GPU at a time
+            held = {TEXT_ENCODING: text_bytes, DENOISING: denoiser_weights, VAE_DECODE: vae_bytes}
+        elif offload == "group_block":  # a block computing, the next one arriving, what is outside blocks
+            block = largest_block * denoiser_weights // max(denoiser_bytes, 1)
+            held = {TEXT_ENCODING: text_bytes, DENOISING: 2 * block + outside, VAE_DECODE: vae_bytes}
+        else:
+            held = dict.fromkeys((TEXT_ENCODING, DENOISING, VAE_DECODE), everything)
+        phases = {TEXT_ENCODING: held[TEXT_ENCODING] + (text_activation or 0), DENOISING: held[DENOISING] + denoising,
+                  VAE_DECODE: held[VAE_DECODE] + decoding}
+        configs = tuple(c for c, on in ((Slicing(), sliced), (VaeTiling(), tiled), (LayerwiseCasting(), casting),
+                                        (Offload(mode=offload or "model"), offload is not None)) if on)
+        return Candidate(name, configs, phases, held[DENOISING])
+
+    candidates = (
+        candidate("as loaded", tiled=tiled_by_preset),
+        candidate("slicing", sliced=True, tiled=tiled_by_preset),
+        candidate("slicing + VAE tiling", sliced=True, tiled=True),
+        candidate("slicing + VAE tiling + model offload", sliced=True, tiled=True, offload="model"),
+        candidate("slicing + VAE tiling + fp8 weights", sliced=True, tiled=True, casting=True),
+        candidate("slicing + VAE tiling + fp8 weights + model offload", sliced=True, tiled=True, casting=True,
+                  offload="model"),
+        candidate("slicing + VAE tiling + group offload", sliced=True, tiled=True, offload="group_block"),
+        candidate("slicing + VAE tiling + fp8 weights + group offload", sliced=True, tiled=True, casting=True,
+                  offload="group_block"),
+    )
+    notes = ["not counted: kernel workspaces, the CUDA context (~0.3-0.5 GB), allocator fragmentation"]
+    if text_activation is None:
+        notes.append("the text encoders are counted by their weights only (their activations at this prompt length "
+                     "are small next to them)")
+    if other_denoisers:
+        notes.append("the second expert's weights are held with the first (both on the GPU) unless offloaded")
+    if tiled_by_preset:
+        notes.append("this preset decodes in tiles as loaded (as the model's own example does)")
+    return MemoryPlan(preset.name, frames, height, width, budget_bytes, weights, denoise, decode, candidates,
+                      tuple(notes))
+
+
+def size_text(size: float) -> str:
+    """Bytes as GB (2^30) or, below one, MB (2^20), right-aligned in 9 characters."""
+    return f"{size / GIB:6.2f} GB" if size >= GIB else f"{size / 2**20:6.1f} MB"
+
+
+def plan_text(plan: MemoryPlan) -> str:
+    """The plan as ``python -m vdtome plan`` prints it."""
+    gb = size_text
+    lines = [f"{plan.preset} at {plan.frames} frames, {plan.height}x{plan.width}",
+             "weights: " + ", ".join(f"{name} {gb(size).strip()}" for name, size in plan.weights.items()),
+             f"denoiser call activations: {gb(plan.denoise_activation['plain']).strip()} plain, "
+             f"{gb(plan.denoise_activation['sliced']).strip()} sliced",
+             "decode activations: " + ", ".join(f"{gb(size).strip()} {kind}" for kind, size in
+                                                 plan.decode_activation.items()),
+             "", f"{'methods':52} {'text':>9} {'denoise':>9} {'decode':>9} {'peak':>9}"]
+    for c in plan.candidates:
+        fits = "" if plan.budget_bytes is None else ("  fits" if c.peak_bytes <= plan.budget_bytes else "  too big")
+        lines.append(f"{c.name:52} {gb(c.phases[TEXT_ENCODING])} {gb(c.phases[DENOISING])} "
+                     f"{gb(c.phases[VAE_DECODE])} {gb(c.peak_bytes)}{fits}")
+    if plan.budget_bytes is not None:
+        choice = plan.choice
+        lines.append("")
+        if choice is None:
+            lines.append(f"budget {plan.budget_bytes / GIB:g} GB: nothing fits; the smallest is "
+                         f"{plan.smallest.name} at {plan.smallest.peak_bytes / GIB:.2f} GB")
+        else:
+            lines.append(f"budget {plan.budget_bytes / GIB:g} GB: {choice.name} (estimated peak "
+                         f"{choice.peak_bytes / GIB:.2f} GB)")
+    lines += [f"note: {note}" for note in plan.notes]
+    return "\n".join(lines)
