@@ -78,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     from vdtome.bench.gpucheck import add_parser as add_gpucheck
 
     add_gpucheck(commands)
+    plan = commands.add_parser(
+        "plan", help="estimate a request's peak memory and the cheapest memory methods that fit a budget",
+        description="Traces the preset's denoiser and VAE on the meta device (no weights, no compute) at the "
+                    "request's size, with and without each memory method, and picks the first combination "
+                    "(cheapest in time) whose estimated peak fits each budget.")
+    plan.add_argument("--preset", default="tiny-shapes-128", help="model preset (see `python -m vdtome presets`)")
+    plan.add_argument("--budget", action="append", default=[], metavar="SIZE",
+                      help="memory budget, e.g. 24GB (GB = 2^30 bytes, as GPUs are sold); repeatable")
+    plan.add_argument("--frames", type=int, help="default: the preset's")
+    plan.add_argument("--height", type=int)
+    plan.add_argument("--width", type=int)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     commands.add_parser("methods", help="list acceleration methods, their fields and the presets they support")
     commands.add_parser("presets", help="list model presets")
     prompts = commands.add_parser("prompts", help="print a prompt set")
@@ -103,11 +115,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         return _bench(args)
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "gpucheck":
         from vdtome.bench.gpucheck import main as gpucheck
 
         return gpucheck(args)
     return _compare(args)
+
+
+def _plan(args) -> int:
+    import json
+
+    from vdtome.core.presets import get_preset
+    from vdtome.core.validation import RequestError
+    from vdtome.engine.plan import make_plan, parse_budget, plan_text
+    from vdtome.engine.request import ComparisonRequest, resolve
+
+    try:
+        budgets = tuple(parse_budget(text) for text in args.budget)
+        preset = get_preset(args.preset)
+        settings, _ = resolve(ComparisonRequest(preset=preset.name, prompt="plan", frames=args.frames,
+                                                height=args.height, width=args.width, snap=False), preset)
+        plan = make_plan(preset.name, settings.frames, settings.height, settings.width,
+                         budgets[0] if len(budgets) == 1 else None,
+                         progress=lambda text: print(text, file=sys.stderr))
+    except (RequestError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        data = plan.to_dict() | {"choices": {f"{b / 2**30:g}GB": getattr(plan.choose(b), "name", None)
+                                            for b in budgets}}
+        print(json.dumps(data, indent=2))
+    else:
+        print(plan_text(plan, budgets))
+    return 0
 
 
 def _shipped_sweep_names() -> list[str]:

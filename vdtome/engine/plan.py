@@ -280,12 +280,13 @@ class MemoryPlan:
     def baseline(self) -> Candidate:
         return self.candidates[0]
 
+    def choose(self, budget_bytes: int) -> Candidate | None:
+        """The first candidate (cheapest in time) that fits ``budget_bytes``; None if none does."""
+        return next((c for c in self.candidates if c.peak_bytes <= budget_bytes), None)
+
     @property
     def choice(self) -> Candidate | None:
-        """The first candidate (cheapest in time) that fits the budget; None if none does."""
-        if self.budget_bytes is None:
-            return None
-        return next((c for c in self.candidates if c.peak_bytes <= self.budget_bytes), None)
+        return None if self.budget_bytes is None else self.choose(self.budget_bytes)
 
     @property
     def smallest(self) -> Candidate:
@@ -341,6 +342,9 @@ def make_plan(preset_name: str, frames: int | None = None, height: int | None = 
     frame_slicing = decodes_frames_as_batch(models.vae)
     if frame_slicing:
         decode["sliced"] = trace_decode(models, frames, height, width, tiled=tiled_by_preset, sliced=True)
+        # Frame by frame and each frame in tiles: taken as the smaller of the two rather than traced
+        # (thousands of tile decodes on meta cost minutes for a figure within the others' range).
+        decode["tiled+sliced"] = min(decode["tiled"], decode["sliced"])
     cast = _cast_bytes(models.denoiser)
     largest_block, outside = _block_sizes(models.denoiser)
     total = sum(weights.values())
@@ -349,7 +353,8 @@ def make_plan(preset_name: str, frames: int | None = None, height: int | None = 
         denoiser_weights = cast if casting else denoiser_bytes
         everything = total - denoiser_bytes + denoiser_weights
         denoising = denoise["sliced" if sliced else "plain"]
-        decoding = decode["tiled" if tiled else "sliced" if sliced and frame_slicing else "plain"]
+        slices = sliced and frame_slicing
+        decoding = decode["tiled+sliced" if tiled and slices else "tiled" if tiled else "sliced" if slices else "plain"]
         if offload == "model":  # one component on the GPU at a time
             held = {TEXT_ENCODING: text_bytes, DENOISING: denoiser_weights, VAE_DECODE: vae_bytes}
         elif offload == "group_block":  # a block computing, the next one arriving, what is outside blocks
@@ -392,28 +397,30 @@ def size_text(size: float) -> str:
     return f"{size / GIB:6.2f} GB" if size >= GIB else f"{size / 2**20:6.1f} MB"
 
 
-def plan_text(plan: MemoryPlan) -> str:
-    """The plan as ``python -m vdtome plan`` prints it."""
+def choice_text(plan: MemoryPlan, budget_bytes: int) -> str:
+    choice = plan.choose(budget_bytes)
+    if choice is None:
+        return (f"budget {budget_bytes / GIB:.4g} GB: nothing fits; the smallest is {plan.smallest.name} at "
+                f"{size_text(plan.smallest.peak_bytes).strip()}")
+    return f"budget {budget_bytes / GIB:.4g} GB: {choice.name} (estimated peak {size_text(choice.peak_bytes).strip()})"
+
+
+def plan_text(plan: MemoryPlan, budgets: tuple[int, ...] = ()) -> str:
+    """The plan as ``python -m vdtome plan`` prints it, with the choice for each budget."""
     gb = size_text
+    budgets = budgets or ((plan.budget_bytes,) if plan.budget_bytes is not None else ())
     lines = [f"{plan.preset} at {plan.frames} frames, {plan.height}x{plan.width}",
              "weights: " + ", ".join(f"{name} {gb(size).strip()}" for name, size in plan.weights.items()),
              f"denoiser call activations: {gb(plan.denoise_activation['plain']).strip()} plain, "
              f"{gb(plan.denoise_activation['sliced']).strip()} sliced",
              "decode activations: " + ", ".join(f"{gb(size).strip()} {kind}" for kind, size in
                                                  plan.decode_activation.items()),
-             "", f"{'methods':52} {'text':>9} {'denoise':>9} {'decode':>9} {'peak':>9}"]
+             "", f"{'estimated peak by phase':52} {'text':>9} {'denoise':>9} {'decode':>9} {'peak':>9}"]
     for c in plan.candidates:
-        fits = "" if plan.budget_bytes is None else ("  fits" if c.peak_bytes <= plan.budget_bytes else "  too big")
         lines.append(f"{c.name:52} {gb(c.phases[TEXT_ENCODING])} {gb(c.phases[DENOISING])} "
-                     f"{gb(c.phases[VAE_DECODE])} {gb(c.peak_bytes)}{fits}")
-    if plan.budget_bytes is not None:
-        choice = plan.choice
+                     f"{gb(c.phases[VAE_DECODE])} {gb(c.peak_bytes)}")
+    if budgets:
         lines.append("")
-        if choice is None:
-            lines.append(f"budget {plan.budget_bytes / GIB:g} GB: nothing fits; the smallest is "
-                         f"{plan.smallest.name} at {plan.smallest.peak_bytes / GIB:.2f} GB")
-        else:
-            lines.append(f"budget {plan.budget_bytes / GIB:g} GB: {choice.name} (estimated peak "
-                         f"{choice.peak_bytes / GIB:.2f} GB)")
+        lines += [choice_text(plan, budget) for budget in budgets]
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)

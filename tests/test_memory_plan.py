@@ -1,0 +1,109 @@
+"""The memory plan: estimates traced on the meta device, checked against what a real call holds.
+
+On the tiny presets the estimate of each candidate that can run here (no offloading on a CPU) must
+be within 25 % of the measured peak: the weights plus the most tensor bytes a real pipeline call
+held at once (:class:`TensorMemoryMeter`), with that candidate's methods applied.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vdtome.cli import main
+from vdtome.core.presets import get_preset, load_presets
+from vdtome.core.validation import RequestError
+from vdtome.engine.pipelines import load_pipeline
+from vdtome.engine.plan import GIB, make_plan, parse_budget
+from vdtome.measure.memory import TensorMemoryMeter
+from vdtome.methods import apply_stack
+from vdtome.methods.offload import Offload
+
+
+def measured_peak(preset_name: str, configs, frames: int, height: int, width: int) -> int:
+    """The weights the pipeline holds with ``configs`` applied (as a GPU would hold them: layerwise
+    casting's float8 copies, not the originals it keeps on the host) plus the call's tensor peak."""
+    preset = get_preset(preset_name)
+    pipe = load_pipeline(preset, "cpu")
+    extra = {"max_sequence_length": preset.extras["max_sequence_length"]} if "max_sequence_length" in preset.extras else {}
+    with apply_stack(pipe, list(configs)):
+        weights = sum(t.numel() * t.element_size() for name, c in pipe.components.items()
+                      if isinstance(c, torch.nn.Module) and name != "motion_adapter"  # merged into the UNet
+                      for t in (*c.parameters(), *c.buffers()))
+        with TensorMemoryMeter() as meter:
+            pipe(prompt="a red circle", num_frames=frames, height=height, width=width, num_inference_steps=2,
+                 guidance_scale=preset.guidance_scale, generator=torch.Generator().manual_seed(0), output_type="np",
+                 **extra)
+    return weights + meter.peak_bytes
+
+
+@pytest.mark.parametrize(("preset", "size"), [
+    ("tiny-shapes-128", (17, 128, 128)),
+    ("tiny-wan", (9, 64, 64)),
+    ("tiny-cogvideox", (17, 128, 128)),
+    ("tiny-ltx", (17, 128, 128)),
+    ("tiny-animatediff", (16, 128, 128)),
+])
+def test_the_estimate_is_within_a_quarter_of_the_measured_peak(preset, size):
+    plan = make_plan(preset, *size)
+    for candidate in plan.candidates:
+        if any(isinstance(config, Offload) for config in candidate.configs):
+            continue  # nothing to offload to on a CPU
+        measured = measured_peak(preset, candidate.configs, *size)
+        assert 0.75 <= candidate.peak_bytes / measured <= 1.25, (candidate.name, candidate.peak_bytes, measured)
+
+
+def test_slicing_and_tiling_lower_the_estimate_where_they_lower_the_measured_peak():
+    plan = make_plan("tiny-animatediff", 16, 128, 128)
+    by_name = {c.name: c for c in plan.candidates}
+    assert by_name["slicing"].peak_bytes < 0.7 * by_name["as loaded"].peak_bytes
+    assert plan.denoise_activation["sliced"] < plan.denoise_activation["plain"]
+    assert plan.decode_activation["sliced"] < plan.decode_activation["plain"]
+
+
+def test_a_real_preset_is_sized_from_its_published_architecture():
+    """Wan 2.1 1.3B (at a small request, to keep the trace short): the weights are the model's
+    (1.42 B parameters in bf16, the VAE in float32, UMT5-XXL's published size), the choices follow
+    the budgets. ``python -m vdtome plan`` prints the default request (benchmarks/memory_plan.py)."""
+    plan = make_plan("wan2.1-t2v-1.3b", 17, 256, 256)
+    assert plan.weights["denoiser"] == pytest.approx(2 * 1.419e9, rel=0.01)
+    assert plan.weights["vae"] == pytest.approx(4 * 126.9e6, rel=0.01)
+    assert plan.weights["text_encoder"] == 11_360_000_000
+    as_loaded = plan.candidates[0]
+    assert sum(plan.weights.values()) < as_loaded.peak_bytes < sum(plan.weights.values()) + 2 * GIB
+    assert plan.choose(80 * GIB) is as_loaded
+    smaller = plan.choose(12 * GIB)
+    assert smaller is not None and smaller.peak_bytes <= 12 * GIB and "offload" in smaller.name
+    assert plan.choose(1 * GIB) is None
+
+
+def test_every_real_preset_has_a_memory_description():
+    for preset in load_presets().values():
+        if preset.hub_id is not None:
+            assert preset.memory.get("denoiser") and preset.memory.get("vae"), preset.name
+
+
+@pytest.mark.parametrize(("text", "size"), [("24GB", 24 * GIB), ("24 GiB", 24 * GIB), ("7.5gb", int(7.5 * GIB)),
+                                            ("80", 80 * GIB)])
+def test_budgets_are_read_as_gpus_are_sold(text, size):
+    assert parse_budget(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "0GB", "-4GB", "24TB", "lots"])
+def test_a_bad_budget_is_refused_naming_the_field(text):
+    with pytest.raises(RequestError, match="budget must be a size such as 24GB") as caught:
+        parse_budget(text)
+    assert caught.value.field == "budget"
+
+
+def test_the_plan_command_prints_the_table_and_a_choice_per_budget(capsys):
+    assert main(["plan", "--preset", "tiny-wan", "--budget", "1GB", "--budget", "0.001GB"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-wan at 9 frames, 64x64" in out and "estimated peak by phase" in out
+    assert "budget 1 GB: as loaded (estimated peak" in out
+    assert "budget 0.001 GB: nothing fits; the smallest is" in out
+
+
+def test_the_plan_command_refuses_a_size_the_model_cannot_take(capsys):
+    assert main(["plan", "--preset", "tiny-wan", "--frames", "10"]) == 2
+    assert "frames" in capsys.readouterr().err
