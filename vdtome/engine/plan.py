@@ -21,7 +21,8 @@ import copy
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ from vdtome.methods import apply_stack
 from vdtome.methods.layerwise_casting import LayerwiseCasting
 from vdtome.methods.offload import Offload
 from vdtome.methods.slicing import Slicing, decodes_frames_as_batch
-from vdtome.methods.vae_tiling import VaeTiling
+from vdtome.methods.vae_tiling import AppliedVaeTiling, VaeTiling
 
 GIB = 2**30
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -187,10 +188,11 @@ def _denoiser_inputs(models: MetaModels, frames: int, height: int, width: int) -
                 encoder_hidden_states=empty(b * t, tokens, config.cross_attention_dim), return_dict=False)
 
 
-def trace_denoiser(models: MetaModels, frames: int, height: int, width: int, sliced: bool = False) -> int:
-    """Peak activation bytes of one denoiser call at this size."""
+def trace_denoiser(models: MetaModels, frames: int, height: int, width: int, slicing: Slicing | None = None) -> int:
+    """Peak activation bytes of one denoiser call at this size (its inputs included)."""
     inputs = _denoiser_inputs(models, frames, height, width)
-    with apply_stack(models.denoiser, [Slicing(vae=False)] if sliced else []), _traced() as meter:
+    stack = [replace(slicing, vae=False)] if slicing is not None and slicing.feed_forward else []
+    with apply_stack(models.denoiser, stack), _traced() as meter:
         models.denoiser(**inputs)
     return meter.peak_bytes + sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
 
@@ -213,18 +215,18 @@ def _video_bytes(frames: int, height: int, width: int) -> int:
     return 3 * frames * height * width * 4
 
 
-def trace_decode(models: MetaModels, frames: int, height: int, width: int, tiled: bool = False,
+def trace_decode(models: MetaModels, frames: int, height: int, width: int, tiling: VaeTiling | None = None,
                  sliced: bool = False) -> int:
-    """Peak activation bytes of decoding the video at this size (with its output)."""
+    """Peak activation bytes of decoding the video at this size (with the pipeline's post-processing);
+    ``tiling``: decoded in tiles as that method sets them; ``sliced``: frame by frame (image VAEs)."""
     vae = models.vae
     t, h, w = _latent_size(models, frames, height, width)
     dtype = next(p.dtype for p in vae.parameters())
     channels = vae.config.latent_channels if models.family != "wan" else vae.config.z_dim
     saved = (getattr(vae, "use_tiling", False), getattr(vae, "use_slicing", False))
+    vae.use_tiling = False
+    applied = AppliedVaeTiling(SimpleNamespace(vae=vae), tiling) if tiling is not None else None
     try:
-        vae.use_tiling = False
-        if tiled:
-            vae.enable_tiling()
         # After the decode the pipeline's VideoProcessor holds the float32 video, (video / 2 + 0.5)
         # and its clamp at once.
         postprocess = 3 * _video_bytes(frames, height, width)
@@ -240,6 +242,8 @@ def trace_decode(models: MetaModels, frames: int, height: int, width: int, tiled
             vae.decode(torch.empty(1, channels, t, h, w, device="meta", dtype=dtype))
         return max(meter.peak_bytes, postprocess)
     finally:
+        if applied is not None:
+            applied.remove()
         vae.use_tiling, vae.use_slicing = saved
 
 
@@ -319,77 +323,132 @@ def _cast_bytes(denoiser: torch.nn.Module) -> int:
     return _bytes(cast)
 
 
+class Sizer:
+    """One preset at one size: the models built on meta once, each trace made when first asked for."""
+
+    def __init__(self, preset_name: str, frames: int | None = None, height: int | None = None,
+                 width: int | None = None, progress: Callable[[str], None] | None = None) -> None:
+        self.preset = get_preset(preset_name)
+        p = self.preset
+        self.frames, self.height, self.width = frames or p.num_frames, height or p.height, width or p.width
+        self.say = progress or (lambda text: None)
+        self.say(f"building {p.label} on the meta device")
+        self.models = meta_models(p)
+        m = self.models
+        self.weights = {"denoiser": _bytes(m.denoiser), "vae": _bytes(m.vae), **m.other_weights}
+        self.text_bytes = sum(v for k, v in m.other_weights.items() if k.startswith("text_encoder"))
+        self.frame_slicing = decodes_frames_as_batch(m.vae)
+        self._traces: dict[tuple, int | None] = {}
+
+    def _trace(self, key: tuple, what: str, run: Callable[[], int | None]) -> int | None:
+        if key not in self._traces:
+            self.say(f"tracing {what}")
+            self._traces[key] = run()
+        return self._traces[key]
+
+    def denoise(self, slicing: Slicing | None) -> int:
+        key = ("denoise", slicing if slicing is not None and slicing.feed_forward else None)
+        return self._trace(key, "one denoiser call" + (" sliced" if key[1] else ""), lambda: trace_denoiser(
+            self.models, self.frames, self.height, self.width, key[1]))
+
+    def decode(self, tiling: VaeTiling | None, sliced: bool) -> int:
+        if tiling is None and self.preset.vae_tiling:
+            tiling = VaeTiling()  # as the preset loads it
+        sliced = sliced and self.frame_slicing
+        if tiling is not None and sliced:
+            # Frame by frame and each frame in tiles: taken as the smaller of the two rather than
+            # traced (thousands of tile decodes on meta cost minutes, for a figure within their range).
+            return min(self.decode(tiling, False), self.decode(None, True))
+        return self._trace(("decode", tiling, sliced), "the decode" + (" in tiles" if tiling else "") +
+                           (" frame by frame" if sliced else ""), lambda: trace_decode(
+            self.models, self.frames, self.height, self.width, tiling, sliced))
+
+    def text(self) -> int | None:
+        return self._trace(("text",), "the text encoders", lambda: trace_text(self.models))
+
+    def cast_bytes(self) -> int:
+        return self._trace(("cast",), "the float8 weights", lambda: _cast_bytes(self.models.denoiser))
+
+    def held(self, casting: bool, offload: str | None) -> dict[str, int]:
+        """Weights held on the device in each phase."""
+        denoiser = self.weights["denoiser"]
+        denoiser_weights = self.cast_bytes() if casting else denoiser
+        if offload == "model":  # one component on the GPU at a time
+            return {TEXT_ENCODING: self.text_bytes, DENOISING: denoiser_weights, VAE_DECODE: self.weights["vae"]}
+        if offload is not None:  # group offloading: a group computing, the next one arriving, what is outside them
+            largest_block, outside = _block_sizes(self.models.denoiser)
+            block = largest_block * denoiser_weights // max(denoiser, 1)
+            return {TEXT_ENCODING: self.text_bytes, DENOISING: 2 * block + outside, VAE_DECODE: self.weights["vae"]}
+        everything = sum(self.weights.values()) - denoiser + denoiser_weights
+        return dict.fromkeys((TEXT_ENCODING, DENOISING, VAE_DECODE), everything)
+
+    def estimate(self, configs: tuple[Any, ...], name: str | None = None) -> Candidate:
+        """The estimated peak of a call with this stack applied (methods that change no memory, such
+        as token merging and the step caches, are taken as they leave it: unchanged)."""
+        slicing = next((c for c in configs if isinstance(c, Slicing)), None)
+        tiling = next((c for c in configs if isinstance(c, VaeTiling)), None)
+        casting = any(isinstance(c, LayerwiseCasting) for c in configs)
+        offload = next((c.mode for c in configs if isinstance(c, Offload)), None)
+        held = self.held(casting, offload)
+        phases = {TEXT_ENCODING: held[TEXT_ENCODING] + (self.text() or 0),
+                  DENOISING: held[DENOISING] + self.denoise(slicing),
+                  VAE_DECODE: held[VAE_DECODE] + self.decode(tiling, bool(slicing and slicing.vae))}
+        return Candidate(name or stack_name(configs), tuple(configs), phases, held[DENOISING])
+
+    def least_possible(self) -> int:
+        """A floor under every candidate's peak that needs no tiled trace: the text encoders' and the
+        VAE's weights (held alone under offloading), and the sliced denoiser call with group offloading."""
+        held = self.held(casting=True, offload="group_block")
+        return max(held[TEXT_ENCODING], held[VAE_DECODE], held[DENOISING] + self.denoise(Slicing()))
+
+    def notes(self) -> tuple[str, ...]:
+        notes = ["not counted: kernel workspaces, the CUDA context (~0.3-0.5 GB), allocator fragmentation"]
+        if self.text() is None:
+            notes.append("the text encoders are counted by their weights only (their activations at this prompt "
+                         "length are small next to them)")
+        if any(k.startswith("transformer") for k in self.models.other_weights):
+            notes.append("the second expert's weights are held with the first (both on the GPU) unless offloaded")
+        if self.preset.vae_tiling:
+            notes.append("this preset decodes in tiles as loaded (as the model's own example does)")
+        return tuple(notes)
+
+
+_NAMES = {Slicing: "slicing", VaeTiling: "VAE tiling", LayerwiseCasting: "fp8 weights"}
+
+
+def stack_name(configs: tuple[Any, ...]) -> str:
+    parts = [_NAMES[type(c)] if type(c) in _NAMES else
+             f"{'model' if c.mode == 'model' else 'group'} offload" if isinstance(c, Offload) else None
+             for c in configs]
+    return " + ".join(p for p in parts if p) or "as loaded"
+
+
+# The candidates, cheapest in time first: slicing costs almost nothing; tiling slows the decode a
+# little; model offload moves each component once a call; float8 weights pay a cast per layer and
+# change outputs; group offloading moves weights every step.
+CANDIDATES = (
+    (),
+    (Slicing(),),
+    (Slicing(), VaeTiling()),
+    (Slicing(), VaeTiling(), Offload(mode="model")),
+    (Slicing(), VaeTiling(), LayerwiseCasting()),
+    (Slicing(), VaeTiling(), LayerwiseCasting(), Offload(mode="model")),
+    (Slicing(), VaeTiling(), Offload(mode="group_block")),
+    (Slicing(), VaeTiling(), LayerwiseCasting(), Offload(mode="group_block")),
+)
+
+
 def make_plan(preset_name: str, frames: int | None = None, height: int | None = None, width: int | None = None,
               budget_bytes: int | None = None, progress: Callable[[str], None] | None = None) -> MemoryPlan:
     """Estimate the preset's request at this size with each candidate combination of memory methods."""
-    preset = get_preset(preset_name)
-    frames, height, width = frames or preset.num_frames, height or preset.height, width or preset.width
-    say = progress or (lambda text: None)
-    say(f"building {preset.label} on the meta device")
-    models = meta_models(preset)
-    denoiser_bytes, vae_bytes = _bytes(models.denoiser), _bytes(models.vae)
-    weights = {"denoiser": denoiser_bytes, "vae": vae_bytes, **models.other_weights}
-    text_bytes = sum(v for k, v in models.other_weights.items() if k.startswith("text_encoder"))
-    other_denoisers = sum(v for k, v in models.other_weights.items() if k.startswith("transformer"))
-    say("tracing one denoiser call, plain and sliced")
-    denoise = {"plain": trace_denoiser(models, frames, height, width),
-               "sliced": trace_denoiser(models, frames, height, width, sliced=True)}
-    text_activation = trace_text(models)
-    say("tracing the decode, whole, tiled and sliced")
-    tiled_by_preset = preset.vae_tiling
-    decode = {"plain": trace_decode(models, frames, height, width, tiled=tiled_by_preset),
-              "tiled": trace_decode(models, frames, height, width, tiled=True)}
-    frame_slicing = decodes_frames_as_batch(models.vae)
-    if frame_slicing:
-        decode["sliced"] = trace_decode(models, frames, height, width, tiled=tiled_by_preset, sliced=True)
-        # Frame by frame and each frame in tiles: taken as the smaller of the two rather than traced
-        # (thousands of tile decodes on meta cost minutes for a figure within the others' range).
-        decode["tiled+sliced"] = min(decode["tiled"], decode["sliced"])
-    cast = _cast_bytes(models.denoiser)
-    largest_block, outside = _block_sizes(models.denoiser)
-    total = sum(weights.values())
-
-    def candidate(name: str, sliced=False, tiled=False, casting=False, offload: str | None = None) -> Candidate:
-        denoiser_weights = cast if casting else denoiser_bytes
-        everything = total - denoiser_bytes + denoiser_weights
-        denoising = denoise["sliced" if sliced else "plain"]
-        slices = sliced and frame_slicing
-        decoding = decode["tiled+sliced" if tiled and slices else "tiled" if tiled else "sliced" if slices else "plain"]
-        if offload == "model":  # one component on the GPU at a time
-            held = {TEXT_ENCODING: text_bytes, DENOISING: denoiser_weights, VAE_DECODE: vae_bytes}
-        elif offload == "group_block":  # a block computing, the next one arriving, what is outside blocks
-            block = largest_block * denoiser_weights // max(denoiser_bytes, 1)
-            held = {TEXT_ENCODING: text_bytes, DENOISING: 2 * block + outside, VAE_DECODE: vae_bytes}
-        else:
-            held = dict.fromkeys((TEXT_ENCODING, DENOISING, VAE_DECODE), everything)
-        phases = {TEXT_ENCODING: held[TEXT_ENCODING] + (text_activation or 0), DENOISING: held[DENOISING] + denoising,
-                  VAE_DECODE: held[VAE_DECODE] + decoding}
-        configs = tuple(c for c, on in ((Slicing(), sliced), (VaeTiling(), tiled), (LayerwiseCasting(), casting),
-                                        (Offload(mode=offload or "model"), offload is not None)) if on)
-        return Candidate(name, configs, phases, held[DENOISING])
-
-    candidates = (
-        candidate("as loaded", tiled=tiled_by_preset),
-        candidate("slicing", sliced=True, tiled=tiled_by_preset),
-        candidate("slicing + VAE tiling", sliced=True, tiled=True),
-        candidate("slicing + VAE tiling + model offload", sliced=True, tiled=True, offload="model"),
-        candidate("slicing + VAE tiling + fp8 weights", sliced=True, tiled=True, casting=True),
-        candidate("slicing + VAE tiling + fp8 weights + model offload", sliced=True, tiled=True, casting=True,
-                  offload="model"),
-        candidate("slicing + VAE tiling + group offload", sliced=True, tiled=True, offload="group_block"),
-        candidate("slicing + VAE tiling + fp8 weights + group offload", sliced=True, tiled=True, casting=True,
-                  offload="group_block"),
-    )
-    notes = ["not counted: kernel workspaces, the CUDA context (~0.3-0.5 GB), allocator fragmentation"]
-    if text_activation is None:
-        notes.append("the text encoders are counted by their weights only (their activations at this prompt length "
-                     "are small next to them)")
-    if other_denoisers:
-        notes.append("the second expert's weights are held with the first (both on the GPU) unless offloaded")
-    if tiled_by_preset:
-        notes.append("this preset decodes in tiles as loaded (as the model's own example does)")
-    return MemoryPlan(preset.name, frames, height, width, budget_bytes, weights, denoise, decode, candidates,
-                      tuple(notes))
+    sizer = Sizer(preset_name, frames, height, width, progress)
+    candidates = tuple(sizer.estimate(configs) for configs in CANDIDATES)
+    denoise = {"plain": sizer.denoise(None), "sliced": sizer.denoise(Slicing())}
+    decode = {"plain": sizer.decode(None, False), "tiled": sizer.decode(VaeTiling(), False)}
+    if sizer.frame_slicing:
+        decode["sliced"] = sizer.decode(None, True)
+    return MemoryPlan(sizer.preset.name, sizer.frames, sizer.height, sizer.width, budget_bytes, sizer.weights,
+                      denoise, decode, candidates, sizer.notes())
 
 
 def size_text(size: float) -> str:
