@@ -37,6 +37,7 @@ from vdtome.core.presets import ModelPreset, get_preset
 from vdtome.core.validation import RequestError
 from vdtome.engine.fidelity import fidelity, temporal_consistency
 from vdtome.engine.outputs import write_outputs
+from vdtome.engine.plan import PlanCheck, sizer_for
 from vdtome.engine.pipelines import PipelineCache, default_device
 from vdtome.engine.request import (
     ComparisonRequest,
@@ -50,13 +51,16 @@ from vdtome.engine.request import (
 from vdtome.engine.storage import prune
 from vdtome.measure.environment import environment
 from vdtome.measure.host_load import HostLoadMonitor
-from vdtome.measure.memory import MemoryMonitor, is_allocation_failure, release_memory
+from vdtome.measure.memory import MemoryMonitor, TensorMemoryMeter, is_allocation_failure, release_memory
 from vdtome.measure.noise import NoiseStore, NoiseThreshold, default_noise_dir
 from vdtome.measure.protocol import (
     ACCELERATED,
     BASELINE,
+    METERED,
     PIPELINE_WARMUP,
+    TENSOR_PEAK,
     TIMED,
+    MemoryFigures,
     Schedule,
     TimedCall,
     aa_log_ratios,
@@ -209,10 +213,12 @@ class ComparisonEngine:
         cached = self.baselines.get(key) if request.reuse_baseline else None
         size = (settings.frames, settings.height, settings.width)
         schedule = plan_calls(settings.rounds, settings.steps, settings.round_steps, settings.warmup_steps,
-                              warm_pipeline=size not in self._warmed.get(pipe, ()), decode_baseline=cached is None)
+                              warm_pipeline=size not in self._warmed.get(pipe, ()), decode_baseline=cached is None,
+                              meter_memory=self.device.type == "cpu")
         session.plan(schedule)
         videos: dict[str, VideoRun | None] = {BASELINE: cached, ACCELERATED: None}
         calls: list[TimedCall] = []
+        metered: dict[str, Metered] = {}
         reports: tuple[MethodReport, ...] = ()
         error = None
         load = HostLoadMonitor()
@@ -221,6 +227,9 @@ class ComparisonEngine:
             # memory is reported like any other allocation failure).
             session.check_methods()
             for planned in schedule.calls:
+                if planned.kind == METERED:
+                    metered[planned.side] = session.metered(planned.side, planned.steps)
+                    continue
                 if planned.kind != TIMED:
                     session.warm_up(planned.side, decode=planned.kind == PIPELINE_WARMUP)
                     if planned.kind == PIPELINE_WARMUP:
@@ -259,11 +268,20 @@ class ComparisonEngine:
             timing = summarise(calls, touches, steps_alike, None if cached is None else cached.memory,
                                per_step=settings.short_rounds, host_load=load.load,
                                noise=self._noise_threshold(settings, env, calls, keep=load.load is None or not load.load.busy))
+            if len(metered) == 2:  # on a CPU: exact tensor peaks replace the process's RSS growth
+                timing = replace(timing, memory=tuple(
+                    MemoryFigures(scope, TENSOR_PEAK, (getattr(metered[BASELINE], attribute),),
+                                  (getattr(metered[ACCELERATED], attribute),))
+                    for scope, attribute in (("whole call", "peak_bytes"), ("denoising", "denoising_bytes"))))
             idle = [m.label for m, r in zip(methods, reports) if r.evidence and not r.acted]
             if reports and len(idle) == len(methods):
                 timing = timing.without_claim(f"{' and '.join(idle)} did nothing in this run (every evidence count is "
                                               "0), so both sides computed the same")
         base, fast = videos[BASELINE], videos[ACCELERATED]
+        plan_check = None
+        if error is None:
+            session.announce("estimating both sides' peak memory (the memory plan)")
+            plan_check = _plan_check(settings, session.configs_for(settings.steps), metered, timing)
         fid = None
         if base is not None and fast is not None and not base.nonfinite_values and not fast.nonfinite_values:
             session.announce("fidelity to the baseline (PSNR, SSIM)")
@@ -291,6 +309,7 @@ class ComparisonEngine:
             error=error,
             environment=env,
             elapsed_s=None if started is None else time.perf_counter() - started,
+            memory_plan=plan_check,
         )
         session.stop_if_cancelled()
         if not write:
@@ -433,6 +452,19 @@ class _Session:
         temporal = temporal_consistency(frames) if nonfinite == 0 else None
         return call, VideoRun(frames, monitor.report, temporal, nonfinite, started), reports
 
+    def metered(self, side: str, steps: int) -> Metered:
+        """An untimed call whose tensor memory is counted (a CPU has no exact allocator peak): the
+        weights the pipeline holds with the side's stack applied, the peak up to the end of the
+        denoising loop and over the whole call."""
+        self.stop_if_cancelled()
+        self.stage = f"counting the {side} side's memory"
+        with self._applied(side, steps):
+            weights = _held_weight_bytes(self.pipe)
+            with TensorMemoryMeter() as meter:
+                self.pipe(**self._kwargs(f"memory · {side}", None, steps, decode=True,
+                                         at_last_step=lambda: meter.mark("denoising")))
+        return Metered(weights, meter.peaks.get("denoising", meter.peak_bytes), meter.peak_bytes)
+
     # -- helpers
 
     @contextlib.contextmanager
@@ -445,10 +477,13 @@ class _Session:
             if applied is not None:
                 applied.remove()
 
-    def _kwargs(self, stage: str, round_number: int | None, steps: int, decode: bool) -> dict[str, Any]:
+    def _kwargs(self, stage: str, round_number: int | None, steps: int, decode: bool,
+                at_last_step: Callable[[], None] | None = None) -> dict[str, Any]:
         rounds = self.settings.rounds
 
         def on_step_end(pipe, step_index, timestep, callback_kwargs):
+            if at_last_step is not None and step_index + 1 == steps:
+                at_last_step()
             now = time.time()
             if step_index > 0:
                 self.last_step_s = now - self.last_step_end
@@ -467,6 +502,44 @@ class _Session:
             output_type="np" if decode else "latent",
             callback_on_step_end=on_step_end,
         )
+
+
+@dataclass(frozen=True)
+class Metered:
+    """One side's metered call (bytes): weights held, tensor peak to the end of denoising and overall."""
+
+    weights_bytes: int
+    denoising_bytes: int
+    peak_bytes: int
+
+
+def _held_weight_bytes(pipe: Any) -> int:
+    """Bytes of every component's weights as the pipeline holds them now (a float8 copy, not the
+    originals layerwise casting keeps on the host to put back)."""
+    return sum(t.numel() * t.element_size() for name, c in pipe.components.items()
+               if isinstance(c, torch.nn.Module) and name != "motion_adapter"  # AnimateDiff merged it into the UNet
+               for t in (*c.parameters(), *c.buffers()))
+
+
+def _plan_check(settings: ResolvedSettings, configs: tuple[Any, ...], metered: dict[str, Metered],
+                timing: Any) -> PlanCheck | None:
+    """The memory plan's estimate of both sides next to their measured peaks: on a CPU the weights
+    held plus the metered call's tensor peak, on a GPU the decoding call's peak CUDA allocation
+    (weights included). None where the plan cannot size this preset."""
+    try:
+        sizer = sizer_for(settings.preset, settings.frames, settings.height, settings.width)
+        baseline, accelerated = sizer.estimate(()), sizer.estimate(tuple(configs))
+    except (RequestError, TypeError, ValueError, RuntimeError, NotImplementedError):
+        return None
+    if len(metered) == 2:
+        return PlanCheck(baseline, accelerated, metered[BASELINE].weights_bytes + metered[BASELINE].peak_bytes,
+                         metered[ACCELERATED].weights_bytes + metered[ACCELERATED].peak_bytes,
+                         "weights held + peak tensor memory of an untimed call")
+    whole = next((f for f in (timing.memory if timing is not None else ()) if f.scope == "whole call" and f.exact), None)
+    if whole is None:
+        return PlanCheck(baseline, accelerated, None, None, "not measured")
+    return PlanCheck(baseline, accelerated, int(whole.baseline), int(whole.accelerated),
+                     "peak CUDA allocated of the decoding call (weights included)")
 
 
 def _allocation_message(error: BaseException, session: _Session) -> str:

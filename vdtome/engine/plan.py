@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import copy
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -263,8 +265,42 @@ class Candidate:
     def peak_bytes(self) -> int:
         return max(self.phases.values())
 
-    def describe(self) -> str:
-        return self.name
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "peak_bytes": self.peak_bytes, "phases": dict(self.phases),
+                "weights_bytes": self.weights_bytes}
+
+
+@dataclass(frozen=True)
+class PlanCheck:
+    """The plan's estimate of both sides of a comparison, next to the peaks measured in it
+    (``measured``: what the measured figures count)."""
+
+    baseline: Candidate
+    accelerated: Candidate
+    measured_baseline_bytes: int | None
+    measured_accelerated_bytes: int | None
+    measured: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"baseline": self.baseline.to_dict(), "accelerated": self.accelerated.to_dict(),
+                "measured_baseline_bytes": self.measured_baseline_bytes,
+                "measured_accelerated_bytes": self.measured_accelerated_bytes, "measured": self.measured}
+
+
+_SIZERS: OrderedDict[tuple, Sizer] = OrderedDict()
+_SIZERS_LOCK = threading.Lock()
+
+
+def sizer_for(preset_name: str, frames: int, height: int, width: int) -> Sizer:
+    """A :class:`Sizer` kept for the next request of this preset and size (the last 8)."""
+    key = (preset_name, frames, height, width)
+    with _SIZERS_LOCK:
+        if key not in _SIZERS:
+            _SIZERS[key] = Sizer(preset_name, frames, height, width)
+        _SIZERS.move_to_end(key)
+        while len(_SIZERS) > 8:
+            _SIZERS.popitem(last=False)
+        return _SIZERS[key]
 
 
 @dataclass(frozen=True)
@@ -301,8 +337,7 @@ class MemoryPlan:
             "preset": self.preset, "frames": self.frames, "height": self.height, "width": self.width,
             "budget_bytes": self.budget_bytes, "weights": dict(self.weights),
             "denoise_activation": dict(self.denoise_activation), "decode_activation": dict(self.decode_activation),
-            "candidates": [{"name": c.name, "peak_bytes": c.peak_bytes, "phases": dict(c.phases),
-                            "methods": [type(x).__name__ for x in c.configs]} for c in self.candidates],
+            "candidates": [c.to_dict() | {"methods": [type(x).__name__ for x in c.configs]} for c in self.candidates],
             "choice": None if self.choice is None else self.choice.name, "notes": list(self.notes),
         }
 

@@ -13,7 +13,7 @@ import time
 from vdtome.engine.fidelity import PSNR_CAP_DB
 from vdtome.engine.request import ComparisonResult
 from vdtome.measure.environment import environment_line
-from vdtome.measure.protocol import MemoryFigures, PhaseFigures
+from vdtome.measure.protocol import TENSOR_PEAK, MemoryFigures, PhaseFigures
 
 COLUMNS = ("metric", "baseline", "accelerated", "change", "better")
 END_TO_END_LABEL = "end-to-end (projected: denoising + untouched phases measured here)"
@@ -52,15 +52,28 @@ def _timing_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str
     denoising = (f"denoising, mean step after the first (median of {rounds}: the first of "
                  f"{result.settings.steps} steps, the others of {result.settings.round_steps})"
                  if timing.denoising.per_step else f"denoising loop (median of {rounds})")
-    rows = [
-        touched(timing.denoising, denoising),
-        touched(timing.end_to_end, END_TO_END_LABEL),
-    ]
+    rows = [touched(timing.denoising, denoising)]
+    whole = timing.end_to_end
+    if timing.changed:  # each side's own other phases, measured once: no verdict
+        change = NA
+        if whole.baseline_ms and whole.accelerated_ms:
+            change = f"{whole.accelerated_ms / whole.baseline_ms:.2f}x the baseline's time; not tested"
+        rows.append(("end-to-end (projected: each side's loop + its own other phases, one call per side)",
+                     _seconds(whole.baseline_ms), _seconds(whole.accelerated_ms), change, "lower"))
+    else:
+        rows.append(touched(whole, END_TO_END_LABEL))
     base_step, fast_step = timing.seconds_per_step
     per_step = "seconds per step (median)" if timing.steps_alike else "seconds per step (mean: the method's steps differ)"
     rows.append((per_step, NA if base_step is None else f"{base_step:.4f} s",
                  NA if fast_step is None else f"{fast_step:.4f} s", "", "lower"))
     label = method_label(result)
+    for phase in timing.changed:
+        change = NA
+        if phase.baseline_ms and phase.accelerated_ms:
+            change = (f"{phase.accelerated_ms / phase.baseline_ms:.2f}x the baseline's time; one call per side, "
+                      "not tested")
+        base = _seconds(phase.baseline_ms) if phase.baseline_ms or not result.baseline_reused else "from cache, not re-timed"
+        rows.append((f"{phase.label} (changed by {label})", base, _seconds(phase.accelerated_ms), change, "lower"))
     for phase in timing.untouched:
         if phase.ratio is None:
             base = "from cache, not re-timed" if result.baseline_reused else NA
@@ -91,11 +104,29 @@ def _memory_row(figures: MemoryFigures) -> tuple[str, str, str, str, str]:
     return (label, _mib(figures.baseline), _mib(figures.accelerated), text, "lower")
 
 
+def _plan_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str]]:
+    """The memory plan's estimate next to the measured peak (weights included in both)."""
+    check = result.memory_plan
+    if check is None:
+        return []
+    base, fast = check.baseline.peak_bytes, check.accelerated.peak_bytes
+    rows = [("estimated peak, weights included (memory plan)", _mib(base), _mib(fast),
+             f"{(fast - base) / 2**20:+.1f} MiB", "lower")]
+    if check.measured_baseline_bytes and check.measured_accelerated_bytes:
+        off = [estimate / measured - 1 for estimate, measured in ((base, check.measured_baseline_bytes),
+                                                                  (fast, check.measured_accelerated_bytes))]
+        rows.append((f"measured peak, weights included ({check.measured})", _mib(check.measured_baseline_bytes),
+                     _mib(check.measured_accelerated_bytes),
+                     f"the estimate is off by {off[0]:+.0%} / {off[1]:+.0%}", "lower"))
+    return rows
+
+
 def metric_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str]]:
     base, fast = result.baseline, result.accelerated
     rows = _timing_rows(result)
     if result.timing is not None:
         rows.extend(_memory_row(figures) for figures in result.timing.memory)
+    rows.extend(_plan_rows(result))
     for method in result.methods:
         prefix = f"{method.label}: " if len(result.methods) > 1 else ""
         report = method.report
@@ -137,12 +168,17 @@ def protocol_line(result: ComparisonResult) -> str:
                    "calls compared by their mean step after the first)")
     ratio = timing.denoising.ratio
     threshold = "" if ratio is None else f"changes under the {ratio.threshold_text()} or "
+    projection = ("end-to-end adds each side's own other phases to its loop (the stack changes "
+                  f"{' and '.join(phase.label for phase in timing.changed)}: measured in one call per side, not "
+                  "tested)" if timing.changed else
+                  "end-to-end is projected from the denoising times and this request's measured untouched phases")
+    memory = ("; memory on this CPU is the most tensor bytes held at once, counted per operation in one untimed "
+              "call per side" if any(f.kind == TENSOR_PEAK for f in timing.memory) else "")
     return (
         f"Timing: {rounds}; a change is the median of paired ratios over the rounds, each pair two calls (the steps "
         "of one call are never counted as repeats; so it need not equal the ratio of the two medians shown) with "
-        f"a distribution-free interval, and fewer than 6 rounds are not tested; end-to-end is projected from the "
-        f"denoising times and this request's measured untouched phases; {threshold}with an interval that includes "
-        "1 are not called faster or slower."
+        f"a distribution-free interval, and fewer than 6 rounds are not tested; {projection}; {threshold}with an "
+        f"interval that includes 1 are not called faster or slower{memory}."
     )
 
 

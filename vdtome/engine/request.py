@@ -15,6 +15,7 @@ import numpy as np
 from vdtome.core.presets import ModelPreset, get_preset
 from vdtome.core.validation import RequestError, shown, text, whole_number
 from vdtome.engine.fidelity import Fidelity, Temporal
+from vdtome.engine.plan import PlanCheck
 from vdtome.measure.memory import MemoryReport
 from vdtome.measure.protocol import (
     MIN_TIMING_STEPS,
@@ -178,6 +179,7 @@ class ComparisonResult:
     environment: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     elapsed_s: float | None = None  # wall seconds of the request: loading, every call, metrics (not the files)
+    memory_plan: PlanCheck | None = None  # the memory plan's estimate of both sides, next to what was measured
 
     @property
     def ok(self) -> bool:
@@ -212,6 +214,7 @@ class ComparisonResult:
             "fidelity": None if self.fidelity is None else self.fidelity.to_dict(),
             "environment": self.environment,
             "elapsed_s": self.elapsed_s,
+            "memory_plan": None if self.memory_plan is None else self.memory_plan.to_dict(),
             "files": {name: Path(path).name for name, path in self.files.items()},
         }
 

@@ -76,14 +76,14 @@ def round_order(round_number: int) -> tuple[str, str]:
 
 #: A short timing round needs a step after the first to measure (the first carries one-off costs).
 MIN_TIMING_STEPS = 3
-PIPELINE_WARMUP, WARMUP, TIMED = "pipeline warm-up", "warm-up", "timed"
+PIPELINE_WARMUP, WARMUP, TIMED, METERED = "pipeline warm-up", "warm-up", "timed", "metered"
 
 
 @dataclass(frozen=True)
 class PlannedCall:
     """One pipeline call of a request: ``kind`` (:data:`PIPELINE_WARMUP` with the text encoder and
-    decoder, :data:`WARMUP` denoiser only, :data:`TIMED`), side, round (timed calls), steps,
-    whether it decodes a video."""
+    decoder, :data:`WARMUP` denoiser only, :data:`TIMED`, :data:`METERED`: untimed, its tensor
+    memory counted), side, round (timed calls), steps, whether it decodes a video."""
 
     kind: str
     side: str
@@ -120,10 +120,11 @@ class Schedule:
 
 
 def plan_calls(rounds: int, steps: int, timing_steps: int, warmup_steps: int, warm_pipeline: bool,
-               decode_baseline: bool = True) -> Schedule:
+               decode_baseline: bool = True, meter_memory: bool = False) -> Schedule:
     """The calls of one comparison. ``timing_steps``: steps of the rounds after the first
     (``steps`` for full rounds); ``warm_pipeline``: this pipeline has not run at this size yet;
-    ``decode_baseline``: the baseline video is not cached."""
+    ``decode_baseline``: the baseline video is not cached; ``meter_memory``: after the rounds, one
+    untimed call per side whose tensor memory is counted (a CPU, where no allocator peak is exact)."""
     warm = min(warmup_steps, steps)
     calls = [PlannedCall(PIPELINE_WARMUP, BASELINE, None, warm, True)] if warm_pipeline else []
     calls.append(PlannedCall(WARMUP, BASELINE, None, warm, False))
@@ -133,6 +134,8 @@ def plan_calls(rounds: int, steps: int, timing_steps: int, warmup_steps: int, wa
                 calls.append(PlannedCall(WARMUP, ACCELERATED, None, warm, False))
             decode = round_number == 1 and (side == ACCELERATED or decode_baseline)
             calls.append(PlannedCall(TIMED, side, round_number, steps if round_number == 1 else timing_steps, decode))
+    if meter_memory:
+        calls += [PlannedCall(METERED, side, None, min(timing_steps, steps), True) for side in (BASELINE, ACCELERATED)]
     return Schedule(tuple(calls))
 
 
@@ -203,14 +206,19 @@ class PhaseFigures:
         }
 
 
+CUDA_PEAK, TENSOR_PEAK, RSS_GROWTH = "peak CUDA allocated", "peak tensor memory", "peak RSS growth"
+
+
 @dataclass(frozen=True)
 class MemoryFigures:
     """Peak memory of one kind of call in both sides, and whether the difference means anything.
 
     ``scope``: ``"whole call"`` (the calls that decoded the videos) or ``"denoising"`` (the calls
-    that stopped at the latents). ``kind``: ``"peak CUDA allocated"`` (exact: any change is real)
-    or ``"peak RSS growth"`` (a process figure that depends on what the allocator kept from earlier
-    calls: a change no larger than the spread of repeated calls of one side is noise).
+    that stopped at the latents, or a metered call up to its last step). ``kind``: ``"peak CUDA
+    allocated"`` or ``"peak tensor memory"`` (exact: any change is real; the second counted per op
+    in an untimed call on a CPU, :class:`vdtome.measure.memory.TensorMemoryMeter`), or ``"peak RSS
+    growth"`` (a process figure that depends on what the allocator kept from earlier calls: a change
+    no larger than the spread of repeated calls of one side is noise).
     ``baseline_from_cache``: the baseline figure comes from the cached run that made its video.
     """
 
@@ -222,7 +230,7 @@ class MemoryFigures:
 
     @property
     def exact(self) -> bool:
-        return self.kind == "peak CUDA allocated"
+        return self.kind in (CUDA_PEAK, TENSOR_PEAK)
 
     @property
     def baseline(self) -> float | None:
@@ -287,6 +295,9 @@ class TimingSummary:
     calls: tuple[TimedCall, ...] = field(repr=False, default=())
     noise: NoiseThreshold | None = None  # the verdicts' noise threshold and what it rests on
     host_load: HostLoad | None = None  # what other processes did to the cores meanwhile
+    # Phases outside the loop the stack changes (a tiled decode, offloaded weights): each side's
+    # decoding call, one per side, so no ratio is drawn.
+    changed: tuple[PhaseFigures, ...] = ()
 
     @property
     def busy_warning(self) -> str | None:
@@ -321,6 +332,7 @@ class TimingSummary:
             "denoising": self.denoising.to_dict(),
             "end_to_end": self.end_to_end.to_dict(),
             "untouched": [phase.to_dict() for phase in self.untouched],
+            "changed": [phase.to_dict() for phase in self.changed],
             "seconds_per_step": {"baseline": self.seconds_per_step[0], "accelerated": self.seconds_per_step[1],
                                  "statistic": "median step" if self.steps_alike else "mean step of the loop"},
             "memory": [figures.to_dict() for figures in self.memory],
@@ -466,7 +478,7 @@ def _memory(calls: Sequence[TimedCall], decoded: bool, cached_baseline: MemoryRe
     exact = chosen[0].memory.device.startswith("cuda")
     return MemoryFigures(
         scope="whole call" if decoded else "denoising",
-        kind="peak CUDA allocated" if exact else "peak RSS growth",
+        kind=CUDA_PEAK if exact else RSS_GROWTH,
         baseline_bytes=peaks[BASELINE],
         accelerated_bytes=peaks[ACCELERATED],
         baseline_from_cache=from_cache,
@@ -498,7 +510,17 @@ def summarise(
     full_steps = max((len(c.timing.steps_ms) for c in calls if c.decoded), default=0)
     scale = full_steps if per_step else 1
     rest = _untouched_ms(calls)
-    if ratio is not None and rest and denoising.accelerated_ms and scale:
+    changed = [phase for phase in (TEXT_ENCODING, VAE_DECODE) if phase in touched]
+    side_rest = {side: _median_or_none(_untouched_ms(c for c in calls if c.side == side)) for side in SIDES}
+    if changed:
+        # The method changes a phase outside the loop (a tiled decode, offloaded weights): each
+        # side's own rest is added to its loop, measured once per side (its decoding call); no
+        # verdict is drawn from one pair of calls.
+        known = ratio is not None and denoising.accelerated_ms and scale and None not in side_rest.values()
+        end_to_end = PhaseFigures(END_TO_END, denoising.baseline_ms * scale + side_rest[BASELINE] if known else None,
+                                  denoising.accelerated_ms * scale + side_rest[ACCELERATED] if known else None,
+                                  None, touched=True)
+    elif ratio is not None and rest and denoising.accelerated_ms and scale:
         untouched_ms = sum(rest) / len(rest)
         base_loop, fast_loop = denoising.baseline_ms * scale, denoising.accelerated_ms * scale
         whole = diluted(ratio, fast_loop, untouched_ms, (min(rest), max(rest)))
@@ -508,6 +530,10 @@ def summarise(
 
     untouched = tuple(_untouched_phase(calls, pairs, phase) for phase in (TEXT_ENCODING, VAE_DECODE)
                       if phase not in touched)
+    changed_phases = tuple(
+        PhaseFigures(phase, *(_median_or_none([c.timing.get(phase) for c in calls if c.side == side and c.decoded
+                                               and c.timing.get(phase)]) for side in SIDES), None, touched=True)
+        for phase in changed)
     seconds_per_step = []
     for side_index in (0, 1):
         if steps_alike:
@@ -523,6 +549,7 @@ def summarise(
         denoising=denoising,
         end_to_end=end_to_end,
         untouched=untouched,
+        changed=changed_phases,
         seconds_per_step=(seconds_per_step[0], seconds_per_step[1]),
         steps_alike=steps_alike,
         memory=tuple(m for m in (_memory(calls, True, cached_baseline_memory), _memory(calls, False, None)) if m),
