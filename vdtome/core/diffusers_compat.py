@@ -108,3 +108,11 @@ def remove_group_offloading(module: torch.nn.Module) -> None:
     registry = hook_registry(module)
     if registry is not None:
         registry.invalidate_child_registries_cache()
+
+
+def is_group_offloaded(module: torch.nn.Module) -> bool:
+    """Whether diffusers' group offloading hooks any sub-module of ``module``."""
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    return any(registry is not None and registry.get_hook(_GROUP_OFFLOADING) is not None
+               for registry in (hook_registry(sub) for sub in module.modules()))

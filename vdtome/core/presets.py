@@ -273,6 +273,7 @@ class ModelPreset:
     gpu_memory_gb: float | None = None
     gpu_time: GpuTime | None = None
     vae_tiling: bool = False
+    offload_below_gb: float | None = None  # on a GPU with less memory, the loader enables model CPU offload
     negative_prompt_unsupported: str | None = None
     # Per method name, the form fields whose defaults differ on this model ({"tome": {"ratio": 0.5}}):
     # chosen for the model (e.g. by a sweep), checked by the method's own fields where they are used.
@@ -469,6 +470,7 @@ def _parse_preset(path: Path, index: int, raw: Any) -> ModelPreset:
         gpu_memory_gb=None if gpu_memory_gb is None else float(gpu_memory_gb),
         gpu_time=gpu_time,
         vae_tiling=r.get("vae_tiling", bool, required=False, default=False),
+        offload_below_gb=r.get("offload_below_gb", (int, float), required=False),
         negative_prompt_unsupported=unsupported,
         memory=dict(r.get("memory", dict, required=False, default={})),
     )

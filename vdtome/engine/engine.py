@@ -195,6 +195,7 @@ class ComparisonEngine:
         except KeyError as error:
             raise RequestError(str(error.args[0]) if error.args else str(error)) from None
         settings, notes = resolve(request, preset)
+        check_fits(preset, settings, self.device)
         with self._lock:
             started = time.perf_counter()
             pipe = self.pipelines.get(preset, self.device, source)
@@ -502,6 +503,35 @@ class _Session:
             output_type="np" if decode else "latent",
             callback_on_step_end=on_step_end,
         )
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """What a request may use: a GPU's total memory, or the host's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import psutil
+
+    return psutil.virtual_memory().total
+
+
+def check_fits(preset: ModelPreset, settings: ResolvedSettings, device: torch.device) -> None:
+    """Refuse up front a request that cannot fit this device even with every memory method (the
+    plan's floor, :meth:`vdtome.engine.plan.Sizer.least_possible`), naming the numbers."""
+    if preset.requires_gpu and device.type != "cuda":
+        return  # the loader refuses it, naming the GPU it needs
+    try:
+        sizer = sizer_for(preset.name, settings.frames, settings.height, settings.width)
+        need = sizer.least_possible()
+    except (RequestError, TypeError, ValueError, RuntimeError, NotImplementedError):
+        return  # a preset the plan cannot size is not refused on its account
+    have = device_memory_bytes(device)
+    if need > have:
+        where = "this GPU has" if device.type == "cuda" else "this machine has"
+        raise RequestError(
+            f"{preset.label} at {settings.frames} frames, {settings.height}x{settings.width} needs at least "
+            f"{need / 2**30:.1f} GB even with every memory method (activation slicing, VAE tiling, fp8 weights, "
+            f"group offloading) and {where} {have / 2**30:.1f} GB; choose fewer frames or a smaller size "
+            "(`python -m vdtome plan` shows the estimate by phase)", "frames")
 
 
 @dataclass(frozen=True)

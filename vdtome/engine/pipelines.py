@@ -114,6 +114,15 @@ def from_pretrained(preset: ModelPreset, source: str | None = None):
     return pipe
 
 
+def loader_offloads(preset: ModelPreset, device: torch.device, total_bytes: int | None = None) -> bool:
+    """Whether the loader offloads this preset on ``device``: a GPU with less memory than the
+    preset's ``offload_below_gb`` (``total_bytes``: the GPU's memory, read from it if None)."""
+    if preset.offload_below_gb is None or device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory if total_bytes is None else total_bytes
+    return total < preset.offload_below_gb * 2**30
+
+
 def load_pipeline(preset: ModelPreset, device: torch.device | str | None = None, source: str | None = None):
     """A ready pipeline for ``preset`` on ``device`` (progress bars off: callers report progress)."""
     device = torch.device(device) if device is not None else default_device()
@@ -124,7 +133,11 @@ def load_pipeline(preset: ModelPreset, device: torch.device | str | None = None,
         # As the model's own example does: a whole-video decode at full size can need more memory
         # than the denoiser (HunyuanVideo, CogVideoX), and tiles cost little time.
         pipe.vae.enable_tiling()
-    pipe.to(device)
+    if loader_offloads(preset, device):
+        # Its weights alone outgrow this GPU (HunyuanVideo below 44 GB): one component on it at a time.
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from vdtome.core.diffusers_compat import remove_group_offloading
+from vdtome.core.diffusers_compat import is_group_offloaded, remove_group_offloading
 from vdtome.core.phases import DENOISING, TEXT_ENCODING, VAE_DECODE
 from vdtome.methods.base import Evidence, Method, MethodReport
 from vdtome.methods.schema import check_settings, config_values, form_fields, setting
@@ -111,7 +111,16 @@ class OffloadedPipeline:
         )
 
 
+def already_offloaded(pipe: Any) -> bool:
+    """Whether the pipeline offloads already (its loader enabled model offload, or group offloading)."""
+    modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+    return any(hasattr(m, "_hf_hook") or is_group_offloaded(m) for m in modules)
+
+
 def apply_offload(pipe: Any, config: Offload) -> OffloadedPipeline:
+    if already_offloaded(pipe):
+        raise TypeError("this pipeline offloads already (its loader enables model offload on a GPU this size), on "
+                        "both sides: offloading cannot be compared here")
     device = pipeline_device(pipe)
     if device.type == "cpu":
         raise TypeError("offloading moves weights between GPU and host memory; this pipeline computes on the CPU, "
