@@ -195,10 +195,13 @@ class ComparisonEngine:
         except KeyError as error:
             raise RequestError(str(error.args[0]) if error.args else str(error)) from None
         settings, notes = resolve(request, preset)
-        check_fits(preset, settings, self.device)
+        if preset.hub_id is not None and source is None:
+            check_fits(preset, settings, self.device)  # before loading weights it may not hold
         with self._lock:
             started = time.perf_counter()
             pipe = self.pipelines.get(preset, self.device, source)
+            if preset.hub_id is None or source is not None:
+                check_fits(preset, settings, self.device, pipe, source)  # sized from the loaded pipeline
             notes = [*notes, *unknown_words_note(pipe, settings.prompt)]
             session = _Session(self, pipe, preset, settings, request.methods, progress, cancel)
             session.stop_if_cancelled()  # cancelled while the weights loaded
@@ -282,7 +285,7 @@ class ComparisonEngine:
         plan_check = None
         if error is None:
             session.announce("estimating both sides' peak memory (the memory plan)")
-            plan_check = _plan_check(settings, session.configs_for(settings.steps), metered, timing)
+            plan_check = _plan_check(settings, session.configs_for(settings.steps), metered, timing, source)
         fid = None
         if base is not None and fast is not None and not base.nonfinite_values and not fast.nonfinite_values:
             session.announce("fidelity to the baseline (PSNR, SSIM)")
@@ -514,13 +517,15 @@ def device_memory_bytes(device: torch.device) -> int:
     return psutil.virtual_memory().total
 
 
-def check_fits(preset: ModelPreset, settings: ResolvedSettings, device: torch.device) -> None:
+def check_fits(preset: ModelPreset, settings: ResolvedSettings, device: torch.device, pipe: Any = None,
+               source: str | None = None) -> None:
     """Refuse up front a request that cannot fit this device even with every memory method (the
-    plan's floor, :meth:`vdtome.engine.plan.Sizer.least_possible`), naming the numbers."""
+    plan's floor, :meth:`vdtome.engine.plan.Sizer.least_possible`), naming the numbers; ``pipe``:
+    the loaded pipeline (a built-in model is sized from it, before any call)."""
     if preset.requires_gpu and device.type != "cuda":
         return  # the loader refuses it, naming the GPU it needs
     try:
-        sizer = sizer_for(preset.name, settings.frames, settings.height, settings.width)
+        sizer = sizer_for(preset.name, settings.frames, settings.height, settings.width, pipe, source)
         need = sizer.least_possible()
     except (RequestError, TypeError, ValueError, RuntimeError, NotImplementedError):
         return  # a preset the plan cannot size is not refused on its account
@@ -552,12 +557,12 @@ def _held_weight_bytes(pipe: Any) -> int:
 
 
 def _plan_check(settings: ResolvedSettings, configs: tuple[Any, ...], metered: dict[str, Metered],
-                timing: Any) -> PlanCheck | None:
+                timing: Any, source: str | None = None) -> PlanCheck | None:
     """The memory plan's estimate of both sides next to their measured peaks: on a CPU the weights
     held plus the metered call's tensor peak, on a GPU the decoding call's peak CUDA allocation
     (weights included). None where the plan cannot size this preset."""
     try:
-        sizer = sizer_for(settings.preset, settings.frames, settings.height, settings.width)
+        sizer = sizer_for(settings.preset, settings.frames, settings.height, settings.width, source=source)
         baseline, accelerated = sizer.estimate(()), sizer.estimate(tuple(configs))
     except (RequestError, TypeError, ValueError, RuntimeError, NotImplementedError):
         return None

@@ -81,12 +81,14 @@ def _to_meta(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).to("meta")
 
 
-def meta_models(preset: ModelPreset) -> MetaModels:
+def meta_models(preset: ModelPreset, pipe: Any = None) -> MetaModels:
+    """``pipe``: the preset's pipeline where it is loaded already (its components are then read
+    from it rather than from a second load)."""
     batch, tokens = CALLS[preset.family]
-    if preset.hub_id is None:  # built in code or shipped: build it (cheap) and read its real components
+    if preset.hub_id is None or pipe is not None:  # built in code or shipped: build it (cheap) and read it
         from vdtome.engine.pipelines import load_pipeline
 
-        pipe = load_pipeline(preset, "cpu")
+        pipe = pipe if pipe is not None else load_pipeline(preset, "cpu")
         denoiser = pipe.unet if preset.family == "animatediff" else pipe.transformer
         others = {name: _bytes(c) for name, c in pipe.components.items()
                   if isinstance(c, torch.nn.Module) and name not in ("transformer", "unet", "vae", "motion_adapter")}
@@ -291,12 +293,15 @@ _SIZERS: OrderedDict[tuple, Sizer] = OrderedDict()
 _SIZERS_LOCK = threading.Lock()
 
 
-def sizer_for(preset_name: str, frames: int, height: int, width: int) -> Sizer:
-    """A :class:`Sizer` kept for the next request of this preset and size (the last 8)."""
-    key = (preset_name, frames, height, width)
+def sizer_for(preset_name: str, frames: int, height: int, width: int, pipe: Any = None,
+              source: str | None = None) -> Sizer:
+    """A :class:`Sizer` kept for the next request of this preset, weights and size (the last 8);
+    ``pipe``: the pipeline if it is loaded (see :func:`meta_models`); ``source``: the weights'
+    folder or repository where they are not the preset's own."""
+    key = (preset_name, source, frames, height, width)
     with _SIZERS_LOCK:
         if key not in _SIZERS:
-            _SIZERS[key] = Sizer(preset_name, frames, height, width)
+            _SIZERS[key] = Sizer(preset_name, frames, height, width, pipe=pipe)
         _SIZERS.move_to_end(key)
         while len(_SIZERS) > 8:
             _SIZERS.popitem(last=False)
@@ -362,13 +367,13 @@ class Sizer:
     """One preset at one size: the models built on meta once, each trace made when first asked for."""
 
     def __init__(self, preset_name: str, frames: int | None = None, height: int | None = None,
-                 width: int | None = None, progress: Callable[[str], None] | None = None) -> None:
+                 width: int | None = None, progress: Callable[[str], None] | None = None, pipe: Any = None) -> None:
         self.preset = get_preset(preset_name)
         p = self.preset
         self.frames, self.height, self.width = frames or p.num_frames, height or p.height, width or p.width
         self.say = progress or (lambda text: None)
         self.say(f"building {p.label} on the meta device")
-        self.models = meta_models(p)
+        self.models = meta_models(p, pipe)
         m = self.models
         self.weights = {"denoiser": _bytes(m.denoiser), "vae": _bytes(m.vae), **m.other_weights}
         self.text_bytes = sum(v for k, v in m.other_weights.items() if k.startswith("text_encoder"))

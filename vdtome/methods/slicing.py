@@ -79,6 +79,9 @@ class SliceStats:
     widest_unsliced_bytes: int = 0  # the largest inner activation one call would have made
     widest_sliced_bytes: int = 0  # ... and the largest it made
 
+    def clear(self) -> None:
+        vars(self).update(vars(SliceStats()))
+
 
 class SlicedFeedForward(ModelHook):
     """Runs a ``FeedForward`` over row chunks into a preallocated output."""
@@ -164,7 +167,7 @@ class AppliedSlicing:
             self.vae.use_slicing = True
 
     def reset(self) -> None:
-        self.stats.__init__()
+        self.stats.clear()  # the hooks hold this object
         self.decodes.update({"decoder calls": 0, "one frame": 0})
 
     def remove(self) -> None:

@@ -90,6 +90,7 @@ class RehashState:
         self.context = context
         self.stats = RehashStats()
         self.branches: dict[int, _Branch] = {}
+        self.current = _Branch()  # the branch of the call under way (set by decide)
         self.run = -1
 
     def reset(self) -> None:
