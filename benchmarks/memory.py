@@ -54,8 +54,7 @@ def stacks(pipe) -> dict[str, tuple]:
 
 
 def held_weights(pipe) -> int:
-    return sum(t.numel() * t.element_size() for name, c in pipe.components.items()
-               if isinstance(c, torch.nn.Module) and name != "motion_adapter"
+    return sum(t.numel() * t.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module)
                for t in (*c.parameters(), *c.buffers()))
 
 

@@ -15,7 +15,7 @@ from vdtome.core.phases import DENOISING, VAE_DECODE
 from vdtome.core.presets import get_preset
 from vdtome.core.validation import RequestError
 from vdtome.measure.memory import TensorMemoryMeter
-from vdtome.methods import METHODS, apply_stack
+from vdtome.methods import METHODS, apply_stack, check_stack
 from vdtome.methods.slicing import Slicing, chunk_rows
 from vdtome.core.diffusers_compat import hooks_under
 from vdtome.methods.layerwise_casting import LayerwiseCasting
@@ -121,6 +121,8 @@ def test_slicing_lowers_the_peak_of_a_real_width_wan_block_and_changes_no_value(
         with torch.no_grad(), TensorMemoryMeter() as meter:
             out = model(**inputs)[0]
         return out, meter.peak_bytes
+
+    torch.set_num_threads(2)  # as the engine runs: bitwise must hold with intra-op threads too
 
     plain, plain_peak = forward()
     with apply_stack(model, [Slicing()]) as stack:
@@ -350,3 +352,10 @@ def test_offloading_hooks_apply_and_remove_exactly(preset, mode):
     assert not any(hasattr(sub, "_hf_hook") for m in modules for sub in m.modules())
     assert leftover_hooks(*modules) == []
     assert torch.equal(generate(pipe, preset, steps=2, output_type="pt"), before)
+
+
+def test_offloading_must_come_last_in_a_stack():
+    with pytest.raises(RequestError, match="offloading must come last in the stack") as caught:
+        check_stack([Offload(), LayerwiseCasting()])
+    assert caught.value.field == "use_offload"
+    check_stack([LayerwiseCasting(), Offload()])

@@ -27,8 +27,7 @@ def measured_peak(preset_name: str, configs, frames: int, height: int, width: in
     pipe = load_pipeline(preset, "cpu")
     extra = {"max_sequence_length": preset.extras["max_sequence_length"]} if "max_sequence_length" in preset.extras else {}
     with apply_stack(pipe, list(configs)):
-        weights = sum(t.numel() * t.element_size() for name, c in pipe.components.items()
-                      if isinstance(c, torch.nn.Module) and name != "motion_adapter"  # merged into the UNet
+        weights = sum(t.numel() * t.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module)
                       for t in (*c.parameters(), *c.buffers()))
         with TensorMemoryMeter() as meter:
             pipe(prompt="a red circle", num_frames=frames, height=height, width=width, num_inference_steps=2,

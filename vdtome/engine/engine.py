@@ -38,6 +38,7 @@ from vdtome.core.validation import RequestError
 from vdtome.engine.fidelity import fidelity, temporal_consistency
 from vdtome.engine.outputs import write_outputs
 from vdtome.engine.plan import PlanCheck, sizer_for
+from vdtome.methods.offload import Offload, already_offloaded
 from vdtome.engine.pipelines import PipelineCache, default_device
 from vdtome.engine.request import (
     ComparisonRequest,
@@ -285,7 +286,7 @@ class ComparisonEngine:
         plan_check = None
         if error is None:
             session.announce("estimating both sides' peak memory (the memory plan)")
-            plan_check = _plan_check(settings, session.configs_for(settings.steps), metered, timing, source)
+            plan_check = _plan_check(settings, session.configs_for(settings.steps), metered, timing, pipe, source)
         fid = None
         if base is not None and fast is not None and not base.nonfinite_values and not fast.nonfinite_values:
             session.announce("fidelity to the baseline (PSNR, SSIM)")
@@ -551,19 +552,20 @@ class Metered:
 def _held_weight_bytes(pipe: Any) -> int:
     """Bytes of every component's weights as the pipeline holds them now (a float8 copy, not the
     originals layerwise casting keeps on the host to put back)."""
-    return sum(t.numel() * t.element_size() for name, c in pipe.components.items()
-               if isinstance(c, torch.nn.Module) and name != "motion_adapter"  # AnimateDiff merged it into the UNet
+    return sum(t.numel() * t.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module)
                for t in (*c.parameters(), *c.buffers()))
 
 
 def _plan_check(settings: ResolvedSettings, configs: tuple[Any, ...], metered: dict[str, Metered],
-                timing: Any, source: str | None = None) -> PlanCheck | None:
+                timing: Any, pipe: Any, source: str | None = None) -> PlanCheck | None:
     """The memory plan's estimate of both sides next to their measured peaks: on a CPU the weights
     held plus the metered call's tensor peak, on a GPU the decoding call's peak CUDA allocation
-    (weights included). None where the plan cannot size this preset."""
+    (weights included). A pipeline its loader offloads is estimated offloaded on both sides. None
+    where the plan cannot size this preset."""
+    loaded = (Offload(mode="model"),) if already_offloaded(pipe) else ()
     try:
         sizer = sizer_for(settings.preset, settings.frames, settings.height, settings.width, source=source)
-        baseline, accelerated = sizer.estimate(()), sizer.estimate(tuple(configs))
+        baseline, accelerated = sizer.estimate(loaded), sizer.estimate(tuple(configs) + loaded)
     except (RequestError, TypeError, ValueError, RuntimeError, NotImplementedError):
         return None
     if len(metered) == 2:

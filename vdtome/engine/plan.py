@@ -35,7 +35,7 @@ from vdtome.core.phases import DENOISING, TEXT_ENCODING, VAE_DECODE
 from vdtome.core.presets import ModelPreset, get_preset
 from vdtome.core.validation import RequestError
 from vdtome.measure.memory import TensorMemoryMeter
-from vdtome.methods import apply_stack
+from vdtome.methods import apply_stack, method_of
 from vdtome.methods.layerwise_casting import LayerwiseCasting
 from vdtome.methods.offload import Offload
 from vdtome.methods.slicing import Slicing, decodes_frames_as_batch
@@ -70,35 +70,52 @@ class MetaModels:
     other_weights: dict[str, int]  # components other than the denoiser and VAE: bytes as loaded
     batch: int
     text_tokens: int
-    text_encoders: list[torch.nn.Module] = field(default_factory=list)  # where the preset has them built
+    text_activation: int | None = None  # one prompt's encoding, traced where the encoders are built
 
 
 def _bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
-def _to_meta(module: torch.nn.Module) -> torch.nn.Module:
-    return copy.deepcopy(module).to("meta")
+def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """``module``'s architecture on the meta device in its dtype, built from its config (its weights,
+    wherever they are, are never copied)."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    with torch.device("meta"):
+        built = type(module).from_config(module.config)
+    return built.to(dtype)
+
+
+def _trace_text_encoders(encoders: list[torch.nn.Module], tokens: int) -> int:
+    """Peak activation bytes of encoding one prompt with each encoder (pipelines encode the prompt
+    and the negative one in separate calls). They run for real, on a padded prompt: text encoders
+    read their inputs' values (.item()), which meta tensors do not have."""
+    peaks = []
+    for encoder in encoders:
+        ids = torch.zeros(1, tokens, dtype=torch.long, device=next(encoder.parameters()).device)
+        with _traced() as meter:
+            encoder(input_ids=ids, attention_mask=torch.ones_like(ids))
+        peaks.append(meter.peak_bytes)
+    return max(peaks)
 
 
 def meta_models(preset: ModelPreset, pipe: Any = None) -> MetaModels:
     """``pipe``: the preset's pipeline where it is loaded already (its components are then read
     from it rather than from a second load)."""
     batch, tokens = CALLS[preset.family]
+    tokens = preset.extras.get("max_sequence_length", tokens)
     if preset.hub_id is None or pipe is not None:  # built in code or shipped: build it (cheap) and read it
         from vdtome.engine.pipelines import load_pipeline
 
         pipe = pipe if pipe is not None else load_pipeline(preset, "cpu")
         denoiser = pipe.unet if preset.family == "animatediff" else pipe.transformer
-        others = {name: _bytes(c) for name, c in pipe.components.items()
-                  if isinstance(c, torch.nn.Module) and name not in ("transformer", "unet", "vae", "motion_adapter")}
-        if getattr(pipe, "transformer_2", None) is not None:
-            others["transformer_2"] = _bytes(pipe.transformer_2)
-        tokens = preset.extras.get("max_sequence_length", tokens)
-        # Text encoders look at their inputs' values (.item()): run for real, on one padded prompt (cheap here).
-        encoders = [c for name, c in pipe.components.items()
-                    if name.startswith("text_encoder") and isinstance(c, torch.nn.Module)]
-        return MetaModels(preset.family, _to_meta(denoiser), _to_meta(pipe.vae), others, batch, tokens, encoders)
+        modules = {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+        # Every other component is held too (AnimateDiff's motion adapter stays registered after
+        # its weights were copied into the UNet).
+        others = {name: _bytes(c) for name, c in modules.items() if name not in ("transformer", "unet", "vae")}
+        encoders = [c for name, c in modules.items() if name.startswith("text_encoder")]
+        text = _trace_text_encoders(encoders, tokens) if encoders else None
+        return MetaModels(preset.family, _meta_copy(denoiser), _meta_copy(pipe.vae), others, batch, tokens, text)
     spec = preset.memory
     if not spec:
         raise RequestError(f"{preset.label} has no memory description in models.json; the plan cannot size it",
@@ -118,7 +135,7 @@ def meta_models(preset: ModelPreset, pipe: Any = None) -> MetaModels:
     denoiser.to(DTYPES[dtypes.get(denoiser_name, preset.dtype)])
     vae.to(DTYPES[dtypes.get("vae", preset.dtype)])
     others = {name: int(gb * 1e9) for name, gb in spec.get("other_weights_gb", {}).items()}
-    return MetaModels(preset.family, denoiser, vae, others, batch, preset.extras.get("max_sequence_length", tokens))
+    return MetaModels(preset.family, denoiser, vae, others, batch, tokens)
 
 
 # ---- tracing
@@ -201,20 +218,6 @@ def trace_denoiser(models: MetaModels, frames: int, height: int, width: int, sli
     return meter.peak_bytes + sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
 
 
-def trace_text(models: MetaModels) -> int | None:
-    """Peak activation bytes of encoding one prompt (pipelines encode the prompt and the negative
-    one in separate calls); None where the text encoders are only counted, not built."""
-    if not models.text_encoders:
-        return None
-    peaks = []
-    for encoder in models.text_encoders:
-        ids = torch.zeros(1, models.text_tokens, dtype=torch.long, device=next(encoder.parameters()).device)
-        with _traced() as meter:
-            encoder(input_ids=ids, attention_mask=torch.ones_like(ids))
-        peaks.append(meter.peak_bytes)
-    return max(peaks)
-
-
 def _video_bytes(frames: int, height: int, width: int) -> int:
     return 3 * frames * height * width * 4
 
@@ -262,6 +265,7 @@ class Candidate:
     configs: tuple[Any, ...]
     phases: dict[str, int]  # phase -> weights held then + its activations
     weights_bytes: int  # weights held during denoising
+    unmodelled: tuple[str, ...] = ()  # methods of the stack the plan takes as leaving memory unchanged
 
     @property
     def peak_bytes(self) -> int:
@@ -269,7 +273,7 @@ class Candidate:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "peak_bytes": self.peak_bytes, "phases": dict(self.phases),
-                "weights_bytes": self.weights_bytes}
+                "weights_bytes": self.weights_bytes, "unmodelled": list(self.unmodelled)}
 
 
 @dataclass(frozen=True)
@@ -379,12 +383,16 @@ class Sizer:
         self.text_bytes = sum(v for k, v in m.other_weights.items() if k.startswith("text_encoder"))
         self.frame_slicing = decodes_frames_as_batch(m.vae)
         self._traces: dict[tuple, int | None] = {}
+        # Traces hook and switch the shared meta models: one at a time (a request's fit check and
+        # another's estimate may ask at once).
+        self._lock = threading.RLock()
 
     def _trace(self, key: tuple, what: str, run: Callable[[], int | None]) -> int | None:
-        if key not in self._traces:
-            self.say(f"tracing {what}")
-            self._traces[key] = run()
-        return self._traces[key]
+        with self._lock:
+            if key not in self._traces:
+                self.say(f"tracing {what}")
+                self._traces[key] = run()
+            return self._traces[key]
 
     def denoise(self, slicing: Slicing | None) -> int:
         key = ("denoise", slicing if slicing is not None and slicing.feed_forward else None)
@@ -404,7 +412,7 @@ class Sizer:
             self.models, self.frames, self.height, self.width, tiling, sliced))
 
     def text(self) -> int | None:
-        return self._trace(("text",), "the text encoders", lambda: trace_text(self.models))
+        return self.models.text_activation
 
     def cast_bytes(self) -> int:
         return self._trace(("cast",), "the float8 weights", lambda: _cast_bytes(self.models.denoiser))
@@ -415,10 +423,14 @@ class Sizer:
         denoiser_weights = self.cast_bytes() if casting else denoiser
         if offload == "model":  # one component on the GPU at a time
             return {TEXT_ENCODING: self.text_bytes, DENOISING: denoiser_weights, VAE_DECODE: self.weights["vae"]}
-        if offload is not None:  # group offloading: a group computing, the next one arriving, what is outside them
-            largest_block, outside = _block_sizes(self.models.denoiser)
-            block = largest_block * denoiser_weights // max(denoiser, 1)
-            return {TEXT_ENCODING: self.text_bytes, DENOISING: 2 * block + outside, VAE_DECODE: self.weights["vae"]}
+        if offload is not None:  # group offloading: a group computing, the next one arriving (+ what is outside blocks)
+            if offload == "group_leaf":
+                largest, outside = max((_bytes(m) for m in self.models.denoiser.modules() if not list(m.children())),
+                                       default=0), 0
+            else:
+                largest, outside = _block_sizes(self.models.denoiser)
+            group = largest * denoiser_weights // max(denoiser, 1)
+            return {TEXT_ENCODING: self.text_bytes, DENOISING: 2 * group + outside, VAE_DECODE: self.weights["vae"]}
         everything = sum(self.weights.values()) - denoiser + denoiser_weights
         return dict.fromkeys((TEXT_ENCODING, DENOISING, VAE_DECODE), everything)
 
@@ -433,7 +445,8 @@ class Sizer:
         phases = {TEXT_ENCODING: held[TEXT_ENCODING] + (self.text() or 0),
                   DENOISING: held[DENOISING] + self.denoise(slicing),
                   VAE_DECODE: held[VAE_DECODE] + self.decode(tiling, bool(slicing and slicing.vae))}
-        return Candidate(name or stack_name(configs), tuple(configs), phases, held[DENOISING])
+        unmodelled = tuple(method_of(c).label for c in configs if type(c) not in _NAMES and not isinstance(c, Offload))
+        return Candidate(name or stack_name(configs), tuple(configs), phases, held[DENOISING], unmodelled)
 
     def least_possible(self) -> int:
         """A floor under every candidate's peak that needs no tiled trace: the text encoders' and the

@@ -110,8 +110,10 @@ def _plan_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str]]
     if check is None:
         return []
     base, fast = check.baseline.peak_bytes, check.accelerated.peak_bytes
+    unmodelled = f" ({', '.join(check.accelerated.unmodelled)}: not modelled, taken as unchanged)" \
+        if check.accelerated.unmodelled else ""
     rows = [("estimated peak, weights included (memory plan)", _mib(base), _mib(fast),
-             f"{(fast - base) / 2**20:+.1f} MiB", "lower")]
+             f"{(fast - base) / 2**20:+.1f} MiB{unmodelled}", "lower")]
     if check.measured_baseline_bytes and check.measured_accelerated_bytes:
         off = [estimate / measured - 1 for estimate, measured in ((base, check.measured_baseline_bytes),
                                                                   (fast, check.measured_accelerated_bytes))]

@@ -211,6 +211,9 @@ class Method:
     diffusers_cache: bool = False
     needs_guidance: bool = False
     prepare: Callable[[Any, Any, CallPlan, Callable[[], None]], Any] | None = None
+    # Moves the weights as the methods before it leave them (offloading copies them to the host as
+    # they are when it is applied): it must come last in a stack.
+    applies_last: bool = False
     docs: str = ""
 
     @property

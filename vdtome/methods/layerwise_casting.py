@@ -96,13 +96,18 @@ class AppliedLayerwiseCasting:
 
     def report(self) -> MethodReport:
         saved = self.before - self.after
+        on_cpu = all(p.device.type == "cpu" for m in self.models for p in m.parameters())
+        notes = ("on a CPU the original weights stay in the same memory (kept to be put back on removal): the "
+                 "process holds both; on a GPU they wait in host memory and the GPU holds the float8 copies",) \
+            if on_cpu else ()
         return MethodReport(
             method=NAME,
             summary={"settings": summary(self.config), "weights MiB": round(self.after / 2**20, 1)},
             rows=(("denoiser weights stored", f"{self.before / 2**20:.1f} -> {self.after / 2**20:.1f} MiB",
                    f"{self.config.storage}; cast per layer in each of {self.calls} denoiser calls"),),
+            notes=notes,
             detail={"weight_bytes_before": self.before, "weight_bytes_after": self.after, "denoiser_calls": self.calls},
-            evidence=(Evidence("weight bytes saved", saved, self.before),),
+            evidence=(Evidence("denoiser weight bytes stored as float8 instead", saved, self.before),),
         )
 
 

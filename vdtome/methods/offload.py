@@ -28,11 +28,11 @@ MODES = ("model", "group_block", "group_leaf")
 
 @dataclass(frozen=True)
 class Offload:
-    """``mode``: what moves (see the module); ``blocks_per_group``: blocks moved together (group_block)."""
+    """``mode``: what moves (see the module). One block per group: with a side stream (CUDA)
+    diffusers moves one at a time whatever is asked."""
 
-    mode: str = setting("group_block", "What moves", "model: one whole component at a time; group_block: groups of "
-                        "blocks, prefetched on a side stream; group_leaf: single layers", options=MODES)
-    blocks_per_group: int = setting(1, "Blocks per group", "blocks moved in and out together (group_block)", 1, 16, 1)
+    mode: str = setting("group_block", "What moves", "model: one whole component at a time; group_block: one block "
+                        "at a time, the next prefetched on a side stream; group_leaf: single layers", options=MODES)
 
     def __post_init__(self) -> None:
         check_settings(self, NAME)
@@ -46,7 +46,7 @@ def parse(values: Mapping[str, Any]) -> Offload:
 
 
 def summary(config: Offload) -> str:
-    return f"{config.mode} {config.blocks_per_group}" if config.mode == "group_block" else config.mode
+    return config.mode
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -80,7 +80,7 @@ class OffloadedPipeline:
                 pipe.enable_group_offload(
                     onload_device=onload_device, offload_device=torch.device("cpu"),
                     offload_type="block_level" if config.mode == "group_block" else "leaf_level",
-                    num_blocks_per_group=config.blocks_per_group if config.mode == "group_block" else None,
+                    num_blocks_per_group=1 if config.mode == "group_block" else None,
                     use_stream=onload_device.type == "cuda")
         except BaseException:
             self.remove()
@@ -137,6 +137,7 @@ METHOD = Method(
     parse=parse,
     summary=summary,
     steps_alike=lambda config: True,
+    applies_last=True,
     docs="keeps weights in host memory and moves them to the GPU for use (diffusers model or group offloading): "
          "GPU memory for transfer time",
 )

@@ -2,6 +2,7 @@
 
 The rules (each refusal names it, before anything runs):
 * a method appears at most once in a stack;
+* a method that moves the weights as the others leave them (offloading) comes last;
 * diffusers keeps one cache per model: two diffusers caches cannot stack;
 * a cache that reuses attention outputs across steps cannot stack with a method whose token
   layout changes between steps (token merging at ratio > 0): a stored output of one step's merged
@@ -28,6 +29,11 @@ def check_stack(configs: Sequence[Any]) -> tuple[Method, ...]:
             raise RequestError(f"{method.label} appears twice in the stack; a method can be applied once",
                                method.enable_field)
         seen.add(method.name)
+    for method in methods[:-1]:
+        if method.applies_last:
+            raise RequestError(f"{method.label} must come last in the stack: it moves the weights as the methods "
+                               f"before it leave them (after {methods[-1].label}, it would move the weights that "
+                               "method replaces)", method.enable_field)
     caches = [m for m in methods if m.diffusers_cache]
     if len(caches) > 1:
         raise RequestError(f"{caches[0].label} and {caches[1].label} cannot stack: diffusers keeps one cache per "

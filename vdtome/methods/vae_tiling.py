@@ -108,10 +108,14 @@ class AppliedVaeTiling:
 
         attach([vae.decoder], lambda module: _TileCount(self.counts), HOOK, [vae])
         vae.tiled_decode = counted_tiled_decode  # an instance attribute: removal uncovers the method
-        vae.enable_tiling(**kwargs)
-        if config.tile_px and not kwargs:  # AutoencoderKL: one square tile size, set as attributes
-            factor = vae.tile_sample_min_size // max(vae.tile_latent_min_size, 1)
-            vae.tile_sample_min_size, vae.tile_latent_min_size = config.tile_px, config.tile_px // factor
+        try:
+            vae.enable_tiling(**kwargs)
+            if config.tile_px and not kwargs:  # AutoencoderKL: one square tile size, set as attributes
+                factor = vae.tile_sample_min_size // max(vae.tile_latent_min_size, 1)
+                vae.tile_sample_min_size, vae.tile_latent_min_size = config.tile_px, config.tile_px // factor
+        except BaseException:
+            self.remove()
+            raise
 
     def reset(self) -> None:
         self.counts.update(tiles=0, decodes=0)
