@@ -390,6 +390,10 @@ def _memory_card(result: ComparisonResult) -> Card:
     if change is None:
         return Card(title, "n/a", f"{figures.kind}, {figures.scope}", "neutral")
     detail = f"{figures.kind}, {figures.scope}; baseline {figures.baseline / 2**20:.1f} MiB"
+    if result.memory_plan is not None:
+        plan = result.memory_plan
+        detail += (f"; the memory plan estimated {plan.baseline.peak_bytes / 2**20:.1f} -> "
+                   f"{plan.accelerated.peak_bytes / 2**20:.1f} MiB with the weights")
     if not figures.comparable:
         return Card(title, "not comparable", "the baseline ran in another request; " + detail, "neutral")
     if not figures.exact and (figures.within_noise or figures.noise_bytes is None):
