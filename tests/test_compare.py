@@ -239,7 +239,7 @@ def test_allocation_failure_message_names_the_request_size_and_the_preset_need()
                               engine=SimpleNamespace(device=torch.device("cpu")))
     message = _allocation_message(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"), session)
     assert message.startswith("a memory allocation failed during the accelerated run (round 1) at 129 frames, 720x1280")
-    assert "needs about 45 GB of GPU memory at its defaults (61 frames, 320x512)" in message
+    assert f"needs about {preset.gpu_memory_gb:g} GB of GPU memory at its defaults (61 frames, 320x512)" in message
     assert "CUDNN_STATUS_ALLOC_FAILED" in message
 
 

@@ -401,8 +401,8 @@ def nvml_handle(pynvml: Any, device: torch.device) -> Any:
 class TensorMemoryMeter(TorchDispatchMode):
     """Peak bytes of the tensors the code inside ``with TensorMemoryMeter() as meter:`` holds at once.
 
-    Every operator's outputs are counted once per storage (views share theirs; an output that
-    shares an input's storage allocated nothing) from when an op returns them until the last
+    Every operator's outputs are counted once per storage (views share theirs; an op whose schema
+    says its output aliases an input allocated nothing) from when an op returns them until the last
     reference goes, so the figure is what a non-caching allocator would need on top of what was live
     at entry: deterministic, on any device, and not blurred by glibc or CUDA keeping freed memory
     (which the RSS and allocator peaks of :class:`MemoryMonitor` show). On the meta device it sizes
@@ -418,6 +418,7 @@ class TensorMemoryMeter(TorchDispatchMode):
         self._live: dict[int, int] = {}
         self._section_peak = 0
         self.peaks: dict[str, int] = {}
+        self._aliasing: dict[Any, bool] = {}
 
     def mark(self, name: str) -> None:
         """Close a section: ``peaks[name]`` is the peak since the previous mark (or entry)."""
@@ -429,16 +430,22 @@ class TensorMemoryMeter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        # Storages are keyed by their Python object, which torch keeps for as long as the storage
-        # lives (meta storages have no address to key by).
-        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for item in tree_leaves(out):
+        aliases = self._aliasing.get(func)
+        if aliases is None:  # an op whose outputs alias an input (a view, an in-place or out= op) allocates nothing
+            aliases = self._aliasing[func] = any(r.alias_info is not None for r in func._schema.returns)
+        if aliases:
+            return out
+        for item in (out,) if isinstance(out, torch.Tensor) else tree_leaves(out):
             if not isinstance(item, torch.Tensor):
                 continue
+            # Storages are keyed by their Python object, which torch keeps for as long as the
+            # storage lives (meta storages have no address to key by).
             storage = item.untyped_storage()
-            size = storage.nbytes()
             key = id(storage)
-            if size == 0 or key in self._live or key in inputs:
+            if key in self._live:
+                continue
+            size = storage.nbytes()
+            if size == 0:
                 continue
             self._live[key] = size
             self.current_bytes += size

@@ -135,7 +135,8 @@ def plan_calls(rounds: int, steps: int, timing_steps: int, warmup_steps: int, wa
             decode = round_number == 1 and (side == ACCELERATED or decode_baseline)
             calls.append(PlannedCall(TIMED, side, round_number, steps if round_number == 1 else timing_steps, decode))
     if meter_memory:
-        calls += [PlannedCall(METERED, side, None, min(timing_steps, steps), True) for side in (BASELINE, ACCELERATED)]
+        # Two steps: the first computes everything, the second holds what a step-reusing method kept.
+        calls += [PlannedCall(METERED, side, None, min(2, steps), True) for side in (BASELINE, ACCELERATED)]
     return Schedule(tuple(calls))
 
 
