@@ -132,7 +132,8 @@ def test_gpu_presets_are_marked_unavailable_without_a_gpu():
 
 def test_preset_info_states_the_memory_and_the_default_timing_rounds():
     info = preset_info(get_preset("wan2.1-t2v-1.3b"), has_gpu=True)
-    assert "~20 GB VRAM" in info and "no offload" in info and "Timing rounds by default: 7 (after the first, 3 steps each" in info
+    assert "est. ~22 GB as loaded" in info and "estimated by `python -m vdtome plan`" in info
+    assert "Timing rounds by default: 7 (after the first, 3 steps each" in info
     assert "Timing rounds by default: 7." in preset_info(get_preset("tiny-wan"), has_gpu=False)
 
 
