@@ -106,3 +106,66 @@ def test_the_plan_command_prints_the_table_and_a_choice_per_budget(capsys):
 def test_the_plan_command_refuses_a_size_the_model_cannot_take(capsys):
     assert main(["plan", "--preset", "tiny-wan", "--frames", "10"]) == 2
     assert "frames" in capsys.readouterr().err
+
+
+def test_a_request_that_cannot_fit_even_with_every_method_is_refused_naming_the_numbers(monkeypatch):
+    from vdtome.engine import engine as engine_module
+    from vdtome.engine.engine import check_fits
+    from vdtome.engine.request import ComparisonRequest, resolve
+
+    preset = get_preset("tiny-wan")
+    settings, _ = resolve(ComparisonRequest(preset="tiny-wan", prompt="a red fox"), preset)
+    pipe = load_pipeline(preset, "cpu")
+    check_fits(preset, settings, torch.device("cpu"), pipe)  # this machine holds it
+    monkeypatch.setattr(engine_module, "device_memory_bytes", lambda device: 2**10)  # a 1 KiB machine
+    with pytest.raises(RequestError, match=r"needs at least .* GB even with every memory method .* this machine has "
+                                           r"0\.0 GB; choose fewer frames or a smaller size") as caught:
+        check_fits(preset, settings, torch.device("cpu"), pipe)
+    assert caught.value.field == "frames"
+
+
+def test_a_comparison_with_a_memory_method_counts_both_sides_and_shows_the_plan(tmp_path):
+    from vdtome.engine.engine import ComparisonEngine
+    from vdtome.engine.report import metric_rows
+    from vdtome.engine.request import ComparisonRequest
+    from vdtome.measure.protocol import TENSOR_PEAK
+    from vdtome.methods.slicing import Slicing
+    from vdtome.tome import ToMeConfig
+
+    engine = ComparisonEngine(device="cpu", output_root=tmp_path, noise_dir=None)
+    request = dict(preset="tiny-animatediff", prompt="a red fox", frames=16, height=128, width=128, rounds=2)
+    result = engine.run(ComparisonRequest(**request, methods=(Slicing(),)), write=False)
+    whole = result.timing.memory[0]
+    assert whole.kind == TENSOR_PEAK and whole.exact and whole.accelerated < 0.5 * whole.baseline
+    check = result.memory_plan
+    assert check.accelerated.peak_bytes < check.baseline.peak_bytes
+    assert 0.75 < check.accelerated.peak_bytes / check.measured_accelerated_bytes < 1.25
+    assert [phase.phase for phase in result.timing.changed] == ["vae_decode"]  # measured per side, no verdict
+    assert any(row[0].startswith("estimated peak, weights included") for row in metric_rows(result))
+    # A stack that changes no memory pays for no extra calls and shows no plan on a CPU.
+    merged = engine.run(ComparisonRequest(**request, methods=(ToMeConfig(ratio=0.5),)), write=False)
+    assert merged.memory_plan is None and all(f.kind != TENSOR_PEAK for f in merged.timing.memory)
+
+
+def test_the_loader_offloads_hunyuanvideo_only_on_a_gpu_below_its_threshold():
+    from vdtome.engine.pipelines import loader_offloads
+
+    preset = get_preset("hunyuanvideo")
+    assert preset.offload_below_gb == 46 and preset.vae_tiling
+    cuda = torch.device("cuda")
+    assert loader_offloads(preset, cuda, total_bytes=40 * GIB)
+    assert not loader_offloads(preset, cuda, total_bytes=80 * GIB)
+    assert not loader_offloads(preset, torch.device("cpu"), total_bytes=1)
+    assert not loader_offloads(get_preset("wan2.1-t2v-1.3b"), cuda, total_bytes=8 * GIB)
+
+
+def test_offloading_is_refused_where_the_loader_offloads_already():
+    from vdtome.methods.offload import OffloadedPipeline, apply_offload
+
+    pipe = load_pipeline(get_preset("tiny-wan"), "cpu")
+    loaded = OffloadedPipeline(pipe, Offload(mode="group_block"), torch.device("cpu"))  # as a loader would
+    try:
+        with pytest.raises(TypeError, match="offloads already"):
+            apply_offload(pipe, Offload())
+    finally:
+        loaded.remove()

@@ -201,7 +201,7 @@ class ComparisonEngine:
         with self._lock:
             started = time.perf_counter()
             pipe = self.pipelines.get(preset, self.device, source)
-            if preset.hub_id is None or source is not None:
+            if source is not None:
                 check_fits(preset, settings, self.device, pipe, source)  # sized from the loaded pipeline
             notes = [*notes, *unknown_words_note(pipe, settings.prompt)]
             session = _Session(self, pipe, preset, settings, request.methods, progress, cancel)
@@ -219,7 +219,7 @@ class ComparisonEngine:
         size = (settings.frames, settings.height, settings.width)
         schedule = plan_calls(settings.rounds, settings.steps, settings.round_steps, settings.warmup_steps,
                               warm_pipeline=size not in self._warmed.get(pipe, ()), decode_baseline=cached is None,
-                              meter_memory=self.device.type == "cpu")
+                              meter_memory=self._meters_memory(methods))
         session.plan(schedule)
         videos: dict[str, VideoRun | None] = {BASELINE: cached, ACCELERATED: None}
         calls: list[TimedCall] = []
@@ -284,7 +284,7 @@ class ComparisonEngine:
                                               "0), so both sides computed the same")
         base, fast = videos[BASELINE], videos[ACCELERATED]
         plan_check = None
-        if error is None:
+        if error is None and (self.device.type == "cuda" or any(m.changes_memory for m in methods)):
             session.announce("estimating both sides' peak memory (the memory plan)")
             plan_check = _plan_check(settings, session.configs_for(settings.steps), metered, timing, pipe, source)
         fid = None
@@ -322,6 +322,11 @@ class ComparisonEngine:
         session.announce("writing the videos, frames and result.json")
         folder = Path(out_dir) if out_dir is not None else self._new_output_dir()
         return replace(result, files=write_outputs(result, folder))
+
+    def _meters_memory(self, methods) -> bool:
+        """Whether to count both sides' tensor memory in extra untimed calls: on a CPU (no exact
+        allocator peak), for a stack that changes what a call holds."""
+        return self.device.type == "cpu" and any(m.changes_memory for m in methods)
 
     def _noise_threshold(self, settings: ResolvedSettings, env: dict[str, Any], calls: list[TimedCall],
                          keep: bool = True) -> NoiseThreshold:

@@ -214,6 +214,9 @@ class Method:
     # Moves the weights as the methods before it leave them (offloading copies them to the host as
     # they are when it is applied): it must come last in a stack.
     applies_last: bool = False
+    # Changes what a call holds in memory (its purpose, or a side effect worth showing): on a CPU the
+    # engine then counts both sides' tensor memory in extra untimed calls, and shows the memory plan.
+    changes_memory: bool = False
     docs: str = ""
 
     @property

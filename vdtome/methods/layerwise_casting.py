@@ -120,6 +120,7 @@ METHOD = Method(
     parse=parse,
     summary=summary,
     steps_alike=lambda config: True,
+    changes_memory=True,
     docs="stores the denoiser's weights in float8 and casts each layer up for its forward (diffusers "
          "enable_layerwise_casting): less weight memory, a cast per layer, slightly different outputs",
 )

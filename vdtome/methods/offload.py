@@ -138,6 +138,7 @@ METHOD = Method(
     summary=summary,
     steps_alike=lambda config: True,
     applies_last=True,
+    changes_memory=True,
     docs="keeps weights in host memory and moves them to the GPU for use (diffusers model or group offloading): "
          "GPU memory for transfer time",
 )

@@ -225,6 +225,7 @@ METHOD = Method(
     parse=parse,
     summary=summary,
     steps_alike=lambda config: True,
+    changes_memory=True,
     docs="runs feed-forward networks over chunks of tokens and the image VAE frame by frame: exact outputs, a "
          "lower activation peak (Streamlined Inference's feature slicer)",
 )

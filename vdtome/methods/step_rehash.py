@@ -216,6 +216,7 @@ METHOD = Method(
     summary=summary,
     unavailable=_unavailable,
     reuses_across_steps=REUSES_BLOCKS,
+    changes_memory=True,
     docs="reuses a UNet's deep block features from the last full step while its shallow features barely change "
          "(Streamlined Inference's step rehash; DeepCache's fixed interval as a mode)",
 )

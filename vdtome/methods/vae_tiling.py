@@ -154,6 +154,7 @@ METHOD = Method(
     parse=parse,
     summary=summary,
     steps_alike=lambda config: True,
+    changes_memory=True,
     docs="decodes the video in overlapping spatial tiles (diffusers enable_tiling): a lower decode peak, small "
          "changes at the seams",
 )
