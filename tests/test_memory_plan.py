@@ -133,7 +133,7 @@ def test_a_comparison_with_a_memory_method_counts_both_sides_and_shows_the_plan(
     from vdtome.tome import ToMeConfig
 
     engine = ComparisonEngine(device="cpu", output_root=tmp_path, noise_dir=None)
-    request = dict(preset="tiny-animatediff", prompt="a red fox", frames=16, height=128, width=128, rounds=2)
+    request = dict(preset="tiny-animatediff", prompt="a red fox", frames=16, height=64, width=64, rounds=2)
     result = engine.run(ComparisonRequest(**request, methods=(Slicing(),)), write=False)
     whole = result.timing.memory[0]
     assert whole.kind == TENSOR_PEAK and whole.exact and whole.accelerated < 0.5 * whole.baseline
