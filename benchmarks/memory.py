@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from vdtome.core.denoisers import pipeline_weight_bytes
 from vdtome.core.presets import get_preset, load_presets
 from vdtome.engine.pipelines import load_pipeline
 from vdtome.engine.plan import GIB, Sizer, make_plan, plan_text
@@ -53,11 +54,6 @@ def stacks(pipe) -> dict[str, tuple]:
     return out
 
 
-def held_weights(pipe) -> int:
-    return sum(t.numel() * t.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module)
-               for t in (*c.parameters(), *c.buffers()))
-
-
 def mib(size: float) -> str:
     return f"{size / 2**20:7.1f}"
 
@@ -80,7 +76,7 @@ def tiny_part(presets: tuple[str, ...]) -> None:
         plain = None
         for label, configs in stacks(pipe).items():
             with apply_stack(pipe, list(configs)) as stack:
-                weights = held_weights(pipe)
+                weights = pipeline_weight_bytes(pipe)
                 started = time.perf_counter()
                 with TensorMemoryMeter() as meter:
                     steps = {"n": 0}

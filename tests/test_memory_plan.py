@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vdtome.cli import main
+from vdtome.core.denoisers import pipeline_weight_bytes
 from vdtome.core.presets import get_preset, load_presets
 from vdtome.core.validation import RequestError
 from vdtome.engine.pipelines import load_pipeline
@@ -27,8 +28,7 @@ def measured_peak(preset_name: str, configs, frames: int, height: int, width: in
     pipe = load_pipeline(preset, "cpu")
     extra = {"max_sequence_length": preset.extras["max_sequence_length"]} if "max_sequence_length" in preset.extras else {}
     with apply_stack(pipe, list(configs)):
-        weights = sum(t.numel() * t.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module)
-                      for t in (*c.parameters(), *c.buffers()))
+        weights = pipeline_weight_bytes(pipe)
         with TensorMemoryMeter() as meter:
             pipe(prompt="a red circle", num_frames=frames, height=height, width=width, num_inference_steps=2,
                  guidance_scale=preset.guidance_scale, generator=torch.Generator().manual_seed(0), output_type="np",

@@ -55,3 +55,13 @@ def pipeline_denoiser_types(pipeline_class: str) -> tuple[type, ...]:
             found.extend(cls for cls in (typing.get_args(annotation) or (annotation,))
                          if isinstance(cls, type) and cls is not type(None) and cls not in found)
     return tuple(found)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, in the dtypes they are stored in now."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def pipeline_weight_bytes(pipe: Any) -> int:
+    """Bytes of every component's weights as the pipeline holds them now."""
+    return sum(weight_bytes(c) for c in pipe.components.values() if isinstance(c, torch.nn.Module))

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vdtome.core.denoisers import denoiser_types
+from vdtome.core.denoisers import denoiser_types, pipeline_weight_bytes
 from vdtome.core.frames import check_finite
 from vdtome.core.presets import ModelPreset, get_preset
 from vdtome.core.validation import RequestError
@@ -469,7 +469,7 @@ class _Session:
         self.stop_if_cancelled()
         self.stage = f"counting the {side} side's memory"
         with self._applied(side, steps):
-            weights = _held_weight_bytes(self.pipe)
+            weights = pipeline_weight_bytes(self.pipe)  # as held: float8 copies, not the originals kept on the host
             with TensorMemoryMeter() as meter:
                 self.pipe(**self._kwargs(f"memory · {side}", None, steps, decode=True,
                                          at_last_step=lambda: meter.mark("denoising")))
@@ -552,13 +552,6 @@ class Metered:
     weights_bytes: int
     denoising_bytes: int
     peak_bytes: int
-
-
-def _held_weight_bytes(pipe: Any) -> int:
-    """Bytes of every component's weights as the pipeline holds them now (a float8 copy, not the
-    originals layerwise casting keeps on the host to put back)."""
-    return sum(t.numel() * t.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module)
-               for t in (*c.parameters(), *c.buffers()))
 
 
 def _plan_check(settings: ResolvedSettings, configs: tuple[Any, ...], metered: dict[str, Metered],

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from vdtome.core.denoisers import weight_bytes as _bytes
 from vdtome.core.phases import DENOISING, TEXT_ENCODING, VAE_DECODE
 from vdtome.core.presets import ModelPreset, get_preset
 from vdtome.core.validation import RequestError
@@ -71,10 +72,6 @@ class MetaModels:
     batch: int
     text_tokens: int
     text_activation: int | None = None  # one prompt's encoding, traced where the encoders are built
-
-
-def _bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vdtome.core.denoisers import denoisers_of
+from vdtome.core.denoisers import denoisers_of, weight_bytes
 from vdtome.core.diffusers_compat import remove_layerwise_casting
 from vdtome.methods.base import Evidence, Method, MethodReport
 from vdtome.methods.schema import check_settings, config_values, form_fields, setting
@@ -49,15 +49,11 @@ def summary(config: LayerwiseCasting) -> str:
     return config.storage
 
 
-def stored_bytes(model: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-
-
 class AppliedLayerwiseCasting:
     def __init__(self, pipe: Any, config: LayerwiseCasting) -> None:
         self.config = config
         self.models = denoisers_of(pipe)
-        self.before = sum(stored_bytes(m) for m in self.models)
+        self.before = sum(weight_bytes(m) for m in self.models)
         # The original tensors, on the host (a reference where they live there already: no copy).
         self.saved = [[(module, name, tensor.data.to("cpu"))
                        for module in model.modules()
@@ -73,7 +69,7 @@ class AppliedLayerwiseCasting:
         except BaseException:
             self.remove()
             raise
-        self.after = sum(stored_bytes(m) for m in self.models)
+        self.after = sum(weight_bytes(m) for m in self.models)
 
     def _counted(self, module, args) -> None:
         self.calls += 1

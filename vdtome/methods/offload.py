@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from vdtome.core.denoisers import weight_bytes
 from vdtome.core.diffusers_compat import is_group_offloaded, remove_group_offloading
 from vdtome.core.phases import DENOISING, TEXT_ENCODING, VAE_DECODE
 from vdtome.methods.base import Evidence, Method, MethodReport
@@ -47,10 +48,6 @@ def parse(values: Mapping[str, Any]) -> Offload:
 
 def summary(config: Offload) -> str:
     return config.mode
-
-
-def weight_bytes(module: torch.nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def pipeline_device(pipe: Any) -> torch.device:
