@@ -9,7 +9,10 @@ slicing stacked with token merging), printing
   whole call, and the weights held;
 * the memory plan's estimate for the same stack (weights included) and how far off it is;
 * whether the video equals the plain one (bitwise, else the largest absolute difference);
-* each method's evidence.
+* each method's evidence;
+
+and the same call without and with slicing where PyTorch is made to run attention on its math path
+(the kernel that holds the whole score matrix, as on GPUs and dtypes without a fused one).
 
 Part 2: ``python -m vdtome plan`` for every real preset at its default request and 16, 24, 48 and
 80 GB budgets (estimates only: no weights are downloaded, nothing runs on a GPU).
@@ -22,10 +25,12 @@ Part 2: ``python -m vdtome plan`` for every real preset at its default request a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vdtome.core.denoisers import pipeline_weight_bytes
 from vdtome.core.presets import get_preset, load_presets
@@ -58,6 +63,32 @@ def mib(size: float) -> str:
     return f"{size / 2**20:7.1f}"
 
 
+def measure(pipe, call: dict, configs: tuple, math_attention: bool = False):
+    """One call with ``configs`` applied: (weights, meter, video, seconds, reports); ``math_attention``:
+    PyTorch made to run every attention on its math path (which holds the score matrix)."""
+    kernels = sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext()
+    with apply_stack(pipe, list(configs)) as stack, kernels:
+        weights = pipeline_weight_bytes(pipe)
+        started = time.perf_counter()
+        with TensorMemoryMeter() as meter:
+            steps = {"n": 0}
+
+            def at_end(p, i, t, kwargs):
+                steps["n"] += 1
+                if steps["n"] == 2:
+                    meter.mark("denoising")
+                return kwargs
+
+            video = pipe(**call, generator=torch.Generator().manual_seed(0), callback_on_step_end=at_end).frames
+        return weights, meter, video, time.perf_counter() - started, stack.reports()
+
+
+def compared(video: torch.Tensor, plain: torch.Tensor) -> str:
+    if torch.equal(video, plain):
+        return "bitwise equal"
+    return f"max |diff| {(video - plain).abs().max().item():.2g}"
+
+
 def tiny_part(presets: tuple[str, ...]) -> None:
     torch.set_num_threads(2)
     for name in presets:
@@ -73,34 +104,26 @@ def tiny_part(presets: tuple[str, ...]) -> None:
         print(f"\n{name} at {frames} frames, {side}x{side} (2 steps, decoded; MiB)")
         print(f"{'stack':30} {'weights':>8} {'denoise':>8} {'whole':>8} {'estimate':>9} {'off':>6}  "
               f"{'seconds':>7}  video vs plain; evidence")
-        plain = None
-        for label, configs in stacks(pipe).items():
-            with apply_stack(pipe, list(configs)) as stack:
-                weights = pipeline_weight_bytes(pipe)
-                started = time.perf_counter()
-                with TensorMemoryMeter() as meter:
-                    steps = {"n": 0}
-
-                    def at_end(p, i, t, kwargs):
-                        steps["n"] += 1
-                        if steps["n"] == 2:
-                            meter.mark("denoising")
-                        return kwargs
-
-                    video = pipe(**call, generator=torch.Generator().manual_seed(0), callback_on_step_end=at_end).frames
-                seconds = time.perf_counter() - started
-                reports = stack.reports()
-            estimate = sizer.estimate(tuple(configs)).peak_bytes
+        plain = math_plain = None
+        runs = [(label, configs, False) for label, configs in stacks(pipe).items()]
+        # Where PyTorch has no fused kernel for a call (some GPUs and dtypes, masks it cannot take) it
+        # holds the whole score matrix; the plan does not count that case (no estimate shown).
+        runs += [("as loaded, math attention", (), True), ("slicing, math attention", (Slicing(),), True)]
+        for label, configs, math_attention in runs:
+            weights, meter, video, seconds, reports = measure(pipe, call, configs, math_attention)
             measured = weights + meter.peak_bytes
-            if plain is None:
-                plain, same = video, "reference"
-            elif torch.equal(video, plain):
-                same = "bitwise equal"
+            if math_attention:
+                estimate = "-".rjust(9) + " " + "".rjust(6)
+                same = "reference" if math_plain is None else compared(video, math_plain)
+                math_plain = video if math_plain is None else math_plain
             else:
-                same = f"max |diff| {(video - plain).abs().max().item():.4f}"
+                peak = sizer.estimate(tuple(configs)).peak_bytes
+                estimate = f"{mib(peak):>9} {peak / measured - 1:+6.0%}"
+                same = "reference" if plain is None else compared(video, plain)
+                plain = video if plain is None else plain
             evidence = "; ".join(f"{e.label}: {e.text()}" for r in reports for e in r.evidence)
             print(f"{label:30} {mib(weights):>8} {mib(meter.peaks['denoising']):>8} {mib(meter.peak_bytes):>8} "
-                  f"{mib(estimate):>9} {estimate / measured - 1:+6.0%}  {seconds:7.1f}  {same}; {evidence}")
+                  f"{estimate}  {seconds:7.1f}  {same}; {evidence}")
             sys.stdout.flush()
 
 
@@ -108,9 +131,9 @@ def plan_part() -> None:
     for preset in load_presets().values():
         if preset.hub_id is None:
             continue
-        plan = make_plan(preset.name)
+        plan = make_plan(preset.name, budgets=tuple(b * GIB for b in BUDGETS))
         print()
-        print(plan_text(plan, tuple(b * GIB for b in BUDGETS)))
+        print(plan_text(plan))
         sys.stdout.flush()
 
 

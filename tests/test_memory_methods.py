@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vdtome.core.phases import DENOISING, VAE_DECODE
 from vdtome.core.presets import get_preset
 from vdtome.core.validation import RequestError
 from vdtome.measure.memory import TensorMemoryMeter
 from vdtome.methods import METHODS, apply_stack, check_stack
-from vdtome.methods.slicing import Slicing, chunk_rows
+from vdtome.core.chunks import attention_in_query_chunks, feed_forward_chunk
+from vdtome.methods.slicing import Slicing
 from vdtome.core.diffusers_compat import hooks_under
 from vdtome.methods.layerwise_casting import LayerwiseCasting
 from vdtome.methods.offload import Offload, OffloadedPipeline
@@ -99,14 +102,13 @@ def test_slicing_computes_exactly_what_the_model_computes(preset):
 
 
 def test_auto_chunks_keep_the_inner_activation_no_wider_than_the_input():
-    assert chunk_rows(rows=10_000, width=1536, inner=8960, chunk_tokens=0) == 1714
-    assert chunk_rows(rows=10_000, width=1536, inner=8960, chunk_tokens=512) == 512
+    assert feed_forward_chunk(rows=10_000, width=1536, inner=8960, chunk_tokens=0) == 1714
+    assert feed_forward_chunk(rows=10_000, width=1536, inner=8960, chunk_tokens=512) == 512
     assert 1714 * 8960 <= 10_000 * 1536
 
 
-def test_slicing_lowers_the_peak_of_a_real_width_wan_block_and_changes_no_value():
-    """Wan 2.1 1.3B's widths (1536 wide, 12 heads, feed-forward 8960), one block, 768 tokens: the
-    feed-forward's 8960-wide activation (and GELU's copy of it) is the largest thing a block holds."""
+def real_width_wan_block():
+    """Wan 2.1 1.3B's widths (1536 wide, 12 heads of 128, feed-forward 8960), one block, 768 tokens."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
@@ -122,6 +124,14 @@ def test_slicing_lowers_the_peak_of_a_real_width_wan_block_and_changes_no_value(
             out = model(**inputs)[0]
         return out, meter.peak_bytes
 
+    return model, forward
+
+
+def test_slicing_lowers_the_peak_of_a_real_width_wan_block_and_changes_no_value():
+    """The feed-forward's 8960-wide activation (and GELU's copy of it) is the largest thing a block
+    of Wan 2.1 1.3B holds (PyTorch's fused attention never holds the scores)."""
+    model, forward = real_width_wan_block()
+
     torch.set_num_threads(2)  # as the engine runs: bitwise must hold with intra-op threads too
 
     plain, plain_peak = forward()
@@ -135,6 +145,65 @@ def test_slicing_lowers_the_peak_of_a_real_width_wan_block_and_changes_no_value(
     # Two full-width activations (the linear's output and GELU's) are gone.
     assert plain_peak - sliced_peak > 1.5 * inner * (1 - 1536 / 8960)
     assert leftover_hooks(model) == []
+
+
+@pytest.mark.parametrize("mask", ["none", "per_query", "per_key", "bool_2d", "causal"])
+def test_attention_over_query_chunks_equals_one_call(mask):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 50, 16), torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 8)
+    kwargs = {"none": {}, "per_query": {"attn_mask": torch.randn(2, 1, 50, 40)},
+              "per_key": {"attn_mask": torch.randn(2, 1, 1, 40)},
+              "bool_2d": {"attn_mask": torch.rand(50, 40) > 0.3}, "causal": {"is_causal": True}}[mask]
+    with sdpa_kernel(SDPBackend.MATH):
+        whole = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        chunked = attention_in_query_chunks(7, q, k, v, **kwargs)
+    # The same math per query; a matrix product over 7 rows may round differently from one over 50.
+    assert torch.allclose(chunked, whole, rtol=0, atol=1e-6)
+
+
+def test_attention_slicing_lowers_the_peak_on_the_math_path_and_leaves_fused_kernels_alone():
+    """The same real-width block: where PyTorch would run attention on its math path (forced here),
+    the 12 x 768 x 768 score matrix is held in chunks of 128 queries, bitwise equal; with PyTorch's
+    own choice on a CPU (a fused kernel) every call is left alone and the report says so."""
+    model, forward = real_width_wan_block()
+    scores = 12 * 768 * 768 * 4
+    with sdpa_kernel(SDPBackend.MATH):
+        plain, plain_peak = forward()
+        with apply_stack(model, [Slicing(feed_forward=False)]) as stack:
+            sliced, sliced_peak = forward()
+            report = stack.reports()[0]
+    assert torch.equal(sliced, plain)
+    assert report.detail["math_path_calls"] == report.detail["attention_calls"] == 2  # self and cross
+    assert [(e.label, e.count, e.of) for e in report.evidence] == [
+        ("math-path attention calls run over query chunks", 1, 2)]  # 16 text keys: the cross-attention's fit
+    assert report.detail["widest_scores_bytes"] == scores
+    assert report.detail["widest_sliced_scores_bytes"] == 12 * 128 * 768 * 4
+    assert plain_peak - sliced_peak > 0.3 * scores  # the scores and softmax's copy went; the FFN is the peak now
+    with apply_stack(model, [Slicing(feed_forward=False)]) as stack:
+        fused, _ = forward()
+        report = stack.reports()[0]
+    assert torch.allclose(fused, plain, atol=1e-5)
+    assert report.evidence == () and report.detail["math_path_calls"] == 0
+    assert any("ran on a fused kernel" in note for note in report.notes)
+    assert leftover_hooks(model) == []
+
+
+@pytest.mark.parametrize("preset", ["tiny-ltx", "tiny-cogvideox", "tiny-animatediff"])
+def test_attention_slicing_computes_exactly_what_the_math_path_computes(preset):
+    """LTX (a text mask), CogVideoX (text and video in one attention), AnimateDiff (spatial, cross
+    and temporal attention): chunks of 16 queries on the math path give the same video within float
+    rounding (bitwise on LTX and AnimateDiff here; CogVideoX's products over fewer rows round
+    differently in the last bit: 1.8e-6 on values of 1.9 after two steps)."""
+    pipe = build(preset)
+    with sdpa_kernel(SDPBackend.MATH):
+        before = generate(pipe, preset, steps=2)
+        with apply_stack(pipe, [Slicing(chunk_tokens=16, feed_forward=False)]) as stack:
+            sliced = generate(pipe, preset, steps=2)
+            report = stack.reports()[0]
+    assert torch.allclose(sliced, before, rtol=0, atol=1e-5 * before.abs().max().item())
+    calls = next(e for e in report.evidence if e.label == "math-path attention calls run over query chunks")
+    assert 0 < calls.count <= calls.of
+    assert leftover_hooks(*[m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]) == []
 
 
 def test_slicing_decodes_animatediff_frame_by_frame_with_a_lower_peak():

@@ -12,13 +12,18 @@ import torch
 
 from vdtome.cli import main
 from vdtome.core.denoisers import pipeline_weight_bytes
+from vdtome.core.phases import DENOISING
 from vdtome.core.presets import get_preset, load_presets
 from vdtome.core.validation import RequestError
 from vdtome.engine.pipelines import load_pipeline
 from vdtome.engine.plan import GIB, make_plan, parse_budget
 from vdtome.measure.memory import TensorMemoryMeter
-from vdtome.methods import apply_stack
+from vdtome.methods import apply_stack, method_spec, parse_method_spec
+from vdtome.methods.layerwise_casting import LayerwiseCasting
 from vdtome.methods.offload import Offload
+from vdtome.methods.slicing import Slicing
+from vdtome.methods.vae_tiling import VaeTiling
+from vdtome.tome import ToMeConfig
 
 
 def measured_peak(preset_name: str, configs, frames: int, height: int, width: int) -> int:
@@ -60,6 +65,30 @@ def test_slicing_and_tiling_lower_the_estimate_where_they_lower_the_measured_pea
     assert plan.decode_activation["sliced"] < plan.decode_activation["plain"]
 
 
+def test_each_budget_gets_the_largest_feed_forward_chunks_that_fit():
+    """Larger chunks cost less time: with a budget between the sliced call's peak and the plain
+    denoiser call's, the plan picks chunks larger than the auto ones that still fit, and says them
+    as ``--method`` reads them back."""
+    size = (9, 64, 64)
+    by_name = {c.name: c for c in make_plan("tiny-animatediff", *size).candidates}
+    plain, sliced = by_name["as loaded"], by_name["slicing"]
+    between = (plain.phases[DENOISING] + sliced.peak_bytes) // 2
+    assert sliced.peak_bytes < between < plain.phases[DENOISING]
+    plan = make_plan("tiny-animatediff", *size, budgets=(plain.peak_bytes, between))
+    roomy, tight = (choice.candidate for choice in plan.choices)
+    assert roomy.configs == () and roomy.specs == ()
+    (slicing,) = tight.configs
+    assert slicing.chunk_tokens > 0 and tight.peak_bytes <= between
+    assert [parse_method_spec(spec) for spec in tight.specs] == [slicing]
+    assert plan.to_dict()["choices"][1]["choice"]["methods"] == [f"slicing:chunk_tokens={slicing.chunk_tokens}"]
+
+
+def test_method_specs_read_back_as_the_same_configs():
+    for config in (Slicing(chunk_tokens=512, attention=False), Offload(mode="group_leaf"), VaeTiling(tile_px=192),
+                   LayerwiseCasting(), parse_method_spec("first_block_cache:threshold=0.2")):
+        assert parse_method_spec(method_spec(config)) == config
+
+
 def test_a_real_preset_is_sized_from_its_published_architecture():
     """Wan 2.1 1.3B (at a small request, to keep the trace short): the weights are the model's
     (1.42 B parameters in bf16, the VAE in float32, UMT5-XXL's published size), the choices follow
@@ -99,7 +128,7 @@ def test_the_plan_command_prints_the_table_and_a_choice_per_budget(capsys):
     assert main(["plan", "--preset", "tiny-wan", "--budget", "1GB", "--budget", "0.001GB"]) == 0
     out = capsys.readouterr().out
     assert "tiny-wan at 9 frames, 64x64" in out and "estimated peak by phase" in out
-    assert "budget 1 GB: as loaded (estimated peak" in out
+    assert "budget 1 GB: as loaded (estimated peak" in out and "(no memory method)" in out
     assert "budget 0.001 GB: nothing fits; the smallest is" in out
 
 
@@ -129,8 +158,6 @@ def test_a_comparison_with_a_memory_method_counts_both_sides_and_shows_the_plan(
     from vdtome.engine.report import metric_rows
     from vdtome.engine.request import ComparisonRequest
     from vdtome.measure.protocol import TENSOR_PEAK
-    from vdtome.methods.slicing import Slicing
-    from vdtome.tome import ToMeConfig
 
     engine = ComparisonEngine(device="cpu", output_root=tmp_path, noise_dir=None)
     request = dict(preset="tiny-animatediff", prompt="a red fox", frames=16, height=64, width=64, rounds=2)

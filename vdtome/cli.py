@@ -137,18 +137,15 @@ def _plan(args) -> int:
         preset = get_preset(args.preset)
         settings, _ = resolve(ComparisonRequest(preset=preset.name, prompt="plan", frames=args.frames,
                                                 height=args.height, width=args.width, snap=False), preset)
-        plan = make_plan(preset.name, settings.frames, settings.height, settings.width,
-                         budgets[0] if len(budgets) == 1 else None,
+        plan = make_plan(preset.name, settings.frames, settings.height, settings.width, budgets,
                          progress=lambda text: print(text, file=sys.stderr))
     except (RequestError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.json:
-        data = plan.to_dict() | {"choices": {f"{b / 2**30:g}GB": getattr(plan.choose(b), "name", None)
-                                            for b in budgets}}
-        print(json.dumps(data, indent=2))
+        print(json.dumps(plan.to_dict(), indent=2))
     else:
-        print(plan_text(plan, budgets))
+        print(plan_text(plan))
     return 0
 
 

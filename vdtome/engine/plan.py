@@ -36,7 +36,7 @@ from vdtome.core.phases import DENOISING, TEXT_ENCODING, VAE_DECODE
 from vdtome.core.presets import ModelPreset, get_preset
 from vdtome.core.validation import RequestError
 from vdtome.measure.memory import TensorMemoryMeter
-from vdtome.methods import apply_stack, method_of
+from vdtome.methods import apply_stack, method_of, method_spec
 from vdtome.methods.layerwise_casting import LayerwiseCasting
 from vdtome.methods.offload import Offload
 from vdtome.methods.slicing import Slicing, decodes_frames_as_batch
@@ -206,13 +206,19 @@ def _denoiser_inputs(models: MetaModels, frames: int, height: int, width: int) -
                 encoder_hidden_states=empty(b * t, tokens, config.cross_attention_dim), return_dict=False)
 
 
-def trace_denoiser(models: MetaModels, frames: int, height: int, width: int, slicing: Slicing | None = None) -> int:
-    """Peak activation bytes of one denoiser call at this size (its inputs included)."""
+def trace_denoiser(models: MetaModels, frames: int, height: int, width: int,
+                   slicing: Slicing | None = None) -> tuple[int, dict[str, Any]]:
+    """Peak activation bytes of one denoiser call at this size (its inputs included), and what
+    slicing reported of it (empty without slicing)."""
     inputs = _denoiser_inputs(models, frames, height, width)
-    stack = [replace(slicing, vae=False)] if slicing is not None and slicing.feed_forward else []
-    with apply_stack(models.denoiser, stack), _traced() as meter:
-        models.denoiser(**inputs)
-    return meter.peak_bytes + sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
+    # Attention is traced as a fused kernel holds it, which attention slicing leaves alone.
+    stack = [replace(slicing, vae=False, attention=False)] if slicing is not None and slicing.feed_forward else []
+    with apply_stack(models.denoiser, stack) as applied:
+        with _traced() as meter:
+            models.denoiser(**inputs)
+        detail = dict(applied.reports()[0].detail) if stack else {}
+    inputs_bytes = sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
+    return meter.peak_bytes + inputs_bytes, detail
 
 
 def _video_bytes(frames: int, height: int, width: int) -> int:
@@ -268,9 +274,27 @@ class Candidate:
     def peak_bytes(self) -> int:
         return max(self.phases.values())
 
+    @property
+    def specs(self) -> tuple[str, ...]:
+        """The methods as ``--method`` takes them (``slicing:chunk_tokens=9216``)."""
+        return tuple(method_spec(config) for config in self.configs)
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "peak_bytes": self.peak_bytes, "phases": dict(self.phases),
-                "weights_bytes": self.weights_bytes, "unmodelled": list(self.unmodelled)}
+                "weights_bytes": self.weights_bytes, "unmodelled": list(self.unmodelled), "methods": list(self.specs)}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the plan picks for one budget: the cheapest candidate that fits, its slicing chunks as
+    large as the budget allows; None where nothing fits."""
+
+    budget_bytes: int
+    candidate: Candidate | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget_bytes": self.budget_bytes,
+                "choice": None if self.candidate is None else self.candidate.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -315,11 +339,11 @@ class MemoryPlan:
     frames: int
     height: int
     width: int
-    budget_bytes: int | None
     weights: dict[str, int]
     denoise_activation: dict[str, int]  # "plain" / "sliced"
     decode_activation: dict[str, int]  # "plain" / "tiled" / "sliced"
     candidates: tuple[Candidate, ...]
+    choices: tuple[Choice, ...] = ()
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -327,12 +351,9 @@ class MemoryPlan:
         return self.candidates[0]
 
     def choose(self, budget_bytes: int) -> Candidate | None:
-        """The first candidate (cheapest in time) that fits ``budget_bytes``; None if none does."""
+        """The first candidate (cheapest in time) that fits ``budget_bytes``, slicing in its auto
+        chunks; None if none does (:attr:`choices` holds the budgets' choices with chunks fitted)."""
         return next((c for c in self.candidates if c.peak_bytes <= budget_bytes), None)
-
-    @property
-    def choice(self) -> Candidate | None:
-        return None if self.budget_bytes is None else self.choose(self.budget_bytes)
 
     @property
     def smallest(self) -> Candidate:
@@ -341,10 +362,10 @@ class MemoryPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "preset": self.preset, "frames": self.frames, "height": self.height, "width": self.width,
-            "budget_bytes": self.budget_bytes, "weights": dict(self.weights),
+            "weights": dict(self.weights),
             "denoise_activation": dict(self.denoise_activation), "decode_activation": dict(self.decode_activation),
-            "candidates": [c.to_dict() | {"methods": [type(x).__name__ for x in c.configs]} for c in self.candidates],
-            "choice": None if self.choice is None else self.choice.name, "notes": list(self.notes),
+            "candidates": [c.to_dict() for c in self.candidates],
+            "choices": [choice.to_dict() for choice in self.choices], "notes": list(self.notes),
         }
 
 
@@ -391,10 +412,38 @@ class Sizer:
                 self._traces[key] = run()
             return self._traces[key]
 
+    def _denoise_trace(self, slicing: Slicing | None) -> tuple[int, dict[str, Any]]:
+        sliced = replace(slicing, vae=False, attention=False) if slicing is not None and slicing.feed_forward else None
+        what = "one denoiser call" + (f" sliced (chunk {sliced.chunk_tokens or 'auto'})" if sliced else "")
+        return self._trace(("denoise", sliced), what, lambda: trace_denoiser(
+            self.models, self.frames, self.height, self.width, sliced))
+
     def denoise(self, slicing: Slicing | None) -> int:
-        key = ("denoise", slicing if slicing is not None and slicing.feed_forward else None)
-        return self._trace(key, "one denoiser call" + (" sliced" if key[1] else ""), lambda: trace_denoiser(
-            self.models, self.frames, self.height, self.width, key[1]))
+        return self._denoise_trace(slicing)[0]
+
+    def feed_forward_rows(self) -> tuple[int, int]:
+        """(rows, auto chunk) of the denoiser's widest feed-forward call at this size."""
+        detail = self._denoise_trace(Slicing())[1]
+        return detail.get("widest_rows", 0), detail.get("widest_chunk", 0)
+
+    def fitted(self, candidate: Candidate, budget_bytes: int) -> Candidate:
+        """``candidate`` with its feed-forward chunks as large as ``budget_bytes`` allows (fewer chunks
+        cost less time): the whole call first, then halves, quarters... down to the auto chunk."""
+        slicing = next((c for c in candidate.configs if isinstance(c, Slicing)), None)
+        if slicing is None or not slicing.feed_forward or slicing.chunk_tokens:
+            return candidate
+        rows, auto = self.feed_forward_rows()
+        parts = 1
+        while rows and -(-rows // parts) > auto:
+            if parts == 1:  # no feed-forward slicing (the frame-by-frame decode kept where it acts)
+                kept = (replace(slicing, feed_forward=False),) if slicing.vae and self.frame_slicing else ()
+            else:
+                kept = (replace(slicing, chunk_tokens=-(-rows // parts)),)
+            fitted = self.estimate(tuple(part for c in candidate.configs for part in (kept if c is slicing else (c,))))
+            if fitted.peak_bytes <= budget_bytes:
+                return fitted
+            parts *= 2
+        return candidate
 
     def decode(self, tiling: VaeTiling | None, sliced: bool) -> int:
         if tiling is None and self.preset.vae_tiling:
@@ -489,16 +538,22 @@ CANDIDATES = (
 
 
 def make_plan(preset_name: str, frames: int | None = None, height: int | None = None, width: int | None = None,
-              budget_bytes: int | None = None, progress: Callable[[str], None] | None = None) -> MemoryPlan:
-    """Estimate the preset's request at this size with each candidate combination of memory methods."""
+              budgets: tuple[int, ...] = (), progress: Callable[[str], None] | None = None) -> MemoryPlan:
+    """Estimate the preset's request at this size with each candidate combination of memory methods,
+    and choose for each budget (bytes)."""
     sizer = Sizer(preset_name, frames, height, width, progress)
     candidates = tuple(sizer.estimate(configs) for configs in CANDIDATES)
     denoise = {"plain": sizer.denoise(None), "sliced": sizer.denoise(Slicing())}
     decode = {"plain": sizer.decode(None, False), "tiled": sizer.decode(VaeTiling(), False)}
     if sizer.frame_slicing:
         decode["sliced"] = sizer.decode(None, True)
-    return MemoryPlan(sizer.preset.name, sizer.frames, sizer.height, sizer.width, budget_bytes, sizer.weights,
-                      denoise, decode, candidates, sizer.notes())
+    plan = MemoryPlan(sizer.preset.name, sizer.frames, sizer.height, sizer.width, sizer.weights, denoise, decode,
+                      candidates, notes=sizer.notes())
+    choices = []
+    for budget in budgets:
+        candidate = plan.choose(budget)
+        choices.append(Choice(budget, None if candidate is None else sizer.fitted(candidate, budget)))
+    return replace(plan, choices=tuple(choices))
 
 
 def size_text(size: float) -> str:
@@ -506,18 +561,19 @@ def size_text(size: float) -> str:
     return f"{size / GIB:6.2f} GB" if size >= GIB else f"{size / 2**20:6.1f} MB"
 
 
-def choice_text(plan: MemoryPlan, budget_bytes: int) -> str:
-    choice = plan.choose(budget_bytes)
-    if choice is None:
-        return (f"budget {budget_bytes / GIB:.4g} GB: nothing fits; the smallest is {plan.smallest.name} at "
+def choice_text(plan: MemoryPlan, choice: Choice) -> str:
+    budget = f"budget {choice.budget_bytes / GIB:.4g} GB"
+    if choice.candidate is None:
+        return (f"{budget}: nothing fits; the smallest is {plan.smallest.name} at "
                 f"{size_text(plan.smallest.peak_bytes).strip()}")
-    return f"budget {budget_bytes / GIB:.4g} GB: {choice.name} (estimated peak {size_text(choice.peak_bytes).strip()})"
+    chosen = choice.candidate
+    methods = " ".join(f"--method {spec}" for spec in chosen.specs) or "(no memory method)"
+    return f"{budget}: {chosen.name} (estimated peak {size_text(chosen.peak_bytes).strip()})\n    {methods}"
 
 
-def plan_text(plan: MemoryPlan, budgets: tuple[int, ...] = ()) -> str:
+def plan_text(plan: MemoryPlan) -> str:
     """The plan as ``python -m vdtome plan`` prints it, with the choice for each budget."""
     gb = size_text
-    budgets = budgets or ((plan.budget_bytes,) if plan.budget_bytes is not None else ())
     lines = [f"{plan.preset} at {plan.frames} frames, {plan.height}x{plan.width}",
              "weights: " + ", ".join(f"{name} {gb(size).strip()}" for name, size in plan.weights.items()),
              f"denoiser call activations: {gb(plan.denoise_activation['plain']).strip()} plain, "
@@ -528,8 +584,8 @@ def plan_text(plan: MemoryPlan, budgets: tuple[int, ...] = ()) -> str:
     for c in plan.candidates:
         lines.append(f"{c.name:52} {gb(c.phases[TEXT_ENCODING])} {gb(c.phases[DENOISING])} "
                      f"{gb(c.phases[VAE_DECODE])} {gb(c.peak_bytes)}")
-    if budgets:
+    if plan.choices:
         lines.append("")
-        lines += [choice_text(plan, budget) for budget in budgets]
+        lines += [choice_text(plan, choice) for choice in plan.choices]
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)

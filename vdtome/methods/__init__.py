@@ -16,6 +16,7 @@ from vdtome.methods.registry import (
     method_named,
     method_of,
     method_overrides,
+    method_spec,
     parse_method_spec,
     preset_form_defaults,
     register,
@@ -43,4 +44,4 @@ for _module in REGISTERED:
 __all__ = ["METHODS", "Applied", "AppliedStack", "CallPlan", "Evidence", "FormField", "Method", "MethodReport",
            "add_override", "apply_stack", "check_available", "check_stack", "config_fields",
            "config_from_overrides", "default_stack", "field_owner", "method_named", "method_of",
-           "method_overrides", "parse_method_spec", "preset_form_defaults", "register", "stack_label"]
+           "method_overrides", "method_spec", "parse_method_spec", "preset_form_defaults", "register", "stack_label"]

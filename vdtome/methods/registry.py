@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from vdtome.core.validation import RequestError
@@ -108,6 +109,21 @@ def config_from_overrides(method: Method, overrides: dict[str, Any], preset: Any
         return method.config_from(overrides, None if preset is None else preset_form_defaults(method, preset))
     except RequestError as error:
         raise RequestError(f"{method.name}: {error}", error.field) from None
+
+
+def method_spec(config: Any) -> str:
+    """The ``NAME[:field=value,...]`` text :func:`parse_method_spec` reads back as ``config``: its
+    fields that differ from their defaults (configs of plain fields: numbers, booleans, choices)."""
+    changed = []
+    for config_field in dataclasses.fields(config):
+        value = getattr(config, config_field.name)
+        if value == config_field.default:
+            continue
+        if not isinstance(value, (bool, int, float, str)):
+            raise TypeError(f"{config_field.name}={value!r} has no one-word form")
+        changed.append(f"{config_field.name}={str(value).lower() if isinstance(value, bool) else value}")
+    name = method_of(config).name
+    return f"{name}:{','.join(changed)}" if changed else name
 
 
 def parse_method_spec(text: str, preset: Any = None) -> Any:

@@ -6,11 +6,21 @@ computes, while its widest activation (tokens x inner width, 4x the model width 
 and the activation makes a second one) only ever exists for one chunk. Every ``FeedForward`` of the
 denoiser is sliced: the DiT blocks', the UNet's spatial transformers' and its motion modules' (which
 see (batch x height x width, frames, channels): slicing over all their rows is slicing over space).
+
+Attention (self and cross) runs over chunks of queries where PyTorch would run it on its math path,
+the only kernel that holds the whole score matrix (queries x keys per head: at 30k tokens, 3.6 GB a
+head in fp32); flash, memory-efficient and PyTorch's CPU attention never hold it, so there slicing
+leaves the call alone and says so. The motion modules' attention over frames holds frames x frames
+scores per position, no larger than its queries while frames <= head width: the auto rule leaves it
+whole and its feed-forward carries the spatial chunks.
+
 Where the pipeline decodes frames as a batch of images (AnimateDiff's image VAE), the decode runs
 one frame at a time (diffusers' VAE slicing), also exact.
 
-Bitwise equal on CPU (each output row is computed by the same kernel whatever the number of rows);
-on CUDA a GEMM may pick another tiling for another row count: equal within float rounding.
+Feed-forward chunks are bitwise equal on CPU (each output row is computed by the same kernel
+whatever the number of rows); attention chunks are equal within float rounding (a matrix product
+over fewer query rows may round the last bit differently), as is everything on CUDA, where a GEMM
+may pick another tiling for another row count.
 """
 
 from __future__ import annotations
@@ -20,9 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.hooks import ModelHook
-from diffusers.models.attention import FeedForward
+from diffusers.models.attention import AttentionModuleMixin, FeedForward
+from diffusers.models.attention_processor import Attention
+from torch.overrides import TorchFunctionMode
 
+from vdtome.core.chunks import (attention_chunk, attention_in_query_chunks, feed_forward_chunk, rows_in_chunks,
+                                runs_on_math_path)
 from vdtome.core.denoisers import denoisers_of
 from vdtome.core.phases import DENOISING, VAE_DECODE
 from vdtome.methods.base import Evidence, Method, MethodReport
@@ -35,13 +50,17 @@ HOOK = "vdtome_slicing"
 
 @dataclass(frozen=True)
 class Slicing:
-    """``chunk_tokens``: rows per feed-forward chunk (0: auto, chunks small enough that the widest
-    activation is no larger than the block's input); ``vae``: decode frame by frame where the VAE
-    takes frames as its batch."""
+    """``chunk_tokens``: rows per feed-forward chunk and queries per attention chunk (0: auto, chunks
+    whose widest activation is no larger than the block's input); ``attention``: slice attention
+    that would run on PyTorch's math path; ``vae``: decode frame by frame where the VAE takes frames
+    as its batch."""
 
-    chunk_tokens: int = setting(0, "Tokens per chunk", "rows per feed-forward chunk; 0: auto (the inner "
-                                "activation never exceeds the block's input)", 0, 1_048_576, 256, sweepable=True)
+    chunk_tokens: int = setting(0, "Tokens per chunk", "rows per feed-forward chunk and queries per attention "
+                                "chunk; 0: auto (a chunk's widest activation never exceeds the block's input)",
+                                0, 1_048_576, 256, sweepable=True)
     feed_forward: bool = setting(True, "Slice feed-forward networks", "run every feed-forward over chunks of tokens")
+    attention: bool = setting(True, "Slice attention", "run attention over chunks of queries where PyTorch would "
+                              "hold the whole score matrix (its math path); fused kernels never hold it")
     vae: bool = setting(True, "Slice the VAE decode", "decode frame by frame where the VAE takes frames as a batch "
                         "(AnimateDiff); video VAEs decode one video, which slicing cannot split")
 
@@ -57,18 +76,9 @@ def parse(values: Mapping[str, Any]) -> Slicing:
 
 
 def summary(config: Slicing) -> str:
-    parts = [f"chunk {config.chunk_tokens or 'auto'}"] if config.feed_forward else []
-    if config.vae:
-        parts.append("vae")
+    parts = [f"chunk {config.chunk_tokens or 'auto'}"] if config.feed_forward or config.attention else []
+    parts += [name for name in ("attention", "vae") if getattr(config, name)]
     return " ".join(parts)
-
-
-def chunk_rows(rows: int, width: int, inner: int, chunk_tokens: int) -> int:
-    """Rows per chunk: ``chunk_tokens``, or with 0 the most whose inner activation (rows x inner) is
-    no larger than the input (rows x width)."""
-    if chunk_tokens:
-        return chunk_tokens
-    return max(1, rows * width // max(inner, 1))
 
 
 @dataclass
@@ -78,6 +88,13 @@ class SliceStats:
     chunks: int = 0
     widest_unsliced_bytes: int = 0  # the largest inner activation one call would have made
     widest_sliced_bytes: int = 0  # ... and the largest it made
+    widest_rows: int = 0  # the rows of the call with the widest inner activation
+    widest_chunk: int = 0  # ... and its rows per chunk
+    attention_calls: int = 0  # scaled-dot-product attention calls inside the denoiser's attention modules
+    math_path_calls: int = 0  # ... that PyTorch would have run on its math path
+    attention_sliced_calls: int = 0
+    widest_scores_bytes: int = 0  # the largest score matrix a math-path call would have held
+    widest_sliced_scores_bytes: int = 0  # ... and the largest it held
 
     def clear(self) -> None:
         vars(self).update(vars(SliceStats()))
@@ -96,25 +113,65 @@ class SlicedFeedForward(ModelHook):
         width = hidden_states.shape[-1]
         inner = _inner_width(module)
         rows = hidden_states.numel() // width
-        chunk = chunk_rows(rows, width, inner, self.config.chunk_tokens)
+        chunk = feed_forward_chunk(rows, width, inner, self.config.chunk_tokens)
         stats = self.stats
         stats.calls += 1
         bytes_per_row = inner * hidden_states.element_size()
-        stats.widest_unsliced_bytes = max(stats.widest_unsliced_bytes, rows * bytes_per_row)
+        if rows * bytes_per_row > stats.widest_unsliced_bytes:
+            stats.widest_unsliced_bytes = rows * bytes_per_row
+            stats.widest_rows, stats.widest_chunk = rows, min(chunk, rows)
         if chunk >= rows:
             stats.widest_sliced_bytes = max(stats.widest_sliced_bytes, rows * bytes_per_row)
             return original(hidden_states, *args, **kwargs)
-        flat = hidden_states.reshape(rows, width)
-        out = None
-        for start in range(0, rows, chunk):
-            piece = original(flat[start:start + chunk], *args, **kwargs)
-            if out is None:
-                out = piece.new_empty((rows, piece.shape[-1]))
-            out[start:start + piece.shape[0]] = piece
-            stats.chunks += 1
+        stats.chunks += -(-rows // chunk)
         stats.sliced_calls += 1
         stats.widest_sliced_bytes = max(stats.widest_sliced_bytes, chunk * bytes_per_row)
-        return out.reshape(*hidden_states.shape[:-1], out.shape[-1])
+        return rows_in_chunks(original, hidden_states, chunk, *args, **kwargs)
+
+
+class _QueryChunkedAttention(TorchFunctionMode):
+    """Active inside one attention module's call: its ``scaled_dot_product_attention`` runs over
+    chunks of queries when PyTorch would run it on the math path."""
+
+    def __init__(self, config: Slicing, stats: SliceStats) -> None:
+        super().__init__()
+        self.config = config
+        self.stats = stats
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+        call = dict(zip(names, args)) | kwargs
+        query, key = call["query"], call["key"]
+        stats = self.stats
+        stats.attention_calls += 1
+        if not runs_on_math_path(**call):
+            return func(*args, **kwargs)
+        stats.math_path_calls += 1
+        length = query.shape[-2]
+        score_row = query.numel() // query.shape[-1] // length * key.shape[-2] * query.element_size()  # one query's scores
+        chunk = min(attention_chunk(query, key, self.config.chunk_tokens), length)
+        stats.widest_scores_bytes = max(stats.widest_scores_bytes, length * score_row)
+        out = attention_in_query_chunks(chunk, **call)
+        whole = chunk >= length or call.get("is_causal") or call.get("dropout_p")
+        stats.attention_sliced_calls += not whole
+        stats.widest_sliced_scores_bytes = max(stats.widest_sliced_scores_bytes,
+                                               (length if whole else chunk) * score_row)
+        return out
+
+
+class SlicedAttention(ModelHook):
+    """Runs one attention module's call under :class:`_QueryChunkedAttention`."""
+
+    def __init__(self, config: Slicing, stats: SliceStats) -> None:
+        super().__init__()
+        self.mode = lambda: _QueryChunkedAttention(config, stats)
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        with self.mode():
+            return self.fn_ref.original_forward(*args, **kwargs)
 
 
 def _inner_width(module: torch.nn.Module) -> int:
@@ -157,7 +214,10 @@ class AppliedSlicing:
         self.decodes = {"decoder calls": 0, "one frame": 0}
         self.modules = [m for d in self.denoisers for m in d.modules() if isinstance(m, FeedForward)] \
             if config.feed_forward else []
+        self.attentions = [m for d in self.denoisers for m in d.modules()
+                           if isinstance(m, (Attention, AttentionModuleMixin))] if config.attention else []
         attach(self.modules, lambda module: SlicedFeedForward(config, self.stats), HOOK, self.denoisers)
+        attach(self.attentions, lambda module: SlicedAttention(config, self.stats), HOOK, self.denoisers)
         if self.vae_sliced:
             try:
                 attach([self.vae.decoder], lambda module: _DecodeCount(self.decodes), HOOK, [self.vae])
@@ -190,6 +250,17 @@ class AppliedSlicing:
             phases.add(DENOISING)
             if not self.modules:
                 notes.append("slicing found no diffusers FeedForward in this denoiser: nothing to slice")
+        if self.config.attention:
+            phases.add(DENOISING)
+            if s.math_path_calls:
+                evidence.append(Evidence("math-path attention calls run over query chunks", s.attention_sliced_calls,
+                                         s.math_path_calls))
+                rows.append(("widest attention scores (one call / sliced)",
+                             f"{_mib(s.widest_scores_bytes)} / {_mib(s.widest_sliced_scores_bytes)}",
+                             f"{s.math_path_calls} of {s.attention_calls} attention calls on PyTorch's math path"))
+            elif s.attention_calls:
+                notes.append(f"all {s.attention_calls} attention calls ran on a fused kernel, which never holds the "
+                             "score matrix: attention slicing had nothing to save")
         if self.config.vae:
             if self.vae_sliced:
                 evidence.append(Evidence("VAE decoder calls on one frame", self.decodes["one frame"],
@@ -205,7 +276,12 @@ class AppliedSlicing:
             notes=tuple(notes),
             detail={"feed_forward_modules": len(self.modules), "calls": s.calls, "sliced_calls": s.sliced_calls,
                     "chunks": s.chunks, "widest_unsliced_bytes": s.widest_unsliced_bytes,
-                    "widest_sliced_bytes": s.widest_sliced_bytes, "vae_sliced": self.vae_sliced,
+                    "widest_sliced_bytes": s.widest_sliced_bytes, "widest_rows": s.widest_rows,
+                    "widest_chunk": s.widest_chunk, "attention_modules": len(self.attentions),
+                    "attention_calls": s.attention_calls, "math_path_calls": s.math_path_calls,
+                    "attention_sliced_calls": s.attention_sliced_calls,
+                    "widest_scores_bytes": s.widest_scores_bytes,
+                    "widest_sliced_scores_bytes": s.widest_sliced_scores_bytes, "vae_sliced": self.vae_sliced,
                     "vae_decoder_calls": self.decodes["decoder calls"]},
             evidence=tuple(evidence),
             phases=frozenset(phases),
@@ -226,6 +302,6 @@ METHOD = Method(
     summary=summary,
     steps_alike=lambda config: True,
     changes_memory=True,
-    docs="runs feed-forward networks over chunks of tokens and the image VAE frame by frame: exact outputs, a "
-         "lower activation peak (Streamlined Inference's feature slicer)",
+    docs="runs feed-forward networks over chunks of tokens, math-path attention over chunks of queries and the "
+         "image VAE frame by frame: exact outputs, a lower activation peak (Streamlined Inference's feature slicer)",
 )
