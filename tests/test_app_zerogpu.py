@@ -71,7 +71,8 @@ from vdtome.tome import ToMeConfig
 
 
 report = {"torch_first": spaces.TORCH_IMPORTED_FIRST, "has_gpu": app.HAS_GPU}
-short = ComparisonRequest(preset="tiny-wan", prompt="a kite over a beach", steps=2, methods=ToMeConfig(ratio=0.5))
+short = ComparisonRequest(preset="tiny-wan", prompt="a kite over a beach", steps=2, rounds=1,
+                          methods=ToMeConfig(ratio=0.5))
 views = app.run_requests([short], None, app.CANCEL_FLAGS.new())
 report.update(files=sorted(views[0].files), error=views[0].error, durations=list(spaces.DURATIONS),
               worker=spaces.WORKER_PIDS[-1] != os.getpid())
@@ -117,7 +118,7 @@ from vdtome.engine.request import ComparisonRequest
 from vdtome.tome import ToMeConfig
 from vdtome.web.ui import preset_choice_label
 
-views = app.run_requests([ComparisonRequest(preset="tiny-wan", prompt="a kite", steps=2, methods=ToMeConfig())],
+views = app.run_requests([ComparisonRequest(preset="tiny-wan", prompt="a kite", steps=2, rounds=1, methods=ToMeConfig())],
                          None, app.CANCEL_FLAGS.new())
 print(json.dumps({
     "on_zero_gpu": app.ON_ZERO_GPU, "has_gpu": app.HAS_GPU, "durations": spaces.DURATIONS, "error": views[0].error,

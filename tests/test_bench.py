@@ -205,32 +205,32 @@ def test_a_failed_row_keeps_its_own_error_when_its_group_later_raises(tmp_path):
 
 @pytest.mark.slow
 def test_ray_gives_the_serial_figures_and_retries_then_records_a_failing_group(uninterrupted, tmp_path):
+    """One Ray sweep whose second prompt fails after its first row: every row that ran has the
+    serial run's figures, the failing group is retried once, then recorded failed."""
     ray = pytest.importorskip("ray")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors get this module's workers
     from vdtome.bench.ray_runner import RayRunner
 
     plan = smoke_plan()
     try:
-        runner = RayRunner(plan, init={"num_cpus": 2})
-        assert len(runner.actors) == 1 and runner.description == "1 Ray actor (2 CPUs each)"
-        outcome = run_bench(plan, tmp_path / "ray", runner=runner, show_progress=False, report=write_report)
-        assert outcome.ran == SMOKE_ROWS and all(row.ok for row in outcome.rows)
-        assert deterministic_summary(tmp_path / "ray") == deterministic_summary(uninterrupted[0])
-        assert (tmp_path / "ray" / "report.html").exists()
-        runner.shutdown()
-
-        with pytest.raises(ValueError, match="3 workers x 1 CPUs need 3 CPUs; the cluster has 2"):
-            RayRunner(plan, workers=3)  # Ray would wait forever for the third actor's CPU
-        flaky = RayRunner(plan, worker_class=FlakyWorker)
-        outcome = run_bench(plan, tmp_path / "flaky", runner=flaky, retries=1, show_progress=False, report=None)
+        flaky = RayRunner(plan, init={"num_cpus": 2}, worker_class=FlakyWorker)
+        assert len(flaky.actors) == 1 and flaky.description == "1 Ray actor (2 CPUs each)"
+        run_bench(plan, tmp_path / "flaky", runner=flaky, retries=1, show_progress=False, report=write_report)
         rows = RowsFile(tmp_path / "flaky" / "rows.jsonl").read()
-        assert len(rows) == SMOKE_ROWS
+        assert len(rows) == SMOKE_ROWS and (tmp_path / "flaky" / "report.html").exists()
         failed = [row for row in rows if not row.ok]
         assert len(failed) == 3 and {row.prompt for row in failed} == {PROMPTS[1]}
         assert all(row.attempts == 2 and row.error.startswith("RuntimeError: injected failure") for row in failed)
         assert sum(row.ok and row.prompt == PROMPTS[1] for row in rows) == 1  # its first row, written once
-        assert all(row.ok for row in rows if row.prompt == PROMPTS[0])
+        serial = {row.key: row for row in RowsFile(uninterrupted[0] / "rows.jsonl").read()}
+        ran = [row for row in rows if row.ok]
+        assert len(ran) == 5 and sum(row.prompt == PROMPTS[0] for row in ran) == 4
+        for row in ran:  # the same videos, figures and evidence as the serial run's
+            same = serial[row.key]
+            assert (row.psnr_mean_db, row.ssim_mean, row.evidence) == (same.psnr_mean_db, same.ssim_mean, same.evidence)
         flaky.shutdown()
+        with pytest.raises(ValueError, match="3 workers x 1 CPUs need 3 CPUs; the cluster has 2"):
+            RayRunner(plan, workers=3)  # Ray would wait forever for the third actor's CPU
     finally:
         ray.shutdown()
 
