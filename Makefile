@@ -39,10 +39,8 @@ browser:
 run: $(STAMP)
 	$(PY) app.py
 
-# Every test but the timing ones on two workers (a test file each), then the timing ones alone.
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not solo"
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m solo
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # The unit tier alone: in-process tests of a few seconds at most (no server, no browser, no long runs).
 test-fast: $(STAMP)

@@ -5,8 +5,8 @@ as loaded and with each memory method that runs on a CPU (slicing, VAE tiling, f
 slicing stacked with token merging), printing
 
 * the peak of tensor memory (the most bytes held at once, counted per operation by
-  :class:`vdtome.measure.memory.TensorMemoryMeter`) to the end of the denoising loop and over the
-  whole call, and the weights held;
+  :class:`vdtome.measure.memory.TensorMemoryMeter`) in the denoising loop (from the denoiser's first
+  call to the last step's end) and over the whole call, and the weights held;
 * the memory plan's estimate for the same stack (weights included) and how far off it is;
 * whether the video equals the plain one (bitwise, else the largest absolute difference);
 * each method's evidence;
@@ -32,7 +32,7 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from vdtome.core.denoisers import pipeline_weight_bytes
+from vdtome.core.denoisers import denoisers_of, pipeline_weight_bytes
 from vdtome.core.presets import get_preset, load_presets
 from vdtome.engine.pipelines import load_pipeline
 from vdtome.engine.plan import GIB, Sizer, make_plan, plan_text
@@ -70,7 +70,7 @@ def measure(pipe, call: dict, configs: tuple, math_attention: bool = False):
     with apply_stack(pipe, list(configs)) as stack, kernels:
         weights = pipeline_weight_bytes(pipe)
         started = time.perf_counter()
-        with TensorMemoryMeter() as meter:
+        with TensorMemoryMeter() as meter, meter.section_before("text encoding", denoisers_of(pipe)):
             steps = {"n": 0}
 
             def at_end(p, i, t, kwargs):

@@ -40,38 +40,29 @@ def _free_port() -> int:
 
 
 def start_app(tmp_dir: Path, extra_env: dict[str, str] | None = None, timeout: float = 180.0):
-    """`python app.py` on a free loopback port, as `make run` starts it; returns (process, url, log).
-    A port another process (a parallel test worker's server) took between our look and the app's
-    bind is given up for another one."""
-    for attempt in range(3):
-        port = _free_port()
-        env = os.environ | {
-            "GRADIO_SERVER_NAME": "127.0.0.1",
-            "GRADIO_SERVER_PORT": str(port),
-            "GRADIO_TEMP_DIR": str(tmp_dir / "gradio"),
-            "TMPDIR": str(tmp_dir),
-        } | (extra_env or {})
-        log = tmp_dir / "app.log"
-        process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log.open("w"),
-                                   stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                text = log.read_text()
-                if attempt < 2 and ("address already in use" in text.lower() or "empty port" in text.lower()):
-                    break
-                raise RuntimeError(f"app.py exited with {process.returncode}:\n{text[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return process, url, log
-            except OSError:
-                time.sleep(0.5)
-        else:
-            process.kill()
-            raise RuntimeError(f"app.py did not answer on {url} within {timeout} s:\n{log.read_text()[-3000:]}")
-    raise AssertionError("unreachable")
+    """`python app.py` on a free loopback port, as `make run` starts it; returns (process, url, log)."""
+    port = _free_port()
+    env = os.environ | {
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_TEMP_DIR": str(tmp_dir / "gradio"),
+        "TMPDIR": str(tmp_dir),
+    } | (extra_env or {})
+    log = tmp_dir / "app.log"
+    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return process, url, log
+        except OSError:
+            time.sleep(0.5)
+    process.kill()
+    raise RuntimeError(f"app.py did not answer on {url} within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def stop_app(process: subprocess.Popen) -> None:

@@ -86,6 +86,20 @@ def test_the_tensor_meter_counts_what_is_held_at_once_and_what_is_freed():
 # ---- slicing
 
 
+def test_a_section_of_the_meter_closes_at_a_modules_first_call():
+    """The denoising loop's peak leaves out what the text encoding held before it (its section closes
+    at the denoiser's first call); the hook goes with the block."""
+    layer = torch.nn.Linear(4, 4)
+    with torch.no_grad(), TensorMemoryMeter() as meter, meter.section_before("text encoding", [layer]):
+        transient = torch.zeros(1000)
+        del transient
+        for _ in range(3):
+            layer(torch.zeros(1, 4))
+        meter.mark("denoising")
+    assert meter.peaks["text encoding"] == 4000 and meter.peaks["denoising"] < 100
+    assert meter.peak_bytes == 4000 and not layer._forward_pre_hooks
+
+
 @pytest.mark.parametrize("preset", (*TRANSFORMERS, "tiny-animatediff"))
 def test_slicing_computes_exactly_what_the_model_computes(preset):
     pipe = build(preset)

@@ -52,8 +52,6 @@ from vdtome.tome import ToMeConfig
 from vdtome.web.gpu_budget import comparison_estimate
 from vdtome.web.ui import headline_cards
 
-pytestmark = pytest.mark.solo  # timing verdicts: nothing else may load the cores they time
-
 PROMPT = "a lighthouse beam sweeps over a stormy sea at night"
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vdtome.core.denoisers import denoiser_types, pipeline_weight_bytes
+from vdtome.core.denoisers import denoiser_types, denoisers_of, pipeline_weight_bytes
 from vdtome.core.frames import check_finite
 from vdtome.core.presets import ModelPreset, get_preset
 from vdtome.core.validation import RequestError
@@ -68,7 +68,7 @@ from vdtome.measure.protocol import (
     plan_calls,
     summarise,
 )
-from vdtome.measure.timing import DENOISING, timed_call
+from vdtome.measure.timing import DENOISING, TEXT_ENCODING, timed_call
 from vdtome.methods import (
     AppliedStack,
     CallPlan,
@@ -464,16 +464,17 @@ class _Session:
 
     def metered(self, side: str, steps: int) -> Metered:
         """An untimed call whose tensor memory is counted (a CPU has no exact allocator peak): the
-        weights the pipeline holds with the side's stack applied, the peak up to the end of the
-        denoising loop and over the whole call."""
+        weights the pipeline holds with the side's stack applied, the peak of the denoising loop
+        (from the denoiser's first call to the last step's end: text encoding before it is not
+        counted there) and over the whole call."""
         self.stop_if_cancelled()
         self.stage = f"counting the {side} side's memory"
         with self._applied(side, steps):
             weights = pipeline_weight_bytes(self.pipe)  # as held: float8 copies, not the originals kept on the host
-            with TensorMemoryMeter() as meter:
+            with TensorMemoryMeter() as meter, meter.section_before(TEXT_ENCODING, denoisers_of(self.pipe)):
                 self.pipe(**self._kwargs(f"memory · {side}", None, steps, decode=True,
-                                         at_last_step=lambda: meter.mark("denoising")))
-        return Metered(weights, meter.peaks.get("denoising", meter.peak_bytes), meter.peak_bytes)
+                                         at_last_step=lambda: meter.mark(DENOISING)))
+        return Metered(weights, meter.peaks.get(DENOISING, meter.peak_bytes), meter.peak_bytes)
 
     # -- helpers
 
@@ -547,7 +548,7 @@ def check_fits(preset: ModelPreset, settings: ResolvedSettings, device: torch.de
 
 @dataclass(frozen=True)
 class Metered:
-    """One side's metered call (bytes): weights held, tensor peak to the end of denoising and overall."""
+    """One side's metered call (bytes): weights held, tensor peak in the denoising loop and overall."""
 
     weights_bytes: int
     denoising_bytes: int

@@ -425,6 +425,21 @@ class TensorMemoryMeter(TorchDispatchMode):
         self.peaks[name] = self._section_peak
         self._section_peak = self.current_bytes
 
+    @contextlib.contextmanager
+    def section_before(self, name: str, modules) -> Any:
+        """Close section ``name`` when any of ``modules`` is first called inside the block (a
+        pipeline's denoiser: what came before is its text encoding and set-up)."""
+        def first_call(module, args) -> None:
+            if name not in self.peaks:
+                self.mark(name)
+
+        handles = [module.register_forward_pre_hook(first_call) for module in modules]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def _forget(self, key: int) -> None:
         self.current_bytes -= self._live.pop(key, 0)
 
