@@ -112,3 +112,16 @@ def a_a_attempts(compare, is_no_difference, attempts: int = 2):
         if is_no_difference(outputs[-1]):
             break
     return outputs
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For a test file of tiny models (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    they gain nothing from intra-op threads, and on a busy machine threads contend (test_step_caches
+    took minutes with two threads against seconds with one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

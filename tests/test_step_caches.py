@@ -32,7 +32,8 @@ from vdtome.tome import ToMeConfig
 from vdtome.tome.hooks import is_registered
 
 # diffusers' FasterCache calls torch.meshgrid without ``indexing``.
-pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:torch.meshgrid:UserWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 STEPS = 8
 TRANSFORMERS = ("tiny-wan", "tiny-wan22", "tiny-cogvideox", "tiny-cogvideox-rotary", "tiny-ltx")
@@ -72,16 +73,6 @@ UNAVAILABLE = [
 ]
 
 PAIRS = [(name, preset) for name, (presets, _, _) in CACHES.items() for preset in presets]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine threads contend
-    (this file took minutes with two threads against seconds with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(preset_name: str):
