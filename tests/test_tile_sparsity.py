@@ -1,0 +1,82 @@
+"""Attention-tile sparsity's math (vdtome.core.tile_sparsity): the gathered computation equals the
+masked dense reference for video-only, text-first and video-first sequences, scores only the kept
+tiles, and grows linearly with the frame count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vdtome.core.tile_sparsity import (
+    TileLayout,
+    TilePattern,
+    allowed_keys,
+    global_frame_ids,
+    parse_pattern,
+    tile_sparse_attention,
+)
+
+
+def test_patterns_are_read_and_bad_ones_refused_with_the_rule():
+    assert parse_pattern("dense") is None and parse_pattern(" Dense ") is None
+    assert parse_pattern("1:7") == TilePattern(1, 7) and parse_pattern("4 : 4").frames == 8
+    for bad in ("0:8", "half", "1:-2", "2.5:3", ""):
+        with pytest.raises(ValueError, match="'dense' or G:P with G >= 1"):
+            parse_pattern(bad)
+
+
+def test_global_frames_are_the_first_or_evenly_spaced():
+    assert global_frame_ids(8, 2) == (0, 1)
+    assert global_frame_ids(8, 3, "spaced") == (0, 4, 7)
+    assert global_frame_ids(8, 1, "spaced") == (0,)
+    with pytest.raises(ValueError, match="9 global frames do not fit 8"):
+        global_frame_ids(8, 9)
+    with pytest.raises(ValueError, match="first or spaced"):
+        global_frame_ids(8, 2, "random")
+
+
+def test_a_global_frames_own_tile_is_one_of_the_global_ones():
+    layout = TileLayout(frames=4, tokens_per_frame=1, video_start=0, length=4)
+    allowed = allowed_keys(layout, (0,))
+    assert allowed.tolist() == [[True, False, False, False],  # frame 0 is global: 1 frame seen
+                                [True, True, False, False],  # the others: the global one and their own
+                                [True, False, True, False],
+                                [True, False, False, True]]
+
+
+# (name, text tokens before the video, text tokens after it, a key mask on the text)
+LAYOUTS = [("video only (Wan)", 0, 0, False), ("text first (CogVideoX)", 5, 0, False),
+           ("video first with a text mask (HunyuanVideo)", 0, 6, True)]
+
+
+@pytest.mark.parametrize("name, before, after, masked", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
+@pytest.mark.parametrize("pattern, placement", [("1:3", "first"), ("2:2", "first"), ("2:2", "spaced"), ("4:0", "first")])
+def test_gathered_attention_equals_the_masked_dense_reference(name, before, after, masked, pattern, placement):
+    torch.manual_seed(0)
+    frames, per_frame = 4, 6
+    layout = TileLayout(frames, per_frame, video_start=before, length=before + frames * per_frame + after)
+    q, k, v = (torch.randn(2, 3, layout.length, 8) for _ in range(3))
+    user_mask = None
+    if masked:  # the second sample's last two text tokens are padding: no query may attend them
+        user_mask = torch.ones(2, 1, 1, layout.length, dtype=torch.bool)
+        user_mask[1, ..., -2:] = False
+    global_ids = global_frame_ids(frames, parse_pattern(pattern).global_frames, placement)
+    allowed = allowed_keys(layout, global_ids)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed if user_mask is None else allowed & user_mask)
+    sparse, scored = tile_sparse_attention(q, k, v, layout, global_ids, attn_mask=user_mask)
+    assert torch.allclose(sparse, reference, rtol=0, atol=1e-6)
+    assert scored == int(allowed.sum())  # exactly the kept (query, key) pairs were scored
+    if pattern == "4:0":  # every frame global: dense
+        assert torch.allclose(sparse, F.scaled_dot_product_attention(q, k, v, attn_mask=user_mask), rtol=0, atol=1e-6)
+
+
+def test_the_cost_grows_linearly_with_the_frame_count():
+    def scored(frames: int) -> int:
+        layout = TileLayout(frames, 16, 0, frames * 16)
+        q = torch.zeros(1, 1, layout.length, 4)
+        return tile_sparse_attention(q, q, q, layout, global_frame_ids(frames, 1))[1]
+
+    tile = 16 * 16
+    assert scored(8) == (2 * 8 - 1) * tile  # the global frame's own tile, and two tiles for each other frame
+    assert scored(16) - scored(8) == 8 * 2 * tile  # each frame more adds two tiles: linear, where dense is T^2
