@@ -48,10 +48,11 @@ def test_a_global_frames_own_tile_is_one_of_the_global_ones():
 # (name, text tokens before the video, text tokens after it, a key mask on the text)
 LAYOUTS = [("video only (Wan)", 0, 0, False), ("text first (CogVideoX)", 5, 0, False),
            ("video first with a text mask (HunyuanVideo)", 0, 6, True)]
+PATTERNS = [("1:3", "first"), ("2:2", "first"), ("2:2", "spaced"), ("4:0", "first")]
 
 
 @pytest.mark.parametrize("name, before, after, masked", LAYOUTS, ids=[layout[0] for layout in LAYOUTS])
-@pytest.mark.parametrize("pattern, placement", [("1:3", "first"), ("2:2", "first"), ("2:2", "spaced"), ("4:0", "first")])
+@pytest.mark.parametrize("pattern, placement", PATTERNS)
 def test_gathered_attention_equals_the_masked_dense_reference(name, before, after, masked, pattern, placement):
     torch.manual_seed(0)
     frames, per_frame = 4, 6

@@ -81,8 +81,8 @@ class TileLayout:
     def __post_init__(self) -> None:
         end = self.video_start + self.frames * self.tokens_per_frame
         if self.frames < 1 or self.tokens_per_frame < 1 or self.video_start < 0 or end > self.length:
-            raise ValueError(f"{self.frames} frames x {self.tokens_per_frame} tokens from {self.video_start} do not fit "
-                             f"a sequence of {self.length}")
+            raise ValueError(f"{self.frames} frames x {self.tokens_per_frame} tokens from {self.video_start} do not "
+                             f"fit a sequence of {self.length}")
 
     @property
     def video_end(self) -> int:
