@@ -21,6 +21,9 @@ from vdtome.core.frames import as_float_video, to_uint8
 #: x264 constant-rate factor: 18 is visually near-lossless, so encoding artefacts do not
 #: mask the (small) differences between baseline and accelerated videos.
 CRF = 18
+#: x264 speed preset: at the same CRF (the same visual quality) "veryfast" encoded a comparison's
+#: four videos in 0.31 s against "medium"'s 0.84 s (9 frames, 320 px, 2 cores) for files 2 % larger.
+PRESET = "veryfast"
 
 #: Videos are shown at least this tall: smaller ones are enlarged by a whole factor with
 #: nearest-neighbour (every model pixel a sharp block), never blurred by the browser's scaling.
@@ -64,7 +67,7 @@ def write_mp4(frames, path, fps: float = 8) -> str:
         quality=None,  # crf is set explicitly below
         macro_block_size=1,
         ffmpeg_log_level="error",
-        output_params=["-crf", str(CRF), "-preset", "medium", "-movflags", "+faststart"],
+        output_params=["-crf", str(CRF), "-preset", PRESET, "-movflags", "+faststart"],
     )
     writer.send(None)  # start ffmpeg
     try:
