@@ -53,6 +53,13 @@ def attention_chunk(query: torch.Tensor, key: torch.Tensor, chunk_tokens: int) -
     return max(1, query.shape[-2] * query.shape[-1] // max(key.shape[-2], 1))
 
 
+def query_chunk(chunk: int, length: int, is_causal: bool = False, dropout_p: float = 0.0) -> int:
+    """Queries per chunk a call of ``length`` queries runs in: ``chunk``, or all of them where one
+    chunk would hold them all or the call cannot be split (a causal mask or dropout's random numbers
+    depend on the query's position)."""
+    return length if chunk >= length or is_causal or dropout_p else chunk
+
+
 def runs_on_math_path(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
                       scale: float | None = None, enable_gqa: bool = False) -> bool:
@@ -72,11 +79,12 @@ def attention_in_query_chunks(chunk: int, query: torch.Tensor, key: torch.Tensor
                               attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                               is_causal: bool = False, scale: float | None = None,
                               enable_gqa: bool = False) -> torch.Tensor:
-    """``scaled_dot_product_attention`` over chunks of ``chunk`` queries (dimension -2). A causal or
-    dropout call is run whole: its mask or its random numbers depend on the query's position."""
+    """``scaled_dot_product_attention`` over chunks of ``chunk`` queries (dimension -2), or whole
+    where :func:`query_chunk` says so."""
     length = query.shape[-2]
     extra = {"scale": scale, "enable_gqa": enable_gqa} if enable_gqa else {"scale": scale}
-    if chunk >= length or is_causal or dropout_p:
+    chunk = query_chunk(chunk, length, is_causal, dropout_p)
+    if chunk == length:
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, **extra)
     per_query_mask = attn_mask is not None and attn_mask.dim() >= 2 and attn_mask.shape[-2] == length
     out = None

@@ -211,8 +211,7 @@ def trace_denoiser(models: MetaModels, frames: int, height: int, width: int,
     """Peak activation bytes of one denoiser call at this size (its inputs included), and what
     slicing reported of it (empty without slicing)."""
     inputs = _denoiser_inputs(models, frames, height, width)
-    # Attention is traced as a fused kernel holds it, which attention slicing leaves alone.
-    stack = [replace(slicing, vae=False, attention=False)] if slicing is not None and slicing.feed_forward else []
+    stack = [slicing] if slicing is not None and slicing.feed_forward else []
     with apply_stack(models.denoiser, stack) as applied:
         with _traced() as meter:
             models.denoiser(**inputs)
@@ -413,6 +412,8 @@ class Sizer:
             return self._traces[key]
 
     def _denoise_trace(self, slicing: Slicing | None) -> tuple[int, dict[str, Any]]:
+        # Keyed by what changes the trace: the feed-forward chunks. Attention is traced as a fused
+        # kernel holds it (attention slicing leaves it alone), and a bare denoiser has no VAE.
         sliced = replace(slicing, vae=False, attention=False) if slicing is not None and slicing.feed_forward else None
         what = "one denoiser call" + (f" sliced (chunk {sliced.chunk_tokens or 'auto'})" if sliced else "")
         return self._trace(("denoise", sliced), what, lambda: trace_denoiser(

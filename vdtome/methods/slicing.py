@@ -36,8 +36,8 @@ from diffusers.models.attention import AttentionModuleMixin, FeedForward
 from diffusers.models.attention_processor import Attention
 from torch.overrides import TorchFunctionMode
 
-from vdtome.core.chunks import (attention_chunk, attention_in_query_chunks, feed_forward_chunk, rows_in_chunks,
-                                runs_on_math_path)
+from vdtome.core.chunks import (attention_chunk, attention_in_query_chunks, feed_forward_chunk, query_chunk,
+                                rows_in_chunks, runs_on_math_path)
 from vdtome.core.denoisers import denoisers_of
 from vdtome.core.phases import DENOISING, VAE_DECODE
 from vdtome.methods.base import Evidence, Method, MethodReport
@@ -151,15 +151,14 @@ class _QueryChunkedAttention(TorchFunctionMode):
             return func(*args, **kwargs)
         stats.math_path_calls += 1
         length = query.shape[-2]
-        score_row = query.numel() // query.shape[-1] // length * key.shape[-2] * query.element_size()  # one query's scores
-        chunk = min(attention_chunk(query, key, self.config.chunk_tokens), length)
+        # One query's scores: (batch x heads) x keys.
+        score_row = query.numel() // query.shape[-1] // length * key.shape[-2] * query.element_size()
+        chunk = query_chunk(attention_chunk(query, key, self.config.chunk_tokens), length,
+                            call.get("is_causal", False), call.get("dropout_p", 0.0))
         stats.widest_scores_bytes = max(stats.widest_scores_bytes, length * score_row)
-        out = attention_in_query_chunks(chunk, **call)
-        whole = chunk >= length or call.get("is_causal") or call.get("dropout_p")
-        stats.attention_sliced_calls += not whole
-        stats.widest_sliced_scores_bytes = max(stats.widest_sliced_scores_bytes,
-                                               (length if whole else chunk) * score_row)
-        return out
+        stats.attention_sliced_calls += chunk < length
+        stats.widest_sliced_scores_bytes = max(stats.widest_sliced_scores_bytes, chunk * score_row)
+        return attention_in_query_chunks(chunk, **call)
 
 
 class SlicedAttention(ModelHook):
