@@ -12,8 +12,11 @@ from vdtome.core.tile_sparsity import (
     TileLayout,
     TilePattern,
     allowed_keys,
+    flex_tile_attention,
     global_frame_ids,
     parse_pattern,
+    place_video,
+    query_groups,
     tile_sparse_attention,
 )
 
@@ -38,7 +41,7 @@ def test_global_frames_are_the_first_or_evenly_spaced():
 
 def test_a_global_frames_own_tile_is_one_of_the_global_ones():
     layout = TileLayout(frames=4, tokens_per_frame=1, video_start=0, length=4)
-    allowed = allowed_keys(layout, (0,))
+    allowed = allowed_keys(layout.frame_ids(), (0,))
     assert allowed.tolist() == [[True, False, False, False],  # frame 0 is global: 1 frame seen
                                 [True, True, False, False],  # the others: the global one and their own
                                 [True, False, True, False],
@@ -63,11 +66,14 @@ def test_gathered_attention_equals_the_masked_dense_reference(name, before, afte
         user_mask = torch.ones(2, 1, 1, layout.length, dtype=torch.bool)
         user_mask[1, ..., -2:] = False
     global_ids = global_frame_ids(frames, parse_pattern(pattern).global_frames, placement)
-    allowed = allowed_keys(layout, global_ids)
+    allowed = allowed_keys(layout.frame_ids(), global_ids)
     reference = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed if user_mask is None else allowed & user_mask)
-    sparse, scored = tile_sparse_attention(q, k, v, layout, global_ids, attn_mask=user_mask)
+    groups = query_groups(layout.frame_ids(), global_ids)
+    sparse = tile_sparse_attention(q, k, v, groups, attn_mask=user_mask)
     assert torch.allclose(sparse, reference, rtol=0, atol=1e-6)
-    assert scored == int(allowed.sum())  # exactly the kept (query, key) pairs were scored
+    assert groups.scored == int(allowed.sum())  # exactly the kept (query, key) pairs were scored
+    flex = flex_tile_attention(q, k, v, layout.frame_ids(), global_ids, attn_mask=user_mask)
+    assert torch.allclose(flex, reference, rtol=0, atol=1e-5)  # the block-mask kernel computes the same
     if pattern == "4:0":  # every frame global: dense
         assert torch.allclose(sparse, F.scaled_dot_product_attention(q, k, v, attn_mask=user_mask), rtol=0, atol=1e-6)
 
@@ -75,9 +81,22 @@ def test_gathered_attention_equals_the_masked_dense_reference(name, before, afte
 def test_the_cost_grows_linearly_with_the_frame_count():
     def scored(frames: int) -> int:
         layout = TileLayout(frames, 16, 0, frames * 16)
-        q = torch.zeros(1, 1, layout.length, 4)
-        return tile_sparse_attention(q, q, q, layout, global_frame_ids(frames, 1))[1]
+        return query_groups(layout.frame_ids(), global_frame_ids(frames, 1)).scored
 
     tile = 16 * 16
     assert scored(8) == (2 * 8 - 1) * tile  # the global frame's own tile, and two tiles for each other frame
     assert scored(16) - scored(8) == 8 * 2 * tile  # each frame more adds two tiles: linear, where dense is T^2
+
+
+def test_merged_tokens_keep_their_frame_and_the_pattern_still_holds():
+    """After token merging a frame's kept tokens are fewer and need not be contiguous; each carries
+    its destination's frame, and the gathered computation still equals the masked reference."""
+    torch.manual_seed(1)
+    kept_positions = torch.tensor([0, 2, 3, 5, 6, 7, 9, 12, 13, 14, 17, 19])  # of 4 frames x 5 tokens
+    frames = place_video(kept_positions // 5, length=3 + kept_positions.numel(), video_start=3)  # text first
+    q, k, v = (torch.randn(2, 2, frames.numel(), 4) for _ in range(3))
+    allowed = allowed_keys(frames, (0,))
+    groups = query_groups(frames, (0,))
+    assert groups.scored == int(allowed.sum()) < frames.numel() ** 2
+    assert torch.allclose(tile_sparse_attention(q, k, v, groups), F.scaled_dot_product_attention(q, k, v, attn_mask=allowed),
+                          rtol=0, atol=1e-6)

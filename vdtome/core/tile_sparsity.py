@@ -14,9 +14,11 @@ by everything. The cost is linear in ``T``: each query frame runs one attention 
 keeps, gathered, never over a dense score matrix. :func:`allowed_keys` builds the masked dense
 reference the gathered computation must equal.
 
-Video tokens are frame-major (the order the models patchify in: frame, then rows, then columns),
-``tokens_per_frame`` to a frame, starting at ``video_start`` in the sequence; every other position
-is text.
+A sequence is described by its frame ids: each position's latent frame, :data:`TEXT` for text.
+Video tokens are frame-major as the models patchify them (:class:`TileLayout`); after token
+merging a kept token carries its destination's frame, so the pattern applies to merged sequences
+too. :func:`flex_tile_attention` gives the same attention through FlexAttention's block mask, where
+a compiled kernel skips the dropped tiles.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 PLACEMENTS = ("first", "spaced")
+TEXT = -1  # the frame id of a text position
 
 
 @dataclass(frozen=True)
@@ -84,17 +87,18 @@ class TileLayout:
             raise ValueError(f"{self.frames} frames x {self.tokens_per_frame} tokens from {self.video_start} do not "
                              f"fit a sequence of {self.length}")
 
-    @property
-    def video_end(self) -> int:
-        return self.video_start + self.frames * self.tokens_per_frame
+    def frame_ids(self, device: torch.device | None = None) -> torch.Tensor:
+        """Each position's latent frame (:data:`TEXT` for text)."""
+        video = torch.arange(self.frames, device=device).repeat_interleave(self.tokens_per_frame)
+        return place_video(video, self.length, self.video_start)
 
-    def frame_positions(self, frame: int, device: torch.device | None = None) -> torch.Tensor:
-        start = self.video_start + frame * self.tokens_per_frame
-        return torch.arange(start, start + self.tokens_per_frame, device=device)
 
-    def text_positions(self, device: torch.device | None = None) -> torch.Tensor:
-        return torch.cat([torch.arange(0, self.video_start, device=device),
-                          torch.arange(self.video_end, self.length, device=device)])
+def place_video(video_frames: torch.Tensor, length: int, video_start: int) -> torch.Tensor:
+    """A sequence's frame ids: ``video_frames`` (one per video token, in sequence order) from
+    ``video_start``, text (:data:`TEXT`) around them."""
+    ids = torch.full((length,), TEXT, dtype=torch.long, device=video_frames.device)
+    ids[video_start:video_start + video_frames.numel()] = video_frames
+    return ids
 
 
 def kept_frames(frame: int, global_ids: tuple[int, ...]) -> tuple[int, ...]:
@@ -102,50 +106,93 @@ def kept_frames(frame: int, global_ids: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(set(global_ids) | {frame}))
 
 
-def allowed_keys(layout: TileLayout, global_ids: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
+def _keeps(query_frames: torch.Tensor, key_frames: torch.Tensor, global_ids: tuple[int, ...]) -> torch.Tensor:
+    """Whether each (query, key) pair is scored: text on either side, the same frame, or a global key frame."""
+    is_global = torch.isin(key_frames, torch.tensor(global_ids, device=key_frames.device))
+    return (query_frames == TEXT) | (key_frames == TEXT) | (query_frames == key_frames) | is_global
+
+
+def allowed_keys(frame_ids: torch.Tensor, global_ids: tuple[int, ...]) -> torch.Tensor:
     """The (length, length) boolean mask of the pattern (True: the query attends the key): the
     dense reference of :func:`tile_sparse_attention`."""
-    allowed = torch.ones(layout.length, layout.length, dtype=torch.bool, device=device)
-    video = slice(layout.video_start, layout.video_end)
-    allowed[video, video] = False
-    for frame in range(layout.frames):
-        rows = layout.frame_positions(frame, device)
-        for kept in kept_frames(frame, global_ids):
-            allowed[rows.unsqueeze(1), layout.frame_positions(kept, device).unsqueeze(0)] = True
-    return allowed
+    return _keeps(frame_ids.unsqueeze(1), frame_ids.unsqueeze(0), global_ids)
 
 
-def tile_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layout: TileLayout,
-                          global_ids: tuple[int, ...], attn_mask: torch.Tensor | None = None,
-                          scale: float | None = None) -> tuple[torch.Tensor, int]:
-    """Attention over (batch, heads, length, width) tensors under the pattern, computed per query
-    frame over its gathered keys (and the text queries over every key); returns the output and the
-    number of (query, key) pairs scored, to compare with the dense ``length ** 2``.
+@dataclass(frozen=True)
+class QueryGroups:
+    """The gathered computation of one sequence: (query positions, their key positions) per query
+    frame, the text queries with every key; ``scored``: the (query, key) pairs it scores."""
+
+    groups: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    scored: int
+    length: int
+
+
+def query_groups(frame_ids: torch.Tensor, global_ids: tuple[int, ...]) -> QueryGroups:
+    """The groups of a sequence whose positions carry ``frame_ids`` (a frame's tokens need not be
+    contiguous: after token merging each kept token carries its destination's frame)."""
+    length = frame_ids.numel()
+    positions = torch.arange(length, device=frame_ids.device)
+    text = frame_ids == TEXT
+    groups = [(positions[text], positions)] if bool(text.any()) else []
+    global_keys = text | torch.isin(frame_ids, torch.tensor(global_ids, device=frame_ids.device))
+    for frame in torch.unique(frame_ids[~text]).tolist():
+        own = frame_ids == frame
+        groups.append((positions[own], positions[global_keys | own]))
+    return QueryGroups(tuple(groups), sum(rows.numel() * keys.numel() for rows, keys in groups), length)
+
+
+def tile_sparse_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, groups: QueryGroups,
+                          attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Attention over (batch, heads, length, width) tensors, each group's queries over its gathered
+    keys only: the score matrix over all tokens is never built.
 
     ``attn_mask``: a boolean or additive mask broadcastable to (batch, heads, length, length), as
     ``scaled_dot_product_attention`` takes it (its rows and columns are gathered with the keys)."""
     length = query.shape[-2]
-    if key.shape[-2] != length or layout.length != length:
-        raise ValueError(f"tile sparsity is for self-attention over the layout's {layout.length} tokens, got "
+    if key.shape[-2] != length or groups.length != length:
+        raise ValueError(f"tile sparsity is for self-attention over the layout's {groups.length} tokens, got "
                          f"{length} queries and {key.shape[-2]} keys")
-    device = query.device
-    out = torch.empty(*query.shape[:-1], value.shape[-1], dtype=query.dtype, device=device)
-    scored = 0
-    text = layout.text_positions(device)
-    groups = [(text, torch.arange(length, device=device))] if text.numel() else []
-    for frame in range(layout.frames):
-        keys = torch.cat([text, *(layout.frame_positions(f, device) for f in kept_frames(frame, global_ids))])
-        groups.append((layout.frame_positions(frame, device), keys.sort().values))
-    for rows, keys in groups:
-        mask = None
-        if attn_mask is not None:
-            mask = attn_mask
-            if mask.shape[-2] != 1:
-                mask = mask.index_select(-2, rows)
-            if mask.shape[-1] != 1:
-                mask = mask.index_select(-1, keys)
+    out = torch.empty(*query.shape[:-1], value.shape[-1], dtype=query.dtype, device=query.device)
+    for rows, keys in groups.groups:
+        mask = attn_mask
+        if mask is not None and mask.shape[-2] != 1:
+            mask = mask.index_select(-2, rows)
+        if mask is not None and mask.shape[-1] != 1:
+            mask = mask.index_select(-1, keys)
         out[..., rows, :] = F.scaled_dot_product_attention(
             query.index_select(-2, rows), key.index_select(-2, keys), value.index_select(-2, keys),
             attn_mask=mask, scale=scale)
-        scored += rows.numel() * keys.numel()
-    return out, scored
+    return out
+
+
+def flex_mask_supported(attn_mask: torch.Tensor | None, batch: int) -> bool:
+    """FlexAttention takes the pattern as a block mask; a caller's mask joins it only as a boolean
+    key mask per sample (batch or 1, 1, 1, length), HunyuanVideo's text padding."""
+    return attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.dim() == 4
+                                 and attn_mask.shape[1] == attn_mask.shape[2] == 1 and attn_mask.shape[0] in (1, batch))
+
+
+def flex_tile_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, frame_ids: torch.Tensor,
+                        global_ids: tuple[int, ...], attn_mask: torch.Tensor | None = None,
+                        scale: float | None = None, attention=None) -> torch.Tensor:
+    """The same attention as :func:`tile_sparse_attention` through FlexAttention's block mask: the
+    kernel skips every (query block, key block) tile the pattern drops. ``attention``: the
+    (compiled) ``flex_attention`` to run; eager by default (exact, but it builds the scores)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if not flex_mask_supported(attn_mask, query.shape[0]):
+        raise ValueError("FlexAttention takes a boolean key mask of shape (batch, 1, 1, length) only")
+    is_global = torch.isin(frame_ids, torch.tensor(global_ids, device=frame_ids.device))
+    keys_allowed = None if attn_mask is None else attn_mask[:, 0, 0, :]
+
+    def pattern(b, h, q, k):
+        keep = (frame_ids[q] == TEXT) | (frame_ids[k] == TEXT) | (frame_ids[q] == frame_ids[k]) | is_global[k]
+        if keys_allowed is not None:
+            keep = keep & keys_allowed[b if keys_allowed.shape[0] > 1 else 0, k]
+        return keep
+
+    length = query.shape[-2]
+    batch = None if keys_allowed is None or keys_allowed.shape[0] == 1 else query.shape[0]
+    block_mask = create_block_mask(pattern, batch, None, length, length, device=query.device)
+    return (attention or flex_attention)(query, key, value, block_mask=block_mask, scale=scale)

@@ -83,6 +83,19 @@ def choices(name: str, value: Any, options: tuple[str, ...], field: str | None =
     return tuple(value)
 
 
+TEXT_LIMIT = 300
+
+
+def plain_text(name: str, value: Any, field: str | None = None) -> str:
+    """One line of printable text (a pattern, a file name), stripped; at most :data:`TEXT_LIMIT` characters."""
+    if not isinstance(value, str):
+        raise RequestError(f"{name} must be text, got {shown(value)}", field)
+    value = value.strip()
+    if len(value) > TEXT_LIMIT or not value.isprintable():
+        raise RequestError(f"{name} must be one line of printable text of at most {TEXT_LIMIT} characters", field)
+    return value
+
+
 def boolean(name: str, value: Any, field: str | None = None) -> bool:
     """Only true and false: the string "false" is not a boolean (it would read as true)."""
     if not isinstance(value, bool):

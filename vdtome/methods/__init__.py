@@ -26,6 +26,7 @@ from vdtome.methods.stack import AppliedStack, apply_stack, check_available, che
 # The methods, in the order the form lists them: adding one is one line here.
 REGISTERED = (
     "tome",
+    "tile_sparsity",
     "first_block_cache",
     "pyramid_attention_broadcast",
     "faster_cache",

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from vdtome.core.phases import DENOISING
-from vdtome.core.validation import PLAIN_DECIMAL, RequestError, boolean, choice, choices, finite_number, whole_number
+from vdtome.core.validation import (PLAIN_DECIMAL, RequestError, boolean, choice, choices, finite_number,
+                                    plain_text, whole_number)
 
-FieldKind = Literal["number", "integer", "boolean", "choice", "choices"]
+FieldKind = Literal["number", "integer", "boolean", "choice", "choices", "text"]
 
 # What a method carries from one denoising step to the next (``Method.reuses_across_steps``); the
 # stacking rules of :mod:`vdtome.methods.stack` read it.
@@ -67,6 +68,8 @@ class FormField:
             return boolean(what, value, self.name)
         if self.kind == "choice":
             return choice(what, value, self.options, self.name)
+        if self.kind == "text":
+            return plain_text(what, value, self.name)
         return choices(what, value, self.options, self.name)
 
     def from_text(self, value: str) -> Any:
@@ -90,6 +93,8 @@ class FormField:
             rule = "true|false"
         elif self.kind == "choice":
             rule = "one of " + "|".join(self.options)
+        elif self.kind == "text":
+            rule = "text" + (", e.g. " + "|".join(self.options) if self.options else "")
         else:
             rule = "any of " + "|".join(self.options) + ", joined by +"
         sweep = ", sweepable" if self.sweepable else ""

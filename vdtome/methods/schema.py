@@ -51,17 +51,19 @@ class Setting:
     name: str | None
     parts: tuple[Part, ...]
     sweep_example: str
+    free_text: bool
 
 
 def setting(default: Any, label: str, help: str = "", minimum: float | None = None, maximum: float | None = None,
             step: float | None = None, *, options: tuple[str, ...] = (), sweepable: bool = False,
             advanced: bool = False, name: str | None = None, parts: tuple[Part, ...] = (),
-            sweep_example: str = "") -> Any:
-    """A config field that is also a form field (see the module's docstring)."""
+            sweep_example: str = "", free_text: bool = False) -> Any:
+    """A config field that is also a form field (see the module's docstring). ``free_text``: a
+    text field whose ``options`` are only suggestions."""
     if sweepable and (parts or not isinstance(default, (int, float)) or isinstance(default, bool)):
         raise TypeError(f"{label}: only a single number can be swept")
     spec = Setting(label, help, minimum, maximum, step, tuple(options), sweepable, advanced, name, tuple(parts),
-                   sweep_example)
+                   sweep_example, free_text)
     return dataclasses.field(default=default, metadata={SCHEMA: spec})
 
 
@@ -81,6 +83,8 @@ def _kind(default: Any, spec: Setting) -> str:
         return "integer"
     if isinstance(default, float):
         return "number"
+    if spec.free_text and isinstance(default, str):
+        return "text"
     if spec.options:
         return "choice"
     raise TypeError(f"a setting's default must be a bool, int, float or one of its options, got {default!r}")

@@ -9,6 +9,7 @@ from typing import Any
 
 from vdtome.core.validation import RequestError
 from vdtome.methods.base import Evidence, FormField, Method, MethodReport
+from vdtome.methods.schedules import read_schedule, shipped_schedules
 from vdtome.tome import SUPPORTED_MODELS, ToMeConfig, apply_tome
 
 RATIO_STEP = 0.05
@@ -66,6 +67,10 @@ FIELDS = (
               advanced=True),
     FormField("local_window", "boolean", True, "Local matching window", "linear cost; off: global matching as ToMe",
               advanced=True),
+    FormField("ratio_schedule", "text", "", "Ratio per block (schedule)",
+              "a shipped schedule's name or a JSON file from `python -m vdtome search --method tome`: each block's "
+              "own ratio in place of the merge ratio; empty: the merge ratio everywhere",
+              options=shipped_schedules("tome"), advanced=True),
 )
 
 
@@ -82,7 +87,12 @@ def parse(values: Mapping[str, Any]) -> ToMeConfig:
     targets = values["targets"]
     if not targets:
         raise RequestError(f"choose at least one merge target ({', '.join(TARGETS)})", "targets")
+    block_ratios = schedule_ratios(values.get("ratio_schedule", ""), stride) if values.get("ratio_schedule") else ()
+    if block_ratios and values["blocks"] != "all blocks":
+        raise RequestError("a ratio schedule sets every block's ratio (0: left alone): set blocks to all blocks",
+                           "blocks")
     return ToMeConfig(
+        block_ratios=block_ratios,
         ratio=values["ratio"],
         stride=stride,
         strategy=values["strategy"],
@@ -95,8 +105,25 @@ def parse(values: Mapping[str, Any]) -> ToMeConfig:
     )
 
 
+def schedule_ratios(text: str, stride: tuple[int, int, int]) -> tuple[float, ...]:
+    """The per-block ratios of a schedule, searched at ``stride`` (a ratio means another merge at
+    another stride, so a schedule for one stride is refused at another)."""
+    data = read_schedule(text, "tome", "ratio_schedule", "ratios")
+    if tuple(data.get("stride", ())) != stride:
+        raise RequestError(f"schedule {text!r} was searched at stride {'x'.join(map(str, data.get('stride', ())))}; "
+                           f"set the strides to it (now {'x'.join(map(str, stride))})", "ratio_schedule")
+    ratios = data["ratios"]
+    cap = stride_ratio_cap(stride)
+    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r <= cap + 1e-9 for r in ratios):
+        raise RequestError(f"schedule {text!r}: every block's ratio must be a number in [0, {cap:.2f}]",
+                           "ratio_schedule")
+    return tuple(float(r) for r in ratios)
+
+
 def summary(config: ToMeConfig) -> str:
-    parts = [f"ratio {config.ratio:g}", "stride " + "x".join(map(str, config.stride))]
+    ratio = (f"ratio per block (mean {config.requested_ratio:.2f})" if config.block_ratios
+             else f"ratio {config.ratio:g}")
+    parts = [ratio, "stride " + "x".join(map(str, config.stride))]
     if config.strategy != "bipartite":
         parts.append(config.strategy)
     if config.blocks != "all":
@@ -172,6 +199,6 @@ METHOD = Method(
     on_by_default=True,
     # With reuse_steps > 1 some steps compute a matching and others reuse it: steps differ.
     steps_alike=lambda config: config.reuse_steps == 1,
-    matching_varies=lambda config: config.ratio > 0,
+    matching_varies=lambda config: config.merges,
     docs="merges similar video tokens before chosen sub-layers and restores them after (vdtome.tome)",
 )

@@ -59,7 +59,7 @@ class ToMeHandle:
         total_in = sum(site.total_in for site in sites)
         total_out = sum(site.total_out for site in sites)
         return ToMeStats(
-            requested_ratio=self.config.ratio,
+            requested_ratio=self.config.requested_ratio,
             effective_ratio=(1.0 - total_out / total_in) if total_in else 0.0,
             blocks_patched=sum(len(p.matchers) for p in self.patched),
             blocks_total=sum(p.blocks_total for p in self.patched),
@@ -117,13 +117,16 @@ def apply_tome(pipe_or_model, config: ToMeConfig | None = None) -> ToMeHandle:
             raise ValueError(
                 f"vdtome: block index {config.blocks[-1]} out of range; {type(model).__name__} has {len(blocks)} blocks"
             )
+        if config.block_ratios and len(config.block_ratios) != len(blocks):
+            raise ValueError(f"vdtome: the ratio schedule has {len(config.block_ratios)} blocks; "
+                             f"{type(model).__name__} has {len(blocks)}")
         plans.append((model, adapter, blocks))
 
     handle = ToMeHandle(config)
     available: set[str] = set()
     owner = models[0] if isinstance(pipe_or_model, torch.nn.Module) else pipe_or_model
     for model, adapter, blocks in plans:
-        if config.ratio == 0.0:
+        if not config.merges:
             # Ratio 0 merges nothing: install nothing, so that it costs nothing and runs the very
             # same code as the baseline (an A/A comparison).
             handle.patched.append(_Patched(model, None, [], [], len(blocks)))
@@ -133,7 +136,7 @@ def apply_tome(pipe_or_model, config: ToMeConfig | None = None) -> ToMeHandle:
         denoiser = DenoiserHook(adapter.read_grid, StepContext.acquire(owner))
         patched = _Patched(model, denoiser, [], [], len(blocks))
         for index, block in enumerate(blocks):
-            if not config.selects_block(index):
+            if not config.selects_block(index) or config.ratio_of(index) == 0.0:
                 continue
             sites = adapter.sites(block)
             available.update(site.target for site in sites)
@@ -149,7 +152,7 @@ def apply_tome(pipe_or_model, config: ToMeConfig | None = None) -> ToMeHandle:
         denoiser.attach(model)
         invalidate_registry_caches(model)
         handle.patched.append(patched)
-    if config.ratio > 0.0 and not any(p.sites for p in handle.patched):
+    if config.merges and not any(p.sites for p in handle.patched):
         handle.remove()
         names = ", ".join(type(m).__name__ for m in models)
         raise ValueError(

@@ -42,6 +42,8 @@ class ToMeConfig:
             ToMe). "auto" picks DEFAULT_MATCH_WINDOW for bipartite and None for attnbin.
         max_score_elements: size bound of one block of similarity scores (the bound is never
             below the metric's own size).
+        block_ratios: one ratio per block (a schedule from ``python -m vdtome search``), in place
+            of ``ratio``; a block at 0 is not patched. Empty: ``ratio`` in every selected block.
     """
 
     ratio: float = 0.5
@@ -57,13 +59,14 @@ class ToMeConfig:
     reuse_steps: int = 1
     match_window: tuple[int, int, int] | None | Literal["auto"] = "auto"
     max_score_elements: int = DEFAULT_MAX_SCORE_ELEMENTS
+    block_ratios: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"ratio must be a number in [0, 1), got {self.ratio!r}")
         object.__setattr__(self, "stride", _positive_triple("stride", self.stride))
         cells = self.stride[0] * self.stride[1] * self.stride[2]
-        if self.ratio > 0 and cells == 1:
+        if (self.ratio > 0 or any(self.block_ratios)) and cells == 1:
             raise ValueError(f"stride {self.stride} makes every token a destination: nothing can merge")
         if self.ratio > self.max_ratio + 1e-9:  # refused, never silently run at the cap
             raise ValueError(
@@ -94,6 +97,29 @@ class ToMeConfig:
             object.__setattr__(self, "match_window", _positive_triple("match_window", self.match_window))
         if not isinstance(self.max_score_elements, int) or self.max_score_elements < 1:
             raise ValueError(f"max_score_elements must be a positive integer, got {self.max_score_elements!r}")
+        object.__setattr__(self, "block_ratios", tuple(self.block_ratios))
+        for index, ratio in enumerate(self.block_ratios):
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= self.max_ratio + 1e-9:
+                raise ValueError(f"block {index}'s ratio must be a number in [0, {self.max_ratio:.4g}] for stride "
+                                 f"{self.stride}, got {ratio!r}")
+        if self.block_ratios and self.blocks != "all":
+            raise ValueError("a ratio per block chooses the blocks itself (0: left alone): use blocks='all' with it")
+
+    def ratio_of(self, block: int) -> float:
+        """The merge ratio of block ``block``: its own from ``block_ratios``, else ``ratio``."""
+        if self.block_ratios:
+            return self.block_ratios[block] if block < len(self.block_ratios) else 0.0
+        return self.ratio
+
+    @property
+    def merges(self) -> bool:
+        """Whether any block merges at all (ratio 0 everywhere installs nothing)."""
+        return any(self.block_ratios) if self.block_ratios else self.ratio > 0
+
+    @property
+    def requested_ratio(self) -> float:
+        """The ratio asked for: ``ratio``, or the mean of the blocks' own."""
+        return sum(self.block_ratios) / len(self.block_ratios) if self.block_ratios else self.ratio
 
     @property
     def max_ratio(self) -> float:

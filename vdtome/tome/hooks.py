@@ -136,6 +136,7 @@ class BlockMatcher:
     ) -> None:
         self.block_index = block_index
         self.config = config
+        self.ratio = config.ratio_of(block_index)
         self.denoiser = denoiser
         self.token_grid = token_grid
         self._cache: dict[tuple, _CachedMerge] = {}
@@ -160,7 +161,7 @@ class BlockMatcher:
         generator = None
         if config.random_destinations:
             generator = torch.Generator(device="cpu").manual_seed(_mix_seed(config.seed, self.block_index, step))
-        r = merge_count(video.shape[1], config.ratio)
+        r = merge_count(video.shape[1], self.ratio)
         per_sample = config.matching == "per_sample"
         if config.strategy == "attnbin":
             return attnbin_matching(
@@ -192,13 +193,17 @@ def _mix_seed(seed: int, block: int, step: int) -> int:
 
 
 class MergeSiteHook(ModelHook):
-    """Runs one sub-layer on merged video tokens and restores the full sequence after it."""
+    """Runs one sub-layer on merged video tokens and restores the full sequence after it.
+
+    ``active_merge``: the matching the sub-layer is running on, while it runs (None otherwise):
+    a method acting inside the sub-layer (tile sparsity) reads which tokens it sees from it."""
 
     def __init__(self, site: MergeSite, matcher: BlockMatcher, stats: SiteStats) -> None:
         super().__init__()
         self.site = site
         self.matcher = matcher
         self.stats = stats
+        self.active_merge: Merge | None = None
         self._arguments: _ArgumentReader | None = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -221,7 +226,7 @@ class MergeSiteHook(ModelHook):
                 f"vdtome: block {self.stats.block} {site.module} received {tokens.shape[1]} tokens but the latent grid "
                 f"{grid} has {num_video}; the model's token layout does not match its adapter"
             )
-        if merge_count(num_video, self.matcher.config.ratio) == 0:
+        if merge_count(num_video, self.matcher.ratio) == 0:
             # Too few tokens for one merge: run the sub-layer untouched, without binding its arguments.
             self._record(num_video, num_video)
             return self.fn_ref.original_forward(*args, **kwargs)
@@ -237,7 +242,11 @@ class MergeSiteHook(ModelHook):
                 value = call.get(name)
                 if value is not None:
                     call.set(name, transform(value, merge, prefix))
-        output = self.fn_ref.original_forward(*call.args, **call.kwargs)
+        self.active_merge = merge
+        try:
+            output = self.fn_ref.original_forward(*call.args, **call.kwargs)
+        finally:
+            self.active_merge = None
         with record_function("vdtome.unmerge"):
             if site.output_index is None:
                 return _unmerge_after(output, prefix, merge)

@@ -59,4 +59,5 @@ ADAPTER = Adapter(
     sites=lambda block: SITES,
     read_grid=_latent_size,
     token_grid=_level_grid,
+    frames_attended=False,
 )

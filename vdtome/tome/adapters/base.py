@@ -33,7 +33,10 @@ class Adapter:
     ``sites`` says which sub-layers of a block can run on merged tokens; ``read_grid`` returns
     (token grid, latent size) from the bound arguments of the model's forward; ``token_grid`` maps
     a sub-layer's token count to its grid; ``shared_only`` gives the reason a model cannot use
-    per-sample matching, or None.
+    per-sample matching, or None. ``frames_attended``: its self-attention sees every frame's
+    tokens in one sequence (3D attention; AnimateDiff's sees one frame); ``text_after_video``: a
+    joint attention puts text after the video tokens (HunyuanVideo, Mochi), not before
+    (CogVideoX; LTX's conditioning tokens): tile sparsity reads where the video sits from it.
     """
 
     name: str
@@ -43,6 +46,8 @@ class Adapter:
     read_grid: Callable[[torch.nn.Module, dict], tuple[Grid | None, Grid | None]]
     token_grid: Callable[[DenoiserState, int], Grid] = dit_token_grid
     shared_only: Callable[[torch.nn.Module], str | None] = lambda model: None
+    frames_attended: bool = True
+    text_after_video: bool = False
 
     def handles(self, model: torch.nn.Module) -> bool:
         return type(model).__name__ in self.model_classes

@@ -50,4 +50,5 @@ ADAPTER = Adapter(
     sites=lambda block: _SITES_BY_BLOCK[type(block).__name__],
     read_grid=_grid,
     shared_only=lambda model: "its rotary tables (S, head_dim) are broadcast over the batch",
+    text_after_video=True,
 )

@@ -25,4 +25,5 @@ ADAPTER = Adapter(
     blocks=lambda model: list(model.transformer_blocks),
     sites=lambda block: SITES,
     read_grid=lambda model, call: (latent_grid(call["hidden_states"], (1, model.config.patch_size, model.config.patch_size)), None),
+    text_after_video=True,
 )

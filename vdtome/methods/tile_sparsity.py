@@ -1,0 +1,378 @@
+"""Attention-tile sparsity (Efficient-vDiT, training-free part) as a plug-in: each block's 3D
+self-attention attends, for every latent frame, its own frame and ``G`` global frames only.
+
+The pattern's math lives in :mod:`vdtome.core.tile_sparsity`. Here a ``ModelHook`` on each block's
+self-attention module runs the module under a ``TorchFunctionMode`` that catches its
+``scaled_dot_product_attention`` call: the processor has already applied its rotary embedding and
+joined text and video (text first for CogVideoX and LTX's conditioning tokens, after the video for
+HunyuanVideo and Mochi, none for Wan), so the keys are selected from what the kernel would get.
+Where the video sits and each token's frame come from the token grid the model's adapter reads at
+every denoiser call; under token merging, from the matching the merged sub-layer runs on (a kept
+token carries its destination's frame). Calls that are not self-attention over that layout
+(cross-attention, causal or dropout calls) run untouched.
+
+``dense`` is the identity (the calls pass through: bitwise the unpatched model). A schedule gives
+each layer its own pattern (``python -m vdtome search --method tile_sparsity``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.hooks import ModelHook
+from torch.overrides import TorchFunctionMode
+
+from vdtome.core.denoisers import denoisers_of, unwrap
+from vdtome.core.diffusers_compat import hook_registry
+from vdtome.core.steps import StepContext
+from vdtome.core.tile_sparsity import (PLACEMENTS, QueryGroups, TilePattern, flex_mask_supported,
+                                       flex_tile_attention, global_frame_ids, parse_pattern, place_video,
+                                       query_groups, tile_sparse_attention)
+from vdtome.core.validation import RequestError
+from vdtome.methods.base import Evidence, Method, MethodReport
+from vdtome.methods.module_hooks import attach, detach
+from vdtome.methods.schedules import read_schedule, shipped_schedules
+from vdtome.methods.schema import check_settings, config_values, form_fields, setting
+from vdtome.tome.adapters import ADAPTERS, Adapter, find_adapter
+from vdtome.tome.hooks import HOOK_NAME as TOME_HOOK
+from vdtome.tome.hooks import _ArgumentReader
+
+NAME = "tile_sparsity"
+HOOK = "vdtome_tile_sparsity"
+KERNELS = ("auto", "gather", "flex")
+MODELS = tuple(name for adapter in ADAPTERS if adapter.frames_attended for name in adapter.model_classes)
+
+
+@dataclass(frozen=True)
+class TileSparsity:
+    """``pattern``: ``dense`` or ``G:P`` (G + P = the latent frame count of the request);
+    ``placement``: global frames first or evenly spaced; ``dense_steps``: the first steps stay
+    dense; ``schedule``: per-layer patterns in place of ``pattern`` (``layer_patterns``, read from
+    the file when the form is parsed); ``kernel``: gathered keys, FlexAttention's block mask, or
+    auto (FlexAttention compiled on CUDA, gathered keys elsewhere)."""
+
+    pattern: str = setting("dense", "Tile pattern", "dense, or G:P: each latent frame attends its own frame and G "
+                           "global frames, P pruned, G + P = the latent frame count (e.g. 1:7 at 8 latent frames)",
+                           options=("dense", "1:7", "2:6", "4:4"), free_text=True)
+    placement: str = setting("first", "Global frames", "the first G latent frames, or G spread evenly from the "
+                             "first to the last", options=PLACEMENTS)
+    dense_steps: int = setting(0, "Dense first steps", "the first k denoising steps attend densely (the layout of a "
+                               "video is set early)", 0, 1000, 1)
+    schedule: str = setting("", "Pattern per layer (schedule)", "a shipped schedule's name or a JSON file from "
+                            "`python -m vdtome search --method tile_sparsity`: each layer's own pattern in place of "
+                            "the tile pattern; empty: the tile pattern everywhere",
+                            options=shipped_schedules(NAME), free_text=True)
+    kernel: str = setting("auto", "Kernel", "gather: each query frame over its gathered keys; flex: FlexAttention "
+                          "with a block mask (compiled on CUDA); auto: flex on CUDA, gather elsewhere",
+                          options=KERNELS, advanced=True)
+    layer_patterns: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        check_settings(self, NAME)
+        object.__setattr__(self, "layer_patterns", tuple(self.layer_patterns))
+        for text in (self.pattern, *self.layer_patterns):
+            try:
+                parse_pattern(text)
+            except ValueError as error:
+                raise RequestError(str(error), f"{NAME}_{'pattern' if text == self.pattern else 'schedule'}") from None
+        if self.layer_patterns and not self.schedule:
+            raise RequestError("per-layer patterns come from a schedule: name it", f"{NAME}_schedule")
+
+    def pattern_of(self, layer: int) -> TilePattern | None:
+        return parse_pattern(self.layer_patterns[layer] if self.layer_patterns else self.pattern)
+
+    @property
+    def sparse(self) -> bool:
+        return any(parse_pattern(text) is not None for text in (self.layer_patterns or (self.pattern,)))
+
+
+FIELDS = form_fields(TileSparsity, NAME)
+
+
+def parse(values: Mapping[str, Any]) -> TileSparsity:
+    config = config_values(TileSparsity, NAME, values)
+    if config["schedule"]:
+        data = read_schedule(config["schedule"], NAME, f"{NAME}_schedule", "layers")
+        config["layer_patterns"] = tuple(str(item) for item in data["layers"])
+        if data.get("placement", config["placement"]) != config["placement"]:
+            raise RequestError(f"schedule {config['schedule']!r} was searched with the global frames "
+                               f"{data['placement']}: set the global frames to it", f"{NAME}_placement")
+    return TileSparsity(**config)
+
+
+def summary(config: TileSparsity) -> str:
+    parts = [f"schedule {config.schedule}" if config.schedule else config.pattern]
+    if config.sparse:
+        parts.append(f"global {config.placement}")
+        if config.dense_steps:
+            parts.append(f"dense first {config.dense_steps}")
+    return " ".join(parts)
+
+
+@dataclass
+class LayerStats:
+    calls: int = 0  # self-attention calls over the video
+    sparse_calls: int = 0  # ... run on the tile pattern
+    scored: int = 0  # (query, key) pairs scored, per batch x head
+    dense: int = 0  # ... and those a dense call scores
+
+
+class _Grid:
+    """A forward pre-hook on a denoiser: the token grid of its current call, and the step."""
+
+    def __init__(self, adapter: Adapter, context: StepContext) -> None:
+        self.adapter = adapter
+        self.context = context
+        self.grid: tuple[int, int, int] | None = None
+        self._handle = None
+        self._arguments: _ArgumentReader | None = None
+
+    def attach(self, model: torch.nn.Module) -> None:
+        self._arguments = _ArgumentReader(type(model).forward)
+        self._handle = model.register_forward_pre_hook(self._read, with_kwargs=True)
+
+    def detach(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    @torch.compiler.disable
+    def _read(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.grid = self.adapter.read_grid(module, self._arguments(module, args, kwargs))[0]
+
+
+class _Kernel:
+    """The attention the pattern runs on: gathered keys, or FlexAttention's block mask (compiled
+    once per process on CUDA; eager elsewhere, exact but building the scores)."""
+
+    compiled = None
+
+    def __init__(self, choice: str) -> None:
+        self.choice = choice
+
+    def flex(self, device: torch.device) -> bool:
+        return self.choice == "flex" or (self.choice == "auto" and device.type == "cuda")
+
+    def run(self, call: dict, frames: torch.Tensor, global_ids: tuple[int, ...], groups: QueryGroups) -> torch.Tensor:
+        query, key, value = call["query"], call["key"], call["value"]
+        mask, scale = call.get("attn_mask"), call.get("scale")
+        if self.flex(query.device) and flex_mask_supported(mask, query.shape[0]):
+            attention = None
+            if query.device.type == "cuda":
+                if _Kernel.compiled is None:
+                    from torch.nn.attention.flex_attention import flex_attention
+
+                    _Kernel.compiled = torch.compile(flex_attention, dynamic=False)
+                attention = _Kernel.compiled
+            return flex_tile_attention(query, key, value, frames, global_ids, mask, scale, attention)
+        return tile_sparse_attention(query, key, value, groups, mask, scale)
+
+
+class _SparseMode(TorchFunctionMode):
+    """Active inside one self-attention module's call: its attention runs on the layer's pattern."""
+
+    def __init__(self, hook: "TileSparseAttention", module: torch.nn.Module) -> None:
+        super().__init__()
+        self.hook = hook
+        self.module = module
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+        call = dict(zip(names, args)) | kwargs
+        out = self.hook.attend(self.module, call)
+        return func(*args, **kwargs) if out is None else out
+
+
+class TileSparseAttention(ModelHook):
+    """One block's self-attention on its layer's pattern (see :class:`_SparseMode`)."""
+
+    def __init__(self, applied: "AppliedTileSparsity", layer: int, grid: _Grid) -> None:
+        super().__init__()
+        self.applied = applied
+        self.layer = layer
+        self.grid = grid
+        self.stats = applied.layers[layer]
+        self.pattern = applied.config.pattern_of(layer)
+        self._groups: tuple[Any, QueryGroups] | None = None
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        with _SparseMode(self, module):
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    def attend(self, module: torch.nn.Module, call: dict) -> torch.Tensor | None:
+        """The call's output on the pattern, or None to run it as it is."""
+        query, key = call["query"], call["key"]
+        grid = self.grid.grid
+        length = query.shape[-2]
+        if (grid is None or key.shape[-2] != length or call.get("is_causal") or call.get("dropout_p")
+                or call.get("enable_gqa") or key.shape[-3] != query.shape[-3]):
+            return None
+        frames, per_frame = grid[0], grid[1] * grid[2]
+        merge = self._active_merge(module)
+        video = merge.num_kept if merge is not None else frames * per_frame
+        if video > length:
+            return None
+        stats = self.stats
+        stats.calls += 1
+        stats.dense += length * length
+        pattern = self.pattern
+        if pattern is None or pattern.pruned_frames == 0 or self.applied.context.state.step < self.applied.config.dense_steps:
+            stats.scored += length * length
+            return None
+        if pattern.frames != frames:
+            where = f"schedule {self.applied.config.schedule!r} (layer {self.layer})" if self.applied.config.schedule \
+                else "the tile pattern"
+            field_name = f"{NAME}_schedule" if self.applied.config.schedule else f"{NAME}_pattern"
+            raise RequestError(f"{where} is {pattern.text()}: G + P = {pattern.frames}, but this request has {frames} "
+                               f"latent frames; use G:P with G + P = {frames}, e.g. 1:{frames - 1}", field_name)
+        global_ids = global_frame_ids(frames, pattern.global_frames, self.applied.config.placement)
+        video_start = 0 if self.applied.adapter.text_after_video else length - video
+        cache_key = (length, video_start, frames, per_frame, global_ids, query.device, id(merge))
+        if self._groups is None or self._groups[0] != cache_key:
+            if merge is None:
+                video_frames = torch.arange(frames, device=query.device).repeat_interleave(per_frame)
+            else:
+                video_frames = merge.kept[0].to(query.device) // per_frame
+            ids = place_video(video_frames, length, video_start)
+            self._groups = (cache_key, ids, query_groups(ids, global_ids))
+        _, ids, groups = self._groups
+        stats.sparse_calls += 1
+        stats.scored += groups.scored
+        return self.applied.kernel.run(call, ids, global_ids, groups)
+
+    def _active_merge(self, module: torch.nn.Module):
+        """The token-merging matching this sub-layer runs on, if any (shared across the batch)."""
+        registry = hook_registry(module)
+        tome = registry.get_hook(TOME_HOOK) if registry is not None else None
+        merge = getattr(tome, "active_merge", None)
+        if merge is None or merge.num_merged == 0:
+            return None
+        if not merge.shared:
+            raise RequestError("tile sparsity stacks with token merging's shared matching only: each merged token "
+                               "keeps its destination's frame, which must be one for the whole batch; set matching "
+                               "to shared", "matching")
+        return merge
+
+
+def attention_layers(model: torch.nn.Module, adapter: Adapter) -> list[torch.nn.Module]:
+    """Each block's self-attention module, in block order (a schedule's layer order)."""
+    layers = []
+    for block in adapter.blocks(model):
+        site = next(site for site in adapter.sites(block) if site.target == "self_attn")
+        layers.append(block.get_submodule(site.module))
+    return layers
+
+
+class AppliedTileSparsity:
+    def __init__(self, pipe: Any, config: TileSparsity) -> None:
+        self.config = config
+        self.denoisers = denoisers_of(pipe)
+        self.kernel = _Kernel(config.kernel)
+        owner = self.denoisers[0] if isinstance(pipe, torch.nn.Module) else pipe
+        plans = []
+        for model in self.denoisers:
+            adapter = find_adapter(model)
+            if not adapter.frames_attended:
+                raise ValueError(f"tile sparsity needs attention over every frame's tokens; "
+                                 f"{type(unwrap(model)).__name__}'s self-attention sees one frame at a time")
+            layers = attention_layers(unwrap(model), adapter)
+            if config.layer_patterns and len(config.layer_patterns) != len(layers):
+                raise RequestError(f"schedule {config.schedule!r} has {len(config.layer_patterns)} layers; "
+                                   f"{type(unwrap(model)).__name__} has {len(layers)}", f"{NAME}_schedule")
+            for layer in layers:
+                tome = hook_registry(layer).get_hook(TOME_HOOK) if hook_registry(layer) is not None else None
+                if tome is not None and tome.matcher.config.matching != "shared":
+                    raise RequestError("tile sparsity stacks with token merging's shared matching only: each merged "
+                                       "token keeps its destination's frame, which must be one for the whole batch; "
+                                       "set matching to shared", "matching")
+            plans.append((model, adapter, layers))
+        self.adapter = plans[0][1]
+        self.layers = [LayerStats() for _ in range(max(len(layers) for _, _, layers in plans))]
+        self.context = StepContext.acquire(owner)
+        self.grids: list[_Grid] = []
+        try:
+            for model, adapter, layers in plans:
+                grid = _Grid(adapter, self.context)
+                grid.attach(model)
+                self.grids.append(grid)
+                made = {id(layer): TileSparseAttention(self, index, grid) for index, layer in enumerate(layers)}
+                attach(layers, lambda module, made=made: made[id(module)], HOOK, [model])
+        except BaseException:
+            self.remove()
+            raise
+
+    def reset(self) -> None:
+        for stats in self.layers:
+            vars(stats).update(vars(LayerStats()))
+
+    def remove(self) -> None:
+        detach(self.denoisers, HOOK)
+        for grid in self.grids:
+            grid.detach()
+        if self.context is not None:
+            self.context.release()
+            self.context = None
+        self.grids = []
+
+    def report(self) -> MethodReport:
+        calls = sum(s.calls for s in self.layers)
+        sparse_calls = sum(s.sparse_calls for s in self.layers)
+        scored, dense = sum(s.scored for s in self.layers), sum(s.dense for s in self.layers)
+        rows, notes = [], []
+        if dense:
+            rows.append(("self-attention pairs scored (sparse / dense)", f"{scored / dense:.0%}",
+                         f"attention FLOP ideal {dense / scored:.2f}x over {calls} calls"))
+        kernel = "FlexAttention block mask" if self.kernel.flex(self._device()) else "gathered keys per query frame"
+        if sparse_calls and self.kernel.flex(self._device()) and self._device().type != "cuda":
+            notes.append("FlexAttention ran eagerly (not compiled off CUDA): it builds every score and skips no "
+                         "tile, so it is exact but no faster; the gather kernel skips them here")
+        if not self.config.sparse:
+            notes.append("pattern dense: every self-attention call ran as it was (the identity)")
+        return MethodReport(
+            method=NAME,
+            summary={"settings": summary(self.config), "pairs scored": round(scored / dense, 3) if dense else None},
+            rows=tuple(rows),
+            notes=tuple(notes),
+            detail={"kernel": kernel, "calls": calls, "sparse_calls": sparse_calls, "pairs_scored": scored,
+                    "pairs_dense": dense,
+                    "layers": [{"layer": index, "pattern": (p.text() if (p := self.config.pattern_of(index)) else
+                                                            "dense"),
+                                "calls": s.calls, "sparse_calls": s.sparse_calls, "pairs_scored": s.scored,
+                                "pairs_dense": s.dense} for index, s in enumerate(self.layers)]},
+            evidence=(Evidence("self-attention calls run on the tile pattern", sparse_calls, calls),
+                      Evidence("self-attention (query, key) pairs skipped", dense - scored, dense)),
+        )
+
+    def _device(self) -> torch.device:
+        parameter = next(self.denoisers[0].parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _unavailable(denoiser_types: tuple[type, ...]) -> str | None:
+    if any(cls.__name__ in MODELS for cls in denoiser_types):
+        return None
+    names = ", ".join(cls.__name__ for cls in denoiser_types)
+    return f"tile sparsity needs 3D self-attention over every frame's tokens; {names} has none; supported models: " \
+           f"{', '.join(MODELS)}"
+
+
+METHOD = Method(
+    name=NAME,
+    label="attention-tile sparsity",
+    config_type=TileSparsity,
+    apply=AppliedTileSparsity,
+    fields=FIELDS,
+    parse=parse,
+    summary=summary,
+    unavailable=_unavailable,
+    steps_alike=lambda config: config.dense_steps == 0,
+    docs="each latent frame's queries attend their own frame and G global frames only (Efficient-vDiT's "
+         "frame-tile pattern, training-free); per-layer patterns from `python -m vdtome search`",
+)
