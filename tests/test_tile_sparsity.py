@@ -100,3 +100,136 @@ def test_merged_tokens_keep_their_frame_and_the_pattern_still_holds():
     assert groups.scored == int(allowed.sum()) < frames.numel() ** 2
     assert torch.allclose(tile_sparse_attention(q, k, v, groups), F.scaled_dot_product_attention(q, k, v, attn_mask=allowed),
                           rtol=0, atol=1e-6)
+
+
+# ---- the method on tiny instances of the real diffusers models -------------------------------
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """Every ``scaled_dot_product_attention`` call's (queries, keys): where attention really happens."""
+    calls: list[tuple[int, int]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(query, key, value, *args, **kwargs):
+        calls.append((query.shape[-2], key.shape[-2]))
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    return calls
+
+
+def _case(name: str):
+    from test_tome_models import make_case
+
+    return make_case(name)
+
+
+# (case, latent frames, text tokens in the self-attention call, text after the video)
+MODEL_LAYOUTS = {"wan": (3, 0, False), "cogvideox_rotary": (3, None, False), "hunyuan_video": (3, 6, True)}
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox_rotary", "ltx", "hunyuan_video", "mochi"])
+def test_dense_is_bitwise_the_unpatched_model_and_removal_restores_it(name):
+    from vdtome.methods import apply_stack
+    from vdtome.methods.tile_sparsity import TileSparsity
+
+    case = _case(name)
+    baseline = case.run()
+    with apply_stack(case.model, (TileSparsity(pattern="dense"),)) as stack:
+        assert torch.equal(case.run(), baseline)
+        report = stack.reports()[0]
+    assert report.evidence[0].of > 0 and not report.acted  # it saw the calls and left them alone
+    with apply_stack(case.model, (TileSparsity(pattern="1:2"),)):
+        assert not torch.equal(case.run(), baseline)
+    assert torch.equal(case.run(), baseline)
+
+
+@pytest.mark.parametrize("name", list(MODEL_LAYOUTS))
+@pytest.mark.parametrize("pattern, placement", [("1:2", "first"), ("2:1", "spaced")])
+def test_outputs_equal_the_masked_dense_reference(name, pattern, placement, monkeypatch, sdpa_calls):
+    """The patched model against the same model whose self-attention calls get the pattern as a
+    dense boolean mask, built here from the model's own layout (text first for CogVideoX, after the
+    video for HunyuanVideo, whose padding mask joins it); a spy sees fewer keys per call."""
+    from vdtome.methods import apply_stack
+    from vdtome.methods.tile_sparsity import TileSparsity
+
+    case = _case(name)
+    frames, text, text_after = MODEL_LAYOUTS[name]
+    text = case.text_tokens if text is None else text
+    per_frame = case.video_tokens // frames
+    global_ids = global_frame_ids(frames, parse_pattern(pattern).global_frames, placement)
+    length = case.video_tokens + text
+    layout = TileLayout(frames, per_frame, 0 if text_after else text, length)
+    allowed = allowed_keys(layout.frame_ids(), global_ids)
+    sdpa = F.scaled_dot_product_attention
+
+    def masked(query, key, value, attn_mask=None, *args, **kwargs):
+        if query.shape[-2] == key.shape[-2] == length:
+            attn_mask = allowed if attn_mask is None else attn_mask.bool() & allowed
+        return sdpa(query, key, value, attn_mask, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", masked)
+        reference = case.run()
+    sdpa_calls.clear()
+    with apply_stack(case.model, (TileSparsity(pattern=pattern, placement=placement, kernel="gather"),)) as stack:
+        sparse = case.run()
+        evidence = stack.reports()[0].evidence
+    assert torch.allclose(sparse, reference, rtol=0, atol=1e-5)
+    self_attention = [keys for queries, keys in sdpa_calls if keys != length and queries <= length]
+    assert self_attention and max(keys for keys in self_attention) < length  # every kernel call saw fewer keys
+    assert evidence[0].count == evidence[0].of > 0
+    assert evidence[1].count == evidence[1].of - int(allowed.sum()) * evidence[0].of
+
+
+def test_a_pattern_that_does_not_fit_the_frames_is_refused_naming_the_field():
+    from vdtome.core.validation import RequestError
+    from vdtome.methods import apply_stack
+    from vdtome.methods.tile_sparsity import TileSparsity
+
+    case = _case("wan")  # 3 latent frames
+    with apply_stack(case.model, (TileSparsity(pattern="1:7"),)):
+        with pytest.raises(RequestError, match=r"1:7: G \+ P = 8, but this request has 3 latent frames") as error:
+            case.run()
+    assert error.value.field == "tile_sparsity_pattern"
+    with pytest.raises(RequestError, match="'dense' or G:P") as error:
+        TileSparsity(pattern="half")
+    assert error.value.field == "tile_sparsity_pattern"
+    baseline = _case("wan").run()
+    assert torch.equal(case.run(), baseline)  # the failed call left the model as it was
+
+
+def test_stacked_on_token_merging_each_kept_token_keeps_its_frame(monkeypatch):
+    """ToMe merges the self-attention's tokens; tile sparsity then runs on the merged sequence with
+    each kept token in its destination's frame: equal to ToMe alone with that mask applied densely
+    (built here from the matching ToMe runs on), and both methods report acting. Per-sample
+    matching is refused, naming the rule."""
+    from vdtome.core.diffusers_compat import hook_registry
+    from vdtome.core.validation import RequestError
+    from vdtome.methods import apply_stack
+    from vdtome.methods.tile_sparsity import TileSparsity
+    from vdtome.tome import ToMeConfig
+
+    case = _case("wan")  # video only: 3 latent frames
+    per_frame = case.video_tokens // 3
+    sdpa = F.scaled_dot_product_attention
+
+    def masked(query, key, value, attn_mask=None, *args, **kwargs):
+        merges = [hook.active_merge for module in case.model.modules() if (registry := hook_registry(module))
+                  and (hook := registry.get_hook("vdtome_tome")) and hook.active_merge is not None]
+        if merges and query.shape[-2] == key.shape[-2]:
+            attn_mask = allowed_keys(place_video(merges[0].kept[0] // per_frame, query.shape[-2], 0), (0,))
+        return sdpa(query, key, value, attn_mask, *args, **kwargs)
+
+    with apply_stack(case.model, (ToMeConfig(ratio=0.5),)), monkeypatch.context() as patch:
+        patch.setattr(F, "scaled_dot_product_attention", masked)
+        reference = case.run()
+    with apply_stack(case.model, (ToMeConfig(ratio=0.5), TileSparsity(pattern="1:2"))) as stack:
+        sparse = case.run()
+        tome_report, tile_report = stack.reports()
+    assert torch.allclose(sparse, reference, rtol=0, atol=1e-5)
+    assert tome_report.acted and tile_report.acted
+    merged_length = case.video_tokens // 2
+    assert tile_report.detail["pairs_scored"] < tile_report.detail["pairs_dense"] == 2 * merged_length ** 2
+    with pytest.raises(RequestError, match="shared matching only"):
+        apply_stack(case.model, (ToMeConfig(ratio=0.5, matching="per_sample"), TileSparsity(pattern="1:2")))

@@ -90,6 +90,27 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--height", type=int)
     plan.add_argument("--width", type=int)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    search = commands.add_parser(
+        "search", help="tune a method per layer on calibration prompts and write its schedule (JSON)",
+        description="Runs the plain pipeline on the calibration prompts with the method's probe attached: every "
+                    "layer's candidate settings (tile_sparsity: each pattern G:P; tome: ratios 0.1, 0.2, ...) are "
+                    "computed beside the dense one on the same inputs, and each layer keeps the one that saves the "
+                    "most with its largest relative error (L2 of the attention or sub-layer output) under the "
+                    "threshold. Load the schedule with --method tile_sparsity:schedule=FILE or "
+                    "--method tome:ratio_schedule=FILE.")
+    search.add_argument("--preset", default="tiny-shapes-128", help="model preset (see `python -m vdtome presets`)")
+    search.add_argument("--method", required=True, choices=("tile_sparsity", "tome"))
+    search.add_argument("--threshold", type=float, required=True,
+                        help="largest relative error a layer may take, e.g. 0.05")
+    search.add_argument("--out", required=True, help="the schedule file to write (JSON)")
+    search.add_argument("--frames", type=int, help="default: the preset's")
+    search.add_argument("--height", type=int)
+    search.add_argument("--width", type=int)
+    search.add_argument("--steps", type=int)
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--prompts", help="a text file (one prompt a line) or a prompt set (default: the first "
+                                          "two of the preset's set)")
+    search.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     commands.add_parser("methods", help="list acceleration methods, their fields and the presets they support")
     commands.add_parser("presets", help="list model presets")
     prompts = commands.add_parser("prompts", help="print a prompt set")
@@ -117,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench(args)
     if args.command == "plan":
         return _plan(args)
+    if args.command == "search":
+        return _search(args)
     if args.command == "gpucheck":
         from vdtome.bench.gpucheck import main as gpucheck
 
@@ -146,6 +169,29 @@ def _plan(args) -> int:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
         print(plan_text(plan))
+    return 0
+
+
+def _search(args) -> int:
+    from vdtome.bench.runner import read_prompts
+    from vdtome.core.validation import RequestError
+    from vdtome.engine.search import run_search
+
+    try:
+        prompts = read_prompts(args.prompts) if args.prompts else None
+        result = run_search(args.preset, args.method, args.threshold, args.out, frames=args.frames,
+                            height=args.height, width=args.width, steps=args.steps, prompts=prompts,
+                            seed=args.seed, device=args.device, progress=lambda text: print(text, file=sys.stderr))
+    except (RequestError, ValueError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    schedule = result.schedule
+    key = "layers" if args.method == "tile_sparsity" else "ratios"
+    print(f"{args.method} schedule for {schedule['preset']} at {schedule['frames']} frames, "
+          f"{schedule['height']}x{schedule['width']}, {schedule['steps']} steps, threshold {schedule['threshold']:g}:")
+    for index, (entry, errors) in enumerate(zip(schedule[key], schedule["errors"])):
+        print(f"  layer {index:3}: {entry!s:8} errors {', '.join(f'{k} {v:.4f}' for k, v in errors.items())}")
+    print(f"wrote {result.path}; check digest {schedule['check']['latents_sha256'][:16]}")
     return 0
 
 

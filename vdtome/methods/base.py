@@ -183,6 +183,18 @@ class Applied(Protocol):
 
 
 @dataclass(frozen=True)
+class Search:
+    """How ``python -m vdtome search`` tunes a method per layer: ``start(pipe, config)`` attaches a
+    probe the calibration calls run through (``remove()`` detaches it; ``choose(threshold)`` gives
+    the schedule's entries, the per-layer list under ``key``); ``field``: the form field that loads
+    the schedule back."""
+
+    field: str
+    key: str
+    start: Callable[[Any, Any], Any]
+
+
+@dataclass(frozen=True)
 class Method:
     """A registered acceleration method.
 
@@ -222,6 +234,7 @@ class Method:
     # Changes what a call holds in memory (its purpose, or a side effect worth showing): on a CPU the
     # engine then counts both sides' tensor memory in extra untimed calls, and shows the memory plan.
     changes_memory: bool = False
+    search: Search | None = None  # a per-layer schedule search (``python -m vdtome search``)
     docs: str = ""
 
     @property

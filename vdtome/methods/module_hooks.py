@@ -13,6 +13,11 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from vdtome.core.diffusers_compat import hook_registry
 
+# The attention kernel itself, as torch hands it to a ``TorchFunctionMode`` that catches it: compared
+# with ``F.scaled_dot_product_attention`` at call time, a wrapper around it (a profiler's, a test's
+# spy) would let every call pass unseen.
+SDPA_KERNEL = torch._C._nn.scaled_dot_product_attention
+
 
 def attach(modules: Iterable[torch.nn.Module], make_hook, name: str, roots: Iterable[torch.nn.Module]) -> list:
     """``make_hook(module)`` registered on each module as ``name``; returns the hooks. ``roots``: the

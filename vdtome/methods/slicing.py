@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from diffusers.models.attention import AttentionModuleMixin, FeedForward
 from diffusers.models.attention_processor import Attention
@@ -41,7 +40,7 @@ from vdtome.core.chunks import (attention_chunk, attention_in_query_chunks, feed
 from vdtome.core.denoisers import denoisers_of
 from vdtome.core.phases import DENOISING, VAE_DECODE
 from vdtome.methods.base import Evidence, Method, MethodReport
-from vdtome.methods.module_hooks import attach, detach
+from vdtome.methods.module_hooks import SDPA_KERNEL, attach, detach
 from vdtome.methods.schema import check_settings, config_values, form_fields, setting
 
 NAME = "slicing"
@@ -140,7 +139,7 @@ class _QueryChunkedAttention(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
+        if func is not SDPA_KERNEL:
             return func(*args, **kwargs)
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
         call = dict(zip(names, args)) | kwargs

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
@@ -33,8 +32,8 @@ from vdtome.core.tile_sparsity import (PLACEMENTS, QueryGroups, TilePattern, fle
                                        flex_tile_attention, global_frame_ids, parse_pattern, place_video,
                                        query_groups, tile_sparse_attention)
 from vdtome.core.validation import RequestError
-from vdtome.methods.base import Evidence, Method, MethodReport
-from vdtome.methods.module_hooks import attach, detach
+from vdtome.methods.base import Evidence, Method, MethodReport, Search
+from vdtome.methods.module_hooks import SDPA_KERNEL, attach, detach
 from vdtome.methods.schedules import read_schedule, shipped_schedules
 from vdtome.methods.schema import check_settings, config_values, form_fields, setting
 from vdtome.tome.adapters import ADAPTERS, Adapter, find_adapter
@@ -182,7 +181,7 @@ class _SparseMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
+        if func is not SDPA_KERNEL:
             return func(*args, **kwargs)
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
         call = dict(zip(names, args)) | kwargs
@@ -200,14 +199,17 @@ class TileSparseAttention(ModelHook):
         self.grid = grid
         self.stats = applied.layers[layer]
         self.pattern = applied.config.pattern_of(layer)
-        self._groups: tuple[Any, QueryGroups] | None = None
+        self._ids: tuple[tuple, torch.Tensor] | None = None
+        self._groups: tuple[torch.Tensor, tuple[int, ...], QueryGroups] | None = None
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         with _SparseMode(self, module):
             return self.fn_ref.original_forward(*args, **kwargs)
 
-    def attend(self, module: torch.nn.Module, call: dict) -> torch.Tensor | None:
-        """The call's output on the pattern, or None to run it as it is."""
+    def sequence(self, module: torch.nn.Module, call: dict) -> tuple[torch.Tensor, int] | None:
+        """(each position's frame id, the latent frame count) of a self-attention call over the
+        video, or None for a call the pattern does not apply to (cross-attention, causal, dropout,
+        grouped heads, no video); the ids are cached while the layout stays."""
         query, key = call["query"], call["key"]
         grid = self.grid.grid
         length = query.shape[-2]
@@ -219,30 +221,39 @@ class TileSparseAttention(ModelHook):
         video = merge.num_kept if merge is not None else frames * per_frame
         if video > length:
             return None
-        stats = self.stats
-        stats.calls += 1
-        stats.dense += length * length
-        pattern = self.pattern
-        if pattern is None or pattern.pruned_frames == 0 or self.applied.context.state.step < self.applied.config.dense_steps:
-            stats.scored += length * length
-            return None
-        if pattern.frames != frames:
-            where = f"schedule {self.applied.config.schedule!r} (layer {self.layer})" if self.applied.config.schedule \
-                else "the tile pattern"
-            field_name = f"{NAME}_schedule" if self.applied.config.schedule else f"{NAME}_pattern"
-            raise RequestError(f"{where} is {pattern.text()}: G + P = {pattern.frames}, but this request has {frames} "
-                               f"latent frames; use G:P with G + P = {frames}, e.g. 1:{frames - 1}", field_name)
-        global_ids = global_frame_ids(frames, pattern.global_frames, self.applied.config.placement)
         video_start = 0 if self.applied.adapter.text_after_video else length - video
-        cache_key = (length, video_start, frames, per_frame, global_ids, query.device, id(merge))
-        if self._groups is None or self._groups[0] != cache_key:
+        cache_key = (length, video_start, frames, per_frame, query.device, id(merge))
+        if self._ids is None or self._ids[0] != cache_key:
             if merge is None:
                 video_frames = torch.arange(frames, device=query.device).repeat_interleave(per_frame)
             else:
                 video_frames = merge.kept[0].to(query.device) // per_frame
-            ids = place_video(video_frames, length, video_start)
-            self._groups = (cache_key, ids, query_groups(ids, global_ids))
-        _, ids, groups = self._groups
+            self._ids = (cache_key, place_video(video_frames, length, video_start))
+        return self._ids[1], frames
+
+    def attend(self, module: torch.nn.Module, call: dict) -> torch.Tensor | None:
+        """The call's output on the pattern, or None to run it as it is."""
+        sequence = self.sequence(module, call)
+        if sequence is None:
+            return None
+        ids, frames = sequence
+        stats, config = self.stats, self.applied.config
+        length = ids.numel()
+        stats.calls += 1
+        stats.dense += length * length
+        pattern = self.pattern
+        if pattern is None or pattern.pruned_frames == 0 or self.applied.context.state.step < config.dense_steps:
+            stats.scored += length * length
+            return None
+        if pattern.frames != frames:
+            where = f"schedule {config.schedule!r} (layer {self.layer})" if config.schedule else "the tile pattern"
+            raise RequestError(f"{where} is {pattern.text()}: G + P = {pattern.frames}, but this request has {frames} "
+                               f"latent frames; use G:P with G + P = {frames}, e.g. 1:{frames - 1}",
+                               f"{NAME}_schedule" if config.schedule else f"{NAME}_pattern")
+        global_ids = global_frame_ids(frames, pattern.global_frames, config.placement)
+        if self._groups is None or self._groups[0] is not ids or self._groups[1] != global_ids:
+            self._groups = (ids, global_ids, query_groups(ids, global_ids))
+        groups = self._groups[2]
         stats.sparse_calls += 1
         stats.scored += groups.scored
         return self.applied.kernel.run(call, ids, global_ids, groups)
@@ -261,6 +272,61 @@ class TileSparseAttention(ModelHook):
         return merge
 
 
+class PatternProbe(TileSparseAttention):
+    """A search's measurement: each self-attention call runs densely (the trajectory stays the
+    baseline's) while every pattern G:(T - G) is computed beside it on the same inputs, keeping
+    each G's largest relative error (L2 of the attention output) over the calls."""
+
+    def __init__(self, applied: "AppliedTileSparsity", layer: int, grid: _Grid) -> None:
+        super().__init__(applied, layer, grid)
+        self.errors: dict[int, float] = {}
+        self.frames: int | None = None
+
+    def attend(self, module: torch.nn.Module, call: dict) -> torch.Tensor | None:
+        sequence = self.sequence(module, call)
+        if sequence is None or self.applied.context.state.step < self.applied.config.dense_steps:
+            return None
+        ids, frames = sequence
+        self.frames = frames
+        dense = SDPA_KERNEL(**call)
+        reference = dense.float()
+        norm = float(reference.norm()) or 1.0
+        for count in range(1, frames):
+            global_ids = global_frame_ids(frames, count, self.applied.config.placement)
+            sparse = tile_sparse_attention(call["query"], call["key"], call["value"], query_groups(ids, global_ids),
+                                           call.get("attn_mask"), call.get("scale"))
+            error = float((sparse.float() - reference).norm()) / norm
+            self.errors[count] = max(self.errors.get(count, 0.0), error)
+        return dense
+
+
+class PatternSearch:
+    """Attached for ``python -m vdtome search --method tile_sparsity``: the calibration calls run
+    through it, then :meth:`choose` gives each layer the sparsest pattern within the threshold."""
+
+    def __init__(self, pipe: Any, config: TileSparsity) -> None:
+        self.config = config
+        self.applied = AppliedTileSparsity(pipe, TileSparsity(placement=config.placement,
+                                                              dense_steps=config.dense_steps), hook=PatternProbe)
+
+    def remove(self) -> None:
+        self.applied.remove()
+
+    def choose(self, threshold: float) -> dict[str, Any]:
+        probes = self.applied.hooks
+        frames = next((probe.frames for probe in probes if probe.frames), None)
+        if frames is None:
+            raise ValueError("the calibration calls ran no self-attention over the video")
+        layers = []
+        for probe in probes:
+            fits = [count for count in sorted(probe.errors) if probe.errors[count] <= threshold]
+            layers.append(f"{fits[0]}:{frames - fits[0]}" if fits else "dense")
+        return {"latent_frames": frames, "placement": self.config.placement, "dense_steps": self.config.dense_steps,
+                "layers": layers,
+                "errors": [{f"{count}:{frames - count}": round(error, 6) for count, error in sorted(p.errors.items())}
+                           for p in probes]}
+
+
 def attention_layers(model: torch.nn.Module, adapter: Adapter) -> list[torch.nn.Module]:
     """Each block's self-attention module, in block order (a schedule's layer order)."""
     layers = []
@@ -271,7 +337,9 @@ def attention_layers(model: torch.nn.Module, adapter: Adapter) -> list[torch.nn.
 
 
 class AppliedTileSparsity:
-    def __init__(self, pipe: Any, config: TileSparsity) -> None:
+    """``hook``: the hook each self-attention layer gets (a search's probe measures instead)."""
+
+    def __init__(self, pipe: Any, config: TileSparsity, hook: type = TileSparseAttention) -> None:
         self.config = config
         self.denoisers = denoisers_of(pipe)
         self.kernel = _Kernel(config.kernel)
@@ -297,12 +365,14 @@ class AppliedTileSparsity:
         self.layers = [LayerStats() for _ in range(max(len(layers) for _, _, layers in plans))]
         self.context = StepContext.acquire(owner)
         self.grids: list[_Grid] = []
+        self.hooks: list[TileSparseAttention] = []
         try:
             for model, adapter, layers in plans:
                 grid = _Grid(adapter, self.context)
                 grid.attach(model)
                 self.grids.append(grid)
-                made = {id(layer): TileSparseAttention(self, index, grid) for index, layer in enumerate(layers)}
+                made = {id(layer): hook(self, index, grid) for index, layer in enumerate(layers)}
+                self.hooks.extend(made.values())
                 attach(layers, lambda module, made=made: made[id(module)], HOOK, [model])
         except BaseException:
             self.remove()
@@ -373,6 +443,7 @@ METHOD = Method(
     summary=summary,
     unavailable=_unavailable,
     steps_alike=lambda config: config.dense_steps == 0,
+    search=Search(f"{NAME}_schedule", "layers", PatternSearch),
     docs="each latent frame's queries attend their own frame and G global frames only (Efficient-vDiT's "
          "frame-tile pattern, training-free); per-layer patterns from `python -m vdtome search`",
 )

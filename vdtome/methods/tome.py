@@ -8,9 +8,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from vdtome.core.validation import RequestError
-from vdtome.methods.base import Evidence, FormField, Method, MethodReport
+from vdtome.methods.base import Evidence, FormField, Method, MethodReport, Search
 from vdtome.methods.schedules import read_schedule, shipped_schedules
 from vdtome.tome import SUPPORTED_MODELS, ToMeConfig, apply_tome
+from vdtome.tome.search import RatioSearch
 
 RATIO_STEP = 0.05
 MAX_STRIDE = 9  # the video ToMe study's widest cell is 4x6x9
@@ -200,5 +201,6 @@ METHOD = Method(
     # With reuse_steps > 1 some steps compute a matching and others reuse it: steps differ.
     steps_alike=lambda config: config.reuse_steps == 1,
     matching_varies=lambda config: config.merges,
+    search=Search("ratio_schedule", "ratios", RatioSearch),
     docs="merges similar video tokens before chosen sub-layers and restores them after (vdtome.tome)",
 )

@@ -211,6 +211,11 @@ class MergeSiteHook(ModelHook):
         return module
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        return self.merged_forward(module, self.fn_ref.original_forward, args, kwargs)
+
+    def merged_forward(self, module: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict):
+        """``forward(*args, **kwargs)`` on this site's merged tokens, its output unmerged (a ratio
+        search runs one call so for each candidate matcher)."""
         site = self.site
         tokens = self._arguments(module, args, kwargs).get(site.tokens)
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
@@ -229,13 +234,13 @@ class MergeSiteHook(ModelHook):
         if merge_count(num_video, self.matcher.ratio) == 0:
             # Too few tokens for one merge: run the sub-layer untouched, without binding its arguments.
             self._record(num_video, num_video)
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return forward(*args, **kwargs)
         call = _Call(self._arguments.signature.bind(module, *args, **kwargs))
         with record_function("vdtome.match"):
             merge = _matching_eager(self.matcher, tokens[:, prefix:], grid)
         self._record(num_video, merge.num_kept)
         if merge.num_merged == 0:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return forward(*args, **kwargs)
         with record_function("vdtome.merge"):
             call.set(site.tokens, _merge_after(tokens, prefix, merge))
             for name, transform in site.transforms:
@@ -244,7 +249,7 @@ class MergeSiteHook(ModelHook):
                     call.set(name, transform(value, merge, prefix))
         self.active_merge = merge
         try:
-            output = self.fn_ref.original_forward(*call.args, **call.kwargs)
+            output = forward(*call.args, **call.kwargs)
         finally:
             self.active_merge = None
         with record_function("vdtome.unmerge"):
