@@ -749,6 +749,11 @@ def _widget(form_field: FormField, defaults: dict):
         return gr.Checkbox(value=value, **common)
     if form_field.kind == "choice":
         return gr.Radio(list(form_field.options), value=value, **common)
+    if form_field.kind == "text":  # its options are suggestions (shipped schedules): any text is taken
+        if form_field.options:
+            return gr.Dropdown(list(dict.fromkeys((value, *form_field.options))), value=value, allow_custom_value=True,
+                               **common)
+        return gr.Textbox(value=value, max_lines=1, **common)
     return gr.CheckboxGroup(list(form_field.options), value=list(value), **common)
 
 

@@ -4,6 +4,8 @@ tiles, and grows linearly with the frame count."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -233,3 +235,57 @@ def test_stacked_on_token_merging_each_kept_token_keeps_its_frame(monkeypatch):
     assert tile_report.detail["pairs_scored"] < tile_report.detail["pairs_dense"] == 2 * merged_length ** 2
     with pytest.raises(RequestError, match="shared matching only"):
         apply_stack(case.model, (ToMeConfig(ratio=0.5, matching="per_sample"), TileSparsity(pattern="1:2")))
+
+
+@pytest.mark.parametrize("method, field, key", [("tile_sparsity", "schedule", "layers"), ("tome", "ratio_schedule", "ratios")])
+def test_search_writes_a_schedule_that_reproduces_its_check_run_bitwise(tmp_path, method, field, key):
+    """The search on a tiny preset picks per-layer settings within the threshold; loading the
+    written file (as the CLI and the app do) and running the same request gives the very latents
+    the search's check recorded, and they differ from the plain pipeline's."""
+    from vdtome.core.presets import get_preset
+    from vdtome.engine.pipelines import load_pipeline
+    from vdtome.engine.request import ComparisonRequest, resolve
+    from vdtome.engine.search import latents_digest, run_search
+    from vdtome.methods import apply_stack, parse_method_spec
+
+    preset = get_preset("tiny-wan")
+    pipe = load_pipeline(preset, "cpu")
+    out = tmp_path / "schedule.json"
+    result = run_search("tiny-wan", method, 0.3, out, steps=2, pipe=pipe, prompts=["a red ball", "a blue cube"])
+    schedule = json.loads(out.read_text())
+    assert schedule["method"] == method and len(schedule[key]) == 2 == len(schedule["errors"])
+    for entry, errors in zip(schedule[key], schedule["errors"]):  # each layer: the most saving within 0.3
+        within = [name for name, error in errors.items() if error <= 0.3]
+        if method == "tome":
+            assert entry == max((float(name) for name in within), default=0.0)
+        else:
+            assert entry == (min(within, key=lambda name: int(name.split(":")[0])) if within else "dense")
+    assert any(entry not in ("dense", 0.0) for entry in schedule[key])  # the threshold let something through
+    settings, _ = resolve(ComparisonRequest(preset="tiny-wan", prompt="a red ball", steps=2, snap=False), preset)
+    with apply_stack(pipe, (parse_method_spec(f"{method}:{field}={out}", preset),)) as stack:
+        assert latents_digest(pipe, settings, "a red ball") == result.schedule["check"]["latents_sha256"]
+        assert stack.reports()[0].acted
+    assert latents_digest(pipe, settings, "a red ball") != result.schedule["check"]["latents_sha256"]
+
+
+def test_schedules_that_do_not_fit_are_refused_naming_the_field(tmp_path):
+    from vdtome.core.validation import RequestError
+    from vdtome.methods import apply_stack, parse_method_spec
+
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"method": "tome", "stride": [1, 2, 2], "ratios": [0.5]}))
+    with pytest.raises(RequestError, match="not a tile_sparsity schedule") as error:
+        parse_method_spec(f"tile_sparsity:schedule={wrong}")
+    assert error.value.field == "tile_sparsity_schedule"
+    with pytest.raises(RequestError, match="neither a shipped schedule"):
+        parse_method_spec(f"tile_sparsity:schedule={tmp_path / 'missing.json'}")
+    with pytest.raises(RequestError, match="searched at stride 1x2x2") as error:
+        parse_method_spec(f"tome:ratio_schedule={wrong},stride_y=1")
+    assert error.value.field == "ratio_schedule"
+    case = _case("wan")  # 2 blocks
+    with pytest.raises(RequestError, match="has 1 layers; WanTransformer3DModel has 2"):
+        three = tmp_path / "three.json"
+        three.write_text(json.dumps({"method": "tile_sparsity", "placement": "first", "layers": ["1:2"]}))
+        apply_stack(case.model, (parse_method_spec(f"tile_sparsity:schedule={three}"),))
+    with pytest.raises(ValueError, match="ratio schedule has 1 blocks"):
+        apply_stack(case.model, (parse_method_spec(f"tome:ratio_schedule={wrong}"),))

@@ -1,5 +1,6 @@
 """The app's form logic (vdtome.web.ui): what a user can type becomes a config or a clear refusal."""
 
+import json
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from vdtome.methods import METHODS, method_of
 from vdtome.methods.tome import stride_ratio_cap
 from vdtome.tome.merge import max_merge_ratio
 from vdtome.web.ui import (
+    API_PARAMETERS,
     PLOT_SPEEDUP,
     api_fields,
     appended_from,
@@ -83,11 +85,14 @@ def test_the_api_order_is_append_only():
     assert appended_from(sweep=False) == len(LEGACY_ORDER) and appended_from(sweep=True) == len(LEGACY_ORDER) + 1
     assert api_fields(sweep=True)[: len(LEGACY_ORDER) + 1] == (*LEGACY_ORDER, "ratios")
     assert api_fields(sweep=True)[len(LEGACY_ORDER) + 1: len(LEGACY_ORDER) + 3] == ("use_tome", "sweep_field")
-    # Each later method is one block, switch then fields, in registration order: a method registered
-    # last only appends.
-    blocks = api_fields(sweep=False)[len(LEGACY_ORDER) + 1:]
-    expected = [name for m in list(METHODS.values())[1:] for name in (m.enable_field, *(f.name for f in m.fields))]
-    assert list(blocks) == expected
+    # Every name published keeps its place; the fields added since (a new method's switch and
+    # fields, a new field of an older method) follow, in registration order.
+    published = json.loads(API_PARAMETERS.read_text())["compare"]["parameters"]
+    names = api_fields(sweep=False)
+    assert list(names[:len(published)]) == published
+    current = [name for m in METHODS.values() for name in (m.enable_field, *(f.name for f in m.fields))]
+    assert list(names[len(published):]) == [name for name in current if name not in published]
+    assert {"use_tile_sparsity", "tile_sparsity_pattern", "ratio_schedule"} <= set(names[len(published):])
     names = api_fields(sweep=True)
     assert len(names) == len(set(names))
 

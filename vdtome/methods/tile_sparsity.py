@@ -56,7 +56,7 @@ class TileSparsity:
 
     pattern: str = setting("dense", "Tile pattern", "dense, or G:P: each latent frame attends its own frame and G "
                            "global frames, P pruned, G + P = the latent frame count (e.g. 1:7 at 8 latent frames)",
-                           options=("dense", "1:7", "2:6", "4:4"), free_text=True)
+                           options=("dense",), free_text=True)
     placement: str = setting("first", "Global frames", "the first G latent frames, or G spread evenly from the "
                              "first to the last", options=PLACEMENTS)
     dense_steps: int = setting(0, "Dense first steps", "the first k denoising steps attend densely (the layout of a "
