@@ -100,8 +100,8 @@ def test_merged_tokens_keep_their_frame_and_the_pattern_still_holds():
     allowed = allowed_keys(frames, (0,))
     groups = query_groups(frames, (0,))
     assert groups.scored == int(allowed.sum()) < frames.numel() ** 2
-    assert torch.allclose(tile_sparse_attention(q, k, v, groups), F.scaled_dot_product_attention(q, k, v, attn_mask=allowed),
-                          rtol=0, atol=1e-6)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    assert torch.allclose(tile_sparse_attention(q, k, v, groups), reference, rtol=0, atol=1e-6)
 
 
 # ---- the method on tiny instances of the real diffusers models -------------------------------
@@ -237,7 +237,8 @@ def test_stacked_on_token_merging_each_kept_token_keeps_its_frame(monkeypatch):
         apply_stack(case.model, (ToMeConfig(ratio=0.5, matching="per_sample"), TileSparsity(pattern="1:2")))
 
 
-@pytest.mark.parametrize("method, field, key", [("tile_sparsity", "schedule", "layers"), ("tome", "ratio_schedule", "ratios")])
+@pytest.mark.parametrize("method, field, key", [("tile_sparsity", "schedule", "layers"),
+                                                ("tome", "ratio_schedule", "ratios")])
 def test_search_writes_a_schedule_that_reproduces_its_check_run_bitwise(tmp_path, method, field, key):
     """The search on a tiny preset picks per-layer settings within the threshold; loading the
     written file (as the CLI and the app do) and running the same request gives the very latents

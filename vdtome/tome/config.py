@@ -99,7 +99,8 @@ class ToMeConfig:
             raise ValueError(f"max_score_elements must be a positive integer, got {self.max_score_elements!r}")
         object.__setattr__(self, "block_ratios", tuple(self.block_ratios))
         for index, ratio in enumerate(self.block_ratios):
-            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= self.max_ratio + 1e-9:
+            number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+            if not number or not 0.0 <= ratio <= self.max_ratio + 1e-9:
                 raise ValueError(f"block {index}'s ratio must be a number in [0, {self.max_ratio:.4g}] for stride "
                                  f"{self.stride}, got {ratio!r}")
         if self.block_ratios and self.blocks != "all":

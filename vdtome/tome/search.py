@@ -103,5 +103,5 @@ class RatioSearch:
         if not any(self.errors):
             raise ValueError("the calibration calls ran no patched sub-layer")
         ratios = [max((r for r, error in errors.items() if error <= threshold), default=0.0) for errors in self.errors]
-        return {"stride": list(self.config.stride), "ratios": ratios,
-                "errors": [{f"{r:g}": round(error, 6) for r, error in sorted(errors.items())} for errors in self.errors]}
+        errors = [{f"{r:g}": round(error, 6) for r, error in sorted(block.items())} for block in self.errors]
+        return {"stride": list(self.config.stride), "ratios": ratios, "errors": errors}
