@@ -290,3 +290,21 @@ def test_schedules_that_do_not_fit_are_refused_naming_the_field(tmp_path):
         apply_stack(case.model, (parse_method_spec(f"tile_sparsity:schedule={three}"),))
     with pytest.raises(ValueError, match="ratio schedule has 1 blocks"):
         apply_stack(case.model, (parse_method_spec(f"tome:ratio_schedule={wrong}"),))
+
+
+def test_text_fields_take_one_line_and_the_method_checks_it():
+    """The pattern and the schedule are text fields (suggestions, any text): one printable line,
+    then the method's own rule; the app, the API and the command line share the checks."""
+    from vdtome.core.validation import RequestError
+    from vdtome.methods import METHODS, parse_method_spec
+
+    method = METHODS["tile_sparsity"]
+    pattern = method.field_named("pattern")
+    assert pattern.kind == "text" and pattern.parse(" 2:7 ") == "2:7" and "text, e.g. dense" in pattern.describe()
+    for bad in ("1:2\n3", 7, "x" * 301):
+        with pytest.raises(RequestError) as error:
+            pattern.parse(bad)
+        assert error.value.field == "tile_sparsity_pattern"
+    assert parse_method_spec("tile_sparsity:pattern=2:7,placement=spaced").pattern == "2:7"
+    with pytest.raises(RequestError, match="'dense' or G:P"):
+        method.from_form({**method.form_defaults(), "tile_sparsity_pattern": "2-7"})

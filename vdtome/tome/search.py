@@ -14,14 +14,15 @@ import dataclasses
 from typing import Any
 
 import torch
-from diffusers.hooks import ModelHook
+from diffusers.hooks import HookRegistry, ModelHook
 
 from vdtome.core.denoisers import denoisers_of, unwrap
+from vdtome.core.diffusers_compat import hook_registry
 from vdtome.core.steps import StepContext
-from vdtome.methods.module_hooks import attach, detach
 from vdtome.tome.adapters import find_adapter
 from vdtome.tome.config import ToMeConfig
-from vdtome.tome.hooks import BlockMatcher, DenoiserHook, MergeSite, MergeSiteHook, SiteStats
+from vdtome.tome.hooks import (BlockMatcher, DenoiserHook, MergeSite, MergeSiteHook, SiteStats,
+                               invalidate_registry_caches)
 
 HOOK = "vdtome_ratio_search"
 CANDIDATE_STEP = 0.1
@@ -83,16 +84,21 @@ class RatioSearch:
                             continue
                         candidates = [(ratio, MergeSiteHook(site, matcher, SiteStats(index, site.target, site.module)))
                                       for ratio, matcher in matchers]
-                        attach([block.get_submodule(site.module)],
-                               lambda module, site=site, candidates=candidates: _SiteProbe(site, candidates, errors),
-                               HOOK, [model])
+                        registry = HookRegistry.check_if_exists_or_initialize(block.get_submodule(site.module))
+                        registry.register_hook(_SiteProbe(site, candidates, errors), HOOK)
                 denoiser.attach(model)
+                invalidate_registry_caches(model)
         except BaseException:
             self.remove()
             raise
 
     def remove(self) -> None:
-        detach(self.models, HOOK)
+        for model in self.models:
+            for module in model.modules():
+                registry = hook_registry(module)
+                if registry is not None and registry.get_hook(HOOK) is not None:
+                    registry.remove_hook(HOOK, recurse=False)
+            invalidate_registry_caches(model)
         for denoiser in self.denoisers:
             if denoiser.attached:
                 denoiser.detach()
