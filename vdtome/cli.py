@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "threshold. Load the schedule with --method tile_sparsity:schedule=FILE or "
                     "--method tome:ratio_schedule=FILE.")
     search.add_argument("--preset", default="tiny-shapes-128", help="model preset (see `python -m vdtome presets`)")
-    search.add_argument("--method", required=True, choices=("tile_sparsity", "tome"))
+    search.add_argument("--method", required=True, metavar="tile_sparsity|tome[:FIELD=VALUE,...]",
+                        help="the method, with the fields the search keeps fixed, e.g. "
+                             "tile_sparsity:placement=spaced,dense_steps=4 (the others at the preset's defaults)")
     search.add_argument("--threshold", type=float, required=True,
                         help="largest relative error a layer may take, e.g. 0.05")
     search.add_argument("--out", required=True, help="the schedule file to write (JSON)")
@@ -186,8 +188,8 @@ def _search(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     schedule = result.schedule
-    key = "layers" if args.method == "tile_sparsity" else "ratios"
-    print(f"{args.method} schedule for {schedule['preset']} at {schedule['frames']} frames, "
+    key = "layers" if schedule["method"] == "tile_sparsity" else "ratios"
+    print(f"{schedule['method']} schedule for {schedule['preset']} at {schedule['frames']} frames, "
           f"{schedule['height']}x{schedule['width']}, {schedule['steps']} steps, threshold {schedule['threshold']:g}:")
     for index, (entry, errors) in enumerate(zip(schedule[key], schedule["errors"])):
         print(f"  layer {index:3}: {entry!s:8} errors {', '.join(f'{k} {v:.4f}' for k, v in errors.items())}")

@@ -22,7 +22,7 @@ from vdtome.core.presets import get_preset, load_prompts
 from vdtome.core.validation import RequestError
 from vdtome.engine.pipelines import load_pipeline
 from vdtome.engine.request import ComparisonRequest, ResolvedSettings, resolve
-from vdtome.methods import apply_stack, config_from_overrides, method_named
+from vdtome.methods import apply_stack, config_from_overrides, method_overrides
 from vdtome.methods.schedules import write_schedule
 
 CALIBRATION_PROMPTS = 2
@@ -44,13 +44,15 @@ def latents_digest(pipe: Any, settings: ResolvedSettings, prompt: str) -> str:
     return hashlib.sha256(latents.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def run_search(preset_name: str, method_name: str, threshold: float, out: str | Path, *, frames: int | None = None,
+def run_search(preset_name: str, method_spec: str, threshold: float, out: str | Path, *, frames: int | None = None,
                height: int | None = None, width: int | None = None, steps: int | None = None,
                prompts: list[str] | None = None, seed: int = 0, device: str | None = None, pipe: Any = None,
                progress: Callable[[str], None] = lambda text: None) -> SearchResult:
-    """Search ``method``'s per-layer schedule on ``preset`` and write it to ``out``."""
+    """Search a method's per-layer schedule on ``preset`` and write it to ``out``. ``method_spec``:
+    ``NAME[:field=value,...]`` as on the compare command line (the fields the search keeps fixed,
+    e.g. ``tile_sparsity:placement=spaced,dense_steps=4``; the others at the preset's defaults)."""
     preset = get_preset(preset_name)
-    method = method_named(method_name)
+    method, overrides = method_overrides(method_spec)
     if method.search is None:
         searchable = ", ".join(name for name in ("tile_sparsity", "tome"))
         raise RequestError(f"{method.name} has no per-layer search; searchable methods: {searchable}", "method")
@@ -60,7 +62,9 @@ def run_search(preset_name: str, method_name: str, threshold: float, out: str | 
     prompts = list(prompts or load_prompts(preset.prompts or "default")[:CALIBRATION_PROMPTS])
     settings, _ = resolve(ComparisonRequest(preset=preset.name, prompt=prompts[0], seed=seed, frames=frames,
                                             height=height, width=width, steps=steps, snap=False), preset)
-    base = config_from_overrides(method, {}, preset)
+    if method.search.field in overrides:
+        raise RequestError(f"{method.search.field} is what the search writes; leave it out", method.search.field)
+    base = config_from_overrides(method, overrides, preset)
     pipe = pipe if pipe is not None else load_pipeline(preset, device)
     probe = method.search.start(pipe, base)
     try:
@@ -74,7 +78,7 @@ def run_search(preset_name: str, method_name: str, threshold: float, out: str | 
                 "threshold": threshold, "prompts": prompts, **probe.choose(threshold)}
     path = write_schedule(out, schedule)
     progress("check: the first prompt with the schedule loaded from the file")
-    config = config_from_overrides(method, {method.search.field: str(path)}, preset)
+    config = config_from_overrides(method, overrides | {method.search.field: str(path)}, preset)
     with apply_stack(pipe, (config,)):
         digest = latents_digest(pipe, settings, prompts[0])
     schedule["check"] = {"prompt": prompts[0], "latents_sha256": digest}

@@ -97,9 +97,10 @@ def parse(values: Mapping[str, Any]) -> TileSparsity:
     if config["schedule"]:
         data = read_schedule(config["schedule"], NAME, f"{NAME}_schedule", "layers")
         config["layer_patterns"] = tuple(str(item) for item in data["layers"])
-        if data.get("placement", config["placement"]) != config["placement"]:
-            raise RequestError(f"schedule {config['schedule']!r} was searched with the global frames "
-                               f"{data['placement']}: set the global frames to it", f"{NAME}_placement")
+        for key, label in (("placement", "global frames"), ("dense_steps", "dense first steps")):
+            if data.get(key, config[key]) != config[key]:  # the patterns were measured so
+                raise RequestError(f"schedule {config['schedule']!r} was searched with {label} {data[key]}: set "
+                                   f"{label} to {data[key]} (now {config[key]})", f"{NAME}_{key}")
     return TileSparsity(**config)
 
 
