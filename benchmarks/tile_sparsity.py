@@ -36,6 +36,7 @@ from benchmarks._common import (  # noqa: E402
 )
 from vdtome.core.tile_sparsity import (  # noqa: E402
     TileLayout,
+    flex_block_mask,
     flex_tile_attention,
     global_frame_ids,
     parse_pattern,
@@ -98,8 +99,9 @@ def kernel_part(args, dtype) -> None:
         calls[f"{text} gather"] = clock(lambda groups=groups: tile_sparse_attention(q, k, v, groups), args.device)
         if flex is not None:
             ideals[f"{text} flex"] = ideals[f"{text} gather"]
+            block_mask = flex_block_mask(frame_ids, global_ids, batch=args.batch)
             calls[f"{text} flex"] = clock(
-                lambda g=global_ids: flex_tile_attention(q, k, v, frame_ids, g, attention=flex), args.device)
+                lambda m=block_mask: flex_tile_attention(q, k, v, m, attention=flex), args.device)
     seconds = rounds(calls, args.device, args.warmup, args.repeat)
     print(f"\nkernel: one self-attention call, batch {args.batch}, {args.heads} heads x {args.head_dim}, "
           f"{args.frames} latent frames x {args.tokens_per_frame} tokens = {length} tokens")

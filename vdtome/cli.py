@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Runs the plain pipeline on the calibration prompts with the method's probe attached: every "
                     "layer's candidate settings (tile_sparsity: each pattern G:P; tome: ratios 0.1, 0.2, ...) are "
                     "computed beside the dense one on the same inputs, and each layer keeps the one that saves the "
-                    "most with its largest relative error (L2 of the attention or sub-layer output) under the "
-                    "threshold. Load the schedule with --method tile_sparsity:schedule=FILE or "
+                    "most with its mean relative error (L2 of the attention or sub-layer output, over the "
+                    "calibration calls) within the threshold. Load the schedule with --method tile_sparsity:schedule=FILE or "
                     "--method tome:ratio_schedule=FILE.")
     search.add_argument("--preset", default="tiny-shapes-128", help="model preset (see `python -m vdtome presets`)")
     search.add_argument("--method", required=True, metavar="tile_sparsity|tome[:FIELD=VALUE,...]",
@@ -192,7 +192,8 @@ def _search(args) -> int:
     print(f"{schedule['method']} schedule for {schedule['preset']} at {schedule['frames']} frames, "
           f"{schedule['height']}x{schedule['width']}, {schedule['steps']} steps, threshold {schedule['threshold']:g}:")
     for index, (entry, errors) in enumerate(zip(schedule[key], schedule["errors"])):
-        print(f"  layer {index:3}: {entry!s:8} errors {', '.join(f'{k} {v:.4f}' for k, v in errors.items())}")
+        figures = ", ".join(f"{k} {v['mean']:.3f}/{v['max']:.3f}" for k, v in errors.items())
+        print(f"  layer {index:3}: {entry!s:8} mean/max error: {figures}")
     print(f"wrote {result.path}; check digest {schedule['check']['latents_sha256'][:16]}")
     return 0
 

@@ -173,15 +173,14 @@ def flex_mask_supported(attn_mask: torch.Tensor | None, batch: int) -> bool:
                                  and attn_mask.shape[1] == attn_mask.shape[2] == 1 and attn_mask.shape[0] in (1, batch))
 
 
-def flex_tile_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, frame_ids: torch.Tensor,
-                        global_ids: tuple[int, ...], attn_mask: torch.Tensor | None = None,
-                        scale: float | None = None, attention=None) -> torch.Tensor:
-    """The same attention as :func:`tile_sparse_attention` through FlexAttention's block mask: the
-    kernel skips every (query block, key block) tile the pattern drops. ``attention``: the
-    (compiled) ``flex_attention`` to run; eager by default (exact, but it builds the scores)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def flex_block_mask(frame_ids: torch.Tensor, global_ids: tuple[int, ...], attn_mask: torch.Tensor | None = None,
+                    batch: int = 1):
+    """FlexAttention's block mask of the pattern (and of a boolean key mask per sample, see
+    :func:`flex_mask_supported`): built once per layout, it lets the kernel skip every (query
+    block, key block) tile the pattern drops."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    if not flex_mask_supported(attn_mask, query.shape[0]):
+    if not flex_mask_supported(attn_mask, batch):
         raise ValueError("FlexAttention takes a boolean key mask of shape (batch, 1, 1, length) only")
     is_global = torch.isin(frame_ids, torch.tensor(global_ids, device=frame_ids.device))
     keys_allowed = None if attn_mask is None else attn_mask[:, 0, 0, :]
@@ -192,7 +191,16 @@ def flex_tile_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
             keep = keep & keys_allowed[b if keys_allowed.shape[0] > 1 else 0, k]
         return keep
 
-    length = query.shape[-2]
-    batch = None if keys_allowed is None or keys_allowed.shape[0] == 1 else query.shape[0]
-    block_mask = create_block_mask(pattern, batch, None, length, length, device=query.device)
+    length = frame_ids.numel()
+    per_sample = None if keys_allowed is None or keys_allowed.shape[0] == 1 else batch
+    return create_block_mask(pattern, per_sample, None, length, length, device=frame_ids.device)
+
+
+def flex_tile_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask,
+                        scale: float | None = None, attention=None) -> torch.Tensor:
+    """The same attention as :func:`tile_sparse_attention` through FlexAttention and the block mask
+    of :func:`flex_block_mask`. ``attention``: the (compiled) ``flex_attention`` to run; eager by
+    default (exact, but it builds the scores and skips nothing)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     return (attention or flex_attention)(query, key, value, block_mask=block_mask, scale=scale)

@@ -17,7 +17,7 @@ each layer its own pattern (``python -m vdtome search --method tile_sparsity``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +25,11 @@ import torch
 from diffusers.hooks import ModelHook
 from torch.overrides import TorchFunctionMode
 
+from vdtome.core.calibration import ErrorTally
 from vdtome.core.denoisers import denoisers_of, unwrap
 from vdtome.core.diffusers_compat import hook_registry
 from vdtome.core.steps import StepContext
-from vdtome.core.tile_sparsity import (PLACEMENTS, QueryGroups, TilePattern, flex_mask_supported,
+from vdtome.core.tile_sparsity import (PLACEMENTS, QueryGroups, TilePattern, flex_block_mask, flex_mask_supported,
                                        flex_tile_attention, global_frame_ids, parse_pattern, place_video,
                                        query_groups, tile_sparse_attention)
 from vdtome.core.validation import RequestError
@@ -38,7 +39,7 @@ from vdtome.methods.schedules import read_schedule, shipped_schedules
 from vdtome.methods.schema import check_settings, config_values, form_fields, setting
 from vdtome.tome.adapters import ADAPTERS, Adapter, find_adapter
 from vdtome.tome.hooks import HOOK_NAME as TOME_HOOK
-from vdtome.tome.hooks import _ArgumentReader
+from vdtome.tome.hooks import ArgumentReader
 
 NAME = "tile_sparsity"
 HOOK = "vdtome_tile_sparsity"
@@ -122,17 +123,17 @@ class LayerStats:
 
 
 class _Grid:
-    """A forward pre-hook on a denoiser: the token grid of its current call, and the step."""
+    """A forward pre-hook on a denoiser: the token grid of its current call (a plain torch pre-hook
+    survives accelerate's offloading, which re-installs ``forward``)."""
 
-    def __init__(self, adapter: Adapter, context: StepContext) -> None:
+    def __init__(self, adapter: Adapter) -> None:
         self.adapter = adapter
-        self.context = context
         self.grid: tuple[int, int, int] | None = None
         self._handle = None
-        self._arguments: _ArgumentReader | None = None
+        self._arguments: ArgumentReader | None = None
 
     def attach(self, model: torch.nn.Module) -> None:
-        self._arguments = _ArgumentReader(type(model).forward)
+        self._arguments = ArgumentReader(type(model).forward)
         self._handle = model.register_forward_pre_hook(self._read, with_kwargs=True)
 
     def detach(self) -> None:
@@ -157,7 +158,8 @@ class _Kernel:
     def flex(self, device: torch.device) -> bool:
         return self.choice == "flex" or (self.choice == "auto" and device.type == "cuda")
 
-    def run(self, call: dict, frames: torch.Tensor, global_ids: tuple[int, ...], groups: QueryGroups) -> torch.Tensor:
+    def run(self, call: dict, groups: QueryGroups, block_mask: Callable[[], Any]) -> torch.Tensor:
+        """``block_mask()``: the layout's FlexAttention block mask (built on first use, then cached)."""
         query, key, value = call["query"], call["key"], call["value"]
         mask, scale = call.get("attn_mask"), call.get("scale")
         if self.flex(query.device) and flex_mask_supported(mask, query.shape[0]):
@@ -168,7 +170,7 @@ class _Kernel:
 
                     _Kernel.compiled = torch.compile(flex_attention, dynamic=False)
                 attention = _Kernel.compiled
-            return flex_tile_attention(query, key, value, frames, global_ids, mask, scale, attention)
+            return flex_tile_attention(query, key, value, block_mask(), scale, attention)
         return tile_sparse_attention(query, key, value, groups, mask, scale)
 
 
@@ -201,7 +203,8 @@ class TileSparseAttention(ModelHook):
         self.stats = applied.layers[layer]
         self.pattern = applied.config.pattern_of(layer)
         self._ids: tuple[tuple, torch.Tensor] | None = None
-        self._groups: tuple[torch.Tensor, tuple[int, ...], QueryGroups] | None = None
+        # (the layout's key: ids, global frames, the caller's mask, batch), its groups, its block mask
+        self._layout: tuple[tuple, QueryGroups, dict] | None = None
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         with _SparseMode(self, module):
@@ -252,12 +255,21 @@ class TileSparseAttention(ModelHook):
                                f"latent frames; use G:P with G + P = {frames}, e.g. 1:{frames - 1}",
                                f"{NAME}_schedule" if config.schedule else f"{NAME}_pattern")
         global_ids = global_frame_ids(frames, pattern.global_frames, config.placement)
-        if self._groups is None or self._groups[0] is not ids or self._groups[1] != global_ids:
-            self._groups = (ids, global_ids, query_groups(ids, global_ids))
-        groups = self._groups[2]
+        mask, batch = call.get("attn_mask"), call["query"].shape[0]
+        key = self._layout[0] if self._layout is not None else None
+        if key is None or key[0] is not ids or key[1] != global_ids or key[2] is not mask or key[3] != batch:
+            # Tensors by identity (the key holds them, so no new tensor can take their id).
+            self._layout = ((ids, global_ids, mask, batch), query_groups(ids, global_ids), {})
+        _, groups, block_masks = self._layout
+
+        def block_mask():
+            if "mask" not in block_masks:
+                block_masks["mask"] = flex_block_mask(ids, global_ids, mask, batch)
+            return block_masks["mask"]
+
         stats.sparse_calls += 1
         stats.scored += groups.scored
-        return self.applied.kernel.run(call, ids, global_ids, groups)
+        return self.applied.kernel.run(call, groups, block_mask)
 
     def _active_merge(self, module: torch.nn.Module):
         """The token-merging matching this sub-layer runs on, if any (shared across the batch)."""
@@ -275,12 +287,12 @@ class TileSparseAttention(ModelHook):
 
 class PatternProbe(TileSparseAttention):
     """A search's measurement: each self-attention call runs densely (the trajectory stays the
-    baseline's) while every pattern G:(T - G) is computed beside it on the same inputs, keeping
-    each G's largest relative error (L2 of the attention output) over the calls."""
+    baseline's) while every pattern G:(T - G) is computed beside it on the same inputs, tallying
+    each G's relative error (L2 of the attention output) over the calls."""
 
     def __init__(self, applied: "AppliedTileSparsity", layer: int, grid: _Grid) -> None:
         super().__init__(applied, layer, grid)
-        self.errors: dict[int, float] = {}
+        self.errors = ErrorTally()
         self.frames: int | None = None
 
     def attend(self, module: torch.nn.Module, call: dict) -> torch.Tensor | None:
@@ -290,14 +302,11 @@ class PatternProbe(TileSparseAttention):
         ids, frames = sequence
         self.frames = frames
         dense = SDPA_KERNEL(**call)
-        reference = dense.float()
-        norm = float(reference.norm()) or 1.0
         for count in range(1, frames):
             global_ids = global_frame_ids(frames, count, self.applied.config.placement)
             sparse = tile_sparse_attention(call["query"], call["key"], call["value"], query_groups(ids, global_ids),
                                            call.get("attn_mask"), call.get("scale"))
-            error = float((sparse.float() - reference).norm()) / norm
-            self.errors[count] = max(self.errors.get(count, 0.0), error)
+            self.errors.add(count, sparse, dense)
         return dense
 
 
@@ -320,12 +329,11 @@ class PatternSearch:
             raise ValueError("the calibration calls ran no self-attention over the video")
         layers = []
         for probe in probes:
-            fits = [count for count in sorted(probe.errors) if probe.errors[count] <= threshold]
+            fits = probe.errors.within(threshold)
             layers.append(f"{fits[0]}:{frames - fits[0]}" if fits else "dense")
         return {"latent_frames": frames, "placement": self.config.placement, "dense_steps": self.config.dense_steps,
                 "layers": layers,
-                "errors": [{f"{count}:{frames - count}": round(error, 6) for count, error in sorted(p.errors.items())}
-                           for p in probes]}
+                "errors": [p.errors.figures(lambda count: f"{count}:{frames - count}") for p in probes]}
 
 
 def attention_layers(model: torch.nn.Module, adapter: Adapter) -> list[torch.nn.Module]:
@@ -369,7 +377,7 @@ class AppliedTileSparsity:
         self.hooks: list[TileSparseAttention] = []
         try:
             for model, adapter, layers in plans:
-                grid = _Grid(adapter, self.context)
+                grid = _Grid(adapter)
                 grid.attach(model)
                 self.grids.append(grid)
                 made = {id(layer): hook(self, index, grid) for index, layer in enumerate(layers)}

@@ -122,7 +122,7 @@ def schedule_ratios(text: str, stride: tuple[int, int, int]) -> tuple[float, ...
 
 
 def summary(config: ToMeConfig) -> str:
-    ratio = (f"ratio per block (mean {config.requested_ratio:.2f})" if config.block_ratios
+    ratio = (f"ratio per block (mean {config.requested_ratio:.2f} where merging)" if config.block_ratios
              else f"ratio {config.ratio:g}")
     parts = [ratio, "stride " + "x".join(map(str, config.stride))]
     if config.strategy != "bipartite":

@@ -119,8 +119,10 @@ class ToMeConfig:
 
     @property
     def requested_ratio(self) -> float:
-        """The ratio asked for: ``ratio``, or the mean of the blocks' own."""
-        return sum(self.block_ratios) / len(self.block_ratios) if self.block_ratios else self.ratio
+        """The ratio asked for: ``ratio``, or the mean over the blocks that merge of their own (the
+        blocks the effective ratio is counted over)."""
+        merging = [ratio for ratio in self.block_ratios if ratio > 0]
+        return sum(merging) / len(merging) if merging else (0.0 if self.block_ratios else self.ratio)
 
     @property
     def max_ratio(self) -> float:

@@ -91,11 +91,11 @@ class DenoiserHook:
         self.state = DenoiserState()
         self.context = context
         self._read_grid = read_grid
-        self._arguments: _ArgumentReader | None = None
+        self._arguments: ArgumentReader | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
 
     def attach(self, module: torch.nn.Module) -> None:
-        self._arguments = _ArgumentReader(type(module).forward)
+        self._arguments = ArgumentReader(type(module).forward)
         self._handle = module.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
 
     def detach(self) -> None:
@@ -204,10 +204,10 @@ class MergeSiteHook(ModelHook):
         self.matcher = matcher
         self.stats = stats
         self.active_merge: Merge | None = None
-        self._arguments: _ArgumentReader | None = None
+        self._arguments: ArgumentReader | None = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._arguments = _ArgumentReader(type(module).forward)
+        self._arguments = ArgumentReader(type(module).forward)
         return module
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
@@ -285,7 +285,7 @@ def _unmerge_after(tokens: torch.Tensor, prefix: int, merge: Merge) -> torch.Ten
     return torch.cat([tokens[:, :prefix], merge.unmerge(tokens[:, prefix:])], dim=1)
 
 
-class _ArgumentReader:
+class ArgumentReader:
     """A forward call's arguments by name, read without ``Signature.bind``: zipping the positional
     names costs a fraction of a bind, which every hook pays at every call. Arguments not passed are
     absent (no defaults filled in): callers read required arguments or ones whose default is None."""

@@ -4,8 +4,8 @@ During the calibration calls every patched sub-layer runs as it is (the trajecto
 baseline's) and, beside it on the same inputs, once per candidate ratio through the very hook a
 run uses (:meth:`vdtome.tome.hooks.MergeSiteHook.merged_forward`, with the matching a run at that
 ratio draws for that block and step). Each block keeps, per ratio, the largest relative error (L2)
-of its sub-layers' outputs; :meth:`RatioSearch.choose` gives each block the largest ratio within
-the threshold (0: the block is left alone).
+of its sub-layers' outputs (mean and largest over the calls); :meth:`RatioSearch.choose` gives each
+block the largest ratio whose mean error is within the threshold (0: the block is left alone).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from vdtome.core.calibration import ErrorTally
 from vdtome.core.denoisers import denoisers_of, unwrap
 from vdtome.core.diffusers_compat import hook_registry
 from vdtome.core.steps import StepContext
@@ -35,7 +36,7 @@ def candidate_ratios(config: ToMeConfig) -> tuple[float, ...]:
 
 
 class _SiteProbe(ModelHook):
-    def __init__(self, site: MergeSite, candidates: list[tuple[float, MergeSiteHook]], errors: dict[float, float]):
+    def __init__(self, site: MergeSite, candidates: list[tuple[float, MergeSiteHook]], errors: ErrorTally):
         super().__init__()
         self.site = site
         self.candidates = candidates
@@ -49,11 +50,9 @@ class _SiteProbe(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         forward = self.fn_ref.original_forward
         dense = forward(*args, **kwargs)
-        reference = self._tokens(dense).float()
-        norm = float(reference.norm()) or 1.0
         for ratio, candidate in self.candidates:
-            merged = self._tokens(candidate.merged_forward(module, forward, args, kwargs)).float()
-            self.errors[ratio] = max(self.errors.get(ratio, 0.0), float((merged - reference).norm()) / norm)
+            self.errors.add(ratio, self._tokens(candidate.merged_forward(module, forward, args, kwargs)),
+                            self._tokens(dense))
         return dense
 
     def _tokens(self, output: Any) -> torch.Tensor:
@@ -66,7 +65,7 @@ class RatioSearch:
         self.ratios = candidate_ratios(config)
         self.models = denoisers_of(pipe)
         owner = self.models[0] if isinstance(pipe, torch.nn.Module) else pipe
-        self.errors: list[dict[float, float]] = []
+        self.errors: list[ErrorTally] = []
         self.denoisers: list[DenoiserHook] = []
         try:
             for model in self.models:
@@ -75,7 +74,7 @@ class RatioSearch:
                 self.denoisers.append(denoiser)
                 for index, block in enumerate(adapter.blocks(unwrap(model))):
                     if index == len(self.errors):
-                        self.errors.append({})
+                        self.errors.append(ErrorTally())
                     errors = self.errors[index]
                     matchers = [(ratio, BlockMatcher(index, dataclasses.replace(config, ratio=ratio, block_ratios=()),
                                                      denoiser, adapter.token_grid)) for ratio in self.ratios]
@@ -108,6 +107,6 @@ class RatioSearch:
     def choose(self, threshold: float) -> dict[str, Any]:
         if not any(self.errors):
             raise ValueError("the calibration calls ran no patched sub-layer")
-        ratios = [max((r for r, error in errors.items() if error <= threshold), default=0.0) for errors in self.errors]
-        errors = [{f"{r:g}": round(error, 6) for r, error in sorted(block.items())} for block in self.errors]
+        ratios = [max(block.within(threshold), default=0.0) for block in self.errors]
+        errors = [block.figures(lambda ratio: f"{ratio:g}") for block in self.errors]
         return {"stride": list(self.config.stride), "ratios": ratios, "errors": errors}
