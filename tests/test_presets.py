@@ -307,3 +307,27 @@ def test_gpu_preset_without_its_gpu_figures_is_refused(tmp_path):
     del bad["defaults"]["timing_rounds"]
     with pytest.raises(PresetError, match=r"defaults.timing_rounds: missing required field"):
         load_presets(_write(tmp_path, [bad]))
+
+
+def test_the_pipeline_cache_freezes_what_it_loads_and_thaws_it_on_eviction():
+    """After a load, everything alive is frozen out of the cyclic collector (the engine's
+    collection before each measured decode then scans only what requests made); an evicted
+    pipeline caught in a reference cycle is still freed, since eviction thaws first."""
+    import gc
+    import weakref
+
+    from vdtome.core.presets import get_preset
+    from vdtome.engine.pipelines import PipelineCache
+
+    cache = PipelineCache(capacity=1)
+    try:
+        pipe = cache.get(get_preset("tiny-wan"), "cpu")
+        assert gc.get_freeze_count() > 0
+        pipe.cycle = pipe  # only the cyclic collector can free it now
+        evicted = weakref.ref(pipe)
+        del pipe
+        cache.get(get_preset("tiny-ltx"), "cpu")  # capacity 1: tiny-wan is evicted
+        assert evicted() is None
+    finally:
+        cache.clear()
+    assert gc.get_freeze_count() == 0

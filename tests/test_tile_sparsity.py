@@ -1,10 +1,14 @@
-"""Attention-tile sparsity's math (vdtome.core.tile_sparsity): the gathered computation equals the
-masked dense reference for video-only, text-first and video-first sequences, scores only the kept
-tiles, and grows linearly with the frame count."""
+"""Attention-tile sparsity: its math (vdtome.core.tile_sparsity: the gathered computation and the
+FlexAttention block mask equal the masked dense reference for video-only, text-first and
+video-first sequences, score only the kept tiles, grow linearly with the frame count); the method
+on tiny instances of the real diffusers models (dense is the identity, a spy sees fewer keys,
+outputs equal the masked reference, stacking on token merging); the per-layer search of both
+methods and its bitwise check; refusals that name the field."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -309,3 +313,26 @@ def test_text_fields_take_one_line_and_the_method_checks_it():
     assert parse_method_spec("tile_sparsity:pattern=2:7,placement=spaced").pattern == "2:7"
     with pytest.raises(RequestError, match="'dense' or G:P"):
         method.from_form({**method.form_defaults(), "tile_sparsity_pattern": "2-7"})
+
+
+@pytest.mark.slow
+def test_a_comparison_reports_the_pattern_and_a_misfit_is_refused_without_harm(tmp_path):
+    """Through the engine: the result carries the method's evidence; a pattern that does not fit
+    the request's latent frames is refused naming the field, before any timed call, and the same
+    engine (its cached pipeline) then serves a request that fits."""
+    from vdtome.core.validation import RequestError
+    from vdtome.engine.engine import ComparisonEngine
+    from vdtome.engine.request import ComparisonRequest
+    from vdtome.methods.tile_sparsity import TileSparsity
+
+    engine = ComparisonEngine(device="cpu", output_root=tmp_path / "outputs", noise_dir=tmp_path / "noise")
+    request = dict(preset="tiny-wan", prompt="a boat", steps=3, rounds=2)  # 9 frames: 3 latent frames
+    with pytest.raises(RequestError, match="this request has 3 latent frames; use G:P with G \\+ P = 3") as error:
+        engine.run(ComparisonRequest(**request, methods=(TileSparsity(pattern="1:7"),)), out_dir=tmp_path / "bad")
+    assert error.value.field == "tile_sparsity_pattern"
+    result = engine.run(ComparisonRequest(**request, methods=(TileSparsity(pattern="1:2"),)), out_dir=tmp_path / "ok")
+    assert result.ok, result.error
+    (entry,) = json.loads(Path(result.files["json"]).read_text())["methods"]
+    assert entry["method"] == "tile_sparsity" and entry["config"]["pattern"] == "1:2"
+    calls, pairs = entry["report"]["evidence"]
+    assert calls["count"] == calls["of"] > 0 and 0 < pairs["count"] < pairs["of"]

@@ -164,14 +164,27 @@ class PipelineCache:
                 return self._pipes[key]
             while len(self._pipes) >= max(self.capacity, 1):
                 self._pipes.popitem(last=False)
+                gc.unfreeze()  # the evicted pipeline's reference cycles can be collected again
                 gc.collect()
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             pipe = load_pipeline(preset, device, source)
             self.loads += 1
             self._pipes[key] = pipe
+            freeze_long_lived()
             return pipe
 
     def clear(self) -> None:
         with self._lock:
             self._pipes.clear()
+            gc.unfreeze()
+
+
+def freeze_long_lived() -> None:
+    """Move every object alive now (the libraries, the loaded pipelines) out of the cyclic
+    collector's reach: the collections the engine runs before each measured decode then scan only
+    what the requests made (0.34 s each with the app and a pipeline loaded, 600k objects, on this
+    CPU). Reference counting still frees whatever dies; only reference cycles among the frozen wait
+    for the next eviction's ``gc.unfreeze``."""
+    gc.collect()
+    gc.freeze()
