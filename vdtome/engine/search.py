@@ -22,7 +22,7 @@ from vdtome.core.presets import get_preset, load_prompts
 from vdtome.core.validation import RequestError
 from vdtome.engine.pipelines import load_pipeline
 from vdtome.engine.request import ComparisonRequest, ResolvedSettings, resolve
-from vdtome.methods import apply_stack, config_from_overrides, method_overrides
+from vdtome.methods import METHODS, apply_stack, config_from_overrides, method_overrides
 from vdtome.methods.schedules import write_schedule
 
 CALIBRATION_PROMPTS = 2
@@ -54,7 +54,7 @@ def run_search(preset_name: str, method_spec: str, threshold: float, out: str | 
     preset = get_preset(preset_name)
     method, overrides = method_overrides(method_spec)
     if method.search is None:
-        searchable = ", ".join(name for name in ("tile_sparsity", "tome"))
+        searchable = ", ".join(m.name for m in METHODS.values() if m.search is not None)
         raise RequestError(f"{method.name} has no per-layer search; searchable methods: {searchable}", "method")
     if not 0 < threshold < 10:
         raise RequestError(f"threshold is a relative error (e.g. 0.05), above 0 and below 10, got {threshold:g}",

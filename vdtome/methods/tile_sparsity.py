@@ -52,7 +52,7 @@ class TileSparsity:
     """``pattern``: ``dense`` or ``G:P`` (G + P = the latent frame count of the request);
     ``placement``: global frames first or evenly spaced; ``dense_steps``: the first steps stay
     dense; ``schedule``: per-layer patterns in place of ``pattern`` (``layer_patterns``, read from
-    the file when the form is parsed); ``kernel``: gathered keys, FlexAttention's block mask, or
+    the file when the config is made, unless given); ``kernel``: gathered keys, FlexAttention's block mask, or
     auto (FlexAttention compiled on CUDA, gathered keys elsewhere)."""
 
     pattern: str = setting("dense", "Tile pattern", "dense, or G:P: each latent frame attends its own frame and G "
@@ -73,6 +73,8 @@ class TileSparsity:
 
     def __post_init__(self) -> None:
         check_settings(self, NAME)
+        if self.schedule and not self.layer_patterns:
+            object.__setattr__(self, "layer_patterns", _scheduled_patterns(self))
         object.__setattr__(self, "layer_patterns", tuple(self.layer_patterns))
         for text in (self.pattern, *self.layer_patterns):
             try:
@@ -93,16 +95,19 @@ class TileSparsity:
 FIELDS = form_fields(TileSparsity, NAME)
 
 
+def _scheduled_patterns(config: TileSparsity) -> tuple[str, ...]:
+    """The per-layer patterns of ``config.schedule``, which must have been searched with the same
+    global frames and dense first steps (its patterns were measured so)."""
+    data = read_schedule(config.schedule, NAME, f"{NAME}_schedule", "layers")
+    for key, label in (("placement", "global frames"), ("dense_steps", "dense first steps")):
+        if data.get(key, getattr(config, key)) != getattr(config, key):
+            raise RequestError(f"schedule {config.schedule!r} was searched with {label} {data[key]}: set {label} to "
+                               f"{data[key]} (now {getattr(config, key)})", f"{NAME}_{key}")
+    return tuple(str(item) for item in data["layers"])
+
+
 def parse(values: Mapping[str, Any]) -> TileSparsity:
-    config = config_values(TileSparsity, NAME, values)
-    if config["schedule"]:
-        data = read_schedule(config["schedule"], NAME, f"{NAME}_schedule", "layers")
-        config["layer_patterns"] = tuple(str(item) for item in data["layers"])
-        for key, label in (("placement", "global frames"), ("dense_steps", "dense first steps")):
-            if data.get(key, config[key]) != config[key]:  # the patterns were measured so
-                raise RequestError(f"schedule {config['schedule']!r} was searched with {label} {data[key]}: set "
-                                   f"{label} to {data[key]} (now {config[key]})", f"{NAME}_{key}")
-    return TileSparsity(**config)
+    return TileSparsity(**config_values(TileSparsity, NAME, values))
 
 
 def summary(config: TileSparsity) -> str:
