@@ -293,8 +293,9 @@ def test_schedules_that_do_not_fit_are_refused_naming_the_field(tmp_path):
         three = tmp_path / "three.json"
         three.write_text(json.dumps({"method": "tile_sparsity", "placement": "first", "layers": ["1:2"]}))
         apply_stack(case.model, (parse_method_spec(f"tile_sparsity:schedule={three}"),))
-    with pytest.raises(ValueError, match="ratio schedule has 1 blocks"):
+    with pytest.raises(RequestError, match="ratio schedule has 1 blocks; WanTransformer3DModel has 2") as error:
         apply_stack(case.model, (parse_method_spec(f"tome:ratio_schedule={wrong}"),))
+    assert error.value.field == "ratio_schedule"
 
 
 def test_text_fields_take_one_line_and_the_method_checks_it():

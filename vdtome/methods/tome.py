@@ -11,6 +11,7 @@ from vdtome.core.validation import RequestError
 from vdtome.methods.base import Evidence, FormField, Method, MethodReport, Search
 from vdtome.methods.schedules import read_schedule, shipped_schedules
 from vdtome.tome import SUPPORTED_MODELS, ToMeConfig, apply_tome
+from vdtome.tome.apply import ScheduleMismatch
 from vdtome.tome.search import RatioSearch
 
 RATIO_STEP = 0.05
@@ -137,7 +138,10 @@ def summary(config: ToMeConfig) -> str:
 class AppliedToMe:
     def __init__(self, pipe, config: ToMeConfig) -> None:
         self.config = config
-        self.handle = apply_tome(pipe, config)
+        try:
+            self.handle = apply_tome(pipe, config)
+        except ScheduleMismatch as error:
+            raise RequestError(str(error), "ratio_schedule") from None
 
     def reset(self) -> None:
         self.handle.reset()

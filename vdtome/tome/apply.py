@@ -22,6 +22,10 @@ from vdtome.tome.hooks import (
 )
 
 
+class ScheduleMismatch(ValueError):
+    """A per-block ratio schedule made for a model with another number of blocks."""
+
+
 @dataclass(frozen=True)
 class ToMeStats:
     """Token counts seen by the patched sub-layers since the last ``reset``."""
@@ -118,8 +122,8 @@ def apply_tome(pipe_or_model, config: ToMeConfig | None = None) -> ToMeHandle:
                 f"vdtome: block index {config.blocks[-1]} out of range; {type(model).__name__} has {len(blocks)} blocks"
             )
         if config.block_ratios and len(config.block_ratios) != len(blocks):
-            raise ValueError(f"vdtome: the ratio schedule has {len(config.block_ratios)} blocks; "
-                             f"{type(model).__name__} has {len(blocks)}")
+            raise ScheduleMismatch(f"the ratio schedule has {len(config.block_ratios)} blocks; "
+                                   f"{type(model).__name__} has {len(blocks)}")
         plans.append((model, adapter, blocks))
 
     handle = ToMeHandle(config)
