@@ -16,6 +16,10 @@ Any registered methods stacked (token merging, diffusers' step caches)::
     ...
     stack.remove()
 
+Attention-tile sparsity, one pattern or a searched schedule per layer (``vdtome.run_search``)::
+
+    stack = vdtome.apply_stack(pipe, (vdtome.TileSparsity(pattern="1:7"),))  # 8 latent frames
+
 One comparison, baseline against accelerated on the same seed, with the timing protocol::
 
     result = vdtome.compare("tiny-shapes-128", "a red circle moving right slowly on a white background")
@@ -52,6 +56,8 @@ _EXPORTS = {
     "method_of": "vdtome.methods",
     "parse_method_spec": "vdtome.methods",
     "register": "vdtome.methods",
+    "TileSparsity": "vdtome.methods.tile_sparsity",
+    "run_search": "vdtome.engine.search",
     "ComparisonRequest": "vdtome.engine.request",
     "ComparisonResult": "vdtome.engine.request",
     "ComparisonEngine": "vdtome.engine.engine",
@@ -82,6 +88,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names above loa
     from vdtome.core.validation import RequestError
     from vdtome.engine.engine import ComparisonEngine, compare
     from vdtome.engine.request import ComparisonRequest, ComparisonResult
+    from vdtome.engine.search import run_search
     from vdtome.methods import (
         METHODS,
         AppliedStack,
@@ -96,4 +103,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names above loa
         parse_method_spec,
         register,
     )
+    from vdtome.methods.tile_sparsity import TileSparsity
     from vdtome.tome import SUPPORTED_MODELS, ToMeConfig, ToMeHandle, ToMeStats, apply_tome, remove_tome
