@@ -33,6 +33,14 @@ def hooks_under(model: torch.nn.Module) -> set[tuple[str, str]]:
     return found
 
 
+def remove_hooks_named(root: torch.nn.Module, name: str) -> None:
+    """Remove the hook ``name`` from every module under ``root`` that carries it; other hooks stay."""
+    for module in root.modules():
+        registry = hook_registry(module)
+        if registry is not None and registry.get_hook(name) is not None:
+            registry.remove_hook(name, recurse=False)
+
+
 def remove_hook_at(model: torch.nn.Module, path: str, name: str) -> None:
     """Remove the hook ``name`` from the sub-module at ``path`` only (not its children)."""
     hook_registry(model.get_submodule(path)).remove_hook(name, recurse=False)

@@ -11,12 +11,18 @@ from collections.abc import Iterable
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from vdtome.core.diffusers_compat import hook_registry
+from vdtome.core.diffusers_compat import hook_registry, remove_hooks_named
 
 # The attention kernel itself, as torch hands it to a ``TorchFunctionMode`` that catches it: compared
 # with ``F.scaled_dot_product_attention`` at call time, a wrapper around it (a profiler's, a test's
 # spy) would let every call pass unseen.
 SDPA_KERNEL = torch._C._nn.scaled_dot_product_attention
+SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def sdpa_arguments(args: tuple, kwargs: dict) -> dict:
+    """A ``scaled_dot_product_attention`` call's arguments by name, however they were passed."""
+    return dict(zip(SDPA_PARAMETERS, args)) | kwargs
 
 
 def attach(modules: Iterable[torch.nn.Module], make_hook, name: str, roots: Iterable[torch.nn.Module]) -> list:
@@ -39,10 +45,7 @@ def detach(roots: Iterable[torch.nn.Module], name: str) -> None:
     """Remove every hook called ``name`` under ``roots``."""
     roots = list(roots)
     for root in roots:
-        for module in root.modules():
-            registry = hook_registry(module)
-            if registry is not None and registry.get_hook(name) is not None:
-                registry.remove_hook(name, recurse=False)
+        remove_hooks_named(root, name)
     _invalidate(roots)
 
 

@@ -40,7 +40,7 @@ from vdtome.core.chunks import (attention_chunk, attention_in_query_chunks, feed
 from vdtome.core.denoisers import denoisers_of
 from vdtome.core.phases import DENOISING, VAE_DECODE
 from vdtome.methods.base import Evidence, Method, MethodReport
-from vdtome.methods.module_hooks import SDPA_KERNEL, attach, detach
+from vdtome.methods.module_hooks import SDPA_KERNEL, attach, detach, sdpa_arguments
 from vdtome.methods.schema import check_settings, config_values, form_fields, setting
 
 NAME = "slicing"
@@ -141,8 +141,7 @@ class _QueryChunkedAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not SDPA_KERNEL:
             return func(*args, **kwargs)
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-        call = dict(zip(names, args)) | kwargs
+        call = sdpa_arguments(args, kwargs)
         query, key = call["query"], call["key"]
         stats = self.stats
         stats.attention_calls += 1

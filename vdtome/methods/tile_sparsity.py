@@ -34,12 +34,12 @@ from vdtome.core.tile_sparsity import (PLACEMENTS, QueryGroups, TilePattern, fle
                                        query_groups, tile_sparse_attention)
 from vdtome.core.validation import RequestError
 from vdtome.methods.base import Evidence, Method, MethodReport, Search
-from vdtome.methods.module_hooks import SDPA_KERNEL, attach, detach
+from vdtome.methods.module_hooks import SDPA_KERNEL, attach, detach, sdpa_arguments
 from vdtome.methods.schedules import read_schedule, shipped_schedules
 from vdtome.methods.schema import check_settings, config_values, form_fields, setting
 from vdtome.tome.adapters import ADAPTERS, Adapter, find_adapter
 from vdtome.tome.hooks import HOOK_NAME as TOME_HOOK
-from vdtome.tome.hooks import ArgumentReader
+from vdtome.tome.hooks import ForwardPreHook
 
 NAME = "tile_sparsity"
 HOOK = "vdtome_tile_sparsity"
@@ -127,28 +127,16 @@ class LayerStats:
     dense: int = 0  # ... and those a dense call scores
 
 
-class _Grid:
-    """A forward pre-hook on a denoiser: the token grid of its current call (a plain torch pre-hook
-    survives accelerate's offloading, which re-installs ``forward``)."""
+class _Grid(ForwardPreHook):
+    """On a denoiser: the token grid of its current call."""
 
     def __init__(self, adapter: Adapter) -> None:
+        super().__init__()
         self.adapter = adapter
         self.grid: tuple[int, int, int] | None = None
-        self._handle = None
-        self._arguments: ArgumentReader | None = None
 
-    def attach(self, model: torch.nn.Module) -> None:
-        self._arguments = ArgumentReader(type(model).forward)
-        self._handle = model.register_forward_pre_hook(self._read, with_kwargs=True)
-
-    def detach(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    @torch.compiler.disable
-    def _read(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.grid = self.adapter.read_grid(module, self._arguments(module, args, kwargs))[0]
+    def read(self, module: torch.nn.Module, arguments: dict[str, Any]) -> None:
+        self.grid = self.adapter.read_grid(module, arguments)[0]
 
 
 class _Kernel:
@@ -191,9 +179,7 @@ class _SparseMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not SDPA_KERNEL:
             return func(*args, **kwargs)
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-        call = dict(zip(names, args)) | kwargs
-        out = self.hook.attend(self.module, call)
+        out = self.hook.attend(self.module, sdpa_arguments(args, kwargs))
         return func(*args, **kwargs) if out is None else out
 
 
@@ -299,6 +285,7 @@ class PatternProbe(TileSparseAttention):
         super().__init__(applied, layer, grid)
         self.errors = ErrorTally()
         self.frames: int | None = None
+        self._candidates: tuple[torch.Tensor, dict[int, QueryGroups]] | None = None  # per layout: G -> groups
 
     def attend(self, module: torch.nn.Module, call: dict) -> torch.Tensor | None:
         sequence = self.sequence(module, call)
@@ -307,9 +294,12 @@ class PatternProbe(TileSparseAttention):
         ids, frames = sequence
         self.frames = frames
         dense = SDPA_KERNEL(**call)
-        for count in range(1, frames):
-            global_ids = global_frame_ids(frames, count, self.applied.config.placement)
-            sparse = tile_sparse_attention(call["query"], call["key"], call["value"], query_groups(ids, global_ids),
+        if self._candidates is None or self._candidates[0] is not ids:  # the layout changed (or the first call)
+            placement = self.applied.config.placement
+            self._candidates = (ids, {count: query_groups(ids, global_frame_ids(frames, count, placement))
+                                      for count in range(1, frames)})
+        for count, groups in self._candidates[1].items():
+            sparse = tile_sparse_attention(call["query"], call["key"], call["value"], groups,
                                            call.get("attn_mask"), call.get("scale"))
             self.errors.add(count, sparse, dense)
         return dense

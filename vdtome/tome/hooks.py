@@ -27,7 +27,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from torch.profiler import record_function
 
-from vdtome.core.diffusers_compat import hook_registry
+from vdtome.core.diffusers_compat import hook_registry, remove_hooks_named
 from vdtome.core.steps import StepContext
 from vdtome.tome.config import ToMeConfig
 from vdtome.tome.merge import Grid, Merge, attnbin_matching, bipartite_soft_matching_3d, merge_count
@@ -78,24 +78,23 @@ class DenoiserState:
     run: int = 0
 
 
-class DenoiserHook:
-    """Reads the grid at every call of the transformer / UNet and the step from the shared context.
+class ForwardPreHook:
+    """A plain torch forward pre-hook that reads each call's arguments by name (``read``).
 
-    A plain torch forward pre-hook rather than a diffusers ``ModelHook``: accelerate's model
-    offloading re-installs ``module.forward`` after every pipeline call, which would silently drop
-    a hook that replaces ``forward``, but it leaves ``_forward_pre_hooks`` alone. Registered after
-    the context's own pre-hook, so the step it copies is the current call's.
+    Not a diffusers ``ModelHook``: accelerate's model offloading re-installs ``module.forward``
+    after every pipeline call, which would silently drop a hook that replaces ``forward``, but it
+    leaves ``_forward_pre_hooks`` alone.
     """
 
-    def __init__(self, read_grid: Callable[[torch.nn.Module, dict], tuple[Grid, Grid]], context: StepContext) -> None:
-        self.state = DenoiserState()
-        self.context = context
-        self._read_grid = read_grid
-        self._arguments: ArgumentReader | None = None
+    def __init__(self) -> None:
+        self._arguments: _ArgumentReader | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
 
+    def read(self, module: torch.nn.Module, arguments: dict[str, Any]) -> None:
+        raise NotImplementedError
+
     def attach(self, module: torch.nn.Module) -> None:
-        self._arguments = ArgumentReader(type(module).forward)
+        self._arguments = _ArgumentReader(type(module).forward)
         self._handle = module.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
 
     def detach(self) -> None:
@@ -109,7 +108,23 @@ class DenoiserHook:
 
     @torch.compiler.disable
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        grid, latent_size = self._read_grid(module, self._arguments(module, args, kwargs))
+        self.read(module, self._arguments(module, args, kwargs))
+
+
+class DenoiserHook(ForwardPreHook):
+    """Reads the grid at every call of the transformer / UNet and the step from the shared context.
+
+    Registered after the context's own pre-hook, so the step it copies is the current call's.
+    """
+
+    def __init__(self, read_grid: Callable[[torch.nn.Module, dict], tuple[Grid, Grid]], context: StepContext) -> None:
+        super().__init__()
+        self.state = DenoiserState()
+        self.context = context
+        self._read_grid = read_grid
+
+    def read(self, module: torch.nn.Module, arguments: dict[str, Any]) -> None:
+        grid, latent_size = self._read_grid(module, arguments)
         steps, state = self.context.state, self.state
         state.grid, state.latent_size = grid, latent_size
         state.run, state.step, state.call_in_step, state.call_index = (steps.run, steps.step, steps.call_in_step,
@@ -204,10 +219,10 @@ class MergeSiteHook(ModelHook):
         self.matcher = matcher
         self.stats = stats
         self.active_merge: Merge | None = None
-        self._arguments: ArgumentReader | None = None
+        self._arguments: _ArgumentReader | None = None
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._arguments = ArgumentReader(type(module).forward)
+        self._arguments = _ArgumentReader(type(module).forward)
         return module
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
@@ -285,7 +300,7 @@ def _unmerge_after(tokens: torch.Tensor, prefix: int, merge: Merge) -> torch.Ten
     return torch.cat([tokens[:, :prefix], merge.unmerge(tokens[:, prefix:])], dim=1)
 
 
-class ArgumentReader:
+class _ArgumentReader:
     """A forward call's arguments by name, read without ``Signature.bind``: zipping the positional
     names costs a fraction of a bind, which every hook pays at every call. Arguments not passed are
     absent (no defaults filled in): callers read required arguments or ones whose default is None."""
@@ -397,8 +412,7 @@ def is_registered(model: torch.nn.Module) -> bool:
 
 def unregister(model: torch.nn.Module) -> None:
     """Remove every vdtome hook under ``model``; other hooks (caches, offloading) stay."""
-    for registry in _site_registries(model):
-        registry.remove_hook(HOOK_NAME, recurse=False)
+    remove_hooks_named(model, HOOK_NAME)
     for hook in denoiser_hooks(model):
         hook.detach()
         hook.context.release()

@@ -18,7 +18,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from vdtome.core.calibration import ErrorTally
 from vdtome.core.denoisers import denoisers_of, unwrap
-from vdtome.core.diffusers_compat import hook_registry
+from vdtome.core.diffusers_compat import remove_hooks_named
 from vdtome.core.steps import StepContext
 from vdtome.tome.adapters import find_adapter
 from vdtome.tome.config import ToMeConfig
@@ -93,10 +93,7 @@ class RatioSearch:
 
     def remove(self) -> None:
         for model in self.models:
-            for module in model.modules():
-                registry = hook_registry(module)
-                if registry is not None and registry.get_hook(HOOK) is not None:
-                    registry.remove_hook(HOOK, recurse=False)
+            remove_hooks_named(model, HOOK)
             invalidate_registry_caches(model)
         for denoiser in self.denoisers:
             if denoiser.attached:
