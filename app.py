@@ -84,6 +84,7 @@ from vdtome.web.gpu_budget import benchmark_duration, comparison_duration
 from vdtome.web.limits import ServiceLimits
 from vdtome.web.page import (
     CSS,
+    PAGE_SCRIPT,
     cards_html,
     colour_bar_html,
     frame_psnr_chart,
@@ -103,6 +104,7 @@ from vdtome.web.ui import (
     SWEEP_VALUES,
     VIEW_FILE,
     ComparisonView,
+    acceleration_title,
     api_fields,
     appended_from,
     comparison_view,
@@ -113,6 +115,7 @@ from vdtome.web.ui import (
     panel_title,
     preset_choice_label,
     preset_info,
+    preset_line,
     preset_prompts,
     settings_from_query,
     settings_query,
@@ -120,6 +123,7 @@ from vdtome.web.ui import (
     sweep_forms,
     sweep_label,
     sweep_suggestion,
+    widget_value,
 )
 
 DEFAULT_PRESET = os.environ.get("VDTOME_DEFAULT_PRESET", "tiny-shapes-128")
@@ -569,7 +573,7 @@ def _restored_form(view: ComparisonView, what: str) -> tuple:
     """The form set to the settings of a shown run, so Run reproduces it; a view saved before
     runs kept their form leaves the form as it is, and says so."""
     if view.form is None:
-        unchanged = [gr.update()] * (len(LINK_FIELDS) + len(METHODS) + 3)  # fields, switches, info, Run, Run sweep
+        unchanged = [gr.update()] * (len(LINK_FIELDS) + len(METHODS) + 4)  # fields, switches, 2 x info, Run, Run sweep
         return (*unchanged, f"The settings of {what} were not recorded: the form is unchanged, so Run would not "
                             "reproduce it.")
     values = {name: value for name, value in view.form.items() if name in RUN_FIELDS}
@@ -595,8 +599,7 @@ def _negative_prompt_box(preset, value: str = "") -> gr.Textbox:
     return gr.Textbox(value=value, interactive=True, info=None)
 
 
-ROUNDS_INFO = (f"1-{MAX_ROUNDS} pairs of back-to-back calls, each one repeat; 6 or more give an interval and a "
-               "verdict, fewer are shown as not tested")
+ROUNDS_INFO = f"1-{MAX_ROUNDS} back-to-back pairs; 6+ give a verdict"
 GPU_POINTER = ("To run it: duplicate this Space with GPU hardware (Settings → Duplicate this Space), or on a GPU "
                "machine run `python -m vdtome compare --preset {name} --prompt \"...\"`.")
 
@@ -625,6 +628,7 @@ def on_preset(name: str, negative_prompt: str):
     preset = PRESETS[name]
     rules = preset.constraints
     return (
+        preset_line(preset, HAS_GPU),
         preset_info(preset, HAS_GPU),
         _negative_prompt_box(preset, negative_prompt),
         gr.Number(value=preset.num_frames, info=_frames_info(rules)),
@@ -663,8 +667,7 @@ METHOD_FIELDS = tuple(f.name for method in METHODS.values() for f in method.fiel
 def on_preset_fields(name: str):
     """The methods' fields take the new preset's defaults (token merging's are chosen per model)."""
     defaults = method_defaults(PRESETS[name])
-    return [gr.update(value=list(defaults[field]) if isinstance(defaults[field], tuple) else defaults[field])
-            for field in METHOD_FIELDS]
+    return [gr.update(value=widget_value(defaults[field])) for field in METHOD_FIELDS]
 
 
 def restore_from_link(request: gr.Request):
@@ -689,8 +692,8 @@ def _form_updates(values: dict, problems: list[str], notice: str) -> tuple:
     if problems and not notice:
         notice = "**Some settings could not be restored:** " + "; ".join(problems)
     run_button, sweep_button, gpu_notice = run_notice(preset)
-    info = preset_info(preset, HAS_GPU)
-    return (*updates, *switches, info, run_button, sweep_button, "\n\n".join(x for x in (gpu_notice, notice) if x))
+    return (*updates, *switches, preset_line(preset, HAS_GPU), preset_info(preset, HAS_GPU), run_button, sweep_button,
+            "\n\n".join(x for x in (gpu_notice, notice) if x))
 
 
 def check_form(*values):
@@ -717,10 +720,10 @@ def _refusal(error: RequestError) -> str:
     name = error.field
     for key, method in METHODS.items():
         if name == method.enable_field:
-            return refusal_html(str(error), name, f"Use {method.label}", [f"method-{key}"])
+            return refusal_html(str(error), name, f"Use {method.label}", ["acceleration", f"method-{key}"])
         for form_field in method.fields:
             if form_field.name == name:
-                panels = [f"method-{key}"] + ([f"method-{key}-more"] if form_field.advanced else [])
+                panels = ["acceleration", f"method-{key}"] + ([f"method-{key}-more"] if form_field.advanced else [])
                 return refusal_html(str(error), name, f"{method.label}: {form_field.label}", panels)
     return refusal_html(str(error), FIELD_ELEMENTS.get(name, name or "prompt"), REQUEST_LABELS.get(name, "the form"), [])
 
@@ -769,10 +772,21 @@ def on_bound(form_field: FormField, value, *others):
     return gr.update(maximum=limit, info=f"{form_field.help}; {rule}")
 
 
+# Every method's switch and fields, in registry order: the inputs of a title update.
+METHOD_INPUTS = tuple(name for method in METHODS.values() for name in (method.enable_field, *(f.name for f in method.fields)))
+
+
 def on_panel(method, *values):
-    """A method's group title after any of its inputs changed."""
-    names = (method.enable_field, *(f.name for f in method.fields))
-    return gr.update(label=panel_title(method, dict(zip(names, values))))
+    """A method's group title, and the Acceleration section's, after any of its inputs changed."""
+    form = dict(zip(METHOD_INPUTS, values))
+    return gr.update(label=panel_title(method, form)), gr.update(label=acceleration_title(form))
+
+
+def _starting_methods(preset) -> dict:
+    """The methods' switches and fields as the form starts on ``preset`` (a method it cannot take is off)."""
+    reasons = _unavailable(preset)
+    return method_defaults(preset) | {method.enable_field: method.on_by_default and not reasons[name]
+                                      for name, method in METHODS.items()}
 
 
 def method_panel(preset) -> tuple[dict[str, gr.components.Component], list[gr.Checkbox], dict[str, gr.Accordion]]:
@@ -782,9 +796,10 @@ def method_panel(preset) -> tuple[dict[str, gr.components.Component], list[gr.Ch
     switches = []
     panels = {}
     reasons = _unavailable(preset)
+    starting = _starting_methods(preset)
     defaults = method_defaults(preset)
     for name, method in METHODS.items():
-        title = panel_title(method, defaults | {method.enable_field: method.on_by_default and not reasons[name]})
+        title = panel_title(method, starting)
         with gr.Accordion(title, open=method.on_by_default, elem_id=f"method-{name}") as panels[name]:
             switch = gr.Checkbox(label=f"Use {method.label}", elem_id=method.enable_field,
                                  **_switch(method, reasons[name]))
@@ -847,10 +862,8 @@ def build_demo() -> gr.Blocks:
     rules = preset.constraints
     with StrictBlocks(title="vdtome: training-free acceleration for video diffusion", delete_cache=(900, 3600)) as demo:
         gr.Markdown(
-            "# vdtome\nTraining-free acceleration for video diffusion transformers: token merging (ToMe) and "
-            "diffusers' step caches, alone or stacked, against the baseline on the same prompt and seed. Every "
-            "speedup is timed in the same request (baseline and accelerated calls back to back, repeated, with an "
-            "interval); within noise is said so.",
+            "# vdtome\nTraining-free acceleration for video diffusion transformers against the baseline on the "
+            "same prompt and seed, timed in one request with an interval; within noise is said so.",
             elem_id="vdtome-title",
         )
         # The session's runs: worked on in gr.State (no API value: an API call starts from an empty
@@ -864,14 +877,16 @@ def build_demo() -> gr.Blocks:
                     [(preset_choice_label(p, HAS_GPU), p.name) for p in PRESETS.values()],
                     value=preset.name, label="Model preset", elem_id="preset",
                 )
-                model_info = gr.Markdown(preset_info(preset, HAS_GPU))
+                model_info = gr.Markdown(preset_line(preset, HAS_GPU), elem_id="preset-line")
+                with gr.Accordion("About this model", open=False, elem_id="preset-details"):
+                    model_details = gr.Markdown(preset_info(preset, HAS_GPU))
                 custom_model = gr.Textbox(
                     label="Custom weights (hub id or local folder, loaded with the preset's pipeline class)",
                     value="", visible=custom_models_allowed(), max_lines=1, elem_id=CUSTOM_MODEL,
                 )
                 prompts = preset_prompts(preset)
                 prompt = gr.Textbox(label="Prompt", value=prompts[0], lines=2, max_lines=6, elem_id="prompt")
-                prompt_examples = gr.Examples([[p] for p in prompts], inputs=[prompt], examples_per_page=6,
+                prompt_examples = gr.Examples([[p] for p in prompts], inputs=[prompt], examples_per_page=4,
                                               label=_examples_label(preset))
                 negative = gr.Textbox(label="Negative prompt", value="", max_lines=2, elem_id="negative_prompt",
                                       interactive=not preset.negative_prompt_unsupported)
@@ -890,8 +905,11 @@ def build_demo() -> gr.Blocks:
                     # No precision: the engine refuses 2.5 with the rule instead of the page rounding it.
                     rounds = gr.Number(label="Timing rounds", value=preset.timing_rounds, step=1,
                                        info=ROUNDS_INFO, elem_id="rounds", min_width=80)
-                gr.Markdown("### Acceleration\nSwitch on any methods to stack them (applied in this order).")
-                method_widgets, switches, panels = method_panel(preset)
+                # Folded: a phone reaches Run past one line, which says what is on.
+                with gr.Accordion(acceleration_title(_starting_methods(preset)), open=False,
+                                  elem_id="acceleration") as acceleration:
+                    gr.Markdown("Switch on any methods to stack them (applied in this order).")
+                    method_widgets, switches, panels = method_panel(preset)
                 with gr.Accordion("Share and reproduce", open=False, elem_id="share"):
                     share_button = gr.Button("Link to these settings (copied to the clipboard)", size="sm",
                                              elem_id="share-button")
@@ -900,12 +918,15 @@ def build_demo() -> gr.Blocks:
                     code = gr.Code(label="The library call that reproduces the result shown", language="python",
                                    interactive=False, elem_id="code")
             with gr.Column(scale=7, min_width=340, elem_id="result-column"):
-                with gr.Row():
-                    run = gr.Button("Run comparison", variant="primary", elem_id="run", scale=3)
-                    stop = gr.Button("Cancel", variant="stop", elem_id="cancel", scale=1)
+                # On a phone, a bar fixed at the bottom of the screen (CSS): Run from anywhere in the form,
+                # and what it was refused for where the visitor looks.
+                with gr.Column(elem_id="run-bar"):
+                    with gr.Row():
+                        run = gr.Button("Run comparison", variant="primary", elem_id="run", scale=3)
+                        stop = gr.Button("Cancel", variant="stop", elem_id="cancel", scale=1)
+                    # What Run was refused for, with a link that opens and scrolls to the field.
+                    refusal = gr.HTML("", elem_id="refusal-box", js_on_load=FIELD_LINKS)
                 notice = gr.Markdown(run_notice(preset)[2], elem_id="run-notice")
-                # What Run was refused for, with a link that opens and scrolls to the field.
-                refusal = gr.HTML("", elem_id="refusal-box", js_on_load=FIELD_LINKS)
                 headline = gr.HTML(cards_html(None), label="headline", elem_id="headline-box", min_height=90)
                 side_by_side = gr.Video(label="side by side", show_label=False, autoplay=True, loop=True, buttons=["download"],
                                         elem_id="side-by-side", height=360)
@@ -1046,7 +1067,8 @@ def build_demo() -> gr.Blocks:
         clear_button.click(clear_history, None, [history, history_table, history_points, history_chart_plot,
                                                  run_picker], **private).then(**keep)
         export_button.click(history_csv, history, export_file, **private)
-        form_outputs = [*(components[name] for name in LINK_FIELDS), *switches, model_info, run, sweep_button, notice]
+        form_outputs = [*(components[name] for name in LINK_FIELDS), *switches, model_info, model_details, run,
+                        sweep_button, notice]
         # A shown run or example: its result into view, the example prompts of its preset.
         for picker, shower, inputs in ((run_picker, show_run, [run_picker, history]),
                                        (example_picker, show_example, [example_picker])):
@@ -1054,21 +1076,23 @@ def build_demo() -> gr.Blocks:
             shown_event.success(None, js=SCROLL_TO_HEADLINE)
             shown_event.success(on_preset_prompts, model, prompt_examples.dataset, show_progress="hidden", **private)
         # Each method's title says whether it is on and its settings; a bounded slider follows its bound.
+        # Values as typed (preprocess=False): a value outside a slider's range is named in the title.
+        everything = [method_widgets[name] for name in METHOD_INPUTS]
         for name, method in METHODS.items():
-            inputs = [method_widgets[method.enable_field], *(method_widgets[f.name] for f in method.fields)]
-            for widget in inputs:
-                widget.change(functools.partial(on_panel, method), inputs, panels[name], show_progress="hidden",
-                              **private)
+            for widget in [method_widgets[method.enable_field], *(method_widgets[f.name] for f in method.fields)]:
+                widget.change(functools.partial(on_panel, method), everything, [panels[name], acceleration],
+                              show_progress="hidden", preprocess=False, **private)
             for form_field in method.fields:
                 if form_field.bound is not None:
                     others = [method_widgets[other] for other in form_field.bound_by]
                     for other in others:
                         other.change(functools.partial(on_bound, form_field), [method_widgets[form_field.name], *others],
-                                     method_widgets[form_field.name], show_progress="hidden", **private)
+                                     method_widgets[form_field.name], show_progress="hidden", preprocess=False,
+                                     **private)
         share_button.click(share_link, [components[name] for name in COMPARE_FIELDS], share_query, **private).then(
             None, share_query, share_box, js=FULL_LINK)
         # .input, not .change: a link restoring a preset and its sizes must not be overwritten.
-        model.input(on_preset, [model, negative], [model_info, negative, frames, height, width, steps, guidance,
+        model.input(on_preset, [model, negative], [model_info, model_details, negative, frames, height, width, steps, guidance,
                                                    rounds, run, sweep_button, notice], **private)
         model.input(on_preset_methods, [model, *switches], switches, **private)
         model.input(on_preset_fields, model, [method_widgets[field] for field in METHOD_FIELDS], **private)
@@ -1094,7 +1118,7 @@ def _stop_on_sigterm(signum, frame):
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     demo.launch(
-        css=CSS, theme=gr.themes.Soft(), footer_links=["api", "gradio"],
+        css=CSS, js=PAGE_SCRIPT, theme=gr.themes.Soft(), footer_links=["api", "gradio"],
         allowed_paths=[str(EXAMPLES_DIR)],  # the shipped examples' videos and frames
         max_file_size="1kb",  # the app takes no files; ServiceGuard refuses the upload route outright
         state_session_capacity=1000,  # sessions whose state is kept (oldest dropped first)

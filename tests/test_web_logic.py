@@ -150,6 +150,10 @@ def test_a_link_takes_the_form_to_its_values_and_a_new_presets_defaults():
     assert preset.name == "tiny-ltx" and not problems
     assert targets == {"preset": "tiny-ltx", "steps": 3, "frames": PRESETS["tiny-ltx"].num_frames,
                        "ratio": method_defaults(PRESETS["tiny-ltx"])["ratio"]}  # the prompt is left as it is
+    # A multiple choice goes to its widget as a list: Gradio would read a tuple as one choice, and the
+    # page-made links (which carry the preset) untick every merge target.
+    preset, targets = form_targets({"preset": "tiny-shapes-128"}, problems, PRESETS, "tiny-wan", ("targets",))
+    assert targets == {"targets": ["self-attention"]}
     preset, targets = form_targets({"prompt": "a kite"}, problems, PRESETS, "tiny-wan", fields)
     assert preset.name == "tiny-wan" and targets == {"prompt": "a kite"}  # same preset: nothing else moves
     preset, targets = form_targets({"preset": "nope", "steps": 3}, problems, PRESETS, "tiny-wan", fields)

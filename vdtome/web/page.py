@@ -238,6 +238,33 @@ table.metrics thead th { background: var(--background-fill-secondary); }
 #side-by-side video, #baseline-video video, #accelerated-video video, #difference-video video, #frame-slider img {
   image-rendering: pixelated; }
 #status { font-weight: 600; }
+/* A phone: Run, Cancel and a refusal in a bar fixed at the bottom of the screen, reachable from anywhere in the
+   form; the page ends above it, and what is scrolled into view stops above it. */
+@media (max-width: 700px) {
+  #run-bar { position: fixed; left: 0; right: 0; bottom: 0; z-index: 40; margin: 0; padding: 8px 10px;
+    background: var(--background-fill-primary); border-top: 1px solid var(--border-color-primary);
+    box-shadow: 0 -4px 12px rgba(0, 0, 0, 0.08); }
+  #run-bar .refusal { max-height: 30vh; overflow-y: auto; }
+  .gradio-container { padding-bottom: 110px !important; }
+  #headline, #result-column, #refusal { scroll-margin-bottom: 120px; }
+  .toast-wrap { bottom: 110px !important; }
+}
 /* charts sized to their container (the history chart): vega-embed sits in a flex row with no width of its own */
 #history-chart .vega-embed { width: 100%; }
+"""
+
+
+# Run on page load (``launch(js=...)``). Gradio's slider moves a typed value into its range when its
+# number box loses focus: Run would then run at a value the visitor did not choose, while the box
+# still showed theirs. Stopped in the capture phase, the value typed stays what Run sends, and Run
+# refuses it naming the field and its range (the API's own message).
+PAGE_SCRIPT = """
+() => {
+  window.addEventListener('blur', (event) => {
+    const box = event.target;
+    if (!(box instanceof HTMLInputElement) || box.dataset.testid !== 'number-input' || box.value === '') return;
+    const value = Number(box.value);
+    if (value < Number(box.min) || value > Number(box.max)) event.stopPropagation();
+  }, true);
+}
 """

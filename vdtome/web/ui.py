@@ -179,6 +179,19 @@ def panel_title(method: Method, values: Mapping[str, Any]) -> str:
         return f"{method.label} · on · not runnable: {error}"
 
 
+def acceleration_title(values: Mapping[str, Any]) -> str:
+    """The title of the section that holds every method: what will run, so that folded (as it starts,
+    keeping Run near the top on a phone) it still says so."""
+    on = []
+    for method in METHODS.values():
+        if values.get(method.enable_field) is True:
+            try:
+                on.append(f"{method.label} {method.summary(method.from_form(values))}")
+            except RequestError:
+                on.append(f"{method.label} (not runnable: open to see why)")
+    return "Acceleration · " + (" + ".join(on) if on else "nothing switched on")
+
+
 def field_bound(form_field: FormField, values: Mapping[str, Any]) -> tuple[float, str] | None:
     """A field's largest valid value for the other fields' current values (None: its fixed
     maximum applies, or those values are not valid yet)."""
@@ -201,8 +214,15 @@ def preset_prompts(preset: ModelPreset) -> list[str]:
     return load_prompts(preset.prompts or "default")
 
 
+def preset_line(preset: ModelPreset, has_gpu: bool) -> str:
+    """One line under the model picker (a phone shows the form before the details): whether it can
+    run here and its input rules; the rest is folded (:func:`preset_info`)."""
+    unavailable = "**Unavailable here: this machine has no GPU.** " if preset.requires_gpu and not has_gpu else ""
+    return f"{unavailable}Inputs: {preset.constraints.describe()}."
+
+
 def preset_info(preset: ModelPreset, has_gpu: bool) -> str:
-    """Markdown shown under the model picker: hardware note and the model's input rules."""
+    """Markdown folded under the model picker: hardware note and the model's input rules."""
     lines = [f"**{preset.label}**", f"Hardware: {preset.hardware}", f"Inputs: {preset.constraints.describe()}.",
              f"Timing rounds by default: {preset.timing_rounds}" + (
                  f" (after the first, {preset.timing_steps} steps each when every step of the stack costs alike)."
@@ -628,10 +648,15 @@ def form_targets(values: dict[str, Any], problems: list[str], presets: Mapping[s
     targets = {}
     for field in fields:
         if field in values:
-            targets[field] = values[field]
+            targets[field] = widget_value(values[field])
         elif "preset" in values and field in defaults:
-            targets[field] = defaults[field]
+            targets[field] = widget_value(defaults[field])
     return preset, targets
+
+
+def widget_value(value: Any) -> Any:
+    """A value as a widget holds it: a multiple choice as a list (Gradio reads a tuple as one choice)."""
+    return list(value) if isinstance(value, (tuple, frozenset, set)) else value
 
 
 def settings_from_query(params: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
