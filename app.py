@@ -573,9 +573,8 @@ def _restored_form(view: ComparisonView, what: str) -> tuple:
     """The form set to the settings of a shown run, so Run reproduces it; a view saved before
     runs kept their form leaves the form as it is, and says so."""
     if view.form is None:
-        unchanged = [gr.update()] * (len(LINK_FIELDS) + len(METHODS) + 4)  # fields, switches, 2 x info, Run, Run sweep
-        return (*unchanged, f"The settings of {what} were not recorded: the form is unchanged, so Run would not "
-                            "reproduce it.")
+        return (*_form_unchanged(), f"The settings of {what} were not recorded: the form is unchanged, so Run would "
+                                    "not reproduce it.", *_titles(None))
     values = {name: value for name, value in view.form.items() if name in RUN_FIELDS}
     return _form_updates(values, [], f"The form now holds the settings of {what}: Run reproduces it.")
 
@@ -655,45 +654,54 @@ def _switch(method, reason: str | None, value: bool | None = None) -> dict:
 
 
 def on_preset_methods(name: str, *switches: bool):
+    """Another preset: the switches it cannot take locked off, the methods' fields at its defaults
+    (token merging's are chosen per model), and the titles of the form that results."""
     reasons = _unavailable(PRESETS[name])
-    return [gr.Checkbox(**_switch(method, reasons[key], value))
-            for (key, method), value in zip(METHODS.items(), switches)]
+    states = [_switch(method, reasons[key], value) for (key, method), value in zip(METHODS.items(), switches)]
+    defaults = method_defaults(PRESETS[name])
+    form = defaults | {method.enable_field: state["value"] for method, state in zip(METHODS.values(), states)}
+    return (*(gr.Checkbox(**state) for state in states),
+            *(gr.update(value=widget_value(defaults[field])) for field in METHOD_FIELDS), *_titles(form))
 
 
 # Every method field, in registry order (the outputs of on_preset_fields).
 METHOD_FIELDS = tuple(f.name for method in METHODS.values() for f in method.fields)
 
 
-def on_preset_fields(name: str):
-    """The methods' fields take the new preset's defaults (token merging's are chosen per model)."""
-    defaults = method_defaults(PRESETS[name])
-    return [gr.update(value=widget_value(defaults[field])) for field in METHOD_FIELDS]
-
-
 def restore_from_link(request: gr.Request):
     """Form values from the page address's query string (a shared link); what cannot be used is
     named in the notice, never silently changed."""
     params = dict(request.query_params) if request is not None else {}
+    if not params:  # no link: the form stays as built (a visitor may already be typing)
+        return (*_form_unchanged(), gr.update(), *_titles(None))
     values, problems = settings_from_query(params)
     notice = "" if not problems else "**This link had settings the form cannot take; they were left as they were:** " + \
         "; ".join(problems)
     return _form_updates(values, problems, notice)
 
 
+def _form_unchanged() -> list:
+    """No change to the form outputs but the notice: the fields, the switches, the two preset notes, Run, Run sweep."""
+    return [gr.update()] * (len(LINK_FIELDS) + len(METHODS) + 4)
+
+
 def _form_updates(values: dict, problems: list[str], notice: str) -> tuple:
     """Updates of the form to ``values``, in the order of the form outputs: the fields of
     :data:`LINK_FIELDS`, the switches (locked where the preset cannot take a method), the preset's
-    notes, Run, Run sweep and the notice."""
+    notes, Run, Run sweep, the notice and the titles. A field ``values`` leaves out keeps its value:
+    the new preset's default, or on a page just opened, the default preset's."""
     preset, targets = form_targets(values, problems, PRESETS, DEFAULT_PRESET, LINK_FIELDS)
     updates = [gr.update(value=targets[field]) if field in targets else gr.update() for field in LINK_FIELDS]
     reasons = _unavailable(preset)
-    switches = [gr.Checkbox(**_switch(method, reasons[key], values.get(method.enable_field)))
-                for key, method in METHODS.items()]
+    states = [_switch(method, reasons[key], values.get(method.enable_field)) for key, method in METHODS.items()]
+    form = method_defaults(preset) | targets | {method.enable_field: state["value"]
+                                                for method, state in zip(METHODS.values(), states)}
     if problems and not notice:
         notice = "**Some settings could not be restored:** " + "; ".join(problems)
     run_button, sweep_button, gpu_notice = run_notice(preset)
-    return (*updates, *switches, preset_line(preset, HAS_GPU), preset_info(preset, HAS_GPU), run_button, sweep_button,
-            "\n\n".join(x for x in (gpu_notice, notice) if x))
+    return (*updates, *(gr.Checkbox(**state) for state in states), preset_line(preset, HAS_GPU),
+            preset_info(preset, HAS_GPU), run_button, sweep_button,
+            "\n\n".join(x for x in (gpu_notice, notice) if x), *_titles(form))
 
 
 def check_form(*values):
@@ -776,10 +784,17 @@ def on_bound(form_field: FormField, value, *others):
 METHOD_INPUTS = tuple(name for method in METHODS.values() for name in (method.enable_field, *(f.name for f in method.fields)))
 
 
-def on_panel(method, *values):
-    """A method's group title, and the Acceleration section's, after any of its inputs changed."""
-    form = dict(zip(METHOD_INPUTS, values))
-    return gr.update(label=panel_title(method, form)), gr.update(label=acceleration_title(form))
+def on_titles(*values):
+    """Every method's group title and the Acceleration section's, after a visitor changed a method input."""
+    return _titles(dict(zip(METHOD_INPUTS, values)))
+
+
+def _titles(form: dict | None) -> tuple:
+    """Updates of every method's group title and the Acceleration section's for ``form`` (None: unchanged)."""
+    if form is None:
+        return (gr.update(),) * (len(METHODS) + 1)
+    return (*(gr.update(label=panel_title(method, form)) for method in METHODS.values()),
+            gr.update(label=acceleration_title(form)))
 
 
 def _starting_methods(preset) -> dict:
@@ -1068,7 +1083,7 @@ def build_demo() -> gr.Blocks:
                                                  run_picker], **private).then(**keep)
         export_button.click(history_csv, history, export_file, **private)
         form_outputs = [*(components[name] for name in LINK_FIELDS), *switches, model_info, model_details, run,
-                        sweep_button, notice]
+                        sweep_button, notice, *panels.values(), acceleration]
         # A shown run or example: its result into view, the example prompts of its preset.
         for picker, shower, inputs in ((run_picker, show_run, [run_picker, history]),
                                        (example_picker, show_example, [example_picker])):
@@ -1077,11 +1092,16 @@ def build_demo() -> gr.Blocks:
             shown_event.success(on_preset_prompts, model, prompt_examples.dataset, show_progress="hidden", **private)
         # Each method's title says whether it is on and its settings; a bounded slider follows its bound.
         # Values as typed (preprocess=False): a value outside a slider's range is named in the title.
+        # A visitor's edit (.input): one event for every title, run again after a burst of edits with the values
+        # as they stand then. What changes many inputs at once (a link, a past run, another preset) sets the
+        # titles itself from the values it sets: the page applies such an update input by input, and a
+        # title read from it halfway (folded groups' fields come last) would stay wrong.
         everything = [method_widgets[name] for name in METHOD_INPUTS]
+        titles = [*panels.values(), acceleration]
+        edits = [widget.input for widget in everything] + [w.release for w in everything if isinstance(w, gr.Slider)]
+        gr.on(edits, on_titles, everything, titles, show_progress="hidden",
+              preprocess=False, trigger_mode="always_last", **private)
         for name, method in METHODS.items():
-            for widget in [method_widgets[method.enable_field], *(method_widgets[f.name] for f in method.fields)]:
-                widget.change(functools.partial(on_panel, method), everything, [panels[name], acceleration],
-                              show_progress="hidden", preprocess=False, **private)
             for form_field in method.fields:
                 if form_field.bound is not None:
                     others = [method_widgets[other] for other in form_field.bound_by]
@@ -1094,8 +1114,8 @@ def build_demo() -> gr.Blocks:
         # .input, not .change: a link restoring a preset and its sizes must not be overwritten.
         model.input(on_preset, [model, negative], [model_info, model_details, negative, frames, height, width, steps, guidance,
                                                    rounds, run, sweep_button, notice], **private)
-        model.input(on_preset_methods, [model, *switches], switches, **private)
-        model.input(on_preset_fields, model, [method_widgets[field] for field in METHOD_FIELDS], **private)
+        model.input(on_preset_methods, [model, *switches],
+                    [*switches, *(method_widgets[field] for field in METHOD_FIELDS), *titles], **private)
         model.input(on_preset_prompts, model, prompt_examples.dataset, **private)
         sweep_field.change(sweep_suggestion, sweep_field, sweep_values, **private)
         demo.load(restore_from_link, None, form_outputs, show_progress="hidden", **private).then(

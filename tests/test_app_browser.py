@@ -89,7 +89,16 @@ def page(browser, app_server):
     page.close()
 
 
+def open_group(page, element_id: str) -> None:
+    """Unfold a folded group (its fields are not in the page until it opens)."""
+    toggle = page.locator(f"#{element_id} > button.label-wrap")
+    if "open" not in (toggle.get_attribute("class") or ""):
+        toggle.click()
+        page.locator(f"#{element_id} > button.label-wrap.open").wait_for()
+
+
 def set_ratio(page, value: str) -> None:
+    open_group(page, "acceleration")
     box = page.locator("#ratio input[type=number]")
     box.fill(value)
     box.press("Enter")
@@ -98,6 +107,7 @@ def set_ratio(page, value: str) -> None:
 
 def test_compare_in_the_browser_then_bad_input_then_again(page, tmp_path):
     page.locator("#prompt textarea").fill("A heron lifts off a misty lake at sunrise, wings beating slowly.")
+    open_group(page, "acceleration")
     # The slider ends at the default stride's cap (1 - 1/4) and says why; the API refuses more (test_app_api).
     assert page.locator("#ratio input[type=number]").get_attribute("max") == "0.75"
     page.locator("#ratio").get_by_text("at most 0.75 for stride 1x2x2").wait_for(state="visible")
@@ -151,6 +161,8 @@ def test_a_refusal_is_shown_where_the_visitor_looks_and_leads_to_its_field(brows
     page.set_default_timeout(TIMEOUT_MS)
     # A shared link that switches on two diffusers caches: a stack the rules refuse, its groups folded.
     page.goto(app_server + "?use_first_block_cache=true&use_mag_cache=true&height=70")
+    page.wait_for_function("() => document.querySelector('#acceleration > .label-wrap')?.innerText.includes('MagCache')")
+    open_group(page, "acceleration")  # its title lists what is on; unfolded, each method's group says so too
     page.wait_for_function("() => document.querySelector('#method-mag_cache .label-wrap')?.innerText.includes('on')")
     titles = page.evaluate("() => [...document.querySelectorAll('[id^=method-] > button.label-wrap')].map(b => b.innerText)")
     assert any(t.startswith("token merging (ToMe) · on · ratio 0.5 stride 1x2x2") for t in titles), titles
@@ -221,6 +233,7 @@ def test_a_bad_value_is_shown_at_its_field_and_cancel_stops_a_run(page):
 
 def test_two_methods_stack_through_the_page(page):
     runs = page.evaluate(HISTORY_ROWS)
+    open_group(page, "acceleration")
     page.locator("#method-first_block_cache").get_by_text("first block cache").first.click()  # unfold its group
     page.locator("#use_first_block_cache input").check()
     threshold = page.locator("#first_block_cache_threshold input[type=number]")
@@ -357,3 +370,277 @@ def test_the_result_page_at_phone_and_desktop_widths(browser, default_app_server
     page.evaluate("() => window.scrollTo(0, 0)")
     check_result_page(page, 1400, folder, "screenshot.png")
     page.close()
+
+
+# ---- every field as the page holds it: typed out of range, and carried by a link the page made ------------
+
+# The presets whose pages test the methods the default (tiny-wan) cannot take.
+PRESETS_FOR_METHODS = ("tiny-wan", "tiny-cogvideox", "tiny-animatediff")
+
+
+def method_presets():
+    """(preset, methods first testable on it): every registered method on a tiny preset that takes it."""
+    from vdtome.core.denoisers import pipeline_denoiser_types
+    from vdtome.core.presets import load_presets
+    from vdtome.methods import METHODS
+
+    presets, seen, plan = load_presets(), set(), []
+    for name in PRESETS_FOR_METHODS:
+        types = pipeline_denoiser_types(presets[name].pipeline_class)
+        mine = [m for key, m in METHODS.items() if key not in seen and m.unavailable(types) is None]
+        seen.update(m.name for m in mine)
+        plan.append((presets[name], mine))
+    assert seen == set(METHODS), f"no tiny preset in {PRESETS_FOR_METHODS} takes {set(METHODS) - seen}"
+    return plan
+
+
+def page_form(preset) -> dict:
+    """The form's values as a page on ``preset`` starts (what Run sends, before any change)."""
+    from vdtome.web.ui import CUSTOM_MODEL, method_defaults, preset_prompts
+
+    return {"preset": preset.name, "prompt": preset_prompts(preset)[0], "negative_prompt": "", "seed": 0,
+            "frames": preset.num_frames, "height": preset.height, "width": preset.width,
+            "steps": preset.num_inference_steps, "guidance": preset.guidance_scale, "rounds": preset.timing_rounds,
+            CUSTOM_MODEL: "", **method_defaults(preset)}
+
+
+def api_refusal(form: dict) -> str:
+    """The message the API gives for these values (the app's own gates, in this process)."""
+    from vdtome.core.presets import load_presets
+    from vdtome.core.validation import RequestError
+    from vdtome.web.gates import RequestGates
+    from vdtome.web.limits import ServiceLimits
+
+    presets = load_presets()
+    try:
+        RequestGates(presets, ServiceLimits(), has_gpu=False).comparison(form)
+    except RequestError as error:
+        return str(error)
+    raise AssertionError(f"these values are not refused: {form}")
+
+
+def wait_for_start(page, selector: str, start: str, context: str = "") -> None:
+    """Wait until the element's text starts with ``start``; on a timeout, say what it showed."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("([selector, start]) => document.querySelector(selector)?.innerText.startsWith(start)",
+                               arg=[selector, start])
+    except PlaywrightTimeout:
+        shown = page.evaluate("(selector) => document.querySelector(selector)?.innerText", selector)
+        raise AssertionError(f"{selector} shows {shown!r}, not {start!r}... {context}") from None
+
+
+def open_on_preset(page, app_server: str, preset) -> None:
+    """The page on ``preset``: as it opens for the server's default, else through a link, once
+    applied (the picker shows it; a link is applied in one update)."""
+    page.goto(app_server if preset.name == PRESETS_FOR_METHODS[0] else app_server + f"?preset={preset.name}")
+    page.wait_for_function("(label) => document.querySelector('#preset input')?.value === label", arg=preset.label)
+
+
+def open_method(page, method) -> None:
+    """Unfold the method's group and its advanced options."""
+    open_group(page, "acceleration")
+    open_group(page, f"method-{method.name}")
+    if any(f.advanced for f in method.fields):
+        open_group(page, f"method-{method.name}-more")
+
+
+def switch_on(page, method) -> None:
+    open_method(page, method)
+    page.locator(f"#{method.enable_field} input").check()
+
+
+def out_of_range_request(preset) -> dict[str, str]:
+    """A value outside each request field's range on ``preset`` (these boxes have no slider to move them)."""
+    from vdtome.engine.request import MAX_GUIDANCE, MAX_ROUNDS, MAX_STEPS
+
+    rules = preset.constraints
+    return {"seed": "-1", "frames": str(rules.valid_frame_range[1] + rules.frames_multiple),
+            "height": str(rules.valid_side_range[1] + rules.side_multiple), "width": str(rules.valid_side_range[0] - 1),
+            "steps": str(MAX_STEPS + 1), "guidance": f"{MAX_GUIDANCE + 1:g}", "rounds": str(MAX_ROUNDS + 1)}
+
+
+def as_typed(number: int | float) -> str:
+    return str(number) if isinstance(number, int) else f"{number:g}"
+
+
+def refused_as_typed(page, name: str, box: str, typed: str, values: dict, start: str) -> None:
+    """Type ``typed`` into ``box``, leave it, press Run: the box still holds it and Run refuses it
+    with the API's message for ``values``; then put back ``start``."""
+    field = page.locator(box)
+    field.fill(typed)
+    field.press("Enter")
+    field.press("Tab")  # the box loses focus: Gradio's slider would move the value into its range here
+    assert field.input_value() == typed, name
+    message = api_refusal(values)
+    page.locator("#run").click()
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("(text) => document.querySelector('#refusal')?.innerText.includes(text)", arg=message,
+                               timeout=30_000)
+    except PlaywrightTimeout:
+        shown = page.evaluate("() => document.querySelector('#refusal')?.innerText")
+        raise AssertionError(f"{name} = {typed}: Run did not refuse it with {message!r}; the page shows {shown!r}") from None
+    field.fill(start)
+    field.press("Tab")
+
+
+def test_a_value_typed_outside_any_numeric_fields_range_is_refused_at_run_never_moved(browser, app_server):
+    """Every numeric field of the request and of every method (each switched on, on a preset that
+    takes it): the value typed stays in its box after it loses focus, and Run refuses it with the
+    API's message naming the field and its range; nothing runs."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    for index, (preset, methods) in enumerate(method_presets()):
+        open_on_preset(page, app_server, preset)
+        runs = page.evaluate(HISTORY_ROWS)
+        form = page_form(preset)
+        if index == 0:
+            for name, typed in out_of_range_request(preset).items():
+                number = float(typed) if "." in typed else int(typed)
+                refused_as_typed(page, name, f"#{name} input", typed, form | {name: number}, as_typed(form[name]))
+        for method in methods:
+            numeric = [f for f in method.fields if f.kind in ("number", "integer")]
+            if not numeric:
+                continue
+            switch_on(page, method)
+            for form_field in numeric:
+                box = f"#{form_field.name} input[type=number]"
+                top = float(page.locator(box).get_attribute("max"))  # the slider's end (a bound may lower it)
+                typed = top + (form_field.step or 1)
+                typed = int(typed) if form_field.kind == "integer" else round(typed, 6)
+                refused_as_typed(page, form_field.name, box, as_typed(typed),
+                                 form | {method.enable_field: True, form_field.name: typed}, as_typed(form[form_field.name]))
+            if not method.on_by_default:
+                page.locator(f"#{method.enable_field} input").uncheck()
+        assert page.evaluate(HISTORY_ROWS) == runs  # nothing ran
+    page.close()
+
+
+# Values other than the defaults for each method's fields, set through the page (every registered
+# method must be here: a new one fails the test until it is).
+LINK_VALUES = {
+    "tome": {"ratio": 0.4, "blocks": "every other block", "targets": ["self-attention", "feed-forward"],
+             "reuse_steps": 2, "random_destinations": False},
+    "tile_sparsity": {"tile_sparsity_pattern": "1:2", "tile_sparsity_placement": "spaced",
+                      "tile_sparsity_dense_steps": 1, "tile_sparsity_kernel": "gather"},
+    "first_block_cache": {"first_block_cache_threshold": 0.2},
+    "pyramid_attention_broadcast": {"pyramid_attention_broadcast_spatial_skip": 3,
+                                    "pyramid_attention_broadcast_timestep_from": 50},
+    "faster_cache": {"faster_cache_spatial_skip": 3, "faster_cache_alpha_low": 1.2},
+    "taylorseer_cache": {"taylorseer_cache_interval": 3, "taylorseer_cache_warmup_steps": 1,
+                         "taylorseer_cache_dtype": "float32"},
+    "mag_cache": {"mag_cache_threshold": 0.1, "mag_cache_max_skip_steps": 2},
+    "sea_cache": {"sea_cache_threshold": 0.3, "sea_cache_max_consecutive": 1},
+    "slicing": {"slicing_chunk_tokens": 256, "slicing_feed_forward": False},
+    "step_rehash": {"step_rehash_mode": "interval", "step_rehash_interval": 2},
+    "vae_tiling": {"vae_tiling_tile_px": 32},
+    "layerwise_casting": {"layerwise_casting_storage": "float8_e5m2"},
+    "offload": {"offload_mode": "model"},
+}
+LINK_REQUEST = {"steps": 3, "rounds": 1}  # request fields off their defaults too (and a quick run)
+
+
+def set_field(page, form_field, value) -> None:
+    """Set a method's field through its widget, as a visitor would."""
+    root = f"#{form_field.name}"
+    if form_field.kind in ("number", "integer"):
+        box = page.locator(f"{root} input[type=number]")
+        box.fill(as_typed(value))
+        box.press("Enter")
+        box.press("Tab")
+    elif form_field.kind == "boolean":
+        page.locator(f"{root} input").set_checked(value)
+    elif form_field.kind == "choice":
+        page.locator(f"{root} input[value='{value}']").check()
+    elif form_field.kind == "choices":
+        for option in form_field.options:
+            page.locator(f"{root} input[name='{option}']").set_checked(option in value)
+    else:  # text: a dropdown of suggestions that takes any text
+        box = page.locator(f"{root} input")
+        box.fill(value)
+        box.press("Enter")
+
+
+def field_value(page, form_field):
+    """What a method's widget shows."""
+    root = f"#{form_field.name}"
+    if form_field.kind in ("number", "integer"):
+        text = page.locator(f"{root} input[type=number]").input_value()
+        return int(text) if form_field.kind == "integer" else float(text)
+    if form_field.kind == "boolean":
+        return page.locator(f"{root} input").is_checked()
+    if form_field.kind == "choice":
+        return page.locator(f"{root} input:checked").get_attribute("value")
+    if form_field.kind == "choices":
+        return [option for option in form_field.options if page.locator(f"{root} input[name='{option}']").is_checked()]
+    return page.locator(f"{root} input").input_value()
+
+
+def test_a_link_the_page_made_restores_and_runs_at_its_values_for_every_method(browser, app_server):
+    """Every method switched on in turn (alone, on a preset that takes it), its fields set off their
+    defaults through the page, the page's own link copied, opened in a fresh page: every field shows
+    the value set, no toast, the titles say what is on, and Run runs exactly that configuration."""
+    import torch
+
+    from vdtome.methods import METHODS, config_fields
+    from vdtome.web.ui import acceleration_title, method_defaults
+
+    assert set(LINK_VALUES) == set(METHODS)
+    maker = browser.new_page(viewport={"width": 1400, "height": 900})
+    opened = browser.new_page(viewport={"width": 1400, "height": 900})
+    for page in (maker, opened):
+        page.set_default_timeout(TIMEOUT_MS)
+    for preset, methods in method_presets():
+        for method in methods:
+            open_on_preset(maker, app_server, preset)
+            for name, value in LINK_REQUEST.items():
+                maker.locator(f"#{name} input").fill(str(value))
+                maker.locator(f"#{name} input").press("Tab")
+            switch_on(maker, method)
+            if method.name != "tome":
+                maker.locator("#use_tome input").uncheck()  # the method alone
+            values = LINK_VALUES[method.name]
+            for form_field in method.fields:
+                if form_field.name in values:
+                    set_field(maker, form_field, values[form_field.name])
+            open_group(maker, "share")
+            maker.locator("#share-button").click()
+            maker.wait_for_function("() => document.querySelector('#share-link textarea').value.includes('?')")
+            link = maker.locator("#share-link textarea").input_value()
+            assert f"preset={preset.name}" in link, link
+
+            runs = opened.evaluate(HISTORY_ROWS) if opened.url != "about:blank" else None
+            opened.goto(link)
+            form = method_defaults(preset) | {m.enable_field: m is method for m in METHODS.values()} | values
+            # Restored: the section's title lists this method alone, at these values.
+            wait_for_start(opened, "#acceleration > .label-wrap", acceleration_title(form), link)
+            open_method(opened, method)
+            assert opened.locator(f"#{method.enable_field} input").is_checked()
+            shown = {f.name: field_value(opened, f) for f in method.fields}
+            assert shown == {f.name: values.get(f.name, field_value(maker, f)) for f in method.fields}, link
+            wait_for_start(opened, f"#method-{method.name} > .label-wrap", f"{method.label} · on · ",
+                           f"switch checked: {opened.locator(f'#{method.enable_field} input').is_checked()}; "
+                           f"{opened.locator('#acceleration > .label-wrap').inner_text()}")
+            title = opened.locator(f"#method-{method.name} > .label-wrap").inner_text()
+            assert "not runnable" not in title, title
+            assert opened.locator(".toast-body").count() == 0, opened.locator(".toast-body").all_inner_texts()
+            runs = opened.evaluate(HISTORY_ROWS) if runs is None else runs
+            opened.locator("#run").click()
+            if method.name == "offload" and not torch.cuda.is_available():  # restored; a CPU has nowhere to offload to
+                opened.get_by_text("there is nothing to offload to").first.wait_for()
+                close_toasts(opened)
+                continue
+            wait_for_work(opened, f"() => ({HISTORY_ROWS})() === {runs + 1}")
+            result = opened.request.get(opened.locator("#result-json a").get_attribute("href")).json()
+            assert (result["settings"]["steps"], result["settings"]["rounds"]) == (3, 1), link
+            expected = config_fields(method.from_form(method_defaults(preset) | values))
+            assert [m["method"] for m in result["methods"]] == [method.name]
+            ran = result["methods"][0]["config"]
+            # Every setting as the link said; what the method fills in itself (a calibration) aside.
+            assert {k: ran[k] for k, v in expected.items() if v is not None} == \
+                {k: v for k, v in expected.items() if v is not None}, method.name
+    maker.close()
+    opened.close()
