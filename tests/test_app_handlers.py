@@ -93,11 +93,11 @@ def test_allocation_failure_is_shown_not_fatal_and_not_recorded(failure):
 
 
 def test_negative_prompt_box_follows_the_preset():
-    box = app.on_preset("hunyuanvideo", "blurry")[1]
+    box = app.on_preset("hunyuanvideo", "blurry")[2]  # after the preset's line and its details
     assert box.interactive is False and box.value == "" and "guidance-distilled" in box.info
-    box = app.on_preset("tiny-wan", "blurry")[1]
+    box = app.on_preset("tiny-wan", "blurry")[2]
     assert box.interactive is True and box.value == "blurry"
-    assert app.on_preset("cogvideox-2b", "")[7].value == 7 and app.on_preset("tiny-ltx", "")[7].value == 7
+    assert app.on_preset("cogvideox-2b", "")[8].value == 7 and app.on_preset("tiny-ltx", "")[8].value == 7
 
 
 def test_a_preset_this_machine_cannot_run_cannot_be_submitted_and_says_how_to_run_it(monkeypatch):
@@ -162,3 +162,55 @@ def test_history_runs_are_shown_again_and_exported_and_a_forged_entry_is_refused
     assert rows[0]["denoising high"] == "1.4" and rows[0]["denoising verdict"] == "faster"
     assert rows[0]["end-to-end speedup"] == "1.2" and rows[0]["tome.ratio"] == "0.5" and rows[0]["tome.stride"] == "(1, 2, 2)"
     assert history_runs.checked([{"row": "not a list"}]) == []  # a value of another shape is dropped
+
+
+def _another_value(form_field, default):
+    """A valid value of ``form_field`` other than ``default`` (by the field's own rule)."""
+    if form_field.kind in ("integer", "number"):
+        step = form_field.step or 1
+        value = default + step if default + step <= form_field.maximum else default - step
+        return int(value) if form_field.kind == "integer" else round(value, 6)
+    if form_field.kind == "boolean":
+        return not default
+    if form_field.kind == "choice":
+        return next(option for option in form_field.options if option != default)
+    if form_field.kind == "choices":
+        return list(form_field.options) if len(default) < len(form_field.options) else list(form_field.options[:1])
+    return "my-schedule.json"  # text: any name
+
+
+@pytest.mark.parametrize("preset", ["tiny-wan", "tiny-cogvideox", "tiny-animatediff"])
+def test_a_link_round_trips_every_field_of_every_method_with_and_without_its_preset(preset):
+    """The page's link (Share) of a form where one method is on and every one of its fields is off its
+    default, opened again: every field and switch takes the link's value, nothing is named as a problem;
+    without ``preset=`` the fields the link names still do."""
+    from types import SimpleNamespace
+    from urllib.parse import parse_qsl, urlencode
+
+    from vdtome.web.ui import method_defaults, widget_value
+
+    chosen = app.PRESETS[preset]
+    base = {"preset": preset, "prompt": "a kite over a beach", "negative_prompt": "", "seed": 3,
+            "frames": chosen.num_frames, "height": chosen.height, "width": chosen.width, "steps": 3,
+            "guidance": chosen.guidance_scale, "rounds": 2, app.CUSTOM_MODEL: "", **method_defaults(chosen)}
+    names = len(app.LINK_FIELDS)
+    for method in app.METHODS.values():
+        form = base | {m.enable_field: m is method for m in app.METHODS.values()}
+        form |= {f.name: _another_value(f, form[f.name]) for f in method.fields}
+        query = dict(parse_qsl(app.share_link(*(form[name] for name in app.COMPARE_FIELDS))[1:]))
+        for params in (query, {k: v for k, v in query.items() if k != "preset"}):
+            updates = app.restore_from_link(SimpleNamespace(query_params=params))
+            shown = {name: update.get("value") for name, update in zip(app.LINK_FIELDS, updates)}
+            switches = dict(zip(app.METHODS, updates[names:names + len(app.METHODS)]))
+            notice = updates[names + len(app.METHODS) + 4]
+            assert "could not" not in notice and "cannot take" not in notice, notice
+            # With the preset every field is set (a multiple choice as a list: a tuple is one choice to
+            # Gradio); without it, those the link names.
+            for name in app.METHOD_FIELDS if "preset" in params else params:
+                if name in shown:
+                    assert shown[name] == widget_value(form[name]), (method.name, name, urlencode(params))
+            switch = switches[method.name]
+            if switch.interactive is False:  # a preset that cannot take it: locked off, saying why
+                assert switch.value is False and switch.info.startswith("Unavailable for this model"), switch.info
+            else:
+                assert switch.value is True, (method.name, urlencode(params))
