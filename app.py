@@ -55,11 +55,14 @@ from starlette.middleware import Middleware
 
 from vdtome.bench.report import pareto_front, write_report
 from vdtome.bench.runner import (
+    ROW_HEADER,
     SUMMARY_HEADER,
     BenchOutcome,
     BenchPlan,
     BenchRow,
     BenchWorker,
+    busy_sentence,
+    row_cells,
     run_bench,
     run_serial,
     summary_cells,
@@ -481,15 +484,20 @@ def bench_outputs(outcome: BenchOutcome) -> tuple:
     """Status, summary table, plots and files of a finished benchmark."""
     failed = sum(not row.ok for row in outcome.rows)
     front = ", ".join(s.setting for s in pareto_front(outcome.summaries)) or "none (no setting was faster)"
+    busy = busy_sentence(outcome.rows)
     status = (f"**{len(outcome.rows) - failed} of {len(outcome.plan.keys())} rows finished**"
               f"{f', {failed} failed (see the report)' if failed else ''} · {outcome.plan.sweep.name} on "
               f"{outcome.plan.preset}. Speedups: the median over prompts and seeds, the range over them in brackets; "
-              f"each row was timed against its own adjacent baseline calls. Pareto front (fastest first): {front}.")
+              f"each row was timed against its own adjacent baseline calls. Pareto front (fastest first): {front}."
+              + (f"\n\n**Warning:** {busy}" if busy else ""))
     table = pd.DataFrame([summary_cells(s) for s in outcome.summaries], columns=list(SUMMARY_HEADER))
     plots = [(path, title[len("plot: "):]) for title, path in outcome.files.items() if title.startswith("plot: ")]
     files = [outcome.files[name] for name in ("report", "summary", "rows") if name in outcome.files]
+    # Each prompt's speed and fidelity under the summary, as the report lists them (a busy row says so).
+    every_row = (f"<details open><summary>Every row: each prompt and seed ({len(outcome.rows)})</summary>"
+                 f"{table_html(ROW_HEADER, [row_cells(row) for row in outcome.rows], 'bench-rows-table')}</details>")
     return status, table, plots, files, table_html(SUMMARY_HEADER, [summary_cells(x) for x in outcome.summaries],
-                                                   "bench-summary-table")
+                                                   "bench-summary-table") + every_row
 
 
 def on_bench_preset(name: str) -> str:

@@ -327,7 +327,7 @@ def check_result_page(page, width: int, folder: Path, name: str) -> None:
     """Every metric row on the page (no inner scroll) and readable at this width, the frame view's
     two images differ at the preset's default merge, and the page's screenshot."""
     tones = page.evaluate("() => [...document.querySelectorAll('#headline .card')].map(c => c.dataset.tone)")
-    assert len(tones) == 4 and set(tones) <= {"better", "worse", "neutral", "untested"}
+    assert len(tones) == 4 and set(tones) <= {"better", "worse", "neutral", "untested", "unreliable"}
     rows = page.locator("#metrics tbody tr")
     assert rows.count() >= 15
     for index in range(rows.count()):

@@ -16,6 +16,8 @@ from vdtome import cli
 from vdtome.bench.report import pareto_front, write_report
 from vdtome.bench.runner import (
     DETERMINISTIC_COLUMNS,
+    ROW_HEADER,
+    SUMMARY_HEADER,
     BenchPlan,
     BenchRow,
     BenchWorker,
@@ -27,6 +29,7 @@ from vdtome.bench.runner import (
     run_bench,
     run_serial,
     summarise,
+    summary_cells,
 )
 from vdtome.bench.sweep import load_sweep, parse_sweep
 from vdtome.core.validation import RequestError
@@ -311,3 +314,45 @@ def test_bad_command_line_input_is_refused_naming_it(tmp_path, capsys):
     code = cli.main(["bench", "--preset", "tiny-wan", "--prompts", "default", "--sweep", "nope", "--out", str(tmp_path)])
     assert code == 2 and "no sweep file 'nope'; shipped sweeps:" in capsys.readouterr().err
     assert not (tmp_path / "rows.jsonl").exists()
+
+
+def _memory_rows(plan, figures, busy=None):
+    from vdtome.bench.runner import Group
+
+    setting = plan.sweep.settings[0]
+    return [BenchRow(key=plan.row_key(Group(prompt, 0), setting), preset="tiny-wan", prompt=prompt, seed=0,
+                     setting=setting.label, setting_key=setting.key, values={}, ok=True,
+                     denoising=Speed(1.3, 1.1, 1.5, "faster"), psnr_mean_db=30.0 + index, psnr_worst_db=25.0 + index,
+                     memory_kind=f"{figures.kind}, {figures.scope}", baseline_peak_bytes=figures.baseline,
+                     accelerated_peak_bytes=figures.accelerated, memory_within_noise=figures.within_noise,
+                     memory_ratio=figures.ratio, busy=busy if index == 0 else None, host="h")
+            for index, prompt in enumerate(("p", "q"))]
+
+
+def test_no_memory_ratio_is_printed_from_an_rss_growth_below_the_floor_and_busy_rows_are_flagged(tmp_path):
+    """The summary (the Benchmark tab, `python -m vdtome bench` and the report share its cells): an RSS
+    growth of a few MiB is an absolute change within noise, a CUDA peak is a ratio; rows timed on a
+    busy machine are counted in the summary and marked among every row, with their own fidelity."""
+    from vdtome.bench.report import write_report
+    from vdtome.bench.runner import busy_sentence, format_summary, row_cells
+    from vdtome.measure.protocol import CUDA_PEAK, RSS_GROWTH, MemoryFigures
+
+    plan = BenchPlan("tiny-wan", ("p", "q"), (0,), parse_sweep("stacks: [{mag_cache: {threshold: 0.06}}]"))
+    tiny = MemoryFigures("denoising", RSS_GROWTH, (5_373_952, 5_369_856), (4096, 8192))
+    rows = _memory_rows(plan, tiny, busy="other processes kept 1.10 of the 2 cores busy")
+    summary = summarise(rows, plan)[0]
+    cells = dict(zip(SUMMARY_HEADER, summary_cells(summary)))
+    assert cells["peak memory"] == "-5.1 MiB, within noise in every row" and "x of baseline" not in format_summary([summary])
+    assert cells["rows run busy"] == "1: their speedups unreliable"
+    assert busy_sentence(rows).startswith("1 of 2 rows ran while the machine was busy")
+    every = [dict(zip(ROW_HEADER, row_cells(row))) for row in rows]
+    assert [row["PSNR mean / worst dB"] for row in every] == ["30.00 / 25.00", "31.00 / 26.00"]
+    assert every[0]["machine"] == "h · busy: timing unreliable" and every[1]["machine"] == "h"
+    report = (tmp_path / "report.html")
+    write_report(plan, rows, [summary], tmp_path)
+    html = report.read_text()
+    assert "x of baseline" not in html and "1 of 2 rows ran while the machine was busy" in html
+    assert "busy: timing unreliable" in html and "31.00 / 26.00" in html
+    exact = MemoryFigures("denoising", CUDA_PEAK, (400 * 2**20,), (300 * 2**20,))
+    summary = summarise(_memory_rows(plan, exact), plan)[0]
+    assert dict(zip(SUMMARY_HEADER, summary_cells(summary)))["peak memory"] == "0.75x of baseline"

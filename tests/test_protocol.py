@@ -247,13 +247,15 @@ def test_memory_changes_within_the_spread_of_repeated_calls_are_noise():
     calls = []
     for r in range(1, 5):
         for side in round_order(r):
-            peak = {BASELINE: [10, 14, 12, 11], ACCELERATED: [12, 9, 10, 13]}[side][r - 1] * 2**20
+            peak = {BASELINE: [100, 140, 120, 110], ACCELERATED: [120, 90, 100, 130]}[side][r - 1] * 2**20
             calls.append(_call(side, r, r == 1, 50.0, peak=peak))
     whole, denoising = summarise(calls).memory
     assert whole.scope == "whole call" and whole.within_noise and whole.noise_bytes is None  # one sample per side
-    assert denoising.scope == "denoising" and denoising.noise_bytes == 4 * 2**20 and denoising.within_noise
+    assert denoising.scope == "denoising" and denoising.noise_bytes == 40 * 2**20 and denoising.within_noise
+    assert whole.ratio is None and denoising.ratio is None  # noise is never a ratio
     exact = summarise([replace(c, memory=replace(c.memory, device="cuda:0")) for c in calls]).memory[0]
-    assert exact.exact and not exact.within_noise and exact.change_bytes == 2 * 2**20
+    assert exact.exact and not exact.within_noise and exact.change_bytes == 20 * 2**20
+    assert exact.ratio == pytest.approx(120 / 100)
     # A baseline from the cache ran in another request: its RSS figure is not comparable.
     cached = summarise(calls[1:], cached_baseline_memory=calls[0].memory).memory[0]
     assert cached.baseline_from_cache and not cached.comparable and not cached.within_noise
@@ -500,3 +502,38 @@ def test_gpu_estimate_of_a_default_real_request_covers_loading_warmups_runs_and_
     assert calibrating.parts()["calibration"] == calibrating.calibration_s and calibrating.total_s > estimate.total_s
     huge = estimate_gpu_time(get_preset("hunyuanvideo"), 50, 129, 720, 1280, rounds=5, points=8)
     assert not huge.fits and huge.seconds == MAX_GPU_SECONDS
+
+
+def test_an_rss_growth_below_the_floor_is_noise_and_never_a_ratio():
+    """MagCache on the shapes model once read "1312.50x of baseline": 4 KiB against 5 MiB of RSS growth,
+    repeated calls agreeing closely. Under the floor on both sides it is an absolute change within noise."""
+    from vdtome.measure.protocol import RSS_FLOOR_BYTES, RSS_GROWTH, MemoryFigures
+
+    tiny = MemoryFigures("denoising", RSS_GROWTH, (4096, 4096, 8192), (5_373_952, 5_369_856, 5_378_048))
+    assert tiny.below_floor and tiny.within_noise and tiny.ratio is None and tiny.change_bytes > 0
+    assert tiny.to_dict()["ratio"] is None and tiny.to_dict()["below_floor"] is True
+    big = MemoryFigures("denoising", RSS_GROWTH, (400 * 2**20, 401 * 2**20), (200 * 2**20, 201 * 2**20))
+    assert not big.below_floor and not big.within_noise and big.ratio == pytest.approx(0.5, abs=0.01)
+    straddling = MemoryFigures("denoising", RSS_GROWTH, (4096, 8192), (RSS_FLOOR_BYTES * 2, RSS_FLOOR_BYTES * 2 + 1))
+    assert not straddling.below_floor and straddling.ratio is not None  # a growth past the floor is a finding
+
+
+def test_a_busy_request_says_so_in_one_line_and_its_verdicts_read_unreliable():
+    """The page's busy warning is one line (what was busy, what it means), the details folded; a
+    speed card taken on a busy machine says "unreliable" in its own text and is never green."""
+    from vdtome.engine.report import _memory_row
+    from vdtome.measure.protocol import RSS_GROWTH, MemoryFigures
+    from vdtome.web.ui import _speed_card
+
+    lopsided = [replace(c, timing=replace(c.timing, phases_ms=c.timing.phases_ms | {"text_encoding": 22.14}))
+                if c.side == ACCELERATED else c for c in _rounds(7, 100.0, 50.0)]
+    timing = summarise(lopsided)
+    assert timing.busy_headline == ("machine busy (the text encoding took different times on the two sides): the "
+                                    "speed verdicts are unreliable; rerun when it is quiet")
+    assert "text encoding took 1.11x as long" in timing.busy_warning  # the details
+    card = _speed_card("Denoising", timing.denoising, busy=True)
+    assert card.tone == "unreliable" and card.value == "unreliable: 2.00x faster" and "busy machine" in card.detail
+    assert _speed_card("Denoising", timing.denoising).tone == "better"
+    assert summarise(_rounds(7, 100.0, 50.0)).busy_headline is None
+    row = _memory_row(MemoryFigures("denoising", RSS_GROWTH, (4096, 8192), (5_373_952, 5_369_856)))
+    assert row[3].startswith("+5.1 MiB (within noise: both sides grew less than 32 MiB")

@@ -16,11 +16,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vdtome.bench.runner import SUMMARY_HEADER, BenchPlan, BenchRow, SettingSummary, speed_cell, summary_cells
+from vdtome.bench.runner import (
+    ROW_HEADER,
+    SUMMARY_HEADER,
+    BenchPlan,
+    BenchRow,
+    SettingSummary,
+    busy_sentence,
+    row_cells,
+    summary_cells,
+)
 from vdtome.bench.sweep import axis_label, field_label
 from vdtome.engine.fidelity import PSNR_CAP_DB
 from vdtome.measure.environment import environment_line
-from vdtome.measure.stats import Verdict
 from vdtome.methods import method_of
 
 REPORT_FILE = "report.html"
@@ -211,7 +219,7 @@ def write_report(plan: BenchPlan, rows: Sequence[BenchRow], summaries: Sequence[
     hosts = sorted({r.host for r in rows if r.host})
     failed = [r for r in rows if not r.ok]
     missing = len(plan.keys()) - len(rows)
-    busy = sum(s.busy_rows for s in summaries)
+    busy = busy_sentence(rows)
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
@@ -243,8 +251,7 @@ def write_report(plan: BenchPlan, rows: Sequence[BenchRow], summaries: Sequence[
         "</ul>",
     ]
     if busy:
-        parts.append(f"<p class='bad'>{busy} rows ran while the machine was busy (their own noise checks said so): "
-                     "their speedups are unreliable; rerun them on a quiet machine.</p>")
+        parts.append(f"<p class='bad'>{e(busy)}</p>")
     parts.append("<h2>Summary per setting</h2><div class='scroll'><table><tr>"
                  + "".join(f"<th>{e(h)}</th>" for h in SUMMARY_HEADER) + "</tr>")
     for summary in summaries:
@@ -263,19 +270,12 @@ def write_report(plan: BenchPlan, rows: Sequence[BenchRow], summaries: Sequence[
         parts += [f"<tr><td>{e(r.setting)}</td><td>{e(r.prompt)}</td><td>{r.seed}</td><td>{r.attempts}</td>"
                   f"<td>{e(r.error or '')}</td></tr>" for r in failed]
         parts.append("</table></div>")
-    parts.append(f"<details><summary>Every row ({len(rows)})</summary><div class='scroll'><table><tr><th>setting</th><th>prompt</th>"
-                 "<th>seed</th><th>denoising speedup (interval)</th><th>verdict</th><th>PSNR dB</th><th>SSIM</th>"
-                 "<th>host</th></tr>")
+    parts.append(f"<details><summary>Every row ({len(rows)})</summary><div class='scroll'><table><tr>"
+                 + "".join(f"<th>{e(h)}</th>" for h in ROW_HEADER) + "</tr>")
     for r in rows:
-        speed = "-" if r.denoising is None else speed_cell(r.denoising.median, r.denoising.low, r.denoising.high)
-        if r.denoising is not None and r.denoising.verdict in (Verdict.DID_NOTHING.value, Verdict.TOO_FEW_REPEATS.value):
-            speed = f"no claim (measured ratio {r.denoising.median:.2f})"  # noise, never written as a speed
-        verdict = "failed" if not r.ok else ("-" if r.denoising is None else r.denoising.verdict)
-        psnr = "-" if r.psnr_mean_db is None else f"{r.psnr_mean_db:.2f}"
-        ssim = "-" if r.ssim_mean is None else f"{r.ssim_mean:.4f}"
-        parts.append(f"<tr><td>{e(r.setting)}</td><td>{e(r.prompt)}</td><td>{r.seed}</td><td class='num'>{e(speed)}"
-                     f"</td><td>{e(verdict)}</td><td class='num'>{psnr}</td><td class='num'>{ssim}</td>"
-                     f"<td>{e(r.host)}</td></tr>")
+        cells = row_cells(r)
+        css = " class='bad'" if r.busy else ""
+        parts.append(f"<tr{css}>" + "".join(f"<td>{e(c)}</td>" for c in cells) + "</tr>")
     parts.append("</table></div></details>")
     parts.append("<p class='muted'>Every figure, every timed call and the environment of each row: "
                  "<code>rows.jsonl</code> beside this file; the summary as numbers: <code>summary.csv</code>.</p>")

@@ -167,7 +167,8 @@ class BenchRow:
     memory_kind: str | None = None
     baseline_peak_bytes: float | None = None
     accelerated_peak_bytes: float | None = None
-    memory_within_noise: bool = False  # the change is no larger than repeated calls of one side differ
+    memory_within_noise: bool = False  # the change is no larger than repeated calls of one side differ, or below the floor
+    memory_ratio: float | None = None  # accelerated / baseline peak where it means something (MemoryFigures.ratio)
     psnr_mean_db: float | None = None
     psnr_worst_db: float | None = None
     ssim_mean: float | None = None
@@ -206,6 +207,7 @@ class BenchRow:
             baseline_peak_bytes=None if memory is None else memory.baseline,
             accelerated_peak_bytes=None if memory is None else memory.accelerated,
             memory_within_noise=memory is not None and memory.within_noise,
+            memory_ratio=None if memory is None else memory.ratio,
             psnr_mean_db=None if fid is None else fid.psnr_mean,
             psnr_worst_db=None if fid is None else min(fid.psnr),
             ssim_mean=None if fid is None else fid.ssim_mean,
@@ -505,8 +507,10 @@ class SettingSummary:
     """One setting over every prompt and seed. Speedups: the median of the rows' medians and
     their range over rows (each row's own interval is in the rows file); fidelity: the mean over
     rows and the worst row (its worst frame); memory: the median ratio of the accelerated to the
-    baseline peak of the denoising calls over the rows whose change exceeds the spread of repeated
-    calls (none: within noise); temporal: mean warp error of each side's videos (lower is steadier)."""
+    baseline peak of the denoising calls over the rows where a ratio means something (an exact
+    figure, or an RSS growth above the floor and beyond the spread of repeated calls), and the
+    median change in bytes over every row; temporal: mean warp error of each side's videos (lower is
+    steadier)."""
 
     setting: str
     setting_key: str
@@ -523,7 +527,8 @@ class SettingSummary:
     slower_rows: int
     did_nothing_rows: int  # rows where no method acted: their measured ratio is noise, left out above
     peak_memory_ratio: float | None
-    memory_noise_rows: int  # rows whose memory change was within the spread of repeated calls
+    memory_change_bytes: float | None  # the median accelerated - baseline peak over the rows
+    memory_noise_rows: int  # rows whose memory change was within noise (the spread of repeated calls, or the floor)
     memory_kind: str | None
     psnr_mean_db: float | None
     psnr_worst_db: float | None
@@ -546,8 +551,8 @@ def summarise(rows: Sequence[BenchRow], plan: BenchPlan) -> list[SettingSummary]
         acted = [row for row in good if row not in idle]  # a method that did nothing gets no speed figure
         denoising = [row.denoising.median for row in acted if row.denoising is not None]
         end_to_end = [row.end_to_end.median for row in acted if row.end_to_end is not None]
-        memory = [row.accelerated_peak_bytes / row.baseline_peak_bytes for row in good  # noise says nothing
-                  if row.baseline_peak_bytes and row.accelerated_peak_bytes is not None and not row.memory_within_noise]
+        changes = [row.accelerated_peak_bytes - row.baseline_peak_bytes for row in good
+                   if row.baseline_peak_bytes is not None and row.accelerated_peak_bytes is not None]
         out.append(SettingSummary(
             setting=setting.label, setting_key=setting.key, values=dict(setting.values), rows=len(good),
             failed=len(mine) - len(good),
@@ -556,7 +561,8 @@ def summarise(rows: Sequence[BenchRow], plan: BenchPlan) -> list[SettingSummary]
             faster_rows=sum(row.denoising is not None and row.denoising.verdict == "faster" for row in good),
             slower_rows=sum(row.denoising is not None and row.denoising.verdict == "slower" for row in good),
             did_nothing_rows=len(idle),
-            peak_memory_ratio=_median(memory),
+            peak_memory_ratio=_median(row.memory_ratio for row in good if not row.memory_within_noise),
+            memory_change_bytes=_median(changes),
             memory_noise_rows=sum(row.memory_within_noise for row in good),
             memory_kind=next((row.memory_kind for row in good if row.memory_kind), None),
             psnr_mean_db=_mean(row.psnr_mean_db for row in good),
@@ -595,8 +601,8 @@ def _max(values: Iterable[float | None]) -> float | None:
 
 
 SUMMARY_HEADER = ("setting", "rows", "failed", "denoising speedup (median, range over rows)", "faster / slower rows",
-                  "end-to-end speedup (projected)", "peak memory", "PSNR mean / worst dB", "SSIM mean / worst",
-                  "warp error base / acc.")
+                  "rows run busy", "end-to-end speedup (projected)", "peak memory", "PSNR mean / worst dB",
+                  "SSIM mean / worst", "warp error base / acc.")
 
 
 def speed_cell(median: float | None, low: float | None, high: float | None) -> str:
@@ -616,7 +622,9 @@ def summary_cells(summary: SettingSummary) -> tuple[str, ...]:
 
     memory = "-" if summary.peak_memory_ratio is None else f"{summary.peak_memory_ratio:.2f}x of baseline"
     if summary.memory_noise_rows == summary.rows > 0:
-        memory = "within noise in every row"  # a ratio of two noisy figures would read as a change
+        # a ratio of two noisy (or tiny) figures would read as a change: the change itself, said to be noise
+        change = "" if summary.memory_change_bytes is None else f"{summary.memory_change_bytes / 2**20:+.1f} MiB, "
+        memory = f"{change}within noise in every row"
     elif summary.memory_noise_rows:
         memory += f" ({summary.rows - summary.memory_noise_rows} rows; {summary.memory_noise_rows} within noise)"
     def speed(median: float | None, low: float | None, high: float | None) -> str:
@@ -629,10 +637,38 @@ def summary_cells(summary: SettingSummary) -> tuple[str, ...]:
         summary.setting, str(summary.rows), str(summary.failed),
         speed(summary.denoising_speedup, summary.denoising_low, summary.denoising_high),
         f"{summary.faster_rows} / {summary.slower_rows}",
+        f"{summary.busy_rows}: their speedups unreliable" if summary.busy_rows else "none",
         speed(summary.end_to_end_speedup, summary.end_to_end_low, summary.end_to_end_high),
         memory, pair(summary.psnr_mean_db, summary.psnr_worst_db, 1), pair(summary.ssim_mean, summary.ssim_worst, 3),
         pair(summary.warp_error_baseline, summary.warp_error_accelerated, 4),
     )
+
+
+def busy_sentence(rows: Sequence[BenchRow]) -> str | None:
+    """What the report, the app and the command line say of rows timed on a busy machine (None: none)."""
+    busy = sum(row.ok and row.busy is not None for row in rows)
+    if not busy:
+        return None
+    return (f"{busy} of {sum(row.ok for row in rows)} rows ran while the machine was busy (their own noise checks "
+            "said so): their speedups are unreliable; rerun them on a quiet machine.")
+
+
+ROW_HEADER = ("setting", "prompt", "seed", "denoising speedup (interval)", "verdict", "PSNR mean / worst dB",
+              "SSIM mean", "machine")
+
+
+def row_cells(row: BenchRow) -> tuple[str, ...]:
+    """One comparison of a benchmark as the report and the app list it: per-prompt speed and fidelity,
+    and whether its machine was busy."""
+    speed = "-" if row.denoising is None else speed_cell(row.denoising.median, row.denoising.low, row.denoising.high)
+    if row.denoising is not None and row.denoising.verdict in (Verdict.DID_NOTHING.value,
+                                                               Verdict.TOO_FEW_REPEATS.value):
+        speed = f"no claim (measured ratio {row.denoising.median:.2f})"  # noise, never written as a speed
+    verdict = "failed" if not row.ok else ("-" if row.denoising is None else row.denoising.verdict)
+    psnr = "-" if row.psnr_mean_db is None else f"{row.psnr_mean_db:.2f} / {row.psnr_worst_db:.2f}"
+    ssim = "-" if row.ssim_mean is None else f"{row.ssim_mean:.4f}"
+    machine = row.host + (" · busy: timing unreliable" if row.busy else "")
+    return (row.setting, row.prompt, str(row.seed), speed, verdict, psnr, ssim, machine)
 
 
 def format_summary(summaries: Sequence[SettingSummary]) -> str:

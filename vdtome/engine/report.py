@@ -13,7 +13,7 @@ import time
 from vdtome.engine.fidelity import PSNR_CAP_DB
 from vdtome.engine.request import ComparisonResult
 from vdtome.measure.environment import environment_line
-from vdtome.measure.protocol import TENSOR_PEAK, MemoryFigures, PhaseFigures
+from vdtome.measure.protocol import RSS_FLOOR_BYTES, TENSOR_PEAK, MemoryFigures, PhaseFigures
 
 COLUMNS = ("metric", "baseline", "accelerated", "change", "better")
 END_TO_END_LABEL = "end-to-end (projected: denoising + untouched phases measured here)"
@@ -94,6 +94,9 @@ def _memory_row(figures: MemoryFigures) -> tuple[str, str, str, str, str]:
         text = f"{change / 2**20:+.1f} MiB"
     elif not figures.comparable:
         text = f"{change / 2**20:+.1f} MiB (not comparable: the baseline ran in another request)"
+    elif figures.below_floor:
+        text = (f"{change / 2**20:+.1f} MiB (within noise: both sides grew less than "
+                f"{RSS_FLOOR_BYTES / 2**20:.0f} MiB, what the allocator keeps or returns between calls)")
     elif figures.noise_bytes is None:
         text = f"{change / 2**20:+.1f} MiB (within noise: one sample per side, RSS growth cannot tell)"
     elif figures.within_noise:

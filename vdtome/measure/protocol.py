@@ -209,6 +209,11 @@ class PhaseFigures:
 
 CUDA_PEAK, TENSOR_PEAK, RSS_GROWTH = "peak CUDA allocated", "peak tensor memory", "peak RSS growth"
 
+#: An RSS growth this small on both sides says nothing about the method: it is what the allocator kept
+#: or gave back between calls (repeated identical calls of the shipped tiny models grow by 4 KiB to 8 MiB).
+#: Below it a change is shown as an absolute figure within noise, never as a ratio.
+RSS_FLOOR_BYTES = 32 * 2**20
+
 
 @dataclass(frozen=True)
 class MemoryFigures:
@@ -260,11 +265,27 @@ class MemoryFigures:
         return self.exact or not self.baseline_from_cache
 
     @property
+    def below_floor(self) -> bool:
+        """An RSS growth under :data:`RSS_FLOOR_BYTES` on both sides: the allocator's noise."""
+        return (self.kind == RSS_GROWTH and self.baseline is not None and self.accelerated is not None
+                and max(abs(self.baseline), abs(self.accelerated)) < RSS_FLOOR_BYTES)
+
+    @property
     def within_noise(self) -> bool:
         """A comparable change this measurement cannot tell from no change."""
         if self.change_bytes is None or not self.comparable or self.exact:
             return False
-        return self.noise_bytes is None or abs(self.change_bytes) <= self.noise_bytes
+        return self.below_floor or self.noise_bytes is None or abs(self.change_bytes) <= self.noise_bytes
+
+    @property
+    def ratio(self) -> float | None:
+        """Accelerated / baseline peak, where it means something: an exact figure, or a process
+        figure above the floor and beyond the spread of repeated calls (None otherwise)."""
+        if self.baseline is None or self.accelerated is None or self.baseline <= 0 or not self.comparable:
+            return None
+        if not self.exact and self.within_noise:
+            return None
+        return self.accelerated / self.baseline
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -275,6 +296,8 @@ class MemoryFigures:
             "change_bytes": self.change_bytes,
             "noise_bytes": self.noise_bytes,
             "within_noise": self.within_noise,
+            "below_floor": self.below_floor,
+            "ratio": self.ratio,
             "comparable": self.comparable,
             "baseline_from_cache": self.baseline_from_cache,
         }
@@ -300,18 +323,37 @@ class TimingSummary:
     # decoding call, one per side, so no ratio is drawn.
     changed: tuple[PhaseFigures, ...] = ()
 
+    def _busy_reasons(self) -> list[tuple[str, str]]:
+        """(in a few words, in full) for each sign that the machine was busy."""
+        reasons = []
+        load = self.host_load
+        if load is not None and load.busy:
+            reasons.append((f"other processes used {load.other_cores:.1f} of its {load.cores} cores", load.busy))
+        reasons += [(f"the {phase.label} took different times on the two sides", phase.busy)
+                    for phase in self.untouched if phase.busy]
+        ratio = self.denoising.ratio
+        if ratio is not None and ratio.unit == "rounds" and ratio.has_interval and ratio.spread > BUSY_SPREAD:
+            reasons.append((f"the denoising ratio varied {ratio.spread:.1f}x between rounds",
+                            f"the denoising ratio itself varied {ratio.spread:.1f}x between rounds "
+                            f"({ratio.plain_text()})"))
+        return reasons
+
+    @property
+    def busy_headline(self) -> str | None:
+        """One line: what was busy and what it means for the verdicts (None: nothing was)."""
+        reasons = self._busy_reasons()
+        if not reasons:
+            return None
+        return (f"machine busy ({'; '.join(short for short, _ in reasons)}): the speed verdicts are unreliable; "
+                "rerun when it is quiet")
+
     @property
     def busy_warning(self) -> str | None:
         """Why the machine looks busy: other processes used the cores this request needed, an
         untouched phase differs between the sides, or any phase (the denoising loop included) has
         paired ratios spread over :data:`BUSY_SPREAD` between rounds (the same calls repeated
         should give the same ratio)."""
-        reasons = [self.host_load.busy] if self.host_load is not None and self.host_load.busy else []
-        reasons += [phase.busy for phase in self.untouched if phase.busy]
-        ratio = self.denoising.ratio
-        if ratio is not None and ratio.unit == "rounds" and ratio.has_interval and ratio.spread > BUSY_SPREAD:
-            reasons.append(f"the denoising ratio itself varied {ratio.spread:.1f}x between rounds "
-                           f"({ratio.plain_text()})")
+        reasons = [full for _, full in self._busy_reasons()]
         if not reasons:
             return None
         return (
@@ -340,6 +382,7 @@ class TimingSummary:
             "noise": None if self.noise is None else self.noise.to_dict(),
             "host_load": None if self.host_load is None else self.host_load.to_dict(),
             "busy_warning": self.busy_warning,
+            "busy_headline": self.busy_headline,
             "calls": [call.to_dict() for call in self.calls],
         }
 

@@ -38,7 +38,13 @@ def cards_html(view: ComparisonView | None, status: str = "") -> str:
         f'<div class="card-value">{_escape(card.value)}</div><div class="card-detail">{_escape(card.detail)}</div></div>'
         for card in view.cards)
     error = f'<p class="result-error"><b>Error:</b> {_escape(view.error)}</p>' if view.error else ""
-    warnings = "".join(f'<p class="result-warning"><b>Measurement warning:</b> {_escape(w)}</p>' for w in view.warnings)
+    if view.busy:  # one line; the details folded under it
+        details = "".join(f"<p>{_escape(w)}</p>" for w in view.warnings)
+        warnings = (f'<details class="result-warning"><summary><b>Unreliable timing:</b> {_escape(view.busy)}'
+                    f"</summary>{details}</details>")
+    else:
+        warnings = "".join(f'<p class="result-warning"><b>Measurement warning:</b> {_escape(w)}</p>'
+                           for w in view.warnings)
     head = f'<p class="result-title">{_escape(status)}{_escape(view.title)}</p>'
     return f'<div id="headline" class="headline">{head}{error}{warnings}<div class="cards">{cards}</div></div>'
 
@@ -212,6 +218,10 @@ CSS = """
 .headline .tone-neutral { background: #f1f5f9; border-color: #94a3b8; color: #1e293b; }
 .headline .tone-untested { background: #f8fafc; border: 1px dashed #94a3b8; color: #475569; }
 .headline .tone-untested .card-value { font-weight: 400; font-style: italic; }
+.headline .tone-unreliable { background: #fffbeb; border: 1px dashed #d97706; color: #78350f; }
+.headline .tone-unreliable .card-value { font-weight: 600; font-size: 1.1em; }
+.headline details.result-warning summary { cursor: pointer; }
+.headline details.result-warning p { margin: 4px 0 0 0; }
 .headline .result-title { margin: 0 0 6px 0; font-weight: 600; }
 .headline.stale { opacity: 0.55; }
 .headline .result-error { color: #b91c1c; }

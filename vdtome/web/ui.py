@@ -359,7 +359,8 @@ def history_entry(result: ComparisonResult, run: int) -> HistoryEntry:
 @dataclass(frozen=True)
 class Card:
     """One headline figure above the player. ``tone``: "better", "worse", "neutral" (within noise,
-    or a figure with no better direction) or "untested" (no verdict: drawn plain and grey)."""
+    or a figure with no better direction), "untested" (no verdict: drawn plain and grey) or
+    "unreliable" (a verdict taken on a busy machine)."""
 
     title: str
     value: str
@@ -367,16 +368,20 @@ class Card:
     tone: str
 
 
-def _speed_card(title: str, figures: PhaseFigures | None) -> Card:
+def _speed_card(title: str, figures: PhaseFigures | None, busy: bool = False) -> Card:
     """A speedup with the two medians it compares (the same figures the players' captions show).
     Only a tested verdict is coloured; an untested figure or a method that did nothing is grey,
-    in plain type, and says so first."""
+    in plain type, and says so first; a verdict taken on a busy machine says it is unreliable in
+    its own text, in amber, never green or red."""
     ratio = None if figures is None else figures.ratio
     if ratio is None:
         return Card(title, "n/a", "not measured", "neutral")
     medians = ""
     if figures.baseline_ms is not None and figures.accelerated_ms is not None:
         medians = f"; medians {figures.median_text('baseline')} → {figures.median_text('accelerated')}"
+    if busy and (ratio.verdict.claims_change or ratio.verdict is Verdict.NO_DIFFERENCE):
+        return Card(title, f"unreliable: {ratio.short()}", f"timed on a busy machine; {ratio.interval_text()}{medians}",
+                    "unreliable")
     if ratio.verdict.claims_change:
         return Card(title, speed_phrase(ratio.value), ratio.interval_text() + medians,
                     "better" if ratio.verdict is Verdict.FASTER else "worse")
@@ -425,8 +430,9 @@ def _memory_card(result: ComparisonResult) -> Card:
 def headline_cards(result: ComparisonResult) -> tuple[Card, ...]:
     """Denoising and end-to-end speedup (with their interval), fidelity, peak memory change."""
     timing = result.timing
-    return (_speed_card("Denoising", None if timing is None else timing.denoising),
-            _speed_card("End to end (projected)", None if timing is None else timing.end_to_end),
+    busy = timing is not None and timing.busy_headline is not None
+    return (_speed_card("Denoising", None if timing is None else timing.denoising, busy),
+            _speed_card("End to end (projected)", None if timing is None else timing.end_to_end, busy),
             _fidelity_card(result), _memory_card(result))
 
 
@@ -515,6 +521,7 @@ class ComparisonView:
     title: str = ""  # preset, stack, seed: what the result belongs to
     history: dict[str, Any] | None = None  # the history entry (None when the comparison failed)
     form: dict[str, Any] | None = None  # the form's values that reproduce it (None: not recorded)
+    busy: str = ""  # one line: what was busy and what it means (the warnings hold the details)
 
     def to_json(self) -> str:
         """``files`` as names relative to the folder the view is saved in."""
@@ -573,6 +580,7 @@ def comparison_view(result: ComparisonResult, configs: tuple[Any, ...] = ()) -> 
         code=code_snippet(result.settings, configs) if configs else "",
         title=f"{result.settings.preset} · {result.stack} · seed {result.settings.seed}",
         history=entry,
+        busy="" if result.timing is None else result.timing.busy_headline or "",
     )
 
 
