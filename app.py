@@ -275,11 +275,28 @@ def _history_outputs(history: list[dict]):
     points = pd.DataFrame([entry["point"] for entry in history if entry.get("point") is not None
                            and entry["point"]["PSNR vs baseline (dB)"] < PSNR_CAP_DB], columns=list(PLOT_COLUMNS))
     runs = history_runs.run_choices(history)
+    return table, points, _chart(history), gr.Dropdown(choices=runs, value=None)
+
+
+def _chart(history: list[dict], group: str | None = None):
+    """The speedup/fidelity chart of one model and size (``group``; default: the latest run's):
+    runs of another size or model would share its axes without being comparable."""
+    runs, group = history_runs.chart_runs(history, group)
     try:
-        chart = history_chart(history)
+        return history_chart(runs, scope=group or "")
     except (KeyError, TypeError, ValueError):  # a stored point of another shape: the table still shows
-        chart = None
-    return table, points, chart, gr.Dropdown(choices=runs, value=None)
+        return None
+
+
+def keep_history(history):
+    """After the history changed: kept in the browser, and the chart's groups (the latest run's chosen)."""
+    history = history_runs.checked(history)
+    groups = history_runs.chart_groups(history)
+    return history, gr.Dropdown(choices=groups, value=groups[0][1] if groups else None)
+
+
+def on_chart_group(group, history):
+    return _chart(history_runs.checked(history), group)
 
 
 FRAME_SIDES = ("baseline", "accelerated")
@@ -524,7 +541,7 @@ def cancel_requested():
 def restore_history(stored):
     """The history kept in this browser, when the page loads (a value of another shape is dropped)."""
     history = history_runs.checked(stored)
-    return history, *_history_outputs(history)
+    return history, *_history_outputs(history), keep_history(history)[1]
 
 
 def clear_history():
@@ -981,6 +998,8 @@ def build_demo() -> gr.Blocks:
                 result_data_output = gr.JSON(label="result", visible=False, elem_id="result-data")
         with gr.Tab("History", elem_id="history-tab"):
             gr.Markdown("This session's runs, kept in this browser (a reload keeps them).")
+            chart_group = gr.Dropdown([], label="Chart the runs of (only one model and size compare)",
+                                      elem_id="chart-group")
             history_chart_plot = gr.Plot(label="history chart", show_label=False, elem_id="history-chart")
             # The chart's points as the API returned them before the chart above (hidden here).
             history_points = gr.ScatterPlot(x="PSNR vs baseline (dB)", y=PLOT_SPEEDUP, visible=False,
@@ -1066,7 +1085,7 @@ def build_demo() -> gr.Blocks:
                               api_name="compare", validator=validator((*COMPARE_FIELDS, "history"), sweep=False),
                               js=SCROLL_TO_RESULT, **generation)
         run_event.success(None, js=SCROLL_TO_CARDS)
-        keep = dict(fn=history_runs.checked, inputs=history, outputs=stored_history, api_visibility="private",
+        keep = dict(fn=keep_history, inputs=history, outputs=[stored_history, chart_group], api_visibility="private",
                     show_progress="hidden")
         run_event.then(**keep)
         sweep_button.click(check_sweep, [components[name] for name in SWEEP_FIELDS], refusal, **checks)
@@ -1129,7 +1148,8 @@ def build_demo() -> gr.Blocks:
         demo.load(restore_from_link, None, form_outputs, show_progress="hidden", **private).then(
             on_preset_prompts, model, prompt_examples.dataset, show_progress="hidden", **private)
         demo.load(restore_history, stored_history, [history, history_table, history_points, history_chart_plot,
-                                                    run_picker], show_progress="hidden", **private)
+                                                    run_picker, chart_group], show_progress="hidden", **private)
+        chart_group.input(on_chart_group, [chart_group, history], history_chart_plot, show_progress="hidden", **private)
     # api_open=False: the direct routes (/gradio_api/run/compare, /run/predict) would skip the queue,
     # its limits and the validator; generation runs only through the queue.
     demo.queue(max_size=LIMITS.queue_size, default_concurrency_limit=1, api_open=False)

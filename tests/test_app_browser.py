@@ -148,6 +148,10 @@ def test_compare_in_the_browser_then_bad_input_then_again(page, tmp_path):
     durations = page.evaluate("() => ['#baseline-video', '#accelerated-video'].map(id => document.querySelector(id + ' video').duration)")
     assert durations[0] == durations[1] > 1.0  # 13 frames at 8 fps, both videos
     page.get_by_role("tab", name="Frame by frame").click()
+    # Two sizes in the history: the chart holds the latest run's model and size only, the other one a pick away.
+    page.wait_for_function("() => document.querySelector('#chart-group input')?.value === 'tiny-wan · 13x64x64 (1 run)'")
+    last_row = page.evaluate("() => [...document.querySelectorAll('#history-table [role=row]')].at(-1).innerText")
+    assert "13x64x64" in last_row
 
 
 

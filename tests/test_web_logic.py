@@ -93,8 +93,25 @@ def test_the_benchmark_gate_checks_the_preset_its_size_and_its_sweep():
 
 
 def entry(run: int, folder: str | None = "run-abc") -> dict:
-    row = [run, "tiny-wan", "a boat", 0, "tome ratio 0.5 stride 1x2x2", *[""] * (len(HISTORY_COLUMNS) - 5)]
-    return {"row": row, "point": None, "settings": {}, "series": None, "folder": folder}
+    cells = {"run": run, "model": "tiny-wan", "prompt": "a boat", "seed": 0, "methods": "tome ratio 0.5 stride 1x2x2",
+             "size": "9x64x64"}
+    return {"row": [cells.get(column, "") for column in HISTORY_COLUMNS], "point": None, "settings": {}, "series": None,
+            "folder": folder}
+
+
+def test_a_history_kept_before_the_size_column_comes_back_in_todays_columns():
+    """A browser keeps the history across app versions: the rows of an earlier page (no size) are moved
+    into today's columns, the size read from their settings, rather than dropped."""
+    earlier = {"row": [4, "tiny-shapes-128", "a red circle", 0, "tome ratio 0.3 stride 1x2x2", "merged", "1.20x faster",
+                       "1.30x faster", 24.5, 0.9, "within noise", "made"],
+               "point": {"run": 4, "model": "tiny-shapes-128"}, "settings": {"frames": "17", "size": "128x128"},
+               "series": None, "folder": "run-abc"}
+    (today,) = history.checked([earlier])
+    cells = dict(zip(HISTORY_COLUMNS, today["row"]))
+    assert HISTORY_COLUMNS[:6] == ("run", "end-to-end", "denoising", "PSNR dB", "SSIM", "methods")
+    assert cells["size"] == "17x128x128" and cells["end-to-end"] == "1.20x faster" and cells["PSNR dB"] == 24.5
+    assert today["point"]["size"] == "17x128x128"
+    assert history.run_choices([today]) == [("run 4: tome ratio 0.3 stride 1x2x2", 4)]
 
 
 def test_the_history_drops_what_it_did_not_write_and_caps_its_rows(tmp_path):
@@ -158,3 +175,18 @@ def test_a_link_takes_the_form_to_its_values_and_a_new_presets_defaults():
     assert preset.name == "tiny-wan" and targets == {"prompt": "a kite"}  # same preset: nothing else moves
     preset, targets = form_targets({"preset": "nope", "steps": 3}, problems, PRESETS, "tiny-wan", fields)
     assert problems == ["preset: no preset named 'nope'"] and preset.name == "tiny-wan" and targets == {"steps": 3}
+
+
+def test_the_chart_holds_one_model_and_size_the_latest_runs_by_default():
+    def run(number: int, model: str, size: str) -> dict:
+        return entry(number) | {"point": {"run": number, "model": model, "size": size}}
+
+    runs = [run(1, "tiny-wan", "9x64x64"), run(2, "tiny-shapes-128", "17x128x128"), run(3, "tiny-wan", "9x64x64"),
+            entry(4) | {"point": None}]  # a failed or identical run: not on the chart
+    assert history.chart_groups(runs) == [("tiny-wan · 9x64x64 (2 runs)", "tiny-wan · 9x64x64"),
+                                          ("tiny-shapes-128 · 17x128x128 (1 run)", "tiny-shapes-128 · 17x128x128")]
+    shown, key = history.chart_runs(runs, None)
+    assert key == "tiny-wan · 9x64x64" and [e["row"][0] for e in shown] == [1, 3]
+    shown, key = history.chart_runs(runs, "tiny-shapes-128 · 17x128x128")
+    assert [e["row"][0] for e in shown] == [2]
+    assert history.chart_runs(runs, "gone · 1x1x1")[1] == "tiny-wan · 9x64x64"  # a group no longer there

@@ -7,21 +7,43 @@ import re
 from pathlib import Path
 from typing import Any
 
-from vdtome.web.ui import HISTORY_COLUMNS, HISTORY_METHODS, VIEW_FILE, ComparisonView
+from vdtome.web.ui import (
+    EARLIER_HISTORY_COLUMNS,
+    HISTORY_COLUMNS,
+    HISTORY_METHODS,
+    VIEW_FILE,
+    ComparisonView,
+    run_size,
+)
 
 # The folder name of one comparison's outputs (what a history entry may point at, nothing else).
 RUN_FOLDER = re.compile(r"run-[A-Za-z0-9_]+")
 
 
 def checked(history: Any) -> list[dict]:
-    """The history as the browser sent it, if it has the shape this page writes (else empty: an old
-    or edited value is dropped, never trusted)."""
+    """The history as the browser sent it, if it has the shape this page writes (else empty: an
+    edited value is dropped, never trusted); one kept before the size column is moved into today's
+    columns."""
     if not isinstance(history, list):
         return []
-    good = [entry for entry in history if isinstance(entry, dict) and isinstance(entry.get("row"), list)
-            and len(entry["row"]) == len(HISTORY_COLUMNS) and isinstance(entry.get("settings", {}), dict)
+    good = [_current(entry) for entry in history if isinstance(entry, dict) and isinstance(entry.get("row"), list)
+            and len(entry["row"]) in (len(HISTORY_COLUMNS), len(EARLIER_HISTORY_COLUMNS))
+            and isinstance(entry.get("settings", {}), dict)
             and (entry.get("point") is None or isinstance(entry.get("point"), dict))]
     return good if len(good) == len(history) else []
+
+
+def _current(entry: dict) -> dict:
+    """An entry in today's columns: one of an earlier page gets its size from its settings."""
+    if len(entry["row"]) == len(HISTORY_COLUMNS):
+        return entry
+    cells = dict(zip(EARLIER_HISTORY_COLUMNS, entry["row"]))
+    settings = entry.get("settings") or {}
+    height, _, width = str(settings.get("size", "")).partition("x")
+    cells["size"] = run_size(settings.get("frames", "?"), height or "?", width or "?")
+    point = entry.get("point")
+    return entry | {"row": [cells[column] for column in HISTORY_COLUMNS],
+                    "point": None if point is None else point | {"size": cells["size"]}}
 
 
 def record(history: Any, views: list[ComparisonView], keep: int, series: str | None = None) -> list[dict]:
@@ -56,3 +78,26 @@ def run_folder(history: Any, run: Any, output_root: Path) -> Path | None:
         return None
     path = output_root / folder
     return path if (path / VIEW_FILE).exists() else None
+
+
+def chart_key(entry: dict) -> str | None:
+    """The runs one chart may hold share this: their model and size (None: not on the chart)."""
+    point = entry.get("point")
+    if not point:
+        return None
+    return f"{point.get('model', '?')} · {point.get('size') or 'size not recorded'}"
+
+
+def chart_groups(history: list[dict]) -> list[tuple[str, str]]:
+    """(label, key) of each model and size with runs on the chart, the latest run's group first."""
+    keys = [key for key in map(chart_key, history) if key is not None]
+    latest_first = list(dict.fromkeys(reversed(keys)))
+    return [(f"{key} ({keys.count(key)} run{'s' * (keys.count(key) != 1)})", key) for key in latest_first]
+
+
+def chart_runs(history: list[dict], key: str | None) -> tuple[list[dict], str | None]:
+    """The runs of group ``key`` (the latest run's when None or gone) and the key used."""
+    groups = [value for _, value in chart_groups(history)]
+    if key not in groups:
+        key = groups[0] if groups else None
+    return [entry for entry in history if chart_key(entry) == key], key

@@ -155,12 +155,13 @@ def history_points(history: Sequence[dict[str, Any]]) -> pd.DataFrame:
                                        "tested", "methods", "series", "sweep", "anchor", "what differs"])
 
 
-def history_chart(history: Sequence[dict[str, Any]]) -> alt.LayerChart | None:
+def history_chart(history: Sequence[dict[str, Any]], scope: str = "") -> alt.LayerChart | None:
     """Speedup against fidelity: a 1x line; every point with its interval (a vertical bar); tested
     verdicts as filled marks in their sweep's colour, shaped by what they claim; untested runs
     (crosses) and runs whose method did nothing (squares) as open grey marks (their ratio is noise,
     not a speed); each sweep a connected curve; identical-output runs at the PSNR cap. Fills its container's width,
-    legends below the plot (readable at a phone's 390 px)."""
+    legends below the plot (readable at a phone's 390 px). ``scope``: what the runs share (one model
+    and size: only those compare), named in the title."""
     data = history_points(history)
     if data.empty:
         return None
@@ -199,8 +200,9 @@ def history_chart(history: Sequence[dict[str, Any]]) -> alt.LayerChart | None:
         layers += [cap.mark_rule(color="#94a3b8", strokeDash=[2, 2]).encode(x=f"{PSNR_AXIS}:Q"),
                    cap.mark_text(align="right", dx=-4, dy=-6, color="#475569", baseline="bottom").encode(
                        x=f"{PSNR_AXIS}:Q", y=alt.value(0), text="label:N")]
-    title = alt.TitleParams("Speedup against fidelity", subtitle=["bars: each run's interval; open grey marks:",
-                                                                  "not tested or did nothing (no claim)"])
+    title = alt.TitleParams("Speedup against fidelity", subtitle=[
+        *([f"runs of {scope}"] if scope else []), "bars: each run's interval; open grey marks:",
+        "not tested or did nothing (no claim)"])
     return alt.layer(*layers, title=title).resolve_scale(shape="shared").properties(
         height=320, width="container", usermeta=SVG).configure_legend(orient="bottom", direction="vertical", columns=1)
 

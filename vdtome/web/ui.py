@@ -253,25 +253,29 @@ class HistoryEntry:
     ssim: float | None
     memory_change: str
     baseline_cached: bool
+    size: str = ""  # "17x128x128": frames x height x width (only runs of one size compare)
 
     def row(self) -> list[Any]:
+        """The table's cells, in :data:`HISTORY_COLUMNS` order: the verdicts and fidelity first."""
         def rounded(value: float | None, digits: int) -> Any:
             return None if value is None else round(value, digits)
 
-        return [
-            self.run,
-            self.model,
-            self.prompt,
-            self.seed,
-            self.stack,
-            self.evidence,
-            "n/a" if self.end_to_end is None else self.end_to_end.short(),
-            "n/a" if self.denoising is None else self.denoising.short(),
-            rounded(self.psnr_db, 2),
-            rounded(self.ssim, 4),
-            self.memory_change,
-            "from cache" if self.baseline_cached else "made",
-        ]
+        cells = {
+            "run": self.run,
+            "end-to-end": "n/a" if self.end_to_end is None else self.end_to_end.short(),
+            "denoising": "n/a" if self.denoising is None else self.denoising.short(),
+            "PSNR dB": rounded(self.psnr_db, 2),
+            "SSIM": rounded(self.ssim, 4),
+            "methods": self.stack,
+            "model": self.model,
+            "size": self.size,
+            "prompt": self.prompt,
+            "seed": self.seed,
+            "what they did": self.evidence,
+            "peak memory change": self.memory_change,
+            "baseline video": "from cache" if self.baseline_cached else "made",
+        }
+        return [cells[column] for column in HISTORY_COLUMNS]
 
     def figures(self) -> dict[str, Any]:
         """The speedups as numbers (value, interval, verdict) for the CSV export."""
@@ -292,6 +296,7 @@ class HistoryEntry:
             "verdict": ratio.verdict.value,
             "methods": self.stack,
             "model": self.model,
+            "size": self.size,
             "low": None if not ratio.has_interval else round(ratio.low, 4),
             "high": None if not ratio.has_interval else round(ratio.high, 4),
             "claim": CLAIMS[ratio.verdict],
@@ -315,8 +320,12 @@ def _ratio_numbers(ratio: Ratio | None) -> dict[str, Any]:
             "high": None if ratio.high is None else round(ratio.high, 4), "verdict": ratio.verdict.value}
 
 
-HISTORY_COLUMNS = ("run", "model", "prompt", "seed", "methods", "what they did", "end-to-end", "denoising", "PSNR dB",
-                   "SSIM", "peak memory change", "baseline video")
+# What a reader compares first (verdicts, fidelity, what ran, on which model and size), then the rest.
+HISTORY_COLUMNS = ("run", "end-to-end", "denoising", "PSNR dB", "SSIM", "methods", "model", "size", "prompt", "seed",
+                   "what they did", "peak memory change", "baseline video")
+# The columns of histories kept in browsers before the size column (moved into the order above when read).
+EARLIER_HISTORY_COLUMNS = ("run", "model", "prompt", "seed", "methods", "what they did", "end-to-end", "denoising",
+                           "PSNR dB", "SSIM", "peak memory change", "baseline video")
 HISTORY_METHODS = HISTORY_COLUMNS.index("methods")
 PLOT_COLUMNS = ("run", "PSNR vs baseline (dB)", PLOT_SPEEDUP, "interval", "verdict", "methods", "model")
 
@@ -353,7 +362,13 @@ def history_entry(result: ComparisonResult, run: int) -> HistoryEntry:
         ssim=None if fid is None else fid.ssim_mean,
         memory_change=_memory_change(result),
         baseline_cached=result.baseline_reused,
+        size=run_size(result.settings.frames, result.settings.height, result.settings.width),
     )
+
+
+def run_size(frames: Any, height: Any, width: Any) -> str:
+    """A run's size as the history shows it: frames x height x width."""
+    return f"{frames}x{height}x{width}"
 
 
 @dataclass(frozen=True)
