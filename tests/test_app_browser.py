@@ -362,6 +362,13 @@ def test_the_result_page_at_phone_and_desktop_widths(browser, default_app_server
     page.goto(default_app_server)
     assert "trained on coloured shapes" in page.locator("#preset input").input_value()
     assert page.locator("#prompt textarea").input_value() == load_prompts("shapes")[0]
+    # Run is on the first screen and stays reachable from anywhere in the form (a bar fixed at the bottom);
+    # the form itself ends within 2.5 screens (the methods folded into one section that says what is on).
+    page.wait_for_function(IN_VIEW, arg="#run")
+    assert page.evaluate("() => document.querySelector('#result-column').getBoundingClientRect().top") <= 2.5 * 844
+    assert "token merging (ToMe) ratio 0.3" in page.locator("#acceleration > .label-wrap").inner_text()
+    page.locator("#share").scroll_into_view_if_needed()
+    page.wait_for_function(IN_VIEW, arg="#run")
     page.locator("#run").click()
     # The preset's whole default comparison on a 2-core machine shared with the browser: as long as it advances.
     wait_for_work(page, "() => { const c = document.querySelector('#headline .cards'); "
