@@ -22,6 +22,7 @@ from vdtome.engine.engine import Cancelled, ComparisonEngine
 from vdtome.engine.fidelity import PSNR_CAP_DB
 from vdtome.engine.outputs import download_stem
 from vdtome.engine.pipelines import ModelUnavailableError, from_pretrained
+from vdtome.engine.report import format_table, metric_rows
 from vdtome.engine.request import ComparisonRequest, RequestError, resolve
 from vdtome.engine.video_io import display_factor, probe
 from vdtome.offline import tiny
@@ -40,6 +41,24 @@ def engine(tmp_path_factory):
 
 def request(preset="tiny-wan", **overrides) -> ComparisonRequest:
     return ComparisonRequest(preset=preset, prompt=overrides.pop("prompt", PROMPT), **overrides)
+
+
+def flat(text: str) -> str:
+    """Words separated by single spaces: what wrapping at spaces leaves unchanged."""
+    return " ".join(text.split())
+
+
+def assert_table_fits_and_shows_every_figure(result, text: str) -> None:
+    """``text``, the CLI's table of ``result``: every line within the CLI's width but a file's line
+    (a path is never broken), and every cell of every metric row shown, each under its column's name."""
+    files = {f"{name}: {path}" for name, path in result.files.items()}
+    assert [line for line in text.splitlines() if len(line) > cli.WIDTH and line not in files] == []
+    shown = flat(text)
+    for metric, baseline, accelerated, change, better in metric_rows(result):
+        assert flat(metric) in shown
+        for column, cell in (("baseline", baseline), ("accelerated", accelerated), ("change", change),
+                             ("better", better)):
+            assert not cell or flat(f"{column}: {cell}") in shown, (metric, column, cell)
 
 
 @pytest.mark.parametrize("preset", ["tiny-wan", "tiny-cogvideox", "tiny-ltx"])
@@ -117,6 +136,12 @@ def test_tiny_presets_run_end_to_end_with_every_figure(engine, preset, tmp_path)
     frames = sorted(Path(result.files["frames"]).iterdir())
     assert len(frames) == 2 * s.frames  # lossless PNGs at the model's own size
     assert cv2.imread(str(frames[0])).shape == (s.height, s.width, 3)
+    # The CLI's table of this result: blocks within 100 columns, or the wide table, one line per metric.
+    assert_table_fits_and_shows_every_figure(result, format_table(result, width=cli.WIDTH))
+    wide = format_table(result).split("\n\n")[1].splitlines()
+    assert len(wide) == len(metric_rows(result)) + 2 and max(map(len, wide)) > cli.WIDTH  # header, rule, rows
+    for line, row in zip(wide[2:], metric_rows(result)):
+        assert line.startswith(row[0]) and all(cell in line for cell in row), (line, row)
 
 
 def test_ratio_zero_reports_identical_videos(engine):
@@ -338,9 +363,28 @@ def test_cli_prints_a_table_and_writes_the_files(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "end-to-end (projected: denoising + untouched phases measured here)" in done.stdout
     assert "merge ratio (requested / effective)" in done.stdout and "Timing: 7 round(s)" in done.stdout
+    assert [line for line in done.stdout.splitlines() if len(line) > cli.WIDTH and str(out) not in line] == []
+    for message in ("requires torchvision", "torch_dtype"):  # known-harmless messages are silenced
+        assert message not in done.stderr
     stem = "tiny-wan_tome-ratio-0.5-stride-1x2x2_seed0"
     assert {p.name for p in out.iterdir()} >= {f"{stem}_{name}" for name in (
         "baseline.mp4", "accelerated.mp4", "side-by-side.mp4", "difference.mp4", "result.json")} | {"frames"}
+
+
+def test_wide_prints_the_one_line_per_row_table(engine, monkeypatch, capsys):
+    """``--wide``: the table as one line per metric row, however long (the default wraps at 100)."""
+    import vdtome.engine.engine
+
+    ran = []
+    monkeypatch.setattr(vdtome.engine.engine, "ComparisonEngine", lambda device=None: engine)
+    monkeypatch.setattr(engine, "run", lambda request, **kwargs: ran.append(ComparisonEngine.run(
+        engine, request, **kwargs)) or ran[-1])
+    assert cli.main(["compare", "--preset", "tiny-wan", "--prompt", PROMPT, "--ratio", "0.5", "--rounds", "2",
+                     "--wide"]) == 0
+    (result,) = ran
+    assert capsys.readouterr().out.rstrip("\n") == format_table(result)
+    rows = format_table(result).split("\n\n")[1].splitlines()[2:]
+    assert [line.split(" | ")[0].rstrip() for line in rows] == [row[0] for row in metric_rows(result)]
 
 
 def test_a_field_flag_and_its_method_spec_are_refused_alike(capsys):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import diffusers
 import pytest
+import torch
 
+from vdtome.core.denoisers import PIPELINE_DENOISERS, DenoiserType, declared_denoiser_types, pipeline_denoiser_types
 from vdtome.core.presets import (
     PRESETS_DIR,
     Constraints,
@@ -62,6 +65,17 @@ def test_all_presets_load(presets):
 def test_pipeline_classes_exist_in_diffusers(presets):
     for preset in presets.values():
         assert isinstance(getattr(diffusers, preset.pipeline_class), type), preset.pipeline_class
+
+
+def test_the_denoiser_table_says_what_diffusers_declares(presets):
+    """``methods`` and the form read each preset's denoiser types from a table, without importing
+    diffusers: the table must name every shipped preset's pipeline class and agree with diffusers."""
+    assert {preset.pipeline_class for preset in presets.values()} <= set(PIPELINE_DENOISERS)
+    for pipeline_class, listed in PIPELINE_DENOISERS.items():
+        assert declared_denoiser_types(pipeline_class) == listed, pipeline_class
+    mochi = declared_denoiser_types("MochiPipeline")  # a class the table leaves out is read from diffusers
+    assert "MochiPipeline" not in PIPELINE_DENOISERS and pipeline_denoiser_types("MochiPipeline") == mochi
+    assert mochi == (DenoiserType("MochiTransformer3DModel", enable_cache=True, block_cache=True),)
 
 
 def test_tiny_presets_name_real_builders(presets):
@@ -266,6 +280,17 @@ def test_the_trained_preset_loads_a_folder_shipped_in_the_repository(presets, tm
     moved = dataclasses.replace(preset, local=str(tmp_path / "tiny-shapes"))
     with pytest.raises(ModelUnavailableError, match=r"folder 'tiny-shapes' is missing.*vdtome.offline.train"):
         load_pipeline(moved, device="cpu")
+
+
+def test_saved_weights_load_with_dtype_not_the_deprecated_torch_dtype(presets):
+    """diffusers warns on every load that passes ``torch_dtype``; the loader passes ``dtype``."""
+    from vdtome.engine.pipelines import load_pipeline
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = load_pipeline(presets["tiny-shapes"], device="cpu")
+    assert pipe.transformer.dtype == getattr(torch, presets["tiny-shapes"].dtype)
+    assert not [str(w.message) for w in caught if "torch_dtype" in str(w.message)]
 
 
 def test_gpu_presets_state_what_the_loader_needs(presets):

@@ -15,7 +15,7 @@ from unittest import mock
 import pytest
 import torch
 
-from vdtome.core.denoisers import denoisers_of, pipeline_denoiser_types
+from vdtome.core.denoisers import DenoiserType, denoisers_of, pipeline_denoiser_types
 from vdtome.core.presets import get_preset
 from vdtome.core.validation import RequestError
 from vdtome.methods import METHODS, CallPlan, apply_stack, check_stack, method_of
@@ -216,11 +216,12 @@ def test_applying_where_unavailable_is_refused_and_leaves_nothing(name):
 def test_block_level_caches_need_diffusers_to_know_the_blocks():
     from diffusers import AllegroTransformer3DModel  # a CacheMixin whose block class diffusers has not registered
 
+    allegro = (DenoiserType.of(AllegroTransformer3DModel),)
     block_level = [name for name in CACHES if METHODS[name].reuses_across_steps == REUSES_BLOCKS]
     assert len(block_level) >= 2
     for name in block_level:
-        assert "TransformerBlockRegistry" in METHODS[name].unavailable((AllegroTransformer3DModel,))
-    assert METHODS["pyramid_attention_broadcast"].unavailable((AllegroTransformer3DModel,)) is None
+        assert "TransformerBlockRegistry" in METHODS[name].unavailable(allegro)
+    assert METHODS["pyramid_attention_broadcast"].unavailable(allegro) is None
 
 
 def test_faster_cache_on_wan_is_refused_before_any_hook():

@@ -34,7 +34,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from vdtome.core.known_messages import silence_known_messages
+
 __version__ = "0.2.0"
+
+silence_known_messages()  # before anything imports diffusers
 
 # Public name -> the module that defines it.
 _EXPORTS = {

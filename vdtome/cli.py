@@ -8,6 +8,10 @@ vdtome methods`` lists them with their fields). Every form field of every regist
 flag of its own (``--ratio 0.3``, ``--first-block-cache-threshold 0.05``), generated from the registry:
 it sets that field of its method in the stack (without ``--method``, the preset's default stack), and
 goes through the method's own parser, so a value is refused with the same message either way.
+
+A size the model cannot take is refused as the app refuses it (exit 2, the rule named) before any
+pipeline loads; ``--snap`` runs the nearest valid size instead. The table fits 100 columns
+(``--wide``: one line per row).
 """
 
 from __future__ import annotations
@@ -15,10 +19,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vdtome.core.presets import ModelPreset
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+WIDTH = 100  # columns the table, the notes and `methods` are wrapped at
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,11 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="steps of the rounds after the first when every step of the stack costs alike "
                               "(default: the preset's; 0: every round runs all steps)")
     compare.add_argument("--warmup-steps", type=int, default=2, help="steps of each untimed warm-up call (>= 2)")
-    compare.add_argument("--no-snap", action="store_true", help="refuse invalid sizes instead of snapping them")
+    sizes = compare.add_mutually_exclusive_group()
+    sizes.add_argument("--snap", action="store_true",
+                       help="run frames, height or width the model cannot take at the nearest valid value, saying "
+                            "so (default: refuse them, naming the rule, as the app does)")
+    sizes.add_argument("--no-snap", action="store_true",
+                       help="refuse sizes the model cannot take: the default now (kept for scripts that pass it)")
     compare.add_argument("--no-baseline-cache", action="store_true")
     compare.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     compare.add_argument("--out", help="output folder (default: a fresh temporary folder)")
     compare.add_argument("--json", action="store_true", help="print the full JSON result instead of the table")
+    compare.add_argument("--wide", action="store_true",
+                         help=f"print the table one line per row, however long (default: one block per row, "
+                              f"wrapped at {WIDTH} columns)")
     compare.add_argument("--method", action="append", default=[], metavar="NAME[:FIELD=VALUE,...]",
                          help="a method of the stack, repeatable, applied in the order given, e.g. tome:ratio=0.5 "
                               "first_block_cache:threshold=0.2 (see `python -m vdtome methods`)")
@@ -113,7 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--prompts", help="a text file (one prompt a line) or a prompt set (default: the first "
                                           "two of the preset's set)")
     search.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
-    commands.add_parser("methods", help="list acceleration methods, their fields and the presets they support")
+    methods = commands.add_parser(
+        "methods", help="list acceleration methods, their fields and the presets they support",
+        description="Each method's fields with their defaults and ranges. Without --preset the defaults are the "
+                    "methods' own; a preset may override them (its method_defaults).")
+    methods.add_argument("--preset", help="show this preset's defaults (e.g. tiny-shapes-128, the default preset of "
+                                          "compare)")
     commands.add_parser("presets", help="list model presets")
     prompts = commands.add_parser("prompts", help="print a prompt set")
     prompts.add_argument("--set", default="default")
@@ -123,8 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "methods":
-        print(_methods_text())
-        return 0
+        return _methods(args)
     if args.command == "presets":
         from vdtome.core.presets import load_presets
 
@@ -242,15 +265,16 @@ def _bench(args) -> int:
 
 
 def _compare(args) -> int:
+    import dataclasses
+
+    from vdtome.core.presets import get_preset
     from vdtome.core.validation import RequestError
-    from vdtome.engine.engine import ComparisonEngine
-    from vdtome.engine.pipelines import ModelUnavailableError
-    from vdtome.engine.report import format_table
-    from vdtome.engine.request import ComparisonRequest
+    from vdtome.engine.request import ComparisonRequest, resolve
 
     try:
+        preset = get_preset(args.preset)
         request = ComparisonRequest(
-            preset=args.preset,
+            preset=preset.name,
             prompt=args.prompt,
             negative_prompt=args.negative_prompt,
             seed=args.seed,
@@ -263,9 +287,33 @@ def _compare(args) -> int:
             rounds=args.rounds,
             timing_steps=args.timing_steps,
             warmup_steps=args.warmup_steps,
-            snap=not args.no_snap,
+            snap=args.snap,
             reuse_baseline=not args.no_baseline_cache,
         )
+        # Every rule of the request, before the engine and its libraries load: refused as the app refuses it.
+        _, notes = resolve(request, preset)
+    except (RequestError, ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        if isinstance(error, RequestError) and error.field in ("frames", "height", "width") and not args.snap:
+            try:  # the model takes a nearby size: say how to run that one instead
+                resolve(dataclasses.replace(request, snap=True), preset)
+                print("(--snap runs it at the nearest valid size)", file=sys.stderr)
+            except (RequestError, ValueError):
+                pass
+        return 2
+    for note in notes:
+        if note.startswith("snapped "):
+            print(f"--snap: {note}", file=sys.stderr)
+    return _run_comparison(args, request)
+
+
+def _run_comparison(args, request) -> int:
+    from vdtome.core.validation import RequestError
+    from vdtome.engine.engine import ComparisonEngine
+    from vdtome.engine.pipelines import ModelUnavailableError
+    from vdtome.engine.report import format_table
+
+    try:
         engine = ComparisonEngine(device=args.device)
 
         interactive = sys.stderr.isatty()
@@ -281,7 +329,7 @@ def _compare(args) -> int:
     except (RequestError, ValueError, TypeError, ModelUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(result.to_json() if args.json else format_table(result))
+    print(result.to_json() if args.json else format_table(result, width=None if args.wide else WIDTH))
     return 0 if result.ok else 1
 
 
@@ -296,7 +344,7 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     for method in METHODS.values():
         group = parser.add_argument_group(
             f"{method.label} (method {method.name}; adds it to the stack; a preset may set other defaults: "
-            "`python -m vdtome presets`)")
+            "`python -m vdtome methods --preset NAME`)")
         for form_field in method.fields:
             group.add_argument(f"--{form_field.name.replace('_', '-')}", dest=FIELD_FLAG + form_field.name,
                                metavar="VALUE", default=None,
@@ -332,27 +380,62 @@ def _stack(args) -> tuple:
     return tuple(config_from_overrides(method, overrides, preset) for method, overrides in items)
 
 
-def _methods_text() -> str:
+def _methods(args) -> int:
+    from vdtome.core.presets import get_preset
+
+    try:
+        preset = get_preset(args.preset) if args.preset else None
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(_methods_text(preset))
+    return 0
+
+
+def _methods_text(preset: ModelPreset | None = None) -> str:
+    """Every registered method: its fields with their defaults (``preset``'s where it sets its own),
+    ranges and the presets it serves. Reads the methods' declarations and the presets' denoiser
+    table only: no diffusers import, so it answers at once."""
     from vdtome.core.denoisers import pipeline_denoiser_types
     from vdtome.core.presets import load_presets
-    from vdtome.methods import METHODS
+    from vdtome.methods import METHODS, preset_form_defaults
 
     presets = load_presets()
-    lines = []
+    if preset is None:
+        intro = ("Defaults below are the methods' own. A preset may override them (method_defaults in its entry of "
+                 "models.json): `python -m vdtome methods --preset NAME` shows that preset's, e.g. tiny-shapes-128, "
+                 "the default preset of `compare`.")
+    else:
+        intro = (f"Defaults below are preset {preset.name}'s: the methods' own, except where the preset sets its own "
+                 "(marked \"preset\", with the method's own beside it).")
+    lines = [*_wrapped(intro), ""]
     for method in METHODS.values():
         lines.append(f"{method.name}: {method.label}{' (on by default in the app)' if method.on_by_default else ''}")
         if method.docs:
-            lines.append(f"  {method.docs}")
-        lines += [f"  {form_field.describe()}" for form_field in method.fields]
+            lines += _wrapped(method.docs, "  ")
+        chosen = method.form_defaults() if preset is None else preset_form_defaults(method, preset)
+        for form_field in method.fields:
+            value = chosen[form_field.name]
+            line = form_field.describe()
+            if value != form_field.default:
+                line = (f"{form_field.describe(value)} [preset {preset.name}; method default "
+                        f"{form_field.typed(form_field.default)}]")
+            lines += _wrapped(line, "  ", "      ")
         supported, unavailable = [], []
-        for preset in presets.values():
-            reason = method.unavailable(pipeline_denoiser_types(preset.pipeline_class))
-            (unavailable if reason else supported).append(preset.name)
-        lines.append(f"  presets: {', '.join(supported) or 'none'}")
+        for listed in presets.values():
+            reason = method.unavailable(pipeline_denoiser_types(listed.pipeline_class))
+            (unavailable if reason else supported).append(listed.name)
+        lines += _wrapped(f"presets: {', '.join(supported) or 'none'}", "  ", "    ")
         if unavailable:
-            lines.append(f"  unavailable for: {', '.join(unavailable)}")
+            lines += _wrapped(f"unavailable for: {', '.join(unavailable)}", "  ", "    ")
         lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def _wrapped(text: str, indent: str = "", later: str | None = None) -> list[str]:
+    """``text`` as lines of at most :data:`WIDTH` columns (a word longer than that keeps its line)."""
+    return textwrap.wrap(text, WIDTH, initial_indent=indent, subsequent_indent=indent if later is None else later,
+                         break_long_words=False, break_on_hyphens=False) or [indent]
 
 
 if __name__ == "__main__":

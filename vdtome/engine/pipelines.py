@@ -82,14 +82,14 @@ def from_pretrained(preset: ModelPreset, source: str | None = None):
             f"cannot load {preset.label}: its folder {Path(source).name!r} is missing from this checkout; "
             "train it with `python -m vdtome.offline.train` or restore it from git"
         )
-    kwargs: dict[str, Any] = {
-        "torch_dtype": {"default": preset.torch_dtype, **dtypes} if dtypes else preset.torch_dtype,
+    kwargs: dict[str, Any] = {  # ``dtype``, not the deprecated ``torch_dtype`` (diffusers warns on every load)
+        "dtype": {"default": preset.torch_dtype, **dtypes} if dtypes else preset.torch_dtype,
         "trust_remote_code": False,
     }
     try:
         if preset.motion_adapter:
             kwargs["motion_adapter"] = diffusers.MotionAdapter.from_pretrained(
-                preset.motion_adapter, torch_dtype=preset.torch_dtype
+                preset.motion_adapter, dtype=preset.torch_dtype
             )
         pipe = pipeline_class.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as error:

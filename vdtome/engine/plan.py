@@ -39,8 +39,8 @@ from vdtome.measure.memory import TensorMemoryMeter
 from vdtome.methods import apply_stack, method_of, method_spec
 from vdtome.methods.layerwise_casting import LayerwiseCasting
 from vdtome.methods.offload import Offload
-from vdtome.methods.slicing import Slicing, decodes_frames_as_batch
-from vdtome.methods.vae_tiling import AppliedVaeTiling, VaeTiling
+from vdtome.methods.slicing import Slicing
+from vdtome.methods.vae_tiling import VaeTiling
 
 GIB = 2**30
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -228,6 +228,8 @@ def trace_decode(models: MetaModels, frames: int, height: int, width: int, tilin
                  sliced: bool = False) -> int:
     """Peak activation bytes of decoding the video at this size (with the pipeline's post-processing);
     ``tiling``: decoded in tiles as that method sets them; ``sliced``: frame by frame (image VAEs)."""
+    from vdtome.methods.vae_tiling_hooks import AppliedVaeTiling  # diffusers' hooks, only when tracing
+
     vae = models.vae
     t, h, w = _latent_size(models, frames, height, width)
     dtype = next(p.dtype for p in vae.parameters())
@@ -398,6 +400,8 @@ class Sizer:
         m = self.models
         self.weights = {"denoiser": _bytes(m.denoiser), "vae": _bytes(m.vae), **m.other_weights}
         self.text_bytes = sum(v for k, v in m.other_weights.items() if k.startswith("text_encoder"))
+        from vdtome.methods.slicing_hooks import decodes_frames_as_batch  # diffusers' hooks, only when tracing
+
         self.frame_slicing = decodes_frames_as_batch(m.vae)
         self._traces: dict[tuple, int | None] = {}
         # Traces hook and switch the shared meta models: one at a time (a request's fit check and

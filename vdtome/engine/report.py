@@ -187,20 +187,44 @@ def protocol_line(result: ComparisonResult) -> str:
     )
 
 
-def format_table(result: ComparisonResult) -> str:
-    rows = [COLUMNS, *metric_rows(result)]
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(COLUMNS))]
-    lines = [" | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "-+-".join("-" * width for width in widths))
+def format_table(result: ComparisonResult, width: int | None = None) -> str:
+    """The result as text: settings, environment, every metric row, how it was timed, warnings, notes
+    and files. ``width``: at most this many columns, one block per metric (its name, then its figures
+    indented, each labelled by its column) and the prose wrapped (file paths stay whole); None: the
+    wide table, one line per metric in aligned columns, however long."""
+    import textwrap
+
+    def wrapped(text: str, indent: str = "", later: str = "  ") -> list[str]:
+        return textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=later, break_long_words=False,
+                             break_on_hyphens=False) or [indent.rstrip()]
+
     s = result.settings
     head = [
         f"{s.preset}: {s.frames} frames, {s.height}x{s.width}, {s.steps} steps, guidance {s.guidance:g}, seed {s.seed}",
         environment_line(result.environment),
     ]
-    tail = [protocol_line(result)] if result.timing is not None else []
-    tail += [f"warning: {warning}" for warning in result.warnings]
-    tail += [f"note: {note}" for note in result.notes]
+    prose = [protocol_line(result)] if result.timing is not None else []
+    prose += [f"warning: {warning}" for warning in result.warnings]
+    prose += [f"note: {note}" for note in result.notes]
     if result.error:
-        tail.append(f"error: {result.error}")
-    tail += [f"{name}: {path}" for name, path in result.files.items()]
-    return "\n".join(head + [""] + lines + [""] + tail)
+        prose.append(f"error: {result.error}")
+    files = [f"{name}: {path}" for name, path in result.files.items()]
+    if width is None:
+        rows = [COLUMNS, *metric_rows(result)]
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(COLUMNS))]
+        lines = [" | ".join(str(cell).ljust(size) for cell, size in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "-+-".join("-" * size for size in widths))
+        return "\n".join(head + [""] + lines + [""] + prose + files)
+    lines = []
+    for metric, *cells in metric_rows(result):
+        named = dict(zip(COLUMNS[1:], cells))
+        lines += wrapped(metric)
+        figures = " | ".join(f"{column}: {named[column]}" for column in ("baseline", "accelerated", "better")
+                             if named[column])
+        if figures:
+            lines += wrapped(figures, "    ", "      ")
+        if named["change"]:
+            lines += wrapped(f"change: {named['change']}", "    ", "      ")
+    text = [line for part in head for line in wrapped(part)]
+    text += [""] + lines + [""] + [line for part in prose for line in wrapped(part)] + files
+    return "\n".join(text)

@@ -3,19 +3,27 @@
 A method is a frozen config dataclass, ``apply(pipe, config) -> Applied`` (``reset`` after a
 warm-up, ``remove`` undoes exactly, ``report`` returns a :class:`MethodReport`) and its form fields,
 declared without Gradio. Nothing above this seam reads a method's own field names.
+
+A method's declaration (config, form, docs, availability) imports no diffusers, so listing the
+methods (``python -m vdtome methods``, ``--help``) does not wait seconds for it: hooks that need
+diffusers live in a runtime module that the declaration names with :class:`Deferred`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from vdtome.core.phases import DENOISING
 from vdtome.core.validation import (PLAIN_DECIMAL, RequestError, boolean, choice, choices, finite_number,
                                     plain_text, whole_number)
+
+if TYPE_CHECKING:  # an annotation only: the declaration imports no torch
+    from vdtome.core.denoisers import DenoiserType
 
 FieldKind = Literal["number", "integer", "boolean", "choice", "choices", "text"]
 
@@ -85,8 +93,20 @@ class FormField:
             return self.parse([item for item in value.split("+") if item])
         return self.parse(value)
 
-    def describe(self) -> str:
-        """One line for ``python -m vdtome methods``."""
+    def typed(self, value: Any) -> str:
+        """``value`` as it is typed on the command line: ``true``, ``0.5``, ``self-attention+feed-forward``,
+        ``""`` (empty text)."""
+        if value == "":
+            return '""'
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, (list, tuple)):
+            return "+".join(str(item) for item in value)
+        return str(value)
+
+    def describe(self, default: Any = None) -> str:
+        """One line for ``python -m vdtome methods``: name, default (``default``: another to show, such
+        as a preset's; None: the field's own), rule and label."""
         if self.kind in ("number", "integer"):
             rule = f"{self.minimum:g}..{self.maximum:g}"
         elif self.kind == "boolean":
@@ -98,15 +118,7 @@ class FormField:
         else:
             rule = "any of " + "|".join(self.options) + ", joined by +"
         sweep = ", sweepable" if self.sweepable else ""
-        return f"{self.name} = {_literal(self.default)}  ({rule}{sweep}) {self.label}"
-
-
-def _literal(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(item) for item in value)
-    return str(value)
+        return f"{self.name} = {self.typed(self.default if default is None else default)}  ({rule}{sweep}) {self.label}"
 
 
 @dataclass(frozen=True)
@@ -183,6 +195,19 @@ class Applied(Protocol):
 
 
 @dataclass(frozen=True)
+class Deferred:
+    """``module.name``, imported at the first call and called with its arguments: how a method's
+    declaration names its ``apply`` or search when they live in a runtime module that imports
+    diffusers (a string, not an import, so declaring the method loads neither)."""
+
+    module: str
+    name: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(self.module), self.name)(*args, **kwargs)
+
+
+@dataclass(frozen=True)
 class Search:
     """How ``python -m vdtome search`` tunes a method per layer: ``start(pipe, config)`` attaches a
     probe the calibration calls run through (``remove()`` detaches it; ``choose(threshold)`` gives
@@ -200,7 +225,8 @@ class Method:
 
     ``parse``: form values by field name -> config (raises :class:`RequestError` naming the
     field; the generic type and range checks have run already). ``unavailable``: why it cannot
-    serve these denoiser classes (None if it can): asked of a preset before its weights load.
+    serve these denoiser types (None if it can; see :class:`vdtome.core.denoisers.DenoiserType`):
+    asked of a preset before its weights load, from a table without importing diffusers.
     ``steps_alike``: every denoising step of the config costs the same (the timing protocol may
     then time short rounds of a few steps, compared by their mean step). ``reuses_across_steps``: what it carries from one
     step to the next ("attention outputs", "block residuals", ...; None: nothing), and
@@ -220,7 +246,7 @@ class Method:
     fields: tuple[FormField, ...]
     parse: Callable[[Mapping[str, Any]], Any]
     summary: Callable[[Any], str]
-    unavailable: Callable[[tuple[type, ...]], str | None] = lambda denoiser_types: None
+    unavailable: Callable[[tuple[DenoiserType, ...]], str | None] = lambda denoiser_types: None
     on_by_default: bool = False
     steps_alike: Callable[[Any], bool] = lambda config: False
     reuses_across_steps: str | None = None

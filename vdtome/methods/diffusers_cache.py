@@ -13,16 +13,8 @@ from typing import Any
 
 import torch
 
-from vdtome.core.denoisers import denoiser_types, denoisers_of
-from vdtome.core.diffusers_compat import (
-    block_cache_classes,
-    cache_config_of,
-    forget_cache_config,
-    hooks_under,
-    module_defines_any,
-    remove_hook_at,
-)
-from vdtome.core.steps import StepContext
+from vdtome.core.denoisers import DenoiserType, denoiser_types, denoisers_of
+from vdtome.core.diffusers_compat import cache_config_of, forget_cache_config, hooks_under, remove_hook_at
 from vdtome.methods.base import FormField, Method, MethodReport
 from vdtome.methods.evidence import ComputeSpy
 
@@ -31,36 +23,38 @@ def host_timestep(pipe: Any) -> Callable[[], float | None]:
     """diffusers' ``current_timestep_callback`` from the pipeline's step context: a Python number,
     so comparing it with a timestep range costs no host sync per attention call (the pipeline's
     own ``current_timestep`` is a device tensor)."""
+    # Imported where used (here and in AppliedCache): defining StepContext's compiler-disabled hook
+    # loads torch's compiler, about a second that declaring a cache method must not wait for.
+    from vdtome.core.steps import StepContext
+
     return StepContext.of(pipe).current_timestep
 
 
-def cache_unavailable(denoiser_types: tuple[type, ...]) -> str | None:
-    """Why no diffusers cache can serve these denoiser classes (None: one can)."""
-    from diffusers.models.cache_utils import CacheMixin
-
-    if any(issubclass(cls, CacheMixin) for cls in denoiser_types):
+def cache_unavailable(denoiser_types: tuple[DenoiserType, ...]) -> str | None:
+    """Why no diffusers cache can serve these denoiser types (None: one can)."""
+    if any(denoiser.enable_cache for denoiser in denoiser_types):
         return None
-    names = " or ".join(cls.__name__ for cls in denoiser_types)
+    names = " or ".join(denoiser.name for denoiser in denoiser_types)
     return f"diffusers' caches attach only to models with enable_cache (a CacheMixin), and {names} has no enable_cache"
 
 
-def first_refusal(denoiser_types: tuple[type, ...], general: Callable[[tuple[type, ...]], str | None],
-                  refuses: Callable[[type], str | None]) -> str | None:
-    """``general``'s reason, else the reason ``refuses`` gives for the first class it refuses
+def first_refusal(denoiser_types: tuple[DenoiserType, ...],
+                  general: Callable[[tuple[DenoiserType, ...]], str | None],
+                  refuses: Callable[[DenoiserType], str | None]) -> str | None:
+    """``general``'s reason, else the reason ``refuses`` gives for the first type it refuses
     (a cache's own limits on top of what every cache needs)."""
     return general(denoiser_types) or next(filter(None, map(refuses, denoiser_types)), None)
 
 
-def block_cache_unavailable(denoiser_types: tuple[type, ...]) -> str | None:
-    """Why a block-level diffusers cache cannot serve these classes: it must know where a block
+def block_cache_unavailable(denoiser_types: tuple[DenoiserType, ...]) -> str | None:
+    """Why a block-level diffusers cache cannot serve these types: it must know where a block
     takes and returns its hidden states, which diffusers' ``TransformerBlockRegistry`` records per
-    block class. A model's block classes are read from its module, so no weights are needed."""
-    known = block_cache_classes()
+    block class (:attr:`DenoiserType.block_cache`)."""
 
-    def refuses(cls: type) -> str | None:
-        if module_defines_any(cls, known):
+    def refuses(denoiser: DenoiserType) -> str | None:
+        if denoiser.block_cache:
             return None
-        return (f"diffusers' TransformerBlockRegistry knows no transformer block of {cls.__name__}, so its "
+        return (f"diffusers' TransformerBlockRegistry knows no transformer block of {denoiser.name}, so its "
                 "block-level caches cannot tell where a block's hidden states go in and come out")
 
     return first_refusal(denoiser_types, cache_unavailable, refuses)
@@ -68,7 +62,8 @@ def block_cache_unavailable(denoiser_types: tuple[type, ...]) -> str | None:
 
 def cache_method(name: str, label: str, config_type: type, fields: tuple[FormField, ...],
                  parse: Callable[[Any], Any], summary: Callable[[Any], str], build: Callable[[Any, Any, Any], Any],
-                 *, reuses: str, docs: str, unavailable: Callable[[tuple[type, ...]], str | None] = cache_unavailable,
+                 *, reuses: str, docs: str,
+                 unavailable: Callable[[tuple[DenoiserType, ...]], str | None] = cache_unavailable,
                  **extra: Any) -> Method:
     """The :class:`Method` of a diffusers cache: applied by :class:`AppliedCache` with ``build``
     (config, pipe, denoiser -> diffusers config) unless ``extra`` names another ``apply``."""
@@ -82,6 +77,8 @@ class AppliedCache:
 
     def __init__(self, pipe: Any, config: Any, name: str, build: Callable[[Any, Any, torch.nn.Module], Any],
                  summary: Callable[[Any], str]) -> None:
+        from vdtome.core.steps import StepContext
+
         self.config, self.name, self.summary = config, name, summary
         self.models: list[torch.nn.Module] = []
         reason = cache_unavailable(denoiser_types(pipe))

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vdtome.core.denoisers import DenoiserType
 from vdtome.methods.base import REUSES_ATTENTION
 from vdtome.methods.diffusers_cache import cache_method, cache_unavailable, first_refusal, host_timestep
 from vdtome.methods.schema import Part, check_increasing, check_settings, config_values, form_fields, setting
@@ -82,7 +83,7 @@ def summary(config: FasterCache) -> str:
 def build(config: FasterCache, pipe: Any, model: Any) -> Any:
     from diffusers.hooks import FasterCacheConfig
 
-    reason = unavailable((type(model),))
+    reason = unavailable((DenoiserType.of(type(model)),))
     if reason:
         raise ValueError(f"vdtome: {NAME}: {reason}")
     return FasterCacheConfig(
@@ -98,15 +99,15 @@ def build(config: FasterCache, pipe: Any, model: Any) -> Any:
     )
 
 
-def _refuses(cls: type) -> str | None:
-    if cls.__name__ in TENSOR_FORMATS:
+def _refuses(denoiser: DenoiserType) -> str | None:
+    if denoiser.name in TENSOR_FORMATS:
         return None
-    why = WHY_NOT.get(cls.__name__, "it needs both CFG branches in one batch and a (B, C, F, H, W) or "
-                                    "(B, F, C, H, W) output, not checked for this model")
-    return f"diffusers' FasterCache cannot serve {cls.__name__}: {why}"
+    why = WHY_NOT.get(denoiser.name, "it needs both CFG branches in one batch and a (B, C, F, H, W) or "
+                                     "(B, F, C, H, W) output, not checked for this model")
+    return f"diffusers' FasterCache cannot serve {denoiser.name}: {why}"
 
 
-def unavailable(denoiser_types: tuple[type, ...]) -> str | None:
+def unavailable(denoiser_types: tuple[DenoiserType, ...]) -> str | None:
     return first_refusal(denoiser_types, cache_unavailable, _refuses)
 
 

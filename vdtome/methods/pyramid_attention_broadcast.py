@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vdtome.core.denoisers import DenoiserType
 from vdtome.methods.base import REUSES_ATTENTION
 from vdtome.methods.diffusers_cache import cache_method, cache_unavailable, first_refusal, host_timestep
 from vdtome.methods.schema import Part, check_increasing, check_settings, config_values, form_fields, setting
@@ -83,8 +84,8 @@ def build(config: PyramidAttentionBroadcast, pipe: Any, model: Any) -> Any:
     )
 
 
-def _refuses(cls: type) -> str | None:
-    family = PER_BRANCH_CALLS.get(cls.__name__)
+def _refuses(denoiser: DenoiserType) -> str | None:
+    family = PER_BRANCH_CALLS.get(denoiser.name)
     if family is None:
         return None
     return (f"{family} pipelines call the denoiser once per CFG branch and diffusers' pyramid attention broadcast "
@@ -92,7 +93,7 @@ def _refuses(cls: type) -> str | None:
             "conditional call's output of the same step")
 
 
-def unavailable(denoiser_types: tuple[type, ...]) -> str | None:
+def unavailable(denoiser_types: tuple[DenoiserType, ...]) -> str | None:
     return first_refusal(denoiser_types, cache_unavailable, _refuses)
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vdtome.core.denoisers import DenoiserType
 from vdtome.methods.base import REUSES_BLOCKS
 from vdtome.methods.diffusers_cache import block_cache_unavailable, cache_method, first_refusal
 from vdtome.methods.schema import check_settings, config_values, form_fields, setting
@@ -69,15 +70,15 @@ def build(config: SeaCache, pipe: Any, model: Any) -> Any:
                           max_consecutive_cached=config.max_consecutive_cached, power_exp=config.power_exp)
 
 
-def _refuses(cls: type) -> str | None:
-    if cls.__name__ in ADAPTED:
+def _refuses(denoiser: DenoiserType) -> str | None:
+    if denoiser.name in ADAPTED:
         return None
-    return (f"diffusers' SeaCache has no adapter for {cls.__name__}: it needs the model's noisy latents "
+    return (f"diffusers' SeaCache has no adapter for {denoiser.name}: it needs the model's noisy latents "
             "and the scheduler's step and sigma from the pipeline, which diffusers provides for Wan "
             "text-to-video and Cosmos 3 only")
 
 
-def unavailable(denoiser_types: tuple[type, ...]) -> str | None:
+def unavailable(denoiser_types: tuple[DenoiserType, ...]) -> str | None:
     return first_refusal(denoiser_types, block_cache_unavailable, _refuses)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from vdtome.core.denoisers import denoiser_types
+from vdtome.core.denoisers import DenoiserType, denoiser_types
 from vdtome.core.validation import RequestError
 from vdtome.methods.base import REUSES_ATTENTION, Applied, Method, MethodReport
 from vdtome.methods.registry import METHODS, method_of
@@ -55,7 +55,7 @@ def _block_level_caches() -> list[str]:
     return [m.label for m in METHODS.values() if m.diffusers_cache and m.reuses_across_steps != REUSES_ATTENTION]
 
 
-def check_available(methods: Sequence[Method], denoiser_types: tuple[type, ...]) -> None:
+def check_available(methods: Sequence[Method], denoiser_types: tuple[DenoiserType, ...]) -> None:
     for method in methods:
         reason = method.unavailable(denoiser_types)
         if reason:

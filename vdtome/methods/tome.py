@@ -1,5 +1,6 @@
 """Token merging (ToMe) as a plug-in: its form, its config and its report (the hooks live in
-:mod:`vdtome.tome`). Form names are those the app's API has always taken (``ratio``, ``stride_t``...)."""
+:mod:`vdtome.tome`, imported when it is applied). Form names are those the app's API has always
+taken (``ratio``, ``stride_t``...)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from vdtome.core.validation import RequestError
-from vdtome.methods.base import Evidence, FormField, Method, MethodReport, Search
+from vdtome.core.denoisers import DenoiserType
+from vdtome.methods.base import Deferred, Evidence, FormField, Method, MethodReport, Search
 from vdtome.methods.schedules import read_schedule, shipped_schedules
-from vdtome.tome import SUPPORTED_MODELS, ToMeConfig, apply_tome
-from vdtome.tome.apply import ScheduleMismatch
-from vdtome.tome.search import RatioSearch
+from vdtome.tome.adapters import SUPPORTED_MODELS
+from vdtome.tome.config import ToMeConfig
 
 RATIO_STEP = 0.05
 MAX_STRIDE = 9  # the video ToMe study's widest cell is 4x6x9
@@ -137,6 +138,8 @@ def summary(config: ToMeConfig) -> str:
 
 class AppliedToMe:
     def __init__(self, pipe, config: ToMeConfig) -> None:
+        from vdtome.tome.apply import ScheduleMismatch, apply_tome
+
         self.config = config
         try:
             self.handle = apply_tome(pipe, config)
@@ -184,11 +187,10 @@ class AppliedToMe:
         )
 
 
-def _unavailable(denoiser_types: tuple[type, ...]) -> str | None:
-
-    if any(cls.__name__ in SUPPORTED_MODELS for cls in denoiser_types):
+def _unavailable(denoiser_types: tuple[DenoiserType, ...]) -> str | None:
+    if any(denoiser.name in SUPPORTED_MODELS for denoiser in denoiser_types):
         return None
-    names = ", ".join(cls.__name__ for cls in denoiser_types)
+    names = ", ".join(denoiser.name for denoiser in denoiser_types)
     return f"token merging does not support {names}; supported models: {', '.join(SUPPORTED_MODELS)}"
 
 
@@ -205,6 +207,6 @@ METHOD = Method(
     # With reuse_steps > 1 some steps compute a matching and others reuse it: steps differ.
     steps_alike=lambda config: config.reuse_steps == 1,
     matching_varies=lambda config: config.merges,
-    search=Search("ratio_schedule", "ratios", RatioSearch),
+    search=Search("ratio_schedule", "ratios", Deferred("vdtome.tome.search", "RatioSearch")),
     docs="merges similar video tokens before chosen sub-layers and restores them after (vdtome.tome)",
 )

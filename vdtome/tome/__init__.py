@@ -1,8 +1,43 @@
-"""Token merging (ToMe) for video diffusion transformers, applied through reversible hooks."""
+"""Token merging (ToMe) for video diffusion transformers, applied through reversible hooks.
 
-from vdtome.tome.adapters import SUPPORTED_MODELS
-from vdtome.tome.apply import ToMeHandle, ToMeStats, apply_tome, remove_tome
-from vdtome.tome.config import ToMeConfig
-from vdtome.tome.hooks import SiteStats
+Names load on first use: the config and the adapters' model list (what the method's declaration
+reads) import no diffusers; the hooks do.
+"""
 
-__all__ = ["SUPPORTED_MODELS", "SiteStats", "ToMeConfig", "ToMeHandle", "ToMeStats", "apply_tome", "remove_tome"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "SUPPORTED_MODELS": "vdtome.tome.adapters",
+    "ToMeHandle": "vdtome.tome.apply",
+    "ToMeStats": "vdtome.tome.apply",
+    "apply_tome": "vdtome.tome.apply",
+    "remove_tome": "vdtome.tome.apply",
+    "ToMeConfig": "vdtome.tome.config",
+    "SiteStats": "vdtome.tome.sites",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vdtome.tome' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names above load on first use
+    from vdtome.tome.adapters import SUPPORTED_MODELS
+    from vdtome.tome.apply import ToMeHandle, ToMeStats, apply_tome, remove_tome
+    from vdtome.tome.config import ToMeConfig
+    from vdtome.tome.sites import SiteStats

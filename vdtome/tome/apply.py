@@ -14,12 +14,12 @@ from vdtome.tome.hooks import (
     BlockMatcher,
     DenoiserHook,
     MergeSiteHook,
-    SiteStats,
     invalidate_registry_caches,
     is_registered,
     register,
     unregister,
 )
+from vdtome.tome.sites import SiteStats
 
 
 class ScheduleMismatch(ValueError):

@@ -22,8 +22,8 @@ from vdtome.core.diffusers_compat import remove_hooks_named
 from vdtome.core.steps import StepContext
 from vdtome.tome.adapters import find_adapter
 from vdtome.tome.config import ToMeConfig
-from vdtome.tome.hooks import (BlockMatcher, DenoiserHook, MergeSite, MergeSiteHook, SiteStats,
-                               invalidate_registry_caches)
+from vdtome.tome.hooks import BlockMatcher, DenoiserHook, MergeSiteHook, invalidate_registry_caches
+from vdtome.tome.sites import MergeSite, SiteStats
 
 HOOK = "vdtome_ratio_search"
 CANDIDATE_STEP = 0.1

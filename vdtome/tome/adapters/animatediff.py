@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 
 from vdtome.tome.adapters.base import Adapter
-from vdtome.tome.hooks import DenoiserState, MergeSite
 from vdtome.tome.merge import Grid
+from vdtome.tome.sites import DenoiserState, MergeSite
 
 SITES = (
     MergeSite("self_attn", "attn1"),

@@ -7,8 +7,8 @@ from typing import Callable
 
 import torch
 
-from vdtome.tome.hooks import DenoiserState, MergeSite
 from vdtome.tome.merge import Grid
+from vdtome.tome.sites import DenoiserState, MergeSite
 
 
 def latent_grid(latent: torch.Tensor, patch: tuple[int, int, int], frames_dim: int = 2) -> Grid:

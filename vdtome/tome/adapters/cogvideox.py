@@ -10,7 +10,7 @@ broadcast over the batch, hence a shared matching.
 from __future__ import annotations
 
 from vdtome.tome.adapters.base import Adapter
-from vdtome.tome.hooks import MergeSite, gather_rotary
+from vdtome.tome.sites import MergeSite, gather_rotary
 
 SITES = (
     MergeSite(

@@ -10,7 +10,7 @@ block's MLP runs in parallel with attention on the full sequence and is left alo
 from __future__ import annotations
 
 from vdtome.tome.adapters.base import Adapter, latent_grid
-from vdtome.tome.hooks import MergeSite, gather_mask_head, gather_rotary
+from vdtome.tome.sites import MergeSite, gather_mask_head, gather_rotary
 
 _ATTENTION = (
     ("image_rotary_emb", gather_rotary(token_dim=0, batched=False)),

@@ -7,7 +7,7 @@ which the processor broadcasts correctly. The encoder mask covers text only and 
 from __future__ import annotations
 
 from vdtome.tome.adapters.base import Adapter, latent_grid
-from vdtome.tome.hooks import MergeSite, gather_rotary
+from vdtome.tome.sites import MergeSite, gather_rotary
 
 SITES = (
     MergeSite(

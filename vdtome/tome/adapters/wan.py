@@ -8,7 +8,7 @@ which runs at full size before the merge.
 from __future__ import annotations
 
 from vdtome.tome.adapters.base import Adapter, latent_grid
-from vdtome.tome.hooks import MergeSite, gather_rotary
+from vdtome.tome.sites import MergeSite, gather_rotary
 
 SITES = (
     MergeSite("self_attn", "attn1", transforms=(("rotary_emb", gather_rotary(token_dim=1, batched=True)),)),
