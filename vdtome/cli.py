@@ -229,7 +229,7 @@ def _shipped_sweep_names() -> list[str]:
 
 def _bench(args) -> int:
     from vdtome.bench.report import write_report
-    from vdtome.bench.runner import BenchPlan, format_summary, parse_seeds, read_prompts, run_bench
+    from vdtome.bench.runner import BenchPlan, busy_sentence, format_summary, parse_seeds, read_prompts, run_bench
     from vdtome.bench.sweep import load_sweep
     from vdtome.core.validation import RequestError
     from vdtome.engine.pipelines import ModelUnavailableError
@@ -255,6 +255,9 @@ def _bench(args) -> int:
               file=sys.stderr)
         return 130
     print(format_summary(outcome.summaries))
+    busy = busy_sentence(outcome.rows)
+    if busy:
+        print(f"\nwarning: {busy}")
     failed = sum(not row.ok for row in outcome.rows)
     print(f"\n{len(outcome.rows)} of {len(plan.keys())} rows ({outcome.skipped} from an earlier run, {outcome.ran} now; "
           f"{failed} failed). Files in {args.out}:")
