@@ -806,7 +806,8 @@ def on_bound(form_field: FormField, value, *others):
 
 
 # Every method's switch and fields, in registry order: the inputs of a title update.
-METHOD_INPUTS = tuple(name for method in METHODS.values() for name in (method.enable_field, *(f.name for f in method.fields)))
+METHOD_INPUTS = tuple(name for method in METHODS.values()
+                      for name in (method.enable_field, *(f.name for f in method.fields)))
 
 
 def on_titles(*values):
@@ -1139,8 +1140,8 @@ def build_demo() -> gr.Blocks:
         share_button.click(share_link, [components[name] for name in COMPARE_FIELDS], share_query, **private).then(
             None, share_query, share_box, js=FULL_LINK)
         # .input, not .change: a link restoring a preset and its sizes must not be overwritten.
-        model.input(on_preset, [model, negative], [model_info, model_details, negative, frames, height, width, steps, guidance,
-                                                   rounds, run, sweep_button, notice], **private)
+        model.input(on_preset, [model, negative], [model_info, model_details, negative, frames, height, width, steps,
+                                                   guidance, rounds, run, sweep_button, notice], **private)
         model.input(on_preset_methods, [model, *switches],
                     [*switches, *(method_widgets[field] for field in METHOD_FIELDS), *titles], **private)
         model.input(on_preset_prompts, model, prompt_examples.dataset, **private)

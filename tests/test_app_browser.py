@@ -493,7 +493,8 @@ def refused_as_typed(page, name: str, box: str, typed: str, values: dict, start:
                                timeout=30_000)
     except PlaywrightTimeout:
         shown = page.evaluate("() => document.querySelector('#refusal')?.innerText")
-        raise AssertionError(f"{name} = {typed}: Run did not refuse it with {message!r}; the page shows {shown!r}") from None
+        raise AssertionError(f"{name} = {typed}: Run did not refuse it with {message!r}; the page shows "
+                             f"{shown!r}") from None
     field.fill(start)
     field.press("Tab")
 
@@ -522,8 +523,8 @@ def test_a_value_typed_outside_any_numeric_fields_range_is_refused_at_run_never_
                 top = float(page.locator(box).get_attribute("max"))  # the slider's end (a bound may lower it)
                 typed = top + (form_field.step or 1)
                 typed = int(typed) if form_field.kind == "integer" else round(typed, 6)
-                refused_as_typed(page, form_field.name, box, as_typed(typed),
-                                 form | {method.enable_field: True, form_field.name: typed}, as_typed(form[form_field.name]))
+                values = form | {method.enable_field: True, form_field.name: typed}
+                refused_as_typed(page, form_field.name, box, as_typed(typed), values, as_typed(form[form_field.name]))
             if not method.on_by_default:
                 page.locator(f"#{method.enable_field} input").uncheck()
         assert page.evaluate(HISTORY_ROWS) == runs  # nothing ran
