@@ -98,6 +98,7 @@ from vdtome.web.page import (
     table_html,
 )
 from vdtome.web.serving import ServiceGuard, StrictBlocks, limit_visitors, run_until_abandoned
+from vdtome.web.sessions import expire_sessions
 from vdtome.web.ui import (
     CUSTOM_MODEL,
     HISTORY_COLUMNS,
@@ -1155,6 +1156,7 @@ def build_demo() -> gr.Blocks:
     # its limits and the validator; generation runs only through the queue.
     demo.queue(max_size=LIMITS.queue_size, default_concurrency_limit=1, api_open=False)
     limit_visitors(demo, GPU_QUEUE, LIMITS.queue_per_session, LIMITS.queue_per_address)
+    expire_sessions(demo, LIMITS.session_ttl_s, LIMITS.session_grace_s)  # a visitor's state goes when they leave
     return demo
 
 
@@ -1170,6 +1172,7 @@ if __name__ == "__main__":
         css=CSS, js=PAGE_SCRIPT, theme=gr.themes.Soft(), footer_links=["api", "gradio"],
         allowed_paths=[str(EXAMPLES_DIR)],  # the shipped examples' videos and frames
         max_file_size="1kb",  # the app takes no files; ServiceGuard refuses the upload route outright
-        state_session_capacity=1000,  # sessions whose state is kept (oldest dropped first)
-        app_kwargs={"middleware": [Middleware(ServiceGuard, api_parameters=demo.api_parameters)]},
+        state_session_capacity=LIMITS.sessions_max,  # sessions whose state is kept (oldest dropped first)
+        app_kwargs={"middleware": [Middleware(ServiceGuard, api_parameters=demo.api_parameters),
+                                   demo.session_reaper.middleware()]},  # it sees tabs close
     )

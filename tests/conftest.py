@@ -74,17 +74,24 @@ def stop_app(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def app_server(tmp_path_factory):
+def app_server_and_log(tmp_path_factory):
     """One app server for the API and browser tests of the app's mechanics (starting one costs ~10 s on
-    2 cores). It defaults to the random tiny Wan (4 steps, 48 tokens: a run in about a second) rather
-    than the trained tiny-shapes-128 (12 steps, 2,304 tokens), so the many runs these tests make stay quick;
-    ``default_app_server`` serves the page as a visitor gets it."""
+    2 cores), and its log. It defaults to the random tiny Wan (4 steps, 48 tokens: a run in about a second)
+    rather than the trained tiny-shapes-128 (12 steps, 2,304 tokens), so the many runs these tests make stay
+    quick; ``default_app_server`` serves the page as a visitor gets it. A closed session is released 1 s
+    after its heartbeat (1 s apart) ends, so tests/test_sessions.py sees it within seconds."""
     tmp_dir = tmp_path_factory.mktemp("app")
-    process, url, log = start_app(tmp_dir, {"VDTOME_DEFAULT_PRESET": "tiny-wan"})
+    process, url, log = start_app(tmp_dir, {"VDTOME_DEFAULT_PRESET": "tiny-wan", "VDTOME_SESSION_GRACE_S": "1",
+                                            "GRADIO_HEARTBEAT_INTERVAL": "1"})
     try:
-        yield url
+        yield url, log
     finally:
         stop_app(process)
+
+
+@pytest.fixture(scope="session")
+def app_server(app_server_and_log):
+    return app_server_and_log[0]
 
 
 @pytest.fixture(scope="session")

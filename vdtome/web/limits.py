@@ -32,6 +32,8 @@ ENV_HISTORY_ROWS = "VDTOME_HISTORY_ROWS"
 ENV_OUTPUTS_MB = "VDTOME_OUTPUTS_MB"
 ENV_CACHE_MB = "VDTOME_CACHE_MB"
 ENV_SESSION_TTL_S = "VDTOME_SESSION_TTL_S"
+ENV_SESSION_GRACE_S = "VDTOME_SESSION_GRACE_S"
+ENV_SESSIONS_MAX = "VDTOME_SESSIONS_MAX"
 ENV_CUSTOM_MODEL_ROOT = "VDTOME_CUSTOM_MODEL_ROOT"
 
 
@@ -44,6 +46,8 @@ COUNT_SETTINGS = {
     "outputs_mb": ENV_OUTPUTS_MB,
     "cache_mb": ENV_CACHE_MB,
     "session_ttl_s": ENV_SESSION_TTL_S,
+    "session_grace_s": ENV_SESSION_GRACE_S,
+    "sessions_max": ENV_SESSIONS_MAX,
 }
 
 
@@ -79,7 +83,9 @@ class ServiceLimits:
     history_rows: int = 100  # rows of session history kept (the oldest go first)
     outputs_mb: int = 1024  # comparison folders on disk
     cache_mb: int = 1024  # Gradio's copies of the files it serves
-    session_ttl_s: int = 3600  # per-session state of an idle visitor expires after this
+    session_ttl_s: int = 3600  # a session's server-side state is released after this long idle (vdtome.web.sessions)
+    session_grace_s: int = 60  # ... and this long after its tab closed (a tab reconnecting sooner keeps it)
+    sessions_max: int = 500  # sessions held at most (Gradio's LRU cap; ~0.5 MB each: ~250 MB)
     custom_model_root: Path | None = None  # local folders custom weights may come from (None: hub ids only)
 
     def __post_init__(self) -> None:
@@ -87,6 +93,10 @@ class ServiceLimits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
+        if self.session_grace_s > self.session_ttl_s:
+            raise ValueError(f"{ENV_SESSION_GRACE_S} ({self.session_grace_s} s) must be at most {ENV_SESSION_TTL_S} "
+                             f"({self.session_ttl_s} s): a closed tab's session is released after the grace, an "
+                             "idle one after the TTL")
         for preset, work in self.max_work.items():
             if isinstance(work, bool) or not isinstance(work, int) or work < 1:
                 raise ValueError(f"max_work for {preset} must be a whole number of at least 1, got {work!r}")
