@@ -289,11 +289,17 @@ def _chart(history: list[dict], group: str | None = None):
         return None
 
 
-def keep_history(history):
-    """After the history changed: kept in the browser, and the chart's groups (the latest run's chosen)."""
-    history = history_runs.checked(history)
+def keep_history(history, stored=None):
+    """After a run: the history (rejoined to the runs the browser kept, should the server have let
+    this session's state go meanwhile), kept in the browser, shown, and the chart's groups (the
+    latest run's chosen)."""
+    history = history_runs.rejoined(stored, history, LIMITS.history_rows)
+    return history, history, *_history_outputs(history), _chart_groups(history)
+
+
+def _chart_groups(history: list[dict]):
     groups = history_runs.chart_groups(history)
-    return history, gr.Dropdown(choices=groups, value=groups[0][1] if groups else None)
+    return gr.Dropdown(choices=groups, value=groups[0][1] if groups else None)
 
 
 def on_chart_group(group, history):
@@ -542,11 +548,11 @@ def cancel_requested():
 def restore_history(stored):
     """The history kept in this browser, when the page loads (a value of another shape is dropped)."""
     history = history_runs.checked(stored)
-    return history, *_history_outputs(history), keep_history(history)[1]
+    return history, *_history_outputs(history), _chart_groups(history)
 
 
 def clear_history():
-    return [], *_history_outputs([])
+    return [], [], *_history_outputs([]), _chart_groups([])
 
 
 def history_csv(history):
@@ -1087,8 +1093,9 @@ def build_demo() -> gr.Blocks:
                               api_name="compare", validator=validator((*COMPARE_FIELDS, "history"), sweep=False),
                               js=SCROLL_TO_RESULT, **generation)
         run_event.success(None, js=SCROLL_TO_CARDS)
-        keep = dict(fn=keep_history, inputs=history, outputs=[stored_history, chart_group], api_visibility="private",
-                    show_progress="hidden")
+        history_outputs = [history_table, history_points, history_chart_plot, run_picker, chart_group]
+        keep = dict(fn=keep_history, inputs=[history, stored_history],
+                    outputs=[history, stored_history, *history_outputs], api_visibility="private", show_progress="hidden")
         run_event.then(**keep)
         sweep_button.click(check_sweep, [components[name] for name in SWEEP_FIELDS], refusal, **checks)
         sweep_event = sweep_button.click(sweep, [*(components[name] for name in SWEEP_FIELDS), history], shown,
@@ -1108,8 +1115,7 @@ def build_demo() -> gr.Blocks:
         # Gradio cancels the events' tasks; run_until_abandoned turns that into the engine's stop.
         stop.click(cancel_requested, None, result_outputs, cancels=[run_event, sweep_event], queue=False, **private)
         frame.release(on_frame, [frame, current_view], [frame_view, frame_plot], **private)
-        clear_button.click(clear_history, None, [history, history_table, history_points, history_chart_plot,
-                                                 run_picker], **private).then(**keep)
+        clear_button.click(clear_history, None, [history, stored_history, *history_outputs], **private)
         export_button.click(history_csv, history, export_file, **private)
         form_outputs = [*(components[name] for name in LINK_FIELDS), *switches, model_info, model_details, run,
                         sweep_button, notice, *panels.values(), acceleration]
@@ -1149,8 +1155,7 @@ def build_demo() -> gr.Blocks:
         sweep_field.change(sweep_suggestion, sweep_field, sweep_values, **private)
         demo.load(restore_from_link, None, form_outputs, show_progress="hidden", **private).then(
             on_preset_prompts, model, prompt_examples.dataset, show_progress="hidden", **private)
-        demo.load(restore_history, stored_history, [history, history_table, history_points, history_chart_plot,
-                                                    run_picker, chart_group], show_progress="hidden", **private)
+        demo.load(restore_history, stored_history, [history, *history_outputs], show_progress="hidden", **private)
         chart_group.input(on_chart_group, [chart_group, history], history_chart_plot, show_progress="hidden", **private)
     # api_open=False: the direct routes (/gradio_api/run/compare, /run/predict) would skip the queue,
     # its limits and the validator; generation runs only through the queue.

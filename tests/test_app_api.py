@@ -25,6 +25,11 @@ def rows(table):
     return {row[0]: row[1:] for row in table["data"]}
 
 
+def runs(history) -> list[dict]:
+    """The history table's rows by column name (its headers travel with it)."""
+    return [dict(zip(history["headers"], row)) for row in history["data"]]
+
+
 def test_compare_returns_playable_videos_and_metrics(client):
     outputs = client.predict(prompt=PROMPT, seed=7, ratio=0.5, api_name="/compare")
     side_by_side, baseline, accelerated, difference, result_json, metrics, environment, notes, history, _plot = outputs[:10]
@@ -53,7 +58,7 @@ def test_compare_returns_playable_videos_and_metrics(client):
     assert result["settings"]["rounds"] == 7 and len(result["timing"]["calls"]) == 14
     assert result["methods"][0]["report"]["detail"]["effective_ratio"] == pytest.approx(0.5, abs=0.01)
     assert "/" not in json.dumps(result["files"])  # file names only: no server paths
-    assert history["data"][-1][1] == "tiny-wan"
+    assert runs(history)[-1]["model"] == "tiny-wan" and runs(history)[-1]["size"] == "9x64x64"
     assert all(Path(path).name.startswith("tiny-wan_tome-ratio-0.5-stride-1x2x2_seed7_") for path in outputs[:5])
     # The whole result as one JSON output named "result", appended last: equal to result.json.
     assert outputs[-1] == result
@@ -89,7 +94,7 @@ def test_ratio_zero_is_identical_claims_no_speed_and_the_baseline_is_reused(clie
     assert figures["denoising loop (median of 7 rounds)"][2].startswith("no speed claim: token merging (ToMe) did nothing")
     assert outputs[-1]["timing"]["denoising"]["ratio"]["verdict"] == "did nothing"
     assert 'data-tone="untested"' in outputs[10] and "did nothing" in outputs[10]  # the headline: grey, plain
-    assert outputs[8]["data"][-1][7] == "did nothing"  # the history's denoising column
+    assert runs(outputs[8])[-1]["denoising"] == "did nothing"
     assert "its timing was measured again" in outputs[7]
 
 
@@ -128,11 +133,10 @@ def test_after_the_refusals_the_app_keeps_serving(client):
 
 def test_sweep_runs_each_ratio_once_on_one_baseline(client):
     outputs = client.predict(prompt=PROMPT, seed=11, ratios="0.5, 0.1 0.3", api_name="/sweep")
-    history = outputs[8]["data"]
-    swept = history[-3:]
-    assert [row[4] for row in swept] == [f"tome ratio {r} stride 1x2x2" for r in ("0.1", "0.3", "0.5")]  # sorted
-    assert {(row[2], row[3]) for row in swept} == {(PROMPT, 11)}  # each row names its prompt and seed
-    assert [row[-1] for row in swept] == ["made", "from cache", "from cache"]  # one baseline video for the curve
+    swept = runs(outputs[8])[-3:]
+    assert [row["methods"] for row in swept] == [f"tome ratio {r} stride 1x2x2" for r in ("0.1", "0.3", "0.5")]
+    assert {(row["prompt"], row["seed"]) for row in swept} == {(PROMPT, 11)}  # each row names its prompt and seed
+    assert [row["baseline video"] for row in swept] == ["made", "from cache", "from cache"]  # one baseline video
     plot = outputs[9]
     assert len(plot["data"]) >= 3  # every non-identical run is a point on the speedup/fidelity chart
     with pytest.raises(ValidationError, match="sweep value 0.8: merge ratio must be between 0 and 0.75"):
@@ -154,7 +158,7 @@ def test_two_methods_stack_through_the_api_and_a_cache_threshold_sweeps(client):
     assert figures["token merging (ToMe): merge ratio (requested / effective)"][1] == "0.50 / 0.50"
     skipped = figures["first block cache: transformer-block computations skipped (each CFG sample counted)"][1]
     assert skipped.split(" of ")[0] != "0"
-    assert outputs[8]["data"][-1][4] == result["stack"]  # the history names the whole stack
+    assert runs(outputs[8])[-1]["methods"] == result["stack"]  # the history names the whole stack
 
     # A stack the rules refuse is refused when submitted, naming the rule; the next good one runs.
     with pytest.raises(ValidationError, match="diffusers keeps one cache per model"):
@@ -163,12 +167,12 @@ def test_two_methods_stack_through_the_api_and_a_cache_threshold_sweeps(client):
         client.predict(prompt=PROMPT, use_pyramid_attention_broadcast=True, api_name="/compare")
     outputs = client.predict(prompt=PROMPT, seed=5, use_tome=False, use_first_block_cache=True,
                              ratios="0, 1", sweep_field="first_block_cache_threshold", api_name="/sweep")
-    swept = outputs[8]["data"][-2:]
-    assert [row[4] for row in swept] == ["first_block_cache threshold 0", "first_block_cache threshold 1"]
-    assert swept[0][5].startswith("first_block_cache: blocks skipped 0.0")  # threshold 0 never skips
-    assert not swept[1][5].startswith("first_block_cache: blocks skipped 0.0,")
+    swept = runs(outputs[8])[-2:]
+    assert [row["methods"] for row in swept] == ["first_block_cache threshold 0", "first_block_cache threshold 1"]
+    assert swept[0]["what they did"].startswith("first_block_cache: blocks skipped 0.0")  # threshold 0 never skips
+    assert not swept[1]["what they did"].startswith("first_block_cache: blocks skipped 0.0,")
     # A cache that never skipped claims no speed, in the history too.
-    assert swept[0][6] == swept[0][7] == "did nothing" and swept[1][7] != "did nothing"
+    assert swept[0]["end-to-end"] == swept[0]["denoising"] == "did nothing" and swept[1]["denoising"] != "did nothing"
 
 
 BENCH_SWEEP = """

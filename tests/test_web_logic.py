@@ -190,3 +190,16 @@ def test_the_chart_holds_one_model_and_size_the_latest_runs_by_default():
     shown, key = history.chart_runs(runs, "tiny-shapes-128 · 17x128x128")
     assert [e["row"][0] for e in shown] == [2]
     assert history.chart_runs(runs, "gone · 1x1x1")[1] == "tiny-wan · 9x64x64"  # a group no longer there
+
+
+def test_a_tab_whose_session_state_went_keeps_the_runs_its_browser_kept():
+    """An open tab idle past the session TTL (or dropped by the sessions cap) starts its next run from an
+    empty server-side history: the browser's runs come first and the new one is numbered on."""
+    stored = [entry(1, "run-a"), entry(2, "run-b")]
+    fresh = [entry(1, "run-c") | {"point": {"run": 1, "model": "tiny-wan", "size": "9x64x64"}}]
+    merged = history.rejoined(stored, fresh, keep=100)
+    assert [(e["row"][0], e["folder"]) for e in merged] == [(1, "run-a"), (2, "run-b"), (3, "run-c")]
+    assert merged[-1]["point"]["run"] == 3
+    assert history.rejoined(stored, stored + [entry(3, "run-d")], keep=100)[-1]["folder"] == "run-d"  # same history
+    assert history.rejoined([], fresh, keep=100) == fresh and history.rejoined(None, fresh, keep=100) == fresh
+    assert len(history.rejoined(stored, fresh, keep=2)) == 2  # capped as the history is

@@ -101,3 +101,19 @@ def chart_runs(history: list[dict], key: str | None) -> tuple[list[dict], str | 
     if key not in groups:
         key = groups[0] if groups else None
     return [entry for entry in history if chart_key(entry) == key], key
+
+
+def rejoined(stored: Any, current: Any, keep: int) -> list[dict]:
+    """The session's history after a run, given the copy the browser keeps (``stored``). When the
+    server let the session's state go while its tab stayed open (idle past the TTL, or dropped by
+    the sessions cap), ``current`` starts afresh at run 1: the browser's runs come first and the new
+    ones are numbered on after them, so nothing the visitor saw is lost."""
+    stored, current = checked(stored), checked(current)
+    if not stored or not current or current[0] == stored[0] or any(entry in stored for entry in current):
+        return current  # the same history (or nothing kept in the browser)
+    merged = list(stored)
+    for entry in current:
+        run = merged[-1]["row"][0] + 1
+        point = entry.get("point")
+        merged.append(entry | {"row": [run, *entry["row"][1:]], "point": None if point is None else point | {"run": run}})
+    return merged[-keep:]
