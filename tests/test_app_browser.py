@@ -6,6 +6,7 @@ without it); set VDTOME_SKIP_BROWSER=1 to skip it knowingly on a machine without
 screenshots are made this way: ``make screenshot``).
 """
 
+import functools
 import os
 import shutil
 import time
@@ -415,16 +416,22 @@ def page_form(preset) -> dict:
             CUSTOM_MODEL: "", **method_defaults(preset)}
 
 
-def api_refusal(form: dict) -> str:
-    """The message the API gives for these values (the app's own gates, in this process)."""
+@functools.cache
+def cpu_gates():
+    """The app's own request gates on a machine without a GPU, as the test server has them."""
     from vdtome.core.presets import load_presets
-    from vdtome.core.validation import RequestError
     from vdtome.web.gates import RequestGates
     from vdtome.web.limits import ServiceLimits
 
-    presets = load_presets()
+    return RequestGates(load_presets(), ServiceLimits(), has_gpu=False)
+
+
+def api_refusal(form: dict) -> str:
+    """The message the API gives for these values (the app's own gates, in this process)."""
+    from vdtome.core.validation import RequestError
+
     try:
-        RequestGates(presets, ServiceLimits(), has_gpu=False).comparison(form)
+        cpu_gates().comparison(form)
     except RequestError as error:
         return str(error)
     raise AssertionError(f"these values are not refused: {form}")
@@ -481,7 +488,6 @@ def refused_as_typed(page, name: str, box: str, typed: str, values: dict, start:
     with the API's message for ``values``; then put back ``start``."""
     field = page.locator(box)
     field.fill(typed)
-    field.press("Enter")
     field.press("Tab")  # the box loses focus: Gradio's slider would move the value into its range here
     assert field.input_value() == typed, name
     message = api_refusal(values)
@@ -495,40 +501,7 @@ def refused_as_typed(page, name: str, box: str, typed: str, values: dict, start:
         shown = page.evaluate("() => document.querySelector('#refusal')?.innerText")
         raise AssertionError(f"{name} = {typed}: Run did not refuse it with {message!r}; the page shows "
                              f"{shown!r}") from None
-    field.fill(start)
-    field.press("Tab")
-
-
-def test_a_value_typed_outside_any_numeric_fields_range_is_refused_at_run_never_moved(browser, app_server):
-    """Every numeric field of the request and of every method (each switched on, on a preset that
-    takes it): the value typed stays in its box after it loses focus, and Run refuses it with the
-    API's message naming the field and its range; nothing runs."""
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
-    page.set_default_timeout(TIMEOUT_MS)
-    for index, (preset, methods) in enumerate(method_presets()):
-        open_on_preset(page, app_server, preset)
-        runs = page.evaluate(HISTORY_ROWS)
-        form = page_form(preset)
-        if index == 0:
-            for name, typed in out_of_range_request(preset).items():
-                number = float(typed) if "." in typed else int(typed)
-                refused_as_typed(page, name, f"#{name} input", typed, form | {name: number}, as_typed(form[name]))
-        for method in methods:
-            numeric = [f for f in method.fields if f.kind in ("number", "integer")]
-            if not numeric:
-                continue
-            switch_on(page, method)
-            for form_field in numeric:
-                box = f"#{form_field.name} input[type=number]"
-                top = float(page.locator(box).get_attribute("max"))  # the slider's end (a bound may lower it)
-                typed = top + (form_field.step or 1)
-                typed = int(typed) if form_field.kind == "integer" else round(typed, 6)
-                values = form | {method.enable_field: True, form_field.name: typed}
-                refused_as_typed(page, form_field.name, box, as_typed(typed), values, as_typed(form[form_field.name]))
-            if not method.on_by_default:
-                page.locator(f"#{method.enable_field} input").uncheck()
-        assert page.evaluate(HISTORY_ROWS) == runs  # nothing ran
-    page.close()
+    field.fill(start)  # within the range: nothing to move
 
 
 # Values other than the defaults for each method's fields, set through the page (every registered
@@ -536,7 +509,7 @@ def test_a_value_typed_outside_any_numeric_fields_range_is_refused_at_run_never_
 LINK_VALUES = {
     "tome": {"ratio": 0.4, "blocks": "every other block", "targets": ["self-attention", "feed-forward"],
              "reuse_steps": 2, "random_destinations": False},
-    "tile_sparsity": {"tile_sparsity_pattern": "1:2", "tile_sparsity_placement": "spaced",
+    "tile_sparsity": {"tile_sparsity_pattern": "1:1", "tile_sparsity_placement": "spaced",
                       "tile_sparsity_dense_steps": 1, "tile_sparsity_kernel": "gather"},
     "first_block_cache": {"first_block_cache_threshold": 0.2},
     "pyramid_attention_broadcast": {"pyramid_attention_broadcast_spatial_skip": 3,
@@ -552,7 +525,10 @@ LINK_VALUES = {
     "layerwise_casting": {"layerwise_casting_storage": "float8_e5m2"},
     "offload": {"offload_mode": "model"},
 }
-LINK_REQUEST = {"steps": 3, "rounds": 1}  # request fields off their defaults too (and a quick run)
+def link_request(preset) -> dict[str, int]:
+    """Request fields off their defaults too, and a quick run: the fewest frames (5 at least), 48 px."""
+    return {"frames": max(preset.constraints.valid_frame_range[0], 5), "height": 48, "width": 48, "steps": 3,
+            "rounds": 1}
 
 
 def set_field(page, form_field, value) -> None:
@@ -561,7 +537,6 @@ def set_field(page, form_field, value) -> None:
     if form_field.kind in ("number", "integer"):
         box = page.locator(f"{root} input[type=number]")
         box.fill(as_typed(value))
-        box.press("Enter")
         box.press("Tab")
     elif form_field.kind == "boolean":
         page.locator(f"{root} input").set_checked(value)
@@ -591,68 +566,115 @@ def field_value(page, form_field):
     return page.locator(f"{root} input").input_value()
 
 
-def test_a_link_the_page_made_restores_and_runs_at_its_values_for_every_method(browser, app_server):
-    """Every method switched on in turn (alone, on a preset that takes it), its fields set off their
-    defaults through the page, the page's own link copied, opened in a fresh page: every field shows
-    the value set, no toast, the titles say what is on, and Run runs exactly that configuration."""
-    import torch
+def refused_out_of_range(page, method, form: dict) -> None:
+    """Each numeric field of ``method`` (switched on): a value past its slider's end (a bound may
+    lower it) typed and left stays as typed, and Run refuses it with the API's message; then back."""
+    for form_field in (f for f in method.fields if f.kind in ("number", "integer")):
+        box = f"#{form_field.name} input[type=number]"
+        typed = float(page.locator(box).get_attribute("max")) + (form_field.step or 1)
+        typed = int(typed) if form_field.kind == "integer" else round(typed, 6)
+        refused_as_typed(page, form_field.name, box, as_typed(typed), form | {form_field.name: typed},
+                         as_typed(form[form_field.name]))
 
-    from vdtome.methods import METHODS, config_fields
+
+def make_link(maker, method, values: dict, before: str) -> str:
+    """Set ``values`` of the method (switched on) through the page, press Share, return its link
+    (the method switched off after: the next link holds the next method alone)."""
+    for form_field in method.fields:
+        if form_field.name in values:
+            set_field(maker, form_field, values[form_field.name])
+    open_group(maker, "share")
+    maker.locator("#share-button").click()
+    maker.wait_for_function("(before) => { const link = document.querySelector('#share-link textarea').value; "
+                            "return link.includes('?') && link !== before; }", arg=before)
+    link = maker.locator("#share-link textarea").input_value()
+    maker.locator(f"#{method.enable_field} input").uncheck()
+    return link
+
+
+def open_link_and_run(opened, maker, preset, method, values: dict, link: str) -> int:
+    """Open ``link`` in a fresh page load: every field of the method shows what the maker set, the
+    titles say it alone is on, no toast; press Run (not waited for). Returns the runs listed before."""
+    from vdtome.methods import METHODS
     from vdtome.web.ui import acceleration_title, method_defaults
 
+    opened.goto(link)
+    restored = method_defaults(preset) | {m.enable_field: m is method for m in METHODS.values()} | values
+    wait_for_start(opened, "#acceleration > .label-wrap", acceleration_title(restored), link)  # restored
+    open_method(opened, method)
+    assert opened.locator(f"#{method.enable_field} input").is_checked()
+    shown = {f.name: field_value(opened, f) for f in method.fields}
+    assert shown == {f.name: values.get(f.name, field_value(maker, f)) for f in method.fields}, link
+    wait_for_start(opened, f"#method-{method.name} > .label-wrap", f"{method.label} · on · ", link)
+    assert "not runnable" not in opened.locator(f"#method-{method.name} > .label-wrap").inner_text()
+    assert opened.locator(".toast-body").count() == 0, opened.locator(".toast-body").all_inner_texts()
+    runs = opened.evaluate(HISTORY_ROWS)
+    opened.locator("#run").click()
+    return runs
+
+
+def ran_as_linked(opened, preset, method, values: dict, request: dict, runs: int, link: str) -> None:
+    """The run the link started finished with exactly the link's request and method settings."""
+    import torch
+
+    from vdtome.methods import config_fields
+    from vdtome.web.ui import method_defaults
+
+    if method.name == "offload" and not torch.cuda.is_available():  # restored; a CPU has nowhere to offload to
+        opened.get_by_text("there is nothing to offload to").first.wait_for()
+        close_toasts(opened)
+        return
+    wait_for_work(opened, f"() => ({HISTORY_ROWS})() === {runs + 1}")
+    result = opened.request.get(opened.locator("#result-json a").get_attribute("href")).json()
+    assert {name: result["settings"][name] for name in request} == request, link
+    expected = config_fields(method.from_form(method_defaults(preset) | values))
+    assert [m["method"] for m in result["methods"]] == [method.name]
+    ran = result["methods"][0]["config"]
+    # Every setting as the link said; what the method fills in itself (a calibration) aside.
+    assert {k: ran[k] for k, v in expected.items() if v is not None} == \
+        {k: v for k, v in expected.items() if v is not None}, method.name
+
+
+def test_every_field_typed_out_of_range_is_refused_and_a_link_the_page_made_runs_at_its_values(browser, app_server):
+    """Every method switched on in turn (alone, on a preset that takes it), in a real browser:
+    - each numeric field of the request and of the method, typed outside its range, stays as typed
+      when it loses focus (Gradio's slider would move it into range) and Run refuses it with the
+      API's message naming the field and the range; nothing runs;
+    - its fields set off their defaults through the page, the page's own link copied and opened in a
+      fresh page: every field shows the value set, no toast, the titles say what is on, and Run runs
+      exactly that configuration (while the next method's link is being made)."""
+    from vdtome.methods import METHODS
+
     assert set(LINK_VALUES) == set(METHODS)
-    maker = browser.new_page(viewport={"width": 1400, "height": 900})
-    opened = browser.new_page(viewport={"width": 1400, "height": 900})
+    # At a phone's width: Run in its bar at the bottom is in reach from every field.
+    maker = browser.new_page(viewport={"width": 390, "height": 844})
+    opened = browser.new_page(viewport={"width": 390, "height": 844})
     for page in (maker, opened):
         page.set_default_timeout(TIMEOUT_MS)
-    for preset, methods in method_presets():
+    link, running = "", None  # the link whose run is under way in `opened`, and what to check of it
+    for index, (preset, methods) in enumerate(method_presets()):
+        open_on_preset(maker, app_server, preset)
+        form = page_form(preset)
+        if index == 0:
+            for name, typed in out_of_range_request(preset).items():
+                number = float(typed) if "." in typed else int(typed)
+                refused_as_typed(maker, name, f"#{name} input", typed, form | {name: number}, as_typed(form[name]))
+        request = link_request(preset)
+        for name, value in request.items():
+            maker.locator(f"#{name} input").fill(str(value))
+            maker.locator(f"#{name} input").press("Tab")
         for method in methods:
-            open_on_preset(maker, app_server, preset)
-            for name, value in LINK_REQUEST.items():
-                maker.locator(f"#{name} input").fill(str(value))
-                maker.locator(f"#{name} input").press("Tab")
             switch_on(maker, method)
             if method.name != "tome":
                 maker.locator("#use_tome input").uncheck()  # the method alone
+            refused_out_of_range(maker, method, form | request | {m.enable_field: m is method for m in METHODS.values()})
             values = LINK_VALUES[method.name]
-            for form_field in method.fields:
-                if form_field.name in values:
-                    set_field(maker, form_field, values[form_field.name])
-            open_group(maker, "share")
-            maker.locator("#share-button").click()
-            maker.wait_for_function("() => document.querySelector('#share-link textarea').value.includes('?')")
-            link = maker.locator("#share-link textarea").input_value()
-            assert f"preset={preset.name}" in link, link
-
-            runs = opened.evaluate(HISTORY_ROWS) if opened.url != "about:blank" else None
-            opened.goto(link)
-            form = method_defaults(preset) | {m.enable_field: m is method for m in METHODS.values()} | values
-            # Restored: the section's title lists this method alone, at these values.
-            wait_for_start(opened, "#acceleration > .label-wrap", acceleration_title(form), link)
-            open_method(opened, method)
-            assert opened.locator(f"#{method.enable_field} input").is_checked()
-            shown = {f.name: field_value(opened, f) for f in method.fields}
-            assert shown == {f.name: values.get(f.name, field_value(maker, f)) for f in method.fields}, link
-            wait_for_start(opened, f"#method-{method.name} > .label-wrap", f"{method.label} · on · ",
-                           f"switch checked: {opened.locator(f'#{method.enable_field} input').is_checked()}; "
-                           f"{opened.locator('#acceleration > .label-wrap').inner_text()}")
-            title = opened.locator(f"#method-{method.name} > .label-wrap").inner_text()
-            assert "not runnable" not in title, title
-            assert opened.locator(".toast-body").count() == 0, opened.locator(".toast-body").all_inner_texts()
-            runs = opened.evaluate(HISTORY_ROWS) if runs is None else runs
-            opened.locator("#run").click()
-            if method.name == "offload" and not torch.cuda.is_available():  # restored; a CPU has nowhere to offload to
-                opened.get_by_text("there is nothing to offload to").first.wait_for()
-                close_toasts(opened)
-                continue
-            wait_for_work(opened, f"() => ({HISTORY_ROWS})() === {runs + 1}")
-            result = opened.request.get(opened.locator("#result-json a").get_attribute("href")).json()
-            assert (result["settings"]["steps"], result["settings"]["rounds"]) == (3, 1), link
-            expected = config_fields(method.from_form(method_defaults(preset) | values))
-            assert [m["method"] for m in result["methods"]] == [method.name]
-            ran = result["methods"][0]["config"]
-            # Every setting as the link said; what the method fills in itself (a calibration) aside.
-            assert {k: ran[k] for k, v in expected.items() if v is not None} == \
-                {k: v for k, v in expected.items() if v is not None}, method.name
+            link = make_link(maker, method, values, link)
+            assert f"preset={preset.name}" in link and maker.evaluate(HISTORY_ROWS) == 0, link  # nothing refused ran
+            if running is not None:
+                ran_as_linked(opened, *running)
+            runs = open_link_and_run(opened, maker, preset, method, values, link)
+            running = (preset, method, values, request, runs, link)
+    ran_as_linked(opened, *running)
     maker.close()
     opened.close()

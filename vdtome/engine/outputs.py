@@ -5,6 +5,7 @@ videos, and ``result.json``, named after the settings so files of several runs s
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,21 +38,26 @@ def write_outputs(result: ComparisonResult, folder: Path) -> dict[str, str]:
     by a whole factor, nearest-neighbour, so that a browser shows their pixels sharp."""
     folder.mkdir(parents=True, exist_ok=True)
     fps, stem = result.settings.fps, download_stem(result)
-    files: dict[str, str] = {}
     videos = {"baseline": result.baseline, "accelerated": result.accelerated}
     shown = {name: _displayable(run.frames) for name, run in videos.items() if run is not None}
     factor = video_io.display_factor(next(iter(shown.values())).shape[1]) if shown else 1
-    for name, frames in shown.items():
-        files[name] = video_io.write_mp4(video_io.enlarge(frames, factor), folder / f"{stem}_{name}.mp4", fps=fps)
-        video_io.write_frames(frames, folder / "frames", name)
+    encodes = {name: video_io.enlarge(frames, factor) for name, frames in shown.items()}  # name -> frames
+    if len(shown) == 2:
+        captions = tuple(side_caption(name, result) for name in ("baseline", "accelerated"))
+        encodes["side_by_side"] = video_io.side_by_side(encodes["baseline"], encodes["accelerated"], captions)
+        heat, _ = video_io.difference_heat_map(shown["baseline"], shown["accelerated"])
+        encodes["difference"] = video_io.enlarge(heat, factor)
+    # Each video is its own ffmpeg process, and PNG encoding releases the GIL: written side by side, a
+    # request waits for the slowest file only.
+    with ThreadPoolExecutor(max_workers=len(encodes) + len(shown) or 1) as pool:
+        written = {name: pool.submit(video_io.write_mp4, frames, folder / f"{stem}_{name.replace('_', '-')}.mp4", fps)
+                   for name, frames in encodes.items()}
+        pngs = [pool.submit(video_io.write_frames, frames, folder / "frames", name) for name, frames in shown.items()]
+        files = {name: job.result() for name, job in written.items()}
+        for job in pngs:
+            job.result()
     if len(shown) == 2:
         files["frames"] = str(folder / "frames")
-        base, fast = (video_io.enlarge(shown[name], factor) for name in ("baseline", "accelerated"))
-        captions = tuple(side_caption(name, result) for name in ("baseline", "accelerated"))
-        files["side_by_side"] = video_io.write_mp4(video_io.side_by_side(base, fast, captions),
-                                                   folder / f"{stem}_side-by-side.mp4", fps)
-        heat, _ = video_io.difference_heat_map(shown["baseline"], shown["accelerated"])
-        files["difference"] = video_io.write_mp4(video_io.enlarge(heat, factor), folder / f"{stem}_difference.mp4", fps)
     files["json"] = str(folder / f"{stem}_result.json")
     result = replace(result, files=files)
     Path(files["json"]).write_text(result.to_json())
