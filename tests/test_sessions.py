@@ -236,9 +236,11 @@ def test_the_real_app_releases_a_closed_or_api_session_and_keeps_an_open_one(app
         # A plain HTTP call (no heartbeat): its session is its event id.
         joined = httpx.post(f"{url}gradio_api/call/v2/compare", json={"prompt": prompt, **small})
         api_session = joined.json()["event_id"]
+        # Kept while its result waits to be fetched (however long that takes); released after.
+        wait_until(lambda: held(url, api_session), "the API call's session state did not appear")
         result = httpx.get(f"{url}gradio_api/call/compare/{api_session}", timeout=120).text
         assert "event: complete" in result, result[-500:]
-        assert held(url, tab.session_hash) and held(url, closing.session_hash) and held(url, api_session)
+        assert held(url, tab.session_hash) and held(url, closing.session_hash)
         closing_session = closing.session_hash
         closing.close()  # its heartbeat ends at the next beat
         wait_until(lambda: not held(url, closing_session), "the closed client's session was not released")
