@@ -426,14 +426,14 @@ def cpu_gates():
     return RequestGates(load_presets(), ServiceLimits(), has_gpu=False)
 
 
-def api_refusal(form: dict) -> str:
-    """The message the API gives for these values (the app's own gates, in this process)."""
+def api_refusal(form: dict):
+    """The refusal the API gives for these values (the app's own gates, in this process)."""
     from vdtome.core.validation import RequestError
 
     try:
         cpu_gates().comparison(form)
     except RequestError as error:
-        return str(error)
+        return error
     raise AssertionError(f"these values are not refused: {form}")
 
 
@@ -483,25 +483,37 @@ def as_typed(number: int | float) -> str:
     return str(number) if isinstance(number, int) else f"{number:g}"
 
 
+def typed_and_left(page, box: str, typed: str, name: str) -> None:
+    """Type ``typed`` into ``box`` and leave it: it still holds it (Gradio's slider would move a
+    value into its range as the box loses focus)."""
+    field = page.locator(box)
+    field.fill(typed)
+    field.press("Tab")
+    assert field.input_value() == typed, name
+
+
+def run_refused(page, values: dict):
+    """Press Run: the page refuses with the API's message for ``values`` (the form as typed), which
+    it returns (the RequestError, naming its fields)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    error = api_refusal(values)
+    page.locator("#run").click()
+    try:  # the whole message: a refusal naming fewer fields is not one naming more
+        page.wait_for_function("(text) => document.querySelector('#refusal')?.innerText.startsWith(text)",
+                               arg=f"Not run: {error} Go to ", timeout=30_000)
+    except PlaywrightTimeout:
+        shown = page.evaluate("() => document.querySelector('#refusal')?.innerText")
+        raise AssertionError(f"Run did not refuse {error.fields} with {str(error)!r}; the page shows {shown!r}") from None
+    return error
+
+
 def refused_as_typed(page, name: str, box: str, typed: str, values: dict, start: str) -> None:
     """Type ``typed`` into ``box``, leave it, press Run: the box still holds it and Run refuses it
     with the API's message for ``values``; then put back ``start``."""
-    field = page.locator(box)
-    field.fill(typed)
-    field.press("Tab")  # the box loses focus: Gradio's slider would move the value into its range here
-    assert field.input_value() == typed, name
-    message = api_refusal(values)
-    page.locator("#run").click()
-    from playwright.sync_api import TimeoutError as PlaywrightTimeout
-
-    try:
-        page.wait_for_function("(text) => document.querySelector('#refusal')?.innerText.includes(text)", arg=message,
-                               timeout=30_000)
-    except PlaywrightTimeout:
-        shown = page.evaluate("() => document.querySelector('#refusal')?.innerText")
-        raise AssertionError(f"{name} = {typed}: Run did not refuse it with {message!r}; the page shows "
-                             f"{shown!r}") from None
-    field.fill(start)  # within the range: nothing to move
+    typed_and_left(page, box, typed, name)
+    run_refused(page, values)
+    page.locator(box).fill(start)  # within the range: nothing to move
 
 
 # Values other than the defaults for each method's fields, set through the page (every registered
@@ -568,13 +580,20 @@ def field_value(page, form_field):
 
 def refused_out_of_range(page, method, form: dict) -> None:
     """Each numeric field of ``method`` (switched on): a value past its slider's end (a bound may
-    lower it) typed and left stays as typed, and Run refuses it with the API's message; then back."""
+    lower it) typed and left stays as typed; Run refuses them with the API's message, which names
+    each one (a rule across fields once the ranges hold: a later Run); then each back."""
+    boxes, typed = {}, {}
     for form_field in (f for f in method.fields if f.kind in ("number", "integer")):
-        box = f"#{form_field.name} input[type=number]"
-        typed = float(page.locator(box).get_attribute("max")) + (form_field.step or 1)
-        typed = int(typed) if form_field.kind == "integer" else round(typed, 6)
-        refused_as_typed(page, form_field.name, box, as_typed(typed), form | {form_field.name: typed},
-                         as_typed(form[form_field.name]))
+        boxes[form_field.name] = box = f"#{form_field.name} input[type=number]"
+        value = float(page.locator(box).get_attribute("max")) + (form_field.step or 1)
+        typed[form_field.name] = int(value) if form_field.kind == "integer" else round(value, 6)
+        typed_and_left(page, box, as_typed(typed[form_field.name]), form_field.name)
+    while typed:
+        named = run_refused(page, form | typed).fields
+        assert named and set(named) <= set(typed), (named, typed)
+        for name in named:
+            page.locator(boxes[name]).fill(as_typed(form[name]))
+            del typed[name]
 
 
 def make_link(maker, method, values: dict, before: str) -> str:

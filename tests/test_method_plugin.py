@@ -162,3 +162,20 @@ def test_a_config_built_in_code_obeys_its_forms_rules_word_for_word(method):
                 method.config_type(**config_values(method.config_type, method.name, values))
             assert str(in_code.value) == str(from_form.value) and in_code.value.field == form_field.name
     assert method.from_form(method.form_defaults()) == method.config_type()  # one set of defaults
+
+
+@pytest.mark.parametrize("method", [m for m in SCHEMA_METHODS if sum(f.kind in ("integer", "number")
+                                                                    for f in m.fields) > 1], ids=lambda m: m.name)
+def test_every_field_out_of_range_is_named_in_one_refusal(method):
+    """A visitor who typed several values out of range reads every one in the first refusal, each
+    with its own field's message, in the form's order, the first field the one the page points to."""
+    numeric = [f for f in method.fields if f.kind in ("integer", "number")]
+    alone = {}
+    for form_field in numeric:
+        with pytest.raises(RequestError) as one:
+            method.from_form(method.form_defaults() | {form_field.name: form_field.maximum + 1})
+        alone[form_field.name] = str(one.value)
+    with pytest.raises(RequestError) as every:
+        method.from_form(method.form_defaults() | {f.name: f.maximum + 1 for f in numeric})
+    assert every.value.fields == tuple(alone) and every.value.field == numeric[0].name
+    assert str(every.value) == "; ".join(alone.values())

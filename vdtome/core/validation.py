@@ -17,12 +17,23 @@ MAX_TEXT_CHARS = 1000
 class RequestError(ValueError):
     """A request the engine refuses; the message names the rule that was broken.
 
-    ``field``: the request (and form) field at fault, so a form can show the message beside it.
+    ``field``: the request (and form) field at fault, so a form can show the message beside it;
+    ``fields``: every field the message names, ``field`` first (see :func:`all_refused`).
     """
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, field: str | None = None, fields: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.field = field
+        self.fields = fields or ((field,) if field is not None else ())
+
+
+def all_refused(errors: list[RequestError]) -> RequestError:
+    """One refusal naming every broken rule of a form, in the form's order: a visitor who typed
+    two values out of range reads both at once rather than one per Run."""
+    if len(errors) == 1:
+        return errors[0]
+    return RequestError("; ".join(str(error) for error in errors), errors[0].field,
+                        tuple(name for error in errors for name in error.fields))
 
 
 def whole_number(name: str, value: Any, low: int, high: int, field: str | None = None) -> int:

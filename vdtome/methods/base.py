@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from vdtome.core.phases import DENOISING
-from vdtome.core.validation import (PLAIN_DECIMAL, RequestError, boolean, choice, choices, finite_number,
+from vdtome.core.validation import (PLAIN_DECIMAL, RequestError, all_refused, boolean, choice, choices, finite_number,
                                     plain_text, whole_number)
 
 if TYPE_CHECKING:  # an annotation only: the declaration imports no torch
@@ -272,8 +272,16 @@ class Method:
         return {f.name: f.default for f in self.fields}
 
     def from_form(self, values: Mapping[str, Any]) -> Any:
-        """The config from form values (missing ones take their defaults), every value checked."""
-        checked = {f.name: f.parse(values.get(f.name, f.default)) for f in self.fields}
+        """The config from form values (missing ones take their defaults), every value checked: a
+        refusal names each field out of its type or range at once, then the rules across fields."""
+        checked, errors = {}, []
+        for form_field in self.fields:
+            try:
+                checked[form_field.name] = form_field.parse(values.get(form_field.name, form_field.default))
+            except RequestError as error:
+                errors.append(error)
+        if errors:
+            raise all_refused(errors)
         return self.parse(checked)
 
     def field_named(self, key: str) -> FormField:

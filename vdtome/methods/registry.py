@@ -99,7 +99,7 @@ def add_override(method: Method, overrides: dict[str, Any], key: str, value: str
             raise RequestError(f"{key} is given twice", form_field.name)
         overrides[form_field.name] = form_field.from_text(value)
     except RequestError as error:
-        raise RequestError(f"{method.name}: {error}", error.field) from None
+        raise RequestError(f"{method.name}: {error}", error.field, error.fields) from None
 
 
 def config_from_overrides(method: Method, overrides: dict[str, Any], preset: Any = None) -> Any:
@@ -108,7 +108,7 @@ def config_from_overrides(method: Method, overrides: dict[str, Any], preset: Any
     try:
         return method.config_from(overrides, None if preset is None else preset_form_defaults(method, preset))
     except RequestError as error:
-        raise RequestError(f"{method.name}: {error}", error.field) from None
+        raise RequestError(f"{method.name}: {error}", error.field, error.fields) from None
 
 
 def method_spec(config: Any) -> str:
