@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,6 +38,7 @@ from gradio_client import Client
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.app_process import start_app, stop_app  # noqa: E402
 from vdtome.core.presets import load_presets  # noqa: E402
 from vdtome.web.limits import ENV_SESSION_GRACE_S, ENV_SESSION_TTL_S, ENV_SESSIONS_MAX, ServiceLimits  # noqa: E402
 from vdtome.web.sessions import STATUS_LINE  # noqa: E402
@@ -68,33 +66,6 @@ def held_sessions(log: Path | None) -> str:
         return "?"
     found = STATUS_LINE.findall(log.read_text(errors="replace"))
     return found[-1] if found else "?"
-
-
-def start_server(preset: str, env: dict[str, str], folder: Path, timeout: float = 300.0):
-    """``python app.py`` on a free loopback port (as tests/conftest.py start_app); (process, url, log)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = os.environ | {"GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
-                        "GRADIO_TEMP_DIR": str(folder / "gradio"), "TMPDIR": str(folder),
-                        "VDTOME_DEFAULT_PRESET": preset, "HF_HUB_OFFLINE": "1",
-                        "GRADIO_ANALYTICS_ENABLED": "False"} | env
-    log = folder / "app.log"
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log.open("w"),
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return process, url, log
-        except OSError:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit(f"app.py did not answer on {url} within {timeout:.0f} s")
 
 
 def main() -> None:
@@ -129,7 +100,11 @@ def main() -> None:
     # Every client is on loopback, one address: let it have as many calls queued as run here.
     env["VDTOME_QUEUE_PER_ADDRESS"] = str(max(4, args.concurrency))
     began = time.monotonic()
-    process, url, log = start_server(args.preset, env, Path(tempfile.mkdtemp(prefix="vdtome-soak-")))
+    env |= {"VDTOME_DEFAULT_PRESET": args.preset, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    try:
+        process, url, log = start_app(Path(tempfile.mkdtemp(prefix="vdtome-soak-")), env, timeout=300.0)
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from None
     try:
         print(f"server: app.py started in {time.monotonic() - began:.0f} s on {url} (pid {process.pid}, log {log})")
         defaults = {ENV_SESSION_TTL_S: ServiceLimits.session_ttl_s, ENV_SESSION_GRACE_S: ServiceLimits.session_grace_s,
@@ -139,11 +114,7 @@ def main() -> None:
         print("settings: " + ", ".join(f"{name}={value}" for name, value in shown.items()))
         soak(args, url, process.pid, log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_app(process)
 
 
 def soak(args: argparse.Namespace, url: str, pid: int, log: Path | None) -> None:

@@ -10,14 +10,11 @@ import tempfile
 
 os.environ["VDTOME_NOISE_DIR"] = tempfile.mkdtemp(prefix="vdtome-test-noise-")
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from benchmarks.app_process import start_app, stop_app  # noqa: F401 (the server tests' launcher)
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = ("slow", "server", "browser")  # anything not marked one of these is a unit test (pytest.ini)
@@ -31,46 +28,6 @@ def pytest_collection_modifyitems(items):
             raise pytest.UsageError(f"{item.nodeid} is marked {' and '.join(marked)}: one tier only")
         if not marked:
             item.add_marker(pytest.mark.unit)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_app(tmp_dir: Path, extra_env: dict[str, str] | None = None, timeout: float = 180.0):
-    """`python app.py` on a free loopback port, as `make run` starts it; returns (process, url, log)."""
-    port = _free_port()
-    env = os.environ | {
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_TEMP_DIR": str(tmp_dir / "gradio"),
-        "TMPDIR": str(tmp_dir),
-    } | (extra_env or {})
-    log = tmp_dir / "app.log"
-    process = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return process, url, log
-        except OSError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"app.py did not answer on {url} within {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def stop_app(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 @pytest.fixture(scope="session")
