@@ -81,13 +81,25 @@ def browser():
             browser.close()
 
 
+PAUSE_VIDEOS = "() => document.querySelectorAll('video').forEach(video => video.pause())"
+
+
 @pytest.fixture(scope="module")
-def page(browser, app_server):
+def shared_page(browser, app_server):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(app_server)
     yield page
     page.close()
+
+
+@pytest.fixture
+def page(shared_page):
+    """One page for the tests that go on from each other's state. A result's side-by-side video
+    autoplays and loops (a quarter of one of two cores decoding it): paused between tests, it does
+    not slow the tests after it while the page waits open."""
+    yield shared_page
+    shared_page.evaluate(PAUSE_VIDEOS)
 
 
 def open_group(page, element_id: str) -> None:
