@@ -1097,7 +1097,8 @@ def build_demo() -> gr.Blocks:
         run_event.success(None, js=SCROLL_TO_CARDS)
         history_outputs = [history_table, history_points, history_chart_plot, run_picker, chart_group]
         keep = dict(fn=keep_history, inputs=[history, stored_history],
-                    outputs=[history, stored_history, *history_outputs], api_visibility="private", show_progress="hidden")
+                    outputs=[history, stored_history, *history_outputs], api_visibility="private",
+                    show_progress="hidden")
         run_event.then(**keep)
         sweep_button.click(check_sweep, [components[name] for name in SWEEP_FIELDS], refusal, **checks)
         sweep_event = sweep_button.click(sweep, [*(components[name] for name in SWEEP_FIELDS), history], shown,

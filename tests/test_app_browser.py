@@ -162,7 +162,8 @@ def test_compare_in_the_browser_then_bad_input_then_again(page, tmp_path):
     assert durations[0] == durations[1] > 1.0  # 13 frames at 8 fps, both videos
     page.get_by_role("tab", name="Frame by frame").click()
     # Two sizes in the history: the chart holds the latest run's model and size only, the other one a pick away.
-    page.wait_for_function("() => document.querySelector('#chart-group input')?.value === 'tiny-wan · 13x64x64 (1 run)'")
+    page.wait_for_function("(group) => document.querySelector('#chart-group input')?.value === group",
+                           arg="tiny-wan · 13x64x64 (1 run)")
     last_row = page.evaluate("() => [...document.querySelectorAll('#history-table [role=row]')].at(-1).innerText")
     assert "13x64x64" in last_row
 
@@ -178,7 +179,8 @@ def test_a_refusal_is_shown_where_the_visitor_looks_and_leads_to_its_field(brows
     page.set_default_timeout(TIMEOUT_MS)
     # A shared link that switches on two diffusers caches: a stack the rules refuse, its groups folded.
     page.goto(app_server + "?use_first_block_cache=true&use_mag_cache=true&height=70")
-    page.wait_for_function("() => document.querySelector('#acceleration > .label-wrap')?.innerText.includes('MagCache')")
+    page.wait_for_function("(name) => document.querySelector('#acceleration > .label-wrap')?.innerText.includes(name)",
+                           arg="MagCache")
     open_group(page, "acceleration")  # its title lists what is on; unfolded, each method's group says so too
     page.wait_for_function("() => document.querySelector('#method-mag_cache .label-wrap')?.innerText.includes('on')")
     titles = page.evaluate("() => [...document.querySelectorAll('[id^=method-] > button.label-wrap')].map(b => b.innerText)")
@@ -516,7 +518,8 @@ def run_refused(page, values: dict):
                                arg=f"Not run: {error} Go to ", timeout=30_000)
     except PlaywrightTimeout:
         shown = page.evaluate("() => document.querySelector('#refusal')?.innerText")
-        raise AssertionError(f"Run did not refuse {error.fields} with {str(error)!r}; the page shows {shown!r}") from None
+        raise AssertionError(f"Run did not refuse {error.fields} with {str(error)!r}; the page shows "
+                             f"{shown!r}") from None
     return error
 
 
@@ -698,7 +701,8 @@ def test_every_field_typed_out_of_range_is_refused_and_a_link_the_page_made_runs
             switch_on(maker, method)
             if method.name != "tome":
                 maker.locator("#use_tome input").uncheck()  # the method alone
-            refused_out_of_range(maker, method, form | request | {m.enable_field: m is method for m in METHODS.values()})
+            alone = {m.enable_field: m is method for m in METHODS.values()}
+            refused_out_of_range(maker, method, form | request | alone)
             values = LINK_VALUES[method.name]
             link = make_link(maker, method, values, link)
             assert f"preset={preset.name}" in link and maker.evaluate(HISTORY_ROWS) == 0, link  # nothing refused ran

@@ -167,7 +167,8 @@ class BenchRow:
     memory_kind: str | None = None
     baseline_peak_bytes: float | None = None
     accelerated_peak_bytes: float | None = None
-    memory_within_noise: bool = False  # the change is no larger than repeated calls of one side differ, or below the floor
+    # The change is no larger than repeated calls of one side differ, or below the floor.
+    memory_within_noise: bool = False
     memory_ratio: float | None = None  # accelerated / baseline peak where it means something (MemoryFigures.ratio)
     psnr_mean_db: float | None = None
     psnr_worst_db: float | None = None

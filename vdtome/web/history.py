@@ -115,5 +115,6 @@ def rejoined(stored: Any, current: Any, keep: int) -> list[dict]:
     for entry in current:
         run = merged[-1]["row"][0] + 1
         point = entry.get("point")
-        merged.append(entry | {"row": [run, *entry["row"][1:]], "point": None if point is None else point | {"run": run}})
+        merged.append(entry | {"row": [run, *entry["row"][1:]],
+                               "point": None if point is None else point | {"run": run}})
     return merged[-keep:]

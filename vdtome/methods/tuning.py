@@ -1,0 +1,144 @@
+"""What a tune searches (the tuner of issue 35 draws its trials here), read from the methods' own
+form fields: which methods are on (the diffusers caches as one choice: diffusers keeps one per
+model), and an on method's settings within the ranges, steps and choices its form and its API take.
+A newly registered method is searchable with nothing changed here.
+
+Light: no diffusers and no Optuna import. A trial is anything with Optuna's define-by-run
+``suggest_int`` / ``suggest_float`` / ``suggest_categorical`` (``optuna.Trial`` is one), so a stack
+is drawn in one pass, each value where the rules of the values before it allow it (a merge ratio
+below its stride's cap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from vdtome.core.denoisers import pipeline_denoiser_types
+from vdtome.core.validation import RequestError
+from vdtome.methods.base import FormField, Method
+from vdtome.methods.registry import METHODS, preset_form_defaults
+from vdtome.methods.stack import check_stack
+
+#: Field kinds a trial draws; the rest (text: a schedule file; a multiple choice) keep the preset's value.
+SEARCHED_KINDS = ("integer", "number", "choice", "boolean")
+
+
+class Trial(Protocol):
+    def suggest_int(self, name: str, low: int, high: int, *, step: int = 1) -> int: ...
+
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None) -> float: ...
+
+    def suggest_categorical(self, name: str, choices: list[Any]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class MethodSpace:
+    """One method's part of the space: its on/off switch and the fields drawn when it is on."""
+
+    method: Method
+    fields: tuple[FormField, ...]
+
+    @property
+    def switch(self) -> str:
+        return self.method.enable_field
+
+
+#: The one choice among the methods that are diffusers caches (diffusers keeps one per model, a rule
+#: of the stack): drawn as one categorical rather than switches the rules would mostly refuse.
+CACHE_CHOICE = "diffusers_cache"
+NO_CACHE = "none"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The stacks a tune may try on ``preset``, each drawn by :meth:`suggest`."""
+
+    preset: Any
+    methods: tuple[MethodSpace, ...]
+
+    def suggest(self, trial: Trial) -> tuple[Any, ...]:
+        """One stack's configs, every method at the preset's defaults but for what the trial drew.
+        A stack the stacking rules refuse raises :class:`RequestError` (naming the rule): it is
+        never run; an empty stack is the baseline itself, refused too."""
+        caches = [part.method.name for part in self.methods if part.method.diffusers_cache]
+        cache = trial.suggest_categorical(CACHE_CHOICE, [NO_CACHE, *caches]) if caches else NO_CACHE
+        configs = []
+        for part in self.methods:
+            on = (part.method.name == cache if part.method.diffusers_cache
+                  else trial.suggest_categorical(part.switch, [False, True]))
+            if not on:
+                continue
+            values = preset_form_defaults(part.method, self.preset)
+            for form_field in part.fields:
+                values[form_field.name] = draw(trial, form_field, values)
+            configs.append(part.method.from_form(values))
+        if not configs:
+            raise RequestError("no method is on: that is the baseline, not a recipe", "methods")
+        check_stack(configs)
+        return tuple(configs)
+
+    def field_names(self) -> list[str]:
+        return [name for part in self.methods for name in (part.switch, *(f.name for f in part.fields))]
+
+    def methods_on(self, params: Mapping[str, Any]) -> set[str]:
+        """The methods a trial's parameters switch on."""
+        return {part.method.name for part in self.methods
+                if (params.get(CACHE_CHOICE) == part.method.name if part.method.diffusers_cache
+                    else params.get(part.switch))}
+
+
+def draw(trial: Trial, form_field: FormField, values: Mapping[str, Any]) -> Any:
+    """One field's value: a whole number on its step grid, a number on its step grid (continuous
+    without a step), one of its options or a boolean; below a bound the values drawn before set."""
+    name, kind = form_field.name, form_field.kind
+    if kind == "boolean":
+        return trial.suggest_categorical(name, [False, True])
+    if kind == "choice":
+        return trial.suggest_categorical(name, list(form_field.options))
+    high = form_field.maximum
+    if form_field.bound is not None:
+        high = min(high, form_field.bound(values)[0])
+    if kind == "integer":
+        step = int(form_field.step or 1)
+        low = int(form_field.minimum)
+        return trial.suggest_int(name, low, low + (int(high) - low) // step * step, step=step)
+    step = form_field.step
+    if step:  # the grid's last point at or below the high end (Optuna's rule for a stepped range)
+        high = round(form_field.minimum + int((high - form_field.minimum) / step + 1e-9) * step, 10)
+        return round(trial.suggest_float(name, form_field.minimum, high, step=step), 10)
+    return trial.suggest_float(name, form_field.minimum, high)
+
+
+def search_space(preset: Any, methods: Iterable[str] | None = None) -> SearchSpace:
+    """The space on ``preset``: ``methods`` by name (default: every registered method that can
+    serve the preset's denoiser and changes speed rather than memory), each with its fields of a
+    searched kind. A named method the preset cannot take is refused, saying why."""
+    types = pipeline_denoiser_types(preset.pipeline_class)
+    guided = preset.guidance_scale > 1.0
+    if methods is None:
+        chosen = [m for m in METHODS.values()
+                  if m.unavailable(types) is None and not m.changes_memory and (guided or not m.needs_guidance)]
+    else:
+        chosen = []
+        for name in methods:
+            if name not in METHODS:
+                raise RequestError(f"unknown method {name!r}; registered: {', '.join(METHODS)}", "methods")
+            method = METHODS[name]
+            reason = method.unavailable(types) or (
+                None if guided or not method.needs_guidance else "it needs classifier-free guidance, which the "
+                                                                "preset's default guidance does not use")
+            if reason:
+                raise RequestError(f"{method.label} cannot be tuned on {preset.name}: {reason}", "methods")
+            chosen.append(method)
+    if not chosen:
+        raise RequestError(f"no registered method can be tuned on {preset.name}", "methods")
+    return SearchSpace(preset, tuple(MethodSpace(method, drawn_fields(method)) for method in chosen))
+
+
+def drawn_fields(method: Method) -> tuple[FormField, ...]:
+    """The fields a trial draws, a bounded field after those that bound it (the merge ratio after
+    the strides that set its cap)."""
+    searched = [f for f in method.fields if f.kind in SEARCHED_KINDS]
+    return tuple(sorted(searched, key=lambda f: bool(f.bound_by)))
