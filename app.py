@@ -293,10 +293,9 @@ def keep_history(history, stored=None):
     """After a run: the history (rejoined to the runs the browser kept, should the server have let
     this session's state go meanwhile), kept in the browser, shown, and the chart's groups (the
     latest run's chosen)."""
-    current = history_runs.checked(history)
-    history = history_runs.rejoined(stored, current, LIMITS.history_rows)
-    shown = _history_outputs(history) if history != current else (gr.skip(),) * 4  # the run showed it already
-    return history, history, *shown, _chart_groups(history)
+    kept = history_runs.rejoined(stored, history, LIMITS.history_rows)
+    shown = _history_outputs(kept) if kept != history else (gr.skip(),) * 4  # the run showed it already
+    return kept, kept, *shown, _chart_groups(kept)
 
 
 def _chart_groups(history: list[dict]):

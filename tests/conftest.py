@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.app_process import start_app, stop_app  # noqa: F401 (the server tests' launcher)
+from benchmarks.app_process import start_app, stop_app
 
 ROOT = Path(__file__).resolve().parents[1]
 TIERS = ("slow", "server", "browser")  # anything not marked one of these is a unit test (pytest.ini)

@@ -552,6 +552,8 @@ LINK_VALUES = {
     "layerwise_casting": {"layerwise_casting_storage": "float8_e5m2"},
     "offload": {"offload_mode": "model"},
 }
+
+
 def link_request(preset) -> dict[str, int]:
     """Request fields off their defaults too, and a quick run: the fewest frames (5 at least), 48 px."""
     return {"frames": max(preset.constraints.valid_frame_range[0], 5), "height": 48, "width": 48, "steps": 3,
@@ -673,7 +675,7 @@ def test_every_field_typed_out_of_range_is_refused_and_a_link_the_page_made_runs
     """Every method switched on in turn (alone, on a preset that takes it), in a real browser:
     - each numeric field of the request and of the method, typed outside its range, stays as typed
       when it loses focus (Gradio's slider would move it into range) and Run refuses it with the
-      API's message naming the field and the range; nothing runs;
+      API's message naming the field and the range (a method's fields all in one message); nothing runs;
     - its fields set off their defaults through the page, the page's own link copied and opened in a
       fresh page: every field shows the value set, no toast, the titles say what is on, and Run runs
       exactly that configuration (while the next method's link is being made)."""

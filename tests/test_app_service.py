@@ -10,11 +10,11 @@ import time
 
 import httpx
 import pytest
-from conftest import start_app, stop_app
 from gradio_client import Client
 from gradio_client.exceptions import ValidationError
 from gradio_client.utils import QueueError
 
+from benchmarks.app_process import start_app, stop_app
 from vdtome.web.ui import api_fields, method_defaults
 
 pytestmark = pytest.mark.server
