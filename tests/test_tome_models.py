@@ -482,6 +482,35 @@ def test_reuse_steps_recomputes_matching_every_k_steps(monkeypatch):
     assert not pipe.transformer._forward_pre_hooks and not hasattr(pipe, "_vdtome_step_context")
 
 
+def test_whole_first_steps_run_every_token_then_merging_starts(monkeypatch):
+    """``whole_steps=k``: the first k steps match and merge nothing, the later steps do; k at the
+    steps' count reproduces the baseline bitwise."""
+    pipe = tiny.tiny_wan_pipeline()
+    computed = []
+    original = BlockMatcher._compute
+
+    def counting(self, video, grid, step):
+        computed.append(step)
+        return original(self, video, grid, step)
+
+    monkeypatch.setattr(BlockMatcher, "_compute", counting)
+    size = PIPELINES["wan"][1]
+    baseline, _ = run_pipeline(pipe, size, steps=4)
+    with apply_tome(pipe, ToMeConfig(ratio=0.5)) as handle:
+        run_pipeline(pipe, size, steps=4)
+        every_step = handle.stats().effective_ratio
+    computed.clear()
+    with apply_tome(pipe, ToMeConfig(ratio=0.5, whole_steps=2)) as handle:
+        merged_late, _ = run_pipeline(pipe, size, steps=4)
+        late = handle.stats().effective_ratio
+    assert sorted(set(computed)) == [2, 3]  # steps 0 and 1 whole
+    assert late == pytest.approx(every_step / 2, abs=0.02)  # half the sub-layer calls merged
+    with apply_tome(pipe, ToMeConfig(ratio=0.5, whole_steps=4)) as handle:
+        whole, _ = run_pipeline(pipe, size, steps=4)
+        assert handle.stats().effective_ratio == 0
+    assert torch.equal(whole, baseline) and not torch.equal(merged_late, baseline)
+
+
 def _track(timesteps) -> list[tuple[int, int, int]]:
     """(run, step, call in step) a bare model's step context assigns to a sequence of calls."""
     context = StepContext(torch.nn.Identity())

@@ -39,7 +39,8 @@ class FormField:
     every registered method; ``sweepable`` numeric fields can be swept by the app and the CLI.
     ``bound``: for a field whose largest valid value depends on other fields (their names in
     ``bound_by``), that value from the form's values, with the rule in words (the form's slider
-    follows it; the method's parse enforces it)."""
+    follows it; the method's parse enforces it). ``counts_steps``: a count of denoising steps
+    (the first steps computed whole...): a tune draws it below the steps of the calls it tunes."""
 
     name: str
     kind: FieldKind
@@ -55,6 +56,7 @@ class FormField:
     sweep_example: str = ""  # values a sweep over this field starts from (default: spread over its range)
     bound: Callable[[Mapping[str, Any]], tuple[float, str]] | None = None
     bound_by: tuple[str, ...] = ()
+    counts_steps: bool = False  # a number of denoising steps: a tune draws it below the request's steps
 
     def sweep_suggestion(self) -> str:
         """Four values to sweep this field over, as the form's sweep box offers them."""

@@ -52,18 +52,19 @@ class Setting:
     parts: tuple[Part, ...]
     sweep_example: str
     free_text: bool
+    counts_steps: bool
 
 
 def setting(default: Any, label: str, help: str = "", minimum: float | None = None, maximum: float | None = None,
             step: float | None = None, *, options: tuple[str, ...] = (), sweepable: bool = False,
             advanced: bool = False, name: str | None = None, parts: tuple[Part, ...] = (),
-            sweep_example: str = "", free_text: bool = False) -> Any:
+            sweep_example: str = "", free_text: bool = False, counts_steps: bool = False) -> Any:
     """A config field that is also a form field (see the module's docstring). ``free_text``: a
-    text field whose ``options`` are only suggestions."""
+    text field whose ``options`` are only suggestions; ``counts_steps``: a number of denoising steps."""
     if sweepable and (parts or not isinstance(default, (int, float)) or isinstance(default, bool)):
         raise TypeError(f"{label}: only a single number can be swept")
     spec = Setting(label, help, minimum, maximum, step, tuple(options), sweepable, advanced, name, tuple(parts),
-                   sweep_example, free_text)
+                   sweep_example, free_text, counts_steps)
     return dataclasses.field(default=default, metadata={SCHEMA: spec})
 
 
@@ -100,7 +101,8 @@ def form_fields(config_type: type, prefix: str) -> tuple[FormField, ...]:
         for name, label, help_text, default in pieces:
             out.append(FormField(name, _kind(default, spec), default, label, help_text, spec.minimum, spec.maximum,
                                  spec.step, spec.options, sweepable=spec.sweepable,
-                                 advanced=spec.advanced, sweep_example=spec.sweep_example))
+                                 advanced=spec.advanced, sweep_example=spec.sweep_example,
+                                 counts_steps=spec.counts_steps))
     return tuple(out)
 
 

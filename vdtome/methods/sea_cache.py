@@ -39,9 +39,10 @@ class SeaCache:
                                   0, 1, 1)
     max_consecutive_cached: int = setting(2, "Most steps skipped in a row", "0: no limit", 0, MAX_CONSECUTIVE, 1,
                                           name="max_consecutive")
-    retention_steps: int = setting(1, "First steps always computed", "", 0, MAX_STEPS, 1, advanced=True)
+    retention_steps: int = setting(1, "First steps always computed", "", 0, MAX_STEPS, 1, advanced=True,
+                                   counts_steps=True)
     cache_end_steps: int = setting(1, "Last steps always computed", "", 0, MAX_STEPS, 1, advanced=True,
-                                   name="end_steps")
+                                   name="end_steps", counts_steps=True)
     power_exp: float = setting(3.0, "Spectral prior exponent", "3 for video features", 0.5, 6.0, 0.5, advanced=True)
 
     def __post_init__(self) -> None:

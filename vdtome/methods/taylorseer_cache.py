@@ -38,7 +38,8 @@ class TaylorSeerCache:
                                   "steps and is forecast in between (1: always)", 1, MAX_INTERVAL, 1, sweepable=True,
                                   name="interval")
     disable_cache_before_step: int = setting(3, "Full steps first", "steps computed in full before any forecast, to "
-                                             "fit the series", 1, MAX_WARMUP, 1, name="warmup_steps")
+                                             "fit the series", 1, MAX_WARMUP, 1, name="warmup_steps",
+                                             counts_steps=True)
     max_order: int = setting(1, "Taylor order", "0 reuses the last output; higher orders extrapolate", 0, MAX_ORDER, 1,
                              advanced=True, name="order")
     factors_dtype: str = setting("bfloat16", "Factor dtype", "dtype the series' factors are stored in", options=DTYPES,

@@ -49,7 +49,7 @@ class TileSparsity:
     placement: str = setting("first", "Global frames", "the first G latent frames, or G spread evenly from the "
                              "first to the last", options=PLACEMENTS)
     dense_steps: int = setting(0, "Dense first steps", "the first k denoising steps attend densely (the layout of a "
-                               "video is set early)", 0, 100, 1)
+                               "video is set early)", 0, 100, 1, counts_steps=True)
     schedule: str = setting("", "Pattern per layer (schedule)", "a shipped schedule's name or a JSON file from "
                             "`python -m vdtome search --method tile_sparsity`: each layer's own pattern in place of "
                             "the tile pattern; empty: the tile pattern everywhere",

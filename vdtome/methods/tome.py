@@ -18,6 +18,7 @@ from vdtome.tome.config import ToMeConfig
 RATIO_STEP = 0.05
 MAX_STRIDE = 9  # the video ToMe study's widest cell is 4x6x9
 MAX_REUSE_STEPS = 10
+MAX_STEPS = 100  # the whole first steps' bound (a request's steps count is its own limit)
 # Labels of the target checkboxes and the config field each one sets.
 TARGETS = {"self-attention": "merge_self_attn", "cross-attention queries": "merge_cross_attn",
            "feed-forward": "merge_ffn"}
@@ -64,6 +65,9 @@ FIELDS = (
               options=tuple(TARGETS)),
     FormField("reuse_steps", "integer", 1, "Reuse a matching for k steps", "", 1, MAX_REUSE_STEPS, 1,
               sweepable=True),
+    FormField("whole_steps", "integer", 0, "Whole first steps",
+              "the first k denoising steps run on every token (layout and motion form there); merging starts after",
+              0, MAX_STEPS, 1, counts_steps=True),
     FormField("matching", "choice", "shared", "Matching across the CFG batch", options=("shared", "per_sample"),
               advanced=True),
     FormField("random_destinations", "boolean", True, "Random destinations", "one per cell, seeded; off: each cell's first token",
@@ -101,6 +105,7 @@ def parse(values: Mapping[str, Any]) -> ToMeConfig:
         strategy=values["strategy"],
         blocks=BLOCK_CHOICES[values["blocks"]],
         reuse_steps=values["reuse_steps"],
+        whole_steps=values["whole_steps"],
         matching=values["matching"],
         random_destinations=values["random_destinations"],
         match_window="auto" if values["local_window"] else None,
@@ -133,6 +138,8 @@ def summary(config: ToMeConfig) -> str:
         parts.append(f"blocks {config.blocks}")
     if config.reuse_steps > 1:
         parts.append(f"reuse {config.reuse_steps}")
+    if config.whole_steps:
+        parts.append(f"from step {config.whole_steps}")
     return " ".join(parts)
 
 
@@ -204,8 +211,9 @@ METHOD = Method(
     summary=summary,
     unavailable=_unavailable,
     on_by_default=True,
-    # With reuse_steps > 1 some steps compute a matching and others reuse it: steps differ.
-    steps_alike=lambda config: config.reuse_steps == 1,
+    # With reuse_steps > 1 some steps compute a matching and others reuse it; whole first steps
+    # cost more than merged ones: steps differ.
+    steps_alike=lambda config: config.reuse_steps == 1 and config.whole_steps == 0,
     matching_varies=lambda config: config.merges,
     search=Search("ratio_schedule", "ratios", Deferred("vdtome.tome.search", "RatioSearch")),
     docs="merges similar video tokens before chosen sub-layers and restores them after (vdtome.tome)",

@@ -44,6 +44,8 @@ class ToMeConfig:
             below the metric's own size).
         block_ratios: one ratio per block (a schedule from ``python -m vdtome search``), in place
             of ``ratio``; a block at 0 is not patched. Empty: ``ratio`` in every selected block.
+        whole_steps: the first denoising steps run on every token (layout and motion form there);
+            merging starts at this step index.
     """
 
     ratio: float = 0.5
@@ -60,6 +62,7 @@ class ToMeConfig:
     match_window: tuple[int, int, int] | None | Literal["auto"] = "auto"
     max_score_elements: int = DEFAULT_MAX_SCORE_ELEMENTS
     block_ratios: tuple[float, ...] = ()
+    whole_steps: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 <= self.ratio < 1.0:
@@ -88,6 +91,8 @@ class ToMeConfig:
             raise ValueError("at least one of merge_self_attn, merge_cross_attn, merge_ffn must be enabled")
         if isinstance(self.reuse_steps, bool) or not isinstance(self.reuse_steps, int) or self.reuse_steps < 1:
             raise ValueError(f"reuse_steps must be an integer >= 1, got {self.reuse_steps!r}")
+        if isinstance(self.whole_steps, bool) or not isinstance(self.whole_steps, int) or self.whole_steps < 0:
+            raise ValueError(f"whole_steps must be an integer >= 0, got {self.whole_steps!r}")
         if self.match_window == "auto":
             window = DEFAULT_MATCH_WINDOW if self.strategy == "bipartite" else None
             object.__setattr__(self, "match_window", window)

@@ -113,6 +113,10 @@ class BlockMatcher:
         self.token_grid = token_grid
         self._cache: dict[tuple, _CachedMerge] = {}
 
+    def whole_step(self) -> bool:
+        """The current denoising step is one of the first ``whole_steps``: every token computed."""
+        return self.denoiser.state.step < self.config.whole_steps
+
     def grid_for(self, num_tokens: int) -> Grid:
         return self.token_grid(self.denoiser.state, num_tokens)
 
@@ -203,8 +207,8 @@ class MergeSiteHook(ModelHook):
                 f"vdtome: block {self.stats.block} {site.module} received {tokens.shape[1]} tokens but the latent grid "
                 f"{grid} has {num_video}; the model's token layout does not match its adapter"
             )
-        if merge_count(num_video, self.matcher.ratio) == 0:
-            # Too few tokens for one merge: run the sub-layer untouched, without binding its arguments.
+        if merge_count(num_video, self.matcher.ratio) == 0 or self.matcher.whole_step():
+            # Too few tokens for one merge, or a step kept whole: the sub-layer untouched, its arguments unbound.
             self._record(num_video, num_video)
             return forward(*args, **kwargs)
         call = _Call(self._arguments.signature.bind(module, *args, **kwargs))
