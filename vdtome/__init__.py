@@ -16,6 +16,12 @@ Any registered methods stacked (token merging, diffusers' step caches)::
     ...
     stack.remove()
 
+The stack a tune chose (``python -m vdtome tune``), from its recipe file or a shipped recipe's name::
+
+    stack = vdtome.apply(pipe, "recipe.json")  # refused on another pipeline; stack.recipe: what it was tuned at
+    ...
+    stack.remove()
+
 Attention-tile sparsity, one pattern or a searched schedule per layer (``vdtome.run_search``)::
 
     stack = vdtome.apply_stack(pipe, (vdtome.TileSparsity(pattern="1:7"),))  # 8 latent frames
@@ -61,6 +67,9 @@ _EXPORTS = {
     "parse_method_spec": "vdtome.methods",
     "register": "vdtome.methods",
     "TileSparsity": "vdtome.methods.tile_sparsity",
+    "apply": "vdtome.methods.recipe",
+    "Recipe": "vdtome.methods.recipe",
+    "load_recipe": "vdtome.methods.recipe",
     "run_search": "vdtome.engine.search",
     "ComparisonRequest": "vdtome.engine.request",
     "ComparisonResult": "vdtome.engine.request",
@@ -97,5 +106,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names above loa
         parse_method_spec,
         register,
     )
+    from vdtome.methods.recipe import Recipe, apply, load_recipe
     from vdtome.methods.tile_sparsity import TileSparsity
     from vdtome.tome import SUPPORTED_MODELS, ToMeConfig, ToMeHandle, ToMeStats, apply_tome, remove_tome

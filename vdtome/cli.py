@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+DEFAULT_PRESET = "tiny-shapes-128"
 WIDTH = 100  # columns the table, the notes and `methods` are wrapped at
 
 
@@ -37,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     compare = commands.add_parser("compare", help="run baseline and accelerated, print figures, write files")
-    compare.add_argument("--preset", default="tiny-shapes-128", help="model preset (see `python -m vdtome presets`)")
+    compare.add_argument("--preset", help="model preset (see `python -m vdtome presets`; default: the recipe's, else "
+                                          "tiny-shapes-128)")
     compare.add_argument("--prompt", required=True)
     compare.add_argument("--negative-prompt", default="")
     compare.add_argument("--seed", type=int, default=0)
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--wide", action="store_true",
                          help=f"print the table one line per row, however long (default: one block per row, "
                               f"wrapped at {WIDTH} columns)")
+    compare.add_argument("--recipe", metavar="FILE|NAME",
+                         help="the stack of a tune's recipe.json (or a shipped recipe's name), at the size, steps and "
+                              "guidance it was tuned at (another value is refused); not with --method or field flags")
     compare.add_argument("--method", action="append", default=[], metavar="NAME[:FIELD=VALUE,...]",
                          help="a method of the stack, repeatable, applied in the order given, e.g. tome:ratio=0.5 "
                               "first_block_cache:threshold=0.2 (see `python -m vdtome methods`)")
@@ -132,6 +138,38 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--prompts", help="a text file (one prompt a line) or a prompt set (default: the first "
                                           "two of the preset's set)")
     search.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    tune = commands.add_parser(
+        "tune", help="find the fastest stack above a quality floor, re-validate it, write recipe.json",
+        description="An Optuna study over every registered method's fields (and the stacks the rules allow): each "
+                    "trial runs its stack on the tuning prompts with one timing round; the fastest of the feasible "
+                    "Pareto front are re-run with the full timing protocol on held-out validation prompts, and the "
+                    "fastest whose quality stays above every floor on every validation prompt is written as "
+                    "DIR/recipe.json (with DIR/report.html and DIR/trials.csv). Load it with vdtome.apply(pipe, "
+                    "'DIR/recipe.json') or `python -m vdtome compare --recipe DIR/recipe.json`.")
+    tune.add_argument("--preset", default="tiny-shapes-128", help="model preset (see `python -m vdtome presets`)")
+    tune.add_argument("--floor", action="append", default=[], metavar="psnr=DB|ssim=X|judge[=CLIPS]", required=True,
+                      help="a quality every validation prompt must keep, repeatable: PSNR or SSIM to the baseline "
+                           "video, or (shapes models) the judge: the prompt's colour and direction kept in as many "
+                           "clips as the baseline keeps them, less CLIPS")
+    tune.add_argument("--out", required=True, help="the tune's folder (its Optuna study, recipe, report)")
+    tune.add_argument("--methods", help="methods to search, comma-separated (default: every registered one the "
+                                        "preset takes that buys speed)")
+    tune.add_argument("--trials", type=int, help="trials to run (at least one of --trials and --minutes)")
+    tune.add_argument("--minutes", type=float, help="minutes of trials to run (the validation comes after)")
+    tune.add_argument("--prompts", help="a prompt set (default: the preset's tuning set, e.g. shapes-tuning)")
+    tune.add_argument("--tuning-prompts", type=int, default=2, help="the set's first N prompts tune (default 2)")
+    tune.add_argument("--validation-prompts", type=int, default=4,
+                      help="the next N validate the finalists (default 4; never seen by the study)")
+    tune.add_argument("--finalists", type=int, default=3, help="front trials re-run on the validation prompts")
+    tune.add_argument("--rounds", type=int, help="timing rounds of each validation comparison (default: the preset's)")
+    tune.add_argument("--frames", type=int, help="default: the preset's")
+    tune.add_argument("--height", type=int)
+    tune.add_argument("--width", type=int)
+    tune.add_argument("--steps", type=int)
+    tune.add_argument("--seed", type=int, default=0, help="the generation seed and the sampler's")
+    tune.add_argument("--resume", action="store_true", help="continue the tune in --out: its finished trials are kept")
+    tune.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+
     methods = commands.add_parser(
         "methods", help="list acceleration methods, their fields and the presets they support",
         description="Each method's fields with their defaults and ranges. Without --preset the defaults are the "
@@ -165,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _plan(args)
     if args.command == "search":
         return _search(args)
+    if args.command == "tune":
+        return _tune(args)
     if args.command == "gpucheck":
         from vdtome.bench.gpucheck import main as gpucheck
 
@@ -274,8 +314,16 @@ def _compare(args) -> int:
     from vdtome.core.validation import RequestError
     from vdtome.engine.request import ComparisonRequest, resolve
 
+    request = None
     try:
+        recipe = _recipe(args)
+        args.preset = args.preset or (recipe.preset if recipe is not None else DEFAULT_PRESET)
         preset = get_preset(args.preset)
+        if recipe is not None:
+            recipe.check_settings(preset.name, frames=args.frames, height=args.height, width=args.width,
+                                  steps=args.steps, guidance=args.guidance)
+            args.frames, args.height, args.width, args.steps, args.guidance = (
+                recipe.frames, recipe.height, recipe.width, recipe.steps, recipe.guidance)
         request = ComparisonRequest(
             preset=preset.name,
             prompt=args.prompt,
@@ -286,7 +334,7 @@ def _compare(args) -> int:
             width=args.width,
             steps=args.steps,
             guidance=args.guidance,
-            methods=_stack(args),
+            methods=recipe.configs() if recipe is not None else _stack(args),
             rounds=args.rounds,
             timing_steps=args.timing_steps,
             warmup_steps=args.warmup_steps,
@@ -297,7 +345,8 @@ def _compare(args) -> int:
         _, notes = resolve(request, preset)
     except (RequestError, ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
-        if isinstance(error, RequestError) and error.field in ("frames", "height", "width") and not args.snap:
+        if isinstance(error, RequestError) and error.field in ("frames", "height", "width") and not args.snap \
+                and request is not None:
             try:  # the model takes a nearby size: say how to run that one instead
                 resolve(dataclasses.replace(request, snap=True), preset)
                 print("(--snap runs it at the nearest valid size)", file=sys.stderr)
@@ -308,6 +357,60 @@ def _compare(args) -> int:
         if note.startswith("snapped "):
             print(f"--snap: {note}", file=sys.stderr)
     return _run_comparison(args, request)
+
+
+def _recipe(args):
+    """The ``--recipe`` (None without one); refused beside a stack given another way."""
+    from vdtome.core.validation import RequestError
+    from vdtome.methods.recipe import load_recipe
+
+    if args.recipe is None:
+        return None
+    if args.method or any(dest.startswith(FIELD_FLAG) and value is not None for dest, value in vars(args).items()):
+        raise RequestError("--recipe is the whole stack: give it without --method or method field flags", "recipe")
+    return load_recipe(args.recipe)
+
+
+def _tune(args) -> int:
+    from vdtome.core.validation import RequestError
+    from vdtome.engine.pipelines import ModelUnavailableError
+
+    try:
+        from vdtome.bench.tune import Floor, Tuner, TunePlan
+
+        plan = TunePlan(
+            preset=args.preset, floors=tuple(Floor.parse(text) for text in args.floor),
+            methods=None if not args.methods else tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+            trials=args.trials, minutes=args.minutes, prompts=args.prompts, tuning_prompts=args.tuning_prompts,
+            validation_prompts=args.validation_prompts, frames=args.frames, height=args.height, width=args.width,
+            steps=args.steps, seed=args.seed, finalists=args.finalists, rounds=args.rounds)
+    except (RequestError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+
+    def progress(event) -> None:
+        budget = f"/{event.budget}" if event.budget else ""
+        left = f", {event.minutes_left:.1f} min left" if event.minutes_left is not None else ""
+        print(f"[{time.monotonic() - started:6.0f} s · {event.trials}{budget} trials{left} · front {event.front}] "
+              f"{event.message}", file=sys.stderr, flush=True)
+
+    try:
+        outcome = Tuner(plan, args.out, device=args.device, progress=progress).run(resume=args.resume)
+    except (RequestError, ValueError, ModelUnavailableError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished trials are kept; `--resume` continues the tune in {args.out}",
+              file=sys.stderr)
+        return 130
+    print(outcome.message)
+    if outcome.seconds_per_trial:
+        print(f"{len(outcome.trials)} trials, {outcome.seconds_per_trial:.0f} s each on average; "
+              f"{outcome.idle} draws ran nothing (refused stacks, repeats)")
+    for name, path in outcome.files.items():
+        print(f"{name}: {path}")
+    return 0 if outcome.ok else 1
 
 
 def _run_comparison(args, request) -> int:

@@ -74,6 +74,7 @@ class AppliedStack:
         self.methods = check_stack(configs)
         check_available(self.methods, denoiser_types(pipe))
         self.configs = tuple(configs)
+        self.recipe = None  # the recipe it came from (vdtome.apply), if any
         self.applied: list[Applied] = []
         try:
             for method, config in zip(self.methods, self.configs):

@@ -11,6 +11,7 @@ below its stride's cap).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,7 +22,8 @@ from vdtome.methods.base import FormField, Method
 from vdtome.methods.registry import METHODS, preset_form_defaults
 from vdtome.methods.stack import check_stack
 
-#: Field kinds a trial draws; the rest (text: a schedule file; a multiple choice) keep the preset's value.
+#: Field kinds a trial draws; the rest (free text; a multiple choice) keep the preset's value, but for
+#: a method's per-layer schedule field, drawn among the schedules searched on the preset.
 SEARCHED_KINDS = ("integer", "number", "choice", "boolean")
 
 
@@ -52,19 +54,32 @@ NO_CACHE = "none"
 
 
 @dataclass(frozen=True)
+class Drawn:
+    """One stack a trial drew: each on method's form values (every field, as a recipe and the
+    form hold them) and its config, in the stack's order."""
+
+    values: tuple[tuple[str, dict[str, Any]], ...]
+    configs: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
 class SearchSpace:
-    """The stacks a tune may try on ``preset``, each drawn by :meth:`suggest`."""
+    """The stacks a tune may try on ``preset`` for calls of ``steps`` denoising steps, each drawn
+    by :meth:`suggest`. ``schedules``: a schedule field's choices (per-layer schedules searched on
+    this preset, and none)."""
 
     preset: Any
     methods: tuple[MethodSpace, ...]
+    steps: int
+    schedules: Mapping[str, tuple[str, ...]]
 
-    def suggest(self, trial: Trial) -> tuple[Any, ...]:
-        """One stack's configs, every method at the preset's defaults but for what the trial drew.
-        A stack the stacking rules refuse raises :class:`RequestError` (naming the rule): it is
-        never run; an empty stack is the baseline itself, refused too."""
+    def suggest(self, trial: Trial) -> Drawn:
+        """One stack, every method at the preset's defaults but for what the trial drew. A stack
+        the stacking rules refuse raises :class:`RequestError` (naming the rule): it is never run;
+        an empty stack is the baseline itself, refused too."""
         caches = [part.method.name for part in self.methods if part.method.diffusers_cache]
         cache = trial.suggest_categorical(CACHE_CHOICE, [NO_CACHE, *caches]) if caches else NO_CACHE
-        configs = []
+        drawn = []
         for part in self.methods:
             on = (part.method.name == cache if part.method.diffusers_cache
                   else trial.suggest_categorical(part.switch, [False, True]))
@@ -72,12 +87,15 @@ class SearchSpace:
                 continue
             values = preset_form_defaults(part.method, self.preset)
             for form_field in part.fields:
-                values[form_field.name] = draw(trial, form_field, values)
-            configs.append(part.method.from_form(values))
-        if not configs:
+                values[form_field.name] = (
+                    trial.suggest_categorical(form_field.name, ["", *self.schedules[form_field.name]])
+                    if form_field.name in self.schedules else draw(trial, form_field, values, self.steps))
+            drawn.append((part.method.name, values))
+        if not drawn:
             raise RequestError("no method is on: that is the baseline, not a recipe", "methods")
+        configs = tuple(METHODS[name].from_form(values) for name, values in drawn)
         check_stack(configs)
-        return tuple(configs)
+        return Drawn(tuple(drawn), configs)
 
     def field_names(self) -> list[str]:
         return [name for part in self.methods for name in (part.switch, *(f.name for f in part.fields))]
@@ -88,10 +106,53 @@ class SearchSpace:
                 if (params.get(CACHE_CHOICE) == part.method.name if part.method.diffusers_cache
                     else params.get(part.switch))}
 
+    def seeds(self) -> list[dict[str, Any]]:
+        """Trials to start from, as parameters: the preset's default stack, and each per-layer
+        schedule searched on the preset (its method alone, at the preset's other defaults)."""
+        out = []
+        defaults = [part for part in self.methods if part.method.on_by_default]
+        if defaults:
+            out.append(self._params({part.method.name: {} for part in defaults}))
+        for name, schedules in self.schedules.items():
+            part = next(part for part in self.methods if any(f.name == name for f in part.fields))
+            for schedule in schedules:
+                settings = {name: schedule}
+                settings.update(read_schedule_fields(part.method, schedule))
+                out.append(self._params({part.method.name: settings}))
+        return out
 
-def draw(trial: Trial, form_field: FormField, values: Mapping[str, Any]) -> Any:
+    def _params(self, on: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """A trial's parameters that switch on exactly the methods of ``on`` at the preset's
+        defaults, overridden by their given values."""
+        params: dict[str, Any] = {}
+        if any(part.method.diffusers_cache for part in self.methods):
+            params[CACHE_CHOICE] = next((n for n in on if METHODS[n].diffusers_cache), NO_CACHE)
+        for part in self.methods:
+            if not part.method.diffusers_cache:
+                params[part.switch] = part.method.name in on
+            if part.method.name in on:
+                values = preset_form_defaults(part.method, self.preset) | dict(on[part.method.name])
+                params.update({f.name: values[f.name] for f in part.fields})
+        return params
+
+
+def read_schedule_fields(method: Method, schedule: str) -> dict[str, Any]:
+    """The form values a shipped schedule was searched at (token merging's strides), which it
+    needs to be applied."""
+    from vdtome.methods.schedules import read_schedule
+
+    data = read_schedule(schedule, method.name, method.search.field, method.search.key)
+    names = {f.name for f in method.fields}
+    stride = data.get("stride")
+    if stride and {"stride_t", "stride_y", "stride_x"} <= names:
+        return dict(zip(("stride_t", "stride_y", "stride_x"), stride))
+    return {}
+
+
+def draw(trial: Trial, form_field: FormField, values: Mapping[str, Any], steps: int | None = None) -> Any:
     """One field's value: a whole number on its step grid, a number on its step grid (continuous
-    without a step), one of its options or a boolean; below a bound the values drawn before set."""
+    without a step), one of its options or a boolean; below a bound the values drawn before set,
+    and a count of steps below ``steps``."""
     name, kind = form_field.name, form_field.kind
     if kind == "boolean":
         return trial.suggest_categorical(name, [False, True])
@@ -100,6 +161,8 @@ def draw(trial: Trial, form_field: FormField, values: Mapping[str, Any]) -> Any:
     high = form_field.maximum
     if form_field.bound is not None:
         high = min(high, form_field.bound(values)[0])
+    if form_field.counts_steps and steps is not None:
+        high = max(form_field.minimum, min(high, steps - 1))
     if kind == "integer":
         step = int(form_field.step or 1)
         low = int(form_field.minimum)
@@ -111,10 +174,11 @@ def draw(trial: Trial, form_field: FormField, values: Mapping[str, Any]) -> Any:
     return trial.suggest_float(name, form_field.minimum, high)
 
 
-def search_space(preset: Any, methods: Iterable[str] | None = None) -> SearchSpace:
+def search_space(preset: Any, methods: Iterable[str] | None = None, steps: int | None = None) -> SearchSpace:
     """The space on ``preset``: ``methods`` by name (default: every registered method that can
     serve the preset's denoiser and changes speed rather than memory), each with its fields of a
-    searched kind. A named method the preset cannot take is refused, saying why."""
+    searched kind, for calls of ``steps`` steps (default: the preset's). A named method the preset
+    cannot take is refused, saying why."""
     types = pipeline_denoiser_types(preset.pipeline_class)
     guided = preset.guidance_scale > 1.0
     if methods is None:
@@ -134,11 +198,36 @@ def search_space(preset: Any, methods: Iterable[str] | None = None) -> SearchSpa
             chosen.append(method)
     if not chosen:
         raise RequestError(f"no registered method can be tuned on {preset.name}", "methods")
-    return SearchSpace(preset, tuple(MethodSpace(method, drawn_fields(method)) for method in chosen))
+    schedules = {method.search.field: preset_schedules(method, preset.name) for method in chosen
+                 if method.search is not None and preset_schedules(method, preset.name)}
+    parts = tuple(MethodSpace(method, drawn_fields(method, schedules)) for method in chosen)
+    return SearchSpace(preset, parts, preset.num_inference_steps if steps is None else steps, schedules)
 
 
-def drawn_fields(method: Method) -> tuple[FormField, ...]:
+def preset_schedules(method: Method, preset_name: str) -> tuple[str, ...]:
+    """The shipped per-layer schedules of ``method`` searched on the preset (``python -m vdtome
+    search``): a tune may draw them as that method's schedule, and starts from each."""
+    from vdtome.methods.schedules import SHIPPED, shipped_schedules
+
+    found = []
+    for name in shipped_schedules(method.name):
+        try:
+            made_on = json.loads((SHIPPED / f"{name}.{method.name}.json").read_text()).get("preset")
+        except (OSError, ValueError):
+            continue
+        if made_on == preset_name:
+            found.append(name)
+    return tuple(found)
+
+
+def bounded(form_field: FormField) -> bool:
+    """A number has a range to draw from (one without keeps the preset's value)."""
+    return form_field.kind not in ("integer", "number") or (
+        form_field.minimum is not None and form_field.maximum is not None)
+
+
+def drawn_fields(method: Method, schedules: Mapping[str, tuple[str, ...]] = {}) -> tuple[FormField, ...]:
     """The fields a trial draws, a bounded field after those that bound it (the merge ratio after
-    the strides that set its cap)."""
-    searched = [f for f in method.fields if f.kind in SEARCHED_KINDS]
+    the strides that set its cap); a per-layer schedule's field where the preset has ``schedules``."""
+    searched = [f for f in method.fields if (f.kind in SEARCHED_KINDS and bounded(f)) or f.name in schedules]
     return tuple(sorted(searched, key=lambda f: bool(f.bound_by)))

@@ -1,0 +1,205 @@
+"""The tuner (``python -m vdtome tune``, vdtome.bench.tune) and its recipe (vdtome.apply, ``compare
+--recipe``), on the tiny random Wan: a study that searches a method registered from outside the
+package, survives a kill mid-trial without repeating a finished trial, and writes a recipe that
+applies and removes bitwise; recipes that are stale, corrupt or made for other settings are refused
+naming the field."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import vdtome
+from vdtome import cli
+from vdtome.bench.tune import Floor, Tuner, TunePlan
+from vdtome.core.validation import RequestError
+from vdtome.engine.engine import ComparisonEngine
+from vdtome.methods.recipe import Recipe, load_recipe
+from vdtome.offline import tiny
+
+from test_method_plugin import registered  # noqa: F401 (a method registered the way a plug-in is)
+
+pytest.importorskip("optuna")
+
+QUICK = dict(preset="tiny-wan", frames=9, height=64, width=64, steps=4, tuning_prompts=1, validation_prompts=1,
+             rounds=2, finalists=1)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def quick_plan(**changes) -> TunePlan:
+    return TunePlan(**({"floors": (Floor.parse("psnr=20"),), "trials": 3} | QUICK | changes))
+
+
+def wan_recipe(**changes) -> Recipe:
+    values = {"ratio": 0.4, "stride_t": 1, "stride_y": 2, "stride_x": 2, "strategy": "bipartite",
+              "blocks": "all blocks", "targets": ["self-attention"], "reuse_steps": 1, "whole_steps": 1,
+              "matching": "shared", "random_destinations": True, "local_window": True, "ratio_schedule": ""}
+    fields = dict(preset="tiny-wan", pipeline_class="WanPipeline", frames=9, height=64, width=64, steps=4,
+                  guidance=5.0, stack=(("tome", values), ("first_block_cache", {"first_block_cache_threshold": 0.3})))
+    return Recipe(**(fields | changes))
+
+
+def generate(pipe) -> torch.Tensor:
+    return pipe("a fox in the snow", num_frames=9, height=64, width=64, num_inference_steps=4,
+                generator=torch.Generator().manual_seed(0), output_type="pt").frames
+
+
+# ---- the recipe ------------------------------------------------------------------------------------
+
+
+def test_a_recipe_applies_acts_and_removes_bitwise(tmp_path):
+    path = wan_recipe().save(tmp_path / "recipe.json")
+    pipe = tiny.tiny_wan_pipeline()
+    baseline = generate(pipe)
+    stack = vdtome.apply(pipe, path)
+    try:
+        assert stack.recipe.call_settings()["num_inference_steps"] == 4
+        accelerated = generate(pipe)
+        reports = stack.reports()
+    finally:
+        stack.remove()
+    assert all(report.acted for report in reports)  # tokens merged and blocks skipped
+    assert not torch.equal(accelerated, baseline)
+    assert torch.equal(generate(pipe), baseline)  # removed: the pipeline exactly as before
+    saved = json.loads(path.read_text())
+    assert saved["stack"][0]["config"]["whole_steps"] == 1  # every field, as config too, for people
+
+
+@pytest.mark.parametrize("edit, field, words", [
+    (lambda d: "{not json", "recipe", "could not be read as JSON"),
+    (lambda d: d | {"kind": "sweep"}, "kind", "not a vdtome recipe"),
+    (lambda d: d | {"format": 0}, "format", "format 0"),
+    (lambda d: d | {"steps": "four"}, "steps", "whole number"),
+    (lambda d: d | {"stack": []}, "stack", "non-empty list"),
+    (lambda d: d | {"stack": [{"method": "teleport", "fields": {}}]}, "stack[0].method", "unknown method 'teleport'"),
+    (lambda d: d | {"stack": [{"method": "tome", "fields": {"ratio": 0.4, "speed": 9}}]}, "stack[0].speed",
+     "no field 'speed'"),
+    (lambda d: d | {"stack": [{"method": "tome", "fields": {"ratio": 0.99}}]}, "stack[0].ratio",
+     "merge ratio must be between 0 and 0.95"),
+])
+def test_a_corrupt_or_stale_recipe_is_refused_naming_the_field(tmp_path, edit, field, words):
+    data = wan_recipe().to_dict()
+    edited = edit(data)
+    path = tmp_path / "recipe.json"
+    path.write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    with pytest.raises(RequestError, match=words.replace("(", r"\(")) as refused:
+        load_recipe(path)
+    assert refused.value.field == field
+
+
+def test_a_recipe_made_for_other_settings_or_another_pipeline_is_refused(tmp_path, capsys):
+    recipe = wan_recipe()
+    path = recipe.save(tmp_path / "recipe.json")
+    with pytest.raises(RequestError, match=r"tuned at other settings: steps 8 \(tuned at 4\)") as refused:
+        recipe.check_settings("tiny-wan", steps=8)
+    assert refused.value.field == "steps"
+    with pytest.raises(RequestError, match="tuned on tiny-wan, not tiny-cogvideox"):
+        recipe.check_settings("tiny-cogvideox")
+    with pytest.raises(RequestError, match="this pipeline is a CogVideoXPipeline") as refused:
+        vdtome.apply(tiny.tiny_cogvideox_pipeline(), path)
+    assert refused.value.field == "pipeline_class"
+    # The command line: the recipe's preset and settings by default; another size is refused before any work.
+    assert cli.main(["compare", "--recipe", str(path), "--prompt", "a fox", "--frames", "13"]) == 2
+    assert "frames 13 (tuned at 9)" in capsys.readouterr().err
+    assert cli.main(["compare", "--recipe", str(path), "--prompt", "a fox", "--ratio", "0.2"]) == 2
+    assert "--recipe is the whole stack" in capsys.readouterr().err
+
+
+def test_compare_runs_a_recipe_at_its_own_settings(tmp_path, capsys):
+    path = wan_recipe().save(tmp_path / "recipe.json")
+    out = tmp_path / "run"
+    assert cli.main(["compare", "--recipe", str(path), "--prompt", "a fox", "--rounds", "1", "--out", str(out),
+                     "--device", "cpu"]) == 0
+    result = json.loads(next(out.glob("*result.json")).read_text())
+    assert [m["method"] for m in result["methods"]] == ["tome", "first_block_cache"]
+    assert result["methods"][0]["config"]["ratio"] == 0.4 and result["methods"][0]["config"]["whole_steps"] == 1
+    assert (result["settings"]["frames"], result["settings"]["steps"]) == (9, 4)
+
+
+# ---- the tune ----------------------------------------------------------------------------------------
+
+
+def test_a_plan_refuses_what_it_cannot_tune():
+    with pytest.raises(RequestError, match="the judge reads the shapes models' prompts") as refused:
+        quick_plan(floors=(Floor.parse("judge"),))
+    assert refused.value.field == "floor"
+    with pytest.raises(RequestError, match="give a budget"):
+        quick_plan(trials=None)
+    with pytest.raises(RequestError, match="has 42 prompts; 40 tuning \\+ 6 validation prompts need 46"):
+        quick_plan(tuning_prompts=40, validation_prompts=6)
+    with pytest.raises(RequestError, match="frames"):
+        quick_plan(frames=10)  # refused as the app refuses it, never snapped
+    for text, words in (("psnr", "give its value"), ("speed=3", "one of psnr"), ("ssim=2", "between -1 and 1"),
+                        ("judge=1.5", "whole number of clips")):
+        with pytest.raises(RequestError, match=words):
+            Floor.parse(text)
+
+
+def test_a_method_registered_outside_the_package_is_tuned(registered, tmp_path):  # noqa: F811
+    engine = ComparisonEngine(device="cpu", output_root=tmp_path / "runs", noise_dir=None)
+    plan = quick_plan(methods=(registered.name,), trials=4, floors=(Floor.parse("psnr=30"),))
+    outcome = Tuner(plan, tmp_path / "tune", engine=engine).run()
+    drawn = [dict(record.stack)[registered.name]["count_calls_every"] for record in outcome.trials]
+    assert len(outcome.trials) == 4 and all(1 <= value <= 5 for value in drawn) and len(set(drawn)) > 1, drawn
+    assert all(record.quality.psnr_mean == 100.0 for record in outcome.trials)  # it changes no output
+    # Identical output, no faster: never a recipe (speed must beat the baseline), and the tune says so.
+    assert "count_calls" in outcome.message and (tmp_path / "tune" / "report.html").is_file()
+    rows = (tmp_path / "tune" / "trials.csv").read_text().splitlines()
+    assert len(rows) == 5 and "count_calls_every=" in rows[1]
+
+
+def _tune_command(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "vdtome", "tune", "--preset", "tiny-wan", "--floor", "psnr=12", "--trials", "5",
+            "--out", str(out), "--frames", "9", "--height", "64", "--width", "64", "--steps", "8",
+            "--tuning-prompts", "2", "--validation-prompts", "1", "--finalists", "1", "--rounds", "2",
+            "--device", "cpu", *extra]
+
+
+def _finished(db: Path) -> tuple[list[tuple[int, str]], int]:
+    """(number, params) of the trials that ran to the end, and how many are RUNNING."""
+    with sqlite3.connect(db) as connection:
+        done = connection.execute(
+            "SELECT t.number, group_concat(p.param_name || '=' || p.param_value, ',') FROM trials t JOIN "
+            "trial_params p ON p.trial_id = t.trial_id WHERE t.state = 'COMPLETE' GROUP BY t.trial_id").fetchall()
+        running = connection.execute("SELECT count(*) FROM trials WHERE state = 'RUNNING'").fetchone()[0]
+    return done, running
+
+
+def test_a_tune_killed_mid_trial_resumes_without_repeating_a_finished_trial(tmp_path):
+    out = tmp_path / "tune"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(_tune_command(out), cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    started = 0
+    for line in process.stderr:  # "trial N: <stack>" starts a trial, "trial N: 1.23x, ..." ends it
+        if " trial " in line and "x, PSNR" not in line and "validating" not in line:
+            started += 1
+            if started == 3:  # two finished (or stopped early), the third under way
+                time.sleep(0.3)
+                process.send_signal(signal.SIGKILL)
+                break
+    process.wait(timeout=120)
+    done_before, running = _finished(out / "study.db")
+    assert running == 1 and len(done_before) == 2, (done_before, running)  # killed mid-trial
+    resumed = subprocess.run(_tune_command(out, "--resume"), cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode in (0, 1), resumed.stderr[-2000:]
+    done, running = _finished(out / "study.db")
+    assert running == 0 and len(done) == 5  # the budget an unkilled run of --trials 5 finishes
+    assert set(done_before) <= set(done)  # the finished trials kept as they were
+    assert len({params for _, params in done}) == 5  # none repeated
+    assert (out / "trials.csv").read_text().count("\n") == 6 and (out / "report.html").is_file()
+    # A resume with other settings is refused, naming them; a second tune into the folder too.
+    again = subprocess.run(_tune_command(out, "--resume", "--steps", "6"), cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "made with other settings: steps" in again.stderr, again.stderr[-800:]
+    fresh = subprocess.run(_tune_command(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 2 and "holds a tune already: --resume continues it" in fresh.stderr
