@@ -8,7 +8,7 @@ import pytest
 
 from vdtome.core.presets import get_preset
 from vdtome.core.validation import RequestError
-from vdtome.methods import METHODS, check_stack, method_of
+from vdtome.methods import METHODS, check_stack, default_stack, method_of
 from vdtome.methods.tuning import SEARCHED_KINDS, search_space
 
 from test_method_plugin import registered  # noqa: F401 (a method registered the way a plug-in is)
@@ -24,7 +24,9 @@ def drawn_stacks(space, trials: int, seed: int = 0):
     for _ in range(trials):
         trial = study.ask()
         try:
-            outcome = space.suggest(trial)
+            drawn = space.suggest(trial)
+            assert [name for name, _ in drawn.values] == [method_of(c).name for c in drawn.configs]
+            outcome = drawn.configs
         except RequestError as error:
             outcome = error
         # Optuna records a stepped float as computed (0.15000000000000002); the stack holds it on its grid.
@@ -92,3 +94,33 @@ def test_a_method_registered_outside_the_package_is_searched_with_no_tuner_chang
             assert config.every == params["count_calls_every"] and 1 <= config.every <= 5
             seen.add(config.every)
     assert len(seen) > 2  # its field really varies across trials
+
+
+def test_step_counts_are_drawn_below_the_calls_steps_and_a_required_method_is_in_every_stack():
+    preset = get_preset("tiny-shapes-128")
+    space = search_space(preset, ["tome", "mag_cache"], steps=6, required=["tome"])
+    assert "use_tome" not in space.field_names()  # always on: not a choice
+    for params, stack in drawn_stacks(space, 60, seed=2):
+        if isinstance(stack, RequestError):
+            continue
+        assert "tome" in {method_of(c).name for c in stack}
+        assert 0 <= params["whole_steps"] <= 5  # a step count below the 6 steps of the calls
+    with pytest.raises(RequestError, match="required method 'first_block_cache' is not among"):
+        search_space(preset, ["tome"], required=["first_block_cache"])
+
+
+def test_the_study_starts_from_the_presets_defaults_and_its_searched_schedules():
+    space = search_space(get_preset("tiny-shapes-128"))
+    assert set(space.schedules) == {"ratio_schedule", "tile_sparsity_schedule"}  # searched on this preset
+    study = optuna.create_study(directions=["maximize", "maximize"])
+    stacks = []
+    for params in space.seeds():
+        study.enqueue_trial(params)
+        trial = study.ask()
+        stacks.append(space.suggest(trial).configs)
+        study.tell(trial, [1.0, 1.0])
+    assert stacks[0] == default_stack(get_preset("tiny-shapes-128"))  # the page's default first
+    names = [tuple(method_of(c).name for c in stack) for stack in stacks]
+    assert all((part.method.name,) in names for part in space.methods)  # each method alone, at its defaults
+    tome_schedule = [s for s in stacks if method_of(s[0]).name == "tome" and s[0].block_ratios]
+    assert len(tome_schedule) == 1 and tome_schedule[0][0].stride == (1, 2, 2)  # at the stride it was searched at

@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", required=True, help="the tune's folder (its Optuna study, recipe, report)")
     tune.add_argument("--methods", help="methods to search, comma-separated (default: every registered one the "
                                         "preset takes that buys speed)")
+    tune.add_argument("--require", help="methods every stack tried holds, comma-separated (e.g. tome: the fastest "
+                                        "recipe with token merging in it)")
     tune.add_argument("--trials", type=int, help="trials to run (at least one of --trials and --minutes)")
     tune.add_argument("--minutes", type=float, help="minutes of trials to run (the validation comes after)")
     tune.add_argument("--prompts", help="a prompt set (default: the preset's tuning set, e.g. shapes-tuning)")
@@ -383,7 +385,8 @@ def _tune(args) -> int:
             methods=None if not args.methods else tuple(m.strip() for m in args.methods.split(",") if m.strip()),
             trials=args.trials, minutes=args.minutes, prompts=args.prompts, tuning_prompts=args.tuning_prompts,
             validation_prompts=args.validation_prompts, frames=args.frames, height=args.height, width=args.width,
-            steps=args.steps, seed=args.seed, finalists=args.finalists, rounds=args.rounds)
+            steps=args.steps, seed=args.seed, finalists=args.finalists, rounds=args.rounds,
+            require=tuple(m.strip() for m in (args.require or "").split(",") if m.strip()))
     except (RequestError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -133,7 +133,7 @@ class TunePlan:
     else its own); its first ``tuning_prompts`` tune, the next ``validation_prompts`` validate (disjoint,
     both recorded). ``trials`` and / or ``minutes`` bound the study (trials that ran; minutes of
     their running); ``finalists``: Pareto-front trials re-run with ``rounds`` timing rounds (default:
-    the preset's) on the validation prompts."""
+    the preset's) on the validation prompts; ``require``: methods in every stack tried."""
 
     preset: str
     floors: tuple[Floor, ...]
@@ -150,6 +150,7 @@ class TunePlan:
     seed: int = 0
     finalists: int = 3
     rounds: int | None = None
+    require: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         preset = self.model()
@@ -177,9 +178,12 @@ class TunePlan:
         if len(available) < wanted:
             raise RequestError(f"prompt set {self.prompt_set()!r} has {len(available)} prompts; {self.tuning_prompts} "
                                f"tuning + {self.validation_prompts} validation prompts need {wanted}", "prompts")
+        self.space()  # the methods named: each one the preset takes, the required among them
+
+    def space(self):
         from vdtome.methods.tuning import search_space
 
-        search_space(preset, self.methods, self.settings().steps)  # the methods named: each one the preset takes
+        return search_space(self.model(), self.methods, self.settings().steps, self.require)
 
     def model(self) -> ModelPreset:
         try:
@@ -222,6 +226,7 @@ class TunePlan:
         data = asdict(self)
         data["floors"] = [f.text() for f in self.floors]
         data["methods"] = None if self.methods is None else list(self.methods)
+        data["require"] = list(self.require)
         data["prompt_set"] = self.prompt_set()
         return data
 
@@ -368,9 +373,7 @@ class Tuner:
     def run(self, resume: bool = False) -> TuneOutcome:
         optuna = _optuna()
         study = self._open(optuna, resume)
-        from vdtome.methods.tuning import search_space
-
-        space = search_space(self.plan.model(), self.plan.methods, self.plan.settings().steps)
+        space = self.plan.space()
         if not resume:
             for params in space.seeds():
                 study.enqueue_trial(params, user_attrs={"seed": True})

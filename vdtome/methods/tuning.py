@@ -72,17 +72,20 @@ class SearchSpace:
     methods: tuple[MethodSpace, ...]
     steps: int
     schedules: Mapping[str, tuple[str, ...]]
+    required: frozenset[str] = frozenset()  # methods on in every stack drawn
 
     def suggest(self, trial: Trial) -> Drawn:
         """One stack, every method at the preset's defaults but for what the trial drew. A stack
         the stacking rules refuse raises :class:`RequestError` (naming the rule): it is never run;
         an empty stack is the baseline itself, refused too."""
         caches = [part.method.name for part in self.methods if part.method.diffusers_cache]
-        cache = trial.suggest_categorical(CACHE_CHOICE, [NO_CACHE, *caches]) if caches else NO_CACHE
+        required_cache = [name for name in caches if name in self.required]
+        choices = required_cache or [NO_CACHE, *caches]
+        cache = trial.suggest_categorical(CACHE_CHOICE, choices) if caches else NO_CACHE
         drawn = []
         for part in self.methods:
             on = (part.method.name == cache if part.method.diffusers_cache
-                  else trial.suggest_categorical(part.switch, [False, True]))
+                  else part.method.name in self.required or trial.suggest_categorical(part.switch, [False, True]))
             if not on:
                 continue
             values = preset_form_defaults(part.method, self.preset)
@@ -98,21 +101,26 @@ class SearchSpace:
         return Drawn(tuple(drawn), configs)
 
     def field_names(self) -> list[str]:
-        return [name for part in self.methods for name in (part.switch, *(f.name for f in part.fields))]
+        """The parameters a trial may draw (a required method's switch is none)."""
+        return [name for part in self.methods for name in (
+            *(() if part.method.name in self.required else (part.switch,)), *(f.name for f in part.fields))]
 
     def methods_on(self, params: Mapping[str, Any]) -> set[str]:
         """The methods a trial's parameters switch on."""
         return {part.method.name for part in self.methods
                 if (params.get(CACHE_CHOICE) == part.method.name if part.method.diffusers_cache
-                    else params.get(part.switch))}
+                    else part.method.name in self.required or params.get(part.switch))}
 
     def seeds(self) -> list[dict[str, Any]]:
         """Trials to start from, as parameters: the preset's default stack, and each per-layer
         schedule searched on the preset (its method alone, at the preset's other defaults)."""
         out = []
-        defaults = [part for part in self.methods if part.method.on_by_default]
+        defaults = {part.method.name: {} for part in self.methods if part.method.on_by_default}
         if defaults:
-            out.append(self._params({part.method.name: {} for part in defaults}))
+            out.append(self._params(defaults))
+        for part in self.methods:  # each method alone at the preset's defaults
+            if {part.method.name} != set(defaults):
+                out.append(self._params({part.method.name: {}}))
         for name, schedules in self.schedules.items():
             part = next(part for part in self.methods if any(f.name == name for f in part.fields))
             for schedule in schedules:
@@ -122,13 +130,14 @@ class SearchSpace:
         return out
 
     def _params(self, on: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-        """A trial's parameters that switch on exactly the methods of ``on`` at the preset's
-        defaults, overridden by their given values."""
+        """A trial's parameters that switch on exactly the methods of ``on`` (and the required
+        ones) at the preset's defaults, overridden by their given values."""
+        on = {name: {} for name in self.required} | dict(on)
         params: dict[str, Any] = {}
         if any(part.method.diffusers_cache for part in self.methods):
             params[CACHE_CHOICE] = next((n for n in on if METHODS[n].diffusers_cache), NO_CACHE)
         for part in self.methods:
-            if not part.method.diffusers_cache:
+            if not part.method.diffusers_cache and part.method.name not in self.required:
                 params[part.switch] = part.method.name in on
             if part.method.name in on:
                 values = preset_form_defaults(part.method, self.preset) | dict(on[part.method.name])
@@ -174,11 +183,12 @@ def draw(trial: Trial, form_field: FormField, values: Mapping[str, Any], steps: 
     return trial.suggest_float(name, form_field.minimum, high)
 
 
-def search_space(preset: Any, methods: Iterable[str] | None = None, steps: int | None = None) -> SearchSpace:
+def search_space(preset: Any, methods: Iterable[str] | None = None, steps: int | None = None,
+                 required: Iterable[str] = ()) -> SearchSpace:
     """The space on ``preset``: ``methods`` by name (default: every registered method that can
     serve the preset's denoiser and changes speed rather than memory), each with its fields of a
     searched kind, for calls of ``steps`` steps (default: the preset's). A named method the preset
-    cannot take is refused, saying why."""
+    cannot take is refused, saying why. ``required``: methods every stack holds (among ``methods``)."""
     types = pipeline_denoiser_types(preset.pipeline_class)
     guided = preset.guidance_scale > 1.0
     if methods is None:
@@ -201,7 +211,14 @@ def search_space(preset: Any, methods: Iterable[str] | None = None, steps: int |
     schedules = {method.search.field: preset_schedules(method, preset.name) for method in chosen
                  if method.search is not None and preset_schedules(method, preset.name)}
     parts = tuple(MethodSpace(method, drawn_fields(method, schedules)) for method in chosen)
-    return SearchSpace(preset, parts, preset.num_inference_steps if steps is None else steps, schedules)
+    required = frozenset(required)
+    missing = sorted(required - {m.name for m in chosen})
+    if missing:
+        raise RequestError(f"required method {missing[0]!r} is not among the methods tuned on {preset.name}: "
+                           f"{', '.join(m.name for m in chosen)}", "require")
+    if len([m for m in chosen if m.name in required and m.diffusers_cache]) > 1:
+        raise RequestError("diffusers keeps one cache per model: require one of them at most", "require")
+    return SearchSpace(preset, parts, preset.num_inference_steps if steps is None else steps, schedules, required)
 
 
 def preset_schedules(method: Method, preset_name: str) -> tuple[str, ...]:
