@@ -80,6 +80,7 @@ from vdtome.engine.pipelines import (
 from vdtome.engine.report import COLUMNS
 from vdtome.engine.request import MAX_ROUNDS, ComparisonRequest
 from vdtome.methods import METHODS, FormField, stack_label
+from vdtome.methods.recipe import load_recipe
 from vdtome.web import history as history_runs
 from vdtome.web.cancel import CancelFlag, CancelFlags
 from vdtome.web.gates import RequestGates
@@ -99,6 +100,7 @@ from vdtome.web.page import (
 )
 from vdtome.web.serving import ServiceGuard, StrictBlocks, limit_visitors, run_until_abandoned
 from vdtome.web.sessions import expire_sessions
+from vdtome.web.tune_tab import TuneTabContext, build_tune_tab, tuned_recipes
 from vdtome.web.ui import (
     CUSTOM_MODEL,
     HISTORY_COLUMNS,
@@ -121,6 +123,7 @@ from vdtome.web.ui import (
     preset_info,
     preset_line,
     preset_prompts,
+    recipe_form,
     settings_from_query,
     settings_query,
     sweep_choices,
@@ -143,6 +146,7 @@ GATES = RequestGates(PRESETS, LIMITS, HAS_GPU, ON_ZERO_GPU)
 
 # Files, not events: they reach the ZeroGPU worker that generates (see vdtome.web.cancel).
 CANCEL_FLAGS = CancelFlags(INSTANCE_DIR / "cancel")
+TUNE_DIR = INSTANCE_DIR / "tunes"
 
 # The endpoints' parameters in the order the page and the API send them (declared by vdtome.web.ui).
 COMPARE_FIELDS = api_fields(sweep=False)
@@ -612,6 +616,25 @@ def _restored_form(view: ComparisonView, what: str) -> tuple:
     return _form_updates(values, [], f"The form now holds the settings of {what}: Run reproduces it.")
 
 
+def load_recipe_choice(source):
+    """The form set to a recipe (a shipped one's name or a tune's recipe.json), saying what it is."""
+    try:
+        recipe = load_recipe(source)
+        values = recipe_form(recipe)
+    except RequestError as error:
+        return (*_form_unchanged(), f"**This recipe cannot be loaded:** {error}", *_titles(None))
+    figures = recipe.validation
+    told = (f"; validated at {figures['speedup_median']:.2f}x (denoising, median of its validation prompts), PSNR >= "
+            f"{figures['psnr_min']:.1f} dB" if figures.get("speedup_median") else "")
+    return _form_updates(values, [], f"**Recipe {recipe.label()} loaded:** {recipe.stack_text()}, tuned at "
+                                     f"{recipe.frames} frames of {recipe.height}x{recipe.width}, {recipe.steps} steps"
+                                     f"{told}.")
+
+
+def refresh_recipes():
+    return gr.Dropdown(choices=tuned_recipes(TUNE_DIR))
+
+
 def share_link(*values):
     """The query string that restores the form (the page adds its own address)."""
     return settings_query(dict(zip(COMPARE_FIELDS, values)))
@@ -957,6 +980,9 @@ def build_demo() -> gr.Blocks:
                 # Folded: a phone reaches Run past one line, which says what is on.
                 with gr.Accordion(acceleration_title(_starting_methods(preset)), open=False,
                                   elem_id="acceleration") as acceleration:
+                    recipe_pick = gr.Dropdown(tuned_recipes(TUNE_DIR), value=None, label="Load a tuned recipe",
+                                              info="the stack a tune chose, at the size and steps it was tuned at",
+                                              elem_id="recipe-pick")
                     gr.Markdown("Switch on any methods to stack them (applied in this order).")
                     method_widgets, switches, panels = method_panel(preset)
                 with gr.Accordion("Share and reproduce", open=False, elem_id="share"):
@@ -1059,6 +1085,9 @@ def build_demo() -> gr.Blocks:
                                              object_fit="contain", preview=False, elem_id="bench-plots")
                     bench_files = gr.File(label="Report (HTML, self-contained), summary (CSV), every row (JSONL)",
                                           file_count="multiple", elem_id="bench-files")
+        with gr.Tab("Tune", elem_id="tune-tab"):
+            tune_tab = build_tune_tab(TuneTabContext(GATES, PRESETS, engine, TUNE_DIR, GPU_QUEUE, CANCEL_FLAGS,
+                                                     HAS_GPU), preset)
         with gr.Tab("Examples", elem_id="examples-tab"):
             examples = example_choices()
             gr.Markdown("Comparisons recorded earlier with this app, shown instantly with the hardware they ran on "
@@ -1146,6 +1175,11 @@ def build_demo() -> gr.Blocks:
                         other.change(functools.partial(on_bound, form_field), [method_widgets[form_field.name], *others],
                                      method_widgets[form_field.name], show_progress="hidden", preprocess=False,
                                      **private)
+        # A recipe (picked, or the tune just finished) sets the form: preset, size, steps and its stack.
+        for loaded in (recipe_pick.input(load_recipe_choice, recipe_pick, form_outputs, **private),
+                       tune_tab.load.click(load_recipe_choice, tune_tab.recipe, form_outputs, **private)):
+            loaded.success(on_preset_prompts, model, prompt_examples.dataset, show_progress="hidden", **private)
+        tune_tab.load.click(refresh_recipes, None, recipe_pick, **private)
         share_button.click(share_link, [components[name] for name in COMPARE_FIELDS], share_query, **private).then(
             None, share_query, share_box, js=FULL_LINK)
         # .input, not .change: a link restoring a preset and its sizes must not be overwritten.

@@ -9,7 +9,7 @@ import pytest
 
 from vdtome.bench.runner import BenchPlan
 from vdtome.bench.sweep import load_sweep, shipped_sweeps
-from vdtome.core.presets import load_presets
+from vdtome.core.presets import get_preset, load_presets
 from vdtome.core.validation import RequestError
 from vdtome.engine.request import ComparisonRequest
 from vdtome.measure.protocol import MAX_GPU_SECONDS
@@ -203,3 +203,44 @@ def test_a_tab_whose_session_state_went_keeps_the_runs_its_browser_kept():
     assert history.rejoined(stored, stored + [entry(3, "run-d")], keep=100)[-1]["folder"] == "run-d"  # same history
     assert history.rejoined([], fresh, keep=100) == fresh and history.rejoined(None, fresh, keep=100) == fresh
     assert len(history.rejoined(stored, fresh, keep=2)) == 2  # capped as the history is
+
+
+# ---- the Tune tab's gate ---------------------------------------------------------------------------
+
+TUNE_FORM = {"tune_preset": "tiny-shapes-128", "tune_floors": "judge, psnr=20", "tune_methods": ["tome", "mag_cache"],
+             "tune_minutes": 5, "tune_require": ""}
+
+
+def test_the_tune_form_becomes_a_plan_and_each_bad_field_is_named():
+    plan = CPU.tune(TUNE_FORM)
+    assert [f.text() for f in plan.floors] == ["judge", "psnr=20"] and plan.methods == ("tome", "mag_cache")
+    assert plan.minutes == 5 and set(plan.tuning()).isdisjoint(plan.validation())  # held-out validation prompts
+    assert CPU.tune(TUNE_FORM | {"tune_require": "tome"}).require == ("tome",)
+    for change, field, words in (
+        ({"tune_minutes": LIMITS.tune_minutes + 1}, "tune_minutes", f"at most {LIMITS.tune_minutes} on this server"),
+        ({"tune_minutes": "5"}, "tune_minutes", "minutes must be above 0"),
+        ({"tune_floors": " "}, "tune_floors", "give at least one floor"),
+        ({"tune_floors": "psnr=fast"}, "tune_floors", "'fast' is not a number"),
+        ({"tune_preset": "tiny-wan", "tune_floors": "judge"}, "tune_floors", "the judge reads the shapes models"),
+        ({"tune_methods": []}, "tune_methods", "choose at least one method"),
+        ({"tune_methods": ["vae_tiling"]}, "tune_methods", "cannot be tuned"),
+        ({"tune_require": "first_block_cache"}, "tune_require", "required method 'first_block_cache'"),
+    ):
+        with pytest.raises(RequestError, match=words) as refused:
+            CPU.tune(TUNE_FORM | change)
+        assert refused.value.field == field, (change, refused.value)
+    with pytest.raises(RequestError, match="ZeroGPU lends a GPU"):
+        RequestGates(PRESETS, LIMITS, has_gpu=True, on_zero_gpu=True).tune(TUNE_FORM)
+
+
+def test_a_recipe_sets_the_form_to_its_preset_settings_and_stack():
+    from vdtome.methods.recipe import Recipe
+    from vdtome.web.ui import recipe_form, stack_from_form
+
+    recipe = Recipe("tiny-shapes-128", "WanPipeline", 17, 128, 128, 20, 5.0,
+                    (("mag_cache", {"mag_cache_threshold": 0.08, "mag_cache_max_skip_steps": 2}),))
+    form = recipe_form(recipe)
+    assert (form["preset"], form["frames"], form["steps"]) == ("tiny-shapes-128", 17, 20)
+    assert form["use_mag_cache"] and not form["use_tome"]
+    full = method_defaults(get_preset("tiny-shapes-128")) | form
+    assert stack_from_form(full) == recipe.configs()  # the form runs exactly the recipe's stack

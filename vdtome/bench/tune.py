@@ -321,6 +321,7 @@ class TuneEvent:
     budget: int | None
     minutes_left: float | None
     front: int
+    finished: TrialRecord | None = None  # the trial that just finished, if this event says so
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,7 @@ class TuneOutcome:
     seconds_per_trial: float | None
     trials_to_front: int | None  # the trial number after which the chosen finalist's front point was known
     environment: Mapping[str, Any] = field(default_factory=dict)
+    cancelled: bool = False
 
     @property
     def ok(self) -> bool:
@@ -371,6 +373,8 @@ class Tuner:
     # -- public
 
     def run(self, resume: bool = False) -> TuneOutcome:
+        from vdtome.engine.engine import Cancelled
+
         optuna = _optuna()
         study = self._open(optuna, resume)
         space = self.plan.space()
@@ -398,10 +402,21 @@ class Tuner:
                 idle, idle_total = idle + 1, idle_total + 1
                 continue
             idle = 0
-            self._evaluate(optuna, study, trial, drawn)
+            try:
+                self._evaluate(optuna, study, trial, drawn)
+            except Cancelled:
+                # Stopped within a step: the finished trials are kept, this one is drawn again by --resume.
+                trial.set_user_attr("interrupted", True)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+                records = trial_records(study)
+                return self._finish(study, records, [], None, idle_total, cancelled=True)
         records = trial_records(study)
         self._say(study, "validating the finalists on the held-out prompts")
-        finalists, closest = self._validate(records)
+        try:
+            finalists, closest = self._validate(records)
+        except Cancelled:  # the validation comparisons finished so far are kept in validation.jsonl
+            return self._finish(study, records, [], None, idle_total, cancelled=True)
         return self._finish(study, records, finalists, closest, idle_total)
 
     # -- the study's storage
@@ -494,10 +509,13 @@ class Tuner:
         # speed without it.
         trial.set_constraint("every method acted", float(len(idle_methods)))
         study.tell(trial, [speed, quality.psnr_mean])
+        self._ran += 1
+        self._spent_s += attrs["seconds"]
         self._say(study, f"trial {trial.number}: {speed:.2f}x, PSNR {quality.psnr_mean:.1f} dB"
                          + (f", judge {quality.kept_text()}" if kept else "")
                          + (" (stopped early: below a floor)" if stopped else "")
-                         + (f" ({', '.join(sorted(idle_methods))} did nothing: not a recipe)" if idle_methods else ""))
+                         + (f" ({', '.join(sorted(idle_methods))} did nothing: not a recipe)" if idle_methods else ""),
+                  finished=next(r for r in trial_records(study) if r.number == trial.number))
 
     def _compare(self, prompt: str, configs: tuple[Any, ...], rounds: int | None):
         return self.engine.run(self.plan.request(prompt, configs, rounds), write=False, cancel=self.cancel)
@@ -579,7 +597,7 @@ class Tuner:
 
     # -- outputs
 
-    def _finish(self, study, records, finalists, closest, idle) -> TuneOutcome:
+    def _finish(self, study, records, finalists, closest, idle, cancelled: bool = False) -> TuneOutcome:
         from vdtome.bench.tune_report import write_report, write_trials_csv
 
         passing = [f for f in finalists if f.passes and f.speedup > 1.0]
@@ -606,6 +624,9 @@ class Tuner:
                        + (f", judge {closest.quality.kept_text()}" if closest.quality.kept else ""))
         else:
             message = "no trial ran"
+        if cancelled:
+            message = (f"cancelled: {len(records)} finished trials kept ({self.out}); no recipe without the "
+                       "validation; `python -m vdtome tune ... --resume` continues it")
         seconds = [r.seconds for r in records]
         to_front = None
         if chosen is not None:
@@ -613,7 +634,8 @@ class Tuner:
         from vdtome.measure.environment import environment
 
         outcome = TuneOutcome(self.plan, tuple(records), idle, tuple(finalists), chosen, files, message,
-                              statistics.fmean(seconds) if seconds else None, to_front, environment(self.engine.device))
+                              statistics.fmean(seconds) if seconds else None, to_front, environment(self.engine.device),
+                              cancelled)
         files["report"] = str(write_report(outcome, closest, self.out / REPORT_FILE))
         return replace(outcome, files=files)
 
@@ -637,12 +659,12 @@ class Tuner:
                     "made": time.strftime("%Y-%m-%d %H:%M")},
             validation=chosen.to_dict(), front=tuple(front), environment=environment(self.engine.device))
 
-    def _say(self, study, message: str) -> None:
+    def _say(self, study, message: str, finished: TrialRecord | None = None) -> None:
         if self.progress is None:
             return
         left = None if self.plan.minutes is None else max(self.plan.minutes - self._spent_s / 60, 0.0)
         front = pareto(r for r in trial_records(study) if r.feasible)
-        self.progress(TuneEvent(message, self._ran, self.plan.trials, left, len(front)))
+        self.progress(TuneEvent(message, self._ran, self.plan.trials, left, len(front), finished))
 
 
 def _optuna():

@@ -16,7 +16,7 @@ from vdtome.bench.report import _STYLE
 from vdtome.measure.environment import environment_line
 
 if TYPE_CHECKING:
-    from vdtome.bench.tune import Finalist, TrialRecord, TuneOutcome, TunePlan
+    from vdtome.bench.tune import Finalist, Floor, TrialRecord, TuneOutcome, TunePlan
 
 TRIALS_HEADER = ("trial", "stack", "speedup estimate", "PSNR mean (dB)", "PSNR min (dB)", "SSIM min", "judge kept",
                  "meets the floors", "stopped early", "seconds", "fields")
@@ -34,8 +34,10 @@ def write_trials_csv(records: Sequence[TrialRecord], plan: TunePlan, path: Path)
     return path
 
 
-def _plot(outcome: TuneOutcome, closest: Finalist | None) -> str:
-    """The Pareto plot, PSNR and SSIM against the speedup, as a PNG data URL."""
+def pareto_png(records: Sequence[TrialRecord], floors: Sequence[Floor], shown: Sequence[Finalist] = (),
+               chosen: Finalist | None = None) -> bytes:
+    """The Pareto plot as PNG: PSNR and SSIM against the denoising speedup, every trial a faint
+    dot, the feasible front, the finalists' validation figures with their intervals, the floors."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,9 +45,7 @@ def _plot(outcome: TuneOutcome, closest: Finalist | None) -> str:
 
     from vdtome.bench.tune import pareto
 
-    records = outcome.trials
     front = pareto(r for r in records if r.feasible)
-    shown = list(outcome.finalists) or ([closest] if closest is not None else [])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, measure, label in ((axes[0], "psnr", "PSNR to the baseline (dB)"), (axes[1], "ssim", "SSIM to the baseline")):
         def value(quality, worst: bool = False):
@@ -61,11 +61,11 @@ def _plot(outcome: TuneOutcome, closest: Finalist | None) -> str:
             highs = [p.high if p.high is not None else p.speedup for p in finalist.prompts]
             x = finalist.speedup
             y = value(finalist.quality, worst=True)
-            colour = "#d9480f" if finalist is outcome.chosen else "#2b8a3e"
+            colour = "#d9480f" if finalist is chosen else "#2b8a3e"
             ax.errorbar([x], [y], xerr=[[x - min(lows)], [max(highs) - x]], fmt="s", color=colour, ms=7, capsize=3,
-                        label=("chosen" if finalist is outcome.chosen else "finalist")
+                        label=("chosen" if finalist is chosen else "finalist")
                         + " (validation: median, interval range, worst prompt)")
-        for floor in outcome.plan.floors:
+        for floor in floors:
             if floor.measure == measure:
                 ax.axhline(floor.value, color="#b00020", ls="--", lw=1, label=f"floor {floor.text()}")
         ax.axvline(1.0, color="#555", lw=0.8)
@@ -79,7 +79,7 @@ def _plot(outcome: TuneOutcome, closest: Finalist | None) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
 
 
 def write_report(outcome: TuneOutcome, closest: Finalist | None, path: Path) -> Path:
@@ -87,6 +87,7 @@ def write_report(outcome: TuneOutcome, closest: Finalist | None, path: Path) -> 
     plan = outcome.plan
     settings = plan.settings()
     shown = list(outcome.finalists) or ([closest] if closest is not None else [])
+    plot = pareto_png(outcome.trials, plan.floors, shown, outcome.chosen)
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
@@ -109,7 +110,7 @@ def write_report(outcome: TuneOutcome, closest: Finalist | None, path: Path) -> 
         "intervals, the square sits at the median speedup and the worst prompt's quality.</li>",
         "<li>The <b>chosen</b> recipe is the fastest finalist whose quality on every validation prompt stays above "
         "the floor. Speedups are of the denoising loop; the text encoder and the decoder are untouched.</li></ul>",
-        f"<img alt='Pareto plot' src='{_plot(outcome, closest)}'>",
+        f"<img alt='Pareto plot' src='data:image/png;base64,{base64.b64encode(plot).decode()}'>",
     ]
     if shown:
         parts.append("<h2>Finalists on the validation prompts</h2><div class='scroll'><table><tr><th>trial</th>"

@@ -202,7 +202,8 @@ def search_space(preset: Any, methods: Iterable[str] | None = None, steps: int |
             method = METHODS[name]
             reason = method.unavailable(types) or (
                 None if guided or not method.needs_guidance else "it needs classifier-free guidance, which the "
-                                                                "preset's default guidance does not use")
+                                                                "preset's default guidance does not use") or (
+                "it changes memory, not speed: a tune searches for speed" if method.changes_memory else None)
             if reason:
                 raise RequestError(f"{method.label} cannot be tuned on {preset.name}: {reason}", "methods")
             chosen.append(method)

@@ -104,6 +104,39 @@ class RequestGates:
                                    f"at most {MAX_GPU_SECONDS} s: fewer prompts, seeds or settings", "bench_prompts")
         return plan
 
+    def tune(self, values: Mapping[str, Any]):
+        """The Tune form -> a :class:`vdtome.bench.tune.TunePlan` at the preset's own settings: the
+        floors (comma-separated), the methods, one that every stack holds (optional), the minutes
+        of search (at most the operator's cap); its validation comparisons within the work limit."""
+        from vdtome.bench.tune import Floor, TunePlan
+
+        preset = self.preset(values["tune_preset"], "tune_preset")
+        if self.on_zero_gpu:
+            raise RequestError("a tune runs comparisons for minutes and ZeroGPU lends a GPU for at most "
+                               f"{MAX_GPU_SECONDS} s a task: run `python -m vdtome tune` on your own GPU", "tune_preset")
+        floors = values["tune_floors"]
+        if not isinstance(floors, str) or not floors.strip():
+            raise RequestError("give at least one floor, e.g. psnr=24 or judge", "tune_floors")
+        methods = values["tune_methods"]
+        if not isinstance(methods, list) or not methods or not all(isinstance(m, str) for m in methods):
+            raise RequestError(f"choose at least one method to tune, got {shown(methods)}", "tune_methods")
+        minutes = values["tune_minutes"]
+        if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) \
+                or not 0 < minutes <= self.limits.tune_minutes:
+            raise RequestError(f"minutes must be above 0 and at most {self.limits.tune_minutes} on this server (a "
+                               f"longer tune: `python -m vdtome tune`), got {shown(minutes)}", "tune_minutes")
+        require = values["tune_require"] or ""
+        try:
+            plan = TunePlan(preset=preset.name, floors=tuple(Floor.parse(t) for t in floors.split(",") if t.strip()),
+                            methods=tuple(methods), minutes=float(minutes), tuning_prompts=2, validation_prompts=2,
+                            finalists=2, require=(require,) if require else ())
+        except RequestError as error:
+            field = {"floor": "tune_floors", "methods": "tune_methods", "require": "tune_require"}
+            raise RequestError(str(error), field.get(error.field, "tune_preset")) from None
+        self.limits.check_work(preset, resolve(plan.request(plan.validation()[0], (), None), preset)[0],
+                               points=plan.finalists * plan.validation_prompts, points_name="validation comparisons")
+        return plan
+
     def custom_source(self, custom_model: Any) -> str | None:
         """The custom weights' source (a hub id or a folder under the operator's root), if allowed."""
         if custom_model is not None and not isinstance(custom_model, str):

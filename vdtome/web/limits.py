@@ -34,6 +34,7 @@ ENV_CACHE_MB = "VDTOME_CACHE_MB"
 ENV_SESSION_TTL_S = "VDTOME_SESSION_TTL_S"
 ENV_SESSION_GRACE_S = "VDTOME_SESSION_GRACE_S"
 ENV_SESSIONS_MAX = "VDTOME_SESSIONS_MAX"
+ENV_TUNE_MINUTES = "VDTOME_TUNE_MINUTES"
 ENV_CUSTOM_MODEL_ROOT = "VDTOME_CUSTOM_MODEL_ROOT"
 
 
@@ -48,6 +49,7 @@ COUNT_SETTINGS = {
     "session_ttl_s": ENV_SESSION_TTL_S,
     "session_grace_s": ENV_SESSION_GRACE_S,
     "sessions_max": ENV_SESSIONS_MAX,
+    "tune_minutes": ENV_TUNE_MINUTES,
 }
 
 
@@ -86,6 +88,7 @@ class ServiceLimits:
     session_ttl_s: int = 3600  # a session's server-side state is released after this long idle (vdtome.web.sessions)
     session_grace_s: int = 60  # ... and this long after its tab closed (a tab reconnecting sooner keeps it)
     sessions_max: int = 500  # sessions held at most (Gradio's LRU cap; ~0.5 MB each: ~250 MB)
+    tune_minutes: int = 10  # the longest search a tune from the page may run (its validation comes after)
     custom_model_root: Path | None = None  # local folders custom weights may come from (None: hub ids only)
 
     def __post_init__(self) -> None:

@@ -167,6 +167,19 @@ def form_values(settings: ResolvedSettings, overrides: Mapping[str, Mapping[str,
     return form
 
 
+def recipe_form(recipe: Any) -> dict[str, Any]:
+    """The form's values that run a recipe (:mod:`vdtome.methods.recipe`): its preset and the size,
+    steps and guidance it was tuned at, its methods switched on with every field, the others off."""
+    values: dict[str, Any] = {"preset": recipe.preset, **{name: getattr(recipe, name) for name in
+                                                          ("frames", "height", "width", "steps", "guidance")}}
+    on = dict(recipe.stack)
+    for method in METHODS.values():
+        values[method.enable_field] = method.name in on
+    for name, fields in on.items():
+        values.update({key: widget_value(value) for key, value in fields.items()})
+    return values
+
+
 def panel_title(method: Method, values: Mapping[str, Any]) -> str:
     """A method's group title: whether it is on and its settings, so a folded group still says
     what will run ("token merging (ToMe) · on · ratio 0.5 stride 1x2x2"); settings the method
