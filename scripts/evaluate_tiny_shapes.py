@@ -3,6 +3,7 @@
     python -m scripts.evaluate_tiny_shapes [--preset tiny-shapes-128] [--prompts 20] [--sheet FILE.png]
         [--method NAME[:field=value,...] ...] [--no-method]
     python -m scripts.evaluate_tiny_shapes --prompt-set shapes-tuning --sweep shapes-tome-tuning
+    python -m scripts.evaluate_tiny_shapes --recipe tiny-shapes-128
 
 Prints, per prompt, the colour and motion direction the judge reads from the generated clip, then the
 share right and the clips' flow-compensated warp error beside that of uniform noise and of the
@@ -33,6 +34,7 @@ from vdtome.engine.fidelity import fidelity, temporal_consistency
 from vdtome.engine.pipelines import load_pipeline
 from vdtome.engine.request import ComparisonRequest, resolve
 from vdtome.methods import apply_stack, default_stack, parse_method_spec, stack_label
+from vdtome.methods.recipe import load_recipe
 from vdtome.offline import shapes
 
 #: Shares of the held-out prompts the judge must find right: (colour, direction) of the baseline,
@@ -66,6 +68,10 @@ def _candidates(args, preset) -> list[tuple[str, tuple]]:
         return []
     if args.sweep:
         return [(setting.label, setting.configs) for setting in load_sweep(args.sweep).settings]
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+        recipe.check_settings(preset.name)
+        return [(f"recipe {recipe.label()}: {recipe.stack_text()}", recipe.configs())]
     stack = tuple(parse_method_spec(text, preset) for text in args.method) or default_stack(preset)
     return [(stack_label(stack), stack)] if stack else []
 
@@ -82,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the accelerated stack (as the CLI's --method; default: the preset's default stack)")
     parser.add_argument("--sweep", default=None,
                         help="judge every setting of this sweep (a shipped name or a YAML file), one baseline per prompt")
+    parser.add_argument("--recipe", default=None, metavar="FILE|NAME",
+                        help="the accelerated stack of a tune's recipe (a file or a shipped recipe's name)")
     parser.add_argument("--no-method", action="store_true", help="judge the baseline only")
     args = parser.parse_args(argv)
 

@@ -146,15 +146,15 @@ def test_a_plan_refuses_what_it_cannot_tune():
 
 def test_a_method_registered_outside_the_package_is_tuned(registered, tmp_path):  # noqa: F811
     engine = ComparisonEngine(device="cpu", output_root=tmp_path / "runs", noise_dir=None)
-    plan = quick_plan(methods=(registered.name,), trials=4, floors=(Floor.parse("psnr=30"),))
+    plan = quick_plan(methods=(registered.name,), trials=3, floors=(Floor.parse("psnr=30"),))
     outcome = Tuner(plan, tmp_path / "tune", engine=engine).run()
     drawn = [dict(record.stack)[registered.name]["count_calls_every"] for record in outcome.trials]
-    assert len(outcome.trials) == 4 and all(1 <= value <= 5 for value in drawn) and len(set(drawn)) > 1, drawn
+    assert len(outcome.trials) == 3 and all(1 <= value <= 5 for value in drawn) and len(set(drawn)) == 3, drawn
     assert all(record.quality.psnr_mean == 100.0 for record in outcome.trials)  # it changes no output
     # Identical output, no faster: never a recipe (speed must beat the baseline), and the tune says so.
     assert "count_calls" in outcome.message and (tmp_path / "tune" / "report.html").is_file()
     rows = (tmp_path / "tune" / "trials.csv").read_text().splitlines()
-    assert len(rows) == 5 and "count_calls_every=" in rows[1]
+    assert len(rows) == 4 and "count_calls_every=" in rows[1]
 
 
 def _tune_command(out: Path, *extra: str) -> list[str]:
@@ -165,11 +165,14 @@ def _tune_command(out: Path, *extra: str) -> list[str]:
 
 
 def _finished(db: Path) -> tuple[list[tuple[int, str]], int]:
-    """(number, params) of the trials that ran to the end, and how many are RUNNING."""
+    """(number, params) of the trials that ran to the end (a refused stack never runs), and how many
+    are RUNNING."""
     with sqlite3.connect(db) as connection:
         done = connection.execute(
             "SELECT t.number, group_concat(p.param_name || '=' || p.param_value, ',') FROM trials t JOIN "
-            "trial_params p ON p.trial_id = t.trial_id WHERE t.state = 'COMPLETE' GROUP BY t.trial_id").fetchall()
+            "trial_params p ON p.trial_id = t.trial_id WHERE t.state = 'COMPLETE' AND EXISTS (SELECT 1 FROM "
+            "trial_user_attributes a WHERE a.trial_id = t.trial_id AND a.key = 'speedup') GROUP BY t.trial_id"
+        ).fetchall()
         running = connection.execute("SELECT count(*) FROM trials WHERE state = 'RUNNING'").fetchone()[0]
     return done, running
 
@@ -203,3 +206,30 @@ def test_a_tune_killed_mid_trial_resumes_without_repeating_a_finished_trial(tmp_
     assert again.returncode == 2 and "made with other settings: steps" in again.stderr, again.stderr[-800:]
     fresh = subprocess.run(_tune_command(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert fresh.returncode == 2 and "holds a tune already: --resume continues it" in fresh.stderr
+
+
+def test_a_cancelled_tune_stops_within_a_step_and_keeps_its_finished_trials(tmp_path):
+    import threading
+
+    engine = ComparisonEngine(device="cpu", output_root=tmp_path / "runs", noise_dir=None)
+    cancel = threading.Event()
+    steps_after_cancel = []
+
+    def progress(event):
+        if event.finished is not None:
+            cancel.set()  # as Cancel pressed while the next trial starts
+
+    original = engine.run
+
+    def counting_run(request, *args, **kwargs):
+        def step_seen(event):
+            if cancel.is_set():
+                steps_after_cancel.append(event.label)
+        return original(request, *args, progress=step_seen, **{k: v for k, v in kwargs.items() if k != "progress"})
+
+    engine.run = counting_run
+    outcome = Tuner(quick_plan(trials=5), tmp_path / "tune", engine=engine, progress=progress, cancel=cancel).run()
+    assert outcome.cancelled and len(outcome.trials) == 1 and outcome.chosen is None
+    assert "cancelled: 1 finished trials kept" in outcome.message
+    assert len(steps_after_cancel) <= 1  # stopped at the first step after the cancel
+    assert (tmp_path / "tune" / "trials.csv").read_text().count("\n") == 2

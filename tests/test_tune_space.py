@@ -124,3 +124,15 @@ def test_the_study_starts_from_the_presets_defaults_and_its_searched_schedules()
     assert all((part.method.name,) in names for part in space.methods)  # each method alone, at its defaults
     tome_schedule = [s for s in stacks if method_of(s[0]).name == "tome" and s[0].block_ratios]
     assert len(tome_schedule) == 1 and tome_schedule[0][0].stride == (1, 2, 2)  # at the stride it was searched at
+
+
+def test_a_drawn_schedule_sets_what_it_was_searched_at_so_it_is_never_refused_for_it():
+    space = search_space(get_preset("tiny-shapes-128"), ["tome", "tile_sparsity"])
+    scheduled = 0
+    for params, stack in drawn_stacks(space, 150, seed=3):
+        assert not (isinstance(stack, RequestError) and "was searched" in str(stack)), stack
+        if not isinstance(stack, RequestError) and params.get("ratio_schedule"):
+            (tome,) = [c for c in stack if method_of(c).name == "tome"]
+            assert tome.stride == (1, 2, 2) and tome.block_ratios and "stride_t" not in params
+            scheduled += 1
+    assert scheduled > 5

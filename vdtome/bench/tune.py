@@ -391,8 +391,7 @@ class Tuner:
             try:
                 drawn = space.suggest(trial)
             except RequestError as error:
-                trial.set_user_attr("refused", str(error))
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                _refuse(study, trial, error)
                 idle, idle_total = idle + 1, idle_total + 1
                 continue
             repeat = _finished_with(study, trial.params, trial.number)
@@ -401,9 +400,12 @@ class Tuner:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 idle, idle_total = idle + 1, idle_total + 1
                 continue
-            idle = 0
             try:
                 self._evaluate(optuna, study, trial, drawn)
+                idle = 0
+            except RequestError as error:  # a rule checked as the stack is applied (a cross-method rule)
+                _refuse(study, trial, error)
+                idle, idle_total = idle + 1, idle_total + 1
             except Cancelled:
                 # Stopped within a step: the finished trials are kept, this one is drawn again by --resume.
                 trial.set_user_attr("interrupted", True)
@@ -447,7 +449,8 @@ class Tuner:
             study.set_metric_names(["denoising speedup", "mean PSNR (dB)"])
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             # Interrupted (killed, cancelled): failed, and its stack drawn again first.
-            trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(STUDY_NAME), trial.number)
+            study_id = storage.get_study_id_from_name(STUDY_NAME)
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             storage.set_trial_user_attr(trial_id, "interrupted", True)
             storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL)
             if trial.params:
@@ -674,6 +677,14 @@ def _optuna():
         raise RequestError("the tuner needs Optuna: pip install 'vdtome[bench]' (or optuna==5.0.0)", "tune") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
+
+
+def _refuse(study, trial, error: RequestError) -> None:
+    """A stack the rules refuse, never run: told to the sampler as the worst point and infeasible
+    (a failed trial would teach it nothing, and it would draw the same region again)."""
+    trial.set_user_attr("refused", str(error))
+    trial.set_constraint("a stack the rules take", 1.0)
+    study.tell(trial, [0.0, 0.0])
 
 
 def _below_already(floor: Floor, quality: Quality, prompts: int) -> bool:

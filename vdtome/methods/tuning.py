@@ -89,10 +89,15 @@ class SearchSpace:
             if not on:
                 continue
             values = preset_form_defaults(part.method, self.preset)
+            fixed: dict[str, Any] = {}  # what a drawn schedule was searched at: set by it, not drawn
             for form_field in part.fields:
-                values[form_field.name] = (
-                    trial.suggest_categorical(form_field.name, ["", *self.schedules[form_field.name]])
-                    if form_field.name in self.schedules else draw(trial, form_field, values, self.steps))
+                if form_field.name in self.schedules:
+                    schedule = trial.suggest_categorical(form_field.name, ["", *self.schedules[form_field.name]])
+                    values[form_field.name] = schedule
+                    fixed = read_schedule_fields(part.method, schedule) if schedule else {}
+                    values.update(fixed)
+                elif form_field.name not in fixed:
+                    values[form_field.name] = draw(trial, form_field, values, self.steps)
             drawn.append((part.method.name, values))
         if not drawn:
             raise RequestError("no method is on: that is the baseline, not a recipe", "methods")
@@ -146,16 +151,23 @@ class SearchSpace:
 
 
 def read_schedule_fields(method: Method, schedule: str) -> dict[str, Any]:
-    """The form values a shipped schedule was searched at (token merging's strides), which it
-    needs to be applied."""
+    """The form values a shipped schedule was searched at, which it must be applied with (token
+    merging's strides, tile sparsity's placement and dense first steps): each of the schedule's
+    settings that names one of the method's fields (a stride names three)."""
     from vdtome.methods.schedules import read_schedule
 
     data = read_schedule(schedule, method.name, method.search.field, method.search.key)
     names = {f.name for f in method.fields}
-    stride = data.get("stride")
-    if stride and {"stride_t", "stride_y", "stride_x"} <= names:
-        return dict(zip(("stride_t", "stride_y", "stride_x"), stride))
-    return {}
+    fixed = {}
+    for key, value in data.items():
+        if key == "stride" and isinstance(value, list) and {"stride_t", "stride_y", "stride_x"} <= names:
+            fixed.update(zip(("stride_t", "stride_y", "stride_x"), value))
+        elif key != method.search.key and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                fixed[method.field_named(key).name] = value
+            except RequestError:
+                continue  # a setting of the search (threshold, size), not of the method
+    return fixed
 
 
 def draw(trial: Trial, form_field: FormField, values: Mapping[str, Any], steps: int | None = None) -> Any:
@@ -248,4 +260,5 @@ def drawn_fields(method: Method, schedules: Mapping[str, tuple[str, ...]] = {}) 
     """The fields a trial draws, a bounded field after those that bound it (the merge ratio after
     the strides that set its cap); a per-layer schedule's field where the preset has ``schedules``."""
     searched = [f for f in method.fields if (f.kind in SEARCHED_KINDS and bounded(f)) or f.name in schedules]
-    return tuple(sorted(searched, key=lambda f: bool(f.bound_by)))
+    # A schedule first (it sets what it was searched at), a bounded field after what bounds it.
+    return tuple(sorted(searched, key=lambda f: (f.name not in schedules, bool(f.bound_by))))

@@ -135,12 +135,13 @@ def build_tune_tab(ctx: TuneTabContext, preset: ModelPreset) -> TuneTab:
     private = dict(api_visibility="private")
     inputs = [tune_preset, tune_floors, tune_methods, tune_minutes, tune_require]
 
-    async def tune(tune_preset, tune_floors, tune_methods, tune_minutes, tune_require, request: gr.Request):
+    async def tune(tune_preset, tune_floors, tune_methods, tune_minutes, tune_require, request: gr.Request,
+                   progress=gr.Progress()):
         """Tune a stack on the preset above the floors (comma-separated: psnr=DB, ssim=X, judge) for the
         minutes given, searching the methods listed (one may be required in every stack): streams the
         trials as they finish, then the validated recipe, its report and every trial."""
         async for update in run_tune(ctx, tune_preset, tune_floors, tune_methods, tune_minutes, tune_require,
-                                     request):
+                                     request, progress):
             yield update
 
     tune_button.click(tune, inputs, [tune_status, tune_plot, tune_files, tune_load, tune_recipe],
@@ -171,7 +172,7 @@ def cancel_tune(request: gr.Request) -> str:
 
 
 async def run_tune(ctx: TuneTabContext, tune_preset, tune_floors, tune_methods, tune_minutes, tune_require,
-                   request: Any = None):
+                   request: Any = None, progress: Callable[..., Any] = lambda *args, **kwargs: None):
     """The tune handler's work (see ``tune`` in :func:`build_tune_tab`): yields (status, plot,
     files, the load button, the recipe's path)."""
     from vdtome.bench.tune import Tuner
@@ -206,6 +207,9 @@ async def run_tune(ctx: TuneTabContext, tune_preset, tune_floors, tune_methods, 
                     grew = True
             if latest is None:
                 continue
+            # The search's share of its minutes, then the validation (after the minutes), in words.
+            searched = 1.0 if latest.minutes_left is None else 1 - latest.minutes_left / plan.minutes
+            progress(min(searched, 0.99), desc=latest.message[:100])
             plot = gr.update()
             if grew:
                 path = folder / f"progress-{len(records)}.png"
