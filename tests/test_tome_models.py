@@ -448,16 +448,22 @@ def test_wan22_patches_both_experts():
     assert all(calls > 0 for calls in per_model), f"an expert never merged: {per_model}"
 
 
-def test_reuse_steps_recomputes_matching_every_k_steps(monkeypatch):
-    pipe = tiny.tiny_wan_pipeline()
-    computed = []
+@pytest.fixture
+def computed(monkeypatch) -> list[tuple[int, int]]:
+    """(block, step) of every matching computed (not reused) while the test runs."""
+    seen = []
     original = BlockMatcher._compute
 
     def counting(self, video, grid, step):
-        computed.append((self.block_index, step))
+        seen.append((self.block_index, step))
         return original(self, video, grid, step)
 
     monkeypatch.setattr(BlockMatcher, "_compute", counting)
+    return seen
+
+
+def test_reuse_steps_recomputes_matching_every_k_steps(monkeypatch, computed):
+    pipe = tiny.tiny_wan_pipeline()
 
     def no_host_reads(*args):
         raise AssertionError("a pipeline's steps come from its scheduler: no timestep is read on the host")
@@ -482,18 +488,10 @@ def test_reuse_steps_recomputes_matching_every_k_steps(monkeypatch):
     assert not pipe.transformer._forward_pre_hooks and not hasattr(pipe, "_vdtome_step_context")
 
 
-def test_whole_first_steps_run_every_token_then_merging_starts(monkeypatch):
+def test_whole_first_steps_run_every_token_then_merging_starts(computed):
     """``whole_steps=k``: the first k steps match and merge nothing, the later steps do; k at the
     steps' count reproduces the baseline bitwise."""
     pipe = tiny.tiny_wan_pipeline()
-    computed = []
-    original = BlockMatcher._compute
-
-    def counting(self, video, grid, step):
-        computed.append(step)
-        return original(self, video, grid, step)
-
-    monkeypatch.setattr(BlockMatcher, "_compute", counting)
     size = PIPELINES["wan"][1]
     baseline, _ = run_pipeline(pipe, size, steps=4)
     with apply_tome(pipe, ToMeConfig(ratio=0.5)) as handle:
@@ -503,7 +501,7 @@ def test_whole_first_steps_run_every_token_then_merging_starts(monkeypatch):
     with apply_tome(pipe, ToMeConfig(ratio=0.5, whole_steps=2)) as handle:
         merged_late, _ = run_pipeline(pipe, size, steps=4)
         late = handle.stats().effective_ratio
-    assert sorted(set(computed)) == [2, 3]  # steps 0 and 1 whole
+    assert sorted({step for _, step in computed}) == [2, 3]  # steps 0 and 1 whole
     assert late == pytest.approx(every_step / 2, abs=0.02)  # half the sub-layer calls merged
     with apply_tome(pipe, ToMeConfig(ratio=0.5, whole_steps=4)) as handle:
         whole, _ = run_pipeline(pipe, size, steps=4)
@@ -532,22 +530,14 @@ def test_step_tracking_follows_timesteps_in_either_direction():
     assert _track([900, 600, 300, 600]) == [(0, 0, 0), (0, 1, 0), (0, 2, 0), (1, 0, 0)]
 
 
-def test_reuse_steps_with_rising_timesteps(monkeypatch):
+def test_reuse_steps_with_rising_timesteps(computed):
     """Mochi's sampler feeds rising timesteps: reuse must still count steps, not restart each call."""
-    computed = []
-    original = BlockMatcher._compute
-
-    def counting(self, video, grid, step):
-        computed.append(step)
-        return original(self, video, grid, step)
-
-    monkeypatch.setattr(BlockMatcher, "_compute", counting)
     case = make_case("mochi")
     with apply_tome(case.model, ToMeConfig(ratio=0.5, reuse_steps=2)):
         run_steps(case, (100, 300, 500, 700))
         run_steps(case, (100, 300))
     blocks = len(case.model.transformer_blocks)
-    assert computed == [0] * blocks + [2] * blocks + [0] * blocks
+    assert [step for _, step in computed] == [0] * blocks + [2] * blocks + [0] * blocks
 
 
 def test_model_cpu_offload_keeps_tome_until_removed(attention_calls):

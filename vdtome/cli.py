@@ -408,9 +408,7 @@ def _tune(args) -> int:
               file=sys.stderr)
         return 130
     print(outcome.message)
-    if outcome.seconds_per_trial:
-        print(f"{len(outcome.trials)} trials, {outcome.seconds_per_trial:.0f} s each on average; "
-              f"{outcome.idle} draws ran nothing (refused stacks, repeats)")
+    print(outcome.search_text())
     for name, path in outcome.files.items():
         print(f"{name}: {path}")
     return 0 if outcome.ok else 1

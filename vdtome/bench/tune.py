@@ -334,13 +334,31 @@ class TuneOutcome:
     files: dict[str, str]
     message: str
     seconds_per_trial: float | None
-    trials_to_front: int | None  # the trial number after which the chosen finalist's front point was known
+    # Trials run, and minutes of them, until the chosen recipe's trial had run (how long the search needed).
+    trials_to_chosen: int | None
     environment: Mapping[str, Any] = field(default_factory=dict)
     cancelled: bool = False
 
     @property
     def ok(self) -> bool:
         return self.chosen is not None
+
+    def search_text(self) -> str:
+        """How the search went: trials, their mean time, and when the chosen recipe's trial ran."""
+        if not self.trials:
+            return "no trial ran"
+        text = (f"{len(self.trials)} trials, {self.seconds_per_trial:.0f} s each on average "
+                f"({sum(r.seconds for r in self.trials) / 60:.1f} min); {self.idle} draws ran nothing (stacks the "
+                "rules refuse, repeats of a finished trial)")
+        if self.trials_to_chosen is not None:
+            minutes = sum(r.seconds for r in self.trials[:self.trials_to_chosen]) / 60
+            text += f"; the chosen recipe's trial was the {_ordinal(self.trials_to_chosen)}, after {minutes:.1f} min"
+        return text
+
+
+def _ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
 
 
 # ---- the study -------------------------------------------------------------------------------------
@@ -607,7 +625,6 @@ class Tuner:
         chosen = max(passing, key=lambda f: f.speedup) if passing else None
         files = {"trials": str(write_trials_csv(records, self.plan, self.out / TRIALS_FILE))}
         if chosen is not None:
-            files["recipe"] = str(self._recipe(chosen, finalists, records).save(self.out / RECIPE_FILE))
             message = (f"chosen: trial {chosen.trial.number}, {chosen.trial.label}: {chosen.speedup:.2f}x denoising "
                        f"(median of {len(chosen.prompts)} validation prompts"
                        f"{', faster on every one' if chosen.faster_everywhere else ', not faster on every one'}), "
@@ -631,21 +648,23 @@ class Tuner:
             message = (f"cancelled: {len(records)} finished trials kept ({self.out}); no recipe without the "
                        "validation; `python -m vdtome tune ... --resume` continues it")
         seconds = [r.seconds for r in records]
-        to_front = None
+        to_chosen = None
         if chosen is not None:
-            to_front = chosen.trial.number
+            to_chosen = 1 + [r.number for r in records].index(chosen.trial.number)
         from vdtome.measure.environment import environment
 
         outcome = TuneOutcome(self.plan, tuple(records), idle, tuple(finalists), chosen, files, message,
-                              statistics.fmean(seconds) if seconds else None, to_front, environment(self.engine.device),
+                              statistics.fmean(seconds) if seconds else None, to_chosen, environment(self.engine.device),
                               cancelled)
+        if chosen is not None:
+            files["recipe"] = str(self._recipe(outcome).save(self.out / RECIPE_FILE))
         files["report"] = str(write_report(outcome, closest, self.out / REPORT_FILE))
         return replace(outcome, files=files)
 
-    def _recipe(self, chosen: Finalist, finalists: Sequence[Finalist], records: Sequence[TrialRecord]):
-        from vdtome.measure.environment import environment
+    def _recipe(self, outcome: TuneOutcome):
         from vdtome.methods.recipe import Recipe
 
+        chosen, finalists, records = outcome.chosen, outcome.finalists, outcome.trials
         settings = self.plan.settings()
         preset = self.plan.model()
         front = [{"trial": r.number, "stack": r.label, "speedup_estimate": r.speedup, "psnr_mean": r.quality.psnr_mean,
@@ -654,13 +673,13 @@ class Tuner:
             preset=preset.name, pipeline_class=preset.pipeline_class, frames=settings.frames, height=settings.height,
             width=settings.width, steps=settings.steps, guidance=settings.guidance,
             stack=chosen.trial.stack,
-            tuning={"floors": [f.text() for f in self.plan.floors], "floors_described": [f.describe() for f in self.plan.floors],
+            tuning={"floors": [f.text() for f in self.plan.floors],
+                    "floors_described": [f.describe() for f in self.plan.floors],
                     "prompt_set": self.plan.prompt_set(), "tuning_prompts": list(self.plan.tuning()),
                     "validation_prompts": list(self.plan.validation()), "seed": self.plan.seed,
-                    "trials_run": len(records), "trial": chosen.trial.number,
-                    "finalists": [f.to_dict() for f in finalists],
-                    "made": time.strftime("%Y-%m-%d %H:%M")},
-            validation=chosen.to_dict(), front=tuple(front), environment=environment(self.engine.device))
+                    "trials_run": len(records), "trial": chosen.trial.number, "search": outcome.search_text(),
+                    "finalists": [f.to_dict() for f in finalists], "made": time.strftime("%Y-%m-%d %H:%M")},
+            validation=chosen.to_dict(), front=tuple(front), environment=outcome.environment)
 
     def _say(self, study, message: str, finished: TrialRecord | None = None) -> None:
         if self.progress is None:

@@ -99,9 +99,7 @@ def write_report(outcome: TuneOutcome, closest: Finalist | None, path: Path) -> 
         f"{settings.guidance:g}, seed {plan.seed}. Floors: {e('; '.join(f.describe() for f in plan.floors))}. "
         f"Methods searched: {e(', '.join(plan.methods) if plan.methods else 'every one the preset takes that buys speed')}. "
         f"Prompt set {e(plan.prompt_set())}: tuning on {len(plan.tuning())}, validating on the next "
-        f"{len(plan.validation())} (disjoint). {len(outcome.trials)} trials ran"
-        + (f" ({outcome.seconds_per_trial:.0f} s each on average)" if outcome.seconds_per_trial else "")
-        + f"; {outcome.idle} draws refused by the stacking rules or repeating a finished trial ran nothing.</p>",
+        f"{len(plan.validation())} (disjoint). {e(outcome.search_text())}.</p>",
         "<h2>How to read it</h2><ul>",
         "<li><b>Trials</b> (faint dots) ran on the tuning prompts with one timing round each: a baseline and an "
         "accelerated call back to back. Their speed is an estimate, good for ranking, not a figure to quote.</li>",

@@ -47,6 +47,19 @@ def _current_event() -> Any:
     return queue.event_ids_to_events.get(event_id)
 
 
+async def wait_out(future: asyncio.Future) -> None:
+    """Wait until a cancelled event's worker has stopped, whatever cancels this wait again: the
+    event holds its queue slot meanwhile, so the queue stays the only place a request waits and the
+    stopped run's work cannot overlap (and time) the next one."""
+    while not future.done():
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            continue
+        except Exception:
+            break
+
+
 async def run_until_abandoned(work: Callable[[], T], stop: Callable[[str], None],
                               discard: Callable[[T], None] | None = None) -> T:
     """``work()`` in a worker thread (with this event's context, so ``gr.Progress`` and ZeroGPU
@@ -67,15 +80,7 @@ async def run_until_abandoned(work: Callable[[], T], stop: Callable[[str], None]
                 stopped = True
     except asyncio.CancelledError:
         stop("it was cancelled")
-        # Hold the queue slot until the worker has stopped: the queue stays the only place a
-        # request waits, and the cancelled run's work cannot overlap (and time) the next one.
-        while not future.done():
-            try:
-                await asyncio.shield(future)
-            except asyncio.CancelledError:
-                continue
-            except Exception:
-                break
+        await wait_out(future)
         error = future.exception()
         if error is None and discard is not None:
             discard(future.result())

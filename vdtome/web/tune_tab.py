@@ -27,6 +27,7 @@ from vdtome.core.presets import ModelPreset
 from vdtome.core.validation import RequestError
 from vdtome.engine.storage import prune
 from vdtome.web.cancel import CancelFlags
+from vdtome.web.serving import wait_out
 
 TUNE_FIELDS = ("tune_preset", "tune_floors", "tune_methods", "tune_minutes", "tune_require")
 KEEP_TUNES = 8  # finished tunes kept on the server (their recipes are offered to the compare form)
@@ -89,10 +90,7 @@ def _status(event) -> str:
 
 
 def _outcome_status(outcome) -> str:
-    lines = [f"**{outcome.message}**"]
-    if outcome.seconds_per_trial:
-        lines.append(f"{len(outcome.trials)} trials, {outcome.seconds_per_trial:.0f} s each on average; "
-                     f"{outcome.idle} draws ran nothing (stacks the rules refuse, repeats).")
+    lines = [f"**{outcome.message}**", outcome.search_text() + "."]
     if outcome.chosen is not None:
         lines.append("Validated with the full timing protocol on prompts the study never saw (the report has each "
                      "prompt's interval). **Load into the form** sets the comparison form to this recipe.")
@@ -219,13 +217,7 @@ async def run_tune(ctx: TuneTabContext, tune_preset, tune_floors, tune_methods, 
         outcome = future.result()
     except asyncio.CancelledError:  # the client left, or the event was cancelled: stop the worker, keep its trials
         flag.set()
-        while not future.done():
-            try:
-                await asyncio.shield(future)
-            except asyncio.CancelledError:
-                continue
-            except Exception:
-                break
+        await wait_out(future)
         raise
     finally:
         flag.clear()
