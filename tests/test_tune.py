@@ -233,3 +233,31 @@ def test_a_cancelled_tune_stops_within_a_step_and_keeps_its_finished_trials(tmp_
     assert "cancelled: 1 finished trials kept" in outcome.message
     assert len(steps_after_cancel) <= 1  # stopped at the first step after the cancel
     assert (tmp_path / "tune" / "trials.csv").read_text().count("\n") == 2
+
+
+def test_the_shipped_recipes_load_by_name_on_their_preset():
+    from vdtome.core.presets import get_preset
+    from vdtome.methods.recipe import shipped_recipes
+
+    assert {"tiny-shapes-128", "tiny-shapes-128-tome"} <= set(shipped_recipes())
+    for name in shipped_recipes():
+        recipe = load_recipe(name)
+        preset = get_preset(recipe.preset)
+        assert recipe.label() == name and recipe.pipeline_class == preset.pipeline_class
+        recipe.check_settings(preset.name, frames=preset.num_frames, height=preset.height, width=preset.width,
+                              steps=preset.num_inference_steps, guidance=preset.guidance_scale)  # the preset's own
+        assert recipe.validation["passes_floors"] and recipe.validation["speedup_median"] > 1
+    assert "tome" in {name for name, _ in load_recipe("tiny-shapes-128-tome").stack}
+
+
+def test_a_finished_tune_resumed_runs_nothing_again_and_writes_the_same_choice(tmp_path):
+    engine = ComparisonEngine(device="cpu", output_root=tmp_path / "runs", noise_dir=None)
+    plan = quick_plan(trials=2, methods=("first_block_cache",), floors=(Floor.parse("psnr=5"),))
+    first = Tuner(plan, tmp_path / "tune", engine=engine).run()
+    runs = []
+    original = engine.run
+    engine.run = lambda *args, **kwargs: runs.append(args) or original(*args, **kwargs)
+    again = Tuner(plan, tmp_path / "tune", engine=engine).run(resume=True)
+    assert runs == []  # every trial and every validation comparison came from the study and validation.jsonl
+    assert [r.number for r in again.trials] == [r.number for r in first.trials]
+    assert again.message == first.message

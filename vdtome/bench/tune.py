@@ -279,9 +279,16 @@ class PromptFigures:
 
 @dataclass(frozen=True)
 class Finalist:
+    """A front trial on the validation prompts (``of`` of them; fewer run when it fell under a floor)."""
+
     trial: TrialRecord
     prompts: tuple[PromptFigures, ...]
     floors: tuple[Floor, ...]
+    of: int
+
+    @property
+    def complete(self) -> bool:
+        return len(self.prompts) == self.of
 
     @property
     def quality(self) -> Quality:
@@ -296,7 +303,7 @@ class Finalist:
 
     @property
     def passes(self) -> bool:
-        return all(floor.shortfall(self.quality) <= 1e-9 for floor in self.floors)
+        return self.complete and all(floor.shortfall(self.quality) <= 1e-9 for floor in self.floors)
 
     @property
     def faster_everywhere(self) -> bool:
@@ -305,6 +312,7 @@ class Finalist:
 
     def to_dict(self) -> dict[str, Any]:
         return {"trial": self.trial.number, "stack": self.trial.label, "speedup_median": self.speedup,
+                "validation_prompts_run": f"{len(self.prompts)} of {self.of}",
                 "faster_on_every_prompt": self.faster_everywhere, "passes_floors": self.passes,
                 "psnr_min": min(self.quality.psnr), "psnr_mean": self.quality.psnr_mean,
                 "ssim_min": min(self.quality.ssim),
@@ -399,7 +407,7 @@ class Tuner:
         if not resume:
             for params in space.seeds():
                 study.enqueue_trial(params, user_attrs={"seed": True})
-        idle = idle_total = 0
+        idle = 0
         while not self._budget_spent(study):
             if idle >= MAX_IDLE_DRAWS:
                 self._say(study, f"{MAX_IDLE_DRAWS} draws in a row were refused stacks or repeats: the space is "
@@ -410,34 +418,34 @@ class Tuner:
                 drawn = space.suggest(trial)
             except RequestError as error:
                 _refuse(study, trial, error)
-                idle, idle_total = idle + 1, idle_total + 1
+                idle += 1
                 continue
             repeat = _finished_with(study, trial.params, trial.number)
             if repeat is not None:
                 trial.set_user_attr("repeat_of", repeat.number)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                idle, idle_total = idle + 1, idle_total + 1
+                idle += 1
                 continue
             try:
                 self._evaluate(optuna, study, trial, drawn)
                 idle = 0
             except RequestError as error:  # a rule checked as the stack is applied (a cross-method rule)
                 _refuse(study, trial, error)
-                idle, idle_total = idle + 1, idle_total + 1
+                idle += 1
             except Cancelled:
                 # Stopped within a step: the finished trials are kept, this one is drawn again by --resume.
                 trial.set_user_attr("interrupted", True)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
                 records = trial_records(study)
-                return self._finish(study, records, [], None, idle_total, cancelled=True)
+                return self._finish(study, records, [], None, _idle_draws(study), cancelled=True)
         records = trial_records(study)
         self._say(study, "validating the finalists on the held-out prompts")
         try:
             finalists, closest = self._validate(records)
         except Cancelled:  # the validation comparisons finished so far are kept in validation.jsonl
-            return self._finish(study, records, [], None, idle_total, cancelled=True)
-        return self._finish(study, records, finalists, closest, idle_total)
+            return self._finish(study, records, [], None, _idle_draws(study), cancelled=True)
+        return self._finish(study, records, finalists, closest, _idle_draws(study))
 
     # -- the study's storage
 
@@ -556,29 +564,37 @@ class Tuner:
     # -- finalists
 
     def _validate(self, records: Sequence[TrialRecord]) -> tuple[list[Finalist], Finalist | None]:
-        """The fastest of the feasible front, each on the validation prompts with the full protocol;
-        none feasible: the closest trial, validated alike so the report can show how far it is."""
+        """The feasible front, fastest first, each on the validation prompts with the full protocol
+        until one keeps every floor there and is faster (the fastest front points hug the floor and
+        often fall under it on new prompts), at most ``finalists`` of them; a finalist already under a
+        floor is not run on its remaining prompts. None feasible: the closest trial, validated alike
+        so the report can show how far it is."""
         front = pareto(r for r in records if r.feasible)
-        chosen = front[:self.plan.finalists]
         closest = None
-        if not chosen:
+        if not front:
             ran = [r for r in records if not r.stopped_early] or list(records)
             if not ran:
                 return [], None
             closest = min(ran, key=lambda r: (sum(max(s, 0.0) for s in r.shortfalls), -r.speedup))
-            chosen = [closest]
+            front = [closest]
         done = self._validation_rows()
+        prompts = self.plan.validation()
         finalists = []
-        for record in chosen:
+        for record in front[:self.plan.finalists]:
             figures = []
-            for prompt in self.plan.validation():
+            for prompt in prompts:
                 key = f"{record.number}|{prompt}"
                 if key not in done:
                     done[key] = self._validate_one(record, prompt)
                     with (self.out / VALIDATION_FILE).open("a") as rows:
                         rows.write(json.dumps({"key": key, **asdict(done[key])}) + "\n")
                 figures.append(done[key])
-            finalists.append(Finalist(record, tuple(figures), self.plan.floors))
+                partial = Finalist(record, tuple(figures), self.plan.floors, len(prompts))
+                if any(_below_already(floor, partial.quality, len(prompts)) for floor in self.plan.floors):
+                    break
+            finalists.append(Finalist(record, tuple(figures), self.plan.floors, len(prompts)))
+            if finalists[-1].passes and finalists[-1].speedup > 1.0:
+                break
         if closest is not None:
             return [], finalists[0]
         return finalists, None
@@ -590,8 +606,9 @@ class Tuner:
             for line in path.read_text().splitlines():
                 try:
                     data = json.loads(line)
-                    rows[data.pop("key")] = PromptFigures(**data)
-                except (ValueError, TypeError, KeyError):
+                    key = data.pop("key")
+                    rows[key] = PromptFigures(**data)
+                except (ValueError, TypeError, KeyError, AttributeError):
                     continue  # a line cut short by a kill
         return rows
 
@@ -698,6 +715,11 @@ def _optuna():
     return optuna
 
 
+def _idle_draws(study) -> int:
+    """Draws of the whole study (every run of it) that ran nothing: refused stacks, repeats."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if {"refused", "repeat_of"} & set(t.user_attrs))
+
+
 def _refuse(study, trial, error: RequestError) -> None:
     """A stack the rules refuse, never run: told to the sampler as the worst point and infeasible
     (a failed trial would teach it nothing, and it would draw the same region again)."""
@@ -707,10 +729,12 @@ def _refuse(study, trial, error: RequestError) -> None:
 
 
 def _below_already(floor: Floor, quality: Quality, prompts: int) -> bool:
-    """Whether the prompts run so far put the trial below ``floor`` whatever the others give."""
+    """Whether the first prompts of ``prompts`` put the trial below ``floor`` whatever the others
+    give: a PSNR or SSIM under it on one prompt, or a judge deficit the remaining prompts cannot
+    make up (each can gain at most one clip on the baseline)."""
     if floor.measure == JUDGE:
-        missed = sum(b and not k for k, b in zip(quality.kept, quality.baseline_kept))
-        return missed > floor.value + (len(quality.kept) - sum(quality.baseline_kept))
+        deficit = sum(quality.baseline_kept) - sum(quality.kept)
+        return deficit - (prompts - len(quality.kept)) > floor.value
     return floor.shortfall(quality) > 0
 
 

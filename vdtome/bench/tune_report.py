@@ -103,8 +103,9 @@ def write_report(outcome: TuneOutcome, closest: Finalist | None, path: Path) -> 
         "<h2>How to read it</h2><ul>",
         "<li><b>Trials</b> (faint dots) ran on the tuning prompts with one timing round each: a baseline and an "
         "accelerated call back to back. Their speed is an estimate, good for ranking, not a figure to quote.</li>",
-        "<li><b>Finalists</b> (squares) are the fastest trials of the feasible front, run again with the full timing "
-        "protocol (the preset's independent rounds) on prompts the study never saw: their bars span the per-prompt "
+        "<li><b>Finalists</b> (squares) are trials of the feasible front, fastest first, run again with the full "
+        "timing protocol (the preset's independent rounds) on prompts the study never saw, until one keeps every "
+        "floor there (one under a floor is not run on its remaining prompts): their bars span the per-prompt "
         "intervals, the square sits at the median speedup and the worst prompt's quality.</li>",
         "<li>The <b>chosen</b> recipe is the fastest finalist whose quality on every validation prompt stays above "
         "the floor. Speedups are of the denoising loop; the text encoder and the decoder are untouched.</li></ul>",
@@ -116,10 +117,13 @@ def write_report(outcome: TuneOutcome, closest: Finalist | None, path: Path) -> 
                      "<th>PSNR (dB)</th><th>SSIM</th><th>judge</th></tr>")
         for finalist in shown:
             css = " class='front'" if finalist is outcome.chosen else ""
+            label = finalist.trial.label + ("" if finalist.complete else
+                                            f" (under a floor after {len(finalist.prompts)} of {finalist.of} prompts: "
+                                            "not run on the rest)")
             for p in finalist.prompts:
                 interval = f" [{p.low:.2f}, {p.high:.2f}]" if p.low is not None and p.high is not None else ""
                 judge = "" if p.kept is None else ("kept" if p.kept else "lost") + f" (baseline {'kept' if p.baseline_kept else 'lost'})"
-                parts.append(f"<tr{css}><td>{finalist.trial.number}</td><td>{e(finalist.trial.label)}</td>"
+                parts.append(f"<tr{css}><td>{finalist.trial.number}</td><td>{e(label)}</td>"
                              f"<td>{e(p.prompt)}</td><td class='num'>{p.speedup:.2f}x{interval}</td><td>{e(p.verdict)}"
                              f"{' (busy)' if p.busy else ''}</td><td class='num'>"
                              f"{'' if p.end_to_end is None else f'{p.end_to_end:.2f}x'}</td>"
