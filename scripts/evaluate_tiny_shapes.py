@@ -33,7 +33,7 @@ from vdtome.core.presets import get_preset, load_prompts
 from vdtome.engine.fidelity import fidelity, temporal_consistency
 from vdtome.engine.pipelines import load_pipeline
 from vdtome.engine.request import ComparisonRequest, resolve
-from vdtome.methods import apply_stack, default_stack, parse_method_spec, stack_label
+from vdtome.methods import CallPlan, apply_stack, default_stack, parse_method_spec, prepare_stack, stack_label
 from vdtome.methods.recipe import load_recipe
 from vdtome.offline import shapes
 
@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(np.concatenate(list(clip[::2]), axis=1))
         print(f"{i:2d} {scene.prompt:<64} {shown:<28}", end="")
         for n, (label, stack) in enumerate(candidates):
+            # A method that calibrates for its calls (MagCache) does so once per settings, untimed.
+            plan = CallPlan(settings.steps, settings.frames, settings.height, settings.width, settings.guidance)
+            stack = prepare_stack(pipe, stack, plan, lambda: pipe(**call, generator=torch.Generator().manual_seed(0),
+                                                                  output_type="latent"))
             applied = apply_stack(pipe, stack)
             try:
                 fast = pipe(**call, generator=torch.Generator().manual_seed(settings.seed), output_type="np").frames[0]

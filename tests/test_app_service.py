@@ -318,7 +318,7 @@ def test_no_uploads_and_unknown_endpoints_are_named(server):
     for path in ("gradio_api/call/nope", "gradio_api/call/v2/nope"):
         missing = httpx.post(url + path, json={"data": []})
         assert missing.status_code == 404
-        assert missing.json()["detail"] == "no API endpoint named /nope; this app's endpoints are /benchmark, /compare, /sweep"
+        assert missing.json()["detail"] == "no API endpoint named /nope; this app's endpoints are /benchmark, /compare, /sweep, /tune"
 
 
 def test_session_history_is_capped(server):

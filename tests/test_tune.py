@@ -56,8 +56,13 @@ def generate(pipe) -> torch.Tensor:
 # ---- the recipe ------------------------------------------------------------------------------------
 
 
-def test_a_recipe_applies_acts_and_removes_bitwise(tmp_path):
-    path = wan_recipe().save(tmp_path / "recipe.json")
+@pytest.mark.parametrize("cache", [("first_block_cache", {"first_block_cache_threshold": 0.3}),
+                                   ("mag_cache", {"mag_cache_threshold": 0.5, "mag_cache_max_skip_steps": 2,
+                                                  "mag_cache_retention_ratio": 0.0})])
+def test_a_recipe_applies_acts_and_removes_bitwise(tmp_path, cache):
+    """Beside token merging, a cache as is, and one that calibrates for its calls (MagCache: one
+    plain run at the recipe's settings first, as the engine does)."""
+    path = wan_recipe(stack=(wan_recipe().stack[0], cache)).save(tmp_path / "recipe.json")
     pipe = tiny.tiny_wan_pipeline()
     baseline = generate(pipe)
     stack = vdtome.apply(pipe, path)

@@ -2,6 +2,8 @@
 
 ``python -m vdtome bench --preset P --prompts FILE --sweep SWEEP.yaml --out DIR`` runs a sweep over
 prompts and seeds (see :mod:`vdtome.bench.runner`), in this process or on Ray (``--ray``).
+``python -m vdtome tune --preset P --floor psnr=24 --minutes 20 --out DIR`` finds the fastest stack
+above the floors and writes its recipe (see :mod:`vdtome.bench.tune`); ``compare --recipe FILE`` runs it.
 
 ``--method NAME[:field=value,...]`` is repeatable: the methods stack in the order given (``python -m
 vdtome methods`` lists them with their fields). Every form field of every registered method is also a

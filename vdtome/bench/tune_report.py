@@ -27,11 +27,17 @@ def write_trials_csv(records: Sequence[TrialRecord], plan: TunePlan, path: Path)
         writer = csv.writer(handle)
         writer.writerow(TRIALS_HEADER)
         for r in records:
-            fields = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()) for name, values in r.stack)
+            fields = "; ".join(f"{name}: " + ", ".join(f"{k}={_typed(v)}" for k, v in values.items())
+                               for name, values in r.stack)
             writer.writerow((r.number, r.label, f"{r.speedup:.4f}", f"{r.quality.psnr_mean:.3f}",
                              f"{min(r.quality.psnr):.3f}", f"{min(r.quality.ssim):.4f}", r.quality.kept_text(),
                              r.feasible, r.stopped_early, f"{r.seconds:.1f}", fields))
     return path
+
+
+def _typed(value) -> str:
+    """A field's value as ``--method`` takes it (a list joined by +)."""
+    return "+".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def pareto_png(records: Sequence[TrialRecord], floors: Sequence[Floor], shown: Sequence[Finalist] = (),

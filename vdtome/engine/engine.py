@@ -76,6 +76,7 @@ from vdtome.methods import (
     check_available,
     check_stack,
     config_fields,
+    prepare_stack,
     stack_label,
 )
 
@@ -413,15 +414,10 @@ class _Session:
         """The stack's configs for calls of ``steps`` steps: methods with a ``prepare`` (a step
         count, a calibration run) fill theirs in once per step count, untimed."""
         if steps not in self._prepared:
-            configs = []
-            for method, config in zip(self.methods, self.configs):
-                if method.prepare is not None:
-                    s = self.settings
-                    call = CallPlan(steps, s.frames, s.height, s.width, s.guidance)
-                    stage = f"calibrating {method.label} ({steps} steps)"
-                    config = method.prepare(self.pipe, config, call, lambda: self._untimed(stage, steps))
-                configs.append(config)
-            self._prepared[steps] = tuple(configs)
+            s = self.settings
+            call = CallPlan(steps, s.frames, s.height, s.width, s.guidance)
+            stage = f"calibrating {' and '.join(m.label for m in self.methods if m.prepare)} ({steps} steps)"
+            self._prepared[steps] = prepare_stack(self.pipe, self.configs, call, lambda: self._untimed(stage, steps))
         return self._prepared[steps]
 
     def _untimed(self, stage: str, steps: int) -> None:

@@ -77,9 +77,17 @@ class Recipe:
         return tuple(configs)
 
     def call_settings(self) -> dict[str, Any]:
-        """The pipeline call's size, steps and guidance it was tuned at (diffusers' argument names)."""
-        return {"num_frames": self.frames, "height": self.height, "width": self.width,
-                "num_inference_steps": self.steps, "guidance_scale": self.guidance}
+        """The pipeline call's size, steps and guidance it was tuned at (diffusers' argument names),
+        and the text length the preset's model was trained at, where it has one."""
+        from vdtome.core.presets import get_preset
+
+        settings = {"num_frames": self.frames, "height": self.height, "width": self.width,
+                    "num_inference_steps": self.steps, "guidance_scale": self.guidance}
+        try:
+            length = get_preset(self.preset).extras.get("max_sequence_length")
+        except (KeyError, ValueError):  # a preset this installation does not ship
+            length = None
+        return settings | ({"max_sequence_length": length} if length is not None else {})
 
     def check_settings(self, preset: str, **settings: Any) -> None:
         """Refuse a run on another preset or at other call settings (``frames=...``, ``steps=...``:
@@ -198,17 +206,28 @@ def _mapping(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
-def apply_recipe(pipe: Any, recipe: str | Path | Mapping[str, Any] | Recipe):
+def apply_recipe(pipe: Any, recipe: str | Path | Mapping[str, Any] | Recipe, prompt: str | None = None):
     """Apply a recipe's stack to ``pipe`` (its class must be the one the recipe was tuned on);
     returns the stack's handle (``remove()`` restores the pipeline exactly) with the recipe on it
-    (``handle.recipe.call_settings()``: the size and steps it was tuned at)."""
-    from vdtome.methods.stack import apply_stack
+    (``handle.recipe.call_settings()``: the size and steps it was tuned at). A method that calibrates
+    for its calls (MagCache) runs the plain pipeline once first, at those settings, on ``prompt``
+    (default: the recipe's first tuning prompt)."""
+    import torch
+
+    from vdtome.methods.base import CallPlan
+    from vdtome.methods.stack import apply_stack, prepare_stack
 
     recipe = load_recipe(recipe)
     if type(pipe).__name__ != recipe.pipeline_class:
         raise RequestError(f"recipe {recipe.label()} was tuned on a {recipe.pipeline_class} ({recipe.preset}); "
                            f"this pipeline is a {type(pipe).__name__}", "pipeline_class")
-    handle = apply_stack(pipe, recipe.configs())
+    calibration = prompt or next(iter(recipe.tuning.get("tuning_prompts") or ()), None) or "a video"
+
+    def run_untimed() -> None:
+        pipe(calibration, **recipe.call_settings(), generator=torch.Generator().manual_seed(0), output_type="latent")
+
+    call = CallPlan(recipe.steps, recipe.frames, recipe.height, recipe.width, recipe.guidance)
+    handle = apply_stack(pipe, prepare_stack(pipe, recipe.configs(), call, run_untimed))
     handle.recipe = recipe
     return handle
 

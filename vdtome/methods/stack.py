@@ -11,12 +11,12 @@ The rules (each refusal names it, before anything runs):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vdtome.core.denoisers import DenoiserType, denoiser_types
 from vdtome.core.validation import RequestError
-from vdtome.methods.base import REUSES_ATTENTION, Applied, Method, MethodReport
+from vdtome.methods.base import REUSES_ATTENTION, Applied, CallPlan, Method, MethodReport
 from vdtome.methods.registry import METHODS, method_of
 
 
@@ -99,6 +99,13 @@ class AppliedStack:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def prepare_stack(pipe: Any, configs: Sequence[Any], call: CallPlan, run_untimed: Callable[[], None]) -> tuple[Any, ...]:
+    """The configs for calls of ``call``: a method with a ``prepare`` fills its own in (MagCache
+    calibrates its magnitude ratios in one plain run, ``run_untimed()``, at these settings)."""
+    return tuple(method_of(config).prepare(pipe, config, call, run_untimed) if method_of(config).prepare else config
+                 for config in configs)
 
 
 def apply_stack(pipe: Any, configs: Sequence[Any]) -> AppliedStack:
