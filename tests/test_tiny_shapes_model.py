@@ -9,7 +9,7 @@ method seam (``apply_stack``), and the judge reads colour and direction from the
 import pytest
 import torch
 
-from vdtome.cli import build_parser
+from vdtome.cli import DEFAULT_PRESET
 from vdtome.core.frames import to_uint8
 from vdtome.core.presets import get_preset
 from vdtome.engine.fidelity import fidelity
@@ -21,7 +21,7 @@ from vdtome.tome.config import ToMeConfig
 
 pytestmark = pytest.mark.slow  # whole pipelines and comparisons, run end to end
 
-DEFAULT = build_parser().parse_args(["compare", "--prompt", "x"]).preset  # the CLI's (and the app's) default
+DEFAULT = DEFAULT_PRESET  # the CLI's (and the app's) default
 #: Held-out evaluation prompts with the seeds scripts/evaluate_tiny_shapes.py gives them (its prompts 0,
 #: 8 and 18). The default merge (ratio 0.3) keeps colour and direction in 18 of the 20 today; these are
 #: three of them, moving three ways, so a change that makes merging (or the model) worse breaks them.

@@ -20,7 +20,8 @@ import torch
 
 import vdtome
 from vdtome import cli
-from vdtome.bench.tune import Floor, Tuner, TunePlan
+from vdtome.bench.tune import Tuner
+from vdtome.bench.tune_plan import Floor, TunePlan
 from vdtome.core.validation import RequestError
 from vdtome.engine.engine import ComparisonEngine
 from vdtome.methods.recipe import Recipe, load_recipe
@@ -206,11 +207,13 @@ def test_a_tune_killed_mid_trial_resumes_without_repeating_a_finished_trial(tmp_
     assert len({params for _, params in done}) == 5  # none repeated
     assert (out / "trials.csv").read_text().count("\n") == 6 and (out / "report.html").is_file()
     # A resume with other settings is refused, naming them; a second tune into the folder too.
-    again = subprocess.run(_tune_command(out, "--resume", "--steps", "6"), cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "made with other settings: steps" in again.stderr, again.stderr[-800:]
-    fresh = subprocess.run(_tune_command(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert fresh.returncode == 2 and "holds a tune already: --resume continues it" in fresh.stderr
+    plan = TunePlan(preset="tiny-wan", floors=(Floor.parse("psnr=12"),), trials=5, frames=9, height=64, width=64,
+                    steps=6, tuning_prompts=2, validation_prompts=1, finalists=1, rounds=2)
+    with pytest.raises(RequestError, match="made with other settings: steps") as refused:
+        Tuner(plan, out).run(resume=True)
+    assert refused.value.field == "steps"
+    with pytest.raises(RequestError, match="holds a tune already: --resume continues it"):
+        Tuner(plan, out).run()
 
 
 def test_a_cancelled_tune_stops_within_a_step_and_keeps_its_finished_trials(tmp_path):

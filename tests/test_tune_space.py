@@ -9,7 +9,7 @@ import pytest
 from vdtome.core.presets import get_preset
 from vdtome.core.validation import RequestError
 from vdtome.methods import METHODS, check_stack, default_stack, method_of
-from vdtome.methods.tuning import SEARCHED_KINDS, search_space
+from vdtome.methods.tuning import CACHE_CHOICE, SEARCHED_KINDS, search_space
 
 from test_method_plugin import registered  # noqa: F401 (a method registered the way a plug-in is)
 
@@ -64,7 +64,10 @@ def test_every_drawn_stack_is_one_the_form_takes_within_each_fields_range_and_bo
         if isinstance(stack, RequestError):
             continue
         check_stack(stack)
-        assert {method_of(c).name for c in stack} == space.methods_on(params)
+        switched = {part.method.name for part in space.methods
+                    if (params.get(CACHE_CHOICE) == part.method.name if part.method.diffusers_cache
+                        else params.get(part.switch))}
+        assert {method_of(c).name for c in stack} == switched  # what the trial's parameters switch on
         for config in stack:
             method = method_of(config)
             assert method.from_form(method.form_defaults() | {f.name: params[f.name] for f in method.fields

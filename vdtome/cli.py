@@ -380,7 +380,8 @@ def _tune(args) -> int:
     from vdtome.engine.pipelines import ModelUnavailableError
 
     try:
-        from vdtome.bench.tune import Floor, Tuner, TunePlan
+        from vdtome.bench.tune import Tuner
+        from vdtome.bench.tune_plan import Floor, TunePlan
 
         plan = TunePlan(
             preset=args.preset, floors=tuple(Floor.parse(text) for text in args.floor),

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vdtome.bench.report import _STYLE
+from vdtome.bench.tune_plan import pareto
 from vdtome.measure.environment import environment_line
 
 if TYPE_CHECKING:
-    from vdtome.bench.tune import Finalist, Floor, TrialRecord, TuneOutcome, TunePlan
+    from vdtome.bench.tune_plan import Finalist, Floor, TrialRecord, TuneOutcome, TunePlan
 
 TRIALS_HEADER = ("trial", "stack", "speedup estimate", "PSNR mean (dB)", "PSNR min (dB)", "SSIM min", "judge kept",
                  "meets the floors", "stopped early", "seconds", "fields")
@@ -48,8 +49,6 @@ def pareto_png(records: Sequence[TrialRecord], floors: Sequence[Floor], shown: S
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from vdtome.bench.tune import pareto
 
     front = pareto(r for r in records if r.feasible)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))

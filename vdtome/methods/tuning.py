@@ -110,12 +110,6 @@ class SearchSpace:
         return [name for part in self.methods for name in (
             *(() if part.method.name in self.required else (part.switch,)), *(f.name for f in part.fields))]
 
-    def methods_on(self, params: Mapping[str, Any]) -> set[str]:
-        """The methods a trial's parameters switch on."""
-        return {part.method.name for part in self.methods
-                if (params.get(CACHE_CHOICE) == part.method.name if part.method.diffusers_cache
-                    else part.method.name in self.required or params.get(part.switch))}
-
     def seeds(self) -> list[dict[str, Any]]:
         """Trials to start from, as parameters: the preset's default stack, and each per-layer
         schedule searched on the preset (its method alone, at the preset's other defaults)."""

@@ -108,7 +108,7 @@ class RequestGates:
         """The Tune form -> a :class:`vdtome.bench.tune.TunePlan` at the preset's own settings: the
         floors (comma-separated), the methods, one that every stack holds (optional), the minutes
         of search (at most the operator's cap); its validation comparisons within the work limit."""
-        from vdtome.bench.tune import Floor, TunePlan
+        from vdtome.bench.tune_plan import Floor, TunePlan
 
         preset = self.preset(values["tune_preset"], "tune_preset")
         if self.on_zero_gpu:

@@ -69,7 +69,7 @@ def speed_methods(preset: ModelPreset) -> list[str]:
 
 
 def default_floors(preset: ModelPreset) -> str:
-    from vdtome.bench.tune import judged
+    from vdtome.bench.tune_plan import judged
 
     return "judge, psnr=20" if judged(preset) else "psnr=24"
 
