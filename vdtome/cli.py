@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="run a sweep of settings over prompts and seeds: rows file, summary, plots, HTML report",
         description="Every setting of a sweep file on every prompt and seed; rows are appended to DIR/rows.jsonl "
                     "as they finish and a rerun of the same command skips the finished ones.")
-    bench.add_argument("--preset", default="tiny-shapes-128", help="model preset (see `python -m vdtome presets`)")
+    bench.add_argument("--preset", default=DEFAULT_PRESET, help="model preset (see `python -m vdtome presets`)")
     bench.add_argument("--prompts", required=True,
                        help="a text file (one prompt a line, # comments) or a prompt set (default, shapes)")
     bench.add_argument("--limit", type=int, help="only the first N prompts")
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Traces the preset's denoiser and VAE on the meta device (no weights, no compute) at the "
                     "request's size, with and without each memory method, and picks the first combination "
                     "(cheapest in time) whose estimated peak fits each budget.")
-    plan.add_argument("--preset", default="tiny-shapes-128", help="model preset (see `python -m vdtome presets`)")
+    plan.add_argument("--preset", default=DEFAULT_PRESET, help="model preset (see `python -m vdtome presets`)")
     plan.add_argument("--budget", action="append", default=[], metavar="SIZE",
                       help="memory budget, e.g. 24GB (GB = 2^30 bytes, as GPUs are sold); repeatable")
     plan.add_argument("--frames", type=int, help="default: the preset's")
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "most with its mean relative error (L2 of the attention or sub-layer output, over the "
                     "calibration calls) within the threshold. Load the schedule with --method tile_sparsity:schedule=FILE or "
                     "--method tome:ratio_schedule=FILE.")
-    search.add_argument("--preset", default="tiny-shapes-128", help="model preset (see `python -m vdtome presets`)")
+    search.add_argument("--preset", default=DEFAULT_PRESET, help="model preset (see `python -m vdtome presets`)")
     search.add_argument("--method", required=True, metavar="tile_sparsity|tome[:FIELD=VALUE,...]",
                         help="the method, with the fields the search keeps fixed, e.g. "
                              "tile_sparsity:placement=spaced,dense_steps=4 (the others at the preset's defaults)")
@@ -143,12 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser(
         "tune", help="find the fastest stack above a quality floor, re-validate it, write recipe.json",
         description="An Optuna study over every registered method's fields (and the stacks the rules allow): each "
-                    "trial runs its stack on the tuning prompts with one timing round; the fastest of the feasible "
-                    "Pareto front are re-run with the full timing protocol on held-out validation prompts, and the "
-                    "fastest whose quality stays above every floor on every validation prompt is written as "
+                    "trial runs its stack on the tuning prompts with one timing round; the feasible Pareto front is "
+                    "then re-run fastest first with the full timing protocol on held-out validation prompts until "
+                    "one is faster and keeps every floor on every validation prompt: it is written as "
                     "DIR/recipe.json (with DIR/report.html and DIR/trials.csv). Load it with vdtome.apply(pipe, "
                     "'DIR/recipe.json') or `python -m vdtome compare --recipe DIR/recipe.json`.")
-    tune.add_argument("--preset", default="tiny-shapes-128", help="model preset (see `python -m vdtome presets`)")
+    tune.add_argument("--preset", default=DEFAULT_PRESET, help="model preset (see `python -m vdtome presets`)")
     tune.add_argument("--floor", action="append", default=[], metavar="psnr=DB|ssim=X|judge[=CLIPS]", required=True,
                       help="a quality every validation prompt must keep, repeatable: PSNR or SSIM to the baseline "
                            "video, or (shapes models) the judge: the prompt's colour and direction kept in as many "
@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--tuning-prompts", type=int, default=2, help="the set's first N prompts tune (default 2)")
     tune.add_argument("--validation-prompts", type=int, default=4,
                       help="the next N validate the finalists (default 4; never seen by the study)")
-    tune.add_argument("--finalists", type=int, default=3, help="front trials re-run on the validation prompts")
+    tune.add_argument("--finalists", type=int, default=3,
+                      help="front trials re-run on the validation prompts at most, fastest first (default 3)")
     tune.add_argument("--rounds", type=int, help="timing rounds of each validation comparison (default: the preset's)")
     tune.add_argument("--frames", type=int, help="default: the preset's")
     tune.add_argument("--height", type=int)

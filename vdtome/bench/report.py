@@ -29,6 +29,7 @@ from vdtome.bench.runner import (
 from vdtome.bench.sweep import axis_label, field_label
 from vdtome.engine.fidelity import PSNR_CAP_DB
 from vdtome.measure.environment import environment_line
+from vdtome.measure.stats import pareto_front as stats_pareto_front
 from vdtome.methods import method_of
 
 REPORT_FILE = "report.html"
@@ -39,12 +40,8 @@ MAX_LINES = 12  # lines (or boxes) one plot draws before it says how many it lef
 def pareto_front(summaries: Sequence[SettingSummary]) -> list[SettingSummary]:
     """Settings nothing beats on both denoising speedup and mean PSNR, fastest first. The baseline
     itself (1x, identical) takes part: a setting no faster than not accelerating is never a choice."""
-    points = [s for s in summaries if s.denoising_speedup is not None and s.psnr_mean_db is not None
-              and s.denoising_speedup > 1.0]
-    front = [s for s in points if not any(
-        o.denoising_speedup >= s.denoising_speedup and o.psnr_mean_db >= s.psnr_mean_db
-        and (o.denoising_speedup > s.denoising_speedup or o.psnr_mean_db > s.psnr_mean_db) for o in points)]
-    return sorted(front, key=lambda s: -s.denoising_speedup)
+    measured = [s for s in summaries if s.denoising_speedup is not None and s.psnr_mean_db is not None]
+    return stats_pareto_front(measured, lambda s: s.denoising_speedup, lambda s: s.psnr_mean_db)
 
 
 def write_plots(plan: BenchPlan, rows: Sequence[BenchRow], summaries: Sequence[SettingSummary],

@@ -12,10 +12,10 @@ Cheap first, truthful last:
 - Optuna (multi-objective: denoising speedup and mean PSNR, the floors as constraints) chooses the
   next trial; the study lives in ``DIR/study.db`` (SQLite), so a tune killed at any moment resumes
   with ``--resume``: finished trials are kept, an interrupted one is run again, none repeated.
-- The **finalists** (the fastest of the feasible Pareto front) are re-run with the full timing
-  protocol (the preset's independent rounds, intervals, verdicts) on the held-out validation
-  prompts. The chosen recipe is the fastest finalist whose quality on every validation prompt stays
-  above the floor; if none does, the tune says so and shows the closest.
+- The feasible Pareto front is walked fastest first: each **finalist** is re-run with the full
+  timing protocol (the preset's independent rounds, intervals, verdicts) on the held-out validation
+  prompts until one is faster and keeps every floor on every one of them: the chosen recipe. If none
+  does, the tune says so and shows the closest.
 
 Outputs in ``DIR``: ``recipe.json``, ``trials.csv``, ``report.html`` (the front and every trial),
 ``validation.jsonl`` (each validation comparison as it finished), ``plan.json``.
@@ -54,6 +54,7 @@ RECIPE_FILE = "recipe.json"
 TRIALS_FILE = "trials.csv"
 VALIDATION_FILE = "validation.jsonl"
 REPORT_FILE = "report.html"
+PLOT_FILE = "pareto.png"
 #: Trials in a row that ran nothing (a refused stack, a repeat of a finished one) before the tune
 #: says the space is exhausted.
 MAX_IDLE_DRAWS = 200
@@ -76,7 +77,6 @@ class Tuner:
         self._engine = engine
         self._device = device
         self._baseline_kept: dict[str, bool] = {}
-        self._ran, self._spent_s = 0, 0.0
 
     @property
     def engine(self):
@@ -144,7 +144,8 @@ class Tuner:
         db, plan_file = self.out / STUDY_FILE, self.out / PLAN_FILE
         stored = json.loads(plan_file.read_text()) if plan_file.is_file() else None
         if db.exists() and not resume:
-            raise RequestError(f"{self.out} holds a tune already: --resume continues it, or choose another --out", "out")
+            raise RequestError(f"{self.out} holds a tune already: --resume continues it, or choose another --out",
+                               "out")
         if resume:
             if stored is None or not db.exists():
                 raise RequestError(f"{self.out} holds no tune to resume (no {PLAN_FILE} and {STUDY_FILE})", "out")
@@ -163,9 +164,9 @@ class Tuner:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(["denoising speedup", "mean PSNR (dB)"])
+        study_id = storage.get_study_id_from_name(STUDY_NAME)
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             # Interrupted (killed, cancelled): failed, and its stack drawn again first.
-            study_id = storage.get_study_id_from_name(STUDY_NAME)
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             storage.set_trial_user_attr(trial_id, "interrupted", True)
             storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL)
@@ -174,13 +175,10 @@ class Tuner:
         return study
 
     def _budget_spent(self, study) -> bool:
-        """Trials that ran (those that failed running included: a stack whose video went NaN is
-        an answer too) and the seconds they ran, against the budget."""
-        ran = [t for t in study.get_trials(deepcopy=False) if "seconds" in t.user_attrs and t.state.is_finished()]
-        self._ran, self._spent_s = len(ran), sum(t.user_attrs["seconds"] for t in ran)
-        if self.plan.trials is not None and len(ran) >= self.plan.trials:
+        ran, seconds = _spent(study)
+        if self.plan.trials is not None and ran >= self.plan.trials:
             return True
-        return self.plan.minutes is not None and self._spent_s >= self.plan.minutes * 60
+        return self.plan.minutes is not None and seconds >= self.plan.minutes * 60
 
     # -- one trial
 
@@ -214,12 +212,12 @@ class Tuner:
             if below and index + 1 < len(self.plan.tuning()):
                 stopped = True  # below a floor already: the other prompts cannot lift it
                 break
-        quality = Quality(tuple(psnr), tuple(ssim), tuple(kept), tuple(base))
         speed = math.exp(statistics.fmean(math.log(s) for s in speeds))
         attrs = {"stack": [[name, values] for name, values in drawn.values], "label": label, "speedup": speed,
                  "psnr": list(psnr), "ssim": list(ssim), "kept": list(kept), "baseline_kept": list(base),
                  "shortfalls": [floor.shortfall(quality) for floor in self.plan.floors],
-                 "idle_methods": sorted(idle_methods), "stopped_early": stopped, "seconds": time.perf_counter() - started}
+                 "idle_methods": sorted(idle_methods), "stopped_early": stopped,
+                 "seconds": time.perf_counter() - started}
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         for floor, shortfall in zip(self.plan.floors, attrs["shortfalls"]):
@@ -228,13 +226,11 @@ class Tuner:
         # speed without it.
         trial.set_constraint("every method acted", float(len(idle_methods)))
         study.tell(trial, [speed, quality.psnr_mean])
-        self._ran += 1
-        self._spent_s += attrs["seconds"]
         self._say(study, f"trial {trial.number}: {speed:.2f}x, PSNR {quality.psnr_mean:.1f} dB"
                          + (f", judge {quality.kept_text()}" if kept else "")
                          + (" (stopped early: below a floor)" if stopped else "")
                          + (f" ({', '.join(sorted(idle_methods))} did nothing: not a recipe)" if idle_methods else ""),
-                  finished=next(r for r in trial_records(study) if r.number == trial.number))
+                  finished=trial.number)
 
     def _compare(self, prompt: str, configs: tuple[Any, ...], rounds: int | None):
         return self.engine.run(self.plan.request(prompt, configs, rounds), write=False, cancel=self.cancel)
@@ -275,6 +271,9 @@ class Tuner:
             for prompt in prompts:
                 key = f"{record.number}|{prompt}"
                 if key not in done:
+                    if self.progress is not None:
+                        self.progress(TuneEvent(f"validating trial {record.number} ({record.label}) on {prompt!r}",
+                                                len(records), self.plan.trials, None, len(front)))
                     done[key] = self._validate_one(record, prompt)
                     with (self.out / VALIDATION_FILE).open("a") as rows:
                         rows.write(json.dumps({"key": key, **asdict(done[key])}) + "\n")
@@ -305,9 +304,6 @@ class Tuner:
     def _validate_one(self, record: TrialRecord, prompt: str) -> PromptFigures:
         from vdtome.methods.registry import METHODS
 
-        if self.progress is not None:
-            self.progress(TuneEvent(f"validating trial {record.number} ({record.label}) on {prompt!r}",
-                                    self._ran, self.plan.trials, None, 0))
         configs = tuple(METHODS[name].from_form(values) for name, values in record.stack)
         result = self._compare(prompt, configs, self.plan.rounds)
         if not result.ok:
@@ -335,20 +331,16 @@ class Tuner:
             message = (f"chosen: trial {chosen.trial.number}, {chosen.trial.label}: {chosen.speedup:.2f}x denoising "
                        f"(median of {len(chosen.prompts)} validation prompts"
                        f"{', faster on every one' if chosen.faster_everywhere else ', not faster on every one'}), "
-                       f"PSNR >= {min(chosen.quality.psnr):.1f} dB"
-                       + (f", judge {chosen.quality.kept_text()}" if chosen.quality.kept else ""))
+                       f"{chosen.quality_text()}")
         elif finalists:
             best = max(finalists, key=lambda f: sum(-max(fl.shortfall(f.quality), 0) for fl in self.plan.floors))
             message = (f"no finalist kept the floor and was faster on the validation prompts; the closest: trial "
-                       f"{best.trial.number}, "
-                       f"{best.trial.label}: {best.speedup:.2f}x, PSNR >= {min(best.quality.psnr):.1f} dB"
-                       + (f", judge {best.quality.kept_text()}" if best.quality.kept else ""))
+                       f"{best.trial.number}, {best.trial.label}: {best.speedup:.2f}x, {best.quality_text()}")
             closest = best
         elif closest is not None:
             message = (f"no trial met the floor on the tuning prompts; the closest: trial {closest.trial.number}, "
-                       f"{closest.trial.label}: {closest.speedup:.2f}x on the validation prompts, PSNR >= "
-                       f"{min(closest.quality.psnr):.1f} dB"
-                       + (f", judge {closest.quality.kept_text()}" if closest.quality.kept else ""))
+                       f"{closest.trial.label}: {closest.speedup:.2f}x on the validation prompts, "
+                       f"{closest.quality_text()}")
         else:
             message = "no trial ran"
         if cancelled:
@@ -361,11 +353,12 @@ class Tuner:
         from vdtome.measure.environment import environment
 
         outcome = TuneOutcome(self.plan, tuple(records), idle, tuple(finalists), chosen, files, message,
-                              statistics.fmean(seconds) if seconds else None, to_chosen, environment(self.engine.device),
-                              cancelled)
+                              statistics.fmean(seconds) if seconds else None, to_chosen,
+                              environment(self.engine.device), cancelled)
         if chosen is not None:
             files["recipe"] = str(self._recipe(outcome).save(self.out / RECIPE_FILE))
-        files["report"] = str(write_report(outcome, closest, self.out / REPORT_FILE))
+        files["report"] = str(write_report(outcome, closest, self.out / REPORT_FILE, self.out / PLOT_FILE))
+        files["plot"] = str(self.out / PLOT_FILE)
         return replace(outcome, files=files)
 
     def _recipe(self, outcome: TuneOutcome):
@@ -388,12 +381,16 @@ class Tuner:
                     "finalists": [f.to_dict() for f in finalists], "made": time.strftime("%Y-%m-%d %H:%M")},
             validation=chosen.to_dict(), front=tuple(front), environment=outcome.environment)
 
-    def _say(self, study, message: str, finished: TrialRecord | None = None) -> None:
+    def _say(self, study, message: str, finished: int | None = None) -> None:
+        """A progress event; ``finished``: the number of the trial that just finished."""
         if self.progress is None:
             return
-        left = None if self.plan.minutes is None else max(self.plan.minutes - self._spent_s / 60, 0.0)
-        front = pareto(r for r in trial_records(study) if r.feasible)
-        self.progress(TuneEvent(message, self._ran, self.plan.trials, left, len(front), finished))
+        ran, seconds = _spent(study)
+        records = trial_records(study)
+        left = None if self.plan.minutes is None else max(self.plan.minutes - seconds / 60, 0.0)
+        front = pareto(r for r in records if r.feasible)
+        self.progress(TuneEvent(message, ran, self.plan.trials, left, len(front),
+                                next((r for r in records if r.number == finished), None)))
 
 
 def _optuna():
@@ -403,6 +400,13 @@ def _optuna():
         raise RequestError("the tuner needs Optuna: pip install 'vdtome[bench]' (or optuna==5.0.0)", "tune") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
+
+
+def _spent(study) -> tuple[int, float]:
+    """Trials that ran (those that failed running included: a stack whose video went NaN is an
+    answer too) and the seconds they ran: what the budget counts."""
+    ran = [t for t in study.get_trials(deepcopy=False) if "seconds" in t.user_attrs and t.state.is_finished()]
+    return len(ran), sum(t.user_attrs["seconds"] for t in ran)
 
 
 def _idle_draws(study) -> int:

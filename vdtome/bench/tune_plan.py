@@ -12,10 +12,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from vdtome.core.presets import ModelPreset, get_preset, load_prompts, prompt_sets
-from vdtome.core.validation import RequestError
+from vdtome.core.validation import RequestError, whole_number
+from vdtome.measure.stats import pareto_front
 
 JUDGE = "judge"
 FLOOR_MEASURES = ("psnr", "ssim", JUDGE)
+MAX_COUNT = 100_000  # trials, prompts or finalists a plan may ask for
 
 
 # ---- what a tune is asked -------------------------------------------------------------------------
@@ -39,8 +41,8 @@ class Floor:
                                "floor")
         if not sep:
             if measure != JUDGE:
-                raise RequestError(f"floor {text!r}: give its value, e.g. {measure}={'24' if measure == 'psnr' else '0.8'}",
-                                   "floor")
+                example = "24" if measure == "psnr" else "0.8"
+                raise RequestError(f"floor {text!r}: give its value, e.g. {measure}={example}", "floor")
             return cls(JUDGE, 0.0)
         try:
             number = float(value)
@@ -131,15 +133,13 @@ class TunePlan:
                                "use a psnr or ssim floor", "floor")
         if self.trials is None and self.minutes is None:
             raise RequestError("give a budget: --trials N and / or --minutes M", "trials")
-        if self.trials is not None and (isinstance(self.trials, bool) or not isinstance(self.trials, int)
-                                        or self.trials < 1):
-            raise RequestError(f"trials must be a whole number >= 1, got {self.trials!r}", "trials")
+        if self.trials is not None:
+            object.__setattr__(self, "trials", whole_number("trials", self.trials, 1, MAX_COUNT, "trials"))
         if self.minutes is not None and not (isinstance(self.minutes, (int, float)) and 0 < self.minutes <= 10_000):
             raise RequestError(f"minutes must be above 0 (and at most 10000), got {self.minutes!r}", "minutes")
-        for name, low in (("tuning_prompts", 1), ("validation_prompts", 1), ("finalists", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise RequestError(f"{name.replace('_', ' ')} must be a whole number >= {low}, got {value!r}", name)
+        for name in ("tuning_prompts", "validation_prompts", "finalists"):
+            value = whole_number(name.replace("_", " "), getattr(self, name), 1, MAX_COUNT, name)
+            object.__setattr__(self, name, value)
         available = self.prompt_list()
         wanted = self.tuning_prompts + self.validation_prompts
         if len(available) < wanted:
@@ -272,6 +272,11 @@ class Finalist:
     def passes(self) -> bool:
         return self.complete and all(floor.shortfall(self.quality) <= 1e-9 for floor in self.floors)
 
+    def quality_text(self) -> str:
+        """Its worst PSNR and, on the shapes models, the clips the judge kept."""
+        quality = self.quality
+        return f"PSNR >= {min(quality.psnr):.1f} dB" + (f", judge {quality.kept_text()}" if quality.kept else "")
+
     @property
     def faster_everywhere(self) -> bool:
         """Every validation comparison's interval lies above 1."""
@@ -348,8 +353,4 @@ def below_already(floor: Floor, quality: Quality, prompts: int) -> bool:
 
 def pareto(records: Iterable[TrialRecord]) -> list[TrialRecord]:
     """Trials nothing beats on both speed and mean PSNR, faster than the baseline, fastest first."""
-    points = [r for r in records if r.speedup > 1.0]
-    front = [r for r in points if not any(
-        o.speedup >= r.speedup and o.quality.psnr_mean >= r.quality.psnr_mean
-        and (o.speedup > r.speedup or o.quality.psnr_mean > r.quality.psnr_mean) for o in points)]
-    return sorted(front, key=lambda r: -r.speedup)
+    return pareto_front(records, lambda r: r.speedup, lambda r: r.quality.psnr_mean)

@@ -52,7 +52,8 @@ def pareto_png(records: Sequence[TrialRecord], floors: Sequence[Floor], shown: S
 
     front = pareto(r for r in records if r.feasible)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, measure, label in ((axes[0], "psnr", "PSNR to the baseline (dB)"), (axes[1], "ssim", "SSIM to the baseline")):
+    panels = ((axes[0], "psnr", "PSNR to the baseline (dB)"), (axes[1], "ssim", "SSIM to the baseline"))
+    for ax, measure, label in panels:
         def value(quality, worst: bool = False):
             values = quality.psnr if measure == "psnr" else quality.ssim
             return min(values) if worst else sum(values) / len(values)
@@ -87,12 +88,15 @@ def pareto_png(records: Sequence[TrialRecord], floors: Sequence[Floor], shown: S
     return buffer.getvalue()
 
 
-def write_report(outcome: TuneOutcome, closest: Finalist | None, path: Path) -> Path:
+def write_report(outcome: TuneOutcome, closest: Finalist | None, path: Path, plot_path: Path) -> Path:
+    """``path``: the report (the plot inlined); ``plot_path``: the plot alone (the Tune tab shows it)."""
     e = html.escape
     plan = outcome.plan
     settings = plan.settings()
     shown = list(outcome.finalists) or ([closest] if closest is not None else [])
     plot = pareto_png(outcome.trials, plan.floors, shown, outcome.chosen)
+    searched = ", ".join(plan.methods) if plan.methods else "every one the preset takes that buys speed"
+    plot_path.write_bytes(plot)
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width,initial-scale=1'>",
@@ -102,7 +106,7 @@ def write_report(outcome: TuneOutcome, closest: Finalist | None, path: Path) -> 
         "<p class='muted'>"
         f"{settings.frames} frames of {settings.height}x{settings.width}, {settings.steps} steps, guidance "
         f"{settings.guidance:g}, seed {plan.seed}. Floors: {e('; '.join(f.describe() for f in plan.floors))}. "
-        f"Methods searched: {e(', '.join(plan.methods) if plan.methods else 'every one the preset takes that buys speed')}. "
+        f"Methods searched: {e(searched)}. "
         f"Prompt set {e(plan.prompt_set())}: tuning on {len(plan.tuning())}, validating on the next "
         f"{len(plan.validation())} (disjoint). {e(outcome.search_text())}.</p>",
         "<h2>How to read it</h2><ul>",
@@ -127,12 +131,14 @@ def write_report(outcome: TuneOutcome, closest: Finalist | None, path: Path) -> 
                                             "not run on the rest)")
             for p in finalist.prompts:
                 interval = f" [{p.low:.2f}, {p.high:.2f}]" if p.low is not None and p.high is not None else ""
-                judge = "" if p.kept is None else ("kept" if p.kept else "lost") + f" (baseline {'kept' if p.baseline_kept else 'lost'})"
+                judge = "" if p.kept is None else \
+                    f"{'kept' if p.kept else 'lost'} (baseline {'kept' if p.baseline_kept else 'lost'})"
                 parts.append(f"<tr{css}><td>{finalist.trial.number}</td><td>{e(label)}</td>"
                              f"<td>{e(p.prompt)}</td><td class='num'>{p.speedup:.2f}x{interval}</td><td>{e(p.verdict)}"
                              f"{' (busy)' if p.busy else ''}</td><td class='num'>"
                              f"{'' if p.end_to_end is None else f'{p.end_to_end:.2f}x'}</td>"
-                             f"<td class='num'>{p.psnr:.1f}</td><td class='num'>{p.ssim:.3f}</td><td>{e(judge)}</td></tr>")
+                             f"<td class='num'>{p.psnr:.1f}</td><td class='num'>{p.ssim:.3f}</td>"
+                             f"<td>{e(judge)}</td></tr>")
         parts.append("</table></div>")
     parts.append(f"<details><summary>Every trial ({len(outcome.trials)})</summary><div class='scroll'><table><tr>"
                  + "".join(f"<th>{e(h)}</th>" for h in TRIALS_HEADER[:-1]) + "</tr>")

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
+T = TypeVar("T")
 CONFIDENCE = 0.95
 #: The noise threshold until this host has measured its own (:func:`aa_threshold`): an A/A
 #: comparison (ratio 0) of the 2-core CPU tiny models gave medians from 0.95 to 1.04.
@@ -85,6 +86,16 @@ def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> 
             break
         best = (ordered[k - 1], ordered[n - k], coverage)
     return best
+
+
+def pareto_front(points: Iterable[T], speed: Callable[[T], float], quality: Callable[[T], float]) -> list[T]:
+    """The points faster than the baseline (speed above 1) that no other such point beats on both
+    ``speed`` and ``quality``, fastest first: the settings worth choosing between."""
+    faster = [p for p in points if speed(p) > 1.0]
+    front = [p for p in faster if not any(
+        speed(o) >= speed(p) and quality(o) >= quality(p) and (speed(o) > speed(p) or quality(o) > quality(p))
+        for o in faster)]
+    return sorted(front, key=lambda p: -speed(p))
 
 
 def speed_phrase(ratio: float) -> str:

@@ -94,11 +94,12 @@ class Recipe:
         None takes the recipe's), naming every setting that differs."""
         if preset != self.preset:
             raise RequestError(f"recipe {self.label()} was tuned on {self.preset}, not {preset}", "preset")
-        differ = [f"{name} {settings[name]:g} (tuned at {getattr(self, name):g})" for name in CALL_SETTINGS
+        differ = [name for name in CALL_SETTINGS
                   if settings.get(name) is not None and settings[name] != getattr(self, name)]
         if differ:
-            raise RequestError(f"recipe {self.label()} was tuned at other settings: {', '.join(differ)}; run it at its "
-                               f"own or tune again", next(n for n in CALL_SETTINGS if n in differ[0].split()[0]))
+            listed = ", ".join(f"{name} {settings[name]:g} (tuned at {getattr(self, name):g})" for name in differ)
+            raise RequestError(f"recipe {self.label()} was tuned at other settings: {listed}; run it at its own or "
+                               "tune again", differ[0])
 
     def label(self) -> str:
         return self.name or f"for {self.preset}"

@@ -111,8 +111,9 @@ class SearchSpace:
             *(() if part.method.name in self.required else (part.switch,)), *(f.name for f in part.fields))]
 
     def seeds(self) -> list[dict[str, Any]]:
-        """Trials to start from, as parameters: the preset's default stack, and each per-layer
-        schedule searched on the preset (its method alone, at the preset's other defaults)."""
+        """Trials to start from, as parameters: the preset's default stack, each method alone at
+        the preset's defaults, and each per-layer schedule searched on the preset (its method alone,
+        at what the schedule was searched at and the preset's other defaults)."""
         out = []
         defaults = {part.method.name: {} for part in self.methods if part.method.on_by_default}
         if defaults:

@@ -113,7 +113,8 @@ class RequestGates:
         preset = self.preset(values["tune_preset"], "tune_preset")
         if self.on_zero_gpu:
             raise RequestError("a tune runs comparisons for minutes and ZeroGPU lends a GPU for at most "
-                               f"{MAX_GPU_SECONDS} s a task: run `python -m vdtome tune` on your own GPU", "tune_preset")
+                               f"{MAX_GPU_SECONDS} s a task: run `python -m vdtome tune` on your own GPU",
+                               "tune_preset")
         floors = values["tune_floors"]
         if not isinstance(floors, str) or not floors.strip():
             raise RequestError("give at least one floor, e.g. psnr=24 or judge", "tune_floors")

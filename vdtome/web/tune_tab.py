@@ -156,8 +156,8 @@ def on_tune_preset(ctx: TuneTabContext, name: str):
     if preset is None:
         return gr.update(), gr.update(), gr.update()
     methods = speed_methods(preset)
-    return (gr.CheckboxGroup(choices=methods, value=methods), gr.Dropdown(choices=[("none", ""), *((m, m) for m in methods)],
-                                                                           value=""), default_floors(preset))
+    return (gr.CheckboxGroup(choices=methods, value=methods),
+            gr.Dropdown(choices=[("none", ""), *((m, m) for m in methods)], value=""), default_floors(preset))
 
 
 def cancel_tune(request: gr.Request) -> str:
@@ -190,7 +190,7 @@ async def run_tune(ctx: TuneTabContext, tune_preset, tune_floors, tune_methods, 
         _RUNNING[session] = flag
     events: queue.Queue = queue.Queue()
     context = contextvars.copy_context()
-    work = functools.partial(Tuner(plan, folder, engine=ctx.engine(), progress=events.put, cancel=flag).run)
+    work = Tuner(plan, folder, engine=ctx.engine(), progress=events.put, cancel=flag).run
     future = asyncio.get_running_loop().run_in_executor(None, functools.partial(context.run, work))
     records = []
     hidden = gr.Button(visible=False)
@@ -224,9 +224,6 @@ async def run_tune(ctx: TuneTabContext, tune_preset, tune_floors, tune_methods, 
         with _RUNNING_LOCK:
             if _RUNNING.get(session) is flag:
                 del _RUNNING[session]
-    shown = list(outcome.finalists)
-    final = folder / "pareto.png"
-    final.write_bytes(pareto_png(outcome.trials, plan.floors, shown, outcome.chosen))
     files = [outcome.files[name] for name in ("recipe", "report", "trials") if name in outcome.files]
     recipe = outcome.files.get("recipe")
-    yield _outcome_status(outcome), str(final), files, gr.Button(visible=recipe is not None), recipe
+    yield _outcome_status(outcome), outcome.files["plot"], files, gr.Button(visible=recipe is not None), recipe

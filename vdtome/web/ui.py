@@ -170,8 +170,9 @@ def form_values(settings: ResolvedSettings, overrides: Mapping[str, Mapping[str,
 def recipe_form(recipe: Any) -> dict[str, Any]:
     """The form's values that run a recipe (:mod:`vdtome.methods.recipe`): its preset and the size,
     steps and guidance it was tuned at, its methods switched on with every field, the others off."""
-    values: dict[str, Any] = {"preset": recipe.preset, **{name: getattr(recipe, name) for name in
-                                                          ("frames", "height", "width", "steps", "guidance")}}
+    from vdtome.methods.recipe import CALL_SETTINGS
+
+    values: dict[str, Any] = {"preset": recipe.preset, **{name: getattr(recipe, name) for name in CALL_SETTINGS}}
     on = dict(recipe.stack)
     for method in METHODS.values():
         values[method.enable_field] = method.name in on
