@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ import torch
 import vdtome
 from vdtome import cli
 from vdtome.bench.tune import Tuner
-from vdtome.bench.tune_plan import Floor, TunePlan
+from vdtome.bench.tune_plan import Floor, Quality, TunePlan
 from vdtome.core.validation import RequestError
 from vdtome.engine.engine import ComparisonEngine
 from vdtome.methods.recipe import Recipe, load_recipe
@@ -269,3 +270,84 @@ def test_a_finished_tune_resumed_runs_nothing_again_and_writes_the_same_choice(t
     assert runs == []  # every trial and every validation comparison came from the study and validation.jsonl
     assert [r.number for r in again.trials] == [r.number for r in first.trials]
     assert again.message == first.message
+    # Validated on more prompts: only the new prompt's comparison runs; no trial, no old comparison.
+    wider = Tuner(replace(plan, validation_prompts=2), tmp_path / "tune", engine=engine).run(resume=True)
+    assert [request.prompt for request, *_ in runs] == [plan.prompt_list()[2]]
+    assert [r.number for r in wider.trials] == [r.number for r in first.trials]
+    assert all(finalist.of == 2 for finalist in wider.finalists)
+    # Under a floor no trial meets: chosen again from the kept figures, nothing run, and said so.
+    runs.clear()
+    strict = replace(plan, validation_prompts=2, floors=(Floor.parse("psnr=99"),))
+    again = Tuner(strict, tmp_path / "tune", engine=engine).run(resume=True)
+    assert all(request.rounds == plan.rounds for request, *_ in runs)  # validations only (a trial runs 1 round)
+    assert again.chosen is None and not any(r.feasible for r in again.trials)
+    assert not (tmp_path / "tune" / "recipe.json").exists()  # the earlier choice's recipe is gone with it
+    assert "no trial met the floor" in again.message
+    runs.clear()
+    with pytest.raises(RequestError, match="drawn under the floors psnr=5: a resume may change the floors only") \
+            as refused:
+        Tuner(replace(strict, trials=3), tmp_path / "tune", engine=engine).run(resume=True)  # more trials: refused
+    assert refused.value.field == "floor" and runs == []
+
+
+def test_the_judge_floor_counts_lost_clips_not_totals():
+    """A clip the accelerated run happens to fix never pays for one it broke."""
+    judge, tolerant = Floor.parse("judge"), Floor.parse("judge=1")
+    swapped = Quality((30.0,) * 3, (0.9,) * 3, kept=(True, False, True), baseline_kept=(False, True, True))
+    assert sum(swapped.kept) == sum(swapped.baseline_kept) and swapped.lost == 1
+    assert judge.broken(swapped) and not tolerant.broken(swapped)
+    assert "1 lost" in swapped.kept_text()
+    gained = Quality((30.0,) * 2, (0.9,) * 2, kept=(True, True), baseline_kept=(False, True))
+    assert not judge.broken(gained)
+
+
+@pytest.mark.slow
+def test_a_tune_on_a_ray_cluster_at_host_port_gives_the_figures_of_a_tune_run_here(tmp_path):
+    """A cluster started by ``ray start --head`` with token authentication (Ray 2.60 turns it on
+    once the machine holds a token), joined by ``tune --ray-address HOST:PORT`` (Ray itself sends no
+    token to an explicit address): the trials run on its actor, and the same plan run in this
+    process draws the same trials with the same figures. An address where nothing listens is
+    refused at once, saying what to do."""
+    pytest.importorskip("ray")
+    import socket
+    import uuid
+
+    import optuna
+
+    from vdtome.bench.tune import trial_records
+
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = os.environ | {"HOME": str(home), "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_AUTH_MODE", None)
+    ray_cli = [sys.executable, "-c", "import sys; from ray.scripts.scripts import main; sys.exit(main())"]
+    plan = quick_plan(trials=2, methods=("first_block_cache",), floors=(Floor.parse("psnr=5"),))
+    command = [sys.executable, "-m", "vdtome", "tune", "--preset", "tiny-wan", "--floor", "psnr=5", "--trials", "2",
+               "--methods", "first_block_cache", "--frames", "9", "--height", "64", "--width", "64", "--steps", "4",
+               "--tuning-prompts", "1", "--validation-prompts", "1", "--finalists", "1", "--rounds", "2",
+               "--device", "cpu", "--out", str(tmp_path / "ray")]
+    refused = subprocess.run(command + ["--ray-address", "127.0.0.1:1"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2 and "--ray-address 127.0.0.1:1: nothing accepts a connection there" in \
+        refused.stderr, refused.stderr[-2000:]
+    subprocess.run(ray_cli + ["start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                              "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        tuned = subprocess.run(command + ["--ray-address", f"127.0.0.1:{port}"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(ray_cli + ["stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert tuned.returncode in (0, 1) and "trials on 1 Ray actor (2 CPUs each)" in tuned.stderr, tuned.stderr[-3000:]
+    here = Tuner(plan, tmp_path / "here", engine=ComparisonEngine(device="cpu", output_root=tmp_path / "runs",
+                                                                   noise_dir=None)).run()
+    study = optuna.load_study(study_name="tune", storage=f"sqlite:///{tmp_path / 'ray' / 'study.db'}")
+    there = trial_records(study, plan.floors)
+    assert [r.stack for r in there] == [r.stack for r in here.trials] and len(there) == 2
+    for ray_record, record in zip(there, here.trials):  # the same videos: the same quality
+        assert ray_record.quality.psnr == pytest.approx(record.quality.psnr, rel=1e-5)
+    ran_on = {trial.user_attrs["worker"] for trial in study.trials if "speedup" in trial.user_attrs}
+    assert len(ran_on) == 1 and not ran_on.pop().endswith(f":{os.getpid()}")  # in the actor's process

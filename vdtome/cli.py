@@ -94,12 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="results folder (rerun with the same folder to resume)")
     bench.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
     bench.add_argument("--retries", type=int, default=2, help="reruns of a (prompt, seed) group that raised (default 2)")
-    bench.add_argument("--ray", action="store_true", help="run the groups on Ray actors, one per device")
-    bench.add_argument("--ray-address", help="an existing Ray cluster, from one of its nodes: auto or HEAD:6379 (not ray://); implies --ray")
-    bench.add_argument("--ray-workers", type=int,
-                       help="actors (default: one per GPU of the cluster, or one on a cluster without GPUs)")
-    bench.add_argument("--ray-cpus", type=float, default=None,
-                       help="CPUs per actor (default: 1 beside a GPU; without GPUs, the cluster's CPUs / workers)")
+    _ray_arguments(bench, "the groups")
     bench.add_argument("--no-report", action="store_true", help="rows and summary only (no plots, no HTML)")
 
     from vdtome.bench.gpucheck import add_parser as add_gpucheck
@@ -174,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seed", type=int, default=0, help="the generation seed and the sampler's")
     tune.add_argument("--resume", action="store_true", help="continue the tune in --out: its finished trials are kept")
     tune.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when available)")
+    _ray_arguments(tune, "the trials, as many at once as there are actors, and the validation comparisons")
 
     methods = commands.add_parser(
         "methods", help="list acceleration methods, their fields and the presets they support",
@@ -376,6 +372,16 @@ def _recipe(args):
     return load_recipe(args.recipe)
 
 
+def _ray_arguments(parser, what: str) -> None:
+    parser.add_argument("--ray", action="store_true", help=f"run {what} on Ray actors, one per device")
+    parser.add_argument("--ray-address", help="an existing Ray cluster: auto (from one of its nodes) or HEAD:6379 "
+                                              "(not ray://); implies --ray")
+    parser.add_argument("--ray-workers", type=int,
+                        help="actors (default: one per GPU of the cluster, or one on a cluster without GPUs)")
+    parser.add_argument("--ray-cpus", type=float, default=None,
+                        help="CPUs per actor (default: 1 beside a GPU; without GPUs, the cluster's CPUs / workers)")
+
+
 def _tune(args) -> int:
     from vdtome.core.validation import RequestError
     from vdtome.engine.pipelines import ModelUnavailableError
@@ -403,7 +409,14 @@ def _tune(args) -> int:
               f"{event.message}", file=sys.stderr, flush=True)
 
     try:
-        outcome = Tuner(plan, args.out, device=args.device, progress=progress).run(resume=args.resume)
+        trials = None
+        if args.ray or args.ray_address:
+            from vdtome.bench.tune_worker import RayTrials
+
+            trials = RayTrials(plan, address=args.ray_address, workers=args.ray_workers,
+                               cpus_per_worker=args.ray_cpus, device=args.device)
+            print(f"trials on {trials.description}", file=sys.stderr)
+        outcome = Tuner(plan, args.out, device=args.device, progress=progress, trials=trials).run(resume=args.resume)
     except (RequestError, ValueError, ModelUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

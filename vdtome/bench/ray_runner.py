@@ -16,8 +16,9 @@ installed (``pip install vdtome[bench]`` or ``pip install -r requirements.txt``)
 from __future__ import annotations
 
 import os
+import socket
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,39 +45,9 @@ class RayRunner:
     def __init__(self, plan: BenchPlan, address: str | None = None, workers: int | None = None,
                  cpus_per_worker: float | None = None, device: str | None = None,
                  init: dict[str, Any] | None = None, worker_class: type = BenchWorker) -> None:
-        import ray
-
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # the driver never reports usage
-        if address and address.startswith("ray://"):
-            raise ValueError(f"--ray-address {address}: Ray Client (ray://) cannot stream a task's results, which "
-                             "this runner needs; run the command on a node of the cluster with --ray-address auto "
-                             "(or HEAD:6379)")
-        if workers is not None and workers < 1:
-            raise ValueError(f"--ray-workers must be at least 1, got {workers}")
-        if cpus_per_worker is not None and cpus_per_worker <= 0:
-            raise ValueError(f"--ray-cpus must be above 0, got {cpus_per_worker:g}")
         self.plan = plan
-        if not ray.is_initialized():
-            runtime_env = {"py_modules": [str(PACKAGE_DIR)], "excludes": SHIPPING_EXCLUDES,
-                           "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "GRADIO_ANALYTICS_ENABLED": "False",
-                                        "HF_HUB_DISABLE_TELEMETRY": "1"}}
-            ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, logging_level="WARNING",
-                     **(init or {}))
-        resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
-        count = workers if workers is not None else max(gpus, 1)
-        if gpus and count > gpus:
-            raise ValueError(f"{count} workers asked for, but the cluster has {gpus} GPUs (one per worker)")
-        total_cpus = float(resources.get("CPU", 0))
-        cpus = cpus_per_worker or (1.0 if gpus else max(1.0, float(int(total_cpus) // count)))
-        if cpus * count > total_cpus:  # Ray would wait for resources that never come
-            raise ValueError(f"{count} workers x {cpus:g} CPUs need {cpus * count:g} CPUs; the cluster has "
-                             f"{total_cpus:g}: use fewer --ray-workers or --ray-cpus")
-        device = device or ("cuda" if gpus else "cpu")
-        actor = ray.remote(worker_class).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_restarts=MAX_RESTARTS,
-                                                 max_task_retries=0)
-        self.actors = [actor.remote(device=device, threads=max(1, int(cpus))) for _ in range(count)]
-        self.description = f"{count} Ray actor{'s' if count > 1 else ''} ({'1 GPU' if gpus else f'{cpus:g} CPUs'} each)"
+        self.actors, self.description = start_actors(worker_class, {}, address=address, workers=workers,
+                                                     cpus_per_worker=cpus_per_worker, device=device, init=init)
 
     def __call__(self, todo: Sequence[tuple[Group, frozenset[str]]]) -> Iterator[Event]:
         import ray
@@ -103,7 +74,7 @@ class RayRunner:
                     raise error.cause from None  # no retry loads a model that is not there
                 del running[stream]
                 idle.append(actor)
-                yield group, GroupFailure(group, _ray_error_text(error))
+                yield group, GroupFailure(group, ray_error_text(error))
                 continue
             yield group, row
 
@@ -115,7 +86,106 @@ class RayRunner:
         self.actors = []
 
 
-def _ray_error_text(error: BaseException) -> str:
+def start_actors(worker_class: type, arguments: dict[str, Any], address: str | None = None,
+                 workers: int | None = None, cpus_per_worker: float | None = None, device: str | None = None,
+                 init: dict[str, Any] | None = None) -> tuple[list[Any], str]:
+    """Joins the cluster at ``address`` (or starts a local one) and starts ``worker_class`` actors,
+    each built with ``arguments`` and its ``device`` and ``threads``: ``workers`` of them (default:
+    one per GPU of the cluster; one on a cluster without GPUs), each reserving one GPU or
+    ``cpus_per_worker`` CPUs (default: the cluster's shared out). Returns them and their description.
+    What cannot work is refused before Ray starts or waits (ValueError)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # the driver never reports usage
+    if address and address.startswith("ray://"):
+        raise ValueError(f"--ray-address {address}: Ray Client (ray://) cannot stream a task's results, which "
+                         "this runner needs; run the command on a node of the cluster with --ray-address auto "
+                         "(or HEAD:6379)")
+    if workers is not None and workers < 1:
+        raise ValueError(f"--ray-workers must be at least 1, got {workers}")
+    if cpus_per_worker is not None and cpus_per_worker <= 0:
+        raise ValueError(f"--ray-cpus must be above 0, got {cpus_per_worker:g}")
+    if not ray.is_initialized():
+        runtime_env = {"py_modules": [str(PACKAGE_DIR)], "excludes": SHIPPING_EXCLUDES,
+                       "env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "GRADIO_ANALYTICS_ENABLED": "False",
+                                    "HF_HUB_DISABLE_TELEMETRY": "1"}}
+        join(address, lambda: ray.init(address=address, runtime_env=runtime_env, include_dashboard=False,
+                                       logging_level="WARNING", **(init or {})))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    count = workers if workers is not None else max(gpus, 1)
+    if gpus and count > gpus:
+        raise ValueError(f"{count} workers asked for, but the cluster has {gpus} GPUs (one per worker)")
+    total_cpus = float(resources.get("CPU", 0))
+    cpus = cpus_per_worker or (1.0 if gpus else max(1.0, float(int(total_cpus) // count)))
+    if cpus * count > total_cpus:  # Ray would wait for resources that never come
+        raise ValueError(f"{count} workers x {cpus:g} CPUs need {cpus * count:g} CPUs; the cluster has "
+                         f"{total_cpus:g}: use fewer --ray-workers or --ray-cpus")
+    device = device or ("cuda" if gpus else "cpu")
+    actor = ray.remote(worker_class).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_restarts=MAX_RESTARTS,
+                                             max_task_retries=0)
+    actors = [actor.remote(**arguments, device=device, threads=max(1, int(cpus))) for _ in range(count)]
+    return actors, f"{count} Ray actor{'s' if count > 1 else ''} ({'1 GPU' if gpus else f'{cpus:g} CPUs'} each)"
+
+
+def join(address: str | None, init: Callable[[], Any]) -> None:
+    """``init()`` (ray.init) joining the cluster at ``address``; what keeps it from joining is said
+    with what to do (ValueError), never as Ray's traceback.
+
+    Ray 2.60 starts a cluster with token authentication once its machine holds a token (any local
+    ``ray.init`` writes ``~/.ray/auth_token``). A driver joining with ``auto`` sends this machine's
+    token, but one joining an explicit HOST:PORT sends none, and Ray retries for 20 s and fails with
+    "Failed to connect". So for an explicit address the token is sent as for ``auto`` (unless
+    RAY_AUTH_MODE says otherwise), and an address where nothing listens is refused at once (Ray
+    would retry it for minutes)."""
+    explicit = address not in (None, "auto")
+    if explicit:
+        _listening(address)
+        if "RAY_AUTH_MODE" not in os.environ:
+            # What ray.init does itself for "auto" (ray/_private/worker.py): this machine's token, if any.
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    try:
+        init()
+    except ConnectionError as error:
+        if not explicit:
+            raise
+        token = _local_token()
+        sent = f"this machine's token ({token})" if token else "no token: this machine has none"
+        raise ValueError(
+            f"--ray-address {address}: a Ray cluster answers there but did not let this driver join ({error}); it "
+            f"sent {sent}. If the cluster uses token authentication (Ray's log above says 'Unauthenticated'), copy "
+            "the head node's ~/.ray/auth_token to this machine (or set RAY_AUTH_TOKEN to it) and run again; or run "
+            "the command on a node of the cluster with --ray-address auto") from None
+
+
+def _listening(address: str) -> None:
+    """Refuses at once an address where nothing accepts a connection."""
+    host, _, port = address.rpartition(":") if ":" in address else (address, "", "6379")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return
+    except ValueError:
+        raise ValueError(f"--ray-address {address}: give HOST:PORT (the head's GCS port, 6379 by default), or auto") \
+            from None
+    except OSError as error:
+        raise ValueError(f"--ray-address {address}: nothing accepts a connection there ({error.strerror or error}). "
+                         "Start the head with `ray start --head --port=PORT` and check that this machine reaches "
+                         "it, or run the command on a node of the cluster with --ray-address auto") from None
+
+
+def _local_token() -> str | None:
+    """Where this machine's Ray token is (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), or None."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return str(path) if path.is_file() else None
+
+
+def ray_error_text(error: BaseException) -> str:
     """The user's exception inside a RayTaskError ("RuntimeError: boom"), else Ray's own first line."""
     cause = getattr(error, "cause", None)
     return error_text(cause if cause is not None and not isinstance(cause, type(error)) else error)

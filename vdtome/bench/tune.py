@@ -24,7 +24,6 @@ Outputs in ``DIR``: ``recipe.json``, ``trials.csv``, ``report.html`` (the front 
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 import warnings
@@ -35,16 +34,16 @@ from typing import Any
 
 from vdtome.bench.tune_plan import (
     Finalist,
+    Floor,
     PromptFigures,
     Quality,
     TrialRecord,
     TuneEvent,
     TuneOutcome,
     TunePlan,
-    below_already,
-    judged,
     pareto,
 )
+from vdtome.bench.tune_worker import LocalTrials, TrialRun, TrialWorker
 from vdtome.core.validation import RequestError
 
 STUDY_FILE = "study.db"
@@ -58,6 +57,12 @@ PLOT_FILE = "pareto.png"
 #: Trials in a row that ran nothing (a refused stack, a repeat of a finished one) before the tune
 #: says the space is exhausted.
 MAX_IDLE_DRAWS = 200
+#: Settings a resumed tune may change: its budget, and how its finalists are validated (more
+#: validation prompts re-use the comparisons already made on the first ones; no trial is re-run).
+RESUMABLE_CHANGES = ("trials", "minutes", "validation_prompts", "finalists", "rounds")
+#: The study's record of the floors its trials were drawn under (Optuna's constraints): a resume
+#: whose budget is spent may choose again under other floors, from the trials' kept figures.
+SEARCH_FLOORS = "search_floors"
 
 
 # ---- the study -------------------------------------------------------------------------------------
@@ -66,25 +71,18 @@ MAX_IDLE_DRAWS = 200
 class Tuner:
     """One tune in ``out_dir``. ``engine``: a :class:`vdtome.engine.engine.ComparisonEngine` (default: a
     new one on ``device``); ``progress(TuneEvent)``; ``cancel``: anything with ``is_set()``, checked at
-    every denoising step: a cancelled tune keeps its finished trials (``--resume`` continues it)."""
+    every denoising step: a cancelled tune keeps its finished trials (``--resume`` continues it);
+    ``trials``: where the comparisons run (default: this process, with ``engine``; a
+    :class:`vdtome.bench.tune_worker.RayTrials` for Ray actors)."""
 
     def __init__(self, plan: TunePlan, out_dir: str | Path, engine: Any = None, device: str | None = None,
-                 progress: Callable[[TuneEvent], None] | None = None, cancel: Any = None) -> None:
+                 progress: Callable[[TuneEvent], None] | None = None, cancel: Any = None,
+                 trials: Any = None) -> None:
         self.plan = plan
         self.out = Path(out_dir)
         self.progress = progress
-        self.cancel = cancel
-        self._engine = engine
-        self._device = device
-        self._baseline_kept: dict[str, bool] = {}
-
-    @property
-    def engine(self):
-        if self._engine is None:
-            from vdtome.engine.engine import ComparisonEngine
-
-            self._engine = ComparisonEngine(device=self._device)
-        return self._engine
+        self.search_floors: list[str] = []  # the floors the study's trials were drawn under
+        self.trials = trials or LocalTrials(TrialWorker(plan, device=device, engine=engine), cancel)
 
     # -- public
 
@@ -93,49 +91,83 @@ class Tuner:
 
         optuna = _optuna()
         study = self._open(optuna, resume)
+        self.search_floors = searched = study.user_attrs[SEARCH_FLOORS]
+        if searched != [floor.text() for floor in self.plan.floors] and not self._budget_spent(study):
+            self.trials.shutdown()
+            raise RequestError(f"the trials in {self.out} were drawn under the floors {', '.join(searched)}: a resume "
+                               "may change the floors only to choose again among the trials run (their figures are "
+                               "kept), not to draw more under other floors; start a new tune for that", "floor")
+        try:
+            try:
+                self._search(optuna, study, resume)
+            except Cancelled:
+                return self._finish(study, trial_records(study, self.plan.floors), [], None, cancelled=True)
+            records = trial_records(study, self.plan.floors)
+            self._say(study, "validating the finalists on the held-out prompts")
+            try:
+                finalists, closest = self._validate(records)
+            except Cancelled:  # the validation comparisons finished so far are kept in validation.jsonl
+                return self._finish(study, records, [], None, cancelled=True)
+            return self._finish(study, records, finalists, closest)
+        finally:
+            self.trials.shutdown()
+
+    def _search(self, optuna, study, resume: bool) -> None:
+        """Draws and runs trials until the budget is spent, as many at once as the pool runs. A trial
+        under way when the search is cancelled is failed and drawn again first by ``--resume``."""
+        from vdtome.engine.engine import Cancelled
+        from vdtome.methods.stack import stack_label
+
         space = self.plan.space()
         if not resume:
             for params in space.seeds():
                 study.enqueue_trial(params, user_attrs={"seed": True})
-        idle = 0
-        while not self._budget_spent(study):
-            if idle >= MAX_IDLE_DRAWS:
-                self._say(study, f"{MAX_IDLE_DRAWS} draws in a row were refused stacks or repeats: the space is "
-                                 "exhausted at this budget")
-                break
-            trial = study.ask()
+        running: dict[int, Any] = {}  # trial number -> Optuna trial, under way
+        idle = 0  # draws in a row that ran nothing
+        while True:
+            while len(running) < self.trials.size and not self._budget_spent(study, len(running)):
+                if idle >= MAX_IDLE_DRAWS:
+                    break
+                trial = study.ask()
+                try:
+                    drawn = space.suggest(trial)
+                except RequestError as error:
+                    _refuse(study, trial, error)
+                    idle += 1
+                    continue
+                repeat = _finished_with(study, trial.params, trial.number) or \
+                    next((t for t in running.values() if t.params == trial.params), None)
+                if repeat is not None:
+                    trial.set_user_attr("repeat_of", repeat.number)
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    idle += 1
+                    continue
+                label = stack_label(drawn.configs)
+                trial.set_user_attr("stack", [[name, values] for name, values in drawn.values])
+                trial.set_user_attr("label", label)
+                self._say(study, f"trial {trial.number}: {label}")
+                self.trials.submit(trial.number, drawn.values)
+                running[trial.number] = trial
+            if not running:
+                if idle >= MAX_IDLE_DRAWS:
+                    self._say(study, f"{MAX_IDLE_DRAWS} draws in a row were refused stacks or repeats: the space is "
+                                     "exhausted at this budget")
+                return
             try:
-                drawn = space.suggest(trial)
-            except RequestError as error:
-                _refuse(study, trial, error)
-                idle += 1
-                continue
-            repeat = _finished_with(study, trial.params, trial.number)
-            if repeat is not None:
-                trial.set_user_attr("repeat_of", repeat.number)
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                idle += 1
-                continue
-            try:
-                self._evaluate(optuna, study, trial, drawn)
-                idle = 0
-            except RequestError as error:  # a rule checked as the stack is applied (a cross-method rule)
-                _refuse(study, trial, error)
-                idle += 1
+                number, run = self.trials.next_finished()
             except Cancelled:
-                # Stopped within a step: the finished trials are kept, this one is drawn again by --resume.
-                trial.set_user_attr("interrupted", True)
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-                records = trial_records(study)
-                return self._finish(study, records, [], None, _idle_draws(study), cancelled=True)
-        records = trial_records(study)
-        self._say(study, "validating the finalists on the held-out prompts")
-        try:
-            finalists, closest = self._validate(records)
-        except Cancelled:  # the validation comparisons finished so far are kept in validation.jsonl
-            return self._finish(study, records, [], None, _idle_draws(study), cancelled=True)
-        return self._finish(study, records, finalists, closest, _idle_draws(study))
+                for trial in running.values():  # stopped within a step: drawn again by --resume
+                    trial.set_user_attr("interrupted", True)
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+                raise
+            trial = running.pop(number)
+            if run.refused is not None:
+                _refuse(study, trial, RequestError(run.refused, "stack"))
+                idle += 1
+            else:
+                self._tell(optuna, study, trial, run)
+                idle = 0
 
     # -- the study's storage
 
@@ -150,7 +182,8 @@ class Tuner:
             if stored is None or not db.exists():
                 raise RequestError(f"{self.out} holds no tune to resume (no {PLAN_FILE} and {STUDY_FILE})", "out")
             mine = self.plan.to_dict()
-            differ = [key for key in mine if key not in ("trials", "minutes") and stored.get(key) != mine[key]]
+            differ = [key for key in mine
+                      if key not in (*RESUMABLE_CHANGES, "floors") and stored.get(key) != mine[key]]
             if differ:
                 raise RequestError(f"the tune in {self.out} was made with other settings: {', '.join(differ)} "
                                    f"({', '.join(f'{k}={stored.get(k)!r}' for k in differ)}); resume it with them",
@@ -165,6 +198,8 @@ class Tuner:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(["denoising speedup", "mean PSNR (dB)"])
         study_id = storage.get_study_id_from_name(STUDY_NAME)
+        if SEARCH_FLOORS not in study.user_attrs:  # a new study (or one made before it was recorded)
+            study.set_user_attr(SEARCH_FLOORS, stored["floors"] if resume else [f.text() for f in self.plan.floors])
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             # Interrupted (killed, cancelled): failed, and its stack drawn again first.
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
@@ -174,78 +209,43 @@ class Tuner:
                 study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
         return study
 
-    def _budget_spent(self, study) -> bool:
+    def _budget_spent(self, study, running: int = 0) -> bool:
+        """Whether the budget is spent, counting the ``running`` trials under way: ``trials`` run,
+        or ``minutes`` of trials per worker (on one worker: the search's own time)."""
         ran, seconds = _spent(study)
-        if self.plan.trials is not None and ran >= self.plan.trials:
+        if self.plan.trials is not None and ran + running >= self.plan.trials:
             return True
-        return self.plan.minutes is not None and seconds >= self.plan.minutes * 60
+        return self.plan.minutes is not None and seconds >= self.plan.minutes * 60 * self.trials.size
 
     # -- one trial
 
-    def _evaluate(self, optuna, study, trial, drawn) -> None:
-        from vdtome.methods.stack import stack_label
-
-        label = stack_label(drawn.configs)
-        self._say(study, f"trial {trial.number}: {label}")
-        started = time.perf_counter()
-        speeds, psnr, ssim, kept, base = [], [], [], [], []
-        idle_methods: set[str] = set()
-        stopped = False
-        for index, prompt in enumerate(self.plan.tuning()):
-            result = self._compare(prompt, drawn.configs, rounds=1)
-            if not result.ok or result.fidelity is None or result.speedup("denoising") is None:
-                trial.set_user_attr("error", result.error or "no fidelity or timing")
-                trial.set_user_attr("stack", [[name, values] for name, values in drawn.values])
-                trial.set_user_attr("label", label)
-                trial.set_user_attr("seconds", time.perf_counter() - started)
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                return
-            idle_methods |= {m.label for m in result.methods if m.report.evidence and not m.report.acted}
-            speeds.append(result.speedup("denoising").value)
-            psnr.append(result.fidelity.psnr_mean)
-            ssim.append(result.fidelity.ssim_mean)
-            if judged(self.plan.model()):
-                kept.append(self._kept(prompt, result.accelerated.frames))
-                base.append(self._baseline_judged(prompt, result))
-            quality = Quality(tuple(psnr), tuple(ssim), tuple(kept), tuple(base))
-            below = [floor for floor in self.plan.floors if below_already(floor, quality, len(self.plan.tuning()))]
-            if below and index + 1 < len(self.plan.tuning()):
-                stopped = True  # below a floor already: the other prompts cannot lift it
-                break
-        speed = math.exp(statistics.fmean(math.log(s) for s in speeds))
-        attrs = {"stack": [[name, values] for name, values in drawn.values], "label": label, "speedup": speed,
-                 "psnr": list(psnr), "ssim": list(ssim), "kept": list(kept), "baseline_kept": list(base),
+    def _tell(self, optuna, study, trial, run: TrialRun) -> None:
+        """A trial's figures to the study: its objectives, the floors as constraints."""
+        trial.set_user_attr("seconds", run.seconds)
+        trial.set_user_attr("worker", run.worker)
+        if run.error is not None:
+            trial.set_user_attr("error", run.error)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            self._say(study, f"trial {trial.number} failed: {run.error}", finished=trial.number)
+            return
+        quality = run.quality
+        attrs = {"speedup": run.speedup, "psnr": list(quality.psnr), "ssim": list(quality.ssim),
+                 "kept": list(quality.kept), "baseline_kept": list(quality.baseline_kept),
                  "shortfalls": [floor.shortfall(quality) for floor in self.plan.floors],
-                 "idle_methods": sorted(idle_methods), "stopped_early": stopped,
-                 "seconds": time.perf_counter() - started}
+                 "idle_methods": list(run.idle_methods), "stopped_early": run.stopped_early}
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         for floor, shortfall in zip(self.plan.floors, attrs["shortfalls"]):
             trial.set_constraint(f"floor {floor.text()}", shortfall)
         # A method that did nothing (every evidence count 0) makes the stack no recipe: the same
         # speed without it.
-        trial.set_constraint("every method acted", float(len(idle_methods)))
-        study.tell(trial, [speed, quality.psnr_mean])
-        self._say(study, f"trial {trial.number}: {speed:.2f}x, PSNR {quality.psnr_mean:.1f} dB"
-                         + (f", judge {quality.kept_text()}" if kept else "")
-                         + (" (stopped early: below a floor)" if stopped else "")
-                         + (f" ({', '.join(sorted(idle_methods))} did nothing: not a recipe)" if idle_methods else ""),
+        trial.set_constraint("every method acted", float(len(run.idle_methods)))
+        study.tell(trial, [run.speedup, quality.psnr_mean])
+        self._say(study, f"trial {trial.number}: {run.speedup:.2f}x, PSNR {quality.psnr_mean:.1f} dB"
+                         + (f", judge {quality.kept_text()}" if quality.kept else "")
+                         + (" (stopped early: below a floor)" if run.stopped_early else "")
+                         + (f" ({', '.join(run.idle_methods)} did nothing: not a recipe)" if run.idle_methods else ""),
                   finished=trial.number)
-
-    def _compare(self, prompt: str, configs: tuple[Any, ...], rounds: int | None):
-        return self.engine.run(self.plan.request(prompt, configs, rounds), write=False, cancel=self.cancel)
-
-    def _kept(self, prompt: str, frames) -> bool:
-        from vdtome.core.frames import to_uint8
-        from vdtome.offline import shapes
-
-        verdict = shapes.judge(to_uint8(frames), shapes.Scene.from_prompt(prompt))
-        return verdict.colour_right and verdict.direction_right
-
-    def _baseline_judged(self, prompt: str, result) -> bool:
-        if prompt not in self._baseline_kept:
-            self._baseline_kept[prompt] = self._kept(prompt, result.baseline.frames)
-        return self._baseline_kept[prompt]
 
     # -- finalists
 
@@ -274,12 +274,12 @@ class Tuner:
                     if self.progress is not None:
                         self.progress(TuneEvent(f"validating trial {record.number} ({record.label}) on {prompt!r}",
                                                 len(records), self.plan.trials, None, len(front)))
-                    done[key] = self._validate_one(record, prompt)
+                    done[key] = self.trials.validate(record.stack, prompt)
                     with (self.out / VALIDATION_FILE).open("a") as rows:
                         rows.write(json.dumps({"key": key, **asdict(done[key])}) + "\n")
                 figures.append(done[key])
                 partial = Finalist(record, tuple(figures), self.plan.floors, len(prompts))
-                if any(below_already(floor, partial.quality, len(prompts)) for floor in self.plan.floors):
+                if any(floor.broken(partial.quality) for floor in self.plan.floors):
                     break
             finalists.append(Finalist(record, tuple(figures), self.plan.floors, len(prompts)))
             if finalists[-1].passes and finalists[-1].speedup > 1.0:
@@ -301,27 +301,9 @@ class Tuner:
                     continue  # a line cut short by a kill
         return rows
 
-    def _validate_one(self, record: TrialRecord, prompt: str) -> PromptFigures:
-        from vdtome.methods.registry import METHODS
-
-        configs = tuple(METHODS[name].from_form(values) for name, values in record.stack)
-        result = self._compare(prompt, configs, self.plan.rounds)
-        if not result.ok:
-            raise RuntimeError(f"validating trial {record.number} on {prompt!r} failed: {result.error}")
-        ratio = result.speedup("denoising")
-        e2e = result.speedup("end_to_end")
-        kept = base = None
-        if judged(self.plan.model()):
-            kept = self._kept(prompt, result.accelerated.frames)
-            base = self._baseline_judged(prompt, result)
-        busy = bool(result.timing is not None and result.timing.busy_warning)
-        return PromptFigures(prompt, ratio.value, ratio.low, ratio.high, ratio.verdict.value,
-                             None if e2e is None else e2e.value, result.fidelity.psnr_mean, result.fidelity.ssim_mean,
-                             kept, base, busy)
-
     # -- outputs
 
-    def _finish(self, study, records, finalists, closest, idle, cancelled: bool = False) -> TuneOutcome:
+    def _finish(self, study, records, finalists, closest, cancelled: bool = False) -> TuneOutcome:
         from vdtome.bench.tune_report import write_report, write_trials_csv
 
         passing = [f for f in finalists if f.passes and f.speedup > 1.0]
@@ -350,13 +332,13 @@ class Tuner:
         to_chosen = None
         if chosen is not None:
             to_chosen = 1 + [r.number for r in records].index(chosen.trial.number)
-        from vdtome.measure.environment import environment
-
-        outcome = TuneOutcome(self.plan, tuple(records), idle, tuple(finalists), chosen, files, message,
+        outcome = TuneOutcome(self.plan, tuple(records), _idle_draws(study), tuple(finalists), chosen, files, message,
                               statistics.fmean(seconds) if seconds else None, to_chosen,
-                              environment(self.engine.device), cancelled)
+                              self.trials.environment(), cancelled)
         if chosen is not None:
             files["recipe"] = str(self._recipe(outcome).save(self.out / RECIPE_FILE))
+        elif not cancelled:  # a resume that chooses nothing (other floors, more prompts) leaves no older recipe
+            (self.out / RECIPE_FILE).unlink(missing_ok=True)
         files["report"] = str(write_report(outcome, closest, self.out / REPORT_FILE, self.out / PLOT_FILE))
         files["plot"] = str(self.out / PLOT_FILE)
         return replace(outcome, files=files)
@@ -373,7 +355,7 @@ class Tuner:
             preset=preset.name, pipeline_class=preset.pipeline_class, frames=settings.frames, height=settings.height,
             width=settings.width, steps=settings.steps, guidance=settings.guidance,
             stack=chosen.trial.stack,
-            tuning={"floors": [f.text() for f in self.plan.floors],
+            tuning={"floors": [f.text() for f in self.plan.floors], "search_floors": self.search_floors,
                     "floors_described": [f.describe() for f in self.plan.floors],
                     "prompt_set": self.plan.prompt_set(), "tuning_prompts": list(self.plan.tuning()),
                     "validation_prompts": list(self.plan.validation()), "seed": self.plan.seed,
@@ -386,7 +368,7 @@ class Tuner:
         if self.progress is None:
             return
         ran, seconds = _spent(study)
-        records = trial_records(study)
+        records = trial_records(study, self.plan.floors)
         left = None if self.plan.minutes is None else max(self.plan.minutes - seconds / 60, 0.0)
         front = pareto(r for r in records if r.feasible)
         self.progress(TuneEvent(message, ran, self.plan.trials, left, len(front),
@@ -422,29 +404,28 @@ def _refuse(study, trial, error: RequestError) -> None:
     study.tell(trial, [0.0, 0.0])
 
 
-
-
 def _finished_with(study, params: Mapping[str, Any], number: int):
     """A finished trial (not this one) that drew exactly ``params``, or None."""
     for other in study.get_trials(deepcopy=False):
         if other.number != number and other.state.is_finished() and other.params == params \
-                and "stack" in other.user_attrs:
+                and "stack" in other.user_attrs and "interrupted" not in other.user_attrs:
             return other
     return None
 
 
-def trial_records(study) -> list[TrialRecord]:
-    """The trials that ran (complete), in order."""
+def trial_records(study, floors: Sequence[Floor]) -> list[TrialRecord]:
+    """The trials that ran (complete), in order, with their shortfalls under ``floors`` (those the
+    study drew them under, or others a resume chose again with)."""
     out = []
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
         if trial.state.name != "COMPLETE" or "speedup" not in attrs:
             continue
+        quality = Quality(tuple(attrs["psnr"]), tuple(attrs["ssim"]), tuple(attrs["kept"]),
+                          tuple(attrs["baseline_kept"]))
         out.append(TrialRecord(
             number=trial.number, stack=tuple((name, dict(values)) for name, values in attrs["stack"]),
             label=attrs["label"], speedup=attrs["speedup"],
-            quality=Quality(tuple(attrs["psnr"]), tuple(attrs["ssim"]), tuple(attrs["kept"]),
-                            tuple(attrs["baseline_kept"])),
-            shortfalls=tuple(attrs["shortfalls"]), seconds=attrs["seconds"], stopped_early=attrs["stopped_early"],
+            quality=quality, shortfalls=tuple(floor.shortfall(quality) for floor in floors), seconds=attrs["seconds"], stopped_early=attrs["stopped_early"],
             idle_methods=tuple(attrs.get("idle_methods", ()))))
     return out
