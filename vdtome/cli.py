@@ -146,15 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--preset", default=DEFAULT_PRESET, help="model preset (see `python -m vdtome presets`)")
     tune.add_argument("--floor", action="append", default=[], metavar="psnr=DB|ssim=X|judge[=CLIPS]", required=True,
                       help="a quality every validation prompt must keep, repeatable: PSNR or SSIM to the baseline "
-                           "video, or (shapes models) the judge: the prompt's colour and direction kept in as many "
-                           "clips as the baseline keeps them, less CLIPS")
+                           "video, or (shapes models) the judge: no clip whose colour and direction the baseline "
+                           "keeps is lost (CLIPS: lost clips tolerated)")
     tune.add_argument("--out", required=True, help="the tune's folder (its Optuna study, recipe, report)")
     tune.add_argument("--methods", help="methods to search, comma-separated (default: every registered one the "
                                         "preset takes that buys speed)")
     tune.add_argument("--require", help="methods every stack tried holds, comma-separated (e.g. tome: the fastest "
                                         "recipe with token merging in it)")
     tune.add_argument("--trials", type=int, help="trials to run (at least one of --trials and --minutes)")
-    tune.add_argument("--minutes", type=float, help="minutes of trials to run (the validation comes after)")
+    tune.add_argument("--minutes", type=float, help="minutes of trials to run, per Ray actor (the validation comes "
+                                                    "after)")
     tune.add_argument("--prompts", help="a prompt set (default: the preset's tuning set, e.g. shapes-tuning)")
     tune.add_argument("--tuning-prompts", type=int, default=2, help="the set's first N prompts tune (default 2)")
     tune.add_argument("--validation-prompts", type=int, default=4,

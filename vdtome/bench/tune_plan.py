@@ -28,8 +28,7 @@ class Floor:
     """A quality the recipe must keep on every prompt: ``psnr`` (dB) or ``ssim`` to the baseline's
     video at least ``value``; ``judge`` (shapes models): no clip whose colour and direction the baseline
     keeps is lost, less ``value`` clips of tolerance. Counted clip by clip, not as totals: a clip the
-    accelerated run happens to fix never pays for one it broke (a recipe that passed on totals over 4
-    validation prompts lost 3 of 20 clips on the evaluation prompts)."""
+    accelerated run happens to fix never pays for one it broke."""
 
     measure: str
     value: float

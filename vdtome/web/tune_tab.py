@@ -110,8 +110,8 @@ def build_tune_tab(ctx: TuneTabContext, preset: ModelPreset) -> TuneTab:
             tune_preset = gr.Dropdown([(preset_choice_label(p, ctx.has_gpu), p.name) for p in ctx.presets.values()],
                                       value=preset.name, label="Model preset", elem_id="tune_preset")
             tune_floors = gr.Textbox(default_floors(preset), label="Quality floors", max_lines=1, elem_id="tune_floors",
-                                     info="comma-separated: psnr=DB, ssim=X, judge (shapes models: the prompt's colour "
-                                          "and direction kept as often as the baseline keeps them)")
+                                     info="comma-separated: psnr=DB, ssim=X, judge (shapes models: no clip whose "
+                                          "colour and direction the baseline keeps is lost)")
             methods = speed_methods(preset)
             tune_methods = gr.CheckboxGroup(methods, value=methods, label="Methods to search", elem_id="tune_methods")
             tune_require = gr.Dropdown([("none", ""), *((m, m) for m in methods)], value="",
