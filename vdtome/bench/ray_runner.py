@@ -125,7 +125,8 @@ def start_actors(worker_class: type, arguments: dict[str, Any], address: str | N
     actor = ray.remote(worker_class).options(num_gpus=1 if gpus else 0, num_cpus=cpus, max_restarts=MAX_RESTARTS,
                                              max_task_retries=0)
     actors = [actor.remote(**arguments, device=device, threads=max(1, int(cpus))) for _ in range(count)]
-    return actors, f"{count} Ray actor{'s' if count > 1 else ''} ({'1 GPU' if gpus else f'{cpus:g} CPU' + ('s' if cpus != 1 else '')} each)"
+    each = "1 GPU" if gpus else f"{cpus:g} CPU{'s' if cpus != 1 else ''}"
+    return actors, f"{count} Ray actor{'s' if count > 1 else ''} ({each} each)"
 
 
 def join(address: str | None, init: Callable[[], Any]) -> None:

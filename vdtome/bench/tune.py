@@ -426,6 +426,6 @@ def trial_records(study, floors: Sequence[Floor]) -> list[TrialRecord]:
         out.append(TrialRecord(
             number=trial.number, stack=tuple((name, dict(values)) for name, values in attrs["stack"]),
             label=attrs["label"], speedup=attrs["speedup"],
-            quality=quality, shortfalls=tuple(floor.shortfall(quality) for floor in floors), seconds=attrs["seconds"], stopped_early=attrs["stopped_early"],
-            idle_methods=tuple(attrs.get("idle_methods", ()))))
+            quality=quality, shortfalls=tuple(floor.shortfall(quality) for floor in floors), seconds=attrs["seconds"],
+            stopped_early=attrs["stopped_early"], idle_methods=tuple(attrs.get("idle_methods", ()))))
     return out
