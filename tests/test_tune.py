@@ -290,6 +290,29 @@ def test_a_finished_tune_resumed_runs_nothing_again_and_writes_the_same_choice(t
     assert refused.value.field == "floor" and runs == []
 
 
+def test_a_validation_comparison_that_fails_stops_the_tune_saying_so_and_keeps_its_trials(tmp_path):
+    from types import SimpleNamespace
+
+    from vdtome.bench.tune_worker import ValidationFailed
+
+    engine = ComparisonEngine(device="cpu", output_root=tmp_path / "runs", noise_dir=None)
+    plan = quick_plan(trials=1, methods=("first_block_cache",), floors=(Floor.parse("psnr=5"),))
+    original = engine.run
+
+    def failing_validation(request, *args, **kwargs):
+        if request.rounds == plan.rounds:  # a validation comparison (a trial runs one round)
+            return SimpleNamespace(ok=False, error="the accelerated video holds NaN values")
+        return original(request, *args, **kwargs)
+
+    engine.run = failing_validation
+    with pytest.raises(ValidationFailed, match="failed: the accelerated video holds NaN values"):
+        Tuner(plan, tmp_path / "tune", engine=engine).run()
+    rounds = []  # the comparison works again: --resume goes on from the kept trial, validating only
+    engine.run = lambda request, *args, **kwargs: rounds.append(request.rounds) or original(request, *args, **kwargs)
+    resumed = Tuner(plan, tmp_path / "tune", engine=engine).run(resume=True)
+    assert len(resumed.trials) == 1 and rounds == [plan.rounds]  # one validation comparison, no trial again
+
+
 def test_the_judge_floor_counts_lost_clips_not_totals():
     """A clip the accelerated run happens to fix never pays for one it broke."""
     judge, tolerant = Floor.parse("judge"), Floor.parse("judge=1")

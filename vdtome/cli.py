@@ -390,6 +390,7 @@ def _tune(args) -> int:
     try:
         from vdtome.bench.tune import Tuner
         from vdtome.bench.tune_plan import Floor, TunePlan
+        from vdtome.bench.tune_worker import ValidationFailed
 
         plan = TunePlan(
             preset=args.preset, floors=tuple(Floor.parse(text) for text in args.floor),
@@ -421,6 +422,10 @@ def _tune(args) -> int:
     except (RequestError, ValueError, ModelUnavailableError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except ValidationFailed as error:
+        print(f"error: {error}; the trials and the validations made are kept: `--resume` goes on in {args.out}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: the finished trials are kept; `--resume` continues the tune in {args.out}",
               file=sys.stderr)

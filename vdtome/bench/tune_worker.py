@@ -22,6 +22,11 @@ from vdtome.core.validation import RequestError
 Stack = Sequence[tuple[str, dict[str, Any]]]  # (method, form values) in stack order
 
 
+class ValidationFailed(RuntimeError):
+    """A finalist's validation comparison failed to run (a NaN video, a dead worker): the tune stops
+    there; its trials and the validation comparisons made so far are kept (``--resume``)."""
+
+
 @dataclass(frozen=True)
 class TrialRun:
     """What a trial's stack did on the tuning prompts: the paired one-round ratios, the quality,
@@ -108,7 +113,7 @@ class TrialWorker:
         """The stack on one validation prompt with the full protocol (the plan's rounds)."""
         result = self._compare(prompt, _configs(stack), self.plan.rounds, cancel=cancel)
         if not result.ok:
-            raise RuntimeError(f"validating on {prompt!r} failed: {result.error}")
+            raise ValidationFailed(f"validating on {prompt!r} failed: {result.error}")
         ratio = result.speedup("denoising")
         e2e = result.speedup("end_to_end")
         kept = base = None
@@ -217,7 +222,12 @@ class RayTrials:
     def validate(self, stack: Stack, prompt: str) -> PromptFigures:
         import ray
 
-        return ray.get(self.actors[0].validate.remote(list(stack), prompt))
+        from vdtome.bench.ray_runner import ray_error_text
+
+        try:
+            return ray.get(self.actors[0].validate.remote(list(stack), prompt))
+        except ray.exceptions.RayError as error:  # it raised ValidationFailed, or its actor died
+            raise ValidationFailed(ray_error_text(error)) from None
 
     def shutdown(self) -> None:
         import ray

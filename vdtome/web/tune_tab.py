@@ -175,6 +175,7 @@ async def run_tune(ctx: TuneTabContext, tune_preset, tune_floors, tune_methods, 
     files, the load button, the recipe's path)."""
     from vdtome.bench.tune import Tuner
     from vdtome.bench.tune_report import pareto_png
+    from vdtome.bench.tune_worker import ValidationFailed
 
     values = dict(zip(TUNE_FIELDS, (tune_preset, tune_floors, tune_methods, tune_minutes, tune_require)))
     try:
@@ -215,6 +216,8 @@ async def run_tune(ctx: TuneTabContext, tune_preset, tune_floors, tune_methods, 
                 plot = str(path)
             yield _status(latest), plot, gr.update(), hidden, None
         outcome = future.result()
+    except ValidationFailed as error:  # a finalist's comparison could not run: said, the app keeps serving
+        raise gr.Error(f"The tune stopped: {error}", title="Validation failed") from None
     except asyncio.CancelledError:  # the client left, or the event was cancelled: stop the worker, keep its trials
         flag.set()
         await wait_out(future)
