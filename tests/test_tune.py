@@ -121,6 +121,16 @@ def test_a_recipe_made_for_other_settings_or_another_pipeline_is_refused(tmp_pat
     assert "--recipe is the whole stack" in capsys.readouterr().err
 
 
+def test_a_recipe_calls_the_pipeline_as_the_comparison_did():
+    """LTX conditions on the frame rate: the recipe's call passes the rate the comparison passed
+    (the preset's video rate), so a calibration and a user's call see the tuned call."""
+    from vdtome.core.presets import get_preset
+
+    ltx = wan_recipe(preset="tiny-ltx", pipeline_class="LTXPipeline").call_settings()
+    assert ltx["frame_rate"] == get_preset("tiny-ltx").fps
+    assert "frame_rate" not in wan_recipe().call_settings()
+
+
 def test_compare_runs_a_recipe_at_its_own_settings(tmp_path, capsys):
     path = wan_recipe().save(tmp_path / "recipe.json")
     out = tmp_path / "run"

@@ -12,7 +12,7 @@ Each method of the stack is kept as its form values (every field, by the names t
 its field. A recipe is refused when it was made for another preset (or pipeline), size, step count
 or guidance, naming what differs: a speedup tuned at one size says nothing of another.
 
-Light: no diffusers import until a recipe is applied.
+Light: no diffusers import until a recipe is applied or its call settings are asked for.
 """
 
 from __future__ import annotations
@@ -78,16 +78,28 @@ class Recipe:
 
     def call_settings(self) -> dict[str, Any]:
         """The pipeline call's size, steps and guidance it was tuned at (diffusers' argument names),
-        and the text length the preset's model was trained at, where it has one."""
+        the text length the preset's model was trained at, where it has one, and, for a pipeline
+        that conditions on it (LTX's ``frame_rate``), the frame rate the comparison passed: the
+        preset's video rate."""
+        import inspect
+
+        import diffusers
+
         from vdtome.core.presets import get_preset
 
         settings = {"num_frames": self.frames, "height": self.height, "width": self.width,
                     "num_inference_steps": self.steps, "guidance_scale": self.guidance}
         try:
-            length = get_preset(self.preset).extras.get("max_sequence_length")
+            preset = get_preset(self.preset)
         except (KeyError, ValueError):  # a preset this installation does not ship
-            length = None
-        return settings | ({"max_sequence_length": length} if length is not None else {})
+            return settings
+        length = preset.extras.get("max_sequence_length")
+        if length is not None:
+            settings["max_sequence_length"] = length
+        pipeline = getattr(diffusers, self.pipeline_class, None)
+        if pipeline is not None and "frame_rate" in inspect.signature(pipeline.__call__).parameters:
+            settings["frame_rate"] = preset.fps
+        return settings
 
     def check_settings(self, preset: str, **settings: Any) -> None:
         """Refuse a run on another preset or at other call settings (``frames=...``, ``steps=...``:
