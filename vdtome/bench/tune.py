@@ -81,7 +81,6 @@ class Tuner:
         self.plan = plan
         self.out = Path(out_dir)
         self.progress = progress
-        self.search_floors: list[str] = []  # the floors the study's trials were drawn under
         self.trials = trials or LocalTrials(TrialWorker(plan, device=device, engine=engine), cancel)
 
     # -- public
@@ -90,14 +89,14 @@ class Tuner:
         from vdtome.engine.engine import Cancelled
 
         optuna = _optuna()
-        study = self._open(optuna, resume)
-        self.search_floors = searched = study.user_attrs[SEARCH_FLOORS]
-        if searched != [floor.text() for floor in self.plan.floors] and not self._budget_spent(study):
-            self.trials.shutdown()
-            raise RequestError(f"the trials in {self.out} were drawn under the floors {', '.join(searched)}: a resume "
-                               "may change the floors only to choose again among the trials run (their figures are "
-                               "kept), not to draw more under other floors; start a new tune for that", "floor")
-        try:
+        try:  # whatever ends the tune, refusals included, gives its workers back
+            study = self._open(optuna, resume)
+            searched = study.user_attrs[SEARCH_FLOORS]
+            if searched != [floor.text() for floor in self.plan.floors] and not self._budget_spent(study):
+                raise RequestError(f"the trials in {self.out} were drawn under the floors {', '.join(searched)}: a "
+                                   "resume may change the floors only to choose again among the trials run (their "
+                                   "figures are kept), not to draw more under other floors; start a new tune for "
+                                   "that", "floor")
             try:
                 self._search(optuna, study, resume)
             except Cancelled:
@@ -231,12 +230,11 @@ class Tuner:
         quality = run.quality
         attrs = {"speedup": run.speedup, "psnr": list(quality.psnr), "ssim": list(quality.ssim),
                  "kept": list(quality.kept), "baseline_kept": list(quality.baseline_kept),
-                 "shortfalls": [floor.shortfall(quality) for floor in self.plan.floors],
                  "idle_methods": list(run.idle_methods), "stopped_early": run.stopped_early}
-        for key, value in attrs.items():
+        for key, value in attrs.items():  # what trial_records reads back (its shortfalls under any floors)
             trial.set_user_attr(key, value)
-        for floor, shortfall in zip(self.plan.floors, attrs["shortfalls"]):
-            trial.set_constraint(f"floor {floor.text()}", shortfall)
+        for floor in self.plan.floors:
+            trial.set_constraint(f"floor {floor.text()}", floor.shortfall(quality))
         # A method that did nothing (every evidence count 0) makes the stack no recipe: the same
         # speed without it.
         trial.set_constraint("every method acted", float(len(run.idle_methods)))
@@ -336,14 +334,14 @@ class Tuner:
                               statistics.fmean(seconds) if seconds else None, to_chosen,
                               self.trials.environment(), cancelled)
         if chosen is not None:
-            files["recipe"] = str(self._recipe(outcome).save(self.out / RECIPE_FILE))
+            files["recipe"] = str(self._recipe(outcome, study.user_attrs[SEARCH_FLOORS]).save(self.out / RECIPE_FILE))
         elif not cancelled:  # a resume that chooses nothing (other floors, more prompts) leaves no older recipe
             (self.out / RECIPE_FILE).unlink(missing_ok=True)
         files["report"] = str(write_report(outcome, closest, self.out / REPORT_FILE, self.out / PLOT_FILE))
         files["plot"] = str(self.out / PLOT_FILE)
         return replace(outcome, files=files)
 
-    def _recipe(self, outcome: TuneOutcome):
+    def _recipe(self, outcome: TuneOutcome, search_floors: list[str]):
         from vdtome.methods.recipe import Recipe
 
         chosen, finalists, records = outcome.chosen, outcome.finalists, outcome.trials
@@ -355,7 +353,7 @@ class Tuner:
             preset=preset.name, pipeline_class=preset.pipeline_class, frames=settings.frames, height=settings.height,
             width=settings.width, steps=settings.steps, guidance=settings.guidance,
             stack=chosen.trial.stack,
-            tuning={"floors": [f.text() for f in self.plan.floors], "search_floors": self.search_floors,
+            tuning={"floors": [f.text() for f in self.plan.floors], "search_floors": search_floors,
                     "floors_described": [f.describe() for f in self.plan.floors],
                     "prompt_set": self.plan.prompt_set(), "tuning_prompts": list(self.plan.tuning()),
                     "validation_prompts": list(self.plan.validation()), "seed": self.plan.seed,

@@ -18,6 +18,7 @@ from vdtome.measure.stats import pareto_front
 JUDGE = "judge"
 FLOOR_MEASURES = ("psnr", "ssim", JUDGE)
 MAX_COUNT = 100_000  # trials, prompts or finalists a plan may ask for
+SLACK = 1e-9  # a shortfall this small is float noise: the floor is met
 
 
 # ---- what a tune is asked -------------------------------------------------------------------------
@@ -80,7 +81,7 @@ class Floor:
         """Whether ``quality`` is below this floor. On the first prompts of a run it stays below
         whatever the others give (a PSNR or SSIM under it on one prompt; a lost clip stays lost):
         the run can stop there."""
-        return self.shortfall(quality) > 1e-9
+        return self.shortfall(quality) > SLACK
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,7 @@ class TrialRecord:
 
     @property
     def feasible(self) -> bool:
-        return not self.stopped_early and not self.idle_methods and all(s <= 1e-9 for s in self.shortfalls)
+        return not self.stopped_early and not self.idle_methods and all(s <= SLACK for s in self.shortfalls)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,6 +320,19 @@ class ModelPreset:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def conditioning_kwargs(max_sequence_length: int | None, fps: int, parameters: Collection[str]) -> dict[str, Any]:
+    """What a pipeline call is conditioned on besides its size, steps and guidance: one rule for the
+    engine's calls and a recipe's. The text length a model was trained at, where it has one, and the
+    frame rate for a pipeline whose call takes it (``parameters``: LTX conditions on ``frame_rate``;
+    it is the rate the video is written at)."""
+    kwargs: dict[str, Any] = {}
+    if max_sequence_length is not None:
+        kwargs["max_sequence_length"] = max_sequence_length
+    if "frame_rate" in parameters:
+        kwargs["frame_rate"] = fps
+    return kwargs
 
 
 # -------------------------------------------------------------------------------------------- loading

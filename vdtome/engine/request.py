@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from vdtome.core.presets import ModelPreset, get_preset
+from vdtome.core.presets import ModelPreset, conditioning_kwargs, get_preset
 from vdtome.core.validation import RequestError, shown, text, whole_number
 from vdtome.engine.fidelity import Fidelity, Temporal
 from vdtome.engine.plan import PlanCheck
@@ -135,11 +135,7 @@ class ResolvedSettings:
             num_inference_steps=self.steps,
             guidance_scale=self.guidance,
         )
-        if self.max_sequence_length is not None:
-            kwargs["max_sequence_length"] = self.max_sequence_length
-        if "frame_rate" in parameters:  # LTX conditions on the frame rate its video is written at
-            kwargs["frame_rate"] = self.fps
-        return kwargs
+        return kwargs | conditioning_kwargs(self.max_sequence_length, self.fps, parameters)
 
 
 @dataclass(frozen=True, eq=False)

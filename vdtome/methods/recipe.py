@@ -78,14 +78,13 @@ class Recipe:
 
     def call_settings(self) -> dict[str, Any]:
         """The pipeline call's size, steps and guidance it was tuned at (diffusers' argument names),
-        the text length the preset's model was trained at, where it has one, and, for a pipeline
-        that conditions on it (LTX's ``frame_rate``), the frame rate the comparison passed: the
-        preset's video rate."""
+        and what else the comparison conditioned the call on (the preset's text length; LTX's frame
+        rate): :func:`vdtome.core.presets.conditioning_kwargs`."""
         import inspect
 
         import diffusers
 
-        from vdtome.core.presets import get_preset
+        from vdtome.core.presets import conditioning_kwargs, get_preset
 
         settings = {"num_frames": self.frames, "height": self.height, "width": self.width,
                     "num_inference_steps": self.steps, "guidance_scale": self.guidance}
@@ -93,13 +92,9 @@ class Recipe:
             preset = get_preset(self.preset)
         except (KeyError, ValueError):  # a preset this installation does not ship
             return settings
-        length = preset.extras.get("max_sequence_length")
-        if length is not None:
-            settings["max_sequence_length"] = length
         pipeline = getattr(diffusers, self.pipeline_class, None)
-        if pipeline is not None and "frame_rate" in inspect.signature(pipeline.__call__).parameters:
-            settings["frame_rate"] = preset.fps
-        return settings
+        parameters = () if pipeline is None else inspect.signature(pipeline.__call__).parameters
+        return settings | conditioning_kwargs(preset.extras.get("max_sequence_length"), preset.fps, parameters)
 
     def check_settings(self, preset: str, **settings: Any) -> None:
         """Refuse a run on another preset or at other call settings (``frames=...``, ``steps=...``:
