@@ -100,7 +100,7 @@ from vdtome.web.page import (
 )
 from vdtome.web.serving import ServiceGuard, StrictBlocks, limit_visitors, run_until_abandoned
 from vdtome.web.sessions import expire_sessions
-from vdtome.web.tune_tab import TuneTabContext, build_tune_tab, tuned_recipes
+from vdtome.web.tune_tab import TuneTabContext, build_tune_tab, shipped_recipe_note, tuned_recipes
 from vdtome.web.ui import (
     CUSTOM_MODEL,
     HISTORY_COLUMNS,
@@ -623,9 +623,8 @@ def load_recipe_choice(source):
         values = recipe_form(recipe)
     except RequestError as error:
         return (*_form_unchanged(), f"**This recipe cannot be loaded:** {error}", *_titles(None))
-    figures = recipe.validation
-    told = (f"; validated at {figures['speedup_median']:.2f}x (denoising, median of its validation prompts), PSNR >= "
-            f"{figures['psnr_min']:.1f} dB" if figures.get("speedup_median") else "")
+    figures = recipe.figures_text()
+    told = f"; validated at {figures}" if figures else ""
     return _form_updates(values, [], f"**Recipe {recipe.label()} loaded:** {recipe.stack_text()}, tuned at "
                                      f"{recipe.frames} frames of {recipe.height}x{recipe.width}, {recipe.steps} steps"
                                      f"{told}.")
@@ -677,6 +676,10 @@ def on_preset_prompts(name: str):
     """The example prompts follow the preset: a trained tiny model knows only its own prompts."""
     preset = PRESETS[name]
     return gr.Dataset(samples=[[p] for p in preset_prompts(preset)], label=_examples_label(preset))
+
+
+def on_preset_recipes(name: str) -> str:
+    return shipped_recipe_note(PRESETS[name])
 
 
 def on_preset(name: str, negative_prompt: str):
@@ -983,6 +986,7 @@ def build_demo() -> gr.Blocks:
                     recipe_pick = gr.Dropdown(tuned_recipes(TUNE_DIR), value=None, label="Load a tuned recipe",
                                               info="the stack a tune chose, at the size and steps it was tuned at",
                                               elem_id="recipe-pick")
+                    recipe_note = gr.Markdown(shipped_recipe_note(preset), elem_id="recipe-note")
                     gr.Markdown("Switch on any methods to stack them (applied in this order).")
                     method_widgets, switches, panels = method_panel(preset)
                 with gr.Accordion("Share and reproduce", open=False, elem_id="share"):
@@ -1188,6 +1192,8 @@ def build_demo() -> gr.Blocks:
         model.input(on_preset_methods, [model, *switches],
                     [*switches, *(method_widgets[field] for field in METHOD_FIELDS), *titles], **private)
         model.input(on_preset_prompts, model, prompt_examples.dataset, **private)
+        # .change: a recipe, a link or a shown run may set the preset too.
+        model.change(on_preset_recipes, model, recipe_note, show_progress="hidden", **private)
         sweep_field.change(sweep_suggestion, sweep_field, sweep_values, **private)
         demo.load(restore_from_link, None, form_outputs, show_progress="hidden", **private).then(
             on_preset_prompts, model, prompt_examples.dataset, show_progress="hidden", **private)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vdtome.core.presets import load_prompts
+from vdtome.core.presets import get_preset, load_prompts
 
 pytestmark = pytest.mark.browser
 
@@ -395,6 +395,15 @@ def test_the_result_page_at_phone_and_desktop_widths(browser, default_app_server
     page.set_viewport_size({"width": 1400, "height": 900})
     page.evaluate("() => window.scrollTo(0, 0)")
     check_result_page(page, 1400, folder, "screenshot.png")
+    # Beside the form's default stack: the recipes tuned for this preset, with their validated figures;
+    # another preset (here set by a link) has none.
+    open_group(page, "acceleration")
+    assert "tiny-shapes-128-tome" in page.locator("#recipe-note").inner_text()
+    other = get_preset("tiny-shapes")
+    page.goto(default_app_server + f"?preset={other.name}")
+    page.wait_for_function("(label) => document.querySelector('#preset input')?.value === label", arg=other.label)
+    open_group(page, "acceleration")
+    page.wait_for_function("() => !document.querySelector('#recipe-note').innerText.includes('tiny-shapes-128')")
     page.close()
 
 

@@ -269,6 +269,23 @@ def test_the_shipped_recipes_load_by_name_on_their_preset():
     assert "tome" in {name for name, _ in load_recipe("tiny-shapes-128-tome").stack}
 
 
+def test_the_form_lists_the_shipped_recipes_of_its_preset_with_their_figures_and_timing():
+    from vdtome.core.presets import get_preset
+    from vdtome.web.tune_tab import shipped_recipe_note
+
+    magcache = load_recipe("tiny-shapes-128")
+    assert not magcache.steps_alike()  # a skipped step costs next to nothing: whole calls every round
+    merging_only = load_recipe({**magcache.to_dict(), "stack": [{"method": "tome", "fields": {"ratio": 0.3}}]})
+    assert merging_only.steps_alike()
+    note = shipped_recipe_note(get_preset("tiny-shapes-128"))
+    for name in ("tiny-shapes-128", "tiny-shapes-128-tome"):
+        recipe = load_recipe(name)
+        assert f"**{name}**: {recipe.stack_text()}; {recipe.figures_text()}" in note
+        assert f"{recipe.validation['speedup_median']:.2f}x denoising (median of 10 validation prompts)" in note
+    assert "runs all 20 steps" in note and "3-step rounds" in note
+    assert shipped_recipe_note(get_preset("tiny-shapes")) == ""  # nothing tuned for it
+
+
 def test_a_finished_tune_resumed_runs_nothing_again_and_writes_the_same_choice(tmp_path):
     engine = ComparisonEngine(device="cpu", output_root=tmp_path / "runs", noise_dir=None)
     plan = quick_plan(trials=2, methods=("first_block_cache",), floors=(Floor.parse("psnr=5"),))

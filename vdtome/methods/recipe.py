@@ -27,7 +27,7 @@ from typing import Any
 
 from vdtome.core.validation import RequestError
 from vdtome.methods.base import config_fields
-from vdtome.methods.registry import METHODS
+from vdtome.methods.registry import METHODS, method_of
 
 FORMAT = 1
 KIND = "vdtome recipe"
@@ -115,6 +115,24 @@ class Recipe:
         from vdtome.methods.stack import stack_label
 
         return stack_label(self.configs())
+
+    def figures_text(self) -> str:
+        """What its validation measured, in one line ("" where it carries none): the speedup, the
+        worst PSNR and, on a judged model, the clips whose prompt it kept."""
+        figures = self.validation
+        if not figures.get("speedup_median"):
+            return ""
+        prompts = len(figures.get("prompts", ())) or "its"
+        parts = [f"{figures['speedup_median']:.2f}x denoising (median of {prompts} validation prompts)",
+                 f"PSNR >= {figures['psnr_min']:.1f} dB"]
+        if figures.get("judge_kept"):
+            parts.append(f"prompt kept in {figures['judge_kept']}")
+        return ", ".join(parts)
+
+    def steps_alike(self) -> bool:
+        """Every denoising step of its stack costs the same: a comparison may time short rounds
+        (:mod:`vdtome.measure.protocol`); otherwise every round runs whole calls."""
+        return all(method_of(config).steps_alike(config) for config in self.configs())
 
     def to_dict(self) -> dict[str, Any]:
         return {

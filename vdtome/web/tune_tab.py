@@ -84,6 +84,25 @@ def tuned_recipes(folder: Path) -> list[tuple[str, str]]:
     return found + [(f"{path.parent.name} (tuned here)", str(path)) for path in made]
 
 
+def shipped_recipe_note(preset: ModelPreset) -> str:
+    """The recipes shipped for ``preset``, each with what its validation measured, and how their
+    comparisons are timed ("" where none is shipped)."""
+    from vdtome.methods.recipe import load_recipe, shipped_recipes
+
+    recipes = [recipe for recipe in map(load_recipe, shipped_recipes()) if recipe.preset == preset.name]
+    if not recipes:
+        return ""
+    lines = [f"- **{recipe.name}**: {recipe.stack_text()}; {recipe.figures_text()}." for recipe in recipes]
+    text = ("Tuned for this preset (pick one above to load it; figures from the tune's own validation, the README's "
+            "results have them on 20 further prompts):\n" + "\n".join(lines))
+    whole = [recipe.name for recipe in recipes if not recipe.steps_alike()]
+    if whole and preset.timing_steps:
+        text += (f"\n\nTheir steps differ in cost (skipped steps, whole first steps), so every timing round of "
+                 f"{' and '.join(whole)} runs all {preset.num_inference_steps} steps where a stack of alike steps "
+                 f"times {preset.timing_steps}-step rounds after the first: a comparison takes longer.")
+    return text
+
+
 def _status(event) -> str:
     left = "" if event.minutes_left is None else f" · {event.minutes_left:.1f} min of search left"
     return f"**{event.trials} trials run{left} · feasible front: {event.front}.** {event.message}"
