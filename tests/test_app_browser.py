@@ -555,6 +555,7 @@ LINK_VALUES = {
                          "taylorseer_cache_dtype": "float32"},
     "mag_cache": {"mag_cache_threshold": 0.1, "mag_cache_max_skip_steps": 2},
     "sea_cache": {"sea_cache_threshold": 0.3, "sea_cache_max_consecutive": 1},
+    "cache_dit": {"cache_dit_threshold": 0.2, "cache_dit_warmup_steps": 1, "cache_dit_taylorseer": True},
     "slicing": {"slicing_chunk_tokens": 256, "slicing_feed_forward": False},
     "step_rehash": {"step_rehash_mode": "interval", "step_rehash_interval": 2},
     "vae_tiling": {"vae_tiling_tile_px": 32},

@@ -9,7 +9,7 @@ import pytest
 from vdtome.core.presets import get_preset
 from vdtome.core.validation import RequestError
 from vdtome.methods import METHODS, check_stack, default_stack, method_of
-from vdtome.methods.tuning import CACHE_CHOICE, SEARCHED_KINDS, search_space
+from vdtome.methods.tuning import CACHE_CHOICE, SEARCHED_KINDS, exclusive_cache, search_space
 
 from test_method_plugin import registered  # noqa: F401 (a method registered the way a plug-in is)
 
@@ -65,7 +65,7 @@ def test_every_drawn_stack_is_one_the_form_takes_within_each_fields_range_and_bo
             continue
         check_stack(stack)
         switched = {part.method.name for part in space.methods
-                    if (params.get(CACHE_CHOICE) == part.method.name if part.method.diffusers_cache
+                    if (params.get(CACHE_CHOICE) == part.method.name if exclusive_cache(part.method)
                         else params.get(part.switch))}
         assert {method_of(c).name for c in stack} == switched  # what the trial's parameters switch on
         for config in stack:

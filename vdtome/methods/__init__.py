@@ -35,6 +35,7 @@ REGISTERED = (
     "taylorseer_cache",
     "mag_cache",
     "sea_cache",
+    "cache_dit",
     "slicing",
     "step_rehash",
     "vae_tiling",

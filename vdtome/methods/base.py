@@ -263,6 +263,13 @@ class Method:
     # engine then counts both sides' tensor memory in extra untimed calls, and shows the memory plan.
     changes_memory: bool = False
     search: Search | None = None  # a per-layer schedule search (``python -m vdtome search``)
+    # Decides what to skip from how the residual of the first n transformer blocks changes between
+    # steps (cache-dit's Fn): a method that changes those blocks would make every step look new.
+    measures_first_blocks: Callable[[Any], int] | None = None
+    # Whether the config changes what transformer block i computes (token merging in it).
+    alters_block: Callable[[Any, int], bool] | None = None
+    # Skips work by wrapping the denoiser's whole forward (cache-dit): no other step cache may stack.
+    wraps_denoiser: bool = False
     docs: str = ""
 
     @property

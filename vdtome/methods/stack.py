@@ -6,7 +6,11 @@ The rules (each refusal names it, before anything runs):
 * diffusers keeps one cache per model: two diffusers caches cannot stack;
 * a cache that reuses attention outputs across steps cannot stack with a method whose token
   layout changes between steps (token merging at ratio > 0): a stored output of one step's merged
-  tokens would be unmerged with another step's matching.
+  tokens would be unmerged with another step's matching;
+* a cache that wraps the denoiser's whole forward (cache-dit) stacks with no other step cache;
+* a cache that decides from its first blocks' residual (cache-dit's Fn blocks) cannot stack with a
+  method that changes those blocks (token merging in them): their residual would change more than
+  any threshold at every step, and it would cache nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +52,22 @@ def check_stack(configs: Sequence[Any]) -> tuple[Method, ...]:
                     f"while {other.label} changes its token matching between steps (a stored output would be "
                     f"restored with another step's matching); stack {other.label} with a block-level cache "
                     f"({', '.join(_block_level_caches())}) instead", cache.enable_field)
+    for wrapper in (m for m in methods if m.wraps_denoiser):
+        other = next((m for m in methods if m is not wrapper and m.reuses_across_steps), None)
+        if other is not None:
+            raise RequestError(f"{wrapper.label} cannot stack with {other.label}: it skips work by wrapping the "
+                               "denoiser's whole forward, so both would decide what to skip; choose one step cache",
+                               wrapper.enable_field)
+    for cache, config in zip(methods, configs):
+        first = cache.measures_first_blocks(config) if cache.measures_first_blocks else 0
+        for other, other_config in zip(methods, configs):
+            altered = [i for i in range(first) if other.alters_block and other.alters_block(other_config, i)]
+            if altered:
+                raise RequestError(
+                    f"{other.label} changes block {altered[0]}, one of the first {first} whose residual "
+                    f"{cache.label} measures to decide what to skip: that residual would change more than its "
+                    f"threshold at every step and nothing would be cached; keep {other.label} off those blocks (a "
+                    "per-block schedule with 0 there) or let the cache measure fewer", other.enable_field)
     return methods
 
 

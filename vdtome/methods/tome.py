@@ -215,6 +215,7 @@ METHOD = Method(
     # cost more than merged ones: steps differ.
     steps_alike=lambda config: config.reuse_steps == 1 and config.whole_steps == 0,
     matching_varies=lambda config: config.merges,
+    alters_block=lambda config, block: config.selects_block(block) and config.ratio_of(block) > 0,
     search=Search("ratio_schedule", "ratios", Deferred("vdtome.tome.search", "RatioSearch")),
     docs="merges similar video tokens before chosen sub-layers and restores them after (vdtome.tome)",
 )

@@ -47,10 +47,16 @@ class MethodSpace:
         return self.method.enable_field
 
 
-#: The one choice among the methods that are diffusers caches (diffusers keeps one per model, a rule
-#: of the stack): drawn as one categorical rather than switches the rules would mostly refuse.
+#: The one choice among the step caches that never stack with one another (diffusers keeps one cache
+#: per model; cache-dit wraps the whole denoiser): drawn as one categorical rather than switches the
+#: rules would mostly refuse. Named when only diffusers' caches were in it: kept, so older studies resume.
 CACHE_CHOICE = "diffusers_cache"
 NO_CACHE = "none"
+
+
+def exclusive_cache(method: Method) -> bool:
+    """One of the step caches drawn as :data:`CACHE_CHOICE`."""
+    return method.diffusers_cache or method.wraps_denoiser
 
 
 @dataclass(frozen=True)
@@ -78,13 +84,13 @@ class SearchSpace:
         """One stack, every method at the preset's defaults but for what the trial drew. A stack
         the stacking rules refuse raises :class:`RequestError` (naming the rule): it is never run;
         an empty stack is the baseline itself, refused too."""
-        caches = [part.method.name for part in self.methods if part.method.diffusers_cache]
+        caches = [part.method.name for part in self.methods if exclusive_cache(part.method)]
         required_cache = [name for name in caches if name in self.required]
         choices = required_cache or [NO_CACHE, *caches]
         cache = trial.suggest_categorical(CACHE_CHOICE, choices) if caches else NO_CACHE
         drawn = []
         for part in self.methods:
-            on = (part.method.name == cache if part.method.diffusers_cache
+            on = (part.method.name == cache if exclusive_cache(part.method)
                   else part.method.name in self.required or trial.suggest_categorical(part.switch, [False, True]))
             if not on:
                 continue
@@ -134,10 +140,10 @@ class SearchSpace:
         ones) at the preset's defaults, overridden by their given values."""
         on = {name: {} for name in self.required} | dict(on)
         params: dict[str, Any] = {}
-        if any(part.method.diffusers_cache for part in self.methods):
-            params[CACHE_CHOICE] = next((n for n in on if METHODS[n].diffusers_cache), NO_CACHE)
+        if any(exclusive_cache(part.method) for part in self.methods):
+            params[CACHE_CHOICE] = next((n for n in on if exclusive_cache(METHODS[n])), NO_CACHE)
         for part in self.methods:
-            if not part.method.diffusers_cache and part.method.name not in self.required:
+            if not exclusive_cache(part.method) and part.method.name not in self.required:
                 params[part.switch] = part.method.name in on
             if part.method.name in on:
                 values = preset_form_defaults(part.method, self.preset) | dict(on[part.method.name])
@@ -224,8 +230,9 @@ def search_space(preset: Any, methods: Iterable[str] | None = None, steps: int |
     if missing:
         raise RequestError(f"required method {missing[0]!r} is not among the methods tuned on {preset.name}: "
                            f"{', '.join(m.name for m in chosen)}", "require")
-    if len([m for m in chosen if m.name in required and m.diffusers_cache]) > 1:
-        raise RequestError("diffusers keeps one cache per model: require one of them at most", "require")
+    if len([m for m in chosen if m.name in required and exclusive_cache(m)]) > 1:
+        raise RequestError("these step caches never stack (diffusers keeps one cache per model; cache-dit wraps "
+                           "the whole denoiser): require one of them at most", "require")
     return SearchSpace(preset, parts, preset.num_inference_steps if steps is None else steps, schedules, required)
 
 
