@@ -340,6 +340,32 @@ def test_a_validation_comparison_that_fails_stops_the_tune_saying_so_and_keeps_i
     assert len(resumed.trials) == 1 and rounds == [plan.rounds]  # one validation comparison, no trial again
 
 
+def test_a_finalist_under_the_floor_puts_the_trials_it_dominated_back_in_the_walk(tmp_path):
+    """The fastest front point falls under the floor on the validation prompts; the trial it
+    dominated on the tuning prompts (slower, lower mean PSNR) keeps it there and is chosen before a
+    slower front point (the walk that missed MagCache's defaults on tiny-shapes-128)."""
+    from vdtome.bench.tune_plan import PromptFigures, TrialRecord
+
+    plan = quick_plan(finalists=3, floors=(Floor.parse("psnr=25"),))
+    validated = {"fast": 21.0, "dominated": 31.0, "slow": 40.0}  # each one's PSNR on the validation prompt
+
+    class Trials:
+        def validate(self, stack, prompt):
+            name = stack[0][1]["which"]
+            calls.append(name)
+            return PromptFigures(prompt, {"fast": 2.0, "dominated": 1.7, "slow": 1.3}[name], None, None, "faster",
+                                 None, validated[name], 0.9, None, None, False)
+
+    def record(number, name, speedup, psnr):
+        return TrialRecord(number, (("x", {"which": name}),), name, speedup, Quality((psnr,), (0.9,)), (0.0,), 1.0)
+
+    calls: list[str] = []
+    records = [record(0, "fast", 2.0, 36.0), record(1, "dominated", 1.7, 33.0), record(2, "slow", 1.3, 40.0)]
+    finalists, closest = Tuner(plan, tmp_path, trials=Trials())._validate(records)
+    assert closest is None and calls == ["fast", "dominated"]
+    assert [f.passes for f in finalists] == [False, True] and finalists[-1].trial.label == "dominated"
+
+
 def test_the_judge_floor_counts_lost_clips_not_totals():
     """A clip the accelerated run happens to fix never pays for one it broke."""
     judge, tolerant = Floor.parse("judge"), Floor.parse("judge=1")

@@ -31,7 +31,8 @@ def _cpu_model() -> str:
 def _versions() -> dict[str, str]:
     """Versions of the relevant installed packages (read from metadata: nothing gets imported)."""
     out = {}
-    for dist in ("torch", "diffusers", "transformers", "accelerate", "gradio", "numpy", "nvidia-ml-py"):
+    # cache-dit: the peer method's version, beside whose figures it belongs (absent where not installed).
+    for dist in ("torch", "diffusers", "transformers", "accelerate", "gradio", "numpy", "nvidia-ml-py", "cache-dit"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[dist] = importlib.metadata.version(dist)
     out["torch"] = torch.__version__
