@@ -381,3 +381,38 @@ def test_apply_stack_refuses_a_cache_the_model_cannot_take_before_touching_it():
     with pytest.raises(RequestError, match="SeaCache is unavailable for this model"):
         apply_stack(pipe, [SeaCache(threshold=2.0)])  # diffusers would only warn and run in full
     assert leftover_hooks(pipe) == [] and torch.equal(generate(pipe, "tiny-cogvideox"), before)
+
+
+def test_a_compiled_cache_compiles_once_and_counts_what_eager_counts():
+    """The evidence spy counts in a tensor: a compiled denoiser with a cache on compiles in its first
+    calls and never again while the counts grow call after call (Python ints on the spy were values
+    dynamo guards on: two new graphs at every call, 8x slower per call on tiny-wan), and each call
+    counts what the eager call counts."""
+    from torch._dynamo.utils import counters
+
+    pipe = build("tiny-wan")
+    with apply_stack(pipe, [FirstBlockCache(threshold=1.0)]) as stack:  # skips whenever it may: no borderline call
+        spy = stack.applied[0].spy
+
+        def one_call() -> tuple[int, ...]:
+            """What one call adds to the counts (the cache's own state reset, the spy's kept)."""
+            for model in denoisers_of(pipe):
+                model._reset_stateful_cache()
+            before = (spy.expected_blocks, spy.blocks_run, spy.expected_attention, spy.attention_run)
+            generate(pipe, "tiny-wan")
+            after = (spy.expected_blocks, spy.blocks_run, spy.expected_attention, spy.attention_run)
+            return tuple(b - a for a, b in zip(before, after))
+
+        eager = one_call()
+        torch._dynamo.reset()
+        counters.clear()
+        pipe.transformer.compile()
+        try:
+            one_call(), one_call()
+            graphs = counters["stats"]["unique_graphs"]
+            compiled = one_call()
+            assert counters["stats"]["unique_graphs"] == graphs  # no new graph at the third call
+        finally:
+            pipe.transformer._compiled_call_impl = None
+            torch._dynamo.reset()
+    assert eager[1] < eager[0] and compiled == eager

@@ -7,7 +7,8 @@ skips half), over every denoiser call since ``reset``:
   a cache skipped returns without calling them);
 * expected / actual attention computations: attention modules' calls, and the calls that reached
   their first projection (an attention a cache answers from its store never projects).
-A few torch forward pre-hooks (no host sync, no change to any value); removed exactly.
+A few torch forward pre-hooks (no host sync, no change to any value, no recompile under
+torch.compile); removed exactly.
 """
 
 from __future__ import annotations
@@ -45,10 +46,22 @@ def _batch(args: tuple, kwargs: dict) -> int:
     return 1
 
 
+# Where each count sits in the spy's counter tensor.
+EXPECTED_BLOCKS, BLOCKS_RUN, EXPECTED_ATTENTION, ATTENTION_CALLS, ATTENTION_RUN, OPEN_BLOCK = range(6)
+
+
 class ComputeSpy:
+    """The counts live in one int64 tensor on the denoiser's device, added to in place: under
+    ``torch.compile`` a hook becomes part of the graph, where Python ints on the spy were values
+    dynamo guards on, so a compiled denoiser recompiled at every call (and fell back to eager after
+    eight). Reading a count (at report time) waits for the device once."""
+
     def __init__(self, models: Iterable[torch.nn.Module]) -> None:
+        models = list(models)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self.reset()
+        device = next((p.device for model in models for p in model.parameters() if p.device.type != "meta"),
+                      torch.device("cpu"))
+        self._counts = torch.zeros(6, dtype=torch.int64, device=device)
         for model in models:
             blocks = transformer_blocks(model)
             attentions = [len(_attentions(block)) for block in blocks]
@@ -60,7 +73,6 @@ class ComputeSpy:
                     projection = _first_projection(attention)
                     if projection is not None:
                         self._hook(projection, self._on_projection)
-        self._open_block = 0
 
     def _hook(self, module: torch.nn.Module, hook) -> None:
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
@@ -68,30 +80,34 @@ class ComputeSpy:
     def _on_denoiser(self, blocks: int, attentions: int):
         def hook(module, args, kwargs):
             batch = _batch(args, kwargs)
-            self.expected_blocks += batch * blocks
-            self.expected_attention += batch * attentions
+            self._counts[EXPECTED_BLOCKS] += batch * blocks
+            self._counts[EXPECTED_ATTENTION] += batch * attentions
         return hook
 
     def _on_block(self, module, args, kwargs):
-        self._open_block = _batch(args, kwargs)
+        self._counts[OPEN_BLOCK] = _batch(args, kwargs)
 
     def _on_attention(self, module, args, kwargs):
-        self.attention_calls += _batch(args, kwargs)
-        self.blocks_run += self._open_block  # the first attention entered in this block call
-        self._open_block = 0
+        self._counts[ATTENTION_CALLS] += _batch(args, kwargs)
+        self._counts[BLOCKS_RUN] += self._counts[OPEN_BLOCK]  # the first attention entered in this block call
+        self._counts[OPEN_BLOCK] = 0
 
     def _on_projection(self, module, args, kwargs):
-        self.attention_run += _batch(args, kwargs)
+        self._counts[ATTENTION_RUN] += _batch(args, kwargs)
 
     def reset(self) -> None:
-        self.expected_blocks = self.blocks_run = 0
-        self.expected_attention = self.attention_calls = self.attention_run = 0
-        self._open_block = 0
+        self._counts.zero_()
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    expected_blocks = property(lambda self: int(self._counts[EXPECTED_BLOCKS]))
+    blocks_run = property(lambda self: int(self._counts[BLOCKS_RUN]))
+    expected_attention = property(lambda self: int(self._counts[EXPECTED_ATTENTION]))
+    attention_calls = property(lambda self: int(self._counts[ATTENTION_CALLS]))
+    attention_run = property(lambda self: int(self._counts[ATTENTION_RUN]))
 
     @property
     def blocks_skipped(self) -> int:
