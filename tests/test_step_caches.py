@@ -406,7 +406,7 @@ def test_a_compiled_cache_compiles_once_and_counts_what_eager_counts():
         eager = one_call()
         torch._dynamo.reset()
         counters.clear()
-        pipe.transformer.compile()
+        pipe.transformer.compile(backend="eager")  # dynamo's guards and graphs, without inductor's code generation
         try:
             one_call(), one_call()
             graphs = counters["stats"]["unique_graphs"]
