@@ -78,6 +78,7 @@ from vdtome.methods import (
     config_fields,
     prepare_stack,
     stack_label,
+    steps_alike,
 )
 
 
@@ -270,8 +271,7 @@ class ComparisonEngine:
             # unchanged and double as a noise check.
             touches = frozenset().union(*(r.phases for r in reports)) if reports else \
                 frozenset({DENOISING}) if methods else frozenset()
-            steps_alike = all(m.steps_alike(c) for m, c in zip(methods, request.methods))
-            timing = summarise(calls, touches, steps_alike, None if cached is None else cached.memory,
+            timing = summarise(calls, touches, steps_alike(request.methods), None if cached is None else cached.memory,
                                per_step=settings.short_rounds, host_load=load.load,
                                noise=self._noise_threshold(settings, env, calls, keep=load.load is None or not load.load.busy))
             if len(metered) == 2:  # on a CPU: exact tensor peaks replace the process's RSS growth

@@ -23,7 +23,8 @@ from vdtome.methods.registry import (
     preset_form_defaults,
     register,
 )
-from vdtome.methods.stack import AppliedStack, apply_stack, check_available, check_stack, prepare_stack, stack_label
+from vdtome.methods.stack import (AppliedStack, apply_stack, check_available, check_stack, prepare_stack, stack_label,
+                                  steps_alike)
 
 # The methods, in the order the form lists them: adding one is one line here.
 REGISTERED = (
@@ -49,4 +50,4 @@ __all__ = ["METHODS", "Applied", "AppliedStack", "CallPlan", "Deferred", "Eviden
            "MethodReport", "add_override", "apply_stack", "check_available", "check_stack", "config_fields",
            "config_from_overrides", "default_stack", "field_owner", "method_named", "method_of",
            "method_overrides", "method_spec", "parse_method_spec", "preset_form_defaults", "prepare_stack", "register",
-           "stack_label"]
+           "stack_label", "steps_alike"]

@@ -27,7 +27,7 @@ from typing import Any
 
 from vdtome.core.validation import RequestError
 from vdtome.methods.base import config_fields
-from vdtome.methods.registry import METHODS, method_of
+from vdtome.methods.registry import METHODS
 
 FORMAT = 1
 KIND = "vdtome recipe"
@@ -130,9 +130,10 @@ class Recipe:
         return ", ".join(parts)
 
     def steps_alike(self) -> bool:
-        """Every denoising step of its stack costs the same: a comparison may time short rounds
-        (:mod:`vdtome.measure.protocol`); otherwise every round runs whole calls."""
-        return all(method_of(config).steps_alike(config) for config in self.configs())
+        """Every denoising step of its stack costs the same (:func:`vdtome.methods.stack.steps_alike`)."""
+        from vdtome.methods.stack import steps_alike
+
+        return steps_alike(self.configs())
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -71,6 +71,12 @@ def check_stack(configs: Sequence[Any]) -> tuple[Method, ...]:
     return methods
 
 
+def steps_alike(configs: Sequence[Any]) -> bool:
+    """Every denoising step of the stack costs the same: the timing protocol may time short rounds
+    (:mod:`vdtome.measure.protocol`); otherwise every round runs whole calls."""
+    return all(method_of(config).steps_alike(config) for config in configs)
+
+
 def _block_level_caches() -> list[str]:
     return [m.label for m in METHODS.values() if m.diffusers_cache and m.reuses_across_steps != REUSES_ATTENTION]
 
