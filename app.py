@@ -18,18 +18,9 @@ try:
 except ImportError:
     spaces = None
 
+from vdtome.core.hosting import on_zero_gpu
 
-def _on_zero_gpu() -> bool:
-    """A ZeroGPU Space, not merely the `spaces` package installed (its GPU decorator is then a no-op)."""
-    if spaces is None:
-        return False
-    config = getattr(getattr(spaces, "config", None), "Config", None)
-    if config is not None and hasattr(config, "zero_gpu"):
-        return bool(config.zero_gpu)
-    return os.environ.get("SPACES_ZERO_GPU", "").strip().lower() in ("1", "t", "true")
-
-
-ON_ZERO_GPU = _on_zero_gpu()
+ON_ZERO_GPU = spaces is not None and on_zero_gpu()
 
 # Every instance works in a private folder (outputs, Gradio's cache, cancel flags): two instances
 # on one host never prune or serve each other's files. Set before Gradio reads GRADIO_TEMP_DIR.

@@ -561,6 +561,7 @@ LINK_VALUES = {
     "vae_tiling": {"vae_tiling_tile_px": 32},
     "layerwise_casting": {"layerwise_casting_storage": "float8_e5m2"},
     "offload": {"offload_mode": "model"},
+    "compile": {"compile_backend": "eager", "compile_dynamic": "off"},  # tracing only: no code generation
 }
 
 

@@ -51,6 +51,7 @@ from vdtome.engine.request import (
 )
 from vdtome.engine.storage import prune
 from vdtome.measure.environment import environment
+from vdtome.measure.compilation import CompilationReport, CompileActivity, CompileWatch
 from vdtome.measure.host_load import HostLoadMonitor
 from vdtome.measure.memory import MemoryMonitor, TensorMemoryMeter, is_allocation_failure, release_memory
 from vdtome.measure.noise import NoiseStore, NoiseThreshold, default_noise_dir
@@ -80,6 +81,11 @@ from vdtome.methods import (
     stack_label,
     steps_alike,
 )
+
+
+# The compile phase's most rounds of both sides: dynamo recompiles once after the other side's hooks
+# change what it guards on, so two rounds compile and the third should find everything made.
+COMPILE_ROUNDS = 4
 
 
 class Cancelled(RuntimeError):
@@ -175,6 +181,8 @@ class ComparisonEngine:
         self.noise_dir = default_noise_dir() if noise_dir is True else noise_dir
         self._noise: NoiseStore | None = None
         self._warmed: weakref.WeakKeyDictionary[Any, set[tuple[int, int, int]]] = weakref.WeakKeyDictionary()
+        # What compiling each stack found on each pipeline (dynamo keeps the graphs for later requests).
+        self._compiled: weakref.WeakKeyDictionary[Any, dict[str, CompileActivity]] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     # -- public ---------------------------------------------------------------------------------
@@ -216,7 +224,8 @@ class ComparisonEngine:
                  started: float | None = None) -> ComparisonResult:
         pipe, settings, methods = session.pipe, session.settings, session.methods
         env = environment(pipe)
-        key = (settings.video_key(), source, str(self.device), env.get("dtype"))
+        # A stack modifier (torch.compile) changes the baseline's video too: it keys the cache.
+        key = (settings.video_key(), source, str(self.device), env.get("dtype"), session.modifiers_label)
         cached = self.baselines.get(key) if request.reuse_baseline else None
         size = (settings.frames, settings.height, settings.width)
         schedule = plan_calls(settings.rounds, settings.steps, settings.round_steps, settings.warmup_steps,
@@ -229,10 +238,13 @@ class ComparisonEngine:
         reports: tuple[MethodReport, ...] = ()
         error = None
         load = HostLoadMonitor()
+        modified = contextlib.ExitStack()
         try:
             # A method the model cannot take fails before any work (a calibration that runs out of
             # memory is reported like any other allocation failure).
             session.check_methods()
+            modified.enter_context(session.modified())  # both sides, for every call from here
+            session.settle()
             for planned in schedule.calls:
                 if planned.kind == METERED:
                     metered[planned.side] = session.metered(planned.side, planned.steps)
@@ -259,6 +271,8 @@ class ComparisonEngine:
             if isinstance(failure, Cancelled) or not is_allocation_failure(failure):
                 raise
             error = _allocation_message(failure, session)
+        finally:
+            modified.close()
         if error is not None:
             release_memory(self.device)  # the exception and its frames (the failed run's tensors) are gone now
 
@@ -266,6 +280,7 @@ class ComparisonEngine:
             if run is not None and run.nonfinite_values:
                 error = error or f"the {name} video has {run.nonfinite_values} NaN/inf values; fidelity is not computed"
         timing = None
+        compilation = self._remember_compiling(pipe, request.methods, session.compilation())
         if error is None:
             # The phases the stack acted in, as its methods report them; the other phases are shown
             # unchanged and double as a noise check.
@@ -273,12 +288,16 @@ class ComparisonEngine:
                 frozenset({DENOISING}) if methods else frozenset()
             timing = summarise(calls, touches, steps_alike(request.methods), None if cached is None else cached.memory,
                                per_step=settings.short_rounds, host_load=load.load,
-                               noise=self._noise_threshold(settings, env, calls, keep=load.load is None or not load.load.busy))
+                               noise=self._noise_threshold(settings, env, calls, keep=load.load is None or not load.load.busy,
+                                                           modifiers=session.modifiers_label and f"|{session.modifiers_label}"))
             if len(metered) == 2:  # on a CPU: exact tensor peaks replace the process's RSS growth
                 timing = replace(timing, memory=tuple(
                     MemoryFigures(scope, TENSOR_PEAK, (getattr(metered[BASELINE], attribute),),
                                   (getattr(metered[ACCELERATED], attribute),))
                     for scope, attribute in (("whole call", "peak_bytes"), ("denoising", "denoising_bytes"))))
+            compiling = compilation.timing_problem() if compilation is not None else None
+            if compiling:
+                timing = timing.without_claim(compiling)
             idle = [m.label for m, r in zip(methods, reports) if r.evidence and not r.acted]
             if reports and len(idle) == len(methods):
                 timing = timing.without_claim(f"{' and '.join(idle)} did nothing in this run (every evidence count is "
@@ -296,6 +315,8 @@ class ComparisonEngine:
         notes += [f"{method.label} did nothing in this run (every evidence count is 0): its settings never "
                   "triggered here, so its side computed what the baseline did"
                   for method, report in zip(methods, reports) if report.evidence and not report.acted]
+        if compilation is not None:
+            notes.extend(compilation.notes())
         if cached is not None:
             made = time.strftime("%H:%M:%S", time.localtime(cached.measured_at))
             notes.append(f"baseline video reused from the cache (made at {made}); its timing was measured again "
@@ -316,6 +337,7 @@ class ComparisonEngine:
             environment=env,
             elapsed_s=None if started is None else time.perf_counter() - started,
             memory_plan=plan_check,
+            compilation=compilation,
         )
         session.stop_if_cancelled()
         if not write:
@@ -324,13 +346,24 @@ class ComparisonEngine:
         folder = Path(out_dir) if out_dir is not None else self._new_output_dir()
         return replace(result, files=write_outputs(result, folder))
 
+    def _remember_compiling(self, pipe, configs, report: CompilationReport | None) -> CompilationReport | None:
+        """``report`` with what compiling the same stack on ``pipe`` found before (its graph breaks)."""
+        if report is None:
+            return None
+        seen = self._compiled.setdefault(pipe, {})
+        label = stack_label(configs)
+        earlier = seen.get(label)
+        if report.total.compiled:
+            seen[label] = report.total + (earlier or CompileActivity())
+        return replace(report, earlier=earlier)
+
     def _meters_memory(self, methods) -> bool:
         """Whether to count both sides' tensor memory in extra untimed calls: on a CPU (no exact
         allocator peak), for a stack that changes what a call holds."""
         return self.device.type == "cpu" and any(m.changes_memory for m in methods)
 
     def _noise_threshold(self, settings: ResolvedSettings, env: dict[str, Any], calls: list[TimedCall],
-                         keep: bool = True) -> NoiseThreshold:
+                         keep: bool = True, modifiers: str = "") -> NoiseThreshold:
         """This request's A/A pairs with this host's record for the same preset, size and step
         counts; the noise threshold for its number of rounds from all of them. ``keep``: add them
         to the record (not when other processes shared the cores: the record is of this host's
@@ -339,7 +372,7 @@ class ComparisonEngine:
             self._noise = NoiseStore(self.noise_dir, env)
         s = settings
         key = (f"{s.preset}|{s.frames}x{s.height}x{s.width}|{s.steps}+{s.round_steps} steps|"
-               f"{'mean step' if s.short_rounds else 'loop'}|{env.get('device')}|{env.get('dtype')}")
+               f"{'mean step' if s.short_rounds else 'loop'}|{env.get('device')}|{env.get('dtype')}{modifiers}")
         pairs = aa_log_ratios(calls, s.short_rounds)
         pooled = self._noise.add(key, pairs) if keep else self._noise.pairs(key) + pairs
         return NoiseThreshold.from_pairs(pooled, s.rounds)
@@ -368,6 +401,15 @@ class _Session:
         self.engine, self.pipe, self.preset, self.settings, self.configs = engine, pipe, preset, settings, configs
         self.methods = check_stack(configs)
         self._prepared: dict[int, tuple[Any, ...]] = {}
+        # Stack modifiers (torch.compile): applied around both sides' calls for the whole schedule.
+        self._shared = tuple(method.both_sides(config) for method, config in zip(self.methods, configs))
+        self.modifiers_label = stack_label([c for c, shared in zip(configs, self._shared) if shared]) \
+            if any(self._shared) else ""
+        self._modifiers: AppliedStack | None = None
+        self._compile_phase: CompileActivity | None = None  # None: the stack has no compile phase
+        self._compile_rounds = 0
+        self._settled = False
+        self._watched = {"warm-ups": CompileActivity(), "timed": CompileActivity()}
         self.progress, self.cancel = progress, cancel
         self.parameters = frozenset(inspect.signature(type(pipe).__call__).parameters)
         self.stage = "loading"
@@ -410,6 +452,70 @@ class _Session:
         except (TypeError, ValueError) as error:
             raise RequestError(str(error)) from None
 
+    @contextlib.contextmanager
+    def modified(self) -> Iterator[None]:
+        """The stack's modifiers applied for the block, around both sides' calls."""
+        if not self.modifiers_label:
+            yield
+            return
+        configs = self.configs_for(self.settings.steps)
+        self._modifiers = AppliedStack(self.pipe, [c for c, shared in zip(configs, self._shared) if shared])
+        try:
+            yield
+        finally:
+            self._modifiers.remove()
+
+    def settle(self) -> None:
+        """The compile phase: for a stack with a method that compiles, whole calls of both sides
+        (untimed, latents only) until a round compiles nothing new, at most :data:`COMPILE_ROUNDS`; a
+        graph the timed rounds still compile is then reported, and their verdict withdrawn."""
+        if not any(method.settles for method in self.methods):
+            return
+        steps = self.settings.steps
+        self._compile_phase = CompileActivity()
+        for number in range(1, COMPILE_ROUNDS + 1):
+            with CompileWatch() as watch:
+                for side in (BASELINE, ACCELERATED):
+                    self.stop_if_cancelled()
+                    self.stage = f"the compile phase ({side}, round {number})"
+                    self.total += steps
+                    with self._applied(side, steps), self._refused_if_uncompilable(side):
+                        self.pipe(**self._kwargs(f"compile phase · {side} (round {number})", None, steps, False))
+            self._compile_phase += watch.activity
+            self._compile_rounds = number
+            if not watch.activity.compiled:
+                self._settled = True
+                return
+
+    @contextlib.contextmanager
+    def _refused_if_uncompilable(self, side: str) -> Iterator[None]:
+        """Dynamo's refusal (a graph break under full graph, an operation it cannot trace) as a
+        :class:`RequestError` naming the side and the method that compiles."""
+        try:
+            yield
+        except RuntimeError as error:
+            if not type(error).__module__.startswith("torch._dynamo"):
+                raise
+            compiler = next(method for method in self.methods if method.settles)
+            what = "the model itself" if side == BASELINE else "the stack on the accelerated side"
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise RequestError(f"{compiler.label} failed: {what} cannot be compiled as asked ({reason})",
+                               compiler.enable_field) from None
+
+    def compilation(self) -> CompilationReport | None:
+        """What dynamo did in this comparison (None: nothing was compiled and no modifier asked to)."""
+        warmups, timed = self._watched["warm-ups"], self._watched["timed"]
+        if self._compile_phase is None and not (warmups.compiled or timed.compiled):
+            return None
+        return CompilationReport(self._compile_phase, self._compile_rounds, self._settled, warmups, timed)
+
+    @contextlib.contextmanager
+    def _watch(self, kind: str) -> Iterator[None]:
+        """A call whose compiling is added to ``kind``'s ("warm-ups", "timed")."""
+        with CompileWatch() as watch:
+            yield
+        self._watched[kind] += watch.activity
+
     def configs_for(self, steps: int) -> tuple[Any, ...]:
         """The stack's configs for calls of ``steps`` steps: methods with a ``prepare`` (a step
         count, a calibration run) fill theirs in once per step count, untimed."""
@@ -432,7 +538,7 @@ class _Session:
         self.stop_if_cancelled()
         self.stage = f"the {side} {'pipeline warm-up' if decode else 'warm-up'}"
         label = "warming up the pipeline (text encoder and decoder)" if decode else f"warm-up · {side}"
-        with self._applied(side, self.warmup_steps):
+        with self._applied(side, self.warmup_steps), self._watch("warm-ups"):
             self.pipe(**self._kwargs(label, None, self.warmup_steps, decode))
 
     def timed(self, side: str, round_number: int, decode: bool,
@@ -444,9 +550,9 @@ class _Session:
         device = self.engine.device
         with self._applied(side, steps) as applied:
             started = time.time()
-            with MemoryMonitor(device) as monitor:
+            with self._watch("timed"), MemoryMonitor(device) as monitor:
                 output, timing = timed_call(self.pipe, device=device, **self._kwargs(side, round_number, steps, decode))
-            reports = None if applied is None else applied.reports()
+            reports = None if applied is None else self._reports(applied)
         self.stop_if_cancelled()  # a decode has no step to stop at
         call = TimedCall(side, round_number, decode, timing, monitor.report, started)
         if not decode:
@@ -474,10 +580,17 @@ class _Session:
 
     # -- helpers
 
+    def _reports(self, applied: AppliedStack) -> tuple[MethodReport, ...]:
+        """Every method's report in the stack's order: the accelerated side's and the modifiers'."""
+        side, modifiers = iter(applied.reports()), iter(self._modifiers.reports() if self._modifiers else ())
+        return tuple(next(modifiers) if shared and self._modifiers else next(side) for shared in self._shared)
+
     @contextlib.contextmanager
     def _applied(self, side: str, steps: int) -> Iterator[AppliedStack | None]:
-        """The stack applied for the duration of the block on the accelerated side only."""
-        applied = AppliedStack(self.pipe, self.configs_for(steps)) if side == ACCELERATED else None
+        """The stack applied for the duration of the block on the accelerated side only (its
+        modifiers, applied around both sides, excepted)."""
+        configs = [c for c, shared in zip(self.configs_for(steps), self._shared) if not (shared and self._modifiers)]
+        applied = AppliedStack(self.pipe, configs) if side == ACCELERATED else None
         try:
             yield applied
         finally:

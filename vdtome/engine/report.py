@@ -126,12 +126,34 @@ def _plan_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str]]
     return rows
 
 
+def _compile_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str]]:
+    """What torch.compile did: the compile phase apart from the timed rounds, graph breaks, and
+    compiling in the timed rounds (which withdraws the verdict)."""
+    report = result.compilation
+    if report is None:
+        return []
+    rows = []
+    if report.compile_phase is not None:
+        phase = report.compile_phase
+        rows.append(("compile phase (untimed, both sides)", _seconds(1000 * phase.seconds), "",
+                     f"{report.phase_rounds} round(s), {phase.graphs} graph(s)" +
+                     ("" if report.settled else "; still compiling in its last round"), ""))
+    total = report.graph_breaks
+    rows.append(("graph breaks", "", str(total.break_count),
+                 "; ".join(f"{reason} (x{count})" for reason, count in total.graph_breaks[:2]), "fewer"))
+    timed = report.timed
+    note = report.timing_problem() or "the timed calls ran what the compile phase made"
+    rows.append(("compiles during the timed rounds", "", str(timed.frames), note, "0"))
+    return rows
+
+
 def metric_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, str]]:
     base, fast = result.baseline, result.accelerated
     rows = _timing_rows(result)
     if result.timing is not None:
         rows.extend(_memory_row(figures) for figures in result.timing.memory)
     rows.extend(_plan_rows(result))
+    rows.extend(_compile_rows(result))
     for method in result.methods:
         prefix = f"{method.label}: " if len(result.methods) > 1 else ""
         report = method.report

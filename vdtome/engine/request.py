@@ -16,6 +16,7 @@ from vdtome.core.presets import ModelPreset, conditioning_kwargs, get_preset
 from vdtome.core.validation import RequestError, shown, text, whole_number
 from vdtome.engine.fidelity import Fidelity, Temporal
 from vdtome.engine.plan import PlanCheck
+from vdtome.measure.compilation import CompilationReport
 from vdtome.measure.memory import MemoryReport
 from vdtome.measure.protocol import (
     MIN_TIMING_STEPS,
@@ -176,6 +177,7 @@ class ComparisonResult:
     files: dict[str, str] = field(default_factory=dict)
     elapsed_s: float | None = None  # wall seconds of the request: loading, every call, metrics (not the files)
     memory_plan: PlanCheck | None = None  # the memory plan's estimate of both sides, next to what was measured
+    compilation: CompilationReport | None = None  # what torch.compile did (None: nothing was compiled)
 
     @property
     def ok(self) -> bool:
@@ -211,6 +213,7 @@ class ComparisonResult:
             "environment": self.environment,
             "elapsed_s": self.elapsed_s,
             "memory_plan": None if self.memory_plan is None else self.memory_plan.to_dict(),
+            "compilation": None if self.compilation is None else self.compilation.to_dict(),
             "files": {name: Path(path).name for name, path in self.files.items()},
         }
 

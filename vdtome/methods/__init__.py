@@ -42,6 +42,7 @@ REGISTERED = (
     "vae_tiling",
     "layerwise_casting",
     "offload",
+    "compile",
 )
 for _module in REGISTERED:
     register(importlib.import_module(f".{_module}", __name__).METHOD)

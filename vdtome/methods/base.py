@@ -270,6 +270,15 @@ class Method:
     alters_block: Callable[[Any, int], bool] | None = None
     # Skips work by wrapping the denoiser's whole forward (cache-dit): no other step cache may stack.
     wraps_denoiser: bool = False
+    # Whether the config is a stack modifier applied around the baseline's calls too (torch.compile
+    # with its baseline compiled): the verdict is then over the modified baseline.
+    both_sides: Callable[[Any], bool] = lambda config: False
+    # Its first calls compile: before timing, the engine runs both sides until nothing new compiles.
+    settles: bool = False
+    # Whether the config refuses a stack whose methods break a compiled graph (fullgraph).
+    refuses_graph_breaks: Callable[[Any], bool] | None = None
+    # Why the method breaks a compiled denoiser's graph, as measured (empty: it compiles into it).
+    graph_breaks: str = ""
     docs: str = ""
 
     @property

@@ -10,7 +10,8 @@ The rules (each refusal names it, before anything runs):
 * a cache that wraps the denoiser's whole forward (cache-dit) stacks with no other step cache;
 * a cache that decides from its first blocks' residual (cache-dit's Fn blocks) cannot stack with a
   method that changes those blocks (token merging in them): their residual would change more than
-  any threshold at every step, and it would cache nothing.
+  any threshold at every step, and it would cache nothing;
+* a compile that allows no graph break (fullgraph) cannot stack with a method known to break it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ def check_stack(configs: Sequence[Any]) -> tuple[Method, ...]:
                     f"{cache.label} measures to decide what to skip: that residual would change more than its "
                     f"threshold at every step and nothing would be cached; keep {other.label} off those blocks (a "
                     "per-block schedule with 0 there) or let the cache measure fewer", other.enable_field)
+    for strict, config in zip(methods, configs):
+        if strict.refuses_graph_breaks is None or not strict.refuses_graph_breaks(config):
+            continue
+        breaking = next((m for m in methods if m.graph_breaks), None)
+        if breaking is not None:
+            raise RequestError(f"{strict.label} with full graph cannot stack with {breaking.label}: it breaks the "
+                               f"compiled graph ({breaking.graph_breaks}); turn full graph off to compile the parts "
+                               "between the breaks", strict.enable_field)
     return methods
 
 

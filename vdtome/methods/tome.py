@@ -217,5 +217,7 @@ METHOD = Method(
     matching_varies=lambda config: config.merges,
     alters_block=lambda config, block: config.selects_block(block) and config.ratio_of(block) > 0,
     search=Search("ratio_schedule", "ratios", Deferred("vdtome.tome.search", "RatioSearch")),
+    graph_breaks="its token matching runs eagerly (torch.compiler.disable: it keeps Python state across steps), "
+                 "one break per merging sub-layer",
     docs="merges similar video tokens before chosen sub-layers and restores them after (vdtome.tome)",
 )
