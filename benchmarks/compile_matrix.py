@@ -22,7 +22,6 @@ model or this machine cannot take, or a stack that fails to compile, is a row wi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from vdtome.bench.runner import BenchPlan, BenchRow, RowsFile, latest_rows, run_
 from vdtome.bench.sweep import Setting, Sweep  # noqa: E402
 from vdtome.core.denoisers import pipeline_denoiser_types  # noqa: E402
 from vdtome.core.presets import get_preset  # noqa: E402
-from vdtome.methods import METHODS, method_of, preset_form_defaults, stack_label  # noqa: E402
+from vdtome.methods import METHODS, preset_form_defaults  # noqa: E402
 from vdtome.methods.compile import Compile  # noqa: E402
 from vdtome.methods.recipe import load_recipe, shipped_recipes  # noqa: E402
 
