@@ -16,7 +16,7 @@ model or this machine cannot take, or a stack that fails to compile, is a row wi
 
     python benchmarks/compile_matrix.py                               # tiny-shapes-128 on this CPU, inductor
     python benchmarks/compile_matrix.py --quick --out /tmp/matrix     # smoke: tiny-wan, tracing only, 2 methods
-    python benchmarks/compile_matrix.py --device cuda --preset wan-2.1-1.3b --out benchmarks/results/compile-matrix-wan
+    python benchmarks/compile_matrix.py --device cuda --preset wan2.1-t2v-1.3b --out benchmarks/results/compile-matrix-wan
 """
 
 from __future__ import annotations
@@ -97,8 +97,11 @@ def _cell(row: BenchRow | None) -> dict[str, str]:
     compiled = (row.result or {}).get("compilation") or {}
     speed = _speed(row)
     phase = compiled.get("compile_phase") or {}
+    breaks = compiled.get("graph_breaks")
+    if compiled and (breaks is None or (not phase.get("frames") and not compiled.get("earlier"))):
+        breaks = "reused"  # every graph was made by an earlier comparison with another stack: not counted here
     return {"speed": speed, "psnr": "" if row.psnr_mean_db is None else f"{row.psnr_mean_db:.1f}",
-            "breaks": str(compiled.get("graph_breaks", "")) if compiled else "",
+            "breaks": str(breaks) if compiled else "",
             "timed": str(compiled.get("compiles_in_timed_rounds", "")) if compiled else "",
             "compile": f"{phase['seconds']:.0f}" if phase else ""}
 
@@ -121,7 +124,54 @@ def table(out: Path, plan: BenchPlan) -> str:
         psnr = lambda cell: f", {cell['psnr']}" if cell["psnr"] else ""  # noqa: E731
         lines.append(f"| {name} | {eager['speed']}{psnr(eager)} | {compiled['speed']}{psnr(compiled)} | "
                      f"{compiled['breaks']} | {compiled['timed']} | {compiled['compile']} | {mixed['speed']} |")
+    withdrawn = [(row.setting, ratio["no_claim"]) for row in rows if row.ok and (ratio := (((row.result or {}).get(
+        "timing") or {}).get("denoising") or {}).get("ratio") or {}).get("no_claim") and "dynamo" in ratio["no_claim"]]
+    lines += ["", "Verdicts withdrawn because of compiling:" if withdrawn else ""]
+    lines += [f"- {setting}: {reason}" for setting, reason in withdrawn]
+    lines += ["", "Graph breaks by reason, where the stack was compiled (its compile phase):", ""]
+    for row in rows:
+        phase = (((row.result or {}).get("compilation") or {}).get("compile_phase") or {})
+        for item in phase.get("graph_breaks") or ():
+            lines.append(f"- {row.setting}: {item['count']} x {item['reason']}")
     return "\n".join(lines) + "\n"
+
+
+def plot(out: Path, plan: BenchPlan, title: str) -> Path:
+    """Denoising speedup against PSNR: each stack eager (over the eager baseline) and compiled (over
+    the compiled baseline), joined by a line; the speedups' intervals as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {row.setting: row for row in latest_rows(RowsFile(out / "rows.jsonl").read(), plan.keys()) if row.ok}
+    fig, ax = plt.subplots(figsize=(9, 6))
+    names = list(dict.fromkeys(dict(s.values)["stack"] for s in plan.sweep.settings))
+    for name in names:
+        points = [(kind, rows.get(f"{name} · {kind}")) for kind in (EAGER, COMPILED)]
+        points = [(kind, row) for kind, row in points if row is not None and row.denoising and row.psnr_mean_db]
+        if not points:
+            continue
+        xs = [min(row.psnr_mean_db, 60.0) for _, row in points]
+        ys = [row.denoising.median for _, row in points]
+        ax.plot(xs, ys, color="0.7", linewidth=1, zorder=1)
+        for (kind, row), x, y in zip(points, xs, ys):
+            low, high = row.denoising.low or y, row.denoising.high or y
+            ax.errorbar([x], [y], yerr=[[y - low], [high - y]], fmt="o" if kind == EAGER else "s",
+                        color="tab:blue" if kind == EAGER else "tab:orange", capsize=3, zorder=2)
+        ax.annotate(name, (xs[-1], ys[-1]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.axhline(1.0, color="0.5", linestyle=":", linewidth=1)
+    ax.plot([], [], "o", color="tab:blue", label="eager, over the eager baseline")
+    ax.plot([], [], "s", color="tab:orange", label="compiled, over the compiled baseline")
+    ax.set_xlabel("PSNR to the baseline, dB (identical shown at 60)")
+    ax.set_ylabel("denoising speedup (median of paired rounds, 98% interval)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = out / "matrix.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     outcome = run_bench(plan, out, device=args.device)
     text = table(out, plan)
-    (out / "matrix.md").write_text(f"{args.preset}, {args.device}, backend {args.backend}; prompt {PROMPT!r}\n\n{text}")
+    title = f"{args.preset}, {args.device}, backend {args.backend}; prompt {PROMPT!r}"
+    (out / "matrix.md").write_text(f"{title}\n\n{text}")
+    plot(out, plan, title)
     (out / "command.txt").write_text("python benchmarks/compile_matrix.py " + " ".join(argv or sys.argv[1:]) + "\n")
     print(text)
     return 0 if all(row.ok for row in outcome.rows) else 1

@@ -680,6 +680,10 @@ def ran_as_linked(opened, preset, method, values: dict, request: dict, runs: int
     # Every setting as the link said; what the method fills in itself (a calibration) aside.
     assert {k: ran[k] for k, v in expected.items() if v is not None} == \
         {k: v for k, v in expected.items() if v is not None}, method.name
+    if result["compilation"] is not None:  # what dynamo did is on the page too, and nothing compiled while timed
+        assert result["compilation"]["compiles_in_timed_rounds"] == 0, result["compilation"]
+        opened.get_by_text("compile phase (untimed, both sides)").first.wait_for(state="attached")
+        opened.get_by_text("compiles during the timed rounds").first.wait_for(state="attached")
 
 
 def test_every_field_typed_out_of_range_is_refused_and_a_link_the_page_made_runs_at_its_values(browser, app_server):

@@ -163,3 +163,35 @@ def test_the_matrix_benchmark_writes_its_table(tmp_path):
     cells = [cell.strip() for cell in rows["tome"].split("|")[1:-1]]
     assert cells[1][0].isdigit() and cells[2][0].isdigit()  # a speedup eager and compiled
     assert int(cells[3]) > 0 and cells[4] == "0"  # token merging's breaks; nothing compiled while timed
+
+
+def test_a_tune_holds_compile_in_every_stack_and_never_draws_it_by_default():
+    from vdtome.methods.tuning import search_space
+
+    preset = get_preset("tiny-shapes-128")
+    assert "compile" not in {part.method.name for part in search_space(preset).methods}
+    space = search_space(preset, ["tome", "compile"])
+    assert "compile" in space.required
+    assert [part.fields for part in space.methods if part.method.name == "compile"] == [()]
+
+
+def test_compile_on_both_sides_is_no_difference_between_them(engine):
+    """A method that did nothing beside a compile on both sides leaves both sides computing the same:
+    no speed verdict (the compile's own evidence is not the accelerated side's); compile alone, the same."""
+    from vdtome.measure.stats import Verdict
+
+    idle = compare(engine, FirstBlockCache(threshold=0.0), TRACE)  # never skips
+    assert idle.timing.denoising.ratio.verdict is Verdict.DID_NOTHING
+    assert "did nothing" in idle.timing.denoising.ratio.no_claim
+    alone = compare(engine, TRACE)
+    assert alone.timing.denoising.ratio.verdict is Verdict.DID_NOTHING
+    assert "applied to both sides and nothing else" in alone.timing.denoising.ratio.no_claim
+
+
+def test_evidence_is_counted_by_the_stack_that_ran_when_graphs_are_reused(engine):
+    """Dynamo reuses the graphs of another stack with the same hooks (first block cache at another
+    threshold); with torch's module-hook guards off (its default) the reused graph ran the earlier
+    stack's evidence hooks: 16 of 32 attention calls were counted as skipped by a cache that never skips."""
+    compare(engine, FirstBlockCache(threshold=0.2), TRACE)
+    never = compare(engine, FirstBlockCache(threshold=0.0), TRACE)
+    assert [item.count for item in never.methods[0].report.evidence] == [0, 0]

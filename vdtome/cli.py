@@ -558,6 +558,8 @@ def _methods_text(preset: ModelPreset | None = None) -> str:
         lines += _wrapped(f"presets: {', '.join(supported) or 'none'}", "  ", "    ")
         if unavailable:
             lines += _wrapped(f"unavailable for: {', '.join(unavailable)}", "  ", "    ")
+        if method.graph_breaks:
+            lines += _wrapped(f"under torch.compile: breaks the graph: {method.graph_breaks}", "  ", "    ")
         lines.append("")
     return "\n".join(lines).rstrip()
 

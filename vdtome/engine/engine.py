@@ -298,10 +298,15 @@ class ComparisonEngine:
             compiling = compilation.timing_problem() if compilation is not None else None
             if compiling:
                 timing = timing.without_claim(compiling)
-            idle = [m.label for m, r in zip(methods, reports) if r.evidence and not r.acted]
-            if reports and len(idle) == len(methods):
+            # A modifier on both sides (the compiled baseline too) makes no difference between them.
+            differing = [(m, r) for m, r, shared in zip(methods, reports, session.shared) if not shared]
+            idle = [m.label for m, r in differing if r.evidence and not r.acted]
+            if reports and differing and len(idle) == len(differing):
                 timing = timing.without_claim(f"{' and '.join(idle)} did nothing in this run (every evidence count is "
                                               "0), so both sides computed the same")
+            elif reports and not differing:
+                timing = timing.without_claim(f"{session.modifiers_label} is applied to both sides and nothing else "
+                                              "is: both sides computed the same")
         base, fast = videos[BASELINE], videos[ACCELERATED]
         plan_check = None
         if error is None and (self.device.type == "cuda" or any(m.changes_memory for m in methods)):
@@ -402,9 +407,9 @@ class _Session:
         self.methods = check_stack(configs)
         self._prepared: dict[int, tuple[Any, ...]] = {}
         # Stack modifiers (torch.compile): applied around both sides' calls for the whole schedule.
-        self._shared = tuple(method.both_sides(config) for method, config in zip(self.methods, configs))
-        self.modifiers_label = stack_label([c for c, shared in zip(configs, self._shared) if shared]) \
-            if any(self._shared) else ""
+        self.shared = tuple(method.both_sides(config) for method, config in zip(self.methods, configs))
+        self.modifiers_label = stack_label([c for c, shared in zip(configs, self.shared) if shared]) \
+            if any(self.shared) else ""
         self._modifiers: AppliedStack | None = None
         self._compile_phase: CompileActivity | None = None  # None: the stack has no compile phase
         self._compile_rounds = 0
@@ -459,7 +464,7 @@ class _Session:
             yield
             return
         configs = self.configs_for(self.settings.steps)
-        self._modifiers = AppliedStack(self.pipe, [c for c, shared in zip(configs, self._shared) if shared])
+        self._modifiers = AppliedStack(self.pipe, [c for c, shared in zip(configs, self.shared) if shared])
         try:
             yield
         finally:
@@ -583,13 +588,13 @@ class _Session:
     def _reports(self, applied: AppliedStack) -> tuple[MethodReport, ...]:
         """Every method's report in the stack's order: the accelerated side's and the modifiers'."""
         side, modifiers = iter(applied.reports()), iter(self._modifiers.reports() if self._modifiers else ())
-        return tuple(next(modifiers) if shared and self._modifiers else next(side) for shared in self._shared)
+        return tuple(next(modifiers) if shared and self._modifiers else next(side) for shared in self.shared)
 
     @contextlib.contextmanager
     def _applied(self, side: str, steps: int) -> Iterator[AppliedStack | None]:
         """The stack applied for the duration of the block on the accelerated side only (its
         modifiers, applied around both sides, excepted)."""
-        configs = [c for c, shared in zip(self.configs_for(steps), self._shared) if not (shared and self._modifiers)]
+        configs = [c for c, shared in zip(self.configs_for(steps), self.shared) if not (shared and self._modifiers)]
         applied = AppliedStack(self.pipe, configs) if side == ACCELERATED else None
         try:
             yield applied

@@ -139,8 +139,12 @@ def _compile_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, st
                      f"{report.phase_rounds} round(s), {phase.graphs} graph(s)" +
                      ("" if report.settled else "; still compiling in its last round"), ""))
     total = report.graph_breaks
-    rows.append(("graph breaks", "", str(total.break_count),
-                 "; ".join(f"{reason} (x{count})" for reason, count in total.graph_breaks[:2]), "fewer"))
+    if total is None:
+        rows.append(("graph breaks", "", NA, "counted when compiled: the graphs came from an earlier request with "
+                     "another stack", "fewer"))
+    else:
+        rows.append(("graph breaks", "", str(total.break_count),
+                     "; ".join(f"{reason} (x{count})" for reason, count in total.graph_breaks[:2]), "fewer"))
     timed = report.timed
     note = report.timing_problem() or "the timed calls ran what the compile phase made"
     rows.append(("compiles during the timed rounds", "", str(timed.frames), note, "0"))

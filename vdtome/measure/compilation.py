@@ -79,8 +79,8 @@ class CompileWatch:
             graphs=graphs - before[1],
             graph_breaks=tuple((breaks - before[2]).most_common()),
             recompiles=tuple(_first_line(r.recompile_reason) for r in new if getattr(r, "recompile_reason", None)),
-            limit_hits=tuple(f"{r.co_name} ({r.co_filename})" for r in new
-                             if _LIMIT in str(getattr(r, "fail_reason", "") or "").lower()),
+            limit_hits=tuple(f"{r.co_name} ({r.co_filename})" if getattr(r, "co_name", None) else "a compiled function"
+                             for r in new if _LIMIT in str(getattr(r, "fail_reason", "") or "").lower()),
             seconds=seconds,
         )
 
@@ -102,6 +102,12 @@ def _break_reason(text: str) -> str:
                         if line.startswith("Explanation:")), "")
     reason = lines[0] + (f": {explanation}" if explanation else "") if lines else ""
     return re.sub(r" at 0x[0-9a-f]+", "", reason)[:300]
+
+
+def _entry(reason: str) -> int:
+    """A recompile reason's cache entry number ("37/63: ..." -> 63): how often its function recompiled."""
+    match = re.match(r"\d+/(\d+):", reason)
+    return int(match.group(1)) if match else -1
 
 
 def _first_line(text: str) -> str:
@@ -128,16 +134,21 @@ class CompilationReport:
         return (self.compile_phase or CompileActivity()) + self.warmups + self.timed
 
     @property
-    def graph_breaks(self) -> CompileActivity:
-        """Where the graph breaks of the code that ran were counted: when it was compiled."""
+    def graph_breaks(self) -> CompileActivity | None:
+        """The activity that counted the graph breaks of the code that ran: when it was compiled
+        (None: every graph was made by an earlier request with another stack, not known here)."""
+        if not self.total.compiled and self.earlier is None:
+            return None
         return self.total + (self.earlier or CompileActivity())
 
     def timing_problem(self) -> str | None:
         """Why the timed rounds are not a measure of the compiled code (None: they are)."""
-        hits = self.total.limit_hits
-        if hits:
-            return (f"dynamo hit its recompile limit in {hits[0]} and ran it eagerly from then on: the timed calls "
-                    "are not of the compiled code")
+        total = self.total
+        if total.limit_hits:
+            most = max(total.recompiles, key=_entry, default=None)  # the function recompiled most often
+            why = f" (recompile {most})" if most else ""
+            return (f"dynamo hit its recompile limit in {total.limit_hits[0]}{why} and ran it eagerly from then on: "
+                    "the timed calls are not of the compiled code")
         if self.timed.compiled:
             why = f" ({self.timed.recompiles[0]})" if self.timed.recompiles else ""
             return (f"dynamo compiled {self.timed.frames} time(s) during the timed rounds{why}: their timings include "
@@ -155,7 +166,7 @@ class CompilationReport:
                        f"round(s) of both sides {settled}; {phase.graphs} graph(s)" +
                        ("" if self.earlier is None else ", the others made by an earlier request on this pipeline"))
         total = self.graph_breaks
-        if total.graph_breaks:
+        if total is not None and total.graph_breaks:
             reasons = "; ".join(f"{reason} (x{count})" for reason, count in total.graph_breaks[:3])
             out.append(f"{total.break_count} graph break(s): {reasons}")
         return out
@@ -165,4 +176,4 @@ class CompilationReport:
                 "compile_phase_rounds": self.phase_rounds, "settled": self.settled,
                 "warmups": self.warmups.to_dict(), "timed_rounds": self.timed.to_dict(),
                 "earlier": None if self.earlier is None else self.earlier.to_dict(),
-                "graph_breaks": self.graph_breaks.break_count, "compiles_in_timed_rounds": self.timed.frames}
+                "graph_breaks": None if self.graph_breaks is None else self.graph_breaks.break_count, "compiles_in_timed_rounds": self.timed.frames}

@@ -96,6 +96,8 @@ METHOD = Method(
     reuses_across_steps=REUSES_BLOCKS,
     wraps_denoiser=True,
     measures_first_blocks=lambda config: config.compute_first,
+    graph_breaks="cache-dit picks its blocks in eager functions and patches with unittest.mock inside its "
+                 "forward",
     docs="cache-dit's Dual Block Cache (a peer library, vdtome[peers]): skips the middle transformer blocks while "
          "the first blocks' residual barely changes; optional TaylorSeer forecast",
 )

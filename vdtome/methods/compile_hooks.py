@@ -48,7 +48,11 @@ def compiled_call(config: Compile) -> Any:
 
 
 def _call(compiled: Any, model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+    """The compiled call, with dynamo guarding on torch's module hooks (off by default): a graph made
+    while other hooks were on (another stack's evidence counters) would otherwise run with those, and
+    count what this stack did into another's counters."""
+    with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit),
+                                    skip_nnmodule_hook_guards=False):
         return compiled(model, *args, **kwargs)
 
 

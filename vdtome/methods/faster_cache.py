@@ -116,6 +116,7 @@ METHOD = cache_method(
     reuses=REUSES_ATTENTION,
     unavailable=unavailable,
     needs_guidance=True,
+    graph_breaks="diffusers' FasterCache calls logging.Logger methods inside its hooks",
     docs="extrapolates self-attention outputs between computed steps and approximates the unconditional CFG "
          "branch from the conditional one (diffusers FasterCacheConfig)",
 )

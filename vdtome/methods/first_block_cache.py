@@ -51,6 +51,8 @@ METHOD = cache_method(
     NAME, "first block cache", FirstBlockCache, FIELDS, parse, summary, build,
     reuses=REUSES_BLOCKS,
     unavailable=block_cache_unavailable,
+    graph_breaks="diffusers decides whether to run the remaining blocks in an eager function "
+                 "(torch.compiler.disable): a break at every denoiser call",
     docs="skips all blocks after the first while the first block's residual barely changes between steps "
          "(diffusers FirstBlockCacheConfig)",
 )

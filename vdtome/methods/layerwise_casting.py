@@ -117,6 +117,7 @@ METHOD = Method(
     summary=summary,
     steps_alike=lambda config: True,
     changes_memory=True,
+    graph_breaks="diffusers' casting hooks make parameters (torch.nn.Parameter) at every call",
     docs="stores the denoiser's weights in float8 and casts each layer up for its forward (diffusers "
          "enable_layerwise_casting): less weight memory, a cast per layer, slightly different outputs",
 )

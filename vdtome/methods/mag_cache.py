@@ -175,6 +175,7 @@ METHOD = cache_method(
     unavailable=block_cache_unavailable,
     prepare=prepare,
     apply=AppliedMagCache,
+    graph_breaks="diffusers' MagCache head and block hooks run eagerly (torch.compiler.disable)",
     docs="skips a step's blocks while the error predicted from calibrated residual magnitude ratios stays small "
          "(diffusers MagCacheConfig; calibrated by one untimed run per step count)",
 )

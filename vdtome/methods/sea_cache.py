@@ -87,6 +87,8 @@ METHOD = cache_method(
     NAME, "SeaCache", SeaCache, FIELDS, parse, summary, build,
     reuses=REUSES_BLOCKS,
     unavailable=unavailable,
+    graph_breaks="diffusers' SeaCache leader hook runs eagerly (torch.compiler.disable) and its filter returns"
+                 " non-tensors",
     docs="skips the blocks while spectrally filtered latents barely change between steps, predicting their "
          "residual (diffusers SeaCacheConfig)",
 )

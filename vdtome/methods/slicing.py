@@ -78,6 +78,8 @@ METHOD = Method(
     summary=summary,
     steps_alike=lambda config: True,
     changes_memory=True,
+    graph_breaks="it chunks in Python (tensor sizes as numbers) and runs attention in a torch-function mode "
+                 "dynamo cannot trace through: breaks inside every block",
     docs="runs feed-forward networks over chunks of tokens, math-path attention over chunks of queries and the "
          "image VAE frame by frame: exact outputs, a lower activation peak (Streamlined Inference's feature slicer)",
 )

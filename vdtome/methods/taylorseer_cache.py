@@ -76,6 +76,8 @@ def build(config: TaylorSeerCache, pipe: Any, model: Any) -> Any:
 METHOD = cache_method(
     NAME, "TaylorSeer", TaylorSeerCache, FIELDS, parse, summary, build,
     reuses=REUSES_ATTENTION,
+    graph_breaks="diffusers measures and forecasts in eager functions (torch.compiler.disable): breaks at its "
+                 "attention calls",
     docs="forecasts attention outputs between full steps with a Taylor series over past steps "
          "(diffusers TaylorSeerCacheConfig)",
 )

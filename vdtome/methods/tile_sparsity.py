@@ -126,6 +126,9 @@ METHOD = Method(
     unavailable=_unavailable,
     steps_alike=lambda config: config.dense_steps == 0,
     search=Search(f"{NAME}_schedule", "layers", Deferred("vdtome.methods.tile_sparsity_hooks", "PatternSearch")),
+    graph_breaks="its attention runs in a torch-function mode dynamo cannot trace through (super().unflatten()) "
+                 "and its per-call layout comes from the tokens' frames in Python (torch.unique, .item()): breaks "
+                 "around every sparse attention call",
     docs="each latent frame's queries attend their own frame and G global frames only (Efficient-vDiT's "
          "frame-tile pattern, training-free); per-layer patterns from `python -m vdtome search`",
 )

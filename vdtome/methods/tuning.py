@@ -201,12 +201,15 @@ def search_space(preset: Any, methods: Iterable[str] | None = None, steps: int |
     """The space on ``preset``: ``methods`` by name (default: every registered method that can
     serve the preset's denoiser and changes speed rather than memory), each with its fields of a
     searched kind, for calls of ``steps`` steps (default: the preset's). A named method the preset
-    cannot take is refused, saying why. ``required``: methods every stack holds (among ``methods``)."""
+    cannot take is refused, saying why. ``required``: methods every stack holds (among ``methods``).
+    A method that compiles (torch.compile) is a condition of the measurement, not a speed setting:
+    never in the default set; named, every stack holds it at its defaults (the tune then finds the
+    fastest stack over the compiled baseline)."""
     types = pipeline_denoiser_types(preset.pipeline_class)
     guided = preset.guidance_scale > 1.0
     if methods is None:
-        chosen = [m for m in METHODS.values()
-                  if m.unavailable(types) is None and not m.changes_memory and (guided or not m.needs_guidance)]
+        chosen = [m for m in METHODS.values() if m.unavailable(types) is None and not m.changes_memory
+                  and not m.settles and (guided or not m.needs_guidance)]
     else:
         chosen = []
         for name in methods:
@@ -224,8 +227,8 @@ def search_space(preset: Any, methods: Iterable[str] | None = None, steps: int |
         raise RequestError(f"no registered method can be tuned on {preset.name}", "methods")
     schedules = {method.search.field: preset_schedules(method, preset.name) for method in chosen
                  if method.search is not None and preset_schedules(method, preset.name)}
-    parts = tuple(MethodSpace(method, drawn_fields(method, schedules)) for method in chosen)
-    required = frozenset(required)
+    parts = tuple(MethodSpace(method, () if method.settles else drawn_fields(method, schedules)) for method in chosen)
+    required = frozenset(required) | {method.name for method in chosen if method.settles}
     missing = sorted(required - {m.name for m in chosen})
     if missing:
         raise RequestError(f"required method {missing[0]!r} is not among the methods tuned on {preset.name}: "
