@@ -15,7 +15,7 @@ folder: finished rows are kept), then ``OUT/matrix.md``, the table the README qu
 model or this machine cannot take, or a stack that fails to compile, is a row with its reason.
 
     python benchmarks/compile_matrix.py                               # tiny-shapes-128 on this CPU, inductor
-    python benchmarks/compile_matrix.py --quick --out /tmp/matrix     # smoke: tiny-wan, tracing only, 2 methods
+    python benchmarks/compile_matrix.py --quick --out /tmp/matrix     # smoke: tiny-wan, tracing only, token merging
     python benchmarks/compile_matrix.py --device cuda --preset wan2.1-t2v-1.3b --out benchmarks/results/compile-matrix-wan
 """
 
@@ -42,7 +42,8 @@ KINDS = (EAGER, COMPILED, COMPILED_VS_EAGER)
 
 
 def stacks(preset_name: str, methods: list[str] | None, device: str) -> list[tuple[str, tuple[Any, ...]]]:
-    """(name, configs): nothing, each method the model takes at the preset's defaults, each recipe."""
+    """(name, configs): nothing, each method the model takes at the preset's defaults (cache-dit also
+    with TaylorSeer, as the peers table has it), each shipped recipe of the preset."""
     preset = get_preset(preset_name)
     types = pipeline_denoiser_types(preset.pipeline_class)
     out: list[tuple[str, tuple[Any, ...]]] = [("none", ())]
@@ -54,6 +55,11 @@ def stacks(preset_name: str, methods: list[str] | None, device: str) -> list[tup
         if method.name == "offload" and not device.startswith("cuda"):
             continue  # a CPU has nowhere to offload to
         out.append((method.name, (method.from_form(preset_form_defaults(method, preset)),)))
+    if methods is None and "cache_dit" in METHODS and METHODS["cache_dit"].unavailable(types) is None:
+        # The peers table's other cache-dit row: its TaylorSeer calibrator on.
+        cache_dit = METHODS["cache_dit"]
+        out.append(("cache_dit + TaylorSeer", (cache_dit.config_from({"cache_dit_taylorseer": True},
+                                                                     preset_form_defaults(cache_dit, preset)),)))
     if methods is None:
         for name in shipped_recipes():
             recipe = load_recipe(name)
@@ -184,12 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="timing rounds per comparison (default: the preset's)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke check: tiny-wan, tracing only (eager backend), tome and first block cache, "
+                        help="a smoke check: tiny-wan, tracing only (eager backend), token merging, "
                              "2 rounds")
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.backend, args.rounds = "tiny-wan", "eager", args.rounds or 2
-        args.methods = args.methods or "tome,first_block_cache"
+        args.methods = args.methods or "tome"
     methods = args.methods.split(",") if args.methods else None
     the_sweep = sweep(args.preset, methods, args.device, args.backend)
     if args.steps:
