@@ -176,4 +176,5 @@ class CompilationReport:
                 "compile_phase_rounds": self.phase_rounds, "settled": self.settled,
                 "warmups": self.warmups.to_dict(), "timed_rounds": self.timed.to_dict(),
                 "earlier": None if self.earlier is None else self.earlier.to_dict(),
-                "graph_breaks": None if self.graph_breaks is None else self.graph_breaks.break_count, "compiles_in_timed_rounds": self.timed.frames}
+                "graph_breaks": None if self.graph_breaks is None else self.graph_breaks.break_count,
+                "compiles_in_timed_rounds": self.timed.frames}

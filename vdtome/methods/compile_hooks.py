@@ -5,8 +5,9 @@
 compiled function is one per set of options for the process (``torch.compile`` of the unbound
 ``Module._call_impl``), bound to each denoiser while the method is on. Dynamo keeps its graphs on
 the code it compiled, guarded by what each call reads: removing the method and applying it again
-(the engine does so around every call) finds the graphs already made, and so does a later request
-on the same pipeline. A fresh ``torch.compile`` each time would be a new backend, and recompile.
+finds the graphs already made, and so does a later request on the same pipeline (the engine keeps
+it on for a whole comparison). A fresh ``torch.compile`` each time would be a new backend, and
+recompile.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ RECOMPILE_LIMIT = 64
 
 _compiled: dict[tuple, Any] = {}
 _lock = threading.Lock()
+_ABSENT = object()  # a module without its own ``_compiled_call_impl`` (the class's None)
 
 
 def compiled_call(config: Compile) -> Any:
@@ -89,10 +91,9 @@ class CompiledDenoisers:
         return MethodReport(
             NAME,
             summary={"backend": self.config.backend, "mode": self.config.mode},
-            rows=(("compiled", summary(self.config), "both sides: the baseline is compiled the same way"),),
-            detail={"options": {k: v for k, v in self.config.options().items()}},
+            rows=(("compiled", summary(self.config), "both sides: the baseline is compiled the same way"
+                   if self.config.baseline else "the accelerated side only: the baseline runs eagerly"),),
+            detail={"options": dict(self.config.options())},
             evidence=(Evidence("denoisers compiled", count),) if count else (),
         )
 
-
-_ABSENT = object()
