@@ -263,7 +263,6 @@ class Tuner:
             if not ran:
                 return [], None
             closest = min(ran, key=lambda r: (sum(max(s, 0.0) for s in r.shortfalls), -r.speedup))
-            candidates = [closest]
         done = self._validation_rows()
         prompts = self.plan.validation()
         finalists: list[Finalist] = []

@@ -320,8 +320,6 @@ class ComparisonEngine:
         notes += [f"{method.label} did nothing in this run (every evidence count is 0): its settings never "
                   "triggered here, so its side computed what the baseline did"
                   for method, report in zip(methods, reports) if report.evidence and not report.acted]
-        if compilation is not None:
-            notes.extend(compilation.notes())
         if cached is not None:
             made = time.strftime("%H:%M:%S", time.localtime(cached.measured_at))
             notes.append(f"baseline video reused from the cache (made at {made}); its timing was measured again "
@@ -481,11 +479,8 @@ class _Session:
         for number in range(1, COMPILE_ROUNDS + 1):
             with CompileWatch() as watch:
                 for side in (BASELINE, ACCELERATED):
-                    self.stop_if_cancelled()
-                    self.stage = f"the compile phase ({side}, round {number})"
-                    self.total += steps
                     with self._applied(side, steps), self._refused_if_uncompilable(side):
-                        self.pipe(**self._kwargs(f"compile phase · {side} (round {number})", None, steps, False))
+                        self._untimed(f"compile phase · {side} (round {number})", steps)
             self._compile_phase += watch.activity
             self._compile_rounds = number
             if not watch.activity.compiled:

@@ -136,15 +136,17 @@ def _compile_rows(result: ComparisonResult) -> list[tuple[str, str, str, str, st
     if report.compile_phase is not None:
         phase = report.compile_phase
         rows.append(("compile phase (untimed, both sides)", _seconds(1000 * phase.seconds), "",
-                     f"{report.phase_rounds} round(s), {phase.graphs} graph(s)" +
-                     ("" if report.settled else "; still compiling in its last round"), ""))
+                     f"{report.phase_rounds} round(s) of both sides, {phase.graphs} graph(s)" +
+                     ("" if report.earlier is None else ", the others made by an earlier request on this pipeline") +
+                     ("" if report.settled else f"; still compiling in its last round ({phase.frames} compiles "
+                      "in all)"), ""))
     total = report.graph_breaks
     if total is None:
         rows.append(("graph breaks", "", NA, "counted when compiled: the graphs came from an earlier request with "
                      "another stack", "fewer"))
     else:
         rows.append(("graph breaks", "", str(total.break_count),
-                     "; ".join(f"{reason} (x{count})" for reason, count in total.graph_breaks[:2]), "fewer"))
+                     "; ".join(f"{reason} (x{count})" for reason, count in total.graph_breaks[:3]), "fewer"))
     timed = report.timed
     note = report.timing_problem() or "the timed calls ran what the compile phase made"
     rows.append(("compiles during the timed rounds", "", str(timed.frames), note, "0"))

@@ -155,22 +155,6 @@ class CompilationReport:
                     "compiling")
         return None
 
-    def notes(self) -> list[str]:
-        """What the page and the CLI say under the table."""
-        out = []
-        phase = self.compile_phase
-        if phase is not None:
-            settled = ("until a round compiled nothing new" if self.settled else
-                       f"and it still compiled in the last ({phase.frames} compiles in all)")
-            out.append(f"compile phase (untimed, never in the timed rounds): {phase.seconds:.1f} s, {self.phase_rounds} "
-                       f"round(s) of both sides {settled}; {phase.graphs} graph(s)" +
-                       ("" if self.earlier is None else ", the others made by an earlier request on this pipeline"))
-        total = self.graph_breaks
-        if total is not None and total.graph_breaks:
-            reasons = "; ".join(f"{reason} (x{count})" for reason, count in total.graph_breaks[:3])
-            out.append(f"{total.break_count} graph break(s): {reasons}")
-        return out
-
     def to_dict(self) -> dict[str, Any]:
         return {"compile_phase": None if self.compile_phase is None else self.compile_phase.to_dict(),
                 "compile_phase_rounds": self.phase_rounds, "settled": self.settled,

@@ -87,13 +87,12 @@ class CompiledDenoisers:
                 model._compiled_call_impl = before
 
     def report(self) -> MethodReport:
-        count = self.count
         return MethodReport(
             NAME,
             summary={"backend": self.config.backend, "mode": self.config.mode},
             rows=(("compiled", summary(self.config), "both sides: the baseline is compiled the same way"
                    if self.config.baseline else "the accelerated side only: the baseline runs eagerly"),),
             detail={"options": dict(self.config.options())},
-            evidence=(Evidence("denoisers compiled", count),) if count else (),
+            evidence=(Evidence("denoisers compiled", self.count),) if self.count else (),
         )
 
